@@ -1,0 +1,108 @@
+"""Images in, model-ready tensors out. Preprocessing always comes from the model's timm data config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from colln.errors import CollnError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+# Real photos that ship with scikit-image (no download).
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "camera", "immunohistochemistry")
+
+
+class DataError(CollnError):
+    stage = "data"
+
+
+def data_config(
+    model: torch.nn.Module,
+) -> dict:
+    from timm.data import resolve_model_data_config
+
+    return resolve_model_data_config(model)
+
+
+def preprocess(
+    images: Sequence[Image.Image],
+    model: torch.nn.Module,
+) -> torch.Tensor:
+    """Apply the model's timm eval transform: ``[len(images), 3, H, W]`` float32."""
+    from timm.data import create_transform
+
+    if not images:
+        raise DataError("no images to preprocess")
+    transform = create_transform(**data_config(model), is_training=False)
+    return torch.stack([transform(img.convert("RGB")) for img in images])
+
+
+def skimage_photos(
+    names: Sequence[str] = SKIMAGE_PHOTOS,
+) -> list[Image.Image]:
+    """Real photos from ``skimage.data`` as RGB PIL images."""
+    from skimage import data as skdata
+
+    photos = []
+    for name in names:
+        arr = np.asarray(getattr(skdata, name)())
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        photos.append(Image.fromarray(arr[..., :3].astype(np.uint8)))
+    return photos
+
+
+def open_image(
+    path: Path,
+) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read image {path}: {exc.__class__.__name__}; remove it or fix the file") from exc
+
+
+def image_files(
+    directory: Path,
+) -> list[Path]:
+    """Image files under ``directory`` (recursive, sorted)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory} is not a directory of images")
+    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {directory}")
+    return files
+
+
+def load_images(
+    directory: Path,
+    limit: int | None = None,
+) -> list[Image.Image]:
+    return [open_image(p) for p in image_files(directory)[:limit]]
+
+
+def image_folder(
+    directory: Path,
+) -> tuple[list[Image.Image], np.ndarray, list[str]]:
+    """An ImageFolder: one subfolder per class, classes sorted by name. Returns (images, labels, classes)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory} is not a directory (expected one subfolder per class)")
+    classes = sorted(p.name for p in directory.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{directory} has no class subfolders (expected DIR/<class>/<image>)")
+    images: list[Image.Image] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        files = [p for p in sorted((directory / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        images.extend(open_image(p) for p in files)
+        labels.extend([label] * len(files))
+    if not images:
+        raise DataError(f"no images found in the class subfolders of {directory}")
+    return images, np.asarray(labels, dtype=np.int64), classes

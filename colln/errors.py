@@ -1,0 +1,80 @@
+"""The CollnError family.
+
+Every error colln raises on purpose is a CollnError. The CLI prints
+``colln: error: <stage>: <message>`` and exits 2; the message is one line that says what is wrong
+and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class CollnError(Exception):
+    """Base class. ``stage`` names the pipeline step that refused (shown by the CLI)."""
+
+    stage = "colln"
+    exit_code = 2
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        if stage is not None:
+            self.stage = stage
+
+
+class UsageError(CollnError):
+    """A command-line argument is malformed."""
+
+    stage = "arguments"
+
+
+class PlanError(CollnError):
+    """Keep rate, layers or metric do not make a valid keep plan."""
+
+    stage = "plan"
+
+
+class UnsupportedModelError(CollnError):
+    """The model (or one of its blocks) is outside what the rewrite supports."""
+
+    stage = "rewrite"
+
+
+class ModelNotFoundError(CollnError):
+    """No timm model or alias of that name."""
+
+    stage = "model"
+
+
+class WeightsError(CollnError):
+    """Weights are missing, corrupt, mismatched, or cannot be downloaded."""
+
+    stage = "weights"
+
+
+class ExportError(CollnError):
+    """ONNX export or checking failed."""
+
+    stage = "export"
+
+
+class OutputExistsError(CollnError):
+    """The output directory exists and --force was not given."""
+
+    stage = "output"
+
+
+class BackendUnavailableError(CollnError):
+    """A runtime backend (TensorRT, ONNX Runtime CUDA, PyTriton...) is not installed or usable."""
+
+    stage = "backend"
+
+
+class ValidationFailedError(CollnError):
+    """Validation found mismatches. Exits 1, unlike the other errors."""
+
+    stage = "validate"
+    exit_code = 1

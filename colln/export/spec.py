@@ -1,0 +1,122 @@
+"""What an export directory holds and how to rebuild its PyTorch reference.
+
+Layout of an export directory (``exports/<model>-<metric>-keep<R>`` by default)::
+
+    model.onnx     the graph: input ``images`` [batch, 3, H, W] float32, output ``logits``
+    export.json    ExportSpec (how to rebuild the model) + the keep plan + file names
+    report.json    validation and latency report (colln-export), report.md its summary
+    model.plan     TensorRT engine (optional, colln-build / --trt) with model.plan.json beside it
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from torch import nn
+
+from colln.errors import CollnError
+from colln.models.plan import KeepPlan
+
+SPEC_FILE = "export.json"
+ONNX_FILE = "model.onnx"
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+DEFAULT_OPSET = 18
+
+
+class ExportDirError(CollnError):
+    stage = "export-dir"
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """Everything needed to rebuild the pruned PyTorch model of an export. ``None`` = model default."""
+
+    model: str
+    weights: str | None = None
+    img_size: int | None = None
+    keep: float | tuple[float, ...] = 0.7
+    layers: tuple[int, ...] | None = None
+    metric: str = "colln"
+    norm: float = 4.0
+    rescue: float = 0.2
+    fuse: bool = False
+    spatial_order: bool = False
+    round_to: int = 1
+    precision: str = "fp32"
+    opset: int = DEFAULT_OPSET
+    plan: dict = field(default_factory=dict, compare=False)
+
+    def load_unpruned(self) -> nn.Module:
+        from colln.models.registry import load_model
+
+        return load_model(self.model, self.weights, self.img_size)
+
+    def prune(
+        self,
+        model: nn.Module,
+    ) -> nn.Module:
+        from colln.models.rewrite import prune
+
+        return prune(
+            model,
+            keep=self.keep,
+            layers=self.layers,
+            metric=self.metric,
+            norm=self.norm,
+            fuse=self.fuse,
+            rescue=self.rescue,
+            spatial_order=self.spatial_order,
+            round_to=self.round_to,
+        )
+
+    def load_pruned(self) -> nn.Module:
+        """The pruned PyTorch reference (fp32)."""
+        return self.prune(self.load_unpruned())
+
+    def unpruned(self) -> "ExportSpec":
+        """The same model through the same path with keep 1.0: the speed baseline."""
+        return replace(self, keep=1.0, plan={})
+
+    def keep_plan(self) -> KeepPlan:
+        return KeepPlan.from_dict(self.plan)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["layers"] = list(self.layers) if self.layers is not None else None
+        out["keep"] = list(self.keep) if isinstance(self.keep, tuple) else self.keep
+        return out
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: dict,
+    ) -> "ExportSpec":
+        data = dict(data)
+        if data.get("layers") is not None:
+            data["layers"] = tuple(data["layers"])
+        if isinstance(data.get("keep"), list):
+            data["keep"] = tuple(data["keep"])
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def write(
+        self,
+        directory: Path,
+    ) -> None:
+        (Path(directory) / SPEC_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def read(
+        cls,
+        directory: Path,
+    ) -> "ExportSpec":
+        path = Path(directory) / SPEC_FILE
+        if not path.is_file():
+            raise ExportDirError(f"{directory} is not a colln export (no {SPEC_FILE}); run colln-export first")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ExportDirError(f"{path} is unreadable ({exc}); re-run colln-export with --force") from exc

@@ -1,0 +1,1 @@
+"""Scores, keep plan (pure), the timm rewrite, and model loading."""

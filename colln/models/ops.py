@@ -1,0 +1,164 @@
+"""Col-Ln token pruning as plain tensor functions (no timm import).
+
+Shapes: ``attn`` is softmax attention ``[B, H, N, N]`` (rows = queries, columns = keys),
+``x`` is tokens ``[B, N, C]``, the first ``num_prefix`` tokens are prefix tokens ([CLS], registers,
+distillation) that are never candidates. Every ``k`` is a Python int so that exported graphs have
+TopK with a constant K and static shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Metric = Literal["colln", "cls", "correct"]
+METRICS: tuple[str, ...] = ("colln", "cls", "correct")
+
+
+def head_mean(attn: torch.Tensor) -> torch.Tensor:
+    """Average softmax attention over heads: ``[B, H, N, N] -> [B, N, N]``."""
+    return attn.mean(dim=1)
+
+
+def colln_score(
+    attn_mean: torch.Tensor,
+    num_prefix: int,
+    norm: float = 4.0,
+    root: bool = True,
+) -> torch.Tensor:
+    """Col-Ln score of each candidate key column: ``||A[:, :, j]||_n`` over all queries.
+
+    ``root=False`` returns ``sum_i A[i, j]^n``: the same ranking for n > 0, one op cheaper.
+    Returns ``[B, N - num_prefix]``.
+    """
+    cols = attn_mean[:, :, num_prefix:]
+    if norm == 1:
+        return cols.sum(dim=1)
+    powered = cols.pow(norm).sum(dim=1)
+    return powered.pow(1.0 / norm) if root else powered
+
+
+def cls_score(
+    attn_mean: torch.Tensor,
+    num_prefix: int,
+    cls_index: int = 0,
+) -> torch.Tensor:
+    """[CLS] attention to each candidate: ``A[cls_index, j]``. Returns ``[B, N - num_prefix]``."""
+    return attn_mean[:, cls_index, num_prefix:]
+
+
+def topk_indices(
+    scores: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """Indices of the ``k`` largest scores along the last axis, in descending score order."""
+    return torch.topk(scores, k, dim=-1, largest=True, sorted=True).indices
+
+
+def rescue_indices(
+    cls_scores: torch.Tensor,
+    colln_scores: torch.Tensor,
+    k: int,
+    rescue: float,
+) -> torch.Tensor:
+    """[CLS]-correcting selection: ``k - r`` tokens by [CLS] attention, then ``r = floor(k * rescue)``
+    more by Col-Ln among the tokens [CLS] did not pick."""
+    r = int(k * rescue + 1e-9)
+    by_cls = topk_indices(cls_scores, k - r)
+    if r == 0:
+        return by_cls
+    # Mask the [CLS] picks below every real score (scores are >= 0) so the second top-k skips them.
+    picked = torch.zeros_like(colln_scores).scatter(-1, by_cls, 1.0)
+    masked = colln_scores - picked * (colln_scores.amax(dim=-1, keepdim=True) + 1.0)
+    return torch.cat([by_cls, topk_indices(masked, r)], dim=-1)
+
+
+def select(
+    attn_mean: torch.Tensor,
+    num_prefix: int,
+    k: int,
+    metric: Metric = "colln",
+    norm: float = 4.0,
+    rescue: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick ``k`` candidates. Returns ``(indices [B, k] into the candidates, scores [B, N - num_prefix])``.
+
+    The returned scores are the metric's own (the Col-Ln norm for ``colln`` and ``correct``, the
+    [CLS] row for ``cls``): they weight the fused token and give validation its boundary margin.
+    """
+    if metric == "cls":
+        scores = cls_score(attn_mean, num_prefix)
+        return topk_indices(scores, k), scores
+    scores = colln_score(attn_mean, num_prefix, norm, root=True)
+    if metric == "colln":
+        return topk_indices(scores, k), scores
+    return rescue_indices(cls_score(attn_mean, num_prefix), scores, k, rescue), scores
+
+
+def gather_tokens(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    num_prefix: int,
+) -> torch.Tensor:
+    """Prefix tokens followed by the candidates at ``indices``: ``[B, num_prefix + k, C]``."""
+    cand = x[:, num_prefix:]
+    kept = torch.gather(cand, 1, indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :num_prefix], kept], dim=1)
+
+
+def fused_token(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    scores: torch.Tensor,
+    num_prefix: int,
+) -> torch.Tensor:
+    """EViT's fused token: the pruned candidates summed, weighted by the scores normalised to sum
+    to 1 over all candidates. Returns ``[B, 1, C]``.
+
+    A dense mask instead of a second top-k for the complement: shapes stay static and it works for
+    any selection (including the rescue one, whose picks are not a prefix of one sorted order).
+    """
+    weights = scores / scores.sum(dim=-1, keepdim=True)
+    kept = torch.zeros_like(weights).scatter(-1, indices, 1.0)
+    pruned_weights = weights * (1.0 - kept)
+    return torch.einsum("bn,bnc->bc", pruned_weights, x[:, num_prefix:]).unsqueeze(1)
+
+
+def prune_tokens(
+    x: torch.Tensor,
+    attn: torch.Tensor,
+    num_prefix: int,
+    k: int,
+    metric: Metric = "colln",
+    norm: float = 4.0,
+    rescue: float = 0.2,
+    fuse: bool = False,
+    spatial_order: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pruning step. Returns ``(tokens, indices, scores)``.
+
+    ``tokens`` is ``[prefix, kept..., (fused)]``; kept tokens come in score order unless
+    ``spatial_order``. ``indices`` index the candidates (``x[:, num_prefix:]``).
+    """
+    indices, scores = select(head_mean(attn), num_prefix, k, metric, norm, rescue)
+    if spatial_order:
+        indices = indices.sort(dim=-1).values
+    out = gather_tokens(x, indices, num_prefix)
+    if fuse:
+        out = torch.cat([out, fused_token(x, indices, scores, num_prefix)], dim=1)
+    return out, indices, scores
+
+
+def boundary_margin(
+    scores: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """Per-image gap between the k-th and (k+1)-th largest score (``inf`` when nothing is pruned).
+
+    A small margin means the top-k choice can flip on float noise between backends.
+    """
+    if k >= scores.shape[-1]:
+        return torch.full(scores.shape[:1], float("inf"))
+    top = torch.topk(scores, k + 1, dim=-1).values
+    return top[:, k - 1] - top[:, k]

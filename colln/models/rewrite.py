@@ -1,0 +1,261 @@
+"""The only file that knows timm's ViT internals: wraps chosen blocks of a timm VisionTransformer so
+they prune tokens between the attention residual and the MLP.
+
+Module surgery rather than an fx/export trace: timm's VisionTransformer keeps its blocks in an
+``nn.Sequential`` and token counts only change inside a block, so wrapping the block (and calling its
+own submodules) is the whole rewrite; the graph exporters then see plain tensor ops with constant K.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from colln.errors import UnsupportedModelError
+from colln.models import ops
+from colln.models.plan import KeepPlan, ModelDims, make_plan
+
+# Tested in tests/test_timm_contract.py: the timm attributes this file relies on.
+SUPPORTED_TIMM = ">=1.0.15,<1.1"
+BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+ATTN_ATTRS = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop", "num_heads", "head_dim", "scale")
+VIT_ATTRS = ("blocks", "patch_embed", "num_prefix_tokens", "cls_token", "global_pool", "dynamic_img_size", "embed_dim")
+
+
+def _timm_classes() -> tuple[type, type, type]:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    return VisionTransformer, Block, Attention
+
+
+def attention_with_probs(
+    attn: nn.Module,
+    x: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Attention`` through its own submodules, also returning the softmax probabilities
+    ``[B, H, N, N]`` (fused SDPA does not expose them). Softmax runs in fp32."""
+    b, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    probs = ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+    out = attn.attn_drop(probs.to(v.dtype)) @ v
+    out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), probs
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one pruning block chose for a batch: candidate indices ``[B, k]``, scores ``[B, N_cand]``."""
+
+    layer: int
+    indices: torch.Tensor
+    scores: torch.Tensor
+
+
+class PruningBlock(nn.Module):
+    """A timm ``Block`` that keeps ``k`` candidate tokens after its attention residual."""
+
+    def __init__(
+        self,
+        block: nn.Module,
+        layer: int,
+        num_prefix: int,
+        k: int,
+        metric: ops.Metric,
+        norm: float,
+        rescue: float,
+        fuse: bool,
+        spatial_order: bool,
+    ) -> None:
+        super().__init__()
+        self.block = block
+        self.layer = layer
+        self.num_prefix = num_prefix
+        self.k = k
+        self.metric = metric
+        self.norm = norm
+        self.rescue = rescue
+        self.fuse = fuse
+        self.spatial_order = spatial_order
+        self._recorder: list[Selection] | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise UnsupportedModelError("attention masks are not supported in pruned blocks (token counts change)")
+        b = self.block
+        attn_out, probs = attention_with_probs(b.attn, b.norm1(x))
+        x = x + b.drop_path1(b.ls1(attn_out))
+        x, indices, scores = ops.prune_tokens(
+            x, probs, self.num_prefix, self.k, self.metric, self.norm, self.rescue, self.fuse, self.spatial_order
+        )
+        if self._recorder is not None:
+            self._recorder.append(Selection(self.layer, indices, scores))
+        return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, k={self.k}, metric={self.metric}, norm={self.norm}, fuse={self.fuse}"
+
+
+def check_supported(
+    model: nn.Module,
+    layers: Sequence[int] = (),
+    metric: str = "colln",
+) -> None:
+    """Refuse, in one line, what the rewrite does not support."""
+    vit_cls, _, _ = _timm_classes()
+    if not isinstance(model, vit_cls):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a timm VisionTransformer: colln prunes the timm ViT family (vit_*, deit_*)"
+        )
+    if any(isinstance(m, PruningBlock) for m in model.modules()):
+        raise UnsupportedModelError("this model is already pruned: call colln.prune on the original model")
+    if model.dynamic_img_size:
+        raise UnsupportedModelError("dynamic_img_size=True is not supported: token counts must be static; create the model with a fixed img_size")
+    if model.global_pool == "":
+        raise UnsupportedModelError("global_pool='' returns every token and pruning would change that output's shape; use a pooled head")
+    if metric in ("cls", "correct") and model.cls_token is None:
+        raise UnsupportedModelError(f"metric {metric!r} needs a [CLS] token and this model has none; use metric 'colln'")
+    _check_blocks(model, layers)
+
+
+def _check_blocks(
+    model: nn.Module,
+    layers: Sequence[int],
+) -> None:
+    _, block_cls, attn_cls = _timm_classes()
+    for i in layers:
+        blk = model.blocks[i]
+        if type(blk) is not block_cls:
+            raise UnsupportedModelError(f"block {i} is a {type(blk).__name__}: only timm's pre-norm Block can prune")
+        if type(blk.attn) is not attn_cls:
+            raise UnsupportedModelError(f"block {i} uses {type(blk.attn).__name__}: only timm's Attention can prune")
+
+
+def model_dims(
+    model: nn.Module,
+) -> ModelDims:
+    """Per-token and per-image multiply-adds of the parts the keep plan changes."""
+
+    def linear_macs(module: nn.Module) -> int:
+        return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+    blk = model.blocks[0]
+    proj = model.patch_embed.proj
+    patch_macs = model.patch_embed.num_patches * proj.weight.numel() if isinstance(proj, nn.Conv2d) else 0
+    head_macs = linear_macs(model.head) if isinstance(model.head, nn.Module) else 0
+    return ModelDims(
+        depth=len(model.blocks),
+        attn_dim=blk.attn.num_heads * blk.attn.head_dim,
+        attn_linear_macs=linear_macs(blk.attn),
+        mlp_macs=linear_macs(blk.mlp),
+        patch_macs=patch_macs,
+        head_macs=head_macs,
+    )
+
+
+def plan_for(
+    model: nn.Module,
+    keep: float | Sequence[float] = 0.7,
+    layers: Sequence[int] | None = None,
+    metric: str = "colln",
+    norm: float = 4.0,
+    rescue: float = 0.2,
+    fuse: bool = False,
+    spatial_order: bool = False,
+    round_to: int = 1,
+) -> KeepPlan:
+    """The keep plan ``prune`` would use for ``model`` (checks support first)."""
+    check_supported(model, (), metric)
+    num_prefix = model.num_prefix_tokens
+    plan = make_plan(
+        num_tokens=model.patch_embed.num_patches + num_prefix,
+        num_prefix=num_prefix,
+        dims=model_dims(model),
+        keep=keep,
+        layers=layers,
+        metric=metric,
+        norm=norm,
+        rescue=rescue,
+        fuse=fuse,
+        spatial_order=spatial_order,
+        round_to=round_to,
+    )
+    _check_blocks(model, plan.layers)
+    return plan
+
+
+def prune(
+    model: nn.Module,
+    keep: float | Sequence[float] = 0.7,
+    layers: Sequence[int] | None = None,
+    metric: str = "colln",
+    norm: float = 4.0,
+    fuse: bool = False,
+    rescue: float = 0.2,
+    spatial_order: bool = False,
+    round_to: int = 1,
+) -> nn.Module:
+    """A pruned copy of a timm VisionTransformer; ``model`` is left untouched.
+
+    ``layers=None`` means EViT's 3, 6, 9 scaled to the model's depth. The plan is attached as
+    ``pruned.colln_plan`` (see :func:`get_plan`). Layers whose keep count is every candidate (e.g.
+    ``keep=1.0``) are left as timm's own block, so ``keep=1.0`` is exactly the unpruned model.
+    """
+    plan = plan_for(model, keep, layers, metric, norm, rescue, fuse, spatial_order, round_to)
+    pruned = copy.deepcopy(model)
+    for layer, k in zip(plan.layers, plan.keep_counts):
+        if k == plan.tokens_in[layer] - plan.num_prefix:
+            continue
+        pruned.blocks[layer] = PruningBlock(
+            pruned.blocks[layer],
+            layer=layer,
+            num_prefix=plan.num_prefix,
+            k=k,
+            metric=metric,
+            norm=norm,
+            rescue=rescue,
+            fuse=fuse,
+            spatial_order=spatial_order,
+        )
+    pruned.colln_plan = plan
+    return pruned
+
+
+def get_plan(
+    model: nn.Module,
+) -> KeepPlan:
+    plan = getattr(model, "colln_plan", None)
+    if plan is None:
+        raise UnsupportedModelError("this model was not made by colln.prune (no keep plan attached)")
+    return plan
+
+
+@contextlib.contextmanager
+def record_selections(
+    model: nn.Module,
+) -> Iterator[list[Selection]]:
+    """Collect each pruning block's :class:`Selection` for the forwards run inside the context."""
+    recorder: list[Selection] = []
+    blocks = [m for m in model.modules() if isinstance(m, PruningBlock)]
+    for blk in blocks:
+        blk._recorder = recorder
+    try:
+        yield recorder
+    finally:
+        for blk in blocks:
+            blk._recorder = None

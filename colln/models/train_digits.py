@@ -1,0 +1,123 @@
+"""Train the bundled ``digits_vit`` deterministically: ``python -m colln.models.train_digits``.
+
+Writes ``colln/models/weights/digits_vit.safetensors`` (fp16, well under 2 MB) and its card
+``digits_vit.json`` with the settings and the test accuracy of the weights as stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from colln.data import preprocess
+from colln.models import digits
+
+SEED = 0
+EPOCHS = 150
+BATCH = 32
+LR = 1e-3
+WEIGHT_DECAY = 0.05
+SHIFT = 2  # random translation in pixels at 32x32
+
+
+def _augment(
+    x: torch.Tensor,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Random translation by up to SHIFT pixels (pad with the background, crop back)."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (SHIFT, SHIFT, SHIFT, SHIFT), value=float(x.min()))
+    dy = torch.randint(0, 2 * SHIFT + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * SHIFT + 1, (b,), generator=gen)
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+
+
+def accuracy(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> float:
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(chunk).argmax(-1) for chunk in x.split(256)])
+    return float((pred == y).float().mean())
+
+
+def train(
+    out_dir: Path,
+    epochs: int = EPOCHS,
+) -> dict:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(SEED)
+    torch.use_deterministic_algorithms(True)
+    gen = torch.Generator().manual_seed(SEED)
+    model = digits.create_model()
+    train_split, test_split = digits.load_split("train"), digits.load_split("test")
+    x_train = preprocess(train_split.images, model)
+    y_train = torch.from_numpy(train_split.labels)
+    x_test = preprocess(test_split.images, model)
+    y_test = torch.from_numpy(test_split.labels)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    steps_per_epoch = math.ceil(len(x_train) / BATCH)
+    total = epochs * steps_per_epoch
+    warmup = 5 * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+    )
+    start = time.time()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x_train), generator=gen)
+        for i in range(0, len(perm), BATCH):
+            idx = perm[i : i + BATCH]
+            loss = F.cross_entropy(model(_augment(x_train[idx], gen)), y_train[idx], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if (epoch + 1) % 10 == 0:
+            print(f"epoch {epoch + 1}: loss {loss.item():.3f} test acc {accuracy(model, x_test, y_test):.4f}", flush=True)
+
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / f"{digits.NAME}.safetensors"
+    save_file(state, str(weights))
+    # The card reports the accuracy of the weights as stored (fp16 round trip), evaluated in fp32.
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    card = {
+        "name": digits.NAME,
+        "dataset": "sklearn.datasets.load_digits",
+        "split": {"test_fraction": digits.TEST_FRACTION, "seed": digits.SPLIT_SEED, "stratified": True},
+        "train_images": len(x_train),
+        "test_images": len(x_test),
+        "test_top1": round(accuracy(model, x_test, y_test), 4),
+        "epochs": epochs,
+        "batch": BATCH,
+        "lr": LR,
+        "weight_decay": WEIGHT_DECAY,
+        "seed": SEED,
+        "torch": torch.__version__,
+        "train_seconds": round(time.time() - start, 1),
+    }
+    weights.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=digits.weights_path().parent)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    args = parser.parse_args()
+    print(json.dumps(train(args.out, args.epochs), indent=2))
+
+
+if __name__ == "__main__":
+    main()
