@@ -1,0 +1,119 @@
+"""Keep plans: the paper's token counts, refusals, JSON, and the FLOPs estimate vs a FLOP counter."""
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import colln
+from colln.errors import PlanError
+from colln.models.plan import KeepPlan, ModelDims, default_layers, make_plan
+
+VIT_B = ModelDims(depth=12, attn_dim=768, attn_linear_macs=4 * 768 * 768, mlp_macs=2 * 768 * 3072, patch_macs=0, head_macs=0)
+
+
+def test_paper_counts_without_fusion() -> None:
+    plan = make_plan(197, 1, VIT_B, keep=0.7, layers=(3, 6, 9))
+    assert plan.keep_counts == (138, 97, 68)
+    assert [plan.tokens_after(i) for i in (3, 6, 9)] == [139, 98, 69]
+    assert plan.tokens_in[:4] == (197, 197, 197, 197)
+    assert plan.tokens_in[4] == 139 and plan.tokens_out == 69
+
+
+def test_paper_counts_with_fusion() -> None:
+    plan = make_plan(197, 1, VIT_B, keep=0.7, layers=(3, 6, 9), fuse=True)
+    assert [plan.tokens_after(i) for i in (3, 6, 9)] == [140, 100, 72]
+
+
+def test_keep_count_formula_per_layer_rates() -> None:
+    plan = make_plan(197, 1, VIT_B, keep=(0.9, 0.5, 0.3), layers=(0, 3, 6))
+    n = 196
+    expected = []
+    for rate in (0.9, 0.5, 0.3):
+        n = math.ceil(rate * n - 1e-9)
+        expected.append(n)
+    assert list(plan.keep_counts) == expected
+
+
+def test_float_noise_does_not_round_up() -> None:
+    # 0.7 * 130 is 91.00000000000001 in binary floating point.
+    plan = make_plan(131, 1, VIT_B, keep=0.7, layers=(0,))
+    assert plan.keep_counts == (91,)
+
+
+def test_round_to_multiple_is_capped_at_candidates() -> None:
+    plan = make_plan(197, 1, VIT_B, keep=0.7, layers=(3, 6, 9), round_to=8)
+    assert plan.keep_counts == (144, 104, 80)
+    full = make_plan(197, 1, VIT_B, keep=0.99, layers=(3,), round_to=8)
+    assert full.keep_counts == (196,)
+
+
+def test_default_layers_scale_evit() -> None:
+    assert default_layers(12) == (3, 6, 9)
+    assert default_layers(8) == (2, 4, 6)
+    assert default_layers(24) == (6, 12, 18)
+
+
+def test_keep_one_is_identity_plan() -> None:
+    plan = make_plan(197, 1, VIT_B, keep=1.0, layers=(3, 6, 9), fuse=True)
+    assert plan.tokens_out == 197
+    assert plan.flops().bound == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"keep": 0.0}, "outside (0, 1]"),
+        ({"keep": 1.5}, "outside (0, 1]"),
+        ({"keep": -0.1}, "outside (0, 1]"),
+        ({"layers": (3, 12)}, "layer 12 is out of range"),
+        ({"layers": (6, 3)}, "strictly increasing"),
+        ({"layers": (3, 3)}, "strictly increasing"),
+        ({"metric": "entropy"}, "unknown metric"),
+        ({"keep": (0.5, 0.5), "layers": (1, 2, 3)}, "2 keep rates for 3"),
+        ({"norm": 0}, "norm order"),
+        ({"rescue": 1.0}, "rescue ratio"),
+    ],
+)
+def test_invalid_plans_raise_one_line(kwargs: dict, needle: str) -> None:
+    with pytest.raises(PlanError) as info:
+        make_plan(197, 1, VIT_B, **kwargs)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_json_round_trip_and_str() -> None:
+    plan = make_plan(197, 1, VIT_B, keep=0.7, layers=(3, 6, 9), metric="correct", fuse=True)
+    data = json.loads(plan.to_json())
+    assert data["keep_counts"] == [138, 98, 70]
+    assert data["flops"]["bound"] == pytest.approx(plan.flops().bound)
+    assert KeepPlan.from_dict(data) == plan
+    text = str(plan)
+    assert "197 -> 140 -> 100 -> 72" in text and "k=138" in text
+    with pytest.raises(AttributeError):
+        plan.keep_counts = (1,)  # frozen
+
+
+def _counted_flops(
+    model: torch.nn.Module,
+    size: int,
+) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    return counter.get_total_flops()
+
+
+def test_flops_estimate_matches_torch_flop_counter() -> None:
+    """The plan's estimate vs torch's own FLOP counter on the real pruned and unpruned model."""
+    model = timm.create_model("vit_tiny_patch16_224").eval()
+    pruned = colln.prune(model, keep=0.7)
+    estimate = colln.get_plan(pruned).flops()
+    full, cut = _counted_flops(model, 224), _counted_flops(pruned, 224)
+    assert estimate.full == pytest.approx(full, rel=0.01)
+    assert estimate.pruned == pytest.approx(cut, rel=0.01)
+    assert estimate.bound == pytest.approx(full / cut, rel=0.01)
+    # The paper: about 0.65x the FLOPs of the full model for keep 0.7 at 3, 6, 9.
+    assert estimate.pruned / estimate.full == pytest.approx(0.65, abs=0.02)
