@@ -1,0 +1,174 @@
+"""colln-bench: interleaving and stats against plain computations, the JSON report, the cached
+unpruned export, and the baseline regression check (exit 1 on a doctored baseline)."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from polygraphy.backend.base import BaseRunner
+from polygraphy.common import TensorMetadata
+
+from colln.export.pipeline import atomic_output, export_into
+from colln.export.spec import INPUT_NAME, ExportSpec
+from colln.runtime.bench import LatencyStats, interleaved_latency, interleaved_times, paired_speedup
+from colln.runtime.bench_cli import main
+
+
+class ScriptedRunner(BaseRunner):
+    """A backend whose every call 'takes' the next time of a script and logs its name, so the
+    scheduling and the statistics can be checked exactly."""
+
+    def __init__(
+        self,
+        name: str,
+        times_s: list[float],
+        log: list[str],
+    ) -> None:
+        super().__init__(name=name)
+        self._times = iter(times_s)
+        self._log = log
+
+    def activate_impl(self) -> None:
+        pass
+
+    def get_input_metadata_impl(self) -> TensorMetadata:
+        return TensorMetadata().add(INPUT_NAME, dtype=np.float32, shape=(-1, 3, 2, 2))
+
+    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict:
+        self._log.append(self.name)
+        # A real backend's timer never exceeds the wall time around the call: keep that true.
+        self.inference_time = next(self._times) * 1e-9
+        return OrderedDict(logits=np.zeros((feed_dict[INPUT_NAME].shape[0], 10), np.float32))
+
+    def deactivate_impl(self) -> None:
+        pass
+
+
+def test_interleaving_runs_every_runner_once_per_round_after_warmup() -> None:
+    log: list[str] = []
+    rounds, warmup = 7, 2
+    runners = {n: ScriptedRunner(n, [1.0] * (rounds + warmup), log) for n in ("a", "b", "c")}
+    feed = {INPUT_NAME: np.zeros((4, 3, 2, 2), np.float32)}
+    with runners["a"], runners["b"], runners["c"]:
+        interleaved_times(runners, feed, rounds=rounds, warmup=warmup)
+    assert len(log) == 3 * (rounds + warmup)
+    for r in range(rounds + warmup):
+        assert sorted(log[3 * r : 3 * r + 3]) == ["a", "b", "c"]
+    # Shuffled per round: the timed rounds are not all in one fixed order.
+    assert len({tuple(log[3 * r : 3 * r + 3]) for r in range(warmup, rounds + warmup)}) > 1
+
+
+def test_latency_stats_match_plain_percentiles() -> None:
+    log: list[str] = []
+    script = [float(v) for v in np.random.default_rng(1).permutation(np.arange(1, 102))]  # 1..101 "ns" -> scaled below
+    runner = ScriptedRunner("x", [0.0, *script], log)
+    feed = {INPUT_NAME: np.zeros((8, 3, 2, 2), np.float32)}
+    with runner:
+        stats = interleaved_latency({"x": runner}, feed, rounds=101, warmup=1)["x"]
+    ms = np.sort(np.array(script)) * 1e-6  # the runner reports value * 1e-9 s
+    # 101 sorted samples: the p-th percentile is exactly the element at index p (linear interpolation).
+    assert stats.p50_ms == pytest.approx(ms[50])
+    assert stats.p90_ms == pytest.approx(ms[90])
+    assert stats.p99_ms == pytest.approx(ms[99])
+    assert stats.mean_ms == pytest.approx(sum(ms) / len(ms))
+    assert stats.images_per_s == pytest.approx(8 / (ms[50] / 1e3))
+    assert stats.batch == 8 and stats.rounds == 101
+    assert set(stats.to_dict()) >= {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "images_per_s"}
+
+
+def test_paired_speedup_is_median_of_per_round_ratios() -> None:
+    base = np.array([10.0, 20.0, 30.0, 40.0, 50.0])
+    cand = np.array([5.0, 20.0, 10.0, 40.0, 25.0])  # ratios 2, 1, 3, 1, 2
+    assert paired_speedup(base, cand) == (2.0, 1.0, 2.0)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "exports" / "digits"
+    with atomic_output(out) as tmp:
+        export_into(ExportSpec(model="digits_vit", weights="random", keep=0.5), tmp)
+    return out
+
+
+def test_real_runners_interleaved(export_dir: Path) -> None:
+    from colln.runtime.runners import load
+
+    feed = {INPUT_NAME: np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)}
+    with load(export_dir, "onnxruntime", threads=1) as ort, load(export_dir, "torch") as torch_runner:
+        stats = interleaved_latency({"ort": ort, "torch": torch_runner}, feed, rounds=5, warmup=1)
+    for s in stats.values():
+        assert isinstance(s, LatencyStats)
+        assert 0 < s.p50_ms <= s.p90_ms <= s.p99_ms
+        assert s.images_per_s == pytest.approx(2 * 1e3 / s.p50_ms)
+
+
+@pytest.fixture(scope="module")
+def report(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("report")
+    rc = main([str(export_dir), "--batch", "1,2", "--rounds", "5", "--warmup", "1", "--json", str(out / "r.json"),
+               "--save-baseline", str(out / "baseline.json")])  # fmt: skip
+    assert rc == 0
+    return json.loads((out / "r.json").read_text()), out
+
+
+def test_json_report_keys_and_bound(report: tuple[dict, Path], export_dir: Path) -> None:
+    data, _ = report
+    plan = ExportSpec.read(export_dir).keep_plan()
+    assert set(data["batches"]) == {"1", "2"}
+    for batch, r in data["batches"].items():
+        assert {"speedup", "bound", "efficiency", "unpruned", "pruned"} <= set(r)
+        assert r["bound"] == pytest.approx(plan.flops().full / plan.flops().pruned)
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["bound"])
+        assert r["pruned"]["batch"] == int(batch)
+    assert data["threads"] == 1 and data["environment"]["versions"]["onnxruntime"]
+    assert data["case"] == "digits_vit-colln-keep0.5@onnxruntime-t1"
+
+
+def test_unpruned_counterpart_is_cached_keep1(report: tuple[dict, Path], export_dir: Path) -> None:
+    data, _ = report
+    cached = Path(data["unpruned_export"])
+    assert cached.parent == export_dir.parent / ".colln-cache"
+    spec = ExportSpec.read(cached)
+    assert spec.keep == 1.0 and spec.model == "digits_vit"
+    assert spec.keep_plan().flops().bound == pytest.approx(1.0)
+    before = (cached / "model.onnx").stat().st_mtime_ns
+    assert main([str(export_dir), "--batch", "1", "--rounds", "2", "--warmup", "0"]) == 0
+    assert (cached / "model.onnx").stat().st_mtime_ns == before  # reused, not re-exported
+
+
+def test_doctored_baseline_fails_with_exit_1(report: tuple[dict, Path], export_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    _, out = report
+    baseline = json.loads((out / "baseline.json").read_text())
+    (case,) = baseline["cases"]
+    case["batches"]["2"]["speedup"] = 50.0  # no digits_vit export is 50x faster than its unpruned self
+    case["batches"]["2"]["efficiency"] = 0.0  # ... while this one cannot regress: only speedup is named
+    doctored = out / "doctored.json"
+    doctored.write_text(json.dumps(baseline))
+    rc = main([str(export_dir), "--batch", "2", "--rounds", "3", "--warmup", "1", "--baseline", str(doctored)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "regression" in err and "batch 2 speedup" in err and "batch 2 efficiency" not in err
+
+    case["batches"]["2"]["speedup"] = 0.01  # far below anything measurable: passes
+    case["batches"]["2"]["efficiency"] = 0.01
+    doctored.write_text(json.dumps(baseline))
+    assert main([str(export_dir), "--batch", "2", "--rounds", "3", "--warmup", "1", "--baseline", str(doctored)]) == 0
+
+
+def test_baseline_without_this_case_is_an_error(report: tuple[dict, Path], export_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    _, out = report
+    other = out / "other.json"
+    other.write_text(json.dumps({"machine": "x", "cases": []}))
+    assert main([str(export_dir), "--batch", "1", "--rounds", "1", "--warmup", "0", "--baseline", str(other)]) == 2
+    assert "has no entry for digits_vit-colln-keep0.5@onnxruntime-t1" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2(export_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([str(export_dir), "--batch", "0"]) == 2
+    assert main([str(export_dir), "--tolerance", "1.5"]) == 2
+    assert main([str(export_dir.parent / "missing")]) == 2
+    assert "colln: error:" in capsys.readouterr().err
