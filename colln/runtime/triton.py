@@ -1,0 +1,167 @@
+"""Triton model repositories for colln exports.
+
+``write_model_repository`` lays an export out the way a stock Triton Inference Server loads it::
+
+    <repo>/<name>/config.pbtxt      platform, max batch, dynamic batching, instance group, tensors
+    <repo>/<name>/1/model.onnx      onnxruntime backend (platform onnxruntime_onnx), or
+    <repo>/<name>/1/model.plan      TensorRT backend (platform tensorrt_plan)
+
+``colln-triton EXPORT_DIR REPO`` (and ``colln-export --triton-repo REPO``) call it. The same
+``model_config`` text also describes colln's python-backend model (``colln.runtime.serve``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from colln.cli import ArgumentParser, run_main
+from colln.errors import CollnError, UsageError
+from colln.export.pipeline import atomic_output
+from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, ExportSpec
+
+PLAN_FILE = "model.plan"
+# backend choice -> (Triton platform, model file in the version directory, default instance kind)
+PLATFORMS = {
+    # KIND_AUTO: on a GPU when the server has one (CUDA execution provider), else on CPU.
+    "onnxruntime": ("onnxruntime_onnx", ONNX_FILE, "KIND_AUTO"),
+    "tensorrt": ("tensorrt_plan", PLAN_FILE, "KIND_GPU"),
+}
+# Small enough not to add visible latency at low load, long enough to merge concurrent requests.
+QUEUE_DELAY_US = 500
+_NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class TritonRepoError(CollnError):
+    stage = "triton"
+
+
+def tensor_dims(
+    export_dir: Path,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-sample dims of ``images`` and ``logits`` (batch axis dropped), read from ``model.onnx``."""
+    import onnx
+
+    path = Path(export_dir) / ONNX_FILE
+    if not path.is_file():
+        raise TritonRepoError(f"{export_dir} has no {ONNX_FILE}: run colln-export first")
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def dims(
+        values,
+        name: str,
+    ) -> tuple[int, ...]:
+        found = [v for v in values if v.name == name]
+        if not found:
+            raise TritonRepoError(f"{path} has no tensor named {name!r}: re-export it with colln-export")
+        shape = found[0].type.tensor_type.shape.dim[1:]
+        if any(not d.HasField("dim_value") for d in shape):
+            raise TritonRepoError(f"{path}: {name} must have static dims after the batch axis; re-export with a fixed --img-size")
+        return tuple(d.dim_value for d in shape)
+
+    return dims(graph.input, INPUT_NAME), dims(graph.output, OUTPUT_NAME)
+
+
+def model_name(
+    export_dir: Path,
+) -> str:
+    """A Triton model name (letters, digits, ``._-``) from the export directory's name."""
+    name = _NAME_OK.sub("_", Path(export_dir).resolve().name).strip("._-")
+    return name or "colln"
+
+
+def model_config(
+    name: str,
+    engine: tuple[str, str],
+    input_dims: Sequence[int],
+    output_dims: Sequence[int],
+    max_batch: int,
+    kind: str,
+    instances: int = 1,
+    parameters: dict[str, str] | None = None,
+) -> str:
+    """``config.pbtxt`` text (Triton's ModelConfig protobuf, text format). ``engine`` is
+    ``("platform", "onnxruntime_onnx")`` or ``("backend", "python")``."""
+    if max_batch < 1:
+        raise UsageError(f"--max-batch must be at least 1, got {max_batch}")
+    if instances < 1:
+        raise UsageError(f"--instances must be at least 1, got {instances}")
+
+    def tensor(
+        tensor_name: str,
+        dims: Sequence[int],
+    ) -> str:
+        return f'  {{\n    name: "{tensor_name}"\n    data_type: TYPE_FP32\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
+
+    lines = [
+        f'name: "{name}"',
+        f'{engine[0]}: "{engine[1]}"',
+        f"max_batch_size: {max_batch}",
+        f"input [\n{tensor(INPUT_NAME, input_dims)}\n]",
+        f"output [\n{tensor(OUTPUT_NAME, output_dims)}\n]",
+        f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}",
+        f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]",
+    ]
+    for key, value in (parameters or {}).items():
+        lines.append(f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{_escape(value)}" }}\n}}')
+    return "\n".join(lines) + "\n"
+
+
+def _escape(
+    text: str,
+) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def write_model_repository(
+    export_dir: Path,
+    repo: Path,
+    backend: str = "onnxruntime",
+    max_batch: int = 32,
+    name: str | None = None,
+) -> Path:
+    """Write ``<repo>/<name>`` (config.pbtxt + 1/model.onnx or 1/model.plan) for ``export_dir`` and
+    return that model directory. ``name`` defaults to the export directory's name. An existing
+    ``<repo>/<name>`` is replaced atomically: it is derived from the export, like the plan."""
+    export_dir = Path(export_dir)
+    if backend not in PLATFORMS:
+        raise UsageError(f"unknown Triton backend {backend!r}: choose one of {', '.join(PLATFORMS)}")
+    ExportSpec.read(export_dir)
+    platform, model_file, kind = PLATFORMS[backend]
+    source = export_dir / model_file
+    if not source.is_file():
+        hint = "build it with colln-export --trt on a GPU machine" if backend == "tensorrt" else "re-run colln-export"
+        raise TritonRepoError(f"{export_dir} has no {model_file} for the {backend} backend: {hint}")
+    name = name or model_name(export_dir)
+    if _NAME_OK.search(name):
+        raise UsageError(f"Triton model name {name!r} may only hold letters, digits, '.', '_' and '-'")
+    input_dims, output_dims = tensor_dims(export_dir)
+    config = model_config(name, ("platform", platform), input_dims, output_dims, max_batch, kind)
+    target = Path(repo) / name
+    with atomic_output(target, force=True) as tmp:
+        (tmp / "config.pbtxt").write_text(config)
+        (tmp / "1").mkdir()
+        shutil.copy2(source, tmp / "1" / model_file)
+    return target
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="colln-triton", description="Write a Triton model repository entry for a colln export.")
+    parser.add_argument("export_dir", type=Path, help="a colln export directory (colln-export output)")
+    parser.add_argument("repo", type=Path, help="Triton model repository; the model goes to REPO/NAME")
+    parser.add_argument("--backend", choices=sorted(PLATFORMS), default="onnxruntime", help="model.onnx or model.plan (default onnxruntime)")
+    parser.add_argument("--max-batch", type=int, default=32, help="max_batch_size (default 32)")
+    parser.add_argument("--name", default=None, help="model name (default: the export directory's name)")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def run(args) -> int:
+        target = write_model_repository(args.export_dir, args.repo, backend=args.backend, max_batch=args.max_batch, name=args.name)
+        print(target)
+        return 0
+
+    return run_main(run, build_parser(), argv)
