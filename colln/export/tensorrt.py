@@ -1,0 +1,345 @@
+"""TensorRT engines for an export directory, through polygraphy's loaders.
+
+``build_engine`` parses ``model.onnx`` as a strongly typed network (the precision is the graph's:
+fp32, or the fp16 graph of ``--precision fp16``; TensorRT 11 has no weak typing), builds
+``model.plan`` for one batch profile, reusing a timing cache, and writes ``model.plan.json`` (what
+built it, for which GPU, precision, profile, keep plan) and ``model.plan.log`` (the builder log).
+
+Full TensorRT is used when importable; otherwise TensorRT-RTX, whose builder runs without a GPU.
+Which one polygraphy drives is fixed when polygraphy is first imported (``colln/__init__.py``
+points it at TensorRT-RTX when that is the only one installed), so ``trt_module`` follows
+polygraphy's choice rather than making its own.
+
+``tensorrt_runner`` loads a plan back as polygraphy's ``TrtRunner`` after checking that
+``model.plan.json`` matches the running TensorRT and GPU, so a foreign plan is refused with a
+clear message instead of failing inside deserialisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from polygraphy.backend.base import BaseRunner
+
+from colln.errors import BackendUnavailableError, CollnError, UsageError
+from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportDirError, ExportSpec
+
+PLAN_FILE = "model.plan"
+PLAN_META_FILE = "model.plan.json"
+PLAN_LOG_FILE = "model.plan.log"
+FAILED_LOG_FILE = "model.plan.failed.log"
+LABELS = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
+INSTALL_HINT = "pip install 'colln[trt]' (NVIDIA GPU machines) or 'colln[trt-rtx]' (builds engines without a GPU)"
+
+
+class EngineError(CollnError):
+    """A TensorRT plan cannot be built, or does not belong to this TensorRT/GPU."""
+
+    stage = "tensorrt"
+
+
+@dataclass(frozen=True)
+class TrtFlavour:
+    """The TensorRT module polygraphy drives: ``tensorrt`` or ``tensorrt_rtx``."""
+
+    name: str
+    version: str
+    module: ModuleType
+
+    @property
+    def label(self) -> str:
+        return f"{LABELS[self.name]} {self.version}"
+
+
+def trt_module() -> TrtFlavour:
+    """The TensorRT flavour in use (``tensorrt`` when importable, else ``tensorrt_rtx``)."""
+    from polygraphy import config
+
+    name = "tensorrt_rtx" if config.USE_TENSORRT_RTX else "tensorrt"
+    try:
+        module = importlib.import_module(name)
+    except (ImportError, OSError) as exc:
+        raise BackendUnavailableError(f"TensorRT is not installed ({name} cannot be imported): {INSTALL_HINT}") from exc
+    return TrtFlavour(name=name, version=module.__version__, module=module)
+
+
+def gpu_info() -> dict | None:
+    """``{"name", "compute_capability"}`` of CUDA device 0, or None when no NVIDIA GPU is visible."""
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
+    # A CPU-only PyTorch cannot see the GPU that TensorRT would use: ask the driver.
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    query = [smi, "--query-gpu=name,compute_cap", "--format=csv,noheader", "--id=0"]
+    result = subprocess.run(query, capture_output=True, text=True, check=False)
+    if result.returncode != 0 or "," not in result.stdout:
+        return None
+    name, capability = (part.strip() for part in result.stdout.strip().splitlines()[0].rsplit(",", 1))
+    return {"name": name, "compute_capability": capability}
+
+
+def default_timing_cache(
+    flavour: TrtFlavour,
+) -> Path:
+    """One cache per TensorRT flavour and version: timing caches do not carry across versions."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return root / "colln" / f"timing-{flavour.name}-{flavour.version}.cache"
+
+
+def build_engine(
+    export_dir: Path,
+    batch_min: int = 1,
+    batch_opt: int = 8,
+    batch_max: int = 32,
+    timing_cache: Path | None = None,
+) -> Path:
+    """Build ``export_dir/model.plan`` (+ ``model.plan.json``, ``model.plan.log``) from ``model.onnx``.
+
+    The profile covers batches ``batch_min..batch_max``, tuned for ``batch_opt``. ``timing_cache``
+    (default: ``default_timing_cache``) is read before and updated after the build. Returns the
+    plan's path. A failed build leaves any previous plan untouched and its log in
+    ``model.plan.failed.log``.
+    """
+    if not 1 <= batch_min <= batch_opt <= batch_max:
+        raise UsageError(f"batch profile {batch_min}/{batch_opt}/{batch_max} must satisfy 1 <= min <= opt <= max")
+    export_dir = Path(export_dir)
+    spec = ExportSpec.read(export_dir)
+    onnx_path = export_dir / ONNX_FILE
+    if not onnx_path.is_file():
+        raise ExportDirError(f"{export_dir} has no {ONNX_FILE}: re-run colln-export with --force")
+    flavour = trt_module()
+    gpu = gpu_info()
+    if flavour.name == "tensorrt" and gpu is None:
+        raise BackendUnavailableError(
+            "full TensorRT builds engines only on an NVIDIA GPU and none is visible: build on the target GPU, "
+            "or pip install 'colln[trt-rtx]' to build without one"
+        )
+    cache = Path(timing_cache).expanduser() if timing_cache is not None else default_timing_cache(flavour)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the timing cache folder {cache.parent} ({exc.strerror}): pass --timing-cache PATH") from exc
+
+    from polygraphy.exception import PolygraphyException
+
+    log_tmp = export_dir / f".{PLAN_LOG_FILE}.tmp-{os.getpid()}"
+    start = time.perf_counter()
+    try:
+        with _polygraphy_log(log_tmp):
+            plan_bytes, network_io, input_shape = _build(flavour, gpu, onnx_path, (batch_min, batch_opt, batch_max), cache)
+    except PolygraphyException as exc:
+        failed_log = export_dir / FAILED_LOG_FILE
+        os.replace(log_tmp, failed_log)
+        raise EngineError(f"{flavour.label} could not build {ONNX_FILE}: {_first_error(failed_log, exc)} (log: {failed_log})") from exc
+    except BaseException:
+        log_tmp.unlink(missing_ok=True)
+        raise
+    seconds = time.perf_counter() - start
+
+    meta = {
+        "plan": PLAN_FILE,
+        "tensorrt": {"flavour": flavour.name, "version": flavour.version},
+        "gpu": gpu,
+        # None: TensorRT-RTX's default portable targets (Ampere and later); full TensorRT plans
+        # run only on the GPU model that built them.
+        "compute_capabilities": [gpu["compute_capability"]] if gpu else None,
+        "precision": spec.precision,
+        "strongly_typed": True,
+        "io": network_io,
+        "profile": {
+            "input": INPUT_NAME,
+            "min": [batch_min, *input_shape],
+            "opt": [batch_opt, *input_shape],
+            "max": [batch_max, *input_shape],
+        },
+        "keep_plan": spec.plan,
+        "onnx_sha256": _sha256(onnx_path),
+        "timing_cache": str(cache),
+        "build_seconds": round(seconds, 2),
+    }
+    plan = export_dir / PLAN_FILE
+    meta_path = export_dir / PLAN_META_FILE
+    # model.plan.json goes last: a plan without it is incomplete and is refused at load time.
+    meta_path.unlink(missing_ok=True)
+    _write_replace(plan, plan_bytes)
+    os.replace(log_tmp, export_dir / PLAN_LOG_FILE)
+    _write_replace(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    (export_dir / FAILED_LOG_FILE).unlink(missing_ok=True)
+    print(
+        f"colln: built {plan} with {flavour.label} ({spec.precision}, batch {batch_min}/{batch_opt}/{batch_max}) in {seconds:.1f} s",
+        file=sys.stderr,
+    )
+    return plan
+
+
+def _build(
+    flavour: TrtFlavour,
+    gpu: dict | None,
+    onnx_path: Path,
+    batches: tuple[int, int, int],
+    cache: Path,
+) -> tuple[memoryview, dict[str, str], list[int]]:
+    """Parse and build with polygraphy's loaders: (plan bytes, I/O dtypes, input shape without batch)."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    builder, network, parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    outputs = [network.get_output(i) for i in range(network.num_outputs)]
+    if [t.name for t in inputs] != [INPUT_NAME]:
+        raise EngineError(f"{onnx_path} has inputs {[t.name for t in inputs]}, expected [{INPUT_NAME!r}]: re-export it with colln-export")
+    input_shape = list(inputs[0].shape)[1:]
+    profile = Profile().add(INPUT_NAME, *[(b, *input_shape) for b in batches])
+    common = {"profiles": [profile], "load_timing_cache": str(cache)}
+    if flavour.name == "tensorrt_rtx":
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+
+        # With a GPU present, target it; without one, TensorRT-RTX's portable default targets.
+        config = CreateConfigRTX(use_gpu=gpu is not None, **common)
+    else:
+        config = CreateConfig(**common)
+    plan_bytes = EngineBytesFromNetwork((builder, network, parser), config=config, save_timing_cache=str(cache))()
+    network_io = {t.name: _dtype_name(t.dtype) for t in (*inputs, *outputs)}
+    return memoryview(plan_bytes), network_io, input_shape
+
+
+def _dtype_name(
+    dtype: object,
+) -> str:
+    from polygraphy.datatype import DataType
+
+    converted = DataType.from_dtype(dtype, "tensorrt")
+    return converted.name.lower() if converted is not None else str(dtype)
+
+
+@contextlib.contextmanager
+def _polygraphy_log(
+    path: Path,
+) -> Iterator[None]:
+    """Send polygraphy's and TensorRT's log (verbose) to ``path`` instead of the console."""
+    from polygraphy.logger import G_LOGGER
+
+    saved = (G_LOGGER.use_python_logging_system, G_LOGGER.module_severity)
+    logger = logging.getLogger("Polygraphy")
+    saved_logger = (logger.level, logger.propagate)
+    handler = logging.FileHandler(path, mode="w")
+    logger.addHandler(handler)
+    logger.setLevel(1)
+    logger.propagate = False
+    G_LOGGER.use_python_logging_system = True
+    G_LOGGER.module_severity = G_LOGGER.VERBOSE
+    try:
+        yield
+    finally:
+        G_LOGGER.use_python_logging_system, G_LOGGER.module_severity = saved
+        logger.setLevel(saved_logger[0])
+        logger.propagate = saved_logger[1]
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _first_error(
+    log: Path,
+    exc: Exception,
+) -> str:
+    """The first error line of a failed build's log (polygraphy prefixes errors with ``[E]``)."""
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    first = next((line[3:].strip() for line in lines if line.startswith("[E]")), str(exc).strip().splitlines()[0])
+    return first[:300]
+
+
+def _sha256(
+    path: Path,
+) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_replace(
+    path: Path,
+    data: bytes | memoryview,
+) -> None:
+    """Write ``path`` via a temp file beside it, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_plan_metadata(
+    export_dir: Path,
+) -> dict:
+    """``model.plan.json`` of an export; a clear error when the plan is missing or incomplete."""
+    export_dir = Path(export_dir)
+    meta_path = export_dir / PLAN_META_FILE
+    if not (export_dir / PLAN_FILE).is_file() or not meta_path.is_file():
+        raise ExportDirError(f"{export_dir} has no complete TensorRT plan ({PLAN_FILE} + {PLAN_META_FILE}): run colln-build {export_dir}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        complete = {"flavour", "version"} <= set(meta["tensorrt"]) and {"precision", "profile"} <= set(meta)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExportDirError(f"{meta_path} is unreadable ({exc}): rebuild with colln-build {export_dir}") from exc
+    if not complete:
+        raise ExportDirError(f"{meta_path} lacks the TensorRT version, precision or profile: rebuild with colln-build {export_dir}")
+    return meta
+
+
+def check_plan(
+    meta: dict,
+    flavour: TrtFlavour,
+    gpu: dict | None,
+) -> None:
+    """Refuse a plan that this TensorRT or GPU cannot run (plans are tied to both)."""
+    built = meta["tensorrt"]
+    built_label = f"{LABELS.get(built['flavour'], built['flavour'])} {built['version']}"
+    rebuild = "rebuild it here with colln-build EXPORT_DIR"
+    if (built["flavour"], built["version"]) != (flavour.name, flavour.version):
+        raise EngineError(f"model.plan was built with {built_label} but this machine runs {flavour.label}: {rebuild}")
+    if gpu is None:
+        raise BackendUnavailableError("no NVIDIA GPU is visible: TensorRT plans run only on a GPU; use backend='onnxruntime' on this machine")
+    targets = meta.get("compute_capabilities")
+    if targets and gpu["compute_capability"] not in targets:
+        raise EngineError(
+            f"model.plan targets compute capability {', '.join(targets)} but this GPU ({gpu['name']}) is "
+            f"{gpu['compute_capability']}: {rebuild}"
+        )
+    built_gpu = (meta.get("gpu") or {}).get("name")
+    if flavour.name == "tensorrt" and built_gpu != gpu["name"]:
+        raise EngineError(f"model.plan was built for {built_gpu or 'an unknown GPU'} but this GPU is {gpu['name']}: {rebuild}")
+
+
+def tensorrt_runner(
+    export_dir: Path,
+) -> BaseRunner:
+    """polygraphy's ``TrtRunner`` over ``export_dir/model.plan``, after ``check_plan``."""
+    export_dir = Path(export_dir)
+    meta = read_plan_metadata(export_dir)
+    flavour = trt_module()
+    onnx_path = export_dir / ONNX_FILE
+    if onnx_path.is_file() and meta.get("onnx_sha256") != _sha256(onnx_path):
+        raise EngineError(f"model.plan was built from another {ONNX_FILE} than the one in {export_dir}: run colln-build {export_dir}")
+    check_plan(meta, flavour, gpu_info())
+    from polygraphy.backend.trt import EngineFromPath, TrtRunner
+
+    return TrtRunner(EngineFromPath(str(export_dir / PLAN_FILE)), name=f"tensorrt-{meta['precision']}")

@@ -1,0 +1,290 @@
+"""TensorRT: real parses and builds of the pruned digits_vit graph with the TensorRT available here
+(TensorRT-RTX on CPU machines: its parser and builder need no GPU), polygraphy's capability
+report, plan metadata, refusal of foreign plans, the no-TensorRT exit, and GPU engine runs
+(marked ``gpu``) against the PyTorch reference."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from colln.errors import BackendUnavailableError, UsageError
+from colln.export.build_cli import main as build_main
+from colln.export.pipeline import export_into
+from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportDirError, ExportSpec
+from colln.export.tensorrt import (
+    FAILED_LOG_FILE,
+    PLAN_FILE,
+    PLAN_LOG_FILE,
+    PLAN_META_FILE,
+    EngineError,
+    build_engine,
+    gpu_info,
+    tensorrt_runner,
+    trt_module,
+)
+from colln.models import digits
+from colln.runtime import runners
+
+REPO = Path(__file__).resolve().parents[1]
+BATCHES = (1, 2, 4)  # a narrow profile keeps the CPU builds at a few seconds
+NO_GPU = "needs an NVIDIA GPU (TensorRT engines only run on one)"
+
+
+def _copy_export(
+    src: Path,
+    dst: Path,
+) -> Path:
+    """Export dirs are shared: builds go into a private copy."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*"))
+    return dst
+
+
+def _weights() -> str:
+    return "bundled" if digits.weights_path().is_file() else "random"
+
+
+@pytest.fixture(scope="module")
+def fp32_export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trt") / "digits-fp32"
+    out.mkdir()
+    export_into(ExportSpec(model="digits_vit", weights=_weights(), keep=0.7), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_plan(fp32_export, tmp_path_factory) -> Path:
+    """fp32_export with model.plan built once for the module, with its own timing cache."""
+    built = _copy_export(fp32_export, tmp_path_factory.mktemp("trt") / "built")
+    build_engine(built, *BATCHES, timing_cache=built.parent / "timing.cache")
+    return built
+
+
+def _network(
+    onnx_path: Path,
+):
+    """The TensorRT network of ``onnx_path``, parsed by polygraphy (strongly typed)."""
+    from polygraphy.backend.trt import NetworkFromOnnxPath
+
+    return NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
+
+
+def test_falls_back_to_tensorrt_rtx_without_tensorrt():
+    pytest.importorskip("tensorrt_rtx")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("full TensorRT is installed, so it is the one used")
+    from polygraphy import config
+
+    assert trt_module().name == "tensorrt_rtx"
+    assert config.USE_TENSORRT_RTX
+
+
+def test_pruned_graph_parses_with_static_token_counts(fp32_export):
+    trt = trt_module().module
+    spec = ExportSpec.read(fp32_export)
+    _, network, _ = _network(fp32_export / ONNX_FILE)
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    # One TopK per pruning layer (colln metric); its index output keeps exactly the plan's k tokens.
+    topk_widths = [layer.get_output(1).shape[-1] for layer in layers if layer.type == trt.LayerType.TOPK]
+    assert topk_widths == list(spec.keep_plan().keep_counts)
+    assert tuple(network.get_input(0).shape) == (-1, 3, 32, 32)
+    assert tuple(network.get_output(0).shape) == (-1, 10)
+
+
+def test_polygraphy_capability_reports_full_support(fp32_export):
+    env = {**os.environ, "POLYGRAPHY_USE_TENSORRT_RTX": "1" if trt_module().name == "tensorrt_rtx" else "0"}
+    polygraphy = Path(sys.executable).parent / "polygraphy"
+    result = subprocess.run(
+        [str(polygraphy), "inspect", "capability", str(fp32_export / ONNX_FILE)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Graph is fully supported by TensorRT" in result.stdout + result.stderr
+
+
+def test_fp32_plan_and_metadata(fp32_plan):
+    flavour = trt_module()
+    spec = ExportSpec.read(fp32_plan)
+    meta = json.loads((fp32_plan / PLAN_META_FILE).read_text())
+    assert (fp32_plan / PLAN_FILE).stat().st_size > (fp32_plan / ONNX_FILE).stat().st_size / 2
+    assert meta["tensorrt"] == {"flavour": flavour.name, "version": flavour.version}
+    assert meta["gpu"] == gpu_info()
+    assert meta["precision"] == "fp32"
+    assert meta["strongly_typed"] is True
+    assert meta["io"] == {"images": "float32", "logits": "float32"}
+    assert meta["profile"] == {
+        "input": "images",
+        "min": [1, 3, 32, 32],
+        "opt": [2, 3, 32, 32],
+        "max": [4, 3, 32, 32],
+    }
+    assert meta["keep_plan"] == spec.plan and meta["keep_plan"]["keep_counts"] == [45, 32, 23]
+    assert meta["onnx_sha256"] == hashlib.sha256((fp32_plan / ONNX_FILE).read_bytes()).hexdigest()
+    log = (fp32_plan / PLAN_LOG_FILE).read_text()
+    assert "Building engine" in log and "STRONGLY_TYPED" in log
+    assert Path(meta["timing_cache"]).is_file()
+    assert not list(fp32_plan.glob(".*")), "temporary files left behind"
+
+
+def test_colln_build_rebuilds_with_the_timing_cache(fp32_plan, tmp_path, capsys):
+    built = _copy_export(fp32_plan, tmp_path / "again")
+    cache = fp32_plan.parent / "timing.cache"
+    rc = build_main([str(built), "--batch-min", "2", "--batch-opt", "2", "--batch-max", "2", "--timing-cache", str(cache)])
+    assert rc == 0
+    meta = json.loads((built / PLAN_META_FILE).read_text())
+    assert meta["profile"]["min"] == meta["profile"]["max"] == [2, 3, 32, 32]
+    log = (built / PLAN_LOG_FILE).read_text()
+    assert f"Loading tactic timing cache from {cache}" in log
+    assert "not found" not in log
+    assert f"with {trt_module().label} (fp32, batch 2/2/2)" in capsys.readouterr().err
+
+
+def test_bad_profile_is_a_usage_error(fp32_export):
+    with pytest.raises(UsageError, match="min <= opt <= max"):
+        build_engine(fp32_export, batch_min=4, batch_opt=2, batch_max=8)
+    assert not (fp32_export / PLAN_FILE).exists()
+
+
+def test_failed_build_keeps_the_previous_plan(fp32_plan, tmp_path):
+    out = _copy_export(fp32_plan, tmp_path / "broken")
+    before = {name: (out / name).read_bytes() for name in (PLAN_FILE, PLAN_META_FILE, PLAN_LOG_FILE)}
+    onnx_path = out / ONNX_FILE
+    onnx_path.write_bytes(onnx_path.read_bytes()[:1000])
+    with pytest.raises(EngineError, match="could not build model.onnx: .*Failed to parse the ONNX model"):
+        build_engine(out, *BATCHES, timing_cache=tmp_path / "timing.cache")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert "[E]" in (out / FAILED_LOG_FILE).read_text()
+    assert not list(out.glob(".*")), "temporary files left behind"
+
+
+def _doctored(
+    fp32_plan: Path,
+    tmp_path: Path,
+    **changes,
+) -> Path:
+    out = _copy_export(fp32_plan, tmp_path / "doctored")
+    meta = json.loads((out / PLAN_META_FILE).read_text())
+    for key, value in changes.items():
+        meta[key] = value
+    (out / PLAN_META_FILE).write_text(json.dumps(meta))
+    return out
+
+
+def test_plan_from_another_tensorrt_version_is_refused(fp32_plan, tmp_path):
+    flavour = trt_module()
+    out = _doctored(fp32_plan, tmp_path, tensorrt={"flavour": flavour.name, "version": "0.9.0"})
+    with pytest.raises(EngineError, match=r"built with .* 0\.9\.0 but this machine runs .*colln-build"):
+        runners.load(out, backend="tensorrt")
+
+
+def test_plan_from_another_tensorrt_flavour_is_refused(fp32_plan, tmp_path):
+    other = "tensorrt" if trt_module().name == "tensorrt_rtx" else "tensorrt_rtx"
+    out = _doctored(fp32_plan, tmp_path, tensorrt={"flavour": other, "version": trt_module().version})
+    with pytest.raises(EngineError, match="built with"):
+        tensorrt_runner(out)
+
+
+def test_plan_of_another_onnx_is_refused(fp32_plan, tmp_path):
+    out = _doctored(fp32_plan, tmp_path, onnx_sha256="0" * 64)
+    with pytest.raises(EngineError, match="another model.onnx"):
+        tensorrt_runner(out)
+
+
+def test_incomplete_plan_is_refused(fp32_plan, tmp_path):
+    out = _copy_export(fp32_plan, tmp_path / "incomplete")
+    (out / PLAN_META_FILE).unlink()
+    with pytest.raises(ExportDirError, match="colln-build"):
+        tensorrt_runner(out)
+
+
+@pytest.mark.skipif(gpu_info() is not None, reason="a GPU is visible here")
+def test_without_gpu_the_runner_says_so(fp32_plan):
+    with pytest.raises(BackendUnavailableError, match="no NVIDIA GPU"):
+        runners.load(fp32_plan, backend="tensorrt")
+
+
+def test_without_tensorrt_colln_build_exits_2_with_install_hint(fp32_export, tmp_path):
+    """A real run with imports of tensorrt and tensorrt_rtx blocked (no mocks)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['tensorrt'] = None\nsys.modules['tensorrt_rtx'] = None\n")
+    target = _copy_export(fp32_export, tmp_path / "export")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+    env.pop("POLYGRAPHY_USE_TENSORRT_RTX", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "colln.export.build_cli", str(target)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("colln: error: backend: TensorRT is not installed")
+    assert "pip install 'colln[trt]'" in lines[0] and "'colln[trt-rtx]'" in lines[0]
+    assert not (target / PLAN_FILE).exists()
+    assert sorted(p.name for p in target.iterdir()) == sorted([ONNX_FILE, SPEC_FILE])
+
+
+# --- GPU: engines run (skipped here: no GPU on the CI machine) ---------------------------------
+
+
+def _gpu_or_skip() -> None:
+    if gpu_info() is None:
+        pytest.skip(NO_GPU)
+    if _weights() != "bundled":
+        pytest.skip("needs the trained digits_vit weights (random ViTs flip top-k between backends)")
+
+
+def _digits_batch(
+    model,
+) -> np.ndarray:
+    from colln.data import preprocess
+
+    return preprocess(digits.load_split("test").images[:256], model).numpy()
+
+
+def _logits(
+    runner,
+    images: np.ndarray,
+) -> np.ndarray:
+    with runner:
+        return runners.run(runner, images, batch=4)
+
+
+@pytest.mark.gpu
+def test_fp32_engine_matches_torch(fp32_plan):
+    _gpu_or_skip()
+    spec = ExportSpec.read(fp32_plan)
+    torch_runner = runners.load(fp32_plan, backend="torch")
+    images = _digits_batch(spec.load_unpruned())
+    expected = _logits(torch_runner, images)
+    got = _logits(runners.load(fp32_plan, backend="tensorrt"), images)
+    assert got.shape == expected.shape == (len(images), 10)
+    # TF32 matmuls: close, not bit-exact; same predictions.
+    assert np.abs(got - expected).max() <= 2e-2 * np.abs(expected).max()
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.99
+
+
+@pytest.mark.gpu
+def test_plan_for_another_gpu_is_refused(fp32_plan, tmp_path):
+    _gpu_or_skip()
+    out = _doctored(fp32_plan, tmp_path, gpu={"name": "Imaginary GPU", "compute_capability": "1.0"}, compute_capabilities=["1.0"])
+    with pytest.raises(EngineError, match="compute capability 1.0"):
+        tensorrt_runner(out)
