@@ -1,0 +1,134 @@
+"""colln-triton / write_model_repository: the layout and config.pbtxt Triton loads.
+
+Triton's own schema is the reference: config.pbtxt is parsed with protobuf's strict text format
+into tritonclient's generated ModelConfig (unknown fields or bad enum values fail), and the dims
+are compared with what ONNX Runtime reads from the same model.onnx. PyTriton's bundled Triton has
+the python backend only (no onnxruntime/tensorrt backend), so loading into a real server is
+tested for the python-backend config that colln-serve writes (test_serve.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from colln.errors import CollnError
+from colln.runtime.serve import write_python_model
+from colln.runtime.triton import main, write_model_repository
+from serving_helpers import export_dir  # noqa: F401 - module fixture
+
+
+def parse_config(
+    path: Path,
+) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def onnx_dims(
+    onnx_path: Path,
+) -> tuple[list[int], list[int]]:
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return session.get_inputs()[0].shape[1:], session.get_outputs()[0].shape[1:]
+
+
+def test_onnx_repository_matches_triton_schema_and_export(export_dir: Path, tmp_path: Path) -> None:
+    model_dir = write_model_repository(export_dir, tmp_path / "repo", max_batch=16)
+
+    assert model_dir == tmp_path / "repo" / export_dir.name
+    assert sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")) == ["1", "1/model.onnx", "config.pbtxt"]
+    assert (model_dir / "1" / "model.onnx").read_bytes() == (export_dir / "model.onnx").read_bytes()
+    config = parse_config(model_dir / "config.pbtxt")
+    assert config.name == model_dir.name
+    assert config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 16
+    in_dims, out_dims = onnx_dims(export_dir / "model.onnx")
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("images", model_config_pb2.TYPE_FP32, in_dims)]
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("logits", model_config_pb2.TYPE_FP32, out_dims)]
+    assert config.HasField("dynamic_batching")
+    assert 0 < config.dynamic_batching.max_queue_delay_microseconds <= 10_000
+    assert [(g.count, g.kind) for g in config.instance_group] == [(1, model_config_pb2.ModelInstanceGroup.KIND_AUTO)]
+
+
+def test_rewrite_replaces_the_model_and_keeps_neighbours(export_dir: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    other = write_model_repository(export_dir, repo, name="other")
+    first = write_model_repository(export_dir, repo, name="digits", max_batch=4)
+    (first / "stale.txt").write_text("left from an earlier export")
+
+    again = write_model_repository(export_dir, repo, name="digits", max_batch=8)
+
+    assert again == first
+    assert not (first / "stale.txt").exists()
+    assert parse_config(first / "config.pbtxt").max_batch_size == 8
+    assert parse_config(other / "config.pbtxt").name == "other"
+    assert sorted(p.name for p in repo.iterdir()) == ["digits", "other"]
+
+
+def test_tensorrt_needs_a_plan(export_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(CollnError, match="no model.plan for the tensorrt backend"):
+        write_model_repository(export_dir, tmp_path / "repo", backend="tensorrt")
+    assert not (tmp_path / "repo" / export_dir.name).exists()
+
+
+@pytest.mark.gpu
+def test_tensorrt_repository_uses_the_plan(export_dir: Path, tmp_path: Path) -> None:
+    if not (export_dir / "model.plan").is_file():
+        pytest.skip("no model.plan: building one needs full TensorRT on an NVIDIA GPU")
+    model_dir = write_model_repository(export_dir, tmp_path / "repo", backend="tensorrt")
+    config = parse_config(model_dir / "config.pbtxt")
+    assert config.platform == "tensorrt_plan"
+    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+    assert (model_dir / "1" / "model.plan").read_bytes() == (export_dir / "model.plan").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"backend": "tflite"}, "unknown Triton backend"),
+        ({"max_batch": 0}, "at least 1"),
+        ({"name": "a b/c"}, "may only hold"),
+    ],
+)
+def test_bad_arguments_are_refused_before_writing(export_dir: Path, tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(CollnError, match=message):
+        write_model_repository(export_dir, tmp_path / "repo", **kwargs)
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+
+
+def test_python_backend_config_for_colln_serve(export_dir: Path, tmp_path: Path) -> None:
+    model_dir = write_python_model(export_dir, tmp_path, runner="onnxruntime", max_batch=8, instances=2)
+
+    config = parse_config(model_dir / "config.pbtxt")
+    assert config.backend == "python"
+    assert config.parameters["export_dir"].string_value == str(export_dir.resolve())
+    assert config.parameters["runner"].string_value == "onnxruntime"
+    assert [(g.count, g.kind) for g in config.instance_group] == [(2, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
+    assert "from colln.runtime.serve import TritonPythonModel" in (model_dir / "1" / "model.py").read_text()
+    with pytest.raises(CollnError, match="both be served as"):
+        write_python_model(export_dir, tmp_path)
+
+
+def test_cli_writes_and_reports_errors(export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([str(export_dir), str(tmp_path / "repo"), "--name", "digits", "--max-batch", "2"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "repo" / "digits")
+    assert parse_config(tmp_path / "repo" / "digits" / "config.pbtxt").max_batch_size == 2
+
+    not_an_export = tmp_path / "empty"
+    not_an_export.mkdir()
+    assert main([str(not_an_export), str(tmp_path / "repo")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("colln: error: export-dir:") and "run colln-export first" in err
+    assert "Traceback" not in err
+
+
+def test_missing_onnx_is_a_clear_error(export_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "no-onnx"
+    shutil.copytree(export_dir, broken)
+    (broken / "model.onnx").unlink()
+    with pytest.raises(CollnError, match="no model.onnx"):
+        write_model_repository(broken, tmp_path / "repo")
