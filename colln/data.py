@@ -14,7 +14,7 @@ from colln.errors import CollnError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 # Real photos that ship with scikit-image (no download).
-SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "camera", "immunohistochemistry")
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field", "camera", "immunohistochemistry")
 
 
 class DataError(CollnError):

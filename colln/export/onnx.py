@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -61,13 +62,22 @@ def export_onnx(
     proto = program.model_proto
     for key, value in (metadata or {}).items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    save_checked(proto, path)
+    return proto
+
+
+def save_checked(
+    proto: onnx.ModelProto,
+    path: Path,
+) -> None:
+    """Save ``proto`` to ``path`` (one file when it fits under 2 GB) and run the full checker."""
+    path = Path(path)
     large = proto.ByteSize() > MAX_SINGLE_FILE
     onnx.save_model(proto, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker rejected the export: {str(exc).splitlines()[0][:200]}") from exc
-    return proto
 
 
 def _forward_params(
@@ -82,6 +92,12 @@ def topk_constants(
     proto: onnx.ModelProto,
 ) -> list[int]:
     """K of every TopK node in graph order; raises if any K is not a constant."""
+    return [k for _, k in _topk_nodes(proto)]
+
+
+def _topk_nodes(
+    proto: onnx.ModelProto,
+) -> list[tuple[onnx.NodeProto, int]]:
     consts: dict[str, int] = {}
     for init in proto.graph.initializer:
         if init.dims in ([], [1]):
@@ -91,13 +107,13 @@ def topk_constants(
             value = next((a.t for a in node.attribute if a.name == "value"), None)
             if value is not None and list(value.dims) in ([], [1]):
                 consts[node.output[0]] = int(numpy_helper.to_array(value).reshape(-1)[0])
-    ks = []
+    found = []
     for node in proto.graph.node:
         if node.op_type == "TopK":
             if node.input[1] not in consts:
                 raise ExportError(f"TopK {node.name} has a computed K: the graph would not have static shapes")
-            ks.append(consts[node.input[1]])
-    return ks
+            found.append((node, consts[node.input[1]]))
+    return found
 
 
 def read_metadata(
@@ -105,3 +121,55 @@ def read_metadata(
 ) -> dict[str, str]:
     proto = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in proto.metadata_props}
+
+
+KEPT_OUTPUT_PREFIX = "colln_kept_L"
+
+
+def kept_index_nodes(
+    proto: onnx.ModelProto,
+    pruned_layers: Sequence[tuple[int, int]],
+) -> dict[int, list[str]]:
+    """The TopK index tensors that select the kept tokens, per pruning layer.
+
+    ``pruned_layers`` is ``(layer, k)`` of every layer that prunes, in order. A layer's selection
+    is one TopK of K=k, or two (K=k-r by [CLS], then r by Col-Ln) for the rescue metric; TopKs that
+    sort indices (spatial order) are skipped. Raises when the graph does not match the plan.
+    """
+    index_tensors: set[str] = set()
+    for node in proto.graph.node:
+        if node.op_type == "TopK":
+            index_tensors.add(node.output[1])
+        elif node.op_type == "Concat" and all(i in index_tensors for i in node.input):
+            index_tensors.add(node.output[0])
+    queue = iter([(n, k) for n, k in _topk_nodes(proto) if n.input[0] not in index_tensors])
+    found: dict[int, list[str]] = {}
+    for layer, k in pruned_layers:
+        names, total = [], 0
+        while total < k:
+            node, node_k = next(queue, (None, 0))
+            if node is None:
+                raise ExportError(f"the graph has fewer TopK nodes than the keep plan (layer {layer}, k={k})")
+            names.append(node.output[1])
+            total += node_k
+        if total != k:
+            raise ExportError(f"TopK sizes at layer {layer} sum to {total}, the keep plan says k={k}")
+        found[layer] = names
+    return found
+
+
+def with_kept_outputs(
+    proto: onnx.ModelProto,
+    pruned_layers: Sequence[tuple[int, int]],
+) -> onnx.ModelProto:
+    """A copy of ``proto`` that also outputs the kept candidate indices of every pruning layer, as
+    ``colln_kept_L<layer>_<j>`` (int64 [batch, k_j]; ``j`` counts TopKs within the layer). For
+    validation only: it lets ONNX Runtime report which tokens it really kept."""
+    debug = onnx.ModelProto()
+    debug.CopyFrom(proto)
+    for layer, names in kept_index_nodes(proto, pruned_layers).items():
+        for j, name in enumerate(names):
+            out = f"{KEPT_OUTPUT_PREFIX}{layer}_{j}"
+            debug.graph.node.append(onnx.helper.make_node("Identity", [name], [out], name=f"{out}_identity"))
+            debug.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.INT64, None))
+    return debug

@@ -45,6 +45,8 @@ def atomic_output(
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        # mkdtemp makes it 0700; an export is read by others (Triton containers, CI users).
+        tmp.chmod(0o755)
     except OSError as exc:
         raise UsageError(f"cannot write to {parent} ({exc.strerror}): choose a writable --out", stage="output") from exc
     try:

@@ -62,11 +62,12 @@ class TorchRunner(BaseRunner):
 
 
 def onnxruntime_runner(
-    onnx_path: Path,
+    onnx_path: Path | bytes,
     device: str = "cpu",
     threads: int | None = None,
 ):
-    """polygraphy's ``OnnxrtRunner`` over an ONNX Runtime session (CUDA when onnxruntime-gpu is installed)."""
+    """polygraphy's ``OnnxrtRunner`` over an ONNX Runtime session (CUDA when onnxruntime-gpu is installed).
+    ``onnx_path`` may also be a serialized model (validation runs an in-memory copy)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -83,7 +84,8 @@ def onnxruntime_runner(
         options.intra_op_num_threads = threads
 
     def session():
-        return ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+        model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+        return ort.InferenceSession(model, sess_options=options, providers=providers)
 
     return OnnxrtRunner(session, name=f"onnxruntime-{device}")
 

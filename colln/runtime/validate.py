@@ -1,0 +1,492 @@
+"""Validation: does a deployed backend compute what the pruned PyTorch model computes?
+
+The reference is the pruned PyTorch model rebuilt from the export's spec (fp32). The candidate is
+any runner (ONNX Runtime, TensorRT, PyTorch). Both run on the same preprocessed images through
+polygraphy's ``Comparator``; the unpruned PyTorch model runs beside them for the quality numbers.
+
+Why ties need care: a pruning layer keeps the top-k scores. When the k-th and (k+1)-th score are
+closer than float noise between backends, the two backends may keep different tokens, and from
+there on their activations legitimately differ (random-init ViTs are full of such near-ties). So:
+
+1. Where the candidate can say what it kept (ONNX Runtime through an in-memory copy of the graph
+   with the TopK indices as extra outputs; see :func:`colln.export.onnx.with_kept_outputs`), the
+   kept sets are compared layer by layer. At the first layer where they differ, the divergence is
+   *explained* when every token only one side kept has a PyTorch score within
+   ``tie_rtol * max(score)`` of PyTorch's k-th score (for ``colln`` and ``cls``; for ``correct``,
+   whose [CLS] stage is not scored in the record, when PyTorch's Col-Ln margin at k is within that
+   tolerance). An unexplained divergence is a mismatch. Images that diverged are left out of the
+   logit checks (their inputs to later blocks differ by construction) and counted in the report.
+2. Where it cannot (TensorRT, PyTorch), images whose smallest relative boundary margin at any
+   pruning layer is within ``tie_rtol`` are left out of the logit checks instead.
+
+On the images that remain ("judged"), per image: cosine similarity of the logits >= ``min_cosine``,
+max absolute error <= ``logit_rtol * max(1, max |reference logit|)``, and the same top-1 class
+unless PyTorch's own top-1/top-2 gap is within that error tolerance. Defaults (:data:`TOLERANCES`):
+
+    precision  min_cosine  logit_rtol  tie_rtol
+    fp32       0.9999      1e-3        1e-4
+    fp16       0.995       5e-2        1e-2
+
+fp32 backends differ from PyTorch by ~1e-6 relative, so fp32 limits leave ~100x headroom; the
+fp16 graph rounds activations to 11 bits, hence looser limits and a wider tie band. When no image
+can be judged (every image near-tied), validation passes with a warning saying so: the kept-set
+check of step 1 is then the only evidence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from torch import nn
+
+from colln.errors import ValidationFailedError
+from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, ExportSpec
+from colln.models import ops
+from colln.models.plan import KeepPlan
+from colln.models.rewrite import get_plan, record_selections
+from colln.runtime.runners import TorchRunner
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Pass/fail limits of a validation; see the module docstring for how each is applied."""
+
+    min_cosine: float
+    logit_rtol: float
+    tie_rtol: float
+
+
+TOLERANCES = {
+    "fp32": Tolerances(min_cosine=0.9999, logit_rtol=1e-3, tie_rtol=1e-4),
+    "fp16": Tolerances(min_cosine=0.995, logit_rtol=5e-2, tie_rtol=1e-2),
+}
+
+
+@dataclass(frozen=True)
+class ValImages:
+    """Preprocessed validation images ``[N, 3, H, W]`` float32, with labels when known."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    source: str
+
+
+def validation_images(
+    model_name: str,
+    model: nn.Module,
+    directory: Path | None = None,
+    limit: int | None = None,
+) -> ValImages:
+    """``directory``'s images, else the digits test split for ``digits_vit``, else the photos of
+    ``skimage.data``; preprocessed with ``model``'s data config."""
+    from colln.data import load_images, preprocess, skimage_photos
+    from colln.models import digits
+
+    labels = None
+    if directory is not None:
+        photos, source = load_images(Path(directory), limit), str(directory)
+    elif model_name == digits.NAME:
+        split = digits.load_split("test")
+        photos, labels, source = split.images[:limit], split.labels[:limit], "digits test split"
+    else:
+        photos, source = skimage_photos()[:limit], "skimage.data photos"
+    return ValImages(images=preprocess(photos, model).numpy(), labels=labels, source=source)
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """One pruning layer: PyTorch's boundary margins and, when observed, kept-set agreement."""
+
+    layer: int
+    k: int
+    min_margin: float
+    min_relative_margin: float
+    tied_images: int
+    compared_images: int | None = None
+    mean_overlap: float | None = None
+    identical_fraction: float | None = None
+    diverged_here: int | None = None
+    explained: int | None = None
+
+
+@dataclass
+class ValidationReport:
+    """What :func:`validate` found. ``passed`` is false when ``mismatches`` is not empty."""
+
+    backend: str
+    reference: str
+    precision: str
+    images: int
+    source: str
+    tolerances: Tolerances
+    kept_sets_observed: bool
+    judged_images: int
+    top1_agreement: float
+    top1_agreement_judged: float | None
+    max_abs_error: float
+    mean_abs_error: float
+    min_cosine: float
+    mean_cosine: float
+    min_cosine_judged: float | None
+    layers: list[LayerCheck]
+    unpruned_top1_agreement: dict[str, float]
+    accuracy: dict[str, float] | None
+    mismatches: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.mismatches
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["passed"] = self.passed
+        return _finite(out)
+
+    def raise_if_failed(
+        self,
+        where: Path | None = None,
+    ) -> None:
+        if self.passed:
+            return
+        more = f" (+{len(self.mismatches) - 1} more)" if len(self.mismatches) > 1 else ""
+        see = f"; details in {where}" if where is not None else ""
+        raise ValidationFailedError(f"{self.backend} disagrees with torch: {self.mismatches[0]}{more}{see}")
+
+
+def _finite(
+    value: object,
+) -> object:
+    """JSON has no inf/nan: they become None (an unpruned layer's margin is infinite)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+@dataclass(frozen=True)
+class _Reference:
+    logits: np.ndarray
+    unpruned: np.ndarray
+    kept: dict[int, np.ndarray]
+    scores: dict[int, np.ndarray]
+
+
+def pruned_layers(
+    plan: KeepPlan,
+) -> list[tuple[int, int]]:
+    """``(layer, k)`` of the layers that really prune (``k`` below the candidate count)."""
+    return [(i, k) for i, k in zip(plan.layers, plan.keep_counts) if k < plan.tokens_in[i] - plan.num_prefix]
+
+
+def kept_onnxruntime_runner(
+    onnx_path: Path,
+    plan: KeepPlan,
+    device: str = "cpu",
+) -> BaseRunner:
+    """ONNX Runtime on an in-memory copy of the graph that also outputs the kept indices."""
+    import onnx
+
+    from colln.export.onnx import MAX_SINGLE_FILE, with_kept_outputs
+    from colln.runtime.runners import onnxruntime_runner
+
+    proto = with_kept_outputs(onnx.load(str(onnx_path)), pruned_layers(plan))
+    if proto.ByteSize() > MAX_SINGLE_FILE:
+        # Over protobuf's 2 GB: cannot be serialized in memory; fall back to the margin rule.
+        return onnxruntime_runner(onnx_path, device=device)
+    return onnxruntime_runner(proto.SerializeToString(), device=device)
+
+
+def candidate_runner(
+    export_dir: Path,
+    backend: str,
+    plan: KeepPlan,
+    device: str = "cpu",
+) -> BaseRunner:
+    from colln.runtime.runners import load
+
+    if backend == "onnxruntime":
+        return kept_onnxruntime_runner(Path(export_dir) / ONNX_FILE, plan, device)
+    return load(export_dir, backend=backend, device=device)
+
+
+def validate_export(
+    export_dir: Path,
+    backend: str = "onnxruntime",
+    val_images: Path | None = None,
+    pruned: nn.Module | None = None,
+    unpruned: nn.Module | None = None,
+    device: str = "cpu",
+    batch: int = 32,
+) -> ValidationReport:
+    """Validate the ``backend`` of an export directory against its pruned PyTorch reference.
+    ``pruned`` / ``unpruned`` skip rebuilding the reference when the caller already has it."""
+    spec = ExportSpec.read(export_dir)
+    unpruned = unpruned if unpruned is not None else spec.load_unpruned()
+    pruned = pruned if pruned is not None else spec.prune(unpruned)
+    images = validation_images(spec.model, unpruned, val_images)
+    candidate = candidate_runner(export_dir, backend, get_plan(pruned), device)
+    return validate(pruned, unpruned, candidate, images, spec.precision, backend=backend, batch=batch)
+
+
+def validate(
+    pruned: nn.Module,
+    unpruned: nn.Module,
+    candidate: BaseRunner,
+    images: ValImages,
+    precision: str = "fp32",
+    backend: str | None = None,
+    batch: int = 32,
+) -> ValidationReport:
+    """Run ``candidate``, the pruned and the unpruned PyTorch model on ``images`` and compare."""
+    from colln.export.onnx import KEPT_OUTPUT_PREFIX
+
+    plan = get_plan(pruned)
+    shape = tuple(images.images.shape[1:])
+    feeds = [{INPUT_NAME: np.ascontiguousarray(images.images[i : i + batch])} for i in range(0, len(images.images), batch)]
+    ref_runner = TorchRunner(pruned, shape, name="torch")
+    base_runner = TorchRunner(unpruned, shape, name="torch-unpruned")
+    with record_selections(pruned) as selections:
+        results = _run_all([ref_runner, base_runner, candidate], feeds)
+    layers = pruned_layers(plan)
+    kept: dict[int, list[torch.Tensor]] = {}
+    scores: dict[int, list[torch.Tensor]] = {}
+    for s in selections:
+        kept.setdefault(s.layer, []).append(s.indices)
+        scores.setdefault(s.layer, []).append(s.scores)
+    ref = _Reference(
+        logits=results[ref_runner.name][OUTPUT_NAME],
+        unpruned=results[base_runner.name][OUTPUT_NAME],
+        kept={i: torch.cat(kept[i]).numpy() for i, _ in layers},
+        scores={i: torch.cat(scores[i]).float().numpy() for i, _ in layers},
+    )
+    outs = results[candidate.name]
+    cand_kept = {
+        i: np.concatenate([outs[name] for name in sorted(outs) if name.startswith(f"{KEPT_OUTPUT_PREFIX}{i}_")], axis=1)
+        for i, _ in layers
+        if f"{KEPT_OUTPUT_PREFIX}{i}_0" in outs
+    }
+    return compare(
+        ref,
+        outs[OUTPUT_NAME].astype(np.float32),
+        cand_kept if len(cand_kept) == len(layers) else None,
+        layers,
+        metric=plan.metric,
+        fuse=plan.fuse,
+        tolerances=TOLERANCES[precision],
+        labels=images.labels,
+        backend=backend or candidate.name,
+        precision=precision,
+        source=images.source,
+    )
+
+
+def _run_all(
+    runners: Sequence[BaseRunner],
+    feeds: list[dict[str, np.ndarray]],
+) -> dict[str, dict[str, np.ndarray]]:
+    """polygraphy's Comparator runs every runner on the same feeds; outputs concatenated per runner."""
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        results = Comparator.run(list(runners), data_loader=feeds)
+    merged = {}
+    for name, iterations in results.items():
+        merged[name] = {out: np.concatenate([np.asarray(it[out]) for it in iterations]) for out in iterations[0].keys()}
+    return merged
+
+
+def compare(
+    ref: _Reference,
+    logits: np.ndarray,
+    cand_kept: dict[int, np.ndarray] | None,
+    layers: Sequence[tuple[int, int]],
+    metric: str,
+    fuse: bool,
+    tolerances: Tolerances,
+    labels: np.ndarray | None,
+    backend: str,
+    precision: str,
+    source: str,
+) -> ValidationReport:
+    """Judge a candidate's logits (and kept sets, when observed) against the PyTorch reference.
+
+    Kept indices point into each layer's candidates, whose order is the previous layer's score
+    order; near-tied scores can reorder them without changing the set. So both sides' picks are
+    mapped back to patch ids (the fused token gets id ``-1 - layer``) before sets are compared."""
+    n = len(logits)
+    tol = tolerances
+    mismatches: list[str] = []
+    warnings: list[str] = []
+    rel_margins = {}
+    checks = []
+    for i, k in layers:
+        s = torch.from_numpy(ref.scores[i])
+        margin = ops.boundary_margin(s, k).numpy()
+        rel_margins[i] = margin / np.maximum(s.abs().amax(dim=-1).numpy(), 1e-30)
+        checks.append(
+            LayerCheck(
+                layer=i,
+                k=k,
+                min_margin=float(margin.min()),
+                min_relative_margin=float(rel_margins[i].min()),
+                tied_images=int((rel_margins[i] <= tol.tie_rtol).sum()),
+            )
+        )
+    if cand_kept is not None:
+        judged = np.ones(n, dtype=bool)
+        ids = {side: np.tile(np.arange(ref.scores[layers[0][0]].shape[1]), (n, 1)) for side in ("torch", "cand")} if layers else {}
+        for c, (i, k) in enumerate(layers):
+            picked = {
+                "torch": np.take_along_axis(ids["torch"], ref.kept[i], axis=1),
+                "cand": np.take_along_axis(ids["cand"], cand_kept[i].astype(np.int64), axis=1),
+            }
+            checks[c] = _kept_check(checks[c], ref, ids["torch"], picked, judged, rel_margins[i], metric, tol, mismatches)
+            fused = np.full((n, 1), -1 - i) if fuse else np.zeros((n, 0), dtype=np.int64)
+            ids = {side: np.concatenate([picked[side], fused], axis=1) for side in ids}
+        diverged = int((~judged).sum())
+        if diverged:
+            warnings.append(
+                f"{diverged} of {n} images kept a different token set on a near-tie (within tie_rtol {tol.tie_rtol:g}); "
+                "left out of the logit checks"
+            )
+    else:
+        judged = np.all([rel_margins[i] > tol.tie_rtol for i, _ in layers], axis=0) if layers else np.ones(n, dtype=bool)
+        if not judged.all():
+            warnings.append(
+                f"{int((~judged).sum())} of {n} images have a near-tied selection (relative margin <= {tol.tie_rtol:g}) "
+                f"and {backend} cannot report its kept tokens; left out of the logit checks"
+            )
+    err = np.abs(logits - ref.logits)
+    cos = _cosine(logits, ref.logits)
+    limit = tol.logit_rtol * np.maximum(1.0, np.abs(ref.logits).max(axis=1))
+    top1 = logits.argmax(1) == ref.logits.argmax(1)
+    top2 = np.sort(ref.logits, axis=1)[:, -2:] if ref.logits.shape[1] > 1 else np.zeros((n, 2))
+    clear_top1 = (top2[:, 1] - top2[:, 0]) > limit
+    _collect(mismatches, judged & (cos < tol.min_cosine), cos, f"cosine similarity below {tol.min_cosine:g}", low=True)
+    _collect(mismatches, judged & (err.max(axis=1) > limit), err.max(axis=1), "max |logit error| above the tolerance")
+    _collect(mismatches, judged & clear_top1 & ~top1, top2[:, 1] - top2[:, 0], "different top-1 class despite a clear top-2 gap")
+    if not judged.any():
+        warnings.append("no image could be judged end to end (every selection is near-tied: random weights?)")
+    agree = {"torch": _agreement(ref.logits, ref.unpruned), backend: _agreement(logits, ref.unpruned)}
+    accuracy = None
+    if labels is not None:
+        accuracy = {
+            "unpruned": float((ref.unpruned.argmax(1) == labels).mean()),
+            "torch": float((ref.logits.argmax(1) == labels).mean()),
+            backend: float((logits.argmax(1) == labels).mean()),
+        }
+    return ValidationReport(
+        backend=backend,
+        reference="torch",
+        precision=precision,
+        images=n,
+        source=source,
+        tolerances=tol,
+        kept_sets_observed=cand_kept is not None,
+        judged_images=int(judged.sum()),
+        top1_agreement=float(top1.mean()),
+        top1_agreement_judged=float(top1[judged].mean()) if judged.any() else None,
+        max_abs_error=float(err.max()),
+        mean_abs_error=float(err.mean()),
+        min_cosine=float(cos.min()),
+        mean_cosine=float(cos.mean()),
+        min_cosine_judged=float(cos[judged].min()) if judged.any() else None,
+        layers=checks,
+        unpruned_top1_agreement=agree,
+        accuracy=accuracy,
+        mismatches=mismatches,
+        warnings=warnings,
+    )
+
+
+def _kept_check(
+    check: LayerCheck,
+    ref: _Reference,
+    ref_ids: np.ndarray,
+    picked: dict[str, np.ndarray],
+    judged: np.ndarray,
+    rel_margin: np.ndarray,
+    metric: str,
+    tol: Tolerances,
+    mismatches: list[str],
+) -> LayerCheck:
+    """Compare kept sets on the images whose earlier layers agreed; a divergence here is explained
+    when the tokens only one side kept are all within the tie band of PyTorch's k-th score.
+    Updates ``judged`` (diverged images drop out)."""
+    i, k = check.layer, check.k
+    compared = np.flatnonzero(judged)
+    overlaps, diverged, explained, worst = [], 0, 0, []
+    for b in compared:
+        t, c = set(picked["torch"][b].tolist()), set(picked["cand"][b].tolist())
+        overlaps.append(len(t & c) / k)
+        if t == c:
+            continue
+        diverged += 1
+        judged[b] = False
+        s = ref.scores[i][b]
+        kth = np.sort(s)[::-1][k - 1]
+        band = tol.tie_rtol * np.abs(s).max()
+        if metric == "correct":
+            ok, gap = rel_margin[b] <= tol.tie_rtol, float(rel_margin[b])
+        else:
+            differ = np.isin(ref_ids[b], list(t ^ c))
+            gap = float(max(np.abs(s[differ] - kth).max() - band, 0.0) / max(np.abs(s).max(), 1e-30))
+            ok = gap == 0.0
+        explained += ok
+        if not ok:
+            worst.append((gap, int(b)))
+    if worst:
+        gap, b = max(worst)
+        mismatches.append(
+            f"layer {i}: {len(worst)} image(s) kept tokens outside PyTorch's tie band (worst: image {b}, "
+            f"{gap:.2g} of the top score beyond it)"
+        )
+    return LayerCheck(
+        **{
+            **asdict(check),
+            "compared_images": len(compared),
+            "mean_overlap": float(np.mean(overlaps)) if overlaps else None,
+            "identical_fraction": float(1 - diverged / len(compared)) if len(compared) else None,
+            "diverged_here": diverged,
+            "explained": explained,
+        }
+    )
+
+
+def _collect(
+    mismatches: list[str],
+    bad: np.ndarray,
+    values: np.ndarray,
+    what: str,
+    low: bool = False,
+) -> None:
+    idx = np.flatnonzero(bad)
+    if len(idx):
+        worst = idx[np.argmin(values[idx])] if low else idx[np.argmax(values[idx])]
+        mismatches.append(f"{len(idx)} image(s) with {what} (worst: image {worst}, {values[worst]:.6g})")
+
+
+def _cosine(
+    a: np.ndarray,
+    b: np.ndarray,
+) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    return np.where(den > 0, (a64 * b64).sum(1) / np.maximum(den, 1e-300), 1.0)
+
+
+def _agreement(
+    a: np.ndarray,
+    b: np.ndarray,
+) -> float:
+    return float((a.argmax(1) == b.argmax(1)).mean())
