@@ -1,0 +1,255 @@
+"""colln-serve on a real Triton server (PyTriton's bundled one), driven by tritonclient over loopback.
+
+One server for the module serves two exports: the digits_vit export and ``broken`` (a real ONNX
+graph whose Reshape is fixed to batch 1, so any larger batch fails inside ONNX Runtime: an
+exception inside inference, without mocks). It is stopped with SIGTERM by the last test.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tritonclient.http as httpclient
+from onnx import TensorProto, helper, numpy_helper
+from tritonclient.utils import InferenceServerException
+
+from colln.runtime.serve import main
+from serving_helpers import HOST, digit_images, export_dir, free_ports, launch, stop, wait_ready  # noqa: F401
+
+MAX_BATCH = 8
+LOAD_REQUESTS = 2000
+LOAD_CONCURRENCY = 16
+LOAD_DEADLINE_S = 90.0
+
+
+def write_broken_export(
+    export_dir: Path,
+    directory: Path,
+) -> Path:
+    """A copy of ``export_dir`` whose model.onnx reshapes to a fixed batch of 1: batch 2 fails at run time."""
+    shutil.copytree(export_dir, directory)
+    images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    shape = numpy_helper.from_array(np.array([1, 3 * 32 * 32], dtype=np.int64), "shape")
+    weight = numpy_helper.from_array(np.ones((3 * 32 * 32, 10), dtype=np.float32), "weight")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["images", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "weight"], ["logits"])],
+        "broken",
+        [images],
+        [logits],
+        [shape, weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), directory / "model.onnx")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(export_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+    broken = write_broken_export(export_dir, tmp_path_factory.mktemp("broken") / "broken")
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path_factory.mktemp("log") / "serve.log"
+    argv = [
+        str(Path(sys.executable).with_name("colln-serve")),
+        str(export_dir),
+        str(broken),
+        "--http-port", str(http),
+        "--grpc-port", str(grpc),
+        "--metrics-port", str(metrics),
+        "--max-batch", str(MAX_BATCH),
+    ]  # fmt: skip
+    proc = launch(argv, log)
+    try:
+        wait_ready(proc, f"{HOST}:{http}")
+    except Exception:
+        stop(proc)
+        pytest.fail(f"colln-serve did not become ready:\n{log.read_text()[-3000:]}")
+    yield {"proc": proc, "url": f"{HOST}:{http}", "ports": (http, grpc, metrics), "log": log, "model": export_dir.name}
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server: dict) -> httpclient.InferenceServerClient:
+    return httpclient.InferenceServerClient(server["url"])
+
+
+@pytest.fixture(scope="module")
+def reference(export_dir: Path) -> tuple[np.ndarray, np.ndarray]:  # noqa: F811
+    """64 digits and their logits from ONNX Runtime on the export's model.onnx, one batch."""
+    images = digit_images(64)
+    session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    return images, session.run(["logits"], {"images": images})[0]
+
+
+def infer(
+    client: httpclient.InferenceServerClient,
+    model: str,
+    images: np.ndarray,
+    datatype: str = "FP32",
+) -> np.ndarray:
+    tensor = httpclient.InferInput("images", list(images.shape), datatype)
+    tensor.set_data_from_numpy(images)
+    return client.infer(model, [tensor]).as_numpy("logits")
+
+
+def assert_still_serving(
+    client: httpclient.InferenceServerClient,
+    model: str,
+    reference: tuple[np.ndarray, np.ndarray],
+) -> None:
+    images, logits = reference
+    assert client.is_server_ready() and client.is_model_ready(model)
+    np.testing.assert_allclose(infer(client, model, images[:2]), logits[:2], rtol=1e-4, atol=1e-5)
+
+
+def test_health_ready_metadata_and_metrics(server: dict, client: httpclient.InferenceServerClient) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(server["model"]) and client.is_model_ready("broken")
+    meta = client.get_model_metadata(server["model"])
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [("images", "FP32", [-1, 3, 32, 32])]
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == [("logits", "FP32", [-1, 10])]
+    assert client.get_model_config(server["model"])["max_batch_size"] == MAX_BATCH
+    metrics = urllib.request.urlopen(f"http://{HOST}:{server['ports'][2]}/metrics", timeout=10).read().decode()
+    assert f'nv_inference_request_success{{model="{server["model"]}",version="1"}}' in metrics
+
+
+def test_results_equal_onnxruntime(server: dict, client: httpclient.InferenceServerClient, reference: tuple) -> None:
+    images, logits = reference
+    start = 0
+    for size in (1, 3, MAX_BATCH, 5):
+        served = infer(client, server["model"], images[start : start + size])
+        assert served.shape == (size, 10) and served.dtype == np.float32
+        np.testing.assert_allclose(served, logits[start : start + size], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(served.argmax(1), logits[start : start + size].argmax(1))
+        start += size
+
+
+@pytest.mark.parametrize(
+    ("images", "datatype", "status", "message"),
+    [
+        (np.zeros((2, 3, 16, 32), np.float32), "FP32", 400, "unexpected shape for input 'images'"),
+        (np.zeros((2, 3, 32, 32), np.float64), "FP64", 400, "data-type is 'FP64', but model"),
+        (np.zeros((MAX_BATCH + 1, 3, 32, 32), np.float32), "FP32", 400, f"batch-size must be <= {MAX_BATCH}"),
+        (np.full((1, 3, 32, 32), np.nan, np.float32), "FP32", 400, "images contains NaN or Inf"),
+        (np.pad(np.zeros((1, 3, 32, 31), np.float32), ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=np.inf), "FP32", 400, "NaN or Inf"),
+    ],
+    ids=["shape", "dtype", "batch-too-large", "nan", "inf"],
+)
+def test_bad_tensors_get_4xx_and_server_stays_ready(
+    server: dict,
+    client: httpclient.InferenceServerClient,
+    reference: tuple,
+    images: np.ndarray,
+    datatype: str,
+    status: int,
+    message: str,
+) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, server["model"], images, datatype)
+    assert info.value.status() == str(status)
+    assert message in info.value.message()
+    assert_still_serving(client, server["model"], reference)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json at all", b'{"inputs": [{"name": "images", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [1, 2]}]}'],
+    ids=["unparsable", "data-does-not-match-shape"],
+)
+def test_malformed_bodies_get_an_error_and_server_stays_ready(server: dict, client, reference: tuple, body: bytes) -> None:
+    request = urllib.request.Request(f"http://{server['url']}/v2/models/{server['model']}/infer", data=body, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    assert 400 <= info.value.code < 600
+    assert "parse" in info.value.read().decode()
+    assert_still_serving(client, server["model"], reference)
+
+
+def test_nan_request_does_not_fail_its_batch_mates(server: dict, reference: tuple) -> None:
+    images, logits = reference
+    bad = np.full((1, 3, 32, 32), np.nan, np.float32)
+
+    def send(index: int):
+        worker = httpclient.InferenceServerClient(server["url"])
+        try:
+            return infer(worker, server["model"], bad if index % 2 else images[index : index + 1])
+        except InferenceServerException as exc:
+            return exc
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(send, range(32)))
+    for index, result in enumerate(results):
+        if index % 2:
+            assert isinstance(result, InferenceServerException) and "NaN or Inf" in result.message()
+        else:
+            np.testing.assert_allclose(result, logits[index : index + 1], rtol=1e-4, atol=1e-5)
+
+
+def test_exception_inside_inference_is_a_clean_500(server: dict, client, reference: tuple) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, "broken", np.zeros((2, 3, 32, 32), np.float32))
+    message = info.value.message()
+    assert info.value.status() == "500"
+    assert "inference failed" in message and "server log" in message
+    for leak in ("Traceback", "File ", "/", ".py"):
+        assert leak not in message, f"error leaks {leak!r}: {message}"
+    # The failed model is still loaded and answers what it can; the other model is unaffected.
+    assert infer(client, "broken", np.ones((1, 3, 32, 32), np.float32)).tolist() == [[3072.0] * 10]
+    assert_still_serving(client, server["model"], reference)
+
+
+def test_load_loopback_2000_requests(server: dict, reference: tuple) -> None:
+    """Bounded load: LOAD_REQUESTS single-image requests from LOAD_CONCURRENCY threads, 0 errors."""
+    images, logits = reference
+    deadline = time.monotonic() + LOAD_DEADLINE_S
+
+    def worker(first: int) -> list[float]:
+        client = httpclient.InferenceServerClient(server["url"])
+        latencies = []
+        for n in range(first, LOAD_REQUESTS, LOAD_CONCURRENCY):
+            if time.monotonic() > deadline:
+                break
+            i = n % len(images)
+            start = time.perf_counter()
+            served = infer(client, server["model"], images[i : i + 1])
+            latencies.append(time.perf_counter() - start)
+            np.testing.assert_allclose(served, logits[i : i + 1], rtol=1e-4, atol=1e-5)
+        return latencies
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(LOAD_CONCURRENCY) as pool:
+        latencies = np.concatenate([f.result() for f in [pool.submit(worker, k) for k in range(LOAD_CONCURRENCY)]])
+    wall = time.perf_counter() - start
+    p50, p99 = np.percentile(latencies * 1e3, [50, 99])
+    print(
+        f"\ncolln-serve load: {len(latencies)} requests, concurrency {LOAD_CONCURRENCY}, batch 1, 0 errors: "
+        f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, {len(latencies) / wall:.0f} req/s ({wall:.1f} s)"
+    )
+    assert len(latencies) == LOAD_REQUESTS, f"only {len(latencies)} requests within {LOAD_DEADLINE_S:.0f}s"
+
+
+def test_startup_errors_are_one_line(export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("colln: error: export-dir:")
+    assert main([str(export_dir), "--backend", "tensorrt"]) == 2
+    assert "no model.plan for --backend tensorrt" in capsys.readouterr().err
+
+
+def test_sigterm_stops_server_cleanly(server: dict) -> None:
+    """Last in the module: stop the shared server as `docker stop` would."""
+    assert stop(server["proc"], signal.SIGTERM) == 0
+    assert "colln-serve: stopped" in server["log"].read_text()
+    for port in server["ports"]:
+        with pytest.raises(ConnectionRefusedError):  # nothing listens any more: Triton exited too
+            socket.create_connection((HOST, port), timeout=5).close()
