@@ -156,11 +156,12 @@ def _same_graph(
     return replace(a, weights=None, metric="colln") == replace(b, weights=None, metric="colln")
 
 
-def _runner(
+def export_runner(
     export_dir: Path,
     backend: str,
     threads: int,
 ) -> BaseRunner:
+    """A runner for an export with ``threads`` intra-op threads pinned (0 = the backend's default)."""
     from colln.runtime.runners import load
 
     if backend == "torch" and threads:
@@ -192,7 +193,7 @@ def bench_export(
     base_dir = unpruned_export(export_dir, cache)
     load_before = os.getloadavg()
     results: dict[str, dict] = {}
-    with _runner(base_dir, backend, threads) as unpruned, _runner(export_dir, backend, threads) as pruned:
+    with export_runner(base_dir, backend, threads) as unpruned, export_runner(export_dir, backend, threads) as pruned:
         chw = tuple(pruned.get_input_metadata()[INPUT_NAME].shape[1:])
         rng = np.random.default_rng(0)
         for b in batches:

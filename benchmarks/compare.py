@@ -1,0 +1,48 @@
+"""Time several exports against each other in one run, interleaved round by round.
+
+    python benchmarks/compare.py REF_EXPORT OTHER_EXPORT [...] [--batch 1,8] [--rounds 40] [--threads 1] [--backend onnxruntime]
+
+For each batch size: every export's p50 latency and its paired speedup over the first one (median
+of per-round ratios, with the interquartile range). Used to decide between formulations (ops.py
+variants, [CLS] vs Col-Ln at one plan, round_to) on a noisy machine: only ratios are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from colln.cli import parse_ints
+from colln.export.spec import INPUT_NAME
+from colln.runtime.bench import export_runner, interleaved_times, paired_speedup
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("exports", nargs="+", type=Path)
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backend", default="onnxruntime")
+    args = p.parse_args(argv)
+    names = [d.name for d in args.exports]
+    with contextlib.ExitStack() as stack:
+        runners = {n: stack.enter_context(export_runner(d, args.backend, args.threads)) for n, d in zip(names, args.exports)}
+        chw = tuple(runners[names[0]].get_input_metadata()[INPUT_NAME].shape[1:])
+        for b in parse_ints(args.batch, "--batch"):
+            feed = {INPUT_NAME: np.random.default_rng(0).standard_normal((b, *chw), dtype=np.float32)}
+            times = interleaved_times(runners, feed, args.rounds, args.warmup)
+            print(f"batch {b}, {args.backend}, threads {args.threads}, {args.rounds} interleaved rounds:")
+            for n in names:
+                ratio, lo, hi = paired_speedup(times[names[0]], times[n])
+                print(f"  {n:>40}: p50 {np.median(times[n]) * 1e3:9.2f} ms  {ratio:.3f}x vs {names[0]} (IQR {lo:.3f}-{hi:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
