@@ -75,15 +75,36 @@ def test_tensorrt_needs_a_plan(export_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "repo" / export_dir.name).exists()
 
 
+def test_tensorrt_plan_must_cover_the_batches_and_be_full_tensorrt(export_dir: Path, tmp_path: Path) -> None:
+    """A real plan from this machine's builder (TensorRT-RTX, no GPU needed), batches 1..4."""
+    pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX (colln[trt-rtx]) to build a plan without a GPU")
+    from colln.export.tensorrt import build_engine
+
+    export = tmp_path / "export"
+    shutil.copytree(export_dir, export)
+    build_engine(export, batch_min=1, batch_opt=2, batch_max=4)
+
+    with pytest.raises(CollnError, match=r"accepts batches 1\.\.4 but Triton needs 1\.\.8: pass --max-batch 4"):
+        write_model_repository(export, tmp_path / "repo", backend="tensorrt", max_batch=8)
+    with pytest.raises(CollnError, match="built with TensorRT-RTX"):
+        write_model_repository(export, tmp_path / "repo", backend="tensorrt", max_batch=4)
+    assert not (tmp_path / "repo").exists()
+
+
 @pytest.mark.gpu
 def test_tensorrt_repository_uses_the_plan(export_dir: Path, tmp_path: Path) -> None:
-    if not (export_dir / "model.plan").is_file():
-        pytest.skip("no model.plan: building one needs full TensorRT on an NVIDIA GPU")
-    model_dir = write_model_repository(export_dir, tmp_path / "repo", backend="tensorrt")
+    pytest.importorskip("tensorrt", reason="needs full TensorRT (colln[trt]) on an NVIDIA GPU")
+    from colln.export.tensorrt import build_engine
+
+    export = tmp_path / "export"
+    shutil.copytree(export_dir, export)
+    build_engine(export, batch_min=1, batch_opt=8, batch_max=16)
+    model_dir = write_model_repository(export, tmp_path / "repo", backend="tensorrt", max_batch=16)
+
     config = parse_config(model_dir / "config.pbtxt")
-    assert config.platform == "tensorrt_plan"
+    assert (config.platform, config.max_batch_size) == ("tensorrt_plan", 16)
     assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
-    assert (model_dir / "1" / "model.plan").read_bytes() == (export_dir / "model.plan").read_bytes()
+    assert (model_dir / "1" / "model.plan").read_bytes() == (export / "model.plan").read_bytes()
 
 
 @pytest.mark.parametrize(

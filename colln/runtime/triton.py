@@ -21,8 +21,7 @@ from colln.cli import ArgumentParser, run_main
 from colln.errors import CollnError, UsageError
 from colln.export.pipeline import atomic_output
 from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, ExportSpec
-
-PLAN_FILE = "model.plan"
+from colln.export.tensorrt import PLAN_FILE, read_plan_metadata
 # backend choice -> (Triton platform, model file in the version directory, default instance kind)
 PLATFORMS = {
     # KIND_AUTO: on a GPU when the server has one (CUDA execution provider), else on CPU.
@@ -132,8 +131,10 @@ def write_model_repository(
     platform, model_file, kind = PLATFORMS[backend]
     source = export_dir / model_file
     if not source.is_file():
-        hint = "build it with colln-export --trt on a GPU machine" if backend == "tensorrt" else "re-run colln-export"
+        hint = f"build it with colln-build {export_dir}" if backend == "tensorrt" else "re-run colln-export"
         raise TritonRepoError(f"{export_dir} has no {model_file} for the {backend} backend: {hint}")
+    if backend == "tensorrt":
+        check_plan_for_triton(export_dir, max_batch)
     name = name or model_name(export_dir)
     if _NAME_OK.search(name):
         raise UsageError(f"Triton model name {name!r} may only hold letters, digits, '.', '_' and '-'")
@@ -145,6 +146,27 @@ def write_model_repository(
         (tmp / "1").mkdir()
         shutil.copy2(source, tmp / "1" / model_file)
     return target
+
+
+def check_plan_for_triton(
+    export_dir: Path,
+    max_batch: int,
+) -> None:
+    """Refuse a plan Triton's tensorrt backend would reject at load time: a profile that does not
+    cover batches 1..max_batch (the dynamic batcher sends any size in that range), or a
+    TensorRT-RTX plan (the backend links full TensorRT)."""
+    meta = read_plan_metadata(export_dir)
+    low, high = meta["profile"]["min"][0], meta["profile"]["max"][0]
+    if low != 1 or high < max_batch:
+        raise TritonRepoError(
+            f"model.plan accepts batches {low}..{high} but Triton needs 1..{max_batch}: "
+            f"pass --max-batch {high if low == 1 else 1} or rebuild with colln-build --batch-min 1 --batch-max {max_batch}"
+        )
+    if meta["tensorrt"]["flavour"] != "tensorrt":
+        raise TritonRepoError(
+            "model.plan was built with TensorRT-RTX; Triton's tensorrt backend loads full TensorRT plans only: "
+            "rebuild it with full TensorRT on the serving GPU (the GPU image does this when it starts)"
+        )
 
 
 def build_parser() -> ArgumentParser:
