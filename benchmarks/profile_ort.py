@@ -4,7 +4,9 @@
 
 Each export is profiled in its own session (profiling perturbs timing, so compare the shares, not
 the milliseconds, and never mix these runs into colln-bench numbers). The table groups node time
-by op type and adds the share of the ops that token pruning brings (score, top-k, gather).
+by op type, then attributes node time to the token selection in the graph ORT actually ran (its
+optimised model): ``score`` = the nodes from the head-mean ReduceMean to each TopK, ``topk``,
+``gather`` = the nodes from TopK to the gathered tokens' Concat.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from colln.export.spec import INPUT_NAME, ONNX_FILE
 
-# Ops that only the pruning blocks add (the rest of a ViT graph is MatMul, Softmax, norms, GELU).
-PRUNING_OPS = ("ReduceMean", "Pow", "ReduceSum", "TopK", "GatherElements", "Gather", "Expand", "Unsqueeze", "Concat", "ScatterElements")
+SELECTION_PARTS = ("score", "topk", "gather")
+# Where the gathered tokens rejoin the model (Concat with the prefix; the guards stop a walk that
+# missed it from attributing the rest of the model to the gather).
+GATHER_ENDS = ("Concat", "LayerNormalization", "SkipLayerNormalization", "MatMul")
 
 
 def profile(
@@ -31,27 +36,74 @@ def profile(
     runs: int,
     threads: int,
 ) -> dict[str, float]:
-    """Mean microseconds per inference, by op type, over ``runs`` profiled runs after one warm-up."""
+    """Mean microseconds per inference by op type, plus ``selection:<part>`` totals (see module doc),
+    over ``runs`` profiled runs after one warm-up."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "ort")
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         session = ort.InferenceSession(str(Path(export_dir) / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        parts = selection_nodes(onnx.load(options.optimized_model_filepath, load_external_data=False).graph)
         shape = session.get_inputs()[0].shape[1:]
         feed = {INPUT_NAME: np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)}
         session.run(None, feed)
         for _ in range(runs):
             session.run(None, feed)
         trace = json.loads(Path(session.end_profiling()).read_text())
-    by_op: dict[str, float] = collections.defaultdict(float)
-    model_runs = [e for e in trace if e.get("name") == "model_run"]
+    totals: dict[str, float] = collections.defaultdict(float)
     for event in trace:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            by_op[event["args"]["op_name"]] += event["dur"]
-    # The first model_run is the warm-up: drop its share proportionally.
-    total_runs = len(model_runs)
-    return {op: us / total_runs for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])}
+            totals[event["args"]["op_name"]] += event["dur"]
+            part = parts.get(event["name"].removesuffix("_kernel_time"))
+            if part:
+                totals[f"selection:{part}"] += event["dur"]
+    n = runs + 1  # the warm-up run is profiled too
+    return {key: us / n for key, us in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def selection_nodes(graph: onnx.GraphProto) -> dict[str, str]:
+    """Node name -> ``score`` / ``topk`` / ``gather`` for the token selection of every pruning block."""
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+
+    def ancestors(node: onnx.NodeProto, stop: str) -> list[onnx.NodeProto]:
+        seen, stack, found = set(), [node], []
+        while stack:
+            cur = stack.pop()
+            for name in cur.input:
+                up = producer.get(name)
+                if up is not None and up.name not in seen:
+                    seen.add(up.name)
+                    found.append(up)
+                    if up.op_type != stop:
+                        stack.append(up)
+        return found
+
+    parts: dict[str, str] = {}
+    for topk in (n for n in graph.node if n.op_type == "TopK"):
+        parts[topk.name] = "topk"
+        # Score: walk up from TopK to the head-mean ReduceMean (stopping at Softmax, i.e. the attention).
+        chain = ancestors(topk, stop="Softmax")
+        if any(n.op_type == "ReduceMean" for n in chain):
+            for n in chain:
+                if n.op_type not in ("Softmax", "Constant") and n.input:
+                    parts.setdefault(n.name, "score")
+        # Gather: walk down from the indices to the Concat that rebuilds the token sequence.
+        stack = list(consumers[topk.output[1]])
+        while stack:
+            cur = stack.pop()
+            if cur.name in parts:
+                continue
+            parts[cur.name] = "gather"
+            if cur.op_type not in GATHER_ENDS:
+                for out in cur.output:
+                    stack.extend(consumers[out])
+    return parts
 
 
 def markdown(
@@ -59,7 +111,8 @@ def markdown(
     batch: int,
     threads: int,
 ) -> str:
-    ops = sorted({op for r in results.values() for op in r}, key=lambda op: -max(r.get(op, 0.0) for r in results.values()))
+    keys = sorted({op for r in results.values() for op in r}, key=lambda op: -max(r.get(op, 0.0) for r in results.values()))
+    ops = [k for k in keys if not k.startswith("selection:")] + [f"selection:{p}" for p in SELECTION_PARTS]
     names = list(results)
     lines = [
         f"ORT CPU profile, batch {batch}, intra-op threads {threads}, ms per inference (share of node time)",
@@ -67,13 +120,11 @@ def markdown(
         "| op | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]
-    totals = {n: sum(results[n].values()) for n in names}
+    totals = {n: sum(v for k, v in results[n].items() if not k.startswith("selection:")) for n in names}
     for op in ops:
         cells = [f"{results[n].get(op, 0.0) / 1e3:.2f} ({results[n].get(op, 0.0) / totals[n]:.1%})" for n in names]
         lines.append(f"| {op} | " + " | ".join(cells) + " |")
-    lines.append("| **total** | " + " | ".join(f"{totals[n] / 1e3:.2f}" for n in names) + " |")
-    pruning = [sum(results[n].get(op, 0.0) for op in PRUNING_OPS) for n in names]
-    lines.append("| pruning ops | " + " | ".join(f"{p / 1e3:.2f} ({p / totals[n]:.1%})" for p, n in zip(pruning, names)) + " |")
+    lines.insert(4 + len(ops) - len(SELECTION_PARTS), "| **total** | " + " | ".join(f"{totals[n] / 1e3:.2f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 

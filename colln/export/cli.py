@@ -33,6 +33,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--rescue", type=float, default=0.2, help="rescue ratio c for --metric correct (default 0.2)")
     p.add_argument("--fuse", action="store_true", help="fuse the pruned tokens into one extra token (EViT)")
     p.add_argument("--spatial-order", action="store_true", help="keep the kept tokens in spatial order (default: score order)")
+    p.add_argument("--round-to", type=int, default=1, help="round keep counts up to a multiple of this, e.g. 8 (default 1: exact ceil(keep * N))")
     p.add_argument("--weights", default=None, help="pretrained | random | PATH (default: bundled for digits_vit, pretrained otherwise)")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 17..22 (default {DEFAULT_OPSET}: TensorRT 10/11 parse it)")
@@ -72,6 +73,7 @@ def spec_from_args(
         rescue=args.rescue,
         fuse=args.fuse,
         spatial_order=args.spatial_order,
+        round_to=args.round_to,
         precision=args.precision,
         opset=args.opset,
     )
