@@ -172,3 +172,16 @@ def test_bad_arguments_exit_2(export_dir: Path, capsys: pytest.CaptureFixture) -
     assert main([str(export_dir), "--tolerance", "1.5"]) == 2
     assert main([str(export_dir.parent / "missing")]) == 2
     assert "colln: error:" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_tensorrt_bench_builds_the_unpruned_engine(export_dir: Path, tmp_path: Path) -> None:
+    from colln.export.tensorrt import build_engine, gpu_info
+
+    if gpu_info() is None:
+        pytest.skip("needs an NVIDIA GPU: TensorRT plans run only on a GPU")
+    build_engine(export_dir, batch_min=1, batch_opt=2, batch_max=4)
+    assert main([str(export_dir), "--backend", "tensorrt", "--batch", "1,4", "--rounds", "5", "--json", str(tmp_path / "t.json")]) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert (Path(data["unpruned_export"]) / "model.plan").is_file()
+    assert set(data["batches"]) == {"1", "4"} and all(r["speedup"] > 0 for r in data["batches"].values())

@@ -1,0 +1,47 @@
+"""Markdown results table from colln-bench JSON reports (``--json``), for benchmarks/README.md.
+
+    python benchmarks/table.py benchmarks/results/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def rows(report: dict) -> list[str]:
+    spec, env = report["spec"], report["environment"]
+    keep = spec["keep"] if not isinstance(spec["keep"], list) else ",".join(str(k) for k in spec["keep"])
+    layers = ",".join(str(i) for i in spec["layers"]) if spec["layers"] else "default"
+    out = []
+    for batch, r in report["batches"].items():
+        u, p = r["unpruned"], r["pruned"]
+        out.append(
+            f"| {spec['model']} | {spec['metric']} {keep} @ {layers} | {batch} | {report['backend']} ({env['threads']} thr) "
+            f"| {u['p50_ms']:.1f} | {p['p50_ms']:.1f} | {u['images_per_s']:.2f} / {p['images_per_s']:.2f} "
+            f"| **{r['speedup']:.3f}** ({r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f}) | {r['bound']:.3f} "
+            f"| **{r['efficiency']:.3f}** | {env['machine']} |"
+        )
+    return out
+
+
+HEADER = (
+    "| model | plan | batch | backend | unpruned p50 ms | pruned p50 ms | img/s unpruned / pruned "
+    "| speedup (IQR) | bound | efficiency | machine |\n|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
+    lines = [HEADER]
+    for path in paths:
+        data = json.loads(path.read_text())
+        for report in data if isinstance(data, list) else data.get("cases", [data]):
+            lines += rows(report)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
