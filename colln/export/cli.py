@@ -45,7 +45,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--val-images", type=Path, default=None, help="directory of validation images (default: skimage photos; digits test split for digits_vit)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--latency-batches", default="1,8", help="batch sizes to time (default 1,8)")
-    p.add_argument("--latency-rounds", type=int, default=20, help="interleaved timing rounds per batch size (default 20)")
+    p.add_argument("--latency-rounds", type=int, default=None, help="interleaved timing rounds per batch size (default: as many as fit in ~20 s, 5..50)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for timing (default: its own)")
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (model.plan)")
     p.add_argument("--batch-min", type=int, default=1, help="TensorRT profile: smallest batch (default 1)")
@@ -166,8 +166,9 @@ def _unpruned_onnx(
     if not pruned_layers(exported.plan):
         yield exported.directory / ONNX_FILE
         return
-    with tempfile.TemporaryDirectory(prefix="colln-unpruned-") as tmp, step("exporting the unpruned baseline"):
-        export_into(exported.spec.unpruned(), Path(tmp), exported.unpruned)
+    with tempfile.TemporaryDirectory(prefix="colln-unpruned-") as tmp:
+        with step("exporting the unpruned baseline"):
+            export_into(exported.spec.unpruned(), Path(tmp), exported.unpruned)
         yield Path(tmp) / ONNX_FILE
 
 
@@ -183,7 +184,12 @@ def _progress(
         @contextlib.contextmanager
         def step(text: str) -> Iterator[None]:
             task = progress.add_task(text, total=1)
-            yield
+            try:
+                yield
+            except BaseException:
+                # The error line names the failed stage; a frozen spinner would only add noise.
+                progress.remove_task(task)
+                raise
             progress.update(task, completed=1)
 
         yield step

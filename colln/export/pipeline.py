@@ -14,10 +14,12 @@ from pathlib import Path
 from torch import nn
 
 from colln.errors import OutputExistsError, UsageError
-from colln.export.onnx import export_onnx
+from colln.export.onnx import export_onnx, save_checked
 from colln.export.spec import ONNX_FILE, ExportSpec
 from colln.models.plan import KeepPlan
 from colln.models.rewrite import get_plan
+
+PRECISIONS = ("fp32", "fp16")
 
 
 def default_out_dir(
@@ -82,17 +84,23 @@ def export_into(
     """Load, prune and export ``spec`` into an existing ``directory``: ``model.onnx`` + ``export.json``."""
     from colln.data import data_config
 
+    if spec.precision not in PRECISIONS:
+        raise UsageError(f"precision {spec.precision!r} is not supported: use {' or '.join(PRECISIONS)}")
     unpruned = unpruned if unpruned is not None else spec.load_unpruned()
     pruned = spec.prune(unpruned)
     plan = get_plan(pruned)
     spec = replace(spec, plan=plan.to_dict())
     input_size = tuple(data_config(unpruned)["input_size"])
-    export_onnx(
+    proto = export_onnx(
         pruned,
         Path(directory) / ONNX_FILE,
         input_size=input_size,
         opset=spec.opset,
         metadata={"colln.plan": plan.to_json(), "colln.spec": json.dumps(spec.to_dict())},
     )
+    if spec.precision == "fp16":
+        from colln.export.precision import to_fp16
+
+        save_checked(to_fp16(proto), Path(directory) / ONNX_FILE)
     spec.write(directory)
     return Exported(directory=Path(directory), spec=spec, plan=plan, unpruned=unpruned, pruned=pruned)

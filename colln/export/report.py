@@ -26,7 +26,7 @@ report.json schema (``schema: 1``); ``null`` where a step was skipped::
         "mismatches": [str], "warnings": [str]},
       "latency": null | {
         "backend": "onnxruntime-cpu", "threads": int | "backend default",
-        "rounds": int, "warmup": int, "flops_bound": float,
+        "warmup": int, "flops_bound": float,           # rounds: in each LatencyStats
         "batches": {"<batch>": {"pruned": LatencyStats, "unpruned": LatencyStats,
                                 "speedup": float, "speedup_iqr": [q25, q75]}}},
       "versions": {"python", "colln", "torch", "timm", "onnx", "onnxruntime", ...},
@@ -62,12 +62,16 @@ def measure_latency(
     unpruned_onnx: Path,
     input_size: Sequence[int],
     batches: Sequence[int] = (1, 8),
-    rounds: int = 20,
+    rounds: int | None = None,
     warmup: int = 3,
     threads: int | None = None,
+    budget_s: float = 20.0,
 ) -> dict:
-    """ONNX Runtime (CPU) latency of the pruned and the unpruned graph, interleaved, per batch size."""
-    from colln.runtime.bench import LatencyStats, interleaved_times, paired_speedup
+    """ONNX Runtime (CPU) latency of the pruned and the unpruned graph, interleaved, per batch size.
+
+    ``rounds=None`` picks, per batch size, as many rounds as fit in ``budget_s`` (5 to 50), judged
+    from one untimed call of each graph: a ViT-B round at batch 8 can take seconds on a CPU."""
+    from colln.runtime.bench import LatencyStats, interleaved_times, paired_speedup, timed_infer
     from colln.runtime.runners import onnxruntime_runner
 
     rng = np.random.default_rng(0)
@@ -77,7 +81,9 @@ def measure_latency(
     with pruned_runner as pruned, unpruned_runner as unpruned:
         for b in batches:
             feed = {INPUT_NAME: rng.standard_normal((b, *input_size), dtype=np.float32)}
-            times = interleaved_times({"pruned": pruned, "unpruned": unpruned}, feed, rounds, warmup)
+            first = timed_infer(pruned, feed) + timed_infer(unpruned, feed)
+            n = rounds if rounds is not None else int(np.clip(budget_s / first, 5, 50))
+            times = interleaved_times({"pruned": pruned, "unpruned": unpruned}, feed, n, max(warmup - 1, 0))
             speedup, q25, q75 = paired_speedup(times["unpruned"], times["pruned"])
             out[str(b)] = {
                 "pruned": LatencyStats.from_times(times["pruned"], b).to_dict(),
@@ -88,7 +94,6 @@ def measure_latency(
     return {
         "backend": "onnxruntime-cpu",
         "threads": threads or "backend default",
-        "rounds": rounds,
         "warmup": warmup,
         "batches": out,
     }
@@ -176,12 +181,13 @@ def markdown(
         lines += [f"- mismatch: {x}" for x in v["mismatches"]] + [f"- warning: {x}" for x in v["warnings"]]
     lat = report["latency"]
     if lat is not None:
-        lines += ["", f"## Latency ({lat['backend']}, threads: {lat['threads']}, {lat['rounds']} interleaved rounds)", ""]
-        lines += ["| batch | pruned p50 ms | unpruned p50 ms | pruned p90 ms | unpruned p90 ms | speedup | FLOPs bound |", "|---|---|---|---|---|---|---|"]
+        lines += ["", f"## Latency ({lat['backend']}, threads: {lat['threads']}, pruned and unpruned interleaved)", ""]
+        lines += ["| batch | rounds | pruned p50 ms | unpruned p50 ms | pruned p90 ms | unpruned p90 ms | speedup | FLOPs bound |"]
+        lines += ["|---|---|---|---|---|---|---|---|"]
         for b, r in lat["batches"].items():
             lines.append(
-                f"| {b} | {r['pruned']['p50_ms']:.2f} | {r['unpruned']['p50_ms']:.2f} | {r['pruned']['p90_ms']:.2f} | "
-                f"{r['unpruned']['p90_ms']:.2f} | {r['speedup']:.2f}x | {lat['flops_bound']:.2f}x |"
+                f"| {b} | {r['pruned']['rounds']} | {r['pruned']['p50_ms']:.2f} | {r['unpruned']['p50_ms']:.2f} | "
+                f"{r['pruned']['p90_ms']:.2f} | {r['unpruned']['p90_ms']:.2f} | {r['speedup']:.2f}x | {lat['flops_bound']:.2f}x |"
             )
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
