@@ -27,6 +27,7 @@ def sweep(
     layers: tuple[int, ...],
     batch: int,
     rounds: int,
+    warmup: int,
     threads: int,
     exports: Path,
 ) -> list[dict]:
@@ -37,7 +38,7 @@ def sweep(
         if not out.exists():
             with atomic_output(out) as tmp:
                 export_into(spec, tmp)
-        report = bench_export(out, batches=(batch,), rounds=rounds, threads=threads)
+        report = bench_export(out, batches=(batch,), rounds=rounds, warmup=warmup, threads=threads)
         r = report["batches"][str(batch)]
         print(f"keep {keep}: speedup {r['speedup']:.3f} (IQR {r['speedup_iqr'][0]:.3f}-{r['speedup_iqr'][1]:.3f}), "
               f"bound {r['bound']:.3f}, efficiency {r['efficiency']:.3f}", flush=True)  # fmt: skip
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", default="3,6,9")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--exports", type=Path, default=Path("/tmp/colln-sweep"))
     p.add_argument("--json", type=Path, help="write the reports here")
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         reports = json.loads(args.from_json.read_text())
     else:
         reports = sweep(args.model, parse_floats(args.keep, "--keep"), parse_ints(args.layers, "--layers"),
-                        args.batch, args.rounds, args.threads, args.exports)  # fmt: skip
+                        args.batch, args.rounds, args.warmup, args.threads, args.exports)  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(reports, indent=2) + "\n")

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 EXPORTS=${EXPORTS:-/tmp/colln-bench}
 ROUNDS=${ROUNDS:-30}
+WARMUP=${WARMUP:-3}
 RESULTS=benchmarks/results
 BASELINE=benchmarks/baselines/$(python -c 'from colln.runtime.bench import machine_id; print(machine_id())').json
 mkdir -p "$RESULTS"
@@ -17,14 +18,14 @@ for model in deit_small vit_base; do
       --no-validate --no-latency --out "$out"
   done
   # Pruned vs unpruned, interleaved; the Col-Ln case is also this machine's regression baseline.
-  colln-bench "$EXPORTS/$model-colln-keep0.7" --batch 1,8 --rounds "$ROUNDS" --threads 1 \
+  colln-bench "$EXPORTS/$model-colln-keep0.7" --batch 1,8 --rounds "$ROUNDS" --warmup "$WARMUP" --threads 1 \
     --json "$RESULTS/$model-colln-keep0.7.json" --save-baseline "$BASELINE"
   # Col-Ln against [CLS] at the same plan (and the unpruned model), in one interleaved run.
   python benchmarks/compare.py "$EXPORTS/$model-cls-keep0.7" "$EXPORTS/$model-colln-keep0.7" \
-    --batch 1,8 --rounds "$ROUNDS" --threads 1 | tee "$RESULTS/$model-colln-vs-cls.txt"
+    --batch 1,8 --rounds "$ROUNDS" --warmup "$WARMUP" --threads 1 | tee "$RESULTS/$model-colln-vs-cls.txt"
 done
 
-python benchmarks/keep_sweep.py deit_small --keep 0.5,0.6,0.7,0.8,0.9 --batch 8 --rounds "$ROUNDS" \
+python benchmarks/keep_sweep.py deit_small --keep 0.5,0.6,0.7,0.8,0.9 --batch 8 --rounds "$ROUNDS" --warmup "$WARMUP" \
   --exports "$EXPORTS" --json "$RESULTS/keep_sweep_deit_small.json" --plot benchmarks/speedup_vs_keep.png
 python benchmarks/profile_ort.py "$EXPORTS/deit_small-cls-keep0.7" "$EXPORTS/deit_small-colln-keep0.7" \
   --batch 8 --runs 10 --out "$RESULTS/profile_deit_small_b8.md"

@@ -128,6 +128,26 @@ def paired_speedup(
     return float(p50), float(p25), float(p75)
 
 
+def pruned_vs_unpruned(
+    pruned: BaseRunner,
+    unpruned: BaseRunner,
+    feed: dict[str, np.ndarray],
+    rounds: int,
+    warmup: int,
+) -> dict:
+    """Both (active) runners interleaved on ``feed``: their stats as dicts, ``speedup`` (median
+    paired ratio unpruned / pruned) and its interquartile range ``speedup_iqr``."""
+    times = interleaved_times({"unpruned": unpruned, "pruned": pruned}, feed, rounds, warmup)
+    speedup, q25, q75 = paired_speedup(times["unpruned"], times["pruned"])
+    batch = feed_batch(feed)
+    return {
+        "unpruned": LatencyStats.from_times(times["unpruned"], batch).to_dict(),
+        "pruned": LatencyStats.from_times(times["pruned"], batch).to_dict(),
+        "speedup": speedup,
+        "speedup_iqr": [q25, q75],
+    }
+
+
 def unpruned_export(
     export_dir: Path,
     cache: Path | None = None,
@@ -214,16 +234,8 @@ def bench_export(
         rng = np.random.default_rng(0)
         for b in batches:
             feed = {INPUT_NAME: rng.standard_normal((b, *chw), dtype=np.float32)}
-            times = interleaved_times({"unpruned": unpruned, "pruned": pruned}, feed, rounds, warmup)
-            speedup, q25, q75 = paired_speedup(times["unpruned"], times["pruned"])
-            results[str(b)] = {
-                "unpruned": LatencyStats.from_times(times["unpruned"], b).to_dict(),
-                "pruned": LatencyStats.from_times(times["pruned"], b).to_dict(),
-                "speedup": speedup,
-                "speedup_iqr": [q25, q75],
-                "bound": flops.bound,
-                "efficiency": speedup / flops.bound,
-            }
+            row = pruned_vs_unpruned(pruned, unpruned, feed, rounds, warmup)
+            results[str(b)] = {**row, "bound": flops.bound, "efficiency": row["speedup"] / flops.bound}
     return {
         "case": case_name(spec, backend, threads),
         "export": str(export_dir),
