@@ -239,11 +239,65 @@ def test_load_loopback_2000_requests(server: dict, reference: tuple) -> None:
     assert len(latencies) == LOAD_REQUESTS, f"only {len(latencies)} requests within {LOAD_DEADLINE_S:.0f}s"
 
 
+def write_unloadable_export(
+    export_dir: Path,
+    directory: Path,
+) -> Path:
+    """A copy of ``export_dir`` whose valid ONNX graph uses an operator ONNX Runtime does not have."""
+    shutil.copytree(export_dir, directory)
+    images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    graph = helper.make_graph([helper.make_node("Mystery", ["images"], ["logits"], domain="colln.test")], "unloadable", [images], [logits])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("colln.test", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), directory / "model.onnx")
+    return directory
+
+
 def test_startup_errors_are_one_line(export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("colln: error: export-dir:")
     assert main([str(export_dir), "--backend", "tensorrt"]) == 2
     assert "no model.plan for --backend tensorrt" in capsys.readouterr().err
+    # Refused before Triton starts: inside Triton the model would never become ready.
+    unloadable = write_unloadable_export(export_dir, tmp_path / "unloadable")
+    assert main([str(unloadable), "--http-port", str(free_ports(1)[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("colln: error: serve:") and "onnxruntime runner cannot load it" in err and "Mystery" in err
+
+
+def stub_processes(
+    marker: str,
+) -> list[int]:
+    """Running processes whose command line mentions ``marker`` (the python-backend stubs name
+    their model.py, which sits under the model's name)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_sigterm_during_startup_stops_cleanly(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A stop requested while Triton loads the model waits for it, then stops everything: no
+    python-backend stub is left running without its server."""
+    name = f"startup-{time.time_ns()}"
+    shutil.copytree(export_dir, tmp_path / name)
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path / "serve.log"
+    argv = [str(Path(sys.executable).with_name("colln-serve")), str(tmp_path / name), "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    proc = launch(argv, log)
+    deadline = time.monotonic() + 60
+    while not stub_processes(f"/{name}/1/model.py") and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert stub_processes(f"/{name}/1/model.py"), "the model's stub never started"
+
+    assert stop(proc, signal.SIGTERM, timeout=150) == 0, log.read_text()[-2000:]
+    assert "colln-serve: stopped" in log.read_text()
+    time.sleep(2)
+    assert stub_processes(f"/{name}/1/model.py") == []
 
 
 def test_sigterm_stops_server_cleanly(server: dict) -> None:

@@ -147,9 +147,12 @@ def test_cli_writes_and_reports_errors(export_dir: Path, tmp_path: Path, capsys:
     assert "Traceback" not in err
 
 
-def test_missing_onnx_is_a_clear_error(export_dir: Path, tmp_path: Path) -> None:
+def test_missing_or_corrupt_onnx_is_a_clear_error(export_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "no-onnx"
     shutil.copytree(export_dir, broken)
     (broken / "model.onnx").unlink()
     with pytest.raises(CollnError, match="no model.onnx"):
+        write_model_repository(broken, tmp_path / "repo")
+    (broken / "model.onnx").write_bytes(b"\xff\x00 not a protobuf")
+    with pytest.raises(CollnError, match="not a readable ONNX model"):
         write_model_repository(broken, tmp_path / "repo")

@@ -149,6 +149,25 @@ def stub_environment() -> None:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *paths])
 
 
+def preflight(
+    export_dir: Path,
+    backend: str,
+) -> None:
+    """Load the runner here first: a model that cannot load inside Triton leaves the server up but
+    never ready (PyTriton then waits minutes), while here it is one clear error."""
+    from colln.runtime.runners import load
+
+    try:
+        runner = load(Path(export_dir), backend=backend)
+        runner.activate()
+        runner.deactivate()
+    except CollnError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime / TensorRT raise their own types
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ServeError(f"{export_dir}: the {backend} runner cannot load it ({detail}); re-export it or pick another --backend") from exc
+
+
 def serve(
     exports: Sequence[Path],
     host: str = "127.0.0.1",
@@ -161,6 +180,8 @@ def serve(
 ) -> None:
     """Serve ``exports`` (one Triton model each, named after its directory) until SIGINT/SIGTERM."""
     try:
+        from pytriton.client.exceptions import PyTritonClientError
+        from pytriton.exceptions import PyTritonError
         from pytriton.triton import Triton, TritonConfig
     except ImportError as exc:
         raise BackendUnavailableError("PyTriton is not installed: pip install 'colln[serve]'") from exc
@@ -169,6 +190,8 @@ def serve(
     stub_environment()
     with tempfile.TemporaryDirectory(prefix="colln-serve-") as repo:
         names = [write_python_model(e, Path(repo), backend, max_batch, instances).name for e in exports]
+        for export in exports:
+            preflight(export, backend)
         config = TritonConfig(
             model_repository=Path(repo),
             http_address=host,
@@ -182,27 +205,34 @@ def serve(
             log_verbose=0,
         )
         # SIGTERM (docker stop, kill) takes the same clean path as Ctrl-C: Triton.serve() stops the
-        # server and its stubs on KeyboardInterrupt. The flag tells a requested stop from a crash.
-        stopping = []
+        # server and its stubs on KeyboardInterrupt. A signal during startup is held until Triton
+        # is up: interrupting its start leaves python-backend stubs running without a server.
+        stopping: list[int] = []
+        serving: list[bool] = []
 
         def on_signal(
             signum: int,
             frame: object,
         ) -> None:
             stopping.append(signum)
-            raise KeyboardInterrupt
+            if serving:
+                raise KeyboardInterrupt
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             with Triton(config=config) as triton:
-                print(
-                    f"colln-serve: serving {', '.join(names)} on http://{host}:{http_port} (grpc {grpc_port}, metrics {metrics_port}); Ctrl-C to stop",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                triton.serve()
+                serving.append(True)
+                if not stopping:
+                    print(
+                        f"colln-serve: serving {', '.join(names)} on http://{host}:{http_port} (grpc {grpc_port}, metrics {metrics_port}); Ctrl-C to stop",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    triton.serve()
         except KeyboardInterrupt:
             pass  # Triton's context exit has stopped the server
+        except (TimeoutError, PyTritonError, PyTritonClientError) as exc:
+            raise ServeError(f"Triton did not start ({exc}): its log above says why") from exc
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

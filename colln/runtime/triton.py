@@ -42,11 +42,15 @@ def tensor_dims(
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Per-sample dims of ``images`` and ``logits`` (batch axis dropped), read from ``model.onnx``."""
     import onnx
+    from google.protobuf.message import DecodeError
 
     path = Path(export_dir) / ONNX_FILE
     if not path.is_file():
         raise TritonRepoError(f"{export_dir} has no {ONNX_FILE}: run colln-export first")
-    graph = onnx.load(str(path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except (OSError, DecodeError) as exc:
+        raise TritonRepoError(f"{path} is not a readable ONNX model ({type(exc).__name__}): re-export it with colln-export --force") from exc
 
     def dims(
         values,
