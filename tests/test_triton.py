@@ -89,6 +89,11 @@ def test_tensorrt_plan_must_cover_the_batches_and_be_full_tensorrt(export_dir: P
     with pytest.raises(CollnError, match="built with TensorRT-RTX"):
         write_model_repository(export, tmp_path / "repo", backend="tensorrt", max_batch=4)
     assert not (tmp_path / "repo").exists()
+    # colln-serve runs plans in-process (TensorRT-RTX ones too), but the batches must fit as well.
+    with pytest.raises(CollnError, match=r"accepts batches 1\.\.4"):
+        write_python_model(export, tmp_path / "serve", runner="tensorrt", max_batch=8)
+    config = parse_config(write_python_model(export, tmp_path / "serve", runner="tensorrt", max_batch=4) / "config.pbtxt")
+    assert config.parameters["runner"].string_value == "tensorrt" and config.max_batch_size == 4
 
 
 @pytest.mark.gpu

@@ -31,7 +31,7 @@ import numpy as np
 from colln.cli import ArgumentParser, run_main
 from colln.errors import BackendUnavailableError, CollnError, UsageError
 from colln.export.spec import INPUT_NAME, OUTPUT_NAME, ExportSpec
-from colln.runtime.triton import PLATFORMS, model_config, model_name, tensor_dims
+from colln.runtime.triton import PLATFORMS, check_plan_batches, model_config, model_name, tensor_dims
 
 SERVE_BACKENDS = ("onnxruntime", "tensorrt")
 # The python backend imports this file as <repo>/<name>/1/model.py.
@@ -72,8 +72,8 @@ class TritonPythonModel:
             else:
                 responses[i] = self._error(f"{INPUT_NAME} contains NaN or Inf: send finite pixel values", pb.TritonError.INVALID_ARG)
         if accepted:
-            for i, logits in self._infer(accepted):
-                responses[i] = logits
+            for i, response in self._infer(accepted):
+                responses[i] = response
         return responses
 
     def _infer(
@@ -103,7 +103,7 @@ class TritonPythonModel:
         self,
         message: str,
         code: int,
-    ):
+    ) -> object:
         return self.pb.InferenceResponse(error=self.pb.TritonError(message, code))
 
     def finalize(self) -> None:
@@ -126,6 +126,8 @@ def write_python_model(
     model_file = PLATFORMS[runner][1]
     if not (export_dir / model_file).is_file():
         raise BackendUnavailableError(f"{export_dir} has no {model_file} for --backend {runner}: build it or use --backend onnxruntime")
+    if runner == "tensorrt":
+        check_plan_batches(export_dir, max_batch)
     name = name or model_name(export_dir)
     input_dims, output_dims = tensor_dims(export_dir)
     target = Path(repo) / name

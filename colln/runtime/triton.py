@@ -152,13 +152,12 @@ def write_model_repository(
     return target
 
 
-def check_plan_for_triton(
+def check_plan_batches(
     export_dir: Path,
     max_batch: int,
-) -> None:
-    """Refuse a plan Triton's tensorrt backend would reject at load time: a profile that does not
-    cover batches 1..max_batch (the dynamic batcher sends any size in that range), or a
-    TensorRT-RTX plan (the backend links full TensorRT)."""
+) -> dict:
+    """``model.plan.json``, after checking its profile covers batches 1..max_batch (Triton's dynamic
+    batcher sends any size in that range). A clear error otherwise."""
     meta = read_plan_metadata(export_dir)
     low, high = meta["profile"]["min"][0], meta["profile"]["max"][0]
     if low != 1 or high < max_batch:
@@ -166,7 +165,16 @@ def check_plan_for_triton(
             f"model.plan accepts batches {low}..{high} but Triton needs 1..{max_batch}: "
             f"pass --max-batch {high if low == 1 else 1} or rebuild with colln-build --batch-min 1 --batch-max {max_batch}"
         )
-    if meta["tensorrt"]["flavour"] != "tensorrt":
+    return meta
+
+
+def check_plan_for_triton(
+    export_dir: Path,
+    max_batch: int,
+) -> None:
+    """Refuse a plan Triton's tensorrt backend would reject at load time: batches not covered, or
+    a TensorRT-RTX plan (the backend links full TensorRT)."""
+    if check_plan_batches(export_dir, max_batch)["tensorrt"]["flavour"] != "tensorrt":
         raise TritonRepoError(
             "model.plan was built with TensorRT-RTX; Triton's tensorrt backend loads full TensorRT plans only: "
             "rebuild it with full TensorRT on the serving GPU (the GPU image does this when it starts)"
