@@ -19,7 +19,7 @@ import pytest
 from colln.errors import BackendUnavailableError, UsageError
 from colln.export.build_cli import main as build_main
 from colln.export.pipeline import export_into
-from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportDirError, ExportSpec
+from colln.export.spec import ONNX_FILE, ExportDirError, ExportSpec
 from colln.export.tensorrt import (
     FAILED_LOG_FILE,
     PLAN_FILE,
@@ -48,16 +48,10 @@ def _copy_export(
     return dst
 
 
-def _weights() -> str:
-    return "bundled" if digits.weights_path().is_file() else "random"
-
-
 @pytest.fixture(scope="module")
-def fp32_export(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("trt") / "digits-fp32"
-    out.mkdir()
-    export_into(ExportSpec(model="digits_vit", weights=_weights(), keep=0.7), out)
-    return out
+def fp32_export(digits_export, tmp_path_factory) -> Path:
+    """The shared fp32 digits_vit export (conftest), copied: builds write into it."""
+    return _copy_export(digits_export, tmp_path_factory.mktemp("trt") / "digits-fp32")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +60,16 @@ def fp32_plan(fp32_export, tmp_path_factory) -> Path:
     built = _copy_export(fp32_export, tmp_path_factory.mktemp("trt") / "built")
     build_engine(built, *BATCHES, timing_cache=built.parent / "timing.cache")
     return built
+
+
+@pytest.fixture(scope="module")
+def fp16_plan(tmp_path_factory, digits_weights) -> Path:
+    """The fp16 graph of ``--precision fp16`` (strongly typed), built like fp32_plan."""
+    out = tmp_path_factory.mktemp("trt") / "digits-fp16"
+    out.mkdir()
+    export_into(ExportSpec(model="digits_vit", weights=digits_weights, keep=0.7, precision="fp16"), out)
+    build_engine(out, *BATCHES, timing_cache=out.parent / "timing.cache")
+    return out
 
 
 def _network(
@@ -103,11 +107,13 @@ def test_pruned_graph_parses_with_static_token_counts(fp32_export):
     assert tuple(network.get_output(0).shape) == (-1, 10)
 
 
-def test_polygraphy_capability_reports_full_support(fp32_export):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_polygraphy_capability_reports_full_support(precision, request):
+    export_dir = request.getfixturevalue("fp32_export" if precision == "fp32" else "fp16_plan")
     env = {**os.environ, "POLYGRAPHY_USE_TENSORRT_RTX": "1" if trt_module().name == "tensorrt_rtx" else "0"}
     polygraphy = Path(sys.executable).parent / "polygraphy"
     result = subprocess.run(
-        [str(polygraphy), "inspect", "capability", str(fp32_export / ONNX_FILE)],
+        [str(polygraphy), "inspect", "capability", str(export_dir / ONNX_FILE)],
         capture_output=True,
         text=True,
         env=env,
@@ -139,6 +145,24 @@ def test_fp32_plan_and_metadata(fp32_plan):
     assert "Building engine" in log and "STRONGLY_TYPED" in log
     assert Path(meta["timing_cache"]).is_file()
     assert not list(fp32_plan.glob(".*")), "temporary files left behind"
+
+
+def test_fp16_plan_is_strongly_typed_fp16(fp16_plan):
+    trt = trt_module().module
+    meta = json.loads((fp16_plan / PLAN_META_FILE).read_text())
+    assert meta["precision"] == "fp16" and meta["strongly_typed"] is True
+    # The fp16 graph keeps float32 at its edges, so callers feed the same arrays as for fp32.
+    assert meta["io"] == {"images": "float32", "logits": "float32"}
+    assert meta["keep_plan"]["keep_counts"] == [45, 32, 23]
+    # Strongly typed: TensorRT runs each layer in the graph's type. Products are fp16; the Col-Ln
+    # scores reach TopK in fp32.
+    _, network, _ = _network(fp16_plan / ONNX_FILE)
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    products = [layer for layer in layers if layer.type in (trt.LayerType.MATRIX_MULTIPLY, trt.LayerType.CONVOLUTION)]
+    assert products and {layer.get_output(0).dtype for layer in products} == {trt.float16}
+    topks = [layer for layer in layers if layer.type == trt.LayerType.TOPK]
+    assert len(topks) == 3 and {layer.get_input(0).dtype for layer in topks} == {trt.float32}
+    assert "Building engine" in (fp16_plan / PLAN_LOG_FILE).read_text()
 
 
 def test_colln_build_rebuilds_with_the_timing_cache(fp32_plan, tmp_path, capsys):
@@ -224,6 +248,7 @@ def test_without_tensorrt_colln_build_exits_2_with_install_hint(fp32_export, tmp
     site.mkdir()
     (site / "sitecustomize.py").write_text("import sys\nsys.modules['tensorrt'] = None\nsys.modules['tensorrt_rtx'] = None\n")
     target = _copy_export(fp32_export, tmp_path / "export")
+    before = sorted(p.name for p in target.iterdir())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
     env.pop("POLYGRAPHY_USE_TENSORRT_RTX", None)
     result = subprocess.run(
@@ -238,17 +263,18 @@ def test_without_tensorrt_colln_build_exits_2_with_install_hint(fp32_export, tmp
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("colln: error: backend: TensorRT is not installed")
     assert "pip install 'colln[trt]'" in lines[0] and "'colln[trt-rtx]'" in lines[0]
-    assert not (target / PLAN_FILE).exists()
-    assert sorted(p.name for p in target.iterdir()) == sorted([ONNX_FILE, SPEC_FILE])
+    assert sorted(p.name for p in target.iterdir()) == before and PLAN_FILE not in before
 
 
 # --- GPU: engines run (skipped here: no GPU on the CI machine) ---------------------------------
 
 
-def _gpu_or_skip() -> None:
+def _gpu_or_skip(
+    digits_weights: str,
+) -> None:
     if gpu_info() is None:
         pytest.skip(NO_GPU)
-    if _weights() != "bundled":
+    if digits_weights != "bundled":
         pytest.skip("needs the trained digits_vit weights (random ViTs flip top-k between backends)")
 
 
@@ -269,8 +295,8 @@ def _logits(
 
 
 @pytest.mark.gpu
-def test_fp32_engine_matches_torch(fp32_plan):
-    _gpu_or_skip()
+def test_fp32_engine_matches_torch(fp32_plan, digits_weights):
+    _gpu_or_skip(digits_weights)
     spec = ExportSpec.read(fp32_plan)
     torch_runner = runners.load(fp32_plan, backend="torch")
     images = _digits_batch(spec.load_unpruned())
@@ -283,8 +309,22 @@ def test_fp32_engine_matches_torch(fp32_plan):
 
 
 @pytest.mark.gpu
+def test_fp16_engine_agrees_with_torch(fp16_plan, digits_weights):
+    _gpu_or_skip(digits_weights)
+    spec = ExportSpec.read(fp16_plan)
+    images = _digits_batch(spec.load_unpruned())
+    expected = _logits(runners.load(fp16_plan, backend="torch"), images)
+    got = _logits(runners.load(fp16_plan, backend="tensorrt"), images)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    # fp16 products against the fp32 reference: a few near-ties may flip, most predictions agree.
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.97
+    assert np.abs(got - expected).max() <= 0.1 * np.abs(expected).max()
+
+
+@pytest.mark.gpu
 def test_plan_for_another_gpu_is_refused(fp32_plan, tmp_path):
-    _gpu_or_skip()
+    if gpu_info() is None:
+        pytest.skip(NO_GPU)
     out = _doctored(fp32_plan, tmp_path, gpu={"name": "Imaginary GPU", "compute_capability": "1.0"}, compute_capabilities=["1.0"])
     with pytest.raises(EngineError, match="compute capability 1.0"):
         tensorrt_runner(out)
