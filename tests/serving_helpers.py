@@ -1,5 +1,5 @@
-"""Shared by the serving tests (test_triton, test_serve, test_docker): a digits_vit export, free
-loopback ports, and a colln-serve style process that is started and stopped cleanly."""
+"""Shared by the serving tests (test_triton, test_serve, test_docker): digit images, free loopback
+ports, and a server process that is started, awaited and stopped cleanly."""
 
 from __future__ import annotations
 
@@ -11,26 +11,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from colln.errors import WeightsError
-from colln.export.pipeline import export_into
-from colln.export.spec import ExportSpec
 from colln.models.digits import load_split
 
 HOST = "127.0.0.1"
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits_vit with its bundled trained weights (random ones only until they are trained)."""
-    directory = tmp_path_factory.mktemp("serve") / "digits_vit-colln-keep0.7"
-    directory.mkdir()
-    try:
-        export_into(ExportSpec(model="digits_vit"), directory)
-    except WeightsError:
-        export_into(ExportSpec(model="digits_vit", weights="random"), directory)
-    return directory
 
 
 def digit_images(

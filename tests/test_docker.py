@@ -18,7 +18,7 @@ import tritonclient.http as httpclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from serving_helpers import HOST, digit_images, export_dir, free_ports, launch, stop, wait_ready  # noqa: F401
+from serving_helpers import HOST, digit_images, free_ports, launch, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = [ROOT / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"]
@@ -62,12 +62,12 @@ def test_images_run_as_non_root_with_healthcheck_and_pinned_base(dockerfile: Pat
         assert os.access(ROOT / source, os.X_OK), f"{source} must be executable"
 
 
-def test_cpu_entrypoint_serves_answers_and_stops_on_sigint(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_cpu_entrypoint_serves_answers_and_stops_on_sigint(digits_export: Path, tmp_path: Path) -> None:
     http, grpc, metrics = free_ports(3)
     assert healthcheck(http) != 0  # nothing listens yet
     env = {
         "PATH": script_env()["PATH"],
-        "COLLN_EXPORT": str(export_dir),
+        "COLLN_EXPORT": str(digits_export),
         "COLLN_HOST": HOST,
         "COLLN_HTTP_PORT": str(http),
         "COLLN_GRPC_PORT": str(grpc),
@@ -83,8 +83,8 @@ def test_cpu_entrypoint_serves_answers_and_stops_on_sigint(export_dir: Path, tmp
         images = digit_images(4)
         tensor = httpclient.InferInput("images", list(images.shape), "FP32")
         tensor.set_data_from_numpy(images)
-        served = httpclient.InferenceServerClient(f"{HOST}:{http}").infer(export_dir.name, [tensor]).as_numpy("logits")
-        session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        served = httpclient.InferenceServerClient(f"{HOST}:{http}").infer(digits_export.name, [tensor]).as_numpy("logits")
+        session = ort.InferenceSession(str(digits_export / "model.onnx"), providers=["CPUExecutionProvider"])
         np.testing.assert_allclose(served, session.run(["logits"], {"images": images})[0], rtol=1e-4, atol=1e-5)
     finally:
         code = stop(proc, signal.SIGINT)
@@ -93,11 +93,11 @@ def test_cpu_entrypoint_serves_answers_and_stops_on_sigint(export_dir: Path, tmp
     assert healthcheck(http) != 0
 
 
-def test_gpu_entrypoint_writes_the_repository_and_execs_tritonserver(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_gpu_entrypoint_writes_the_repository_and_execs_tritonserver(digits_export: Path, tmp_path: Path) -> None:
     """No tritonserver with the onnxruntime/tensorrt backends here: TRITONSERVER=echo shows the
     command the image would exec, after the script wrote the repository it points at."""
     repo = tmp_path / "models"
-    env = script_env(COLLN_EXPORT=str(export_dir), COLLN_REPO=str(repo), COLLN_BACKEND="onnxruntime", COLLN_MAX_BATCH="16", TRITONSERVER="echo")
+    env = script_env(COLLN_EXPORT=str(digits_export), COLLN_REPO=str(repo), COLLN_BACKEND="onnxruntime", COLLN_MAX_BATCH="16", TRITONSERVER="echo")
     result = subprocess.run([str(ROOT / "docker" / "entrypoint-gpu.sh"), "--log-verbose=1"], env=env, capture_output=True, text=True, timeout=120)
 
     assert result.returncode == 0, result.stderr
@@ -113,10 +113,10 @@ def test_gpu_entrypoint_writes_the_repository_and_execs_tritonserver(export_dir:
     ]
     config = text_format.Parse((repo / "colln" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert (config.name, config.platform, config.max_batch_size) == ("colln", "onnxruntime_onnx", 16)
-    assert (repo / "colln" / "1" / "model.onnx").read_bytes() == (export_dir / "model.onnx").read_bytes()
+    assert (repo / "colln" / "1" / "model.onnx").read_bytes() == (digits_export / "model.onnx").read_bytes()
 
 
-def test_gpu_entrypoint_refuses_to_start_without_matching_tensorrt(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_gpu_entrypoint_refuses_to_start_without_matching_tensorrt(digits_export: Path, tmp_path: Path) -> None:
     from importlib import metadata
 
     try:
@@ -124,7 +124,7 @@ def test_gpu_entrypoint_refuses_to_start_without_matching_tensorrt(export_dir: P
         pytest.skip("full TensorRT is installed here: the image's check would compare it with libnvinfer instead")
     except metadata.PackageNotFoundError:
         pass
-    env = script_env(COLLN_EXPORT=str(export_dir), COLLN_REPO=str(tmp_path / "models"), TRITONSERVER="echo")
+    env = script_env(COLLN_EXPORT=str(digits_export), COLLN_REPO=str(tmp_path / "models"), TRITONSERVER="echo")
     result = subprocess.run([str(ROOT / "docker" / "entrypoint-gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
 
     assert result.returncode != 0

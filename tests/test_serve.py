@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
 from colln.runtime.serve import main
-from serving_helpers import HOST, digit_images, export_dir, free_ports, launch, stop, wait_ready  # noqa: F401
+from serving_helpers import HOST, digit_images, free_ports, launch, stop, wait_ready
 
 MAX_BATCH = 8
 LOAD_REQUESTS = 2000
@@ -34,35 +34,43 @@ LOAD_CONCURRENCY = 16
 LOAD_DEADLINE_S = 90.0
 
 
-def write_broken_export(
-    export_dir: Path,
+def write_graph_export(
+    digits_export: Path,
     directory: Path,
+    nodes: list,
+    initializers: tuple = (),
+    domains: tuple[str, ...] = (),
 ) -> Path:
-    """A copy of ``export_dir`` whose model.onnx reshapes to a fixed batch of 1: batch 2 fails at run time."""
-    shutil.copytree(export_dir, directory)
+    """A copy of ``digits_export`` whose model.onnx is ``nodes`` between ``images`` [batch, 3, 32, 32]
+    and ``logits`` [batch, 10]."""
+    shutil.copytree(digits_export, directory)
     images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])
     logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
-    shape = numpy_helper.from_array(np.array([1, 3 * 32 * 32], dtype=np.int64), "shape")
-    weight = numpy_helper.from_array(np.ones((3 * 32 * 32, 10), dtype=np.float32), "weight")
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["images", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "weight"], ["logits"])],
-        "broken",
-        [images],
-        [logits],
-        [shape, weight],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), directory / "model.onnx")
+    graph = helper.make_graph(nodes, directory.name, [images], [logits], list(initializers))
+    opsets = [helper.make_opsetid("", 18)] + [helper.make_opsetid(domain, 1) for domain in domains]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), directory / "model.onnx")
     return directory
 
 
+def write_broken_export(
+    digits_export: Path,
+    directory: Path,
+) -> Path:
+    """Reshapes to a fixed batch of 1, so a batch of 2 fails at run time inside ONNX Runtime."""
+    shape = numpy_helper.from_array(np.array([1, 3 * 32 * 32], dtype=np.int64), "shape")
+    weight = numpy_helper.from_array(np.ones((3 * 32 * 32, 10), dtype=np.float32), "weight")
+    nodes = [helper.make_node("Reshape", ["images", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "weight"], ["logits"])]
+    return write_graph_export(digits_export, directory, nodes, (shape, weight))
+
+
 @pytest.fixture(scope="module")
-def server(export_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
-    broken = write_broken_export(export_dir, tmp_path_factory.mktemp("broken") / "broken")
+def server(digits_export: Path, tmp_path_factory: pytest.TempPathFactory):
+    broken = write_broken_export(digits_export, tmp_path_factory.mktemp("broken") / "broken")
     http, grpc, metrics = free_ports(3)
     log = tmp_path_factory.mktemp("log") / "serve.log"
     argv = [
         str(Path(sys.executable).with_name("colln-serve")),
-        str(export_dir),
+        str(digits_export),
         str(broken),
         "--http-port", str(http),
         "--grpc-port", str(grpc),
@@ -75,7 +83,7 @@ def server(export_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa:
     except Exception:
         stop(proc)
         pytest.fail(f"colln-serve did not become ready:\n{log.read_text()[-3000:]}")
-    yield {"proc": proc, "url": f"{HOST}:{http}", "ports": (http, grpc, metrics), "log": log, "model": export_dir.name}
+    yield {"proc": proc, "url": f"{HOST}:{http}", "ports": (http, grpc, metrics), "log": log, "model": digits_export.name}
     stop(proc)
 
 
@@ -85,10 +93,10 @@ def client(server: dict) -> httpclient.InferenceServerClient:
 
 
 @pytest.fixture(scope="module")
-def reference(export_dir: Path) -> tuple[np.ndarray, np.ndarray]:  # noqa: F811
+def reference(digits_export: Path) -> tuple[np.ndarray, np.ndarray]:
     """64 digits and their logits from ONNX Runtime on the export's model.onnx, one batch."""
     images = digit_images(64)
-    session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(digits_export / "model.onnx"), providers=["CPUExecutionProvider"])
     return images, session.run(["logits"], {"images": images})[0]
 
 
@@ -240,26 +248,21 @@ def test_load_loopback_2000_requests(server: dict, reference: tuple) -> None:
 
 
 def write_unloadable_export(
-    export_dir: Path,
+    digits_export: Path,
     directory: Path,
 ) -> Path:
-    """A copy of ``export_dir`` whose valid ONNX graph uses an operator ONNX Runtime does not have."""
-    shutil.copytree(export_dir, directory)
-    images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])
-    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
-    graph = helper.make_graph([helper.make_node("Mystery", ["images"], ["logits"], domain="colln.test")], "unloadable", [images], [logits])
-    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("colln.test", 1)]
-    onnx.save(helper.make_model(graph, opset_imports=opsets), directory / "model.onnx")
-    return directory
+    """A valid ONNX graph with an operator ONNX Runtime does not have: it cannot even load."""
+    nodes = [helper.make_node("Mystery", ["images"], ["logits"], domain="colln.test")]
+    return write_graph_export(digits_export, directory, nodes, domains=("colln.test",))
 
 
-def test_startup_errors_are_one_line(export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+def test_startup_errors_are_one_line(digits_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("colln: error: export-dir:")
-    assert main([str(export_dir), "--backend", "tensorrt"]) == 2
+    assert main([str(digits_export), "--backend", "tensorrt"]) == 2
     assert "no model.plan for --backend tensorrt" in capsys.readouterr().err
     # Refused before Triton starts: inside Triton the model would never become ready.
-    unloadable = write_unloadable_export(export_dir, tmp_path / "unloadable")
+    unloadable = write_unloadable_export(digits_export, tmp_path / "unloadable")
     assert main([str(unloadable), "--http-port", str(free_ports(1)[0])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("colln: error: serve:") and "onnxruntime runner cannot load it" in err and "Mystery" in err
@@ -280,11 +283,11 @@ def stub_processes(
     return found
 
 
-def test_sigterm_during_startup_stops_cleanly(export_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_sigterm_during_startup_stops_cleanly(digits_export: Path, tmp_path: Path) -> None:
     """A stop requested while Triton loads the model waits for it, then stops everything: no
     python-backend stub is left running without its server."""
     name = f"startup-{time.time_ns()}"
-    shutil.copytree(export_dir, tmp_path / name)
+    shutil.copytree(digits_export, tmp_path / name)
     http, grpc, metrics = free_ports(3)
     log = tmp_path / "serve.log"
     argv = [str(Path(sys.executable).with_name("colln-serve")), str(tmp_path / name), "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]

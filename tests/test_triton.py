@@ -20,7 +20,6 @@ from tritonclient.grpc import model_config_pb2
 from colln.errors import CollnError
 from colln.runtime.serve import write_python_model
 from colln.runtime.triton import main, write_model_repository
-from serving_helpers import export_dir  # noqa: F401 - module fixture
 
 
 def parse_config(
@@ -36,17 +35,17 @@ def onnx_dims(
     return session.get_inputs()[0].shape[1:], session.get_outputs()[0].shape[1:]
 
 
-def test_onnx_repository_matches_triton_schema_and_export(export_dir: Path, tmp_path: Path) -> None:
-    model_dir = write_model_repository(export_dir, tmp_path / "repo", max_batch=16)
+def test_onnx_repository_matches_triton_schema_and_export(digits_export: Path, tmp_path: Path) -> None:
+    model_dir = write_model_repository(digits_export, tmp_path / "repo", max_batch=16)
 
-    assert model_dir == tmp_path / "repo" / export_dir.name
+    assert model_dir == tmp_path / "repo" / digits_export.name
     assert sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")) == ["1", "1/model.onnx", "config.pbtxt"]
-    assert (model_dir / "1" / "model.onnx").read_bytes() == (export_dir / "model.onnx").read_bytes()
+    assert (model_dir / "1" / "model.onnx").read_bytes() == (digits_export / "model.onnx").read_bytes()
     config = parse_config(model_dir / "config.pbtxt")
     assert config.name == model_dir.name
     assert config.platform == "onnxruntime_onnx"
     assert config.max_batch_size == 16
-    in_dims, out_dims = onnx_dims(export_dir / "model.onnx")
+    in_dims, out_dims = onnx_dims(digits_export / "model.onnx")
     assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("images", model_config_pb2.TYPE_FP32, in_dims)]
     assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("logits", model_config_pb2.TYPE_FP32, out_dims)]
     assert config.HasField("dynamic_batching")
@@ -54,13 +53,13 @@ def test_onnx_repository_matches_triton_schema_and_export(export_dir: Path, tmp_
     assert [(g.count, g.kind) for g in config.instance_group] == [(1, model_config_pb2.ModelInstanceGroup.KIND_AUTO)]
 
 
-def test_rewrite_replaces_the_model_and_keeps_neighbours(export_dir: Path, tmp_path: Path) -> None:
+def test_rewrite_replaces_the_model_and_keeps_neighbours(digits_export: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    other = write_model_repository(export_dir, repo, name="other")
-    first = write_model_repository(export_dir, repo, name="digits", max_batch=4)
+    other = write_model_repository(digits_export, repo, name="other")
+    first = write_model_repository(digits_export, repo, name="digits", max_batch=4)
     (first / "stale.txt").write_text("left from an earlier export")
 
-    again = write_model_repository(export_dir, repo, name="digits", max_batch=8)
+    again = write_model_repository(digits_export, repo, name="digits", max_batch=8)
 
     assert again == first
     assert not (first / "stale.txt").exists()
@@ -69,19 +68,19 @@ def test_rewrite_replaces_the_model_and_keeps_neighbours(export_dir: Path, tmp_p
     assert sorted(p.name for p in repo.iterdir()) == ["digits", "other"]
 
 
-def test_tensorrt_needs_a_plan(export_dir: Path, tmp_path: Path) -> None:
+def test_tensorrt_needs_a_plan(digits_export: Path, tmp_path: Path) -> None:
     with pytest.raises(CollnError, match="no model.plan for the tensorrt backend"):
-        write_model_repository(export_dir, tmp_path / "repo", backend="tensorrt")
-    assert not (tmp_path / "repo" / export_dir.name).exists()
+        write_model_repository(digits_export, tmp_path / "repo", backend="tensorrt")
+    assert not (tmp_path / "repo" / digits_export.name).exists()
 
 
-def test_tensorrt_plan_must_cover_the_batches_and_be_full_tensorrt(export_dir: Path, tmp_path: Path) -> None:
+def test_tensorrt_plan_must_cover_the_batches_and_be_full_tensorrt(digits_export: Path, tmp_path: Path) -> None:
     """A real plan from this machine's builder (TensorRT-RTX, no GPU needed), batches 1..4."""
     pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX (colln[trt-rtx]) to build a plan without a GPU")
     from colln.export.tensorrt import build_engine
 
     export = tmp_path / "export"
-    shutil.copytree(export_dir, export)
+    shutil.copytree(digits_export, export)
     build_engine(export, batch_min=1, batch_opt=2, batch_max=4)
 
     with pytest.raises(CollnError, match=r"accepts batches 1\.\.4 but Triton needs 1\.\.8: pass --max-batch 4"):
@@ -97,12 +96,12 @@ def test_tensorrt_plan_must_cover_the_batches_and_be_full_tensorrt(export_dir: P
 
 
 @pytest.mark.gpu
-def test_tensorrt_repository_uses_the_plan(export_dir: Path, tmp_path: Path) -> None:
+def test_tensorrt_repository_uses_the_plan(digits_export: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorrt", reason="needs full TensorRT (colln[trt]) on an NVIDIA GPU")
     from colln.export.tensorrt import build_engine
 
     export = tmp_path / "export"
-    shutil.copytree(export_dir, export)
+    shutil.copytree(digits_export, export)
     build_engine(export, batch_min=1, batch_opt=8, batch_max=16)
     model_dir = write_model_repository(export, tmp_path / "repo", backend="tensorrt", max_batch=16)
 
@@ -120,27 +119,27 @@ def test_tensorrt_repository_uses_the_plan(export_dir: Path, tmp_path: Path) -> 
         ({"name": "a b/c"}, "may only hold"),
     ],
 )
-def test_bad_arguments_are_refused_before_writing(export_dir: Path, tmp_path: Path, kwargs: dict, message: str) -> None:
+def test_bad_arguments_are_refused_before_writing(digits_export: Path, tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(CollnError, match=message):
-        write_model_repository(export_dir, tmp_path / "repo", **kwargs)
+        write_model_repository(digits_export, tmp_path / "repo", **kwargs)
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
 
 
-def test_python_backend_config_for_colln_serve(export_dir: Path, tmp_path: Path) -> None:
-    model_dir = write_python_model(export_dir, tmp_path, runner="onnxruntime", max_batch=8, instances=2)
+def test_python_backend_config_for_colln_serve(digits_export: Path, tmp_path: Path) -> None:
+    model_dir = write_python_model(digits_export, tmp_path, runner="onnxruntime", max_batch=8, instances=2)
 
     config = parse_config(model_dir / "config.pbtxt")
     assert config.backend == "python"
-    assert config.parameters["export_dir"].string_value == str(export_dir.resolve())
+    assert config.parameters["export_dir"].string_value == str(digits_export.resolve())
     assert config.parameters["runner"].string_value == "onnxruntime"
     assert [(g.count, g.kind) for g in config.instance_group] == [(2, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
     assert "from colln.runtime.serve import TritonPythonModel" in (model_dir / "1" / "model.py").read_text()
     with pytest.raises(CollnError, match="both be served as"):
-        write_python_model(export_dir, tmp_path)
+        write_python_model(digits_export, tmp_path)
 
 
-def test_cli_writes_and_reports_errors(export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main([str(export_dir), str(tmp_path / "repo"), "--name", "digits", "--max-batch", "2"]) == 0
+def test_cli_writes_and_reports_errors(digits_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([str(digits_export), str(tmp_path / "repo"), "--name", "digits", "--max-batch", "2"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "repo" / "digits")
     assert parse_config(tmp_path / "repo" / "digits" / "config.pbtxt").max_batch_size == 2
 
@@ -152,9 +151,9 @@ def test_cli_writes_and_reports_errors(export_dir: Path, tmp_path: Path, capsys:
     assert "Traceback" not in err
 
 
-def test_missing_or_corrupt_onnx_is_a_clear_error(export_dir: Path, tmp_path: Path) -> None:
+def test_missing_or_corrupt_onnx_is_a_clear_error(digits_export: Path, tmp_path: Path) -> None:
     broken = tmp_path / "no-onnx"
-    shutil.copytree(export_dir, broken)
+    shutil.copytree(digits_export, broken)
     (broken / "model.onnx").unlink()
     with pytest.raises(CollnError, match="no model.onnx"):
         write_model_repository(broken, tmp_path / "repo")
