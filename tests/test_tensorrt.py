@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -37,6 +38,19 @@ from colln.runtime import runners
 REPO = Path(__file__).resolve().parents[1]
 BATCHES = (1, 2, 4)  # a narrow profile keeps the CPU builds at a few seconds
 NO_GPU = "needs an NVIDIA GPU (TensorRT engines only run on one)"
+
+
+def _paper_keep_counts(
+    patches: int = 64,
+    keep: float = 0.7,
+    stages: int = 3,
+) -> list[int]:
+    """k = ceil(keep * candidates) at each pruning block (digits_vit: 8x8 patches, 3 stages)."""
+    counts = []
+    for _ in range(stages):
+        patches = math.ceil(keep * patches)
+        counts.append(patches)
+    return counts
 
 
 def _copy_export(
@@ -139,7 +153,7 @@ def test_fp32_plan_and_metadata(fp32_plan):
         "opt": [2, 3, 32, 32],
         "max": [4, 3, 32, 32],
     }
-    assert meta["keep_plan"] == spec.plan and meta["keep_plan"]["keep_counts"] == [45, 32, 23]
+    assert meta["keep_plan"] == spec.plan and meta["keep_plan"]["keep_counts"] == _paper_keep_counts()
     assert meta["onnx_sha256"] == hashlib.sha256((fp32_plan / ONNX_FILE).read_bytes()).hexdigest()
     log = (fp32_plan / PLAN_LOG_FILE).read_text()
     assert "Building engine" in log and "STRONGLY_TYPED" in log
@@ -153,7 +167,7 @@ def test_fp16_plan_is_strongly_typed_fp16(fp16_plan):
     assert meta["precision"] == "fp16" and meta["strongly_typed"] is True
     # The fp16 graph keeps float32 at its edges, so callers feed the same arrays as for fp32.
     assert meta["io"] == {"images": "float32", "logits": "float32"}
-    assert meta["keep_plan"]["keep_counts"] == [45, 32, 23]
+    assert meta["keep_plan"]["keep_counts"] == _paper_keep_counts()
     # Strongly typed: TensorRT runs each layer in the graph's type. Products are fp16; the Col-Ln
     # scores reach TopK in fp32.
     _, network, _ = _network(fp16_plan / ONNX_FILE)
