@@ -183,7 +183,7 @@ def build_engine(
     _write_replace(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
     (export_dir / FAILED_LOG_FILE).unlink(missing_ok=True)
     print(
-        f"colln: built {plan} with {flavour.label} ({spec.precision}, batch {batch_min}/{batch_opt}/{batch_max}) in {seconds:.1f} s",
+        f"colln: built {PLAN_FILE} with {flavour.label} ({spec.precision}, batch {batch_min}/{batch_opt}/{batch_max}) in {seconds:.1f} s",
         file=sys.stderr,
     )
     return plan
