@@ -106,33 +106,33 @@ def main_args(
     unpruned = spec.load_unpruned()
     sets = layer_sets(args, len(unpruned.blocks), default="evit")
     data = ev.load_data(args.data, unpruned.num_classes, args.limit)
-    result = ev.sweep(
-        spec,
-        data,
-        keeps=keeps,
-        layer_sets=sets,
-        metrics=metrics,
-        norms=norms,
-        backend=args.backend,
-        batch=args.batch,
-        latency_batch=args.latency_batch,
-        rounds=args.rounds,
-        warmup=args.warmup,
-        threads=args.threads,
-        device=args.device,
-        unpruned=unpruned,
-    )
-    no_fit = None
-    if args.latency_budget is not None or args.target_speedup is not None:
-        try:
-            best = ev.pick(result, args.latency_budget, args.target_speedup)
-            command = ev.export_command(best, spec)
-            why = f"best top-1 ({100 * best.accuracy:.1f}%) at {best.latency.p50_ms:.3g} ms, {result.speedup(best):.2f}x"
-            result = replace(result, pick={"key": best.key, "row": best.to_dict(), "command": command, "why": why})
-        except ev.NoFitError as exc:
-            no_fit = exc
     out = args.out or Path("evals") / f"{args.model}-{data.name}"
+    no_fit = None
+    # Entered before the sweep: an existing --out fails at once, and a failed sweep leaves nothing.
     with atomic_output(out, force=args.force) as tmp:
+        result = ev.sweep(
+            spec,
+            data,
+            keeps=keeps,
+            layer_sets=sets,
+            metrics=metrics,
+            norms=norms,
+            backend=args.backend,
+            batch=args.batch,
+            latency_batch=args.latency_batch,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            threads=args.threads,
+            device=args.device,
+            unpruned=unpruned,
+        )
+        if args.latency_budget is not None or args.target_speedup is not None:
+            try:
+                best = ev.pick(result, args.latency_budget, args.target_speedup)
+                why = f"best top-1 ({100 * best.accuracy:.1f}%) at {best.latency.p50_ms:.3g} ms, {result.speedup(best):.2f}x"
+                result = replace(result, pick={"key": best.key, "row": best.to_dict(), "command": ev.export_command(best, spec), "why": why})
+            except ev.NoFitError as exc:
+                no_fit = exc
         ev.write_outputs(result, tmp)
     ev.print_rich(result)
     print(f"wrote {out}/{ev.RESULTS_JSON}, {ev.RESULTS_MD}, {ev.KEEP_PLOT}, {ev.PARETO_PLOT}")

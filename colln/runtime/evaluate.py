@@ -27,6 +27,7 @@ from colln.errors import CollnError, UsageError
 from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportSpec
 from colln.models import digits
 from colln.models.plan import KeepPlan, default_layers
+from colln.models.registry import default_weights
 from colln.models.rewrite import get_plan
 from colln.runtime import runners as rt
 from colln.runtime.bench import LatencyStats, interleaved_latency
@@ -149,7 +150,7 @@ class Sweep:
     """Every configuration of one sweep and the unpruned baseline, measured on the same images."""
 
     model: str
-    weights: str | None
+    weights: str
     data: str
     num_images: int
     backend: str
@@ -303,7 +304,7 @@ def sweep(
         )
     return Sweep(
         model=base.model,
-        weights=base.weights,
+        weights=base.weights or default_weights(base.model),
         data=data.name,
         num_images=len(data.images),
         backend=backend,
@@ -393,9 +394,8 @@ def describe(
 ) -> str:
     """One line naming what was measured."""
     base = result.baseline
-    weights = result.weights or "default weights"
     return (
-        f"{result.model} ({weights}) on {result.num_images} {result.data} images, {result.backend} on {result.device}; "
+        f"{result.model} ({result.weights} weights) on {result.num_images} {result.data} images, {result.backend} on {result.device}; "
         f"unpruned top-1 {100 * base.accuracy:.1f}%, {base.latency.p50_ms:.3g} ms median at batch {base.latency.batch}"
     )
 
@@ -423,6 +423,9 @@ def print_rich(
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        # Piped output has no width to fit; rich would assume 80 columns and wrap every cell.
+        console.width = max(console.width, 120)
     console.print(describe(result))
     for layers in result.layer_sets:
         header, acc, lat = table_cells(result, layers)
@@ -460,7 +463,7 @@ def plot_accuracy_vs_keep(
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("top-1 accuracy (%)")
     axes[0][0].legend(loc="lower right")
-    fig.suptitle(f"{result.model} ({result.weights or 'default weights'}), {result.num_images} {result.data} images")
+    fig.suptitle(f"{result.model} ({result.weights} weights), {result.num_images} {result.data} images")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -509,7 +512,7 @@ def plot_pareto(
     ax.set_xlabel(f"median latency (ms, batch {base.latency.batch}, {result.backend} on {result.device})")
     ax.set_ylabel("top-1 accuracy (%)")
     where = f"; labels: keep rate, blocks {','.join(map(str, result.layer_sets[0]))}" if annotate else ""
-    ax.set_title(f"{result.model} ({result.weights or 'default weights'}): accuracy vs latency{where}", fontsize=10)
+    ax.set_title(f"{result.model} ({result.weights} weights): accuracy vs latency{where}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

@@ -176,7 +176,7 @@ def build_parser() -> ArgumentParser:
 def main_args(
     args: argparse.Namespace,
 ) -> int:
-    from colln.models.registry import load_model
+    from colln.models.registry import default_weights, load_model
 
     if args.out.suffix.lower() != ".png":
         raise UsageError(f"--out {args.out} must be a .png file")
@@ -193,8 +193,8 @@ def main_args(
     keep_arg = keep[0] if len(keep) == 1 else keep
     views = [view(model, x, m, keep_arg, sets[0], norms[0], args.rescue, args.fuse) for m in metrics]
     grid = tuple(model.patch_embed.grid_size)
-    weights = args.weights or "default weights"
-    note = " (RANDOM weights: selections are not meaningful)" if weights == "random" else f" ({weights})"
+    weights = args.weights or default_weights(args.model)
+    note = " (RANDOM weights: selections are not meaningful)" if weights == "random" else f" ({weights} weights)"
     title = f"{args.model}{note}, keep {args.keep} at blocks {','.join(map(str, sets[0]))}; dimmed patches are dropped"
     render(display_image(x, model), views, grid, title, args.out)
     print(f"wrote {args.out}")

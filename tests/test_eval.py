@@ -1,0 +1,250 @@
+"""colln-eval against an independent computation: every accuracy recomputed here by running
+colln.prune + the model directly on the same images, the budget pick redone by hand from the JSON."""
+
+import json
+import math
+import os
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from colln import load_model, prune
+from colln.data import DataError, preprocess, skimage_photos
+from colln.export.spec import ExportSpec
+from colln.models import digits
+from colln.runtime import eval_cli
+from colln.runtime import evaluate as ev
+from colln.runtime.bench import LatencyStats
+
+WEIGHTS = "bundled"
+KEEPS = (0.5, 1.0)
+METRICS = ("colln", "cls", "correct")
+
+
+def _predict(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+) -> np.ndarray:
+    with torch.no_grad():
+        return model(x).argmax(-1).numpy()
+
+
+@pytest.fixture(scope="module")
+def digits_model() -> torch.nn.Module:
+    return load_model("digits_vit", WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def digits_test() -> digits.DigitsSplit:
+    return digits.load_split("test")
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> tuple[dict, str]:
+    """One colln-eval run on the whole bundled test split, early schedule."""
+    out = tmp_path_factory.mktemp("eval") / "digits"
+    argv = ["digits_vit", "--weights", WEIGHTS, "--schedule", "early", "--keep", ",".join(map(str, KEEPS))]
+    argv += ["--metric", ",".join(METRICS), "--batch", "512", "--rounds", "3", "--warmup", "1", "--out", str(out)]
+    assert eval_cli.main(argv) == 0
+    return json.loads((out / ev.RESULTS_JSON).read_text()), str(out)
+
+
+def test_schedules_scale_the_paper_blocks():
+    assert ev.schedule_layers("early", 12) == (0, 3, 6)
+    assert ev.schedule_layers("evit", 12) == (3, 6, 9)
+    # 8 blocks: 0, 3 * 8 / 12 = 2, 6 * 8 / 12 = 4.
+    assert ev.schedule_layers("early", 8) == (0, 2, 4)
+
+
+def test_sweep_accuracy_matches_direct_prune(digits_run, digits_model, digits_test):
+    result, _ = digits_run
+    x = preprocess(digits_test.images, digits_model)
+    labels = digits_test.labels
+    base_pred = _predict(digits_model, x)
+    assert result["num_images"] == len(labels) == 450
+    assert result["baseline"]["accuracy"] == pytest.approx(float((base_pred == labels).mean()))
+    assert result["baseline"]["agreement"] == 1.0
+    assert len(result["rows"]) == len(KEEPS) * len(METRICS)
+    for row in result["rows"]:
+        assert tuple(row["layers"]) == (0, 2, 4)
+        pred = _predict(prune(digits_model, keep=row["keep"], layers=(0, 2, 4), metric=row["metric"], norm=4), x)
+        assert row["accuracy"] == pytest.approx(float((pred == labels).mean())), row
+        assert row["agreement"] == pytest.approx(float((pred == base_pred).mean())), row
+        if row["keep"] == 1.0:
+            assert row["agreement"] == 1.0
+            assert row["accuracy"] == result["baseline"]["accuracy"]
+            assert row["keep_counts"] == [64, 64, 64]
+        else:
+            # 64 patches halved three times, k = ceil(0.5 * candidates).
+            assert row["keep_counts"] == [32, 16, 8]
+            assert row["flops_ratio"] < 1.0
+        assert row["speedup"] == pytest.approx(result["baseline"]["latency"]["p50_ms"] / row["latency"]["p50_ms"])
+
+
+def test_outputs_are_readable(digits_run):
+    _, out = digits_run
+    md = Path(out, ev.RESULTS_MD).read_text()
+    assert "| metric | keep 0.5 | keep 1 |" in md
+    assert "| Col-Ln |" in md and "| [CLS] |" in md
+    for name in (ev.KEEP_PLOT, ev.PARETO_PLOT):
+        with Image.open(f"{out}/{name}") as img:
+            assert img.format == "PNG"
+            assert img.width >= 500 and img.height >= 400
+
+
+def test_budget_picker_chooses_the_hand_computed_row(digits_run):
+    result, _ = digits_run
+    rows = result["rows"]
+    budget = float(np.median([r["latency"]["p50_ms"] for r in rows]))
+    fitting = [r for r in rows if r["latency"]["p50_ms"] <= budget]
+    best_acc = max(r["accuracy"] for r in fitting)
+    by_hand = min((r for r in fitting if r["accuracy"] == best_acc), key=lambda r: r["latency"]["p50_ms"])
+    chosen = ev.pick(ev.Sweep.from_dict(result), latency_budget_ms=budget)
+    assert (chosen.metric, chosen.keep, list(chosen.layers)) == (by_hand["metric"], by_hand["keep"], by_hand["layers"])
+
+    target = float(np.median([r["speedup"] for r in rows]))
+    fast = [r for r in rows if r["speedup"] >= target]
+    by_hand = max(fast, key=lambda r: (r["accuracy"], -r["latency"]["p50_ms"]))
+    chosen = ev.pick(ev.Sweep.from_dict(result), target_speedup=target)
+    assert (chosen.metric, chosen.keep) == (by_hand["metric"], by_hand["keep"])
+    assert shlex.split(ev.export_command(chosen, ExportSpec("digits_vit"))) == [
+        "colln-export", "digits_vit", "--keep", f"{by_hand['keep']:g}", "--layers", "0,2,4",
+        "--metric", by_hand["metric"], "--norm", "4",
+    ]  # fmt: skip
+
+
+def test_export_command_flags():
+    row = ev.Row("correct", 2.0, 0.6, (0, 3), (39, 24), 0.5, 0.9, 0.95, LatencyStats(1, 1, 1.0, 1.0, 1.0, 1.0, 1e3))
+    spec = ExportSpec("vit_small", weights="my weights.safetensors", img_size=256, rescue=0.4, fuse=True)
+    assert shlex.split(ev.export_command(row, spec)) == [
+        "colln-export", "vit_small", "--keep", "0.6", "--layers", "0,3", "--metric", "correct", "--norm", "2",
+        "--weights", "my weights.safetensors", "--img-size", "256", "--rescue", "0.4", "--fuse",
+    ]  # fmt: skip
+
+
+def test_picked_command_exports_the_picked_configuration(digits_run, tmp_path):
+    """The printed colln-export call, run as printed, builds exactly the chosen row's keep plan."""
+    from colln.export import cli as export_cli
+
+    result, _ = digits_run
+    chosen = ev.pick(ev.Sweep.from_dict(result), latency_budget_ms=1e9)
+    argv = shlex.split(ev.export_command(chosen, ExportSpec("digits_vit")))[1:]
+    out = tmp_path / "export"
+    assert export_cli.main([*argv, "--no-validate", "--no-latency", "--out", str(out)]) == 0
+    plan = ExportSpec.read(out).keep_plan()
+    assert (plan.metric, plan.norm, plan.layers, plan.keep_counts) == (chosen.metric, chosen.norm, chosen.layers, chosen.keep_counts)
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory, digits_test) -> tuple[str, list[int]]:
+    """An ImageFolder of real digit scans: 4 images of each class 0..9 in ``<class>/`` folders."""
+    root = tmp_path_factory.mktemp("folder")
+    labels = []
+    for cls in range(10):
+        (root / str(cls)).mkdir()
+        picks = np.flatnonzero(digits_test.labels == cls)[:4]
+        for i in picks:
+            digits_test.images[i].save(root / str(cls) / f"{i}.png")
+        labels += [cls] * len(picks)
+    return str(root), labels
+
+
+def test_image_folder_and_budget_command(digit_folder, digits_model, capsys, tmp_path):
+    root, labels = digit_folder
+    out = tmp_path / "folder"
+    argv = ["digits_vit", "--data", root, "--layers", "0,3", "--keep", "0.3,0.6", "--metric", "colln,cls"]
+    argv += ["--norm", "2,4", "--rounds", "2", "--warmup", "0", "--latency-budget", "1e9", "--out", str(out)]
+    assert eval_cli.main(argv) == 0
+    result = json.loads((out / ev.RESULTS_JSON).read_text())
+    # cls has no norm order: one row per keep; colln one per (norm, keep).
+    assert sorted((r["metric"], r["norm"], r["keep"]) for r in result["rows"]) == [
+        ("cls", 2.0, 0.3), ("cls", 2.0, 0.6),
+        ("colln", 2.0, 0.3), ("colln", 2.0, 0.6), ("colln", 4.0, 0.3), ("colln", 4.0, 0.6),
+    ]  # fmt: skip
+    images = [Image.open(f"{root}/{c}/{name}").convert("RGB") for c in range(10) for name in sorted(os.listdir(f"{root}/{c}"))]
+    x = preprocess(images, digits_model)
+    for row in result["rows"]:
+        pred = _predict(prune(digits_model, keep=row["keep"], layers=(0, 3), metric=row["metric"], norm=row["norm"]), x)
+        assert row["accuracy"] == pytest.approx(float((pred == np.array(labels)).mean()))
+        assert row["keep_counts"] == [math.ceil(row["keep"] * 64), math.ceil(row["keep"] * math.ceil(row["keep"] * 64))]
+    # Everything fits a huge budget: the pick is the most accurate row, ties to the fastest.
+    best = max(result["rows"], key=lambda r: (r["accuracy"], -r["latency"]["p50_ms"]))
+    expected = f"colln-export digits_vit --keep {best['keep']:g} --layers 0,3 --metric {best['metric']} --norm {best['norm']:g}"
+    assert result["pick"]["command"] == expected
+    assert expected in capsys.readouterr().out
+
+
+def test_budget_nobody_meets_exits_2_with_results_written(digit_folder, capsys, tmp_path):
+    root, _ = digit_folder
+    out = tmp_path / "tight"
+    argv = ["digits_vit", "--data", root, "--keep", "0.5", "--metric", "colln", "--rounds", "2", "--warmup", "0"]
+    assert eval_cli.main([*argv, "--latency-budget", "1e-6", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("colln: error: pick: no configuration reaches a median latency within 1e-06 ms")
+    assert len(err.strip().splitlines()) == 1
+    assert json.loads((out / ev.RESULTS_JSON).read_text())["pick"] is None
+
+
+def test_image_folder_class_indices(tmp_path):
+    """Integer class folders are those class indices; named ones are indices in sorted-name order."""
+    photos = skimage_photos(["astronaut", "coffee", "chelsea"])
+    for folder, photo in zip(("7", "3", "3"), photos):
+        (tmp_path / "ints" / folder).mkdir(parents=True, exist_ok=True)
+        photo.save(tmp_path / "ints" / folder / f"{id(photo)}.png")
+    for folder, photo in zip(("rocket", "cat", "cat"), photos):
+        (tmp_path / "names" / folder).mkdir(parents=True, exist_ok=True)
+        photo.save(tmp_path / "names" / folder / f"{id(photo)}.png")
+    assert sorted(ev.load_data(str(tmp_path / "ints"), num_classes=10).labels.tolist()) == [3, 3, 7]
+    assert sorted(ev.load_data(str(tmp_path / "names"), num_classes=1000).labels.tolist()) == [0, 0, 1]
+    with pytest.raises(DataError, match="beyond the model's 5 classes"):
+        ev.load_data(str(tmp_path / "ints"), num_classes=5)
+    subset = ev.load_data("digits", num_classes=10, limit=10)
+    assert len(subset.images) == 10 and len(set(subset.labels.tolist())) > 5
+
+
+@pytest.mark.parametrize(
+    ("argv", "stage"),
+    [
+        (["--data", "/nonexistent/folder"], "data"),
+        (["--schedule", "late"], "arguments"),
+        (["--metric", "entropy"], "arguments"),
+        (["--keep", "1.5"], "plan"),
+        (["--latency-budget", "5", "--target-speedup", "2"], "arguments"),
+    ],
+)
+def test_bad_arguments_one_line_exit_2(argv, stage, capsys, tmp_path):
+    assert eval_cli.main(["digits_vit", *argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"colln: error: {stage}: ") and "\n" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_out_needs_force(digits_run, capsys):
+    _, out = digits_run
+    assert eval_cli.main(["digits_vit", "--keep", "0.5", "--metric", "colln", "--out", out]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_pareto_front_by_hand():
+    points = [(5.0, 90.0), (3.0, 80.0), (4.0, 70.0), (6.0, 90.0), (2.0, 60.0), (7.0, 95.0)]
+    assert ev.pareto_front(points) == [(2.0, 60.0), (3.0, 80.0), (5.0, 90.0), (7.0, 95.0)]
+
+
+def test_onnxruntime_backend_matches_pytorch(digits_model, digits_test, tmp_path):
+    """The exported graphs score like the PyTorch models (trained weights: no near-tied top-k)."""
+    out = tmp_path / "ort"
+    argv = ["digits_vit", "--backend", "onnxruntime", "--limit", "40", "--keep", "0.5", "--metric", "colln"]
+    assert eval_cli.main([*argv, "--schedule", "early", "--rounds", "2", "--warmup", "0", "--out", str(out)]) == 0
+    result = json.loads((out / ev.RESULTS_JSON).read_text())
+    chosen = np.linspace(0, len(digits_test.images) - 1, 40).round().astype(int)
+    x = preprocess([digits_test.images[i] for i in chosen], digits_model)
+    labels = digits_test.labels[chosen]
+    assert result["backend"] == "onnxruntime"
+    assert result["baseline"]["accuracy"] == pytest.approx(float((_predict(digits_model, x) == labels).mean()))
+    (row,) = result["rows"]
+    pred = _predict(prune(digits_model, keep=0.5, layers=(0, 2, 4), metric="colln"), x)
+    assert row["accuracy"] == pytest.approx(float((pred == labels).mean()))
