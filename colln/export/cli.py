@@ -43,6 +43,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch validation")
     p.add_argument("--no-fail", action="store_true", help="report a failed validation but exit 0")
     p.add_argument("--val-images", type=Path, default=None, help="directory of validation images (default: skimage photos; digits test split for digits_vit)")
+    p.add_argument("--val-limit", type=int, default=None, help="validate on the first N images only (default: all)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--latency-batches", default="1,8", help="batch sizes to time (default 1,8)")
     p.add_argument("--latency-rounds", type=int, default=None, help="interleaved timing rounds per batch size (default: as many as fit in ~20 s, 5..50)")
@@ -140,7 +141,7 @@ def export_and_check(
     validation = None
     if not args.no_validate:
         with step("validating ONNX Runtime against PyTorch"):
-            images = validation_images(spec.model, unpruned, args.val_images)
+            images = validation_images(spec.model, unpruned, args.val_images, args.val_limit)
             runner = candidate_runner(directory, "onnxruntime", exported.plan)
             validation = validate(exported.pruned, unpruned, runner, images, spec.precision, backend="onnxruntime")
     latency = None

@@ -133,15 +133,20 @@ def kept_index_nodes(
     """The TopK index tensors that select the kept tokens, per pruning layer.
 
     ``pruned_layers`` is ``(layer, k)`` of every layer that prunes, in order. A layer's selection
-    is one TopK of K=k, or two (K=k-r by [CLS], then r by Col-Ln) for the rescue metric; TopKs that
-    sort indices (spatial order) are skipped. Raises when the graph does not match the plan.
+    is one TopK of K=k, or two (K=k-r by [CLS], then r by Col-Ln) for the rescue metric; with spatial
+    order, the TopK that sorts those picks replaces them. Raises when the graph does not match the plan.
     """
     index_tensors: set[str] = set()
+    concat_of: dict[tuple[str, ...], str] = {}
+    sorted_by: dict[str, str] = {}
     for node in proto.graph.node:
-        if node.op_type == "TopK":
+        if node.op_type == "TopK" and node.input[0] in index_tensors:
+            sorted_by[node.input[0]] = node.output[0]
+        elif node.op_type == "TopK":
             index_tensors.add(node.output[1])
         elif node.op_type == "Concat" and all(i in index_tensors for i in node.input):
             index_tensors.add(node.output[0])
+            concat_of[tuple(node.input)] = node.output[0]
     queue = iter([(n, k) for n, k in _topk_nodes(proto) if n.input[0] not in index_tensors])
     found: dict[int, list[str]] = {}
     for layer, k in pruned_layers:
@@ -154,7 +159,9 @@ def kept_index_nodes(
             total += node_k
         if total != k:
             raise ExportError(f"TopK sizes at layer {layer} sum to {total}, the keep plan says k={k}")
-        found[layer] = names
+        # Spatial order sorts the picks: the sorted ones are what the next layer's positions refer to.
+        picks = names[0] if len(names) == 1 else concat_of.get(tuple(names))
+        found[layer] = [sorted_by[picks]] if picks in sorted_by else names
     return found
 
 

@@ -167,7 +167,8 @@ def prune_tokens(
     """
     indices, scores = select(head_mean(attn), num_prefix, k, metric, norm, rescue)
     if spatial_order:
-        indices = indices.sort(dim=-1).values
+        # topk, not sort: sort exports as a TopK whose K is computed from the shape (TensorRT wants a constant).
+        indices = torch.topk(indices, k, dim=-1, largest=False).values
     out = gather_tokens(x, indices, num_prefix)
     if fuse:
         out = torch.cat([out, fused_token(x, indices, scores, num_prefix)], dim=1)

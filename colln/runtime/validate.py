@@ -44,7 +44,7 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from torch import nn
 
-from colln.errors import ValidationFailedError
+from colln.errors import UsageError, ValidationFailedError
 from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, ExportSpec
 from colln.models import ops
 from colln.models.plan import KeepPlan
@@ -87,6 +87,8 @@ def validation_images(
     from colln.data import load_images, preprocess, skimage_photos
     from colln.models import digits
 
+    if limit is not None and limit < 1:
+        raise UsageError(f"the validation image limit must be >= 1, got {limit}")
     labels = None
     if directory is not None:
         photos, source = load_images(Path(directory), limit), str(directory)
@@ -226,13 +228,15 @@ def validate_export(
     unpruned: nn.Module | None = None,
     device: str = "cpu",
     batch: int = 32,
+    limit: int | None = None,
 ) -> ValidationReport:
-    """Validate the ``backend`` of an export directory against its pruned PyTorch reference.
-    ``pruned`` / ``unpruned`` skip rebuilding the reference when the caller already has it."""
+    """Validate the ``backend`` of an export directory against its pruned PyTorch reference on
+    (the first ``limit`` of) the validation images. ``pruned`` / ``unpruned`` skip rebuilding the
+    reference when the caller already has it."""
     spec = ExportSpec.read(export_dir)
     unpruned = unpruned if unpruned is not None else spec.load_unpruned()
     pruned = pruned if pruned is not None else spec.prune(unpruned)
-    images = validation_images(spec.model, unpruned, val_images)
+    images = validation_images(spec.model, unpruned, val_images, limit)
     candidate = candidate_runner(export_dir, backend, get_plan(pruned), device)
     return validate(pruned, unpruned, candidate, images, spec.precision, backend=backend, batch=batch)
 

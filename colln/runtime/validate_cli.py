@@ -1,0 +1,83 @@
+"""``colln-validate EXPORT_DIR --backend tensorrt|onnxruntime|torch``: compare a backend of an
+export against its pruned PyTorch reference (same checks and thresholds as colln-export; see
+:mod:`colln.runtime.validate`). Exit 0 passed, 1 mismatches, 2 cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from colln.cli import ArgumentParser, run_main
+from colln.errors import UsageError
+from colln.runtime.runners import BACKENDS
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="colln-validate", description="Validate an export's backend against its pruned PyTorch reference.")
+    p.add_argument("export_dir", type=Path, help="a colln-export output directory")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="backend to check (default onnxruntime)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (onnxruntime and torch; tensorrt is always on the GPU)")
+    p.add_argument("--val-images", type=Path, default=None, help="directory of images (default: as colln-export)")
+    p.add_argument("--val-limit", type=int, default=None, help="validate on the first N images only")
+    p.add_argument("--batch", type=int, default=32, help="inference batch size (default 32)")
+    p.add_argument("--json", type=Path, default=None, help="also write the validation report to this file")
+    p.add_argument("--no-fail", action="store_true", help="report mismatches but exit 0")
+    p.add_argument("--verbose", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(
+    argv: Sequence[str] | None = None,
+) -> int:
+    return run_main(validate_command, build_parser(), argv)
+
+
+def validate_command(
+    args: argparse.Namespace,
+) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from colln.export.report import validation_lines
+    from colln.export.spec import ExportSpec
+    from colln.runtime.validate import validate_export
+
+    spec = ExportSpec.read(args.export_dir)
+    if spec.weights == "random":
+        raise UsageError(
+            f"{args.export_dir} was exported with --weights random, so its PyTorch reference cannot be rebuilt; "
+            "re-export with --weights pretrained or a weights file",
+            stage="validate",
+        )
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    console = Console(stderr=True)
+    with console.status(f"validating {args.backend} against torch"):
+        report = validate_export(
+            args.export_dir, args.backend, args.val_images, device=args.device, batch=args.batch, limit=args.val_limit
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    table = Table(title=f"colln-validate {args.export_dir}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    verdict = "[green]passed[/]" if report.passed else "[red]FAILED[/]"
+    table.add_row("validation", f"{verdict}: {report.backend} vs torch on {report.images} images ({report.source})")
+    for line in validation_lines(report.to_dict()):
+        table.add_row("", line)
+    Console().print(table)
+    for line in report.warnings:
+        console.print(f"[yellow]warning:[/] {line}")
+    for line in report.mismatches:
+        console.print(f"[red]mismatch:[/] {line}")
+    if not args.no_fail:
+        report.raise_if_failed(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

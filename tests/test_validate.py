@@ -1,0 +1,186 @@
+"""Validation: colln-validate per backend, doctored graphs caught (exit 1), the tie rule on
+hand-made scores, and ONNX Runtime's observed kept sets for every selection variant."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from colln.errors import ExportError
+from colln.export.onnx import with_kept_outputs
+from colln.export.pipeline import export_into
+from colln.export.spec import ExportSpec
+from colln.runtime.validate import (
+    TOLERANCES,
+    ValImages,
+    _Reference,
+    candidate_runner,
+    compare,
+    pruned_layers,
+    validate,
+    validation_images,
+)
+from colln.runtime.validate_cli import main
+
+
+def test_onnxruntime_backend_passes(digits_export: Path, tmp_path: Path, capsys) -> None:
+    assert main([str(digits_export), "--backend", "onnxruntime", "--json", str(tmp_path / "v.json")]) == 0
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["passed"] and v["kept_sets_observed"] and v["mismatches"] == []
+    assert all(layer["compared_images"] and layer["mean_overlap"] > 0.99 for layer in v["layers"])
+    assert "colln-validate" in capsys.readouterr().out
+
+
+def test_torch_backend_matches_itself(digits_export: Path, tmp_path: Path) -> None:
+    assert main([str(digits_export), "--backend", "torch", "--val-limit", "64", "--json", str(tmp_path / "v.json")]) == 0
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["passed"] and not v["kept_sets_observed"] and v["max_abs_error"] == 0.0 and v["top1_agreement"] == 1.0
+
+
+def _doctored(export: Path, tmp_path: Path, edit) -> Path:
+    out = tmp_path / "doctored"
+    shutil.copytree(export, out)
+    proto = onnx.load(str(out / "model.onnx"))
+    edit(proto)
+    onnx.save(proto, str(out / "model.onnx"))
+    return out
+
+
+def _shift_head_bias(proto: onnx.ModelProto) -> None:
+    (init,) = [t for t in proto.graph.initializer if t.name == "head.bias"]
+    bias = numpy_helper.to_array(init).copy()
+    bias[3] += 0.5
+    init.CopyFrom(numpy_helper.from_array(bias, init.name))
+
+
+def _select_smallest(proto: onnx.ModelProto) -> None:
+    topk = next(n for n in proto.graph.node if n.op_type == "TopK")
+    kept = [a for a in topk.attribute if a.name != "largest"]
+    del topk.attribute[:]
+    topk.attribute.extend([*kept, onnx.helper.make_attribute("largest", 0)])
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [(_shift_head_bias, "max |logit error| above the tolerance"), (_select_smallest, "outside PyTorch's tie band")],
+)
+def test_doctored_graph_fails_with_exit_1(digits_export: Path, tmp_path: Path, capsys, edit, expected: str) -> None:
+    doctored = _doctored(digits_export, tmp_path, edit)
+    assert main([str(doctored), "--val-limit", "64", "--json", str(tmp_path / "v.json")]) == 1
+    err = capsys.readouterr().err
+    assert "colln: error: validate: onnxruntime disagrees with torch:" in err and "Traceback" not in err
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert not v["passed"] and any(expected in m for m in v["mismatches"]), v["mismatches"]
+
+
+def test_no_fail_reports_but_exits_0(digits_export: Path, tmp_path: Path) -> None:
+    doctored = _doctored(digits_export, tmp_path, _shift_head_bias)
+    assert main([str(doctored), "--val-limit", "16", "--no-fail"]) == 0
+
+
+def test_random_weights_export_is_refused(tmp_path: Path, capsys) -> None:
+    ExportSpec(model="digits_vit", weights="random").write(tmp_path)
+    assert main([str(tmp_path)]) == 2
+    assert "exported with --weights random" in capsys.readouterr().err
+
+
+def test_not_an_export_exits_2(tmp_path: Path, capsys) -> None:
+    assert main([str(tmp_path)]) == 2
+    assert "is not a colln export" in capsys.readouterr().err
+
+
+def _reference(scores: np.ndarray, k: int, logits: np.ndarray) -> _Reference:
+    kept = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return _Reference(logits=logits, unpruned=logits, kept={0: kept}, scores={0: scores})
+
+
+def _compare(ref: _Reference, logits: np.ndarray, cand_kept: dict | None, k: int):
+    return compare(ref, logits, cand_kept, [(0, k)], "colln", False, TOLERANCES["fp32"], None, "cand", "fp32", "test")
+
+
+def test_tie_rule_on_hand_made_scores() -> None:
+    scores = np.array([[0.9, 0.8, 0.5, 0.5, 0.1, 0.0], [0.9, 0.8, 0.7, 0.3, 0.2, 0.1]], dtype=np.float32)
+    logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32)
+    ref = _reference(scores, 3, logits)
+    same = _compare(ref, logits.copy(), {0: ref.kept[0].copy()}, 3)
+    assert same.passed and same.judged_images == 2 and same.layers[0].identical_fraction == 1.0
+    # Image 0 swaps token 2 for its exact tie 3 (explained); image 1 keeps token 5, far below the k-th score.
+    cand = np.array([[0, 1, 3], [0, 1, 5]])
+    report = _compare(ref, logits.copy(), {0: cand}, 3)
+    layer = report.layers[0]
+    assert (layer.diverged_here, layer.explained, report.judged_images) == (2, 1, 0)
+    assert layer.mean_overlap == pytest.approx(2 / 3)
+    assert len(report.mismatches) == 1 and "image 1" in report.mismatches[0] and "tie band" in report.mismatches[0]
+    assert layer.min_margin == pytest.approx(0.0) and layer.tied_images == 1
+
+
+def test_margin_rule_without_kept_sets() -> None:
+    """A backend that cannot report kept tokens: tied images are left out, the others judged."""
+    scores = np.array([[0.9, 0.8, 0.5, 0.5, 0.1, 0.0], [0.9, 0.8, 0.7, 0.3, 0.2, 0.1]], dtype=np.float32)
+    logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32)
+    ref = _reference(scores, 3, logits)
+    wild_on_tie = np.array([[0.0, 5.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32)
+    report = _compare(ref, wild_on_tie, None, 3)
+    assert report.passed and report.judged_images == 1 and report.top1_agreement == 0.5
+    off = np.array([[0.0, 5.0, 0.0], [0.0, 2.0, 1.1]], dtype=np.float32)
+    report = _compare(ref, off, None, 3)
+    # Plain formulas: max |error| 0.1 > 1e-3 * max(1, 2); cosine of (0,2,1) and (0,2,1.1).
+    cos = (4 + 1.1) / (np.sqrt(5) * np.sqrt(4 + 1.21))
+    assert report.max_abs_error == pytest.approx(4.0) and report.min_cosine_judged == pytest.approx(cos)
+    assert len(report.mismatches) == 2 and all("image 1" in m for m in report.mismatches)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{"metric": "correct", "rescue": 0.4}, {"metric": "cls", "fuse": True}, {"metric": "colln", "fuse": True, "spatial_order": True}],
+    ids=["correct", "cls-fuse", "colln-fuse-spatial"],
+)
+def test_observed_kept_sets_for_every_variant(tmp_path: Path, digits_weights: str, variant: dict) -> None:
+    exported = export_into(ExportSpec(model="digits_vit", weights=digits_weights, **variant), tmp_path)
+    images = validation_images("digits_vit", exported.unpruned, limit=64)
+    runner = candidate_runner(tmp_path, "onnxruntime", exported.plan)
+    report = validate(exported.pruned, exported.unpruned, runner, images)
+    assert report.kept_sets_observed and report.passed, report.mismatches
+    assert report.layers[0].mean_overlap > 0.99 and report.judged_images >= 60
+
+
+def test_kept_outputs_must_match_the_plan(digits_export: Path) -> None:
+    proto = onnx.load(str(digits_export / "model.onnx"))
+    plan = ExportSpec.read(digits_export).keep_plan()
+    debug = with_kept_outputs(proto, pruned_layers(plan))
+    assert [o.name for o in debug.graph.output] == ["logits", "colln_kept_L2_0", "colln_kept_L4_0", "colln_kept_L6_0"]
+    assert len(proto.graph.output) == 1  # the shipped graph is untouched
+    with pytest.raises(ExportError, match="sum to"):
+        with_kept_outputs(proto, [(2, 44)])
+
+
+def test_validation_images_from_a_directory(tmp_path: Path, digits_export: Path) -> None:
+    from colln.models import digits
+
+    for i, img in enumerate(digits.load_split("test").images[:5]):
+        img.save(tmp_path / f"{i}.png")
+    model = ExportSpec.read(digits_export).load_unpruned()
+    images = validation_images("digits_vit", model, tmp_path)
+    assert images.images.shape == (5, 3, 32, 32) and images.labels is None and images.source == str(tmp_path)
+    assert isinstance(images, ValImages) and images.images.dtype == np.float32
+
+
+@pytest.mark.gpu
+def test_tensorrt_backend(digits_export: Path, tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU with TensorRT")
+    from colln.export.tensorrt import build_engine
+
+    export = tmp_path / "trt"
+    shutil.copytree(digits_export, export)
+    build_engine(export)
+    assert main([str(export), "--backend", "tensorrt", "--json", str(tmp_path / "v.json")]) == 0
+    assert json.loads((tmp_path / "v.json").read_text())["passed"]
+
