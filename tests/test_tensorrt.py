@@ -38,6 +38,9 @@ from colln.runtime import runners
 REPO = Path(__file__).resolve().parents[1]
 BATCHES = (1, 2, 4)  # a narrow profile keeps the CPU builds at a few seconds
 NO_GPU = "needs an NVIDIA GPU (TensorRT engines only run on one)"
+# Decided at collection, so the skipped GPU tests do not build their fixtures first.
+HAS_GPU = gpu_info() is not None
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason=NO_GPU)
 
 
 def _paper_keep_counts(
@@ -250,7 +253,7 @@ def test_incomplete_plan_is_refused(fp32_plan, tmp_path):
         tensorrt_runner(out)
 
 
-@pytest.mark.skipif(gpu_info() is not None, reason="a GPU is visible here")
+@pytest.mark.skipif(HAS_GPU, reason="a GPU is visible here")
 def test_without_gpu_the_runner_says_so(fp32_plan):
     with pytest.raises(BackendUnavailableError, match="no NVIDIA GPU"):
         runners.load(fp32_plan, backend="tensorrt")
@@ -283,11 +286,9 @@ def test_without_tensorrt_colln_build_exits_2_with_install_hint(fp32_export, tmp
 # --- GPU: engines run (skipped here: no GPU on the CI machine) ---------------------------------
 
 
-def _gpu_or_skip(
+def _trained_or_skip(
     digits_weights: str,
 ) -> None:
-    if gpu_info() is None:
-        pytest.skip(NO_GPU)
     if digits_weights != "bundled":
         pytest.skip("needs the trained digits_vit weights (random ViTs flip top-k between backends)")
 
@@ -309,8 +310,9 @@ def _logits(
 
 
 @pytest.mark.gpu
+@needs_gpu
 def test_fp32_engine_matches_torch(fp32_plan, digits_weights):
-    _gpu_or_skip(digits_weights)
+    _trained_or_skip(digits_weights)
     spec = ExportSpec.read(fp32_plan)
     torch_runner = runners.load(fp32_plan, backend="torch")
     images = _digits_batch(spec.load_unpruned())
@@ -323,8 +325,9 @@ def test_fp32_engine_matches_torch(fp32_plan, digits_weights):
 
 
 @pytest.mark.gpu
+@needs_gpu
 def test_fp16_engine_agrees_with_torch(fp16_plan, digits_weights):
-    _gpu_or_skip(digits_weights)
+    _trained_or_skip(digits_weights)
     spec = ExportSpec.read(fp16_plan)
     images = _digits_batch(spec.load_unpruned())
     expected = _logits(runners.load(fp16_plan, backend="torch"), images)
@@ -336,9 +339,8 @@ def test_fp16_engine_agrees_with_torch(fp16_plan, digits_weights):
 
 
 @pytest.mark.gpu
+@needs_gpu
 def test_plan_for_another_gpu_is_refused(fp32_plan, tmp_path):
-    if gpu_info() is None:
-        pytest.skip(NO_GPU)
     out = _doctored(fp32_plan, tmp_path, gpu={"name": "Imaginary GPU", "compute_capability": "1.0"}, compute_capabilities=["1.0"])
     with pytest.raises(EngineError, match="compute capability 1.0"):
         tensorrt_runner(out)
