@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
@@ -128,6 +129,8 @@ def test_health_ready_metadata_and_metrics(server: dict, client: httpclient.Infe
     assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [("images", "FP32", [-1, 3, 32, 32])]
     assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == [("logits", "FP32", [-1, 10])]
     assert client.get_model_config(server["model"])["max_batch_size"] == MAX_BATCH
+    grpc = grpcclient.InferenceServerClient(f"{HOST}:{server['ports'][1]}")
+    assert grpc.is_server_ready() and grpc.is_model_ready(server["model"])
     metrics = urllib.request.urlopen(f"http://{HOST}:{server['ports'][2]}/metrics", timeout=10).read().decode()
     assert f'nv_inference_request_success{{model="{server["model"]}",version="1"}}' in metrics
 
@@ -212,6 +215,12 @@ def test_exception_inside_inference_is_a_clean_500(server: dict, client, referen
     assert "inference failed" in message and "server log" in message
     for leak in ("Traceback", "File ", "/", ".py"):
         assert leak not in message, f"error leaks {leak!r}: {message}"
+    # The details stay in the server log (Triton writes it out a moment later).
+    deadline = time.monotonic() + 20
+    while "colln: inference failed" not in server["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = server["log"].read_text()
+    assert "colln: inference failed" in log and "Traceback" in log.split("colln: inference failed", 1)[1]
     # The failed model is still loaded and answers what it can; the other model is unaffected.
     assert infer(client, "broken", np.ones((1, 3, 32, 32), np.float32)).tolist() == [[3072.0] * 10]
     assert_still_serving(client, server["model"], reference)
