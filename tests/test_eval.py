@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from colln import load_model, prune
+from colln import load_model, plan_for, prune
 from colln.data import DataError, preprocess, skimage_photos
 from colln.export.spec import ExportSpec
 from colln.models import digits
@@ -90,6 +90,8 @@ def test_outputs_are_readable(digits_run):
     md = Path(out, ev.RESULTS_MD).read_text()
     assert "| metric | keep 0.5 | keep 1 |" in md
     assert "| Col-Ln |" in md and "| [CLS] |" in md
+    flops = plan_for(load_model("digits_vit", "random"), keep=0.5, layers=(0, 2, 4)).flops()
+    assert f"| FLOPs / unpruned | {flops.pruned / flops.full:.2f} | 1.00 |" in md
     for name in (ev.KEEP_PLOT, ev.PARETO_PLOT):
         with Image.open(f"{out}/{name}") as img:
             assert img.format == "PNG"

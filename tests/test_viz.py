@@ -136,6 +136,7 @@ def test_cli_photo_random_weights(tmp_path, capsys):
         (["--image", "IMG", "--out", "OUT.jpg"], "arguments"),
         (["--image", "IMG", "--out", "OUT.png", "--layers", "0", "--layers", "2"], "arguments"),
         (["--image", "IMG", "--out", "OUT.png", "--norm", "2,4"], "arguments"),
+        (["--image", "IMG", "--out", "OUT.png", "--dpi", "5"], "arguments"),
     ],
 )
 def test_bad_arguments_one_line_exit_2(argv, stage, tmp_path, capsys):

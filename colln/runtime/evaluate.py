@@ -369,7 +369,8 @@ def table_cells(
     layers: tuple[int, ...],
 ) -> tuple[list[str], list[list[str]], list[list[str]]]:
     """The paper-shaped tables for one layer set: header, accuracy rows and latency rows (rows are
-    metrics, columns keep rates; cells ``top-1 % (agreement %)`` and ``ms (speedup)``)."""
+    metrics, columns keep rates; cells ``top-1 % (agreement %)`` and ``ms (speedup)``, then the
+    FLOPs ratio)."""
     header = ["metric", *(f"keep {k:g}" for k in result.keeps)]
     norms = [n for _, n in result.series()]
     acc_rows, lat_rows = [], []
@@ -378,6 +379,9 @@ def table_cells(
         label = series_label(metric, norm, norms)
         acc_rows.append([label, *(f"{100 * r.accuracy:.1f} ({100 * r.agreement:.1f})" if r else "-" for r in cells)])
         lat_rows.append([label, *(f"{r.latency.p50_ms:.3g} ({result.speedup(r):.2f}x)" if r else "-" for r in cells)])
+    # The FLOPs ratio depends on keep and layers only, not on the metric: one row under the timings.
+    any_row = [next((r for r in result.rows if (r.keep, r.layers) == (k, layers)), None) for k in result.keeps]
+    lat_rows.append(["FLOPs / unpruned", *(f"{r.flops_ratio:.2f}" if r else "-" for r in any_row)])
     return header, acc_rows, lat_rows
 
 

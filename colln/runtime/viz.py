@@ -124,6 +124,7 @@ def render(
     grid: tuple[int, int],
     title: str,
     out: Path,
+    dpi: int = 100,
 ) -> None:
     """Rows: metrics; columns: the input, then each pruning block. Written atomically to ``out``."""
     import matplotlib
@@ -152,7 +153,7 @@ def render(
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, out)
     finally:
         plt.close(fig)
@@ -170,6 +171,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--keep", default="0.5", help="keep rate, one for every pruning block or one per block (default 0.5)")
     parser.add_argument("--metric", default="colln,cls", help="metrics to draw, one row each (default colln,cls)")
     parser.add_argument("--out", type=Path, required=True, help="output PNG file (replaced if it exists)")
+    parser.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default 100; lower for smaller files)")
     return parser
 
 
@@ -196,7 +198,9 @@ def main_args(
     weights = args.weights or default_weights(args.model)
     note = " (RANDOM weights: selections are not meaningful)" if weights == "random" else f" ({weights} weights)"
     title = f"{args.model}{note}, keep {args.keep} at blocks {','.join(map(str, sets[0]))}; dimmed patches are dropped"
-    render(display_image(x, model), views, grid, title, args.out)
+    if args.dpi < 20:
+        raise UsageError(f"--dpi {args.dpi} is too small to read: use 50 or more")
+    render(display_image(x, model), views, grid, title, args.out, args.dpi)
     print(f"wrote {args.out}")
     return 0
 
