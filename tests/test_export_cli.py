@@ -175,3 +175,41 @@ def test_installed_command(tmp_path: Path) -> None:
     proc = subprocess.run([str(exe), "digits_vit", "--keep", "abc", "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("colln: error: arguments: --keep must be a number")
     assert proc.stdout == ""
+
+
+def test_trt_engine_and_triton_repository(tmp_path: Path, digits_weights: str, capsys) -> None:
+    """--trt builds model.plan in the export (TensorRT, or TensorRT-RTX without a GPU); --triton-repo
+    writes the Triton entry for the final export directory."""
+    from colln.errors import BackendUnavailableError
+    from colln.export.tensorrt import trt_module
+
+    try:
+        trt_module()
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    out, repo = tmp_path / "digits", tmp_path / "repo"
+    argv = ["digits_vit", "--weights", digits_weights, "--out", str(out), "--no-validate", "--no-latency"]
+    assert main([*argv, "--trt", "--batch-opt", "2", "--batch-max", "4", "--triton-repo", str(repo)]) == 0
+    assert (out / "model.plan").stat().st_size > 0 and json.loads((out / "model.plan.json").read_text())
+    assert (repo / "digits" / "config.pbtxt").is_file() and (repo / "digits" / "1" / "model.onnx").is_file()
+    text = capsys.readouterr().out
+    assert "TensorRT" in text and "Triton" in text
+    assert not list(tmp_path.glob(".digits.tmp-*"))
+
+
+@pytest.mark.slow
+def test_vit_base_random_export(tmp_path: Path) -> None:
+    """The suite's one vit_base export: EViT's plan (K = 138, 97, 68), ONNX Runtime at several batch
+    sizes, and a validation that passes although random weights are full of near-ties (the report
+    shows the margins and which kept-set flips they explain)."""
+    out = tmp_path / "vit_base"
+    assert main(["vit_base", "--keep", "0.7", "--weights", "random", "--out", str(out), "--no-latency", "--val-limit", "4"]) == 0
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert topk_constants(proto) == [138, 97, 68]
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    for batch in (1, 3):
+        (logits,) = session.run(None, {"images": np.zeros((batch, 3, 224, 224), np.float32)})
+        assert logits.shape == (batch, 1000) and np.isfinite(logits).all()
+    v = json.loads((out / "report.json").read_text())["validation"]
+    assert v["passed"] and v["kept_sets_observed"] and v["images"] == 4
+    assert all(layer["min_margin"] is not None and layer["compared_images"] is not None for layer in v["layers"])

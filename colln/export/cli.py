@@ -54,6 +54,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch-max", type=int, default=32, help="TensorRT profile: largest batch (default 32)")
     p.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file")
     p.add_argument("--triton-repo", type=Path, default=None, help="also write a Triton model repository entry into DIR")
+    p.add_argument(
+        "--triton-backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"), help="Triton backend for --triton-repo (tensorrt needs --trt with full TensorRT)"
+    )
     p.add_argument("--verbose", action="store_true", help="show tracebacks")
     return p
 
@@ -99,18 +102,21 @@ def export_command(
     resolve_name(spec.model)  # an unknown name fails before anything is created
     out = args.out if args.out is not None else default_out_dir(spec)
     console = Console(stderr=True)
+    extra: list[tuple[str, str]] = []
     with _progress(console) as step, atomic_output(out, args.force) as tmp:
         exported, validation, report = export_and_check(spec, tmp, args, batches, step)
         if args.trt and (validation is None or validation.passed):
             from colln.export.tensorrt import build_engine
 
             with step("building the TensorRT engine"):
-                build_engine(tmp, args.batch_min, args.batch_opt, args.batch_max, args.timing_cache)
+                plan = build_engine(tmp, args.batch_min, args.batch_opt, args.batch_max, args.timing_cache)
+            extra.append(("TensorRT", f"{out / plan.name} (batch {args.batch_min}/{args.batch_opt}/{args.batch_max})"))
     if args.triton_repo is not None and (validation is None or validation.passed):
         from colln.runtime.triton import write_model_repository
 
-        write_model_repository(out, args.triton_repo, backend="tensorrt" if args.trt else "onnxruntime", max_batch=args.batch_max)
-    Console().print(result_table(report, out))
+        model_dir = write_model_repository(out, args.triton_repo, backend=args.triton_backend, max_batch=args.batch_max)
+        extra.append(("Triton", f"{model_dir} ({args.triton_backend})"))
+    Console().print(result_table(report, out, extra))
     if validation is not None:
         for line in validation.warnings:
             console.print(f"[yellow]warning:[/] {line}")
@@ -199,6 +205,7 @@ def _progress(
 def result_table(
     report: dict,
     out: Path,
+    extra: Sequence[tuple[str, str]] = (),
 ):
     """The result as a two-column rich table."""
     from rich.table import Table
@@ -231,6 +238,8 @@ def result_table(
                 f"pruned {r['pruned']['p50_ms']:.2f} ms / unpruned {r['unpruned']['p50_ms']:.2f} ms (p50), "
                 f"speedup {r['speedup']:.2f}x (bound {lat['flops_bound']:.2f}x)",
             )
+    for row in extra:
+        table.add_row(*row)
     table.add_row("output", str(out))
     return table
 
