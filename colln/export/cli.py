@@ -11,12 +11,22 @@ import argparse
 import contextlib
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from colln.cli import ArgumentParser, parse_floats, parse_ints, run_main
 from colln.export.spec import DEFAULT_OPSET, ONNX_FILE, ExportSpec
 from colln.models.ops import METRICS
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from colln.export.pipeline import Exported
+    from colln.runtime.validate import ValidationReport
+
+Step = Callable[[str], contextlib.AbstractContextManager[None]]
 
 
 def build_parser() -> ArgumentParser:
@@ -132,15 +142,16 @@ def export_and_check(
     directory: Path,
     args: argparse.Namespace,
     batches: Sequence[int],
-    step,
-):
+    step: Step,
+) -> tuple[Exported, ValidationReport | None, dict]:
     """Export into ``directory``, validate, time against the unpruned export; write the reports."""
     from colln.data import data_config
     from colln.export.pipeline import export_into
     from colln.export.report import build_report, measure_latency, write_report
+    from colln.models.registry import default_weights
     from colln.runtime.validate import candidate_runner, validate, validation_images
 
-    with step(f"loading {spec.model} ({spec.weights or 'default'} weights)"):
+    with step(f"loading {spec.model} ({spec.weights or default_weights(spec.model)} weights)"):
         unpruned = spec.load_unpruned()
     with step("pruning and exporting to ONNX"):
         exported = export_into(spec, directory, unpruned)
@@ -162,8 +173,8 @@ def export_and_check(
 
 @contextlib.contextmanager
 def _unpruned_onnx(
-    exported,
-    step,
+    exported: Exported,
+    step: Step,
 ) -> Iterator[Path]:
     """The unpruned counterpart's graph for timing: the export itself at keep 1.0, else a temporary
     export of ``spec.unpruned()`` from the same loaded weights."""
@@ -181,8 +192,8 @@ def _unpruned_onnx(
 
 @contextlib.contextmanager
 def _progress(
-    console,
-) -> Iterator:
+    console: Console,
+) -> Iterator[Step]:
     """A rich progress display; yields ``step(text)``, a context manager that shows one step."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -206,7 +217,7 @@ def result_table(
     report: dict,
     out: Path,
     extra: Sequence[tuple[str, str]] = (),
-):
+) -> Table:
     """The result as a two-column rich table."""
     from rich.table import Table
 
