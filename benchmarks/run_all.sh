@@ -25,8 +25,12 @@ for model in deit_small vit_base; do
     --batch 1,8 --rounds "$ROUNDS" --warmup "$WARMUP" --threads 1 | tee "$RESULTS/$model-colln-vs-cls.txt"
 done
 
+# Large batch (slow on one thread: deit_small only).
+colln-bench "$EXPORTS/deit_small-colln-keep0.7" --batch 32 --rounds 15 --warmup 2 --threads 1 \
+  --json "$RESULTS/deit_small-colln-keep0.7-batch32.json"
+
 python benchmarks/keep_sweep.py deit_small --keep 0.5,0.6,0.7,0.8,0.9 --batch 8 --rounds "$ROUNDS" --warmup "$WARMUP" \
   --exports "$EXPORTS" --json "$RESULTS/keep_sweep_deit_small.json" --plot benchmarks/speedup_vs_keep.png
 python benchmarks/profile_ort.py "$EXPORTS/deit_small-cls-keep0.7" "$EXPORTS/deit_small-colln-keep0.7" \
   --batch 8 --runs 10 --out "$RESULTS/profile_deit_small_b8.md"
-python benchmarks/table.py "$RESULTS"/*-colln-keep0.7.json > "$RESULTS/table.md"
+python benchmarks/table.py "$RESULTS"/*-colln-keep0.7*.json > "$RESULTS/table.md"
