@@ -185,3 +185,15 @@ def test_tensorrt_bench_builds_the_unpruned_engine(export_dir: Path, tmp_path: P
     data = json.loads((tmp_path / "t.json").read_text())
     assert (Path(data["unpruned_export"]) / "model.plan").is_file()
     assert set(data["batches"]) == {"1", "4"} and all(r["speedup"] > 0 for r in data["batches"].values())
+
+
+def test_stale_unpruned_cache_is_replaced(export_dir: Path, tmp_path: Path) -> None:
+    from colln.runtime.bench import unpruned_export
+
+    cached = unpruned_export(export_dir, cache=tmp_path)
+    assert unpruned_export(export_dir, cache=tmp_path) == cached
+    stale = json.loads((cached / "export.json").read_text())
+    stale["img_size"] = 64  # a graph for another resolution: must not be reused
+    (cached / "export.json").write_text(json.dumps(stale))
+    assert unpruned_export(export_dir, cache=tmp_path) == cached
+    assert ExportSpec.read(cached).img_size is None
