@@ -18,11 +18,17 @@ from colln.export.spec import ExportSpec
 from colln.models.ops import METRICS
 from colln.runtime import evaluate as ev
 
+DEFAULT_SCHEDULE = "evit"  # the blocks colln-export prunes by default
+
 
 def add_model_args(
     parser: argparse.ArgumentParser,
+    default_schedule: str,
+    sweep: bool,
 ) -> None:
-    """Arguments colln-eval and colln-viz share: model, weights, where and how to prune."""
+    """Arguments colln-eval and colln-viz share: model, weights, where and how to prune. ``sweep``:
+    several layer sets and norm orders are allowed (colln-eval) rather than one (colln-viz)."""
+    several = ", comma-separated" if sweep else ""
     parser.add_argument("model", help="timm ViT name or alias (vit_small, deit_base, ...) or digits_vit")
     parser.add_argument("--weights", default=None, help="pretrained | random | bundled | PATH (default: the model's own)")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
@@ -30,10 +36,15 @@ def add_model_args(
         "--layers",
         action="append",
         default=None,
-        help="pruning blocks, e.g. 0,3,6 (colln-eval: repeat to compare several sets)",
+        help="pruning blocks, e.g. 0,3,6" + ("; repeat to compare several sets" if sweep else ""),
     )
-    parser.add_argument("--schedule", default=None, help="named pruning blocks: evit (3,6,9 of 12) or early (0,3,6 of 12), comma-separated")
-    parser.add_argument("--norm", default="4", help="Col-Ln norm order(s) n, e.g. 4 or 1,2,4 (default 4)")
+    parser.add_argument(
+        "--schedule",
+        default=None,
+        help=f"named pruning blocks: evit (3,6,9 of 12) or early (0,3,6 of 12), scaled to the depth{several} "
+        f"(default {default_schedule} unless --layers is given)",
+    )
+    parser.add_argument("--norm", default="4", help="Col-Ln norm order n (default 4)" + (", or several: 1,2,4" if sweep else ""))
     parser.add_argument("--rescue", type=float, default=0.2, help="rescue ratio of the 'correct' metric (default 0.2)")
     parser.add_argument("--fuse", action="store_true", help="fuse the pruned tokens into one (EViT)")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks")
@@ -72,7 +83,7 @@ def build_parser() -> ArgumentParser:
         prog="colln-eval",
         description="Accuracy and latency of keep schedules (metric x keep x layers) against labels and the unpruned model.",
     )
-    add_model_args(parser)
+    add_model_args(parser, default_schedule=DEFAULT_SCHEDULE, sweep=True)
     parser.add_argument("--data", default="digits", help="digits (bundled test split) or an ImageFolder DIR (one subfolder per class)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate this many images, spread evenly over the set")
     parser.add_argument("--keep", default="0.3,0.5,0.7,0.9", help="keep rates to sweep (default 0.3,0.5,0.7,0.9)")
@@ -104,7 +115,7 @@ def main_args(
 
         torch.set_num_threads(args.threads)
     unpruned = spec.load_unpruned()
-    sets = layer_sets(args, len(unpruned.blocks), default="evit")
+    sets = layer_sets(args, len(unpruned.blocks), default=DEFAULT_SCHEDULE)
     data = ev.load_data(args.data, unpruned.num_classes, args.limit)
     out = args.out or Path("evals") / f"{args.model}-{data.name}"
     no_fit = None

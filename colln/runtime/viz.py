@@ -26,6 +26,7 @@ from colln.runtime import eval_cli
 from colln.runtime.evaluate import METRIC_LABELS
 
 DIM = 0.22  # brightness of dropped patches: dark, but the image stays recognisable
+DEFAULT_SCHEDULE = "early"  # the paper's Figure 1 point: what each metric keeps near the input
 
 
 class VizError(CollnError):
@@ -166,7 +167,7 @@ def build_parser() -> ArgumentParser:
         prog="colln-viz",
         description="Which patches Col-Ln and [CLS] attention keep at each pruning block, drawn over the image.",
     )
-    eval_cli.add_model_args(parser)
+    eval_cli.add_model_args(parser, default_schedule=DEFAULT_SCHEDULE, sweep=False)
     parser.add_argument("--image", type=Path, required=True, help="the image (PNG, JPEG, ...)")
     parser.add_argument("--keep", default="0.5", help="keep rate, one for every pruning block or one per block (default 0.5)")
     parser.add_argument("--metric", default="colln,cls", help="metrics to draw, one row each (default colln,cls)")
@@ -188,7 +189,7 @@ def main_args(
         raise UsageError("colln-viz draws one norm order: give --norm N (e.g. 4)")
     metrics = eval_cli.parse_metrics(args.metric)
     model = load_model(args.model, args.weights, args.img_size)
-    sets = eval_cli.layer_sets(args, len(model.blocks), default="early")
+    sets = eval_cli.layer_sets(args, len(model.blocks), default=DEFAULT_SCHEDULE)
     if len(sets) != 1:
         raise UsageError("colln-viz draws one set of pruning blocks: give one --layers or one --schedule")
     x = preprocess([open_image(args.image)], model)
