@@ -250,3 +250,18 @@ def test_onnxruntime_backend_matches_pytorch(digits_model, digits_test, tmp_path
     (row,) = result["rows"]
     pred = _predict(prune(digits_model, keep=0.5, layers=(0, 2, 4), metric="colln"), x)
     assert row["accuracy"] == pytest.approx(float((pred == labels).mean()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_device_matches_cpu_accuracy(digits_run, tmp_path):
+    """The torch runner on CUDA scores the same configurations as on CPU (trained weights)."""
+    cpu, _ = digits_run
+    out = tmp_path / "cuda"
+    argv = ["digits_vit", "--device", "cuda", "--schedule", "early", "--keep", ",".join(map(str, KEEPS))]
+    assert eval_cli.main([*argv, "--metric", ",".join(METRICS), "--rounds", "3", "--out", str(out)]) == 0
+    gpu = json.loads((out / ev.RESULTS_JSON).read_text())
+    assert gpu["device"] == "cuda"
+    for a, b in zip(cpu["rows"], gpu["rows"]):
+        assert (a["metric"], a["keep"]) == (b["metric"], b["keep"])
+        assert abs(a["accuracy"] - b["accuracy"]) <= 2 / cpu["num_images"]
