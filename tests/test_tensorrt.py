@@ -259,28 +259,41 @@ def test_without_gpu_the_runner_says_so(fp32_plan):
         runners.load(fp32_plan, backend="tensorrt")
 
 
-def test_without_tensorrt_colln_build_exits_2_with_install_hint(fp32_export, tmp_path):
-    """A real run with imports of tensorrt and tensorrt_rtx blocked (no mocks)."""
+def _run_without_tensorrt(
+    tmp_path: Path,
+    *args: str,
+) -> list[str]:
+    """A real run with imports of tensorrt and tensorrt_rtx blocked (no mocks); asserts exit 2 and
+    returns stderr's lines."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text("import sys\nsys.modules['tensorrt'] = None\nsys.modules['tensorrt_rtx'] = None\n")
-    target = _copy_export(fp32_export, tmp_path / "export")
-    before = sorted(p.name for p in target.iterdir())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
     env.pop("POLYGRAPHY_USE_TENSORRT_RTX", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "colln.export.build_cli", str(target)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr
+    return result.stderr.strip().splitlines()
+
+
+def _assert_install_hint(
+    lines: list[str],
+) -> None:
+    assert len(lines) == 1, lines
     assert lines[0].startswith("colln: error: backend: TensorRT is not installed")
     assert "pip install 'colln[trt]'" in lines[0] and "'colln[trt-rtx]'" in lines[0]
+
+
+def test_without_tensorrt_colln_build_exits_2_with_install_hint(fp32_export, tmp_path):
+    target = _copy_export(fp32_export, tmp_path / "export")
+    before = sorted(p.name for p in target.iterdir())
+    _assert_install_hint(_run_without_tensorrt(tmp_path, "colln.export.build_cli", str(target)))
     assert sorted(p.name for p in target.iterdir()) == before and PLAN_FILE not in before
+
+
+def test_without_tensorrt_export_trt_fails_before_exporting(tmp_path):
+    out = tmp_path / "out"
+    _assert_install_hint(_run_without_tensorrt(tmp_path, "colln.export.cli", "digits_vit", "--keep", "0.7", "--trt", "--out", str(out)))
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["site"]
 
 
 # --- GPU: engines run (skipped here: no GPU on the CI machine) ---------------------------------

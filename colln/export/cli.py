@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from colln.cli import ArgumentParser, parse_floats, parse_ints, run_main
+from colln.export.build_cli import add_engine_arguments
 from colln.export.spec import DEFAULT_OPSET, ONNX_FILE, ExportSpec
 from colln.models.ops import METRICS
 
@@ -59,10 +60,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--latency-rounds", type=int, default=None, help="interleaved timing rounds per batch size (default: as many as fit in ~20 s, 5..50)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for timing (default: its own)")
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (model.plan)")
-    p.add_argument("--batch-min", type=int, default=1, help="TensorRT profile: smallest batch (default 1)")
-    p.add_argument("--batch-opt", type=int, default=8, help="TensorRT profile: batch to tune for (default 8)")
-    p.add_argument("--batch-max", type=int, default=32, help="TensorRT profile: largest batch (default 32)")
-    p.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file")
+    add_engine_arguments(p)
     p.add_argument("--triton-repo", type=Path, default=None, help="also write a Triton model repository entry into DIR")
     p.add_argument(
         "--triton-backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"), help="Triton backend for --triton-repo (tensorrt needs --trt with full TensorRT)"
@@ -110,6 +108,12 @@ def export_command(
     spec = spec_from_args(args)
     batches = parse_ints(args.latency_batches, "--latency-batches")
     resolve_name(spec.model)  # an unknown name fails before anything is created
+    if args.trt:
+        from colln.export.tensorrt import check_profile, trt_module
+
+        # Without TensorRT, or with a bad profile, fail now rather than after the export.
+        check_profile(args.batch_min, args.batch_opt, args.batch_max)
+        trt_module()
     out = args.out if args.out is not None else default_out_dir(spec)
     console = Console(stderr=True)
     extra: list[tuple[str, str]] = []

@@ -95,6 +95,15 @@ def gpu_info() -> dict | None:
     return {"name": name, "compute_capability": capability}
 
 
+def check_profile(
+    batch_min: int,
+    batch_opt: int,
+    batch_max: int,
+) -> None:
+    if not 1 <= batch_min <= batch_opt <= batch_max:
+        raise UsageError(f"batch profile {batch_min}/{batch_opt}/{batch_max} must satisfy 1 <= min <= opt <= max")
+
+
 def default_timing_cache(
     flavour: TrtFlavour,
 ) -> Path:
@@ -117,8 +126,7 @@ def build_engine(
     plan's path. A failed build leaves any previous plan untouched and its log in
     ``model.plan.failed.log``.
     """
-    if not 1 <= batch_min <= batch_opt <= batch_max:
-        raise UsageError(f"batch profile {batch_min}/{batch_opt}/{batch_max} must satisfy 1 <= min <= opt <= max")
+    check_profile(batch_min, batch_opt, batch_max)
     export_dir = Path(export_dir)
     spec = ExportSpec.read(export_dir)
     onnx_path = export_dir / ONNX_FILE
