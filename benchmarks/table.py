@@ -34,11 +34,13 @@ HEADER = (
 
 def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
-    lines = [HEADER]
+    reports = []
     for path in paths:
         data = json.loads(path.read_text())
-        for report in data if isinstance(data, list) else data.get("cases", [data]):
-            lines += rows(report)
+        reports += data if isinstance(data, list) else data.get("cases", [data])
+    # One model's rows together, smallest batch first, whichever files they came from.
+    split = [(r["spec"]["model"], int(batch), {**r, "batches": {batch: row}}) for r in reports for batch, row in r["batches"].items()]
+    lines = [HEADER] + [line for _, _, r in sorted(split, key=lambda t: t[:2]) for line in rows(r)]
     print("\n".join(lines))
     return 0
 
