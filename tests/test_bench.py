@@ -4,6 +4,7 @@ unpruned export, and the baseline regression check (exit 1 on a doctored baselin
 from __future__ import annotations
 
 import json
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import pytest
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
-from colln.export.pipeline import atomic_output, export_into
 from colln.export.spec import INPUT_NAME, ExportSpec
 from colln.runtime.bench import LatencyStats, interleaved_latency, interleaved_times, paired_speedup
 from colln.runtime.bench_cli import main
@@ -87,11 +87,9 @@ def test_paired_speedup_is_median_of_per_round_ratios() -> None:
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bench") / "exports" / "digits"
-    with atomic_output(out) as tmp:
-        export_into(ExportSpec(model="digits_vit", weights="random", keep=0.5), tmp)
-    return out
+def export_dir(digits_export: Path) -> Path:
+    """The suite's shared digits_vit export (keep 0.7); the unpruned cache lands beside it."""
+    return digits_export
 
 
 def test_real_runners_interleaved(export_dir: Path) -> None:
@@ -125,7 +123,7 @@ def test_json_report_keys_and_bound(report: tuple[dict, Path], export_dir: Path)
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["bound"])
         assert r["pruned"]["batch"] == int(batch)
     assert data["threads"] == 1 and data["environment"]["versions"]["onnxruntime"]
-    assert data["case"] == "digits_vit-colln-keep0.5@onnxruntime-t1"
+    assert data["case"] == "digits_vit-colln-keep0.7@onnxruntime-t1"
 
 
 def test_unpruned_counterpart_is_cached_keep1(report: tuple[dict, Path], export_dir: Path) -> None:
@@ -164,7 +162,7 @@ def test_baseline_without_this_case_is_an_error(report: tuple[dict, Path], expor
     other = out / "other.json"
     other.write_text(json.dumps({"machine": "x", "cases": []}))
     assert main([str(export_dir), "--batch", "1", "--rounds", "1", "--warmup", "0", "--baseline", str(other)]) == 2
-    assert "has no entry for digits_vit-colln-keep0.5@onnxruntime-t1" in capsys.readouterr().err
+    assert "has no entry for digits_vit-colln-keep0.7@onnxruntime-t1" in capsys.readouterr().err
 
 
 def test_bad_arguments_exit_2(export_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -180,8 +178,9 @@ def test_tensorrt_bench_builds_the_unpruned_engine(export_dir: Path, tmp_path: P
 
     if gpu_info() is None:
         pytest.skip("needs an NVIDIA GPU: TensorRT plans run only on a GPU")
-    build_engine(export_dir, batch_min=1, batch_opt=2, batch_max=4)
-    assert main([str(export_dir), "--backend", "tensorrt", "--batch", "1,4", "--rounds", "5", "--json", str(tmp_path / "t.json")]) == 0
+    export = Path(shutil.copytree(export_dir, tmp_path / "export"))  # the shared export stays engine-free
+    build_engine(export, batch_min=1, batch_opt=2, batch_max=4)
+    assert main([str(export), "--backend", "tensorrt", "--batch", "1,4", "--rounds", "5", "--json", str(tmp_path / "t.json")]) == 0
     data = json.loads((tmp_path / "t.json").read_text())
     assert (Path(data["unpruned_export"]) / "model.plan").is_file()
     assert set(data["batches"]) == {"1", "4"} and all(r["speedup"] > 0 for r in data["batches"].values())
