@@ -5,23 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+
+# As the colln commands do: import colln before anything imports polygraphy, so that polygraphy
+# drives TensorRT-RTX where that is the only TensorRT (see colln/__init__.py).
+import colln  # noqa: F401
 
 
 @pytest.fixture(scope="session")
-def digits_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """``--weights`` for digits_vit: the bundled trained weights once they exist, else a seeded
-    random-init checkpoint file (still reproducible, so the PyTorch reference can be rebuilt)."""
-    from safetensors.torch import save_file
-
-    from colln.models import digits
-
-    if digits.weights_path().is_file():
-        return "bundled"
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("digits_weights") / "digits_vit_seed0.safetensors"
-    save_file({k: v.contiguous() for k, v in digits.create_model().state_dict().items()}, str(path))
-    return str(path)
+def digits_weights() -> str:
+    """``--weights`` for digits_vit: the bundled trained weights."""
+    return "bundled"
 
 
 @pytest.fixture(scope="session")

@@ -299,13 +299,6 @@ def test_without_tensorrt_export_trt_fails_before_exporting(tmp_path):
 # --- GPU: engines run (skipped here: no GPU on the CI machine) ---------------------------------
 
 
-def _trained_or_skip(
-    digits_weights: str,
-) -> None:
-    if digits_weights != "bundled":
-        pytest.skip("needs the trained digits_vit weights (random ViTs flip top-k between backends)")
-
-
 def _digits_batch(
     model,
 ) -> np.ndarray:
@@ -324,8 +317,7 @@ def _logits(
 
 @pytest.mark.gpu
 @needs_gpu
-def test_fp32_engine_matches_torch(fp32_plan, digits_weights):
-    _trained_or_skip(digits_weights)
+def test_fp32_engine_matches_torch(fp32_plan):
     spec = ExportSpec.read(fp32_plan)
     torch_runner = runners.load(fp32_plan, backend="torch")
     images = _digits_batch(spec.load_unpruned())
@@ -339,8 +331,7 @@ def test_fp32_engine_matches_torch(fp32_plan, digits_weights):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_fp16_engine_agrees_with_torch(fp16_plan, digits_weights):
-    _trained_or_skip(digits_weights)
+def test_fp16_engine_agrees_with_torch(fp16_plan):
     spec = ExportSpec.read(fp16_plan)
     images = _digits_batch(spec.load_unpruned())
     expected = _logits(runners.load(fp16_plan, backend="torch"), images)

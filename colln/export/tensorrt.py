@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -72,6 +73,12 @@ def trt_module() -> TrtFlavour:
     try:
         module = importlib.import_module(name)
     except (ImportError, OSError) as exc:
+        if name == "tensorrt" and importlib.util.find_spec("tensorrt_rtx") is not None:
+            # polygraphy read its config before colln/__init__.py could point it at TensorRT-RTX.
+            raise BackendUnavailableError(
+                "polygraphy was imported before colln and chose full TensorRT, which is not installed: "
+                "set POLYGRAPHY_USE_TENSORRT_RTX=1, or import colln first"
+            ) from exc
         raise BackendUnavailableError(f"TensorRT is not installed ({name} cannot be imported): {INSTALL_HINT}") from exc
     return TrtFlavour(name=name, version=module.__version__, module=module)
 
