@@ -71,7 +71,7 @@ def measure_latency(
 
     ``rounds=None`` picks, per batch size, as many rounds as fit in ``budget_s`` (5 to 50), judged
     from one untimed call of each graph: a ViT-B round at batch 8 can take seconds on a CPU."""
-    from colln.runtime.bench import LatencyStats, interleaved_times, paired_speedup, timed_infer
+    from colln.runtime.bench import pruned_vs_unpruned, timed_infer
     from colln.runtime.runners import onnxruntime_runner
 
     rng = np.random.default_rng(0)
@@ -83,14 +83,7 @@ def measure_latency(
             feed = {INPUT_NAME: rng.standard_normal((b, *input_size), dtype=np.float32)}
             first = timed_infer(pruned, feed) + timed_infer(unpruned, feed)
             n = rounds if rounds is not None else int(np.clip(budget_s / first, 5, 50))
-            times = interleaved_times({"pruned": pruned, "unpruned": unpruned}, feed, n, max(warmup - 1, 0))
-            speedup, q25, q75 = paired_speedup(times["unpruned"], times["pruned"])
-            out[str(b)] = {
-                "pruned": LatencyStats.from_times(times["pruned"], b).to_dict(),
-                "unpruned": LatencyStats.from_times(times["unpruned"], b).to_dict(),
-                "speedup": speedup,
-                "speedup_iqr": [q25, q75],
-            }
+            out[str(b)] = pruned_vs_unpruned(pruned, unpruned, feed, n, max(warmup - 1, 0))
     return {
         "backend": "onnxruntime-cpu",
         "threads": threads or "backend default",
