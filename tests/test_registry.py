@@ -35,6 +35,16 @@ def test_random_weights_and_img_size() -> None:
     assert model(torch.randn(1, 3, 96, 96)).shape == (1, 1000)
 
 
+def test_random_weights_are_seeded_and_leave_the_caller_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = registry.load_model("vit_tiny", weights="random", img_size=64).state_dict()
+    assert torch.equal(torch.rand(3), expected_next)
+    second = registry.load_model("vit_tiny", weights="random", img_size=64).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 @pytest.mark.parametrize("size", [0, -16, 100])
 def test_bad_img_size(size: int) -> None:
     with pytest.raises(UsageError):

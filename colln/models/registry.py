@@ -27,6 +27,7 @@ ALIASES: dict[str, str] = {
 }
 
 HUB_HOST = ("huggingface.co", 443)
+RANDOM_SEED = 0
 
 
 def resolve_name(
@@ -61,29 +62,40 @@ def load_model(
     """Create a model in eval mode.
 
     ``weights``: ``None`` (the model default: bundled for digits_vit, pretrained otherwise),
-    ``pretrained`` (timm's hub, via its cache), ``random``, ``bundled`` (digits_vit only), or a path
-    to ``.safetensors`` / ``.pth`` / ``.pt``. ``img_size``: ``None`` means the model default.
+    ``pretrained`` (timm's hub, via its cache), ``random`` (timm's init under a fixed seed, so an
+    export's PyTorch reference can be rebuilt), ``bundled`` (digits_vit only), or a path to
+    ``.safetensors`` / ``.pth`` / ``.pt``. ``img_size``: ``None`` means the model default.
     """
     canonical = resolve_name(name)
     weights = weights or default_weights(canonical)
     if img_size is not None and (not isinstance(img_size, int) or img_size <= 0):
         raise UsageError(f"image size {img_size!r} must be a positive integer")
+    # The global RNG is forked so that loading a model never changes the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        model = _create(canonical, weights, img_size)
+    _check_img_size(model, img_size)
+    if weights not in ("random", "pretrained", "bundled"):
+        load_weights(model, Path(weights))
+    elif weights == "bundled":
+        load_weights(model, digits.weights_path())
+    return model.eval()
+
+
+def _create(
+    canonical: str,
+    weights: str,
+    img_size: int | None,
+) -> nn.Module:
     if canonical == digits.NAME:
         if weights == "pretrained":
             raise WeightsError("digits_vit has no hub weights: use --weights bundled (the default), random, or a file")
-        model = digits.create_model(img_size)
-        if weights == "bundled":
-            weights = str(digits.weights_path())
-    elif weights == "bundled":
+        return digits.create_model(img_size)
+    if weights == "bundled":
         raise WeightsError(f"only digits_vit has bundled weights; for {canonical} use pretrained, random, or a file")
-    elif weights == "pretrained":
-        model = _create_pretrained(canonical, img_size)
-    else:
-        model = _create_timm(canonical, img_size, pretrained=False)
-    _check_img_size(model, img_size)
-    if weights not in ("random", "pretrained"):
-        load_weights(model, Path(weights))
-    return model.eval()
+    if weights == "pretrained":
+        return _create_pretrained(canonical, img_size)
+    return _create_timm(canonical, img_size, pretrained=False)
 
 
 def _create_timm(

@@ -43,16 +43,8 @@ def validate_command(
     from rich.table import Table
 
     from colln.export.report import validation_lines
-    from colln.export.spec import ExportSpec
     from colln.runtime.validate import validate_export
 
-    spec = ExportSpec.read(args.export_dir)
-    if spec.weights == "random":
-        raise UsageError(
-            f"{args.export_dir} was exported with --weights random, so its PyTorch reference cannot be rebuilt; "
-            "re-export with --weights pretrained or a weights file",
-            stage="validate",
-        )
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     console = Console(stderr=True)
