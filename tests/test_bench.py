@@ -186,6 +186,27 @@ def test_tensorrt_bench_builds_the_unpruned_engine(export_dir: Path, tmp_path: P
     assert set(data["batches"]) == {"1", "4"} and all(r["speedup"] > 0 for r in data["batches"].values())
 
 
+def test_torch_backend_on_cpu_names_its_case(export_dir: Path, tmp_path: Path) -> None:
+    assert main([str(export_dir), "--backend", "torch", "--batch", "2", "--rounds", "3", "--warmup", "1", "--json", str(tmp_path / "t.json")]) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["device"] == "cpu" and data["case"] == "digits_vit-colln-keep0.7@torch-t1"
+    assert data["batches"]["2"]["speedup"] > 0
+
+
+@pytest.mark.gpu
+def test_torch_backend_on_cuda(export_dir: Path, tmp_path: Path) -> None:
+    """The rewrite's PyTorch GPU latency, pruned vs unpruned (issue 4's measurement on a lent GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU with CUDA torch")
+    argv = [str(export_dir), "--backend", "torch", "--device", "cuda", "--batch", "1,64", "--rounds", "20", "--json", str(tmp_path / "t.json")]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["case"].endswith("@torch-t1-cuda")
+    assert all(r["speedup"] > 0 for r in data["batches"].values())
+
+
 def test_stale_unpruned_cache_is_replaced(export_dir: Path, tmp_path: Path) -> None:
     from colln.runtime.bench import unpruned_export
 

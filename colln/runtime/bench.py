@@ -194,15 +194,17 @@ def export_runner(
     export_dir: Path,
     backend: str,
     threads: int,
+    device: str = "cpu",
 ) -> BaseRunner:
-    """A runner for an export with ``threads`` intra-op threads pinned (0 = the backend's default)."""
+    """A runner for an export with ``threads`` intra-op threads pinned (0 = the backend's default)
+    on ``device`` (``cpu`` or ``cuda``, for the torch and onnxruntime backends)."""
     from colln.runtime.runners import load
 
     if backend == "torch" and threads:
         import torch
 
         torch.set_num_threads(threads)
-    return load(export_dir, backend=backend, threads=threads or None)
+    return load(export_dir, backend=backend, device=device, threads=threads or None)
 
 
 def bench_export(
@@ -213,6 +215,7 @@ def bench_export(
     warmup: int = 10,
     threads: int = 1,
     cache: Path | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Benchmark an export against its unpruned counterpart, interleaved, per batch size.
 
@@ -229,7 +232,10 @@ def bench_export(
         unpruned_engine(export_dir, base_dir)
     load_before = os.getloadavg()
     results: dict[str, dict] = {}
-    with export_runner(base_dir, backend, threads) as unpruned, export_runner(export_dir, backend, threads) as pruned:
+    with (
+        export_runner(base_dir, backend, threads, device) as unpruned,
+        export_runner(export_dir, backend, threads, device) as pruned,
+    ):
         chw = tuple(pruned.get_input_metadata()[INPUT_NAME].shape[1:])
         rng = np.random.default_rng(0)
         for b in batches:
@@ -237,13 +243,14 @@ def bench_export(
             row = pruned_vs_unpruned(pruned, unpruned, feed, rounds, warmup)
             results[str(b)] = {**row, "bound": flops.bound, "efficiency": row["speedup"] / flops.bound}
     return {
-        "case": case_name(spec, backend, threads),
+        "case": case_name(spec, backend, threads, device),
         "export": str(export_dir),
         "unpruned_export": str(base_dir),
         "spec": {k: v for k, v in spec.to_dict().items() if k != "plan"},
         "plan": str(plan),
         "flops": flops.to_dict(),
         "backend": backend,
+        "device": device,
         "threads": threads,
         "rounds": rounds,
         "warmup": warmup,
@@ -256,13 +263,16 @@ def case_name(
     spec: ExportSpec,
     backend: str,
     threads: int,
+    device: str = "cpu",
 ) -> str:
-    """Readable name of what was measured, e.g. ``vit_base-colln-keep0.7-L3,6,9@onnxruntime-t1``."""
+    """Readable name of what was measured, e.g. ``vit_base-colln-keep0.7-L3,6,9@onnxruntime-t1``
+    (``...@torch-t1-cuda`` off the CPU)."""
     from colln.export.pipeline import default_out_dir
 
     layers = "" if spec.layers is None else "-L" + ",".join(str(i) for i in spec.layers)
     rounding = "" if spec.round_to == 1 else f"-r{spec.round_to}"
-    return f"{default_out_dir(spec).name}{layers}{rounding}@{backend}-t{threads}"
+    where = "" if device == "cpu" else f"-{device}"
+    return f"{default_out_dir(spec).name}{layers}{rounding}@{backend}-t{threads}{where}"
 
 
 def machine_id() -> str:

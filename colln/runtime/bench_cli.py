@@ -31,6 +31,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
     p.add_argument("--rounds", type=int, default=50, help="timed rounds per batch size (default 50)")
     p.add_argument("--warmup", type=int, default=10, help="untimed rounds first (default 10)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for the torch and onnxruntime backends (default cpu)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads, pinned for stable numbers; 0 = backend default (default 1)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
     p.add_argument("--baseline", type=Path, metavar="FILE", help="fail (exit 1) if speedup or efficiency fell below this baseline")
@@ -56,7 +57,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise UsageError(f"--threads must be >= 0 (0 = backend default), got {args.threads}")
     baseline = _read_json(args.baseline) if args.baseline else None
-    report = bench_export(args.export_dir, args.backend, batches, args.rounds, args.warmup, args.threads, args.cache)
+    report = bench_export(args.export_dir, args.backend, batches, args.rounds, args.warmup, args.threads, args.cache, args.device)
     print_report(report)
     if args.json:
         _write_json(args.json, report)
@@ -112,7 +113,7 @@ def print_report(report: dict) -> None:
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     load = " -> ".join(f"{x[0]:.2f}" for x in (env["loadavg_before"], env["loadavg_after"]) if x)
     console.print(
-        f"{report['backend']}, threads {env['threads']}, {report['rounds']} rounds after {report['warmup']} warm-up, "
+        f"{report['backend']} on {report['device']}, threads {env['threads']}, {report['rounds']} rounds after {report['warmup']} warm-up, "
         f"interleaved | machine {env['machine']} ({env['cpu']}, {env['cpus']} cpus, load {load}) | {versions}",
         highlight=False,
     )
