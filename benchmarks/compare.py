@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from colln.cli import parse_ints
+from colln.app.cli import parse_ints
 from colln.export.spec import INPUT_NAME
 from colln.runtime.bench import export_runner, interleaved_times, paired_speedup
 

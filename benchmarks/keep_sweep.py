@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from colln.cli import parse_floats, parse_ints
+from colln.app.cli import parse_floats, parse_ints
 from colln.export.pipeline import atomic_output, default_out_dir, export_into
 from colln.export.spec import ExportSpec
 from colln.runtime.bench import bench_export

@@ -9,9 +9,10 @@ if "POLYGRAPHY_USE_TENSORRT_RTX" not in _os.environ and _find_spec("tensorrt") i
     _os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1"
 
 from colln.errors import CollnError
+from colln.models.config import PruneConfig
 from colln.models.plan import KeepPlan, make_plan
 from colln.models.registry import load_model
 from colln.models.rewrite import get_plan, plan_for, prune, record_selections
 
 __version__ = "0.1.0"
-__all__ = ["CollnError", "KeepPlan", "get_plan", "load_model", "make_plan", "plan_for", "prune", "record_selections"]
+__all__ = ["CollnError", "KeepPlan", "PruneConfig", "get_plan", "load_model", "make_plan", "plan_for", "prune", "record_selections"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from colln.models import ops
+from colln.models.config import METRICS, PruneConfig
 
 
 def _attention(
@@ -91,7 +92,7 @@ def _plain_rescue(
 @pytest.mark.parametrize("k,rescue", [(10, 0.2), (10, 0.4), (7, 0.0), (5, 0.5)])
 def test_rescue_selection_matches_the_paper_recipe(k: int, rescue: float) -> None:
     am = ops.head_mean(_attention(3, 4, 25, seed=2))
-    idx = ops.select(am, 1, k, metric="correct", rescue=rescue)[0]
+    idx = ops.select(am, 1, k, PruneConfig(metric="correct", rescue=rescue))[0]
     cls_scores = ops.cls_score(am, 1)
     colln_scores = ops.colln_score(am, 1, 4.0)
     assert idx.shape == (3, k)
@@ -102,8 +103,8 @@ def test_rescue_selection_matches_the_paper_recipe(k: int, rescue: float) -> Non
 
 def test_rescue_differs_from_pure_cls_when_cls_misses_colln_tokens() -> None:
     am = ops.head_mean(_attention(3, 4, 25, seed=2))
-    by_cls = ops.select(am, 1, 10, metric="cls")[0]
-    corrected = ops.select(am, 1, 10, metric="correct", rescue=0.4)[0]
+    by_cls = ops.select(am, 1, 10, PruneConfig(metric="cls"))[0]
+    corrected = ops.select(am, 1, 10, PruneConfig(metric="correct", rescue=0.4))[0]
     assert any(set(by_cls[b].tolist()) != set(corrected[b].tolist()) for b in range(3))
 
 
@@ -132,13 +133,13 @@ def test_fused_token_is_the_score_weighted_sum_of_pruned_tokens() -> None:
         assert torch.allclose(got[b, 0], expected)
 
 
-@pytest.mark.parametrize("metric", ops.METRICS)
+@pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("fuse", [False, True])
 def test_prune_tokens_shapes_and_content(metric: str, fuse: bool) -> None:
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 17, 8, generator=gen, dtype=torch.float64)
     attn = _attention(2, 2, 17, seed=4)
-    out, idx, scores = ops.prune_tokens(x, attn, num_prefix=1, k=6, metric=metric, fuse=fuse)
+    out, idx, scores = ops.prune_tokens(x, attn, num_prefix=1, k=6, config=PruneConfig(metric=metric, fuse=fuse))
     assert out.shape == (2, 1 + 6 + int(fuse), 8)
     assert scores.shape == (2, 16)
     for b in range(2):
@@ -149,8 +150,8 @@ def test_prune_tokens_shapes_and_content(metric: str, fuse: bool) -> None:
 def test_spatial_order_keeps_the_same_set_sorted_by_position() -> None:
     x = torch.randn(3, 20, 4, dtype=torch.float64)
     attn = _attention(3, 2, 20, seed=5)
-    _, by_score, _ = ops.prune_tokens(x, attn, 1, 8)
-    out, spatial, _ = ops.prune_tokens(x, attn, 1, 8, spatial_order=True)
+    _, by_score, _ = ops.prune_tokens(x, attn, 1, 8, PruneConfig())
+    out, spatial, _ = ops.prune_tokens(x, attn, 1, 8, PruneConfig(spatial_order=True))
     for b in range(3):
         assert spatial[b].tolist() == sorted(by_score[b].tolist())
         assert torch.equal(out[b, 1:], x[b, 1 + spatial[b]])

@@ -10,13 +10,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import colln
 from colln.errors import PlanError
+from colln.models.config import PruneConfig
 from colln.models.plan import KeepPlan, ModelDims, default_layers, make_plan
 
 VIT_B = ModelDims(depth=12, attn_dim=768, attn_linear_macs=4 * 768 * 768, mlp_macs=2 * 768 * 3072, patch_macs=0, head_macs=0)
 
 
 def test_paper_counts_without_fusion() -> None:
-    plan = make_plan(197, 1, VIT_B, keep=0.7, layers=(3, 6, 9))
+    plan = make_plan(197, 1, VIT_B, PruneConfig(keep=0.7, layers=(3, 6, 9)))
     assert plan.keep_counts == (138, 97, 68)
     assert [plan.tokens_after(i) for i in (3, 6, 9)] == [139, 98, 69]
     assert plan.tokens_in[:4] == (197, 197, 197, 197)
@@ -24,12 +25,12 @@ def test_paper_counts_without_fusion() -> None:
 
 
 def test_paper_counts_with_fusion() -> None:
-    plan = make_plan(197, 1, VIT_B, keep=0.7, layers=(3, 6, 9), fuse=True)
+    plan = make_plan(197, 1, VIT_B, PruneConfig(keep=0.7, layers=(3, 6, 9), fuse=True))
     assert [plan.tokens_after(i) for i in (3, 6, 9)] == [140, 100, 72]
 
 
 def test_keep_count_formula_per_layer_rates() -> None:
-    plan = make_plan(197, 1, VIT_B, keep=(0.9, 0.5, 0.3), layers=(0, 3, 6))
+    plan = make_plan(197, 1, VIT_B, PruneConfig(keep=(0.9, 0.5, 0.3), layers=(0, 3, 6)))
     n = 196
     expected = []
     for rate in (0.9, 0.5, 0.3):
@@ -40,14 +41,14 @@ def test_keep_count_formula_per_layer_rates() -> None:
 
 def test_float_noise_does_not_round_up() -> None:
     # 0.7 * 130 is 91.00000000000001 in binary floating point.
-    plan = make_plan(131, 1, VIT_B, keep=0.7, layers=(0,))
+    plan = make_plan(131, 1, VIT_B, PruneConfig(keep=0.7, layers=(0,)))
     assert plan.keep_counts == (91,)
 
 
 def test_round_to_multiple_is_capped_at_candidates() -> None:
-    plan = make_plan(197, 1, VIT_B, keep=0.7, layers=(3, 6, 9), round_to=8)
+    plan = make_plan(197, 1, VIT_B, PruneConfig(keep=0.7, layers=(3, 6, 9), round_to=8))
     assert plan.keep_counts == (144, 104, 80)
-    full = make_plan(197, 1, VIT_B, keep=0.99, layers=(3,), round_to=8)
+    full = make_plan(197, 1, VIT_B, PruneConfig(keep=0.99, layers=(3,), round_to=8))
     assert full.keep_counts == (196,)
 
 
@@ -58,7 +59,7 @@ def test_default_layers_scale_evit() -> None:
 
 
 def test_keep_one_is_identity_plan() -> None:
-    plan = make_plan(197, 1, VIT_B, keep=1.0, layers=(3, 6, 9), fuse=True)
+    plan = make_plan(197, 1, VIT_B, PruneConfig(keep=1.0, layers=(3, 6, 9), fuse=True))
     assert plan.tokens_out == 197
     assert plan.flops().bound == 1.0
 
@@ -80,13 +81,13 @@ def test_keep_one_is_identity_plan() -> None:
 )
 def test_invalid_plans_raise_one_line(kwargs: dict, needle: str) -> None:
     with pytest.raises(PlanError) as info:
-        make_plan(197, 1, VIT_B, **kwargs)
+        make_plan(197, 1, VIT_B, PruneConfig(**kwargs))
     assert needle in str(info.value)
     assert "\n" not in str(info.value)
 
 
 def test_json_round_trip_and_str() -> None:
-    plan = make_plan(197, 1, VIT_B, keep=0.7, layers=(3, 6, 9), metric="correct", fuse=True)
+    plan = make_plan(197, 1, VIT_B, PruneConfig(keep=0.7, layers=(3, 6, 9), metric="correct", fuse=True))
     data = json.loads(plan.to_json())
     assert data["keep_counts"] == [138, 98, 70]
     assert data["flops"]["bound"] == pytest.approx(plan.flops().bound)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from colln.cli import ArgumentParser, run_main
+from colln.app.cli import ArgumentParser, run_main
 from colln.export.tensorrt import PLAN_LOG_FILE, build_engine
 
 

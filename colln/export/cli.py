@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from colln.cli import ArgumentParser, parse_floats, parse_ints, run_main
+from colln.app.cli import ArgumentParser, parse_floats, parse_ints, run_main
 from colln.export.build_cli import add_engine_arguments
 from colln.export.spec import DEFAULT_OPSET, ONNX_FILE, ExportSpec
-from colln.models.ops import METRICS
+from colln.models.config import METRICS
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from colln.errors import CollnError
+from colln.models.config import PruneConfig
 from colln.models.plan import KeepPlan
 
 SPEC_FILE = "export.json"
@@ -32,19 +33,14 @@ class ExportDirError(CollnError):
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """Everything needed to rebuild the pruned PyTorch model of an export. ``None`` = model default."""
+    """Everything needed to rebuild the pruned PyTorch model of an export: the model, its weights
+    and input size (``None`` = the model's default), the :class:`PruneConfig`, precision and opset.
+    ``plan`` is the resolved keep plan, filled in by the exporter."""
 
     model: str
     weights: str | None = None
     img_size: int | None = None
-    keep: float | tuple[float, ...] = 0.7
-    layers: tuple[int, ...] | None = None
-    metric: str = "colln"
-    norm: float = 4.0
-    rescue: float = 0.2
-    fuse: bool = False
-    spatial_order: bool = False
-    round_to: int = 1
+    pruning: PruneConfig = field(default_factory=PruneConfig)
     precision: str = "fp32"
     opset: int = DEFAULT_OPSET
     plan: dict = field(default_factory=dict, compare=False)
@@ -54,53 +50,37 @@ class ExportSpec:
 
         return load_model(self.model, self.weights, self.img_size)
 
-    def prune(
+    def apply(
         self,
         model: nn.Module,
     ) -> nn.Module:
+        """``model`` pruned with this spec's config (a copy)."""
         from colln.models.rewrite import prune
 
-        return prune(
-            model,
-            keep=self.keep,
-            layers=self.layers,
-            metric=self.metric,
-            norm=self.norm,
-            fuse=self.fuse,
-            rescue=self.rescue,
-            spatial_order=self.spatial_order,
-            round_to=self.round_to,
-        )
+        return prune(model, self.pruning)
 
     def load_pruned(self) -> nn.Module:
         """The pruned PyTorch reference (fp32)."""
-        return self.prune(self.load_unpruned())
+        return self.apply(self.load_unpruned())
 
-    def unpruned(self) -> "ExportSpec":
+    def unpruned(self) -> ExportSpec:
         """The same model through the same path with keep 1.0: the speed baseline."""
-        return replace(self, keep=1.0, plan={})
+        return replace(self, pruning=self.pruning.unpruned(), plan={})
 
     def keep_plan(self) -> KeepPlan:
         return KeepPlan.from_dict(self.plan)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["layers"] = list(self.layers) if self.layers is not None else None
-        out["keep"] = list(self.keep) if isinstance(self.keep, tuple) else self.keep
-        return out
+        return {**asdict(self), "pruning": self.pruning.to_dict()}
 
     @classmethod
     def from_dict(
         cls,
         data: dict,
-    ) -> "ExportSpec":
-        data = dict(data)
-        if data.get("layers") is not None:
-            data["layers"] = tuple(data["layers"])
-        if isinstance(data.get("keep"), list):
-            data["keep"] = tuple(data["keep"])
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+    ) -> ExportSpec:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["pruning"] = PruneConfig.from_dict(data.get("pruning", {}))
+        return cls(**known)
 
     def write(
         self,
@@ -118,5 +98,5 @@ class ExportSpec:
             raise ExportDirError(f"{directory} is not a colln export (no {SPEC_FILE}); run colln-export first")
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, AttributeError, CollnError) as exc:
             raise ExportDirError(f"{path} is unreadable ({exc}); re-run colln-export with --force") from exc

@@ -8,12 +8,9 @@ TopK with a constant K and static shapes.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-Metric = Literal["colln", "cls", "correct"]
-METRICS: tuple[str, ...] = ("colln", "cls", "correct")
+from colln.models.config import PruneConfig
 
 
 def head_mean(attn: torch.Tensor) -> torch.Tensor:
@@ -98,22 +95,20 @@ def select(
     attn_mean: torch.Tensor,
     num_prefix: int,
     k: int,
-    metric: Metric = "colln",
-    norm: float = 4.0,
-    rescue: float = 0.2,
+    config: PruneConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick ``k`` candidates. Returns ``(indices [B, k] into the candidates, scores [B, N - num_prefix])``.
 
     The returned scores are the metric's own (the Col-Ln norm for ``colln`` and ``correct``, the
     [CLS] row for ``cls``): they weight the fused token and give validation its boundary margin.
     """
-    if metric == "cls":
+    if config.metric == "cls":
         scores = cls_score(attn_mean, num_prefix)
         return topk_indices(scores, k), scores
-    scores = colln_score(attn_mean, num_prefix, norm, root=True)
-    if metric == "colln":
+    scores = colln_score(attn_mean, num_prefix, config.norm, root=True)
+    if config.metric == "colln":
         return topk_indices(scores, k), scores
-    return rescue_indices(cls_score(attn_mean, num_prefix), scores, k, rescue), scores
+    return rescue_indices(cls_score(attn_mean, num_prefix), scores, k, config.rescue), scores
 
 
 def gather_tokens(
@@ -154,23 +149,19 @@ def prune_tokens(
     attn: torch.Tensor,
     num_prefix: int,
     k: int,
-    metric: Metric = "colln",
-    norm: float = 4.0,
-    rescue: float = 0.2,
-    fuse: bool = False,
-    spatial_order: bool = False,
+    config: PruneConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pruning step. Returns ``(tokens, indices, scores)``.
+    """One pruning step with ``config``'s metric, fusion and order. Returns ``(tokens, indices, scores)``.
 
     ``tokens`` is ``[prefix, kept..., (fused)]``; kept tokens come in score order unless
-    ``spatial_order``. ``indices`` index the candidates (``x[:, num_prefix:]``).
+    ``config.spatial_order``. ``indices`` index the candidates (``x[:, num_prefix:]``).
     """
-    indices, scores = select(head_mean(attn), num_prefix, k, metric, norm, rescue)
-    if spatial_order:
+    indices, scores = select(head_mean(attn), num_prefix, k, config)
+    if config.spatial_order:
         # topk, not sort: sort exports as a TopK whose K is computed from the shape (TensorRT wants a constant).
         indices = torch.topk(indices, k, dim=-1, largest=False).values
     out = gather_tokens(x, indices, num_prefix)
-    if fuse:
+    if config.fuse:
         out = torch.cat([out, fused_token(x, indices, scores, num_prefix)], dim=1)
     return out, indices, scores
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from colln.errors import PlanError
-from colln.models.ops import METRICS
+from colln.models.config import PruneConfig
 
 
 @dataclass(frozen=True)
@@ -41,13 +40,15 @@ class FlopsEstimate:
 
 @dataclass(frozen=True)
 class KeepPlan:
-    """Immutable description of where and how much a ViT is pruned.
+    """Immutable description of where and how much a ViT is pruned: its :class:`PruneConfig`
+    resolved against one model.
 
     ``tokens_in[i]`` counts the tokens entering block ``i`` (prefix included); ``keep_counts[j]``
     is ``k`` at ``layers[j]``: ``ceil(keep_rates[j] * (tokens_in - num_prefix))``, rounded up to a
-    multiple of ``round_to`` and capped at the candidate count.
+    multiple of ``config.round_to`` and capped at the candidate count.
     """
 
+    config: PruneConfig
     num_tokens: int
     num_prefix: int
     depth: int
@@ -56,12 +57,6 @@ class KeepPlan:
     keep_counts: tuple[int, ...]
     tokens_in: tuple[int, ...]
     tokens_out: int
-    fuse: bool
-    metric: str
-    norm: float
-    rescue: float
-    spatial_order: bool
-    round_to: int
     dims: ModelDims
 
     def k_at(self, layer: int) -> int:
@@ -70,6 +65,16 @@ class KeepPlan:
     def tokens_after(self, layer: int) -> int:
         """Tokens leaving block ``layer`` (the input of the next block)."""
         return self.tokens_in[layer + 1] if layer + 1 < self.depth else self.tokens_out
+
+    @property
+    def pruned_layers(self) -> tuple[tuple[int, int], ...]:
+        """``(layer, k)`` of the layers that really prune (``k`` below the candidate count)."""
+        return tuple((i, k) for i, k in zip(self.layers, self.keep_counts) if k < self.tokens_in[i] - self.num_prefix)
+
+    @property
+    def token_steps(self) -> str:
+        """Tokens entering the first block, then after each pruning layer: ``197 -> 139 -> 98 -> 69``."""
+        return " -> ".join(str(n) for n in (self.tokens_in[0], *(self.tokens_after(i) for i in self.layers)))
 
     def flops(self) -> FlopsEstimate:
         d = self.dims
@@ -80,29 +85,50 @@ class KeepPlan:
         return FlopsEstimate(full=2 * full, pruned=2 * pruned)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        for key in ("layers", "keep_rates", "keep_counts", "tokens_in"):
-            out[key] = list(out[key])
-        out["flops"] = self.flops().to_dict()
-        return out
+        """Flat JSON: the config's settings (``layers`` and ``keep_rates`` resolved), the counts, the
+        FLOPs, the pruning layers and the token steps."""
+        settings = {k: v for k, v in self.config.to_dict().items() if k not in ("keep", "layers")}
+        return {
+            **settings,
+            "num_tokens": self.num_tokens,
+            "num_prefix": self.num_prefix,
+            "depth": self.depth,
+            "layers": list(self.layers),
+            "keep_rates": list(self.keep_rates),
+            "keep_counts": list(self.keep_counts),
+            "tokens_in": list(self.tokens_in),
+            "tokens_out": self.tokens_out,
+            "dims": asdict(self.dims),
+            "pruned_layers": [list(p) for p in self.pruned_layers],
+            "token_steps": self.token_steps,
+            "flops": self.flops().to_dict(),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
     @classmethod
-    def from_dict(cls, data: dict) -> "KeepPlan":
-        fields = {k: v for k, v in data.items() if k != "flops"}
-        for key in ("layers", "keep_rates", "keep_counts", "tokens_in"):
-            fields[key] = tuple(fields[key])
-        fields["dims"] = ModelDims(**fields["dims"])
-        return cls(**fields)
+    def from_dict(cls, data: dict) -> KeepPlan:
+        rates = tuple(data["keep_rates"])
+        config = PruneConfig.from_dict({**data, "keep": rates[0] if len(set(rates)) == 1 else rates})
+        return cls(
+            config=replace(config, layers=tuple(data["layers"])),
+            num_tokens=data["num_tokens"],
+            num_prefix=data["num_prefix"],
+            depth=data["depth"],
+            layers=tuple(data["layers"]),
+            keep_rates=rates,
+            keep_counts=tuple(data["keep_counts"]),
+            tokens_in=tuple(data["tokens_in"]),
+            tokens_out=data["tokens_out"],
+            dims=ModelDims(**data["dims"]),
+        )
 
     def __str__(self) -> str:
-        steps = " -> ".join(str(n) for n in (self.tokens_in[0], *(self.tokens_after(i) for i in self.layers)))
         where = ", ".join(f"block {i}: k={k}" for i, k in zip(self.layers, self.keep_counts)) or "no pruning"
         f = self.flops()
         return (
-            f"KeepPlan({self.metric}, tokens {steps}; {where}; fuse={self.fuse}; "
+            f"KeepPlan({self.config.metric}, tokens {self.token_steps}; {where}; fuse={self.config.fuse}; "
             f"FLOPs {f.pruned / 1e9:.3g}G of {f.full / 1e9:.3g}G, bound {f.bound:.2f}x)"
         )
 
@@ -126,21 +152,20 @@ def make_plan(
     num_tokens: int,
     num_prefix: int,
     dims: ModelDims,
-    keep: float | Sequence[float] = 0.7,
-    layers: Sequence[int] | None = None,
-    metric: str = "colln",
-    norm: float = 4.0,
-    rescue: float = 0.2,
-    fuse: bool = False,
-    spatial_order: bool = False,
-    round_to: int = 1,
+    config: PruneConfig,
 ) -> KeepPlan:
-    """Build a KeepPlan. ``layers=None`` means :func:`default_layers`; ``keep`` is one rate for every
-    pruning layer or one rate per layer. Raises :class:`PlanError` on anything invalid."""
+    """Resolve ``config`` against a model's token count and dims. Raises :class:`PlanError` on
+    layers the model does not have."""
     depth = dims.depth
-    layers = default_layers(depth) if layers is None else tuple(int(i) for i in layers)
-    rates = (keep,) * len(layers) if isinstance(keep, (int, float)) else tuple(keep)
-    _check(layers, rates, depth, metric, norm, rescue, round_to, num_tokens, num_prefix)
+    layers = default_layers(depth) if config.layers is None else config.layers
+    rates = config.rates(len(layers))
+    bad = [i for i in layers if not 0 <= i < depth]
+    if bad:
+        raise PlanError(f"layer {bad[0]} is out of range: this model has blocks 0..{depth - 1}")
+    if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
+        raise PlanError(f"layers {list(layers)} must be strictly increasing block indices")
+    if num_tokens - num_prefix < 1:
+        raise PlanError(f"the model has no patch tokens to prune ({num_tokens} tokens, {num_prefix} prefix)")
 
     tokens_in: list[int] = []
     counts: list[int] = []
@@ -148,60 +173,21 @@ def make_plan(
     for i in range(depth):
         tokens_in.append(n)
         if i in layers:
-            rate = rates[layers.index(i)]
             cand = n - num_prefix
             # round() first: 0.7 * 130 is 91.00000000000001 in floats, and ceil would give 92.
-            k = math.ceil(round(rate * cand, 9))
-            k = min(cand, max(1, math.ceil(k / round_to) * round_to))
+            k = math.ceil(round(rates[layers.index(i)] * cand, 9))
+            k = min(cand, max(1, math.ceil(k / config.round_to) * config.round_to))
             counts.append(k)
-            n = num_prefix + k + (1 if fuse and k < cand else 0)
+            n = num_prefix + k + (1 if config.fuse and k < cand else 0)
     return KeepPlan(
+        config=config,
         num_tokens=num_tokens,
         num_prefix=num_prefix,
         depth=depth,
-        layers=layers,
-        keep_rates=tuple(float(r) for r in rates),
+        layers=tuple(layers),
+        keep_rates=rates,
         keep_counts=tuple(counts),
         tokens_in=tuple(tokens_in),
         tokens_out=n,
-        fuse=fuse,
-        metric=metric,
-        norm=float(norm),
-        rescue=float(rescue),
-        spatial_order=spatial_order,
-        round_to=round_to,
         dims=dims,
     )
-
-
-def _check(
-    layers: tuple[int, ...],
-    rates: tuple[float, ...],
-    depth: int,
-    metric: str,
-    norm: float,
-    rescue: float,
-    round_to: int,
-    num_tokens: int,
-    num_prefix: int,
-) -> None:
-    if metric not in METRICS:
-        raise PlanError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
-    if len(rates) != len(layers):
-        raise PlanError(f"{len(rates)} keep rates for {len(layers)} pruning layers: give one rate or one per layer")
-    for r in rates:
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 < r <= 1.0:
-            raise PlanError(f"keep rate {r!r} is outside (0, 1]: use e.g. 0.7 to keep 70% of the tokens")
-    bad = [i for i in layers if not 0 <= i < depth]
-    if bad:
-        raise PlanError(f"layer {bad[0]} is out of range: this model has blocks 0..{depth - 1}")
-    if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
-        raise PlanError(f"layers {list(layers)} must be strictly increasing block indices")
-    if not norm > 0:
-        raise PlanError(f"norm order {norm!r} must be > 0 (the paper uses 4)")
-    if not 0.0 <= rescue < 1.0:
-        raise PlanError(f"rescue ratio {rescue!r} must be in [0, 1) (the paper uses 0.2 or 0.4)")
-    if round_to < 1:
-        raise PlanError(f"round_to {round_to!r} must be a positive integer")
-    if num_tokens - num_prefix < 1:
-        raise PlanError(f"the model has no patch tokens to prune ({num_tokens} tokens, {num_prefix} prefix)")

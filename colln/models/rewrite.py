@@ -18,6 +18,7 @@ from torch import nn
 
 from colln.errors import UnsupportedModelError
 from colln.models import ops
+from colln.models.config import PruneConfig
 from colln.models.plan import KeepPlan, ModelDims, make_plan
 
 # Tested in tests/test_timm_contract.py: the timm attributes this file relies on.
@@ -71,22 +72,14 @@ class PruningBlock(nn.Module):
         layer: int,
         num_prefix: int,
         k: int,
-        metric: ops.Metric,
-        norm: float,
-        rescue: float,
-        fuse: bool,
-        spatial_order: bool,
+        config: PruneConfig,
     ) -> None:
         super().__init__()
         self.block = block
         self.layer = layer
         self.num_prefix = num_prefix
         self.k = k
-        self.metric = metric
-        self.norm = norm
-        self.rescue = rescue
-        self.fuse = fuse
-        self.spatial_order = spatial_order
+        self.config = config
         self._recorder: list[Selection] | None = None
 
     def forward(
@@ -100,15 +93,14 @@ class PruningBlock(nn.Module):
         b = self.block
         attn_out, probs = attention_with_probs(b.attn, b.norm1(x))
         x = x + b.drop_path1(b.ls1(attn_out))
-        x, indices, scores = ops.prune_tokens(
-            x, probs, self.num_prefix, self.k, self.metric, self.norm, self.rescue, self.fuse, self.spatial_order
-        )
+        x, indices, scores = ops.prune_tokens(x, probs, self.num_prefix, self.k, self.config)
         if self._recorder is not None:
             self._recorder.append(Selection(self.layer, indices, scores))
         return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, k={self.k}, metric={self.metric}, norm={self.norm}, fuse={self.fuse}"
+        c = self.config
+        return f"layer={self.layer}, k={self.k}, metric={c.metric}, norm={c.norm}, fuse={c.fuse}"
 
 
 def check_supported(
@@ -170,68 +162,33 @@ def model_dims(
 
 def plan_for(
     model: nn.Module,
-    keep: float | Sequence[float] = 0.7,
-    layers: Sequence[int] | None = None,
-    metric: str = "colln",
-    norm: float = 4.0,
-    rescue: float = 0.2,
-    fuse: bool = False,
-    spatial_order: bool = False,
-    round_to: int = 1,
+    config: PruneConfig,
 ) -> KeepPlan:
-    """The keep plan ``prune`` would use for ``model`` (checks support first)."""
-    check_supported(model, (), metric)
+    """The keep plan ``prune`` would use for ``model`` with ``config`` (checks support first)."""
+    check_supported(model, (), config.metric)
     num_prefix = model.num_prefix_tokens
-    plan = make_plan(
-        num_tokens=model.patch_embed.num_patches + num_prefix,
-        num_prefix=num_prefix,
-        dims=model_dims(model),
-        keep=keep,
-        layers=layers,
-        metric=metric,
-        norm=norm,
-        rescue=rescue,
-        fuse=fuse,
-        spatial_order=spatial_order,
-        round_to=round_to,
-    )
+    plan = make_plan(model.patch_embed.num_patches + num_prefix, num_prefix, model_dims(model), config)
     _check_blocks(model, plan.layers)
     return plan
 
 
 def prune(
     model: nn.Module,
-    keep: float | Sequence[float] = 0.7,
-    layers: Sequence[int] | None = None,
-    metric: str = "colln",
-    norm: float = 4.0,
-    fuse: bool = False,
-    rescue: float = 0.2,
-    spatial_order: bool = False,
-    round_to: int = 1,
+    keep: float | Sequence[float] | PruneConfig = 0.7,
+    **settings: object,
 ) -> nn.Module:
     """A pruned copy of a timm VisionTransformer; ``model`` is left untouched.
 
-    ``layers=None`` means EViT's 3, 6, 9 scaled to the model's depth. The plan is attached as
+    ``keep`` is a rate, one rate per pruning layer, or a whole :class:`PruneConfig`; the other
+    settings (``layers``, ``metric``, ``norm``, ``rescue``, ``fuse``, ``spatial_order``,
+    ``round_to``; see :class:`PruneConfig`) are keyword-only. The plan is attached as
     ``pruned.colln_plan`` (see :func:`get_plan`). Layers whose keep count is every candidate (e.g.
-    ``keep=1.0``) are left as timm's own block, so ``keep=1.0`` is exactly the unpruned model.
+    ``keep=1.0``) stay timm's own block, so ``keep=1.0`` is exactly the unpruned model.
     """
-    plan = plan_for(model, keep, layers, metric, norm, rescue, fuse, spatial_order, round_to)
+    plan = plan_for(model, PruneConfig.of(keep, **settings))
     pruned = copy.deepcopy(model)
-    for layer, k in zip(plan.layers, plan.keep_counts):
-        if k == plan.tokens_in[layer] - plan.num_prefix:
-            continue
-        pruned.blocks[layer] = PruningBlock(
-            pruned.blocks[layer],
-            layer=layer,
-            num_prefix=plan.num_prefix,
-            k=k,
-            metric=metric,
-            norm=norm,
-            rescue=rescue,
-            fuse=fuse,
-            spatial_order=spatial_order,
-        )
+    for layer, k in plan.pruned_layers:
+        pruned.blocks[layer] = PruningBlock(pruned.blocks[layer], layer=layer, num_prefix=plan.num_prefix, k=k, config=plan.config)
     pruned.colln_plan = plan
     return pruned
 

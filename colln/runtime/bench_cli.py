@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from colln.cli import ArgumentParser, parse_ints, run_main
+from colln.app.cli import ArgumentParser, parse_ints, run_main
 from colln.errors import CollnError, UsageError, ValidationFailedError
 from colln.runtime.bench import bench_export, find_case, merge_case, regressions
 from colln.runtime.runners import BACKENDS

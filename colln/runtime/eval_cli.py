@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from colln.cli import ArgumentParser, parse_floats, parse_ints, run_main
+from colln.app.cli import ArgumentParser, parse_floats, parse_ints, run_main
 from colln.errors import UsageError
 from colln.export.pipeline import atomic_output
 from colln.export.spec import ExportSpec
-from colln.models.ops import METRICS
+from colln.models.config import METRICS
 from colln.runtime import evaluate as ev
 
 DEFAULT_SCHEDULE = "evit"  # the blocks colln-export prunes by default

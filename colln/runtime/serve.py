@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from colln.cli import ArgumentParser, run_main
+from colln.app.cli import ArgumentParser, run_main
 from colln.errors import BackendUnavailableError, CollnError, UsageError
 from colln.export.spec import INPUT_NAME, OUTPUT_NAME, ExportSpec
 from colln.runtime.triton import PLATFORMS, check_plan_batches, model_config, model_name, tensor_dims

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from colln.cli import ArgumentParser, run_main
+from colln.app.cli import ArgumentParser, run_main
 from colln.errors import CollnError, UsageError
 from colln.export.pipeline import atomic_output
 from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, ExportSpec

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from colln.cli import ArgumentParser, run_main
+from colln.app.cli import ArgumentParser, run_main
 from colln.errors import UsageError
 from colln.runtime.runners import BACKENDS
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from colln.cli import ArgumentParser, parse_floats, run_main
+from colln.app.cli import ArgumentParser, parse_floats, run_main
 from colln.data import data_config, open_image, preprocess
 from colln.errors import CollnError, UsageError
 from colln.models.rewrite import Selection, get_plan, record_selections

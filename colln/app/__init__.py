@@ -1,0 +1,1 @@
+"""The application layer: the orchestration the commands share, reports and their rendering, and every CLI."""

@@ -1,0 +1,99 @@
+"""The prune settings, once: every layer of colln passes a :class:`PruneConfig` whole."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
+
+from colln.errors import PlanError
+
+Metric = Literal["colln", "cls", "correct"]
+METRICS: tuple[str, ...] = ("colln", "cls", "correct")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Where and how much a ViT is pruned. ``None`` = the model's default.
+
+    ``keep``: one rate in (0, 1] for every pruning layer, or one per layer. ``layers``: pruning
+    blocks (``None``: EViT's 3, 6, 9 of 12 scaled to the depth). ``metric``: ``colln`` (Col-Ln of
+    order ``norm``), ``cls`` ([CLS] attention) or ``correct`` ([CLS] with a Col-Ln ``rescue`` share).
+    ``fuse``: EViT's fused token. ``spatial_order``: kept tokens in image order. ``round_to``: keep
+    counts rounded up to a multiple of it. Invalid values raise :class:`PlanError` at construction.
+    """
+
+    keep: float | tuple[float, ...] = 0.7
+    layers: tuple[int, ...] | None = None
+    metric: Metric = "colln"
+    norm: float = 4.0
+    rescue: float = 0.2
+    fuse: bool = False
+    spatial_order: bool = False
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep, Sequence):
+            object.__setattr__(self, "keep", tuple(self.keep))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        rates = self.keep if isinstance(self.keep, tuple) else (self.keep,)
+        if not rates:
+            raise PlanError("keep is empty: give one rate, or one per pruning layer")
+        for r in rates:
+            if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 < r <= 1.0:
+                raise PlanError(f"keep rate {r!r} is outside (0, 1]: use e.g. 0.7 to keep 70% of the tokens")
+        if self.metric not in METRICS:
+            raise PlanError(f"unknown metric {self.metric!r}: choose one of {', '.join(METRICS)}")
+        if not self.norm > 0:
+            raise PlanError(f"norm order {self.norm!r} must be > 0 (the paper uses 4)")
+        if not 0.0 <= self.rescue < 1.0:
+            raise PlanError(f"rescue ratio {self.rescue!r} must be in [0, 1) (the paper uses 0.2 or 0.4)")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise PlanError(f"round_to {self.round_to!r} must be a positive integer")
+
+    @classmethod
+    def of(
+        cls,
+        keep: float | Sequence[float] | PruneConfig = 0.7,
+        **settings: object,
+    ) -> PruneConfig:
+        """``keep`` and keyword settings (names of the fields) -> a config; a config passes through."""
+        if isinstance(keep, PruneConfig):
+            if settings:
+                raise PlanError(f"give a PruneConfig or settings, not both (got {', '.join(settings)})")
+            return keep
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+        if unknown:
+            names = ", ".join(f.name for f in fields(cls))
+            raise PlanError(f"unknown prune setting {unknown[0]!r}: the settings are {names}")
+        return cls(keep=keep, **settings)  # type: ignore[arg-type]
+
+    def rates(
+        self,
+        num_layers: int,
+    ) -> tuple[float, ...]:
+        """One keep rate per pruning layer."""
+        rates = self.keep if isinstance(self.keep, tuple) else (self.keep,) * num_layers
+        if len(rates) != num_layers:
+            raise PlanError(f"{len(rates)} keep rates for {num_layers} pruning layers: give one rate or one per layer")
+        return tuple(float(r) for r in rates)
+
+    def unpruned(self) -> PruneConfig:
+        """The same settings at keep 1.0: the unpruned model through the same path."""
+        return replace(self, keep=1.0)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["keep"] = list(self.keep) if isinstance(self.keep, tuple) else self.keep
+        out["layers"] = list(self.layers) if self.layers is not None else None
+        return out
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: dict,
+    ) -> PruneConfig:
+        """From :meth:`to_dict` output; keys that are not settings are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
