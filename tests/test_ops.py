@@ -118,19 +118,58 @@ def test_gather_keeps_prefix_tokens_first() -> None:
     assert torch.equal(out[1, 2], x[1, 2 + 1]) and torch.equal(out[1, 3], x[1, 2 + 2])
 
 
-def test_fused_token_is_the_score_weighted_sum_of_pruned_tokens() -> None:
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 8, 4, generator=gen, dtype=torch.float64)
-    scores = torch.rand(2, 7, generator=gen, dtype=torch.float64)
-    idx = ops.topk_indices(scores, 3)
-    got = ops.fused_token(x, idx, scores, num_prefix=1)
+def _plain_fused(
+    attn: torch.Tensor,
+    x: torch.Tensor,
+    kept: list[int],
+    num_prefix: int,
+    metric: str,
+    norm: float,
+) -> torch.Tensor:
+    """One image, the authors' fused-token rule written out: pruned candidate j weighted by the raw
+    head-mean [CLS] attention A[0, j] (cls, correct), or by its Col-Ln score over the Col-Ln scores
+    of all N columns, prefix included, + 1e-6 (colln)."""
+    h, n, _ = attn.shape
+    a = [[sum(float(attn[hi, i, j]) for hi in range(h)) / h for j in range(n)] for i in range(n)]
+    col = [sum(a[i][j] ** norm for i in range(n)) ** (1.0 / norm) for j in range(n)]
+    fused = torch.zeros(x.shape[-1], dtype=x.dtype)
+    for j in range(num_prefix, n):
+        if j - num_prefix in kept:
+            continue
+        w = a[0][j] if metric in ("cls", "correct") else col[j] / (sum(col) + 1e-6)
+        fused += w * x[j]
+    return fused
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("num_prefix", [1, 3])
+def test_fused_token_follows_the_authors_rule(metric: str, num_prefix: int) -> None:
+    n = 12
+    attn = _attention(2, 3, n, seed=6)
+    x = torch.randn(2, n, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    out, idx, _ = ops.prune_tokens(x, attn, num_prefix, 4, PruneConfig(metric=metric, fuse=True, norm=2.0))
     for b in range(2):
-        total = float(scores[b].sum())
-        expected = torch.zeros(4, dtype=torch.float64)
-        for j in range(7):
-            if j not in idx[b].tolist():
-                expected += float(scores[b, j]) / total * x[b, 1 + j]
-        assert torch.allclose(got[b, 0], expected)
+        expected = _plain_fused(attn[b], x[b], idx[b].tolist(), num_prefix, metric, 2.0)
+        assert torch.allclose(out[b, -1], expected, atol=1e-12)
+
+
+def test_fused_weights_are_not_renormalised_over_the_candidates() -> None:
+    """The rules differ from the old one (weights summing to 1 over the candidates): the [CLS] weights
+    sum to what [CLS] gives the candidates (< 1, [CLS] attends to itself too), the Col-Ln weights to
+    the candidates' share of all N columns."""
+    attn = _attention(2, 3, 10, seed=7)
+    am = ops.head_mean(attn)
+    for metric in METRICS:
+        config = PruneConfig(metric=metric)
+        _, scores = ops.select(am, 2, 4, config)
+        total = ops.fuse_weights(am, scores, 2, config).sum(dim=-1)
+        all_cols = ops.colln_score(am, 0, config.norm)
+        if metric == "colln":
+            expected = all_cols[:, 2:].sum(dim=-1) / (all_cols.sum(dim=-1) + 1e-6)
+        else:
+            expected = 1.0 - am[:, 0, :2].sum(dim=-1)
+        assert torch.allclose(total, expected)
+        assert (total < 1.0 - 1e-3).all()
 
 
 @pytest.mark.parametrize("metric", METRICS)

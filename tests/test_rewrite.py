@@ -56,21 +56,24 @@ def _plain_select(
     metric: str,
     norm: float,
     rescue: float,
-) -> tuple[list[int], list[float]]:
-    """One image: head-mean attention, the metric written out, top-k by sorting."""
+) -> tuple[list[int], list[float], list[float]]:
+    """One image: head-mean attention, the metric written out, top-k by sorting. Returns the kept
+    candidates and each candidate's fused-token weight (the authors' rule: raw [CLS] attention for
+    cls / correct; Col-Ln over the Col-Ln sum of all N columns, prefix included, + 1e-6 for colln)."""
     a = attn.mean(dim=0)  # [N, N]
     n = a.shape[0]
-    colln_s = [float((a[:, j] ** norm).sum() ** (1 / norm)) for j in range(num_prefix, n)]
+    all_colln = [float((a[:, j] ** norm).sum() ** (1 / norm)) for j in range(n)]
+    colln_s = all_colln[num_prefix:]
     cls_s = [float(a[0, j]) for j in range(num_prefix, n)]
     by = lambda s: sorted(range(len(s)), key=lambda j: -s[j])  # noqa: E731
     if metric == "colln":
-        return by(colln_s)[:k], colln_s
+        return by(colln_s)[:k], colln_s, [s / (sum(all_colln) + 1e-6) for s in colln_s]
     if metric == "cls":
-        return by(cls_s)[:k], cls_s
+        return by(cls_s)[:k], cls_s, cls_s
     r = math.floor(k * rescue)
     first = by(cls_s)[: k - r]
     rest = [j for j in by(colln_s) if j not in first][:r]
-    return first + rest, colln_s
+    return first + rest, colln_s, cls_s
 
 
 def reference_forward(
@@ -100,14 +103,13 @@ def reference_forward(
             attn = torch.softmax(q @ kk.transpose(-1, -2) / math.sqrt(a.head_dim), dim=-1)
             o = (attn @ v).permute(1, 0, 2).reshape(1, n, -1)
             t = t + blk.ls1(a.proj(a.norm(o)))
-            kept, scores = _plain_select(attn, p, layers[i], metric, norm, rescue)
+            kept, scores, fuse_w = _plain_select(attn, p, layers[i], metric, norm, rescue)
             ranked = sorted(scores, reverse=True)
             if layers[i] < len(scores):
                 margins.append(ranked[layers[i] - 1] - ranked[layers[i]])
             rows = [t[0, :p]] + [t[0, p + j][None] for j in kept]
             if fuse:
-                total = sum(scores)
-                fused = sum(scores[j] / total * t[0, p + j] for j in range(len(scores)) if j not in kept)
+                fused = sum(fuse_w[j] * t[0, p + j] for j in range(len(scores)) if j not in kept)
                 rows.append(fused[None])
             t = torch.cat(rows)[None]
             t = t + blk.ls2(blk.mlp(blk.norm2(t)))

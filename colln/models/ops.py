@@ -100,7 +100,8 @@ def select(
     """Pick ``k`` candidates. Returns ``(indices [B, k] into the candidates, scores [B, N - num_prefix])``.
 
     The returned scores are the metric's own (the Col-Ln norm for ``colln`` and ``correct``, the
-    [CLS] row for ``cls``): they weight the fused token and give validation its boundary margin.
+    [CLS] row for ``cls``): validation takes its boundary margin from them; :func:`fuse_weights`
+    turns them into the fused token's weights.
     """
     if config.metric == "cls":
         scores = cls_score(attn_mean, num_prefix)
@@ -126,19 +127,38 @@ def gather_tokens(
     return torch.cat([x[:, :num_prefix], kept], dim=1)
 
 
+def fuse_weights(
+    attn_mean: torch.Tensor,
+    scores: torch.Tensor,
+    num_prefix: int,
+    config: PruneConfig,
+) -> torch.Tensor:
+    """Each candidate's weight in the fused token, as the authors' code computes it: ``[B, N - num_prefix]``.
+
+    ``cls`` and ``correct`` (their EViT code): the raw head-mean [CLS] attention ``A[cls, j]``, not
+    renormalised. ``colln`` (their CLIP / PruMerge code): the Col-Ln ``scores`` divided by the sum of
+    the Col-Ln scores of all N columns, prefix columns included, plus 1e-6.
+    """
+    if config.metric != "colln":
+        return cls_score(attn_mean, num_prefix)
+    total = scores.sum(dim=-1, keepdim=True)
+    if num_prefix:
+        total = total + colln_score(attn_mean[:, :, :num_prefix], 0, config.norm).sum(dim=-1, keepdim=True)
+    return scores / (total + 1e-6)
+
+
 def fused_token(
     x: torch.Tensor,
     indices: torch.Tensor,
-    scores: torch.Tensor,
+    weights: torch.Tensor,
     num_prefix: int,
 ) -> torch.Tensor:
-    """EViT's fused token: the pruned candidates summed, weighted by the scores normalised to sum
-    to 1 over all candidates. Returns ``[B, 1, C]``.
+    """EViT's fused token: the pruned candidates summed, each times its ``weights`` entry (see
+    :func:`fuse_weights`). Returns ``[B, 1, C]``.
 
     A dense mask instead of a second top-k for the complement: shapes stay static and it works for
     any selection (including the rescue one, whose picks are not a prefix of one sorted order).
     """
-    weights = scores / scores.sum(dim=-1, keepdim=True)
     kept = torch.zeros_like(weights).scatter(-1, indices, 1.0)
     pruned_weights = weights * (1.0 - kept)
     return torch.einsum("bn,bnc->bc", pruned_weights, x[:, num_prefix:]).unsqueeze(1)
@@ -156,13 +176,14 @@ def prune_tokens(
     ``tokens`` is ``[prefix, kept..., (fused)]``; kept tokens come in score order unless
     ``config.spatial_order``. ``indices`` index the candidates (``x[:, num_prefix:]``).
     """
-    indices, scores = select(head_mean(attn), num_prefix, k, config)
+    attn_mean = head_mean(attn)
+    indices, scores = select(attn_mean, num_prefix, k, config)
     if config.spatial_order:
         # topk, not sort: sort exports as a TopK whose K is computed from the shape (TensorRT wants a constant).
         indices = torch.topk(indices, k, dim=-1, largest=False).values
     out = gather_tokens(x, indices, num_prefix)
     if config.fuse:
-        out = torch.cat([out, fused_token(x, indices, scores, num_prefix)], dim=1)
+        out = torch.cat([out, fused_token(x, indices, fuse_weights(attn_mean, scores, num_prefix, config), num_prefix)], dim=1)
     return out, indices, scores
 
 
