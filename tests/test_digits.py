@@ -7,7 +7,8 @@ import torch
 
 import colln
 from colln.data import preprocess
-from colln.models import digits, train_digits
+from colln.models import digits
+from colln.train import digits as train_digits
 
 
 def _accuracy(model: torch.nn.Module, split: digits.DigitsSplit) -> float:

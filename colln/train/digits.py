@@ -1,4 +1,4 @@
-"""Train the bundled ``digits_vit`` deterministically: ``python -m colln.models.train_digits``.
+"""Train the bundled ``digits_vit`` deterministically: ``python -m colln.train.digits``.
 
 Writes ``colln/models/weights/digits_vit.safetensors`` (fp16, well under 2 MB) and its card
 ``digits_vit.json`` with the settings and the test accuracy of the weights as stored.
@@ -26,16 +26,28 @@ WEIGHT_DECAY = 0.05
 SHIFT = 2  # random translation in pixels at 32x32
 
 
+def shift(
+    x: torch.Tensor,
+    dy: int,
+    dx: int,
+    fill: float,
+) -> torch.Tensor:
+    """One ``[C, H, W]`` image moved by ``(dy - SHIFT, dx - SHIFT)`` pixels, the border filled with ``fill``."""
+    _, h, w = x.shape
+    padded = F.pad(x, (SHIFT, SHIFT, SHIFT, SHIFT), value=fill)
+    return padded[:, dy : dy + h, dx : dx + w]
+
+
 def _augment(
     x: torch.Tensor,
     gen: torch.Generator,
 ) -> torch.Tensor:
     """Random translation by up to SHIFT pixels (pad with the background, crop back)."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (SHIFT, SHIFT, SHIFT, SHIFT), value=float(x.min()))
+    b = x.shape[0]
     dy = torch.randint(0, 2 * SHIFT + 1, (b,), generator=gen)
     dx = torch.randint(0, 2 * SHIFT + 1, (b,), generator=gen)
-    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+    fill = float(x.min())
+    return torch.stack([shift(x[i], int(dy[i]), int(dx[i]), fill) for i in range(b)])
 
 
 def accuracy(
