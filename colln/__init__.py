@@ -15,4 +15,13 @@ from colln.models.registry import load_model
 from colln.models.rewrite import get_plan, plan_for, prune, record_selections
 
 __version__ = "0.1.0"
-__all__ = ["CollnError", "KeepPlan", "PruneConfig", "get_plan", "load_model", "make_plan", "plan_for", "prune", "record_selections"]
+__all__ = ["CollnError", "KeepPlan", "PruneConfig", "finetune", "get_plan", "load_model", "make_plan", "plan_for", "prune", "record_selections"]
+
+
+def __getattr__(name: str) -> object:
+    # colln.finetune on first use: importing colln stays free of the training stack.
+    if name == "finetune":
+        from colln.train.finetune import finetune
+
+        return finetune
+    raise AttributeError(f"module 'colln' has no attribute {name!r}")

@@ -78,3 +78,19 @@ class ValidationFailedError(CollnError):
 
     stage = "validate"
     exit_code = 1
+
+
+class PlanMismatchError(PlanError):
+    """Fine-tuned weights are exported with a plan other than the one they were trained for."""
+
+
+class CheckpointError(CollnError):
+    """A fine-tuning checkpoint is missing, unreadable, or was made with other settings."""
+
+    stage = "checkpoint"
+
+
+class TrainingDivergedError(CollnError):
+    """The fine-tuning loss stopped being finite."""
+
+    stage = "finetune"

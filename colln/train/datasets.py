@@ -1,0 +1,167 @@
+"""Training and validation data as torch Datasets of ``(image tensor, label)``: the bundled digits
+splits, or a directory in ImageFolder layout through the model's timm transforms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from colln.data import IMAGE_SUFFIXES, DataError, data_config, open_image, preprocess
+from colln.models import digits
+from colln.train.digits import SHIFT, shift
+
+DIGITS = "digits"
+MAX_BAD_FRACTION = 0.01
+
+
+class DigitsDataset(Dataset):
+    """A digits split through the model's eval transform; training adds the random translation the
+    bundled model was trained with (timm's train transform would flip and crop digits into others)."""
+
+    def __init__(
+        self,
+        split: str,
+        model: torch.nn.Module,
+        augment: bool,
+    ) -> None:
+        data = digits.load_split(split)
+        self.images = preprocess(data.images, model)
+        self.labels = torch.from_numpy(data.labels)
+        self.augment = augment
+        self.description = f"digits ({split} split)"
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.images[i]
+        if self.augment:
+            dy, dx = torch.randint(0, 2 * SHIFT + 1, (2,)).tolist()
+            x = shift(x, dy, dx, float(x.min()))
+        return x, int(self.labels[i])
+
+
+class FolderDataset(Dataset):
+    """ImageFolder layout (``DIR/<class>/<image>``). Every file is checked once up front
+    (``PIL.Image.verify``); unreadable ones are skipped and listed in ``skipped``."""
+
+    def __init__(
+        self,
+        root: Path,
+        transform: object,
+        class_names: list[str] | None,
+        num_outputs: int,
+        max_bad_fraction: float = MAX_BAD_FRACTION,
+    ) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        self.classes = folder_classes(self.root)
+        labels = label_map(self.root, self.classes, class_names, num_outputs)
+        files = [
+            (p, labels[c]) for c in self.classes for p in sorted((self.root / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not files:
+            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {self.root}")
+        checked = [(p, y, _readable(p)) for p, y in files]
+        self.samples = [(p, y) for p, y, ok in checked if ok]
+        self.skipped = [str(p) for p, _, ok in checked if not ok]
+        if len(self.skipped) > max_bad_fraction * len(files):
+            raise DataError(
+                f"{len(self.skipped)} of {len(files)} images under {self.root} are unreadable (e.g. {self.skipped[0]}): "
+                f"fix or remove them (up to {max_bad_fraction:.0%} are skipped)"
+            )
+        self.description = str(self.root)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        return self.transform(open_image(path)), label
+
+
+def _readable(
+    path: Path,
+) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many types for a corrupt file
+        return False
+
+
+def folder_classes(
+    root: Path,
+) -> list[str]:
+    """The class subfolders of an ImageFolder directory, sorted (refuses a missing or empty one)."""
+    if not root.is_dir():
+        raise DataError(f"{root} is not a directory: give an ImageFolder directory (DIR/<class>/<image>) or 'digits'")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{root} has no class subfolders: expected the ImageFolder layout DIR/<class>/<image>")
+    return classes
+
+
+def model_class_names(
+    model: torch.nn.Module,
+) -> list[str] | None:
+    """The model's class names where colln knows them: the digits, or ImageNet synsets (n01440764, ...)."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    if getattr(model, "pretrained_cfg", {}).get("architecture") == digits.NAME and model.num_classes == digits.NUM_CLASSES:
+        return [str(i) for i in range(digits.NUM_CLASSES)]
+    subset = infer_imagenet_subset(model)
+    return list(ImageNetInfo(subset).label_names()) if subset else None
+
+
+def label_map(
+    root: Path,
+    classes: list[str],
+    class_names: list[str] | None,
+    num_outputs: int,
+) -> dict[str, int]:
+    """Folder name -> the model's output index: by name where the model's class names are known
+    (any subset of them), else by sorted position when the counts match."""
+    rehead = f"or re-head the model for these {len(classes)} classes with --num-classes {len(classes)}"
+    if class_names is not None:
+        unknown = [c for c in classes if c not in class_names]
+        if unknown:
+            raise DataError(
+                f"class folders {', '.join(unknown[:3])} of {root} are not classes of the model "
+                f"({len(class_names)} classes: {', '.join(class_names[:3])}, ...): rename the folders, {rehead}"
+            )
+        return {c: class_names.index(c) for c in classes}
+    if len(classes) != num_outputs:
+        raise DataError(f"{root} has {len(classes)} class folders but the model has {num_outputs} outputs: {rehead}")
+    return {c: i for i, c in enumerate(classes)}
+
+
+def open_dataset(
+    source: str | Path | Dataset,
+    model: torch.nn.Module,
+    training: bool,
+) -> Dataset:
+    """``'digits'`` (train split when ``training``, else test), an ImageFolder directory through the
+    model's timm train or eval transform (folders matched to the model's classes), or a Dataset
+    (used as it is)."""
+    if isinstance(source, Dataset):
+        return source
+    if str(source) == DIGITS:
+        if getattr(model, "pretrained_cfg", {}).get("architecture") != digits.NAME:
+            raise DataError("'digits' data only fits digits_vit: give an ImageFolder directory with --data DIR")
+        return DigitsDataset("train" if training else "test", model, augment=training)
+    from timm.data import create_transform
+
+    transform = create_transform(**data_config(model), is_training=training)
+    return FolderDataset(Path(source), transform, model_class_names(model), model.num_classes)
+
+
+def describe(
+    dataset: Dataset,
+) -> str:
+    return getattr(dataset, "description", type(dataset).__name__)

@@ -1,0 +1,206 @@
+"""What ``colln-finetune`` does, as one function: load, prune, fine-tune with checkpoints in the
+output directory, write the weights and ``finetune.json``. The CLI parses and renders around it."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from colln.errors import OutputExistsError, UsageError
+from colln.files import atomic_write
+from colln.models import digits
+from colln.models.config import PruneConfig
+from colln.models.registry import load_model, resolve_name
+from colln.models.rewrite import prune
+from colln.train import checkpoint as ckpt
+from colln.train.datasets import DIGITS, open_dataset
+from colln.train.distributed import env_ranks
+from colln.train.finetune import FinetuneResult, Recipe, Reporter, finetune
+
+OUTPUTS = (ckpt.WEIGHTS, ckpt.RECORD, ckpt.CHECKPOINT, ckpt.LOSS_PLOT)
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """One ``colln-finetune`` run. ``data`` / ``val``: ``None`` = the model default (``digits`` and
+    its test split for digits_vit; a directory is required otherwise). ``num_classes``: re-head the
+    model for a folder with other classes (distillation is then off: the teacher's head does not
+    fit). ``limit``: train on a seeded random subset of that many images (quick runs)."""
+
+    model: str
+    config: PruneConfig
+    out: Path
+    weights: str | None = None
+    img_size: int | None = None
+    data: str | None = None
+    val: str | None = None
+    num_classes: int | None = None
+    distill: bool | None = None
+    limit: int | None = None
+    recipe: Recipe = field(default_factory=Recipe)
+    device: str = "cpu"
+    amp: bool = False
+    resume: bool = False
+    force: bool = False
+
+
+def run_job(
+    job: FinetuneJob,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Run ``job``; returns the ``finetune.json`` record (rank 0 writes the files, every rank returns it).
+
+    Everything that can be refused (output directory, model, plan, data) is checked before the
+    first file is written."""
+    start = time.perf_counter()
+    ranks = env_ranks()
+    _check_out(job)
+    canonical = resolve_name(job.model)
+    model = load_model(canonical, job.weights, job.img_size)
+    if job.num_classes is not None:
+        _rehead(model, job.num_classes)
+    distill = job.distill if job.distill is not None else job.num_classes is None
+    if distill and job.num_classes is not None:
+        raise UsageError(
+            "--distill with --num-classes: the unpruned teacher's head does not fit the new classes; use --no-distill"
+        )
+    is_digits = canonical == digits.NAME
+    data = job.data or (DIGITS if is_digits else None)
+    if data is None:
+        raise UsageError(f"--data DIR is required for {canonical} (an ImageFolder directory: DIR/<class>/<image>)")
+    val = job.val or (DIGITS if data == DIGITS else None)
+    pruned = prune(model, job.config)
+    train_set = _limited(open_dataset(data, pruned, training=True), job.limit, job.recipe.seed)
+    val_set = open_dataset(val, pruned, training=False) if val is not None else None
+    if ranks.is_main:
+        _prepare_out(job)
+    result = finetune(
+        pruned,
+        train_set,
+        val=val_set,
+        teacher=model if distill else None,
+        **asdict(job.recipe),
+        device=job.device,
+        amp=job.amp,
+        checkpoint_dir=job.out,
+        resume=job.resume,
+        reporter=reporter,
+    )
+    record = _record(job, canonical, model, pruned, result, distill, time.perf_counter() - start)
+    if ranks.is_main:
+        ckpt.save_weights(result.model, job.out / ckpt.WEIGHTS)
+        ckpt.write_record(job.out / ckpt.RECORD, record)
+    return record
+
+
+def _check_out(
+    job: FinetuneJob,
+) -> None:
+    out = job.out
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a directory: choose another --out")
+    if job.resume:
+        if not (out / ckpt.CHECKPOINT).is_file():
+            raise OutputExistsError(f"nothing to resume: {out / ckpt.CHECKPOINT} does not exist; run without --resume")
+        return
+    if out.is_dir() and any(out.iterdir()) and not job.force:
+        raise OutputExistsError(
+            f"{out} already exists and is not empty: pass --force to start over, --resume to continue, or --out another directory"
+        )
+
+
+def _prepare_out(
+    job: FinetuneJob,
+) -> None:
+    """Fail now, not after the first epoch, when ``out`` cannot be written; starting over (--force)
+    removes the outputs of the earlier run, so no stale checkpoint is left to resume by mistake."""
+    probe = job.out / ".colln-write-test"
+    atomic_write(probe, b"")
+    probe.unlink()
+    if not job.resume:
+        for name in OUTPUTS:
+            (job.out / name).unlink(missing_ok=True)
+
+
+def _rehead(
+    model: nn.Module,
+    num_classes: int,
+) -> None:
+    if num_classes < 1:
+        raise UsageError(f"--num-classes must be >= 1, got {num_classes}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model.reset_classifier(num_classes)
+
+
+def _limited(
+    dataset: Dataset,
+    limit: int | None,
+    seed: int,
+) -> Dataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {limit}")
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+    subset = Subset(dataset, sorted(chosen.tolist()))
+    subset.description = f"{getattr(dataset, 'description', type(dataset).__name__)}, {limit} images (--limit)"
+    subset.skipped = getattr(dataset, "skipped", [])
+    return subset
+
+
+def _record(
+    job: FinetuneJob,
+    canonical: str,
+    model: nn.Module,
+    pruned: nn.Module,
+    result: FinetuneResult,
+    distill: bool,
+    seconds: float,
+) -> dict:
+    import timm
+
+    import colln
+
+    plan = pruned.colln_plan
+    return {
+        "model": canonical,
+        "weights": job.weights or ("bundled" if canonical == digits.NAME else "pretrained"),
+        "num_classes": model.num_classes,
+        "plan": plan.to_dict(),
+        "config": plan.config.to_dict(),
+        "data": {
+            "train": result.train_data,
+            "train_images": result.train_images,
+            "val": result.val_data,
+            "val_images": result.val_images,
+            "skipped_images": len(result.skipped_images),
+            "skipped_examples": result.skipped_images[:5],
+        },
+        "recipe": asdict(result.recipe),
+        "distill": distill,
+        "device": job.device,
+        "amp_bf16": job.amp,
+        "world_size": result.world_size,
+        "batch_size_per_process": result.recipe.batch_size,
+        "effective_batch_size": result.recipe.batch_size * result.world_size,
+        "history": [asdict(h) for h in result.history],
+        "accuracy": {
+            "before": result.initial_val_acc,
+            "after": result.final_val_acc,
+            "unpruned_teacher": result.teacher_val_acc,
+        },
+        "wall_seconds": round(seconds, 1),
+        "versions": {
+            "colln": colln.__version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+        },
+    }
