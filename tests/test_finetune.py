@@ -1,0 +1,340 @@
+"""colln.finetune / colln-finetune on the bundled digits_vit: recovery, outputs, resume, Ctrl-C,
+DDP under torchrun, plan check for the export, bad inputs. Small subsets keep it fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset, Subset
+
+import colln
+from colln.app.finetune_cli import main
+from colln.data import DataError, preprocess
+from colln.errors import CheckpointError, PlanMismatchError, TrainingDivergedError, UnsupportedModelError
+from colln.models import digits
+from colln.train import checkpoint as ckpt
+from colln.train.datasets import DigitsDataset, FolderDataset
+from colln.train.finetune import finetune
+
+ROOT = Path(__file__).resolve().parents[1]
+EARLY = {"keep": 0.7, "layers": (0, 2, 4)}  # 96.7% -> 73.1% training-free: lots to recover
+QUICK = ["--keep", "0.7", "--layers", "0,2,4", "--batch-size", "32"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: float reductions run in one order (determinism), and the 2 shared cores are not oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return colln.load_model("digits_vit")
+
+
+@pytest.fixture(scope="module")
+def train_subset(model: torch.nn.Module) -> Dataset:
+    return Subset(DigitsDataset("train", model, augment=True), range(192))
+
+
+@pytest.fixture(scope="module")
+def val_set(model: torch.nn.Module) -> Dataset:
+    return DigitsDataset("test", model, augment=False)
+
+
+def _accuracy(m: torch.nn.Module, split: str = "test") -> float:
+    data = digits.load_split(split)
+    with torch.no_grad():
+        pred = m.eval()(preprocess(data.images, m)).argmax(-1).numpy()
+    return float((pred == data.labels).mean())
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+# --- API ---------------------------------------------------------------------------------------
+
+
+def test_finetune_recovers_accuracy_and_leaves_inputs_untouched(model, train_subset, val_set) -> None:
+    pruned = colln.prune(model, **EARLY)
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = colln.finetune(pruned, train_subset, val=val_set, teacher=model, epochs=2, batch_size=32)
+    assert result.initial_val_acc == pytest.approx(_accuracy(pruned))
+    assert result.teacher_val_acc == pytest.approx(_accuracy(model))
+    assert result.final_val_acc == pytest.approx(_accuracy(result.model))
+    assert result.final_val_acc >= result.initial_val_acc + 0.1
+    assert [h.epoch for h in result.history] == [1, 2]
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.history[-1].lr < 1e-6 < result.history[0].lr  # cosine to zero over the run
+    assert colln.get_plan(result.model).to_dict() == colln.get_plan(pruned).to_dict()
+    assert all(torch.equal(before[k], v) for k, v in pruned.state_dict().items())
+    assert all(torch.equal(teacher_before[k], v) for k, v in model.state_dict().items())
+
+
+def test_finetune_is_deterministic_under_a_seed(model, train_subset) -> None:
+    pruned = colln.prune(model, **EARLY)
+    runs = [colln.finetune(pruned, train_subset, teacher=model, epochs=1, batch_size=32, seed=3).model for _ in range(2)]
+    other = colln.finetune(pruned, train_subset, teacher=model, epochs=1, batch_size=32, seed=4).model
+    a, b, c = (r.state_dict() for r in (*runs, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_finetune_refuses_a_model_that_is_not_pruned(model, train_subset) -> None:
+    with pytest.raises(UnsupportedModelError, match="colln.prune"):
+        finetune(model, train_subset, epochs=1)
+
+
+def test_resume_after_an_epoch_gives_the_same_model(model, train_subset, tmp_path: Path) -> None:
+    pruned = colln.prune(model, **EARLY)
+    straight = finetune(pruned, train_subset, teacher=model, epochs=2, batch_size=32, checkpoint_dir=tmp_path / "a")
+
+    def stop_after_first(record) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(
+            pruned, train_subset, teacher=model, epochs=2, batch_size=32, checkpoint_dir=tmp_path / "b", on_epoch=stop_after_first
+        )
+    assert ckpt.load_state(tmp_path / "b" / ckpt.CHECKPOINT)["epoch"] == 1
+    resumed = finetune(pruned, train_subset, teacher=model, epochs=2, batch_size=32, checkpoint_dir=tmp_path / "b", resume=True)
+    assert [h.epoch for h in resumed.history] == [1, 2]
+    s, r = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(s[k], r[k]) for k in s)
+    with pytest.raises(CheckpointError, match="other settings"):
+        finetune(pruned, train_subset, teacher=model, epochs=3, batch_size=32, checkpoint_dir=tmp_path / "b", resume=True)
+
+
+class _Poisoned(Dataset):
+    """The digits subset, all NaN once ``poison`` is set: the loss becomes NaN from then on."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base, self.poison = base, False
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        return (torch.full_like(x, float("nan")) if self.poison else x), y
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, train_subset, tmp_path: Path) -> None:
+    data = _Poisoned(train_subset)
+    pruned = colln.prune(model, **EARLY)
+
+    def poison(record) -> None:
+        data.poison = True
+
+    with pytest.raises(TrainingDivergedError, match=r"epoch 2 \(step 1\).*epoch 1"):
+        finetune(pruned, data, epochs=3, batch_size=32, checkpoint_dir=tmp_path, on_epoch=poison)
+    state = ckpt.load_state(tmp_path / ckpt.CHECKPOINT)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+# --- CLI and the files it writes ----------------------------------------------------------------
+
+
+def test_cli_writes_weights_that_export_loads_with_the_recorded_plan(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ft"
+    assert main(["digits_vit", *QUICK, "--epochs", "1", "--limit", "96", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "finetune.json", "loss.png", "model.safetensors"]
+    record = json.loads((out / ckpt.RECORD).read_text())
+    assert record["plan"]["layers"] == [0, 2, 4] and record["config"]["keep"] == 0.7
+    assert record["world_size"] == 1 and record["effective_batch_size"] == record["batch_size_per_process"] == 32
+    assert record["data"]["train_images"] == 96 and record["data"]["val_images"] == 450
+    assert len(record["history"]) == 1 and {"torch", "timm", "colln"} <= set(record["versions"])
+    assert (out / ckpt.LOSS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "73.1% ->" in capsys.readouterr().out
+
+    # What colln-export does: the unpruned model with --weights, pruned with the recorded plan.
+    config = ckpt.recorded_config(out / ckpt.WEIGHTS)
+    assert config == colln.PruneConfig(keep=0.7, layers=(0, 2, 4))
+    exported = colln.prune(colln.load_model("digits_vit", weights=str(out / ckpt.WEIGHTS)), config)
+    tuned = colln.prune(colln.load_model("digits_vit"), config)
+    tuned.load_state_dict(ckpt.load_state(out / ckpt.CHECKPOINT)["model"])
+    x = preprocess(digits.load_split("test").images[:16], tuned)
+    with torch.no_grad():
+        assert torch.equal(exported.eval()(x), tuned.eval()(x))
+    assert _accuracy(exported) == pytest.approx(record["accuracy"]["after"])
+
+
+def test_plan_check_for_the_export(tmp_path: Path, model) -> None:
+    pruned = colln.prune(model, keep=0.7, layers=(2, 4, 6), fuse=True)
+    ckpt.save_weights(pruned, tmp_path / ckpt.WEIGHTS)
+    weights = tmp_path / ckpt.WEIGHTS
+    assert ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.5), force=False) is None  # nothing recorded
+    ckpt.write_record(tmp_path / ckpt.RECORD, {"plan": colln.get_plan(pruned).to_dict()})
+    # Default layers of an 8-block model are 2, 4, 6: the same plan, spelt two ways.
+    assert ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.7, fuse=True), force=False) is None
+    assert (
+        ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=(0.7, 0.7, 0.7), layers=(2, 4, 6), fuse=True), force=False)
+        is None
+    )
+    with pytest.raises(
+        PlanMismatchError,
+        match=r"fine-tuned for --keep 0.7 --layers 2,4,6 --metric colln --norm 4 --fuse, this export asks --keep 0.5",
+    ):
+        ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.5, fuse=True), force=False)
+    with pytest.raises(PlanMismatchError):
+        ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.7), force=False)  # fuse differs
+    warning = ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.7, layers=(0, 2, 4), fuse=True), force=True)
+    assert warning.startswith("warning:") and "--layers 0,2,4" in warning and "\n" not in warning
+
+
+def test_sigint_saves_a_resumable_checkpoint_and_exits_130(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ft"
+    argv = ["digits_vit", *QUICK, "--epochs", "5", "--limit", "96", "--no-distill", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "colln.app.finetune_cli", *argv],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 1/5"):
+                proc.send_signal(signal.SIGINT)
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    state = ckpt.load_state(out / ckpt.CHECKPOINT)
+    assert 1 <= state["epoch"] < 5
+    assert not (out / ckpt.WEIGHTS).exists()
+    assert main([*argv, "--resume"]) == 0
+    record = json.loads((out / ckpt.RECORD).read_text())
+    assert [h["epoch"] for h in record["history"]] == [1, 2, 3, 4, 5]
+
+
+def test_torchrun_two_processes_write_one_valid_result(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "colln.app.finetune_cli"]
+    cmd += ["digits_vit", *QUICK, "--epochs", "1", "--limit", "128", "--out", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1 and proc.stdout.count("epoch 1/1") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "finetune.json", "loss.png", "model.safetensors"]
+    record = json.loads((out / ckpt.RECORD).read_text())
+    assert record["world_size"] == 2 and record["batch_size_per_process"] == 32 and record["effective_batch_size"] == 64
+    tuned = colln.prune(colln.load_model("digits_vit", weights=str(out / ckpt.WEIGHTS)), ckpt.recorded_config(out / ckpt.WEIGHTS))
+    assert _accuracy(tuned) == pytest.approx(record["accuracy"]["after"])
+    assert record["accuracy"]["after"] > record["accuracy"]["before"]
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_finetune_recovers_accuracy(model, train_subset, val_set) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pruned = colln.prune(model, **EARLY)
+    result = colln.finetune(pruned, train_subset, val=val_set, teacher=model, epochs=2, batch_size=32, device="cuda", amp=True)
+    assert next(result.model.parameters()).device.type == "cpu"
+    assert result.final_val_acc >= result.initial_val_acc + 0.1
+
+
+# --- bad input: one line, exit 2, nothing written ------------------------------------------------
+
+
+def _digit_folder(root: Path, per_class: int = 2, classes: list[str] | None = None) -> Path:
+    data = digits.load_split("test")
+    for name in classes or [str(i) for i in range(10)]:
+        (root / name).mkdir(parents=True)
+        picks = np.flatnonzero(data.labels == int(name))[:per_class] if name.isdigit() else range(per_class)
+        for j, i in enumerate(picks):
+            data.images[i].save(root / name / f"{j}.png")
+    return root
+
+
+def _fails(argv: list[str], capsys, stage: str, words: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"colln: error: {stage}:") and words in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "classes", "corrupt", "exists", "unwritable", "resume"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    base = ["digits_vit", *QUICK, "--epochs", "1", "--out", str(out)]
+    if case == "missing":
+        _fails([*base, "--data", str(tmp_path / "nope")], capsys, "data", "is not a directory")
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        _fails([*base, "--data", str(tmp_path / "empty")], capsys, "data", "no class subfolders")
+    elif case == "classes":
+        folder = _digit_folder(tmp_path / "pets", classes=["cat", "dog"])
+        _fails([*base, "--data", str(folder)], capsys, "data", "--num-classes 2")
+    elif case == "corrupt":
+        folder = _digit_folder(tmp_path / "d")
+        (folder / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+        _fails([*base, "--data", str(folder)], capsys, "data", "1 of 21 images")
+    elif case == "exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        _fails(base, capsys, "output", "--force")
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        return
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "out"
+        _fails([*base[:-1], str(out)], capsys, "output", "cannot write")
+    elif case == "resume":
+        _fails([*base, "--resume"], capsys, "output", "nothing to resume")
+    assert not out.exists()
+
+
+def test_folder_data_uses_timm_train_transform_and_skips_a_few_unreadable_images(model, tmp_path: Path) -> None:
+    from timm.data import create_transform, resolve_model_data_config
+
+    folder = _digit_folder(tmp_path / "d", per_class=3)
+    (folder / "7" / "broken.png").write_bytes(b"garbage")
+    transform = create_transform(**resolve_model_data_config(model), is_training=True)
+    data = FolderDataset(folder, transform, [str(i) for i in range(10)], 10, max_bad_fraction=0.1)
+    assert len(data) == 30 and data.skipped == [str(folder / "7" / "broken.png")]
+    assert [y for _, y in data.samples] == [i for i in range(10) for _ in range(3)]
+    x, y = data[0]
+    assert x.shape == (3, 32, 32) and y == 0
+    with pytest.raises(DataError, match="1 of 31 images"):
+        FolderDataset(folder, transform, None, 10, max_bad_fraction=0.01)
+
+
+def test_folder_run_with_a_reheaded_model(tmp_path: Path) -> None:
+    """Folder names that are not the model's classes train with --num-classes (distillation off)."""
+    folder = _digit_folder(tmp_path / "pets", per_class=8, classes=["cat", "dog", "emu"])
+    out = tmp_path / "ft"
+    assert (
+        main(
+            [
+                "digits_vit",
+                *QUICK,
+                "--epochs",
+                "1",
+                "--data",
+                str(folder),
+                "--val",
+                str(folder),
+                "--num-classes",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    record = json.loads((out / ckpt.RECORD).read_text())
+    assert record["num_classes"] == 3 and record["distill"] is False and record["data"]["train_images"] == 24
