@@ -338,10 +338,7 @@ class _Trainer:
             if reporter is not None:
                 reporter.step(loss_sum / len(y), correct / len(y), sums[2] * self.ranks.world_size / (time.perf_counter() - t0))
             if any_rank(stop.is_set(), self.ranks):
-                totals = all_sum(sums[:3], self.ranks)
-                if not self.ranks.is_main:
-                    totals = [0.0, 0.0, 0.0]
-                self._save(epoch, step + 1, [*totals, time.perf_counter() - t0])
+                self._save(epoch, step + 1, [*all_sum(sums[:3], self.ranks), time.perf_counter() - t0])
                 raise KeyboardInterrupt
         loss_sum, correct, count = all_sum(sums[:3], self.ranks)
         seconds = time.perf_counter() - t0
@@ -454,6 +451,8 @@ class _Trainer:
         self.sched.load_state_dict(state["scheduler"])
         self.history = [EpochRecord(**h) for h in state["history"]]
         self.initial_val_acc, self.teacher_val_acc = state["initial_val_acc"], state["teacher_val_acc"]
-        # A mid-epoch checkpoint (Ctrl-C) carries rank 0's random state; other ranks reseed.
+        # A mid-epoch checkpoint (Ctrl-C) carries rank 0's random state (other ranks reseed) and the
+        # interrupted epoch's sums over all ranks (rank 0 carries them on, so they count once).
+        partial = list(state["partial"]) if self.ranks.is_main else [0.0, 0.0, 0.0, state["partial"][3]]
         rng = state["rng"] if state["step"] and self.ranks.is_main else None
-        return state["epoch"], state["step"], list(state["partial"]), rng
+        return state["epoch"], state["step"], partial, rng
