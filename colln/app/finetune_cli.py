@@ -14,9 +14,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from colln.app.cli import ArgumentParser, parse_floats, parse_ints, run_main
 from colln.models.config import METRICS, PruneConfig
+
+if TYPE_CHECKING:
+    from colln.train.finetune import EpochRecord
+    from colln.train.job import FinetuneJob
 
 
 def build_parser() -> ArgumentParser:
@@ -93,7 +98,7 @@ def build_parser() -> ArgumentParser:
 
 def job_from_args(
     args: argparse.Namespace,
-):
+) -> FinetuneJob:
     from colln.train.finetune import Recipe
     from colln.train.job import FinetuneJob
 
@@ -172,7 +177,7 @@ class RichReporter:
         if self.progress is not None:
             self.progress.update(self.task, advance=1, stats=f"loss {loss:.3f} acc {100 * acc:.1f}% {images_per_s:.0f} img/s")
 
-    def end_epoch(self, record) -> None:
+    def end_epoch(self, record: EpochRecord) -> None:
         self.stop()
         val = f"  val {100 * record.val_acc:.1f}%" if record.val_acc is not None else ""
         self.console.print(
