@@ -216,7 +216,7 @@ def test_sigint_saves_a_resumable_checkpoint_and_exits_130(tmp_path: Path, capsy
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
     state = ckpt.load_state(out / ckpt.CHECKPOINT)
-    assert 1 <= state["epoch"] < 5
+    assert 1 <= state["epoch"] < 5 and state["step"] >= 1  # saved mid-epoch, at a step boundary
     assert not (out / ckpt.WEIGHTS).exists()
     assert main([*argv, "--resume"]) == 0
     record = json.loads((out / ckpt.RECORD).read_text())
