@@ -191,6 +191,11 @@ def test_plan_check_for_the_export(tmp_path: Path, model) -> None:
         ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.5, fuse=True), force=False)
     with pytest.raises(PlanMismatchError):
         ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.7), force=False)  # fuse differs
+    with pytest.raises(PlanMismatchError, match="--norm 4 --fuse, this export asks .* --norm 2 --fuse"):
+        ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.7, fuse=True, norm=2), force=False)
+    assert (
+        ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.7, fuse=True, rescue=0.4), force=False) is None
+    )  # colln has no rescue
     warning = ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.7, layers=(0, 2, 4), fuse=True), force=True)
     assert warning.startswith("warning:") and "--layers 0,2,4" in warning and "\n" not in warning
 

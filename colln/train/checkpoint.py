@@ -104,9 +104,17 @@ def _resolved(
     config: PruneConfig,
     depth: int,
 ) -> PruneConfig:
+    """``config`` with its layers and rates spelt out, and the settings its metric ignores at their
+    defaults ([CLS] uses no norm, only ``correct`` a rescue ratio), so equal plans compare equal."""
     layers = config.layers if config.layers is not None else default_layers(depth)
     rates = config.rates(len(layers))
-    return replace(config, layers=layers, keep=rates[0] if len(set(rates)) == 1 else rates)
+    return replace(
+        config,
+        layers=layers,
+        keep=rates[0] if len(set(rates)) == 1 else rates,
+        norm=PruneConfig.norm if config.metric == "cls" else config.norm,
+        rescue=config.rescue if config.metric == "correct" else PruneConfig.rescue,
+    )
 
 
 def plan_flags(
@@ -119,14 +127,16 @@ def plan_flags(
         f"--layers {','.join(map(str, config.layers or ()))}",
         f"--metric {config.metric}",
     ]
-    flags += [f"--norm {config.norm:g}"] * (config.metric != "cls") + [f"--rescue {config.rescue:g}"] * (
-        config.metric == "correct"
-    )
-    flags += (
-        ["--fuse"] * config.fuse
-        + ["--spatial-order"] * config.spatial_order
-        + [f"--round-to {config.round_to}"] * (config.round_to != 1)
-    )
+    if config.metric != "cls":
+        flags.append(f"--norm {config.norm:g}")
+    if config.metric == "correct":
+        flags.append(f"--rescue {config.rescue:g}")
+    if config.fuse:
+        flags.append("--fuse")
+    if config.spatial_order:
+        flags.append("--spatial-order")
+    if config.round_to != 1:
+        flags.append(f"--round-to {config.round_to}")
     return " ".join(flags)
 
 
