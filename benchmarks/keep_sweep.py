@@ -17,6 +17,7 @@ from pathlib import Path
 
 from colln.app.cli import parse_floats, parse_ints
 from colln.export.pipeline import atomic_output, default_out_dir, export_into
+from colln.models.config import PruneConfig
 from colln.export.spec import ExportSpec
 from colln.runtime.bench import bench_export
 
@@ -33,10 +34,10 @@ def sweep(
 ) -> list[dict]:
     reports = []
     for keep in keeps:
-        spec = ExportSpec(model=model, weights="random", keep=keep, layers=layers)
+        spec = ExportSpec(model=model, weights="random", pruning=PruneConfig(keep=keep, layers=layers))
         out = default_out_dir(spec, exports)
         if not out.exists():
-            with atomic_output(out) as tmp:
+            with atomic_dir(out) as tmp:
                 export_into(spec, tmp)
         report = bench_export(out, batches=(batch,), rounds=rounds, warmup=warmup, threads=threads)
         r = report["batches"][str(batch)]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from colln.runtime.bench import interleaved_times, paired_speedup
+from colln.runtime.timing import interleaved_times, paired_speedup
 from colln.runtime.runners import onnxruntime_runner
 
 

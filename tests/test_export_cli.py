@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from colln.data import preprocess
-from colln.export.cli import main
+from colln.app.export_cli import main
 from colln.export.onnx import read_metadata, topk_constants
 from colln.export.spec import ExportSpec
 from colln.models import digits

@@ -26,7 +26,7 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from colln.runtime.serve import main
+from colln.app.serve_cli import main
 from serving_helpers import HOST, digit_images, free_ports, launch, stop, wait_ready
 
 MAX_BATCH = 8
@@ -43,13 +43,15 @@ def write_graph_export(
     domains: tuple[str, ...] = (),
 ) -> Path:
     """A copy of ``digits_export`` whose model.onnx is ``nodes`` between ``images`` [batch, 3, 32, 32]
-    and ``logits`` [batch, 10]."""
+    and ``logits`` [batch, 10], with the original's metadata (the keep plan colln checks on opening)."""
     shutil.copytree(digits_export, directory)
     images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])
     logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
     graph = helper.make_graph(nodes, directory.name, [images], [logits], list(initializers))
     opsets = [helper.make_opsetid("", 18)] + [helper.make_opsetid(domain, 1) for domain in domains]
-    onnx.save(helper.make_model(graph, opset_imports=opsets), directory / "model.onnx")
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.metadata_props.extend(onnx.load(str(digits_export / "model.onnx"), load_external_data=False).metadata_props)
+    onnx.save(model, directory / "model.onnx")
     return directory
 
 

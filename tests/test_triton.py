@@ -19,7 +19,8 @@ from tritonclient.grpc import model_config_pb2
 
 from colln.errors import CollnError
 from colln.runtime.serve import write_python_model
-from colln.runtime.triton import main, write_model_repository
+from colln.app.triton_cli import main
+from colln.runtime.triton import write_model_repository
 
 
 def parse_config(

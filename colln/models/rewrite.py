@@ -162,9 +162,11 @@ def model_dims(
 
 def plan_for(
     model: nn.Module,
-    config: PruneConfig,
+    keep: float | Sequence[float] | PruneConfig = 0.7,
+    **settings: object,
 ) -> KeepPlan:
-    """The keep plan ``prune`` would use for ``model`` with ``config`` (checks support first)."""
+    """The keep plan :func:`prune` would use for ``model`` with the same arguments (checks support first)."""
+    config = PruneConfig.of(keep, **settings)
     check_supported(model, (), config.metric)
     num_prefix = model.num_prefix_tokens
     plan = make_plan(model.patch_embed.num_patches + num_prefix, num_prefix, model_dims(model), config)
@@ -185,7 +187,7 @@ def prune(
     ``pruned.colln_plan`` (see :func:`get_plan`). Layers whose keep count is every candidate (e.g.
     ``keep=1.0``) stay timm's own block, so ``keep=1.0`` is exactly the unpruned model.
     """
-    plan = plan_for(model, PruneConfig.of(keep, **settings))
+    plan = plan_for(model, keep, **settings)
     pruned = copy.deepcopy(model)
     for layer, k in plan.pruned_layers:
         pruned.blocks[layer] = PruningBlock(pruned.blocks[layer], layer=layer, num_prefix=plan.num_prefix, k=k, config=plan.config)
