@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= cpu,dev,trt-rtx,serve
 LOCK ?= constraints.txt
 
-.PHONY: demo test install lock clean
+.PHONY: demo test lint install lock clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf exports .pytest_cache
