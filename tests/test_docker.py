@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,52 @@ def test_images_run_as_non_root_with_healthcheck_and_pinned_base(dockerfile: Pat
     assert re.search(r":\d+\.\d+", base) and not base.endswith(":latest"), f"base image {base} is not pinned"
     for source in re.findall(r"^COPY (docker/\S+(?: docker/\S+)*) ", text, re.MULTILINE)[0].split():
         assert os.access(ROOT / source, os.X_OK), f"{source} must be executable"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_package_indexes_are_documented_build_args(dockerfile: Path) -> None:
+    text = dockerfile.read_text()
+    stage = text[text.rindex("\nFROM ") :]  # an ARG above FROM is not in RUN's environment
+    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        assert re.search(rf"^ARG {name}=https://\S+$", stage, re.MULTILINE), f"{name} is not a build argument of the image"
+        assert re.search(rf"^#\s+{name}\s", text, re.MULTILINE), f"{name} is not documented in the header"
+    assert "index-url" not in text, "pip reads the indexes from the build arguments, not from a flag"
+    literal = [line for line in text.splitlines() if re.search(r"https?://", line) and not line.startswith("ARG ")]
+    assert literal == [], "URLs only as build-argument defaults"
+
+
+def _in_build_context(
+    path: str,
+) -> bool:
+    """.dockerignore as Docker reads it: the last pattern matching the path or a folder above it decides."""
+    parts = Path(path).parts
+    sent = True
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        keep = pattern.startswith("!")
+        pattern = pattern.removeprefix("!").rstrip("/")
+        if any(fnmatch("/".join(parts[:i]), pattern) for i in range(1, len(parts) + 1)):
+            sent = keep
+    return sent
+
+
+def test_cpu_image_installs_the_locked_versions() -> None:
+    text = (ROOT / "docker" / "Dockerfile.cpu").read_text().replace("\\\n", " ")  # one line per instruction
+    installs = re.findall(r"pip install [^\n]*", text)
+    assert installs and all("-c constraints.txt" in line for line in installs)
+    sources = [s for line in re.findall(r"^COPY ((?:\S+ )+)\S+$", text, re.MULTILINE) for s in line.split()]
+    assert "constraints.txt" in sources
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_copied_files_are_in_the_build_context(dockerfile: Path) -> None:
+    sources = [s for line in re.findall(r"^COPY ((?:\S+ )+)\S+$", dockerfile.read_text(), re.MULTILINE) for s in line.split()]
+    assert sources
+    for source in sources:
+        assert (ROOT / source).exists() and _in_build_context(source), f"{source} does not reach the build"
+    assert not _in_build_context("colln/models/weights/x.onnx") and not _in_build_context("tests/test_docker.py")
 
 
 def test_cpu_entrypoint_serves_answers_and_stops_on_sigint(digits_export: Path, tmp_path: Path) -> None:
