@@ -33,15 +33,20 @@ _LAZY = {
 
 __all__ = [
     "CollnError",
+    "ExportSpec",
     "KeepPlan",
     "PruneConfig",
+    "bench_export",
+    "evaluate",
+    "export_model",
     "get_plan",
     "load_model",
     "make_plan",
+    "open_runner",
     "plan_for",
     "prune",
     "record_selections",
-    *_LAZY,
+    "validate_export",
 ]
 
 

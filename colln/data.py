@@ -21,7 +21,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field", "camera", "immunohistochemistry")
 
 
-
 def data_config(
     model: torch.nn.Module,
 ) -> dict:
@@ -139,7 +138,9 @@ def load_labelled(
             labels = np.asarray([int(classes[i]) for i in labels], dtype=np.int64)
         name = Path(data).resolve().name
     if labels.max() >= num_classes:
-        raise DataError(f"class index {int(labels.max())} in {data} is beyond the model's {num_classes} classes: check the class folders")
+        raise DataError(
+            f"class index {int(labels.max())} in {data} is beyond the model's {num_classes} classes: check the class folders"
+        )
     if limit is not None:
         if limit < 1:
             raise UsageError(f"--limit {limit} must be a positive number of images")

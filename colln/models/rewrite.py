@@ -117,9 +117,13 @@ def check_supported(
     if any(isinstance(m, PruningBlock) for m in model.modules()):
         raise UnsupportedModelError("this model is already pruned: call colln.prune on the original model")
     if model.dynamic_img_size:
-        raise UnsupportedModelError("dynamic_img_size=True is not supported: token counts must be static; create the model with a fixed img_size")
+        raise UnsupportedModelError(
+            "dynamic_img_size=True is not supported: token counts must be static; create the model with a fixed img_size"
+        )
     if model.global_pool == "":
-        raise UnsupportedModelError("global_pool='' returns every token and pruning would change that output's shape; use a pooled head")
+        raise UnsupportedModelError(
+            "global_pool='' returns every token and pruning would change that output's shape; use a pooled head"
+        )
     if metric in ("cls", "correct") and model.cls_token is None:
         raise UnsupportedModelError(f"metric {metric!r} needs a [CLS] token and this model has none; use metric 'colln'")
     _check_blocks(model, layers)
@@ -190,7 +194,9 @@ def prune(
     plan = plan_for(model, keep, **settings)
     pruned = copy.deepcopy(model)
     for layer, k in plan.pruned_layers:
-        pruned.blocks[layer] = PruningBlock(pruned.blocks[layer], layer=layer, num_prefix=plan.num_prefix, k=k, config=plan.config)
+        pruned.blocks[layer] = PruningBlock(
+            pruned.blocks[layer], layer=layer, num_prefix=plan.num_prefix, k=k, config=plan.config
+        )
     pruned.colln_plan = plan
     return pruned
 

@@ -108,7 +108,9 @@ def regressions(
         for metric in RATIO_METRICS:
             floor = then[metric] * (1.0 - tolerance)
             if now[metric] < floor:
-                found.append(f"batch {batch} {metric} {now[metric]:.3f} < {floor:.3f} (baseline {then[metric]:.3f} - {tolerance:.0%})")
+                found.append(
+                    f"batch {batch} {metric} {now[metric]:.3f} < {floor:.3f} (baseline {then[metric]:.3f} - {tolerance:.0%})"
+                )
     return found
 
 

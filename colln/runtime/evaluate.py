@@ -41,7 +41,6 @@ PARETO_PLOT = "accuracy_vs_latency.png"
 METRIC_LABELS = {"colln": "Col-Ln", "cls": "[CLS]", "correct": "[CLS]+Col-Ln rescue", "none": "unpruned"}
 
 
-
 def early_layers(
     depth: int,
 ) -> tuple[int, ...]:
@@ -195,7 +194,9 @@ def configurations(
         for metric in metrics:
             for norm in norms[:1] if metric == "cls" else norms:
                 specs.extend(
-                    replace(base, pruning=replace(base.pruning, keep=float(k), layers=tuple(layers), metric=metric, norm=float(norm)))
+                    replace(
+                        base, pruning=replace(base.pruning, keep=float(k), layers=tuple(layers), metric=metric, norm=float(norm))
+                    )
                     for k in keeps
                 )
     return specs
@@ -301,7 +302,9 @@ def export_command(
     ]  # fmt: skip
     args += ["--weights", base.weights] if base.weights else []
     args += ["--img-size", str(base.img_size)] if base.img_size else []
-    args += ["--rescue", f"{base.pruning.rescue:g}"] if row.metric == "correct" and base.pruning.rescue != PruneConfig.rescue else []
+    args += (
+        ["--rescue", f"{base.pruning.rescue:g}"] if row.metric == "correct" and base.pruning.rescue != PruneConfig.rescue else []
+    )
     args += ["--fuse"] if base.pruning.fuse else []
     return shlex.join(args)
 

@@ -135,7 +135,9 @@ def check_plan(
     if (built["flavour"], built["version"]) != (flavour.name, flavour.version):
         raise EngineError(f"model.plan was built with {built_label} but this machine runs {flavour.label}: {rebuild}")
     if gpu is None:
-        raise BackendUnavailableError("no NVIDIA GPU is visible: TensorRT plans run only on a GPU; use backend='onnxruntime' on this machine")
+        raise BackendUnavailableError(
+            "no NVIDIA GPU is visible: TensorRT plans run only on a GPU; use backend='onnxruntime' on this machine"
+        )
     targets = meta.get("compute_capabilities")
     if targets and gpu["compute_capability"] not in targets:
         raise EngineError(
@@ -156,7 +158,9 @@ def tensorrt_runner(
     flavour = trt_module()
     onnx_path = export_dir / ONNX_FILE
     if onnx_path.is_file() and meta.get("onnx_sha256") != sha256(onnx_path):
-        raise EngineError(f"model.plan was built from another {ONNX_FILE} than the one in {export_dir}: run colln-build {export_dir}")
+        raise EngineError(
+            f"model.plan was built from another {ONNX_FILE} than the one in {export_dir}: run colln-build {export_dir}"
+        )
     check_plan(meta, flavour, gpu_info())
     from polygraphy.backend.trt import EngineFromPath, TrtRunner
 

@@ -37,7 +37,6 @@ SERVE_BACKENDS = ("onnxruntime", "tensorrt")
 MODEL_PY = "from colln.runtime.serve import TritonPythonModel  # noqa: F401  (colln's python-backend model)\n"
 
 
-
 class TritonPythonModel:
     """Triton python-backend model: one colln runner per instance, one response per request."""
 
@@ -66,7 +65,9 @@ class TritonPythonModel:
             if np.isfinite(images).all():
                 accepted.append((i, images))
             else:
-                responses[i] = self._error(f"{INPUT_NAME} contains NaN or Inf: send finite pixel values", pb.TritonError.INVALID_ARG)
+                responses[i] = self._error(
+                    f"{INPUT_NAME} contains NaN or Inf: send finite pixel values", pb.TritonError.INVALID_ARG
+                )
         if accepted:
             for i, response in self._infer(accepted):
                 responses[i] = response
@@ -86,7 +87,9 @@ class TritonPythonModel:
         except Exception as exc:  # noqa: BLE001 - any failure becomes an error response, never a crash
             pb.Logger.log_error(f"colln: inference failed:\n{traceback.format_exc()}")
             # The type name only: exception text can hold server paths.
-            error = self._error(f"inference failed ({type(exc).__name__}); the server log has the details", pb.TritonError.INTERNAL)
+            error = self._error(
+                f"inference failed ({type(exc).__name__}); the server log has the details", pb.TritonError.INTERNAL
+            )
             return [(i, error) for i, _ in accepted]
         out, start = [], 0
         for i, images in accepted:
@@ -121,7 +124,9 @@ def write_python_model(
     read_export(export_dir)
     model_file = PLATFORMS[runner][1]
     if not (export_dir / model_file).is_file():
-        raise BackendUnavailableError(f"{export_dir} has no {model_file} for --backend {runner}: build it or use --backend onnxruntime")
+        raise BackendUnavailableError(
+            f"{export_dir} has no {model_file} for --backend {runner}: build it or use --backend onnxruntime"
+        )
     if runner == "tensorrt":
         check_plan_batches(export_dir, max_batch)
     name = name or model_name(export_dir)
@@ -161,9 +166,11 @@ def preflight(
         runner.deactivate()
     except CollnError:
         raise
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime / TensorRT raise their own types
+    except Exception as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ServeError(f"{export_dir}: the {backend} runner cannot load it ({detail}); re-export it or pick another --backend") from exc
+        raise ServeError(
+            f"{export_dir}: the {backend} runner cannot load it ({detail}); re-export it or pick another --backend"
+        ) from exc
 
 
 def serve(
@@ -222,7 +229,8 @@ def serve(
                 serving.append(True)
                 if not stopping:
                     print(
-                        f"colln-serve: serving {', '.join(names)} on http://{host}:{http_port} (grpc {grpc_port}, metrics {metrics_port}); Ctrl-C to stop",
+                        f"colln-serve: serving {', '.join(names)} on http://{host}:{http_port} "
+                        f"(grpc {grpc_port}, metrics {metrics_port}); Ctrl-C to stop",
                         file=sys.stderr,
                         flush=True,
                     )

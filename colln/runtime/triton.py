@@ -22,6 +22,7 @@ from colln.export.artifact import read_export
 from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
 from colln.export.tensorrt import PLAN_FILE, read_plan_metadata
 from colln.files import atomic_dir
+
 # backend choice -> (Triton platform, model file in the version directory, default instance kind)
 PLATFORMS = {
     # KIND_AUTO: on a GPU when the server has one (CUDA execution provider), else on CPU.
@@ -31,7 +32,6 @@ PLATFORMS = {
 # Small enough not to add visible latency at low load, long enough to merge concurrent requests.
 QUEUE_DELAY_US = 500
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
-
 
 
 def tensor_dims(
@@ -47,7 +47,9 @@ def tensor_dims(
     try:
         graph = onnx.load(str(path), load_external_data=False).graph
     except (OSError, DecodeError) as exc:
-        raise TritonRepoError(f"{path} is not a readable ONNX model ({type(exc).__name__}): re-export it with colln-export --force") from exc
+        raise TritonRepoError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}): re-export it with colln-export --force"
+        ) from exc
 
     def dims(
         values,

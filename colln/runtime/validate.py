@@ -233,7 +233,7 @@ def _run_all(
         results = Comparator.run(list(runners), data_loader=feeds)
     merged = {}
     for name, iterations in results.items():
-        merged[name] = {out: np.concatenate([np.asarray(it[out]) for it in iterations]) for out in iterations[0].keys()}
+        merged[name] = {out: np.concatenate([np.asarray(it[out]) for it in iterations]) for out in iterations[0]}
     return merged
 
 
@@ -276,8 +276,10 @@ def compare(
         )
     if cand_kept is not None:
         judged = np.ones(n, dtype=bool)
-        ids = {side: np.tile(np.arange(ref.scores[layers[0][0]].shape[1]), (n, 1)) for side in ("torch", "cand")} if layers else {}
-        for c, (i, k) in enumerate(layers):
+        ids = (
+            {side: np.tile(np.arange(ref.scores[layers[0][0]].shape[1]), (n, 1)) for side in ("torch", "cand")} if layers else {}
+        )
+        for c, (i, _) in enumerate(layers):
             picked = {
                 "torch": np.take_along_axis(ids["torch"], ref.kept[i], axis=1),
                 "cand": np.take_along_axis(ids["cand"], cand_kept[i].astype(np.int64), axis=1),

@@ -95,5 +95,3 @@ def overlay(
     ph, pw = img.shape[0] // grid[0], img.shape[1] // grid[1]
     full = np.kron(mask.reshape(grid), np.ones((ph, pw)))
     return img * (DIM + (1.0 - DIM) * full[..., None])
-
-
