@@ -27,11 +27,12 @@ from colln.models.config import PruneConfig
 from colln.models.plan import default_layers
 from colln.models.registry import default_weights
 from colln.models.rewrite import get_plan
-from colln.runtime.runners import open_runner, run
+from colln.runtime.runners import BACKENDS, open_runner, run
 from colln.runtime.timing import LatencyStats, measure
 
 SCHEDULES = ("evit", "early")
-EVAL_BACKENDS = ("torch", "onnxruntime")
+# Sweeps build one model per configuration: a TensorRT engine each would take minutes.
+EVAL_BACKENDS = tuple(b for b in BACKENDS if b != "tensorrt")
 # The paper's early-pruning setting for a 12-block ViT; scaled to other depths like default_layers.
 EARLY_BLOCKS_OF_12 = (0, 3, 6)
 RESULTS_JSON = "results.json"
