@@ -4,9 +4,17 @@
 # Triton 24.10 = Triton 2.51 (the server PyTriton 0.7 bundles for colln-serve) with TensorRT 10.5.0.
 # TENSORRT_VERSION must be that TensorRT: the entrypoint builds model.plan at container start, on
 # the serving GPU, and refuses to start if the pip TensorRT differs from the image's libnvinfer.
+# Package indexes are build arguments (pip reads them from the environment of the RUN):
+#   PIP_INDEX_URL        first index; defaults to PyTorch's CPU wheel index (torch without CUDA)
+#   PIP_EXTRA_INDEX_URL  also searched; defaults to PyPI (everything else)
+#   e.g. docker build --build-arg PIP_INDEX_URL=<mirror of the CPU torch index> ...
+# No constraints.txt here: it pins CPython 3.11 wheels (onnxruntime 1.32, scikit-image 0.26, ...)
+# and this image's Python is 3.10, so pip resolves the pyproject ranges for it.
 ARG TRITON_VERSION=24.10
 FROM nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3
 
+ARG PIP_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_EXTRA_INDEX_URL=https://pypi.org/simple
 ARG TENSORRT_VERSION=10.5.0
 ARG MODEL=digits_vit
 ARG KEEP=0.7
@@ -22,7 +30,6 @@ COPY colln ./colln
 # CPU PyTorch: torch is only needed to export the ONNX graph here; TensorRT runs the model.
 # The export happens at build time (no GPU needed); the engine build cannot.
 RUN python3 -m pip install --no-cache-dir \
-        --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple \
         "colln[cpu,trt] @ file:///opt/colln/src" "tensorrt==${TENSORRT_VERSION}" \
     && colln-export "${MODEL}" --keep "${KEEP}" --out "${COLLN_EXPORT}"
 

@@ -1,25 +1,46 @@
 # Quick start: `make demo` (export the bundled digits model) and `make test`.
-# Both create .venv on first use and install colln with every extra that installs on a CPU machine.
+# Both create .venv on first use and install colln with every extra that installs on a CPU machine,
+# at the versions pinned in constraints.txt (`make lock` refreshes them; pyproject.toml keeps the ranges).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= cpu,dev,trt-rtx,serve
+LOCK ?= constraints.txt
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install lock clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet -c $(LOCK) --upgrade pip
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $@
+
+# Re-resolve the extras from scratch (fresh venv, no pip cache) and pin the result. Run it on
+# purpose, review the diff, then commit: `make install` never changes the pins by itself.
+lock:
+	set -eu; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	PIP_NO_CACHE_DIR=1 "$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip; \
+	PIP_NO_CACHE_DIR=1 "$$tmp/venv/bin/python" -m pip install --quiet ".[$(EXTRAS)]"; \
+	{ echo "# Versions \`make install\` installs: colln[$(EXTRAS)] resolved from scratch by \`make lock\`"; \
+	  echo "# ($$("$$tmp/venv/bin/python" -c 'import platform; print("CPython", platform.python_version(), platform.system(), platform.machine())'), $$(date -u +%Y-%m-%d))."; \
+	  echo "# Refresh on purpose with \`make lock\` and commit the diff; pyproject.toml keeps the ranges users get."; \
+	  "$$tmp/venv/bin/python" -m pip freeze --all --exclude colln --exclude setuptools --exclude wheel; \
+	} > $(LOCK).new; \
+	mv $(LOCK).new $(LOCK)
 
 demo: install
 	$(VENV)/bin/colln-export digits_vit --keep 0.7 --force
 
 test: install
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf exports .pytest_cache

@@ -14,11 +14,10 @@ import contextlib
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from colln.app.cli import parse_ints
 from colln.export.spec import INPUT_NAME
-from colln.runtime.bench import export_runner, interleaved_times, paired_speedup
+from colln.runtime.runners import open_runner
+from colln.runtime.timing import measure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,15 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     names = [d.name for d in args.exports]
     with contextlib.ExitStack() as stack:
-        runners = {n: stack.enter_context(export_runner(d, args.backend, args.threads)) for n, d in zip(names, args.exports)}
+        runners = {
+            n: stack.enter_context(open_runner(d, args.backend, threads=args.threads)) for n, d in zip(names, args.exports)
+        }
         chw = tuple(runners[names[0]].get_input_metadata()[INPUT_NAME].shape[1:])
-        for b in parse_ints(args.batch, "--batch"):
-            feed = {INPUT_NAME: np.random.default_rng(0).standard_normal((b, *chw), dtype=np.float32)}
-            times = interleaved_times(runners, feed, args.rounds, args.warmup)
+        batches = parse_ints(args.batch, "--batch")
+        for b, compared in measure(runners, chw, batches, args.rounds, args.warmup, baseline=names[0]).items():
             print(f"batch {b}, {args.backend}, threads {args.threads}, {args.rounds} interleaved rounds:")
             for n in names:
-                ratio, lo, hi = paired_speedup(times[names[0]], times[n])
-                print(f"  {n:>40}: p50 {np.median(times[n]) * 1e3:9.2f} ms  {ratio:.3f}x vs {names[0]} (IQR {lo:.3f}-{hi:.3f})")
+                ratio, lo, hi = compared.speedups.get(n, (1.0, 1.0, 1.0))
+                print(f"  {n:>40}: p50 {compared.stats[n].p50_ms:9.2f} ms  {ratio:.3f}x vs {names[0]} (IQR {lo:.3f}-{hi:.3f})")
     return 0
 
 

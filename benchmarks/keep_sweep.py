@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 from colln.app.cli import parse_floats, parse_ints
-from colln.export.pipeline import atomic_output, default_out_dir, export_into
+from colln.export.artifact import default_out_dir, export_into
 from colln.export.spec import ExportSpec
+from colln.files import atomic_dir
+from colln.models.config import PruneConfig
 from colln.runtime.bench import bench_export
 
 
@@ -33,10 +35,10 @@ def sweep(
 ) -> list[dict]:
     reports = []
     for keep in keeps:
-        spec = ExportSpec(model=model, weights="random", keep=keep, layers=layers)
+        spec = ExportSpec(model=model, weights="random", pruning=PruneConfig(keep=keep, layers=layers))
         out = default_out_dir(spec, exports)
         if not out.exists():
-            with atomic_output(out) as tmp:
+            with atomic_dir(out) as tmp:
                 export_into(spec, tmp)
         report = bench_export(out, batches=(batch,), rounds=rounds, warmup=warmup, threads=threads)
         r = report["batches"][str(batch)]
@@ -70,10 +72,17 @@ def plot(
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set_xlabel(f"keep rate at blocks {', '.join(str(i) for i in reports[0]['spec']['layers'])}")
     ax.set_ylabel("speedup over unpruned")
-    ax.set_title(f"{reports[0]['spec']['model']}, batch {batch}, {reports[0]['backend']} CPU, {env['threads']} thread(s)", fontsize=10)
+    ax.set_title(
+        f"{reports[0]['spec']['model']}, batch {batch}, {reports[0]['backend']} CPU, {env['threads']} thread(s)", fontsize=10
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.text(0.01, 0.01, f"{env['machine']}, {reports[0]['rounds']} interleaved rounds; labels: efficiency = speedup / bound", fontsize=6)
+    fig.text(
+        0.01,
+        0.01,
+        f"{env['machine']}, {reports[0]['rounds']} interleaved rounds; labels: efficiency = speedup / bound",
+        fontsize=6,
+    )
     fig.tight_layout()
     fig.savefig(path)
 

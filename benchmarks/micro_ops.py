@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from colln.runtime.bench import interleaved_times, paired_speedup
 from colln.runtime.runners import onnxruntime_runner
+from colln.runtime.timing import interleaved_times, paired_speedup
 
 
 class PowScore(torch.nn.Module):
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     idx = torch.stack([torch.randperm(n - 1)[: int(0.7 * (n - 1))] for _ in range(b)])
     print(f"ORT CPU, intra-op threads {args.threads}, batch {b}, {n} tokens, {args.heads} heads, dim {args.dim}")
     with tempfile.TemporaryDirectory() as tmp:
-        compare("Col-Ln score, n = 4", {"pow": PowScore(), "mul": MulScore(), "slice-first": SliceFirstScore(), "cls": ClsScore()},
+        variants = {"pow": PowScore(), "mul": MulScore(), "slice-first": SliceFirstScore(), "cls": ClsScore()}
+        compare("Col-Ln score, n = 4", variants,
                 (attn,), args.rounds, args.threads, Path(tmp), unchecked=("cls",))  # fmt: skip
         compare("token gather", {"gather-elements": GatherElements(), "row-gather": RowGather()},
                 (x, idx), args.rounds, args.threads, Path(tmp))  # fmt: skip

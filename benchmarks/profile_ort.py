@@ -124,7 +124,9 @@ def markdown(
     for op in ops:
         cells = [f"{results[n].get(op, 0.0) / 1e3:.2f} ({results[n].get(op, 0.0) / totals[n]:.1%})" for n in names]
         lines.append(f"| {op} | " + " | ".join(cells) + " |")
-    lines.insert(4 + len(ops) - len(SELECTION_PARTS), "| **total** | " + " | ".join(f"{totals[n] / 1e3:.2f}" for n in names) + " |")
+    lines.insert(
+        4 + len(ops) - len(SELECTION_PARTS), "| **total** | " + " | ".join(f"{totals[n] / 1e3:.2f}" for n in names) + " |"
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 """Markdown results table from colln-bench JSON reports (``--json``), for benchmarks/README.md.
 
-    python benchmarks/table.py benchmarks/results/*.json
+python benchmarks/table.py benchmarks/results/*.json
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(path.read_text())
         reports += data if isinstance(data, list) else data.get("cases", [data])
     # One model's rows together, smallest batch first, whichever files they came from.
-    split = [(r["spec"]["model"], int(batch), {**r, "batches": {batch: row}}) for r in reports for batch, row in r["batches"].items()]
+    split = [
+        (r["spec"]["model"], int(batch), {**r, "batches": {batch: row}}) for r in reports for batch, row in r["batches"].items()
+    ]
     lines = [HEADER] + [line for _, _, r in sorted(split, key=lambda t: t[:2]) for line in rows(r)]
     print("\n".join(lines))
     return 0

@@ -1,6 +1,12 @@
-"""colln: ship timm Vision Transformers token-pruned with the Col-Ln metric."""
+"""colln: ship timm Vision Transformers token-pruned with the Col-Ln metric.
+
+The pruning API (``prune``, ``PruneConfig``, ``KeepPlan``...) imports only torch and timm; the
+deployment API (``export_model``, ``validate_export``, ``bench_export``, ``evaluate``) loads ONNX,
+ONNX Runtime and polygraphy on first use.
+"""
 
 import os as _os
+from importlib import import_module as _import_module
 from importlib.util import find_spec as _find_spec
 
 # polygraphy picks its TensorRT module once, when first imported: point it at TensorRT-RTX (which
@@ -15,13 +21,38 @@ from colln.models.registry import load_model
 from colln.models.rewrite import get_plan, plan_for, prune, record_selections
 
 __version__ = "0.1.0"
-__all__ = ["CollnError", "KeepPlan", "PruneConfig", "finetune", "get_plan", "load_model", "make_plan", "plan_for", "prune", "record_selections"]
+
+_LAZY = {
+    "ExportSpec": "colln.export.spec",
+    "export_model": "colln.app.pipeline",
+    "evaluate": "colln.app.pipeline",
+    "validate_export": "colln.runtime.validate",
+    "bench_export": "colln.runtime.bench",
+    "open_runner": "colln.runtime.runners",
+    "finetune": "colln.train.finetune",
+}
+
+__all__ = [
+    "CollnError",
+    "ExportSpec",
+    "KeepPlan",
+    "PruneConfig",
+    "bench_export",
+    "evaluate",
+    "export_model",
+    "finetune",
+    "get_plan",
+    "load_model",
+    "make_plan",
+    "open_runner",
+    "plan_for",
+    "prune",
+    "record_selections",
+    "validate_export",
+]
 
 
 def __getattr__(name: str) -> object:
-    # colln.finetune on first use: importing colln stays free of the training stack.
-    if name == "finetune":
-        from colln.train.finetune import finetune
-
-        return finetune
+    if name in _LAZY:
+        return getattr(_import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'colln' has no attribute {name!r}")

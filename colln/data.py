@@ -1,24 +1,24 @@
-"""Images in, model-ready tensors out. Preprocessing always comes from the model's timm data config."""
+"""Images in, model-ready tensors out; the labelled sets (the bundled digits split or an ImageFolder)
+and the validation images every command uses. Preprocessing always comes from the model's timm data
+config."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from colln.errors import CollnError
+from colln.errors import DataError, UsageError
+from colln.models import digits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 # Real photos that ship with scikit-image (no download).
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field", "camera", "immunohistochemistry")
-
-
-class DataError(CollnError):
-    stage = "data"
 
 
 def data_config(
@@ -106,3 +106,75 @@ def image_folder(
     if not images:
         raise DataError(f"no images found in the class subfolders of {directory}")
     return images, np.asarray(labels, dtype=np.int64), classes
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Images with labels in the model's class indices."""
+
+    name: str
+    images: list[Image.Image]
+    labels: np.ndarray
+
+
+def load_labelled(
+    data: str,
+    num_classes: int,
+    limit: int | None = None,
+) -> Labelled:
+    """``digits`` (the bundled test split) or an ImageFolder directory.
+
+    ImageFolder classes named by integers (``0/``, ``1/``, ...) are those class indices of the model;
+    otherwise the sorted class names are indices 0, 1, ... (torchvision's convention, which is
+    ImageNet's order for its synset folders). ``limit`` takes that many images evenly spread over
+    the set, so every class stays represented.
+    """
+    if data == "digits":
+        split = digits.load_split("test")
+        images, labels, name = split.images, split.labels, "digits"
+    else:
+        images, labels, classes = image_folder(Path(data))
+        if all(c.isdigit() for c in classes):
+            labels = np.asarray([int(classes[i]) for i in labels], dtype=np.int64)
+        name = Path(data).resolve().name
+    if labels.max() >= num_classes:
+        raise DataError(
+            f"class index {int(labels.max())} in {data} is beyond the model's {num_classes} classes: check the class folders"
+        )
+    if limit is not None:
+        if limit < 1:
+            raise UsageError(f"--limit {limit} must be a positive number of images")
+        if limit < len(images):
+            chosen = np.linspace(0, len(images) - 1, limit).round().astype(int)
+            images, labels = [images[i] for i in chosen], labels[chosen]
+    return Labelled(name=name, images=list(images), labels=np.asarray(labels, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class ValImages:
+    """Preprocessed validation images ``[N, 3, H, W]`` float32, with labels when known."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    source: str
+
+
+def validation_images(
+    model_name: str,
+    model: torch.nn.Module,
+    directory: Path | None = None,
+    limit: int | None = None,
+) -> ValImages:
+    """``directory``'s images, else the digits test split for ``digits_vit``, else the photos of
+    ``skimage.data``; preprocessed with ``model``'s data config."""
+    if limit is not None and limit < 1:
+        raise UsageError(f"the validation image limit must be >= 1, got {limit}")
+    labels = None
+    if directory is not None:
+        photos, source = load_images(Path(directory), limit), str(directory)
+    elif model_name == digits.NAME:
+        split = digits.load_split("test")
+        photos, labels, source = split.images[:limit], split.labels[:limit], "digits test split"
+    else:
+        photos, source = skimage_photos()[:limit], "skimage.data photos"
+    return ValImages(images=preprocess(photos, model).numpy(), labels=labels, source=source)

@@ -80,6 +80,54 @@ class ValidationFailedError(CollnError):
     exit_code = 1
 
 
+class DataError(CollnError):
+    """Images or labelled data are missing, unreadable or do not fit the model."""
+
+    stage = "data"
+
+
+class ExportDirError(CollnError):
+    """A directory is not a (complete, consistent) colln export."""
+
+    stage = "export-dir"
+
+
+class EngineError(CollnError):
+    """A TensorRT plan cannot be built, or does not belong to this TensorRT/GPU."""
+
+    stage = "tensorrt"
+
+
+class BaselineError(CollnError):
+    """A latency baseline file is missing, unreadable, or has no entry for the case measured."""
+
+    stage = "baseline"
+
+
+class NoFitError(CollnError):
+    """No configuration of a sweep meets the latency budget or speedup target."""
+
+    stage = "pick"
+
+
+class TritonRepoError(CollnError):
+    """A Triton model repository entry cannot be written."""
+
+    stage = "triton"
+
+
+class ServeError(CollnError):
+    """The inference server cannot start or stopped unexpectedly."""
+
+    stage = "serve"
+
+
+class VizError(CollnError):
+    """Selections cannot be drawn."""
+
+    stage = "viz"
+
+
 class PlanMismatchError(PlanError):
     """Fine-tuned weights are exported with a plan other than the one they were trained for."""
 

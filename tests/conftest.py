@@ -23,7 +23,7 @@ def digits_export(
     digits_weights: str,
 ) -> Path:
     """``colln-export digits_vit --keep 0.7`` (validated, timed, report written) in a temp dir."""
-    from colln.export.cli import main
+    from colln.app.export_cli import main
 
     out = tmp_path_factory.mktemp("digits_export") / "digits_vit-colln-keep0.7"
     argv = ["digits_vit", "--keep", "0.7", "--weights", digits_weights, "--out", str(out)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,12 @@ import pytest
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
+from colln.app.bench_cli import main
+from colln.export.artifact import read_export
 from colln.export.spec import INPUT_NAME, ExportSpec
-from colln.runtime.bench import LatencyStats, interleaved_latency, interleaved_times, paired_speedup
-from colln.runtime.bench_cli import main
+from colln.models.config import PruneConfig
+from colln.runtime.baseline import unpruned_export
+from colln.runtime.timing import LatencyStats, interleaved_times, measure, paired_speedup
 
 
 class ScriptedRunner(BaseRunner):
@@ -68,7 +72,7 @@ def test_latency_stats_match_plain_percentiles() -> None:
     runner = ScriptedRunner("x", [0.0, *script], log)
     feed = {INPUT_NAME: np.zeros((8, 3, 2, 2), np.float32)}
     with runner:
-        stats = interleaved_latency({"x": runner}, feed, rounds=101, warmup=1)["x"]
+        stats = measure({"x": runner}, feed[INPUT_NAME].shape[1:], [8], rounds=101, warmup=1, baseline="x")[8].stats["x"]
     ms = np.sort(np.array(script)) * 1e-6  # the runner reports value * 1e-9 s
     # 101 sorted samples: the p-th percentile is exactly the element at index p (linear interpolation).
     assert stats.p50_ms == pytest.approx(ms[50])
@@ -93,12 +97,12 @@ def export_dir(digits_export: Path) -> Path:
 
 
 def test_real_runners_interleaved(export_dir: Path) -> None:
-    from colln.runtime.runners import load
+    from colln.runtime.runners import open_runner
 
-    feed = {INPUT_NAME: np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)}
-    with load(export_dir, "onnxruntime", threads=1) as ort, load(export_dir, "torch") as torch_runner:
-        stats = interleaved_latency({"ort": ort, "torch": torch_runner}, feed, rounds=5, warmup=1)
-    for s in stats.values():
+    with open_runner(export_dir, "onnxruntime", threads=1) as ort, open_runner(export_dir, "torch") as torch_runner:
+        compared = measure({"ort": ort, "torch": torch_runner}, (3, 32, 32), [2], rounds=5, warmup=1, baseline="torch")[2]
+    assert set(compared.speedups) == {"ort"} and compared.speedups["ort"][0] > 0
+    for s in compared.stats.values():
         assert isinstance(s, LatencyStats)
         assert 0 < s.p50_ms <= s.p90_ms <= s.p99_ms
         assert s.images_per_s == pytest.approx(2 * 1e3 / s.p50_ms)
@@ -131,7 +135,7 @@ def test_unpruned_counterpart_is_cached_keep1(report: tuple[dict, Path], export_
     cached = Path(data["unpruned_export"])
     assert cached.parent == export_dir.parent / ".colln-cache"
     spec = ExportSpec.read(cached)
-    assert spec.keep == 1.0 and spec.model == "digits_vit"
+    assert spec.pruning.keep == 1.0 and spec.model == "digits_vit"
     assert spec.keep_plan().flops().bound == pytest.approx(1.0)
     before = (cached / "model.onnx").stat().st_mtime_ns
     assert main([str(export_dir), "--batch", "1", "--rounds", "2", "--warmup", "0"]) == 0
@@ -157,7 +161,9 @@ def test_doctored_baseline_fails_with_exit_1(report: tuple[dict, Path], export_d
     assert main([str(export_dir), "--batch", "2", "--rounds", "3", "--warmup", "1", "--baseline", str(doctored)]) == 0
 
 
-def test_baseline_without_this_case_is_an_error(report: tuple[dict, Path], export_dir: Path, capsys: pytest.CaptureFixture) -> None:
+def test_baseline_without_this_case_is_an_error(
+    report: tuple[dict, Path], export_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
     _, out = report
     other = out / "other.json"
     other.write_text(json.dumps({"machine": "x", "cases": []}))
@@ -180,14 +186,33 @@ def test_tensorrt_bench_builds_the_unpruned_engine(export_dir: Path, tmp_path: P
         pytest.skip("needs an NVIDIA GPU: TensorRT plans run only on a GPU")
     export = Path(shutil.copytree(export_dir, tmp_path / "export"))  # the shared export stays engine-free
     build_engine(export, batch_min=1, batch_opt=2, batch_max=4)
-    assert main([str(export), "--backend", "tensorrt", "--batch", "1,4", "--rounds", "5", "--json", str(tmp_path / "t.json")]) == 0
+    assert (
+        main([str(export), "--backend", "tensorrt", "--batch", "1,4", "--rounds", "5", "--json", str(tmp_path / "t.json")]) == 0
+    )
     data = json.loads((tmp_path / "t.json").read_text())
     assert (Path(data["unpruned_export"]) / "model.plan").is_file()
     assert set(data["batches"]) == {"1", "4"} and all(r["speedup"] > 0 for r in data["batches"].values())
 
 
 def test_torch_backend_on_cpu_names_its_case(export_dir: Path, tmp_path: Path) -> None:
-    assert main([str(export_dir), "--backend", "torch", "--batch", "2", "--rounds", "3", "--warmup", "1", "--json", str(tmp_path / "t.json")]) == 0
+    assert (
+        main(
+            [
+                str(export_dir),
+                "--backend",
+                "torch",
+                "--batch",
+                "2",
+                "--rounds",
+                "3",
+                "--warmup",
+                "1",
+                "--json",
+                str(tmp_path / "t.json"),
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["device"] == "cpu" and data["case"] == "digits_vit-colln-keep0.7@torch-t1"
     assert data["batches"]["2"]["speedup"] > 0
@@ -200,7 +225,19 @@ def test_torch_backend_on_cuda(export_dir: Path, tmp_path: Path) -> None:
 
     if not torch.cuda.is_available():
         pytest.skip("needs an NVIDIA GPU with CUDA torch")
-    argv = [str(export_dir), "--backend", "torch", "--device", "cuda", "--batch", "1,64", "--rounds", "20", "--json", str(tmp_path / "t.json")]
+    argv = [
+        str(export_dir),
+        "--backend",
+        "torch",
+        "--device",
+        "cuda",
+        "--batch",
+        "1,64",
+        "--rounds",
+        "20",
+        "--json",
+        str(tmp_path / "t.json"),
+    ]
     assert main(argv) == 0
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["case"].endswith("@torch-t1-cuda")
@@ -208,12 +245,29 @@ def test_torch_backend_on_cuda(export_dir: Path, tmp_path: Path) -> None:
 
 
 def test_stale_unpruned_cache_is_replaced(export_dir: Path, tmp_path: Path) -> None:
-    from colln.runtime.bench import unpruned_export
-
-    cached = unpruned_export(export_dir, cache=tmp_path)
-    assert unpruned_export(export_dir, cache=tmp_path) == cached
+    spec = read_export(export_dir)
+    cached = unpruned_export(spec, cache=tmp_path)
+    before = (cached / "model.onnx").stat().st_mtime_ns
+    assert unpruned_export(spec, cache=tmp_path) == cached
+    assert (cached / "model.onnx").stat().st_mtime_ns == before
     stale = json.loads((cached / "export.json").read_text())
     stale["img_size"] = 64  # a graph for another resolution: must not be reused
     (cached / "export.json").write_text(json.dumps(stale))
-    assert unpruned_export(export_dir, cache=tmp_path) == cached
+    assert unpruned_export(spec, cache=tmp_path) == cached
     assert ExportSpec.read(cached).img_size is None
+
+
+def test_exports_differing_only_in_prune_settings_share_one_baseline(export_dir: Path, tmp_path: Path) -> None:
+    """The cache key is exactly what the baseline graph depends on: other layers, metric or keep
+    reuse the entry instead of re-exporting each other's baseline."""
+    spec = read_export(export_dir)
+    cached = unpruned_export(spec, cache=tmp_path)
+    before = (cached / "model.onnx").stat().st_mtime_ns
+    for pruning in (
+        PruneConfig(keep=0.5, layers=(0, 2)),
+        PruneConfig(metric="cls", fuse=True),
+        PruneConfig(keep=0.7, layers=(1,)),
+    ):
+        assert unpruned_export(replace(spec, pruning=pruning), cache=tmp_path) == cached
+    assert (cached / "model.onnx").stat().st_mtime_ns == before
+    assert unpruned_export(replace(spec, opset=17), cache=tmp_path) != cached  # another graph: another entry

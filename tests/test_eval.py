@@ -13,12 +13,15 @@ import torch
 from PIL import Image
 
 from colln import load_model, plan_for, prune
-from colln.data import DataError, preprocess, skimage_photos
+from colln.app import eval_cli
+from colln.app.pipeline import KEEP_PLOT, PARETO_PLOT, RESULTS_JSON, RESULTS_MD
+from colln.data import load_labelled, preprocess, skimage_photos
+from colln.errors import DataError
 from colln.export.spec import ExportSpec
 from colln.models import digits
-from colln.runtime import eval_cli
+from colln.models.config import PruneConfig
 from colln.runtime import evaluate as ev
-from colln.runtime.bench import LatencyStats
+from colln.runtime.timing import LatencyStats
 
 WEIGHTS = "bundled"
 KEEPS = (0.5, 1.0)
@@ -50,7 +53,7 @@ def digits_run(tmp_path_factory) -> tuple[dict, str]:
     argv = ["digits_vit", "--weights", WEIGHTS, "--schedule", "early", "--keep", ",".join(map(str, KEEPS))]
     argv += ["--metric", ",".join(METRICS), "--batch", "512", "--rounds", "3", "--warmup", "1", "--out", str(out)]
     assert eval_cli.main(argv) == 0
-    return json.loads((out / ev.RESULTS_JSON).read_text()), str(out)
+    return json.loads((out / RESULTS_JSON).read_text()), str(out)
 
 
 def test_schedules_scale_the_paper_blocks():
@@ -87,12 +90,12 @@ def test_sweep_accuracy_matches_direct_prune(digits_run, digits_model, digits_te
 
 def test_outputs_are_readable(digits_run):
     _, out = digits_run
-    md = Path(out, ev.RESULTS_MD).read_text()
+    md = Path(out, RESULTS_MD).read_text()
     assert "| metric | keep 0.5 | keep 1 |" in md
     assert "| Col-Ln |" in md and "| [CLS] |" in md
     flops = plan_for(load_model("digits_vit", "random"), keep=0.5, layers=(0, 2, 4)).flops()
     assert f"| FLOPs / unpruned | {flops.pruned / flops.full:.2f} | 1.00 |" in md
-    for name in (ev.KEEP_PLOT, ev.PARETO_PLOT):
+    for name in (KEEP_PLOT, PARETO_PLOT):
         with Image.open(f"{out}/{name}") as img:
             assert img.format == "PNG"
             assert img.width >= 500 and img.height >= 400
@@ -121,7 +124,7 @@ def test_budget_picker_chooses_the_hand_computed_row(digits_run):
 
 def test_export_command_flags():
     row = ev.Row("correct", 2.0, 0.6, (0, 3), (39, 24), 0.5, 0.9, 0.95, LatencyStats(1, 1, 1.0, 1.0, 1.0, 1.0, 1e3))
-    spec = ExportSpec("vit_small", weights="my weights.safetensors", img_size=256, rescue=0.4, fuse=True)
+    spec = ExportSpec("vit_small", weights="my weights.safetensors", img_size=256, pruning=PruneConfig(rescue=0.4, fuse=True))
     assert shlex.split(ev.export_command(row, spec)) == [
         "colln-export", "vit_small", "--keep", "0.6", "--layers", "0,3", "--metric", "correct", "--norm", "2",
         "--weights", "my weights.safetensors", "--img-size", "256", "--rescue", "0.4", "--fuse",
@@ -130,7 +133,7 @@ def test_export_command_flags():
 
 def test_picked_command_exports_the_picked_configuration(digits_run, tmp_path):
     """The printed colln-export call, run as printed, builds exactly the chosen row's keep plan."""
-    from colln.export import cli as export_cli
+    from colln.app import export_cli
 
     result, _ = digits_run
     chosen = ev.pick(ev.Sweep.from_dict(result), latency_budget_ms=1e9)
@@ -138,7 +141,12 @@ def test_picked_command_exports_the_picked_configuration(digits_run, tmp_path):
     out = tmp_path / "export"
     assert export_cli.main([*argv, "--no-validate", "--no-latency", "--out", str(out)]) == 0
     plan = ExportSpec.read(out).keep_plan()
-    assert (plan.metric, plan.norm, plan.layers, plan.keep_counts) == (chosen.metric, chosen.norm, chosen.layers, chosen.keep_counts)
+    assert (plan.config.metric, plan.config.norm, plan.layers, plan.keep_counts) == (
+        chosen.metric,
+        chosen.norm,
+        chosen.layers,
+        chosen.keep_counts,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +169,7 @@ def test_image_folder_and_budget_command(digit_folder, digits_model, capsys, tmp
     argv = ["digits_vit", "--data", root, "--layers", "0,3", "--keep", "0.3,0.6", "--metric", "colln,cls"]
     argv += ["--norm", "2,4", "--rounds", "2", "--warmup", "0", "--latency-budget", "1e9", "--out", str(out)]
     assert eval_cli.main(argv) == 0
-    result = json.loads((out / ev.RESULTS_JSON).read_text())
+    result = json.loads((out / RESULTS_JSON).read_text())
     # cls has no norm order: one row per keep; colln one per (norm, keep).
     assert sorted((r["metric"], r["norm"], r["keep"]) for r in result["rows"]) == [
         ("cls", 2.0, 0.3), ("cls", 2.0, 0.6),
@@ -188,7 +196,7 @@ def test_budget_nobody_meets_exits_2_with_results_written(digit_folder, capsys, 
     err = capsys.readouterr().err
     assert err.startswith("colln: error: pick: no configuration reaches a median latency within 1e-06 ms")
     assert len(err.strip().splitlines()) == 1
-    assert json.loads((out / ev.RESULTS_JSON).read_text())["pick"] is None
+    assert json.loads((out / RESULTS_JSON).read_text())["pick"] is None
 
 
 def test_image_folder_class_indices(tmp_path):
@@ -200,11 +208,11 @@ def test_image_folder_class_indices(tmp_path):
     for folder, photo in zip(("rocket", "cat", "cat"), photos):
         (tmp_path / "names" / folder).mkdir(parents=True, exist_ok=True)
         photo.save(tmp_path / "names" / folder / f"{id(photo)}.png")
-    assert sorted(ev.load_data(str(tmp_path / "ints"), num_classes=10).labels.tolist()) == [3, 3, 7]
-    assert sorted(ev.load_data(str(tmp_path / "names"), num_classes=1000).labels.tolist()) == [0, 0, 1]
+    assert sorted(load_labelled(str(tmp_path / "ints"), num_classes=10).labels.tolist()) == [3, 3, 7]
+    assert sorted(load_labelled(str(tmp_path / "names"), num_classes=1000).labels.tolist()) == [0, 0, 1]
     with pytest.raises(DataError, match="beyond the model's 5 classes"):
-        ev.load_data(str(tmp_path / "ints"), num_classes=5)
-    subset = ev.load_data("digits", num_classes=10, limit=10)
+        load_labelled(str(tmp_path / "ints"), num_classes=5)
+    subset = load_labelled("digits", num_classes=10, limit=10)
     assert len(subset.images) == 10 and len(set(subset.labels.tolist())) > 5
 
 
@@ -241,7 +249,7 @@ def test_onnxruntime_backend_matches_pytorch(digits_model, digits_test, tmp_path
     out = tmp_path / "ort"
     argv = ["digits_vit", "--backend", "onnxruntime", "--limit", "40", "--keep", "0.5", "--metric", "colln"]
     assert eval_cli.main([*argv, "--schedule", "early", "--rounds", "2", "--warmup", "0", "--out", str(out)]) == 0
-    result = json.loads((out / ev.RESULTS_JSON).read_text())
+    result = json.loads((out / RESULTS_JSON).read_text())
     chosen = np.linspace(0, len(digits_test.images) - 1, 40).round().astype(int)
     x = preprocess([digits_test.images[i] for i in chosen], digits_model)
     labels = digits_test.labels[chosen]
@@ -260,7 +268,7 @@ def test_cuda_device_matches_cpu_accuracy(digits_run, tmp_path):
     out = tmp_path / "cuda"
     argv = ["digits_vit", "--device", "cuda", "--schedule", "early", "--keep", ",".join(map(str, KEEPS))]
     assert eval_cli.main([*argv, "--metric", ",".join(METRICS), "--rounds", "3", "--out", str(out)]) == 0
-    gpu = json.loads((out / ev.RESULTS_JSON).read_text())
+    gpu = json.loads((out / RESULTS_JSON).read_text())
     assert gpu["device"] == "cuda"
     for a, b in zip(cpu["rows"], gpu["rows"]):
         assert (a["metric"], a["keep"]) == (b["metric"], b["keep"])

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from colln.export.pipeline import atomic_output, export_into
+from colln.export.artifact import export_into
 from colln.export.spec import ExportSpec
-from colln.runtime.bench import bench_export, machine_id, regressions
+from colln.files import atomic_dir
+from colln.runtime.bench import bench_export, regressions
+from colln.runtime.environment import machine_id
 
 pytestmark = pytest.mark.perf
 
@@ -33,7 +35,7 @@ def _cases() -> list:
 def test_no_latency_regression(case: dict, tmp_path: Path) -> None:
     tolerance = float(os.environ.get("COLLN_PERF_TOLERANCE", "0.10"))
     export = tmp_path / "export"
-    with atomic_output(export) as tmp:
+    with atomic_dir(export) as tmp:
         export_into(ExportSpec.from_dict(case["spec"]), tmp)
     report = bench_export(
         export,
@@ -46,5 +48,8 @@ def test_no_latency_regression(case: dict, tmp_path: Path) -> None:
     )
     found = regressions(report, case, tolerance)
     for batch, r in report["batches"].items():
-        print(f"{case['case']} batch {batch}: speedup {r['speedup']:.3f} (baseline {case['batches'][batch]['speedup']:.3f}), bound {r['bound']:.3f}")
+        print(
+            f"{case['case']} batch {batch}: speedup {r['speedup']:.3f} "
+            f"(baseline {case['batches'][batch]['speedup']:.3f}), bound {r['bound']:.3f}"
+        )
     assert not found, f"latency regression against {BASELINE.name}: " + "; ".join(found)

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
+from colln.app.export_cli import main
 from colln.data import preprocess
-from colln.export.cli import main
 from colln.export.onnx import topk_constants
 from colln.export.precision import fp32_nodes, to_fp16
 from colln.models import digits

@@ -26,7 +26,7 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from colln.runtime.serve import main
+from colln.app.serve_cli import main
 from serving_helpers import HOST, digit_images, free_ports, launch, stop, wait_ready
 
 MAX_BATCH = 8
@@ -43,13 +43,15 @@ def write_graph_export(
     domains: tuple[str, ...] = (),
 ) -> Path:
     """A copy of ``digits_export`` whose model.onnx is ``nodes`` between ``images`` [batch, 3, 32, 32]
-    and ``logits`` [batch, 10]."""
+    and ``logits`` [batch, 10], with the original's metadata (the keep plan colln checks on opening)."""
     shutil.copytree(digits_export, directory)
     images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])
     logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
     graph = helper.make_graph(nodes, directory.name, [images], [logits], list(initializers))
     opsets = [helper.make_opsetid("", 18)] + [helper.make_opsetid(domain, 1) for domain in domains]
-    onnx.save(helper.make_model(graph, opset_imports=opsets), directory / "model.onnx")
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.metadata_props.extend(onnx.load(str(digits_export / "model.onnx"), load_external_data=False).metadata_props)
+    onnx.save(model, directory / "model.onnx")
     return directory
 
 
@@ -60,7 +62,10 @@ def write_broken_export(
     """Reshapes to a fixed batch of 1, so a batch of 2 fails at run time inside ONNX Runtime."""
     shape = numpy_helper.from_array(np.array([1, 3 * 32 * 32], dtype=np.int64), "shape")
     weight = numpy_helper.from_array(np.ones((3 * 32 * 32, 10), dtype=np.float32), "weight")
-    nodes = [helper.make_node("Reshape", ["images", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "weight"], ["logits"])]
+    nodes = [
+        helper.make_node("Reshape", ["images", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "weight"], ["logits"]),
+    ]
     return write_graph_export(digits_export, directory, nodes, (shape, weight))
 
 
@@ -81,7 +86,7 @@ def server(digits_export: Path, tmp_path_factory: pytest.TempPathFactory):
     proc = launch(argv, log)
     try:
         wait_ready(proc, f"{HOST}:{http}")
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever went wrong, stop the server and show its log
         stop(proc)
         pytest.fail(f"colln-serve did not become ready:\n{log.read_text()[-3000:]}")
     yield {"proc": proc, "url": f"{HOST}:{http}", "ports": (http, grpc, metrics), "log": log, "model": digits_export.name}
@@ -153,7 +158,12 @@ def test_results_equal_onnxruntime(server: dict, client: httpclient.InferenceSer
         (np.zeros((2, 3, 32, 32), np.float64), "FP64", 400, "data-type is 'FP64', but model"),
         (np.zeros((MAX_BATCH + 1, 3, 32, 32), np.float32), "FP32", 400, f"batch-size must be <= {MAX_BATCH}"),
         (np.full((1, 3, 32, 32), np.nan, np.float32), "FP32", 400, "images contains NaN or Inf"),
-        (np.pad(np.zeros((1, 3, 32, 31), np.float32), ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=np.inf), "FP32", 400, "NaN or Inf"),
+        (
+            np.pad(np.zeros((1, 3, 32, 31), np.float32), ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=np.inf),
+            "FP32",
+            400,
+            "NaN or Inf",
+        ),
     ],
     ids=["shape", "dtype", "batch-too-large", "nan", "inf"],
 )
@@ -299,7 +309,16 @@ def test_sigterm_during_startup_stops_cleanly(digits_export: Path, tmp_path: Pat
     shutil.copytree(digits_export, tmp_path / name)
     http, grpc, metrics = free_ports(3)
     log = tmp_path / "serve.log"
-    argv = [str(Path(sys.executable).with_name("colln-serve")), str(tmp_path / name), "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    argv = [
+        str(Path(sys.executable).with_name("colln-serve")),
+        str(tmp_path / name),
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--metrics-port",
+        str(metrics),
+    ]
     proc = launch(argv, log)
     deadline = time.monotonic() + 60
     while not stub_processes(f"/{name}/1/model.py") and time.monotonic() < deadline and proc.poll() is None:

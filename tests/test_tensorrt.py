@@ -17,23 +17,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from colln.errors import BackendUnavailableError, UsageError
-from colln.export.build_cli import main as build_main
-from colln.export.pipeline import export_into
-from colln.export.spec import ONNX_FILE, ExportDirError, ExportSpec
+from colln.app.build_cli import main as build_main
+from colln.errors import BackendUnavailableError, EngineError, ExportDirError, UsageError
+from colln.export.artifact import export_into
+from colln.export.spec import ONNX_FILE, ExportSpec
 from colln.export.tensorrt import (
     FAILED_LOG_FILE,
     PLAN_FILE,
     PLAN_LOG_FILE,
     PLAN_META_FILE,
-    EngineError,
     build_engine,
     gpu_info,
-    tensorrt_runner,
     trt_module,
 )
 from colln.models import digits
+from colln.models.config import PruneConfig
 from colln.runtime import runners
+from colln.runtime.runners import tensorrt_runner
 
 REPO = Path(__file__).resolve().parents[1]
 BATCHES = (1, 2, 4)  # a narrow profile keeps the CPU builds at a few seconds
@@ -84,7 +84,7 @@ def fp16_plan(tmp_path_factory, digits_weights) -> Path:
     """The fp16 graph of ``--precision fp16`` (strongly typed), built like fp32_plan."""
     out = tmp_path_factory.mktemp("trt") / "digits-fp16"
     out.mkdir()
-    export_into(ExportSpec(model="digits_vit", weights=digits_weights, keep=0.7, precision="fp16"), out)
+    export_into(ExportSpec(model="digits_vit", weights=digits_weights, pruning=PruneConfig(keep=0.7), precision="fp16"), out)
     build_engine(out, *BATCHES, timing_cache=out.parent / "timing.cache")
     return out
 
@@ -135,6 +135,7 @@ def test_polygraphy_capability_reports_full_support(precision, request):
         text=True,
         env=env,
         timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Graph is fully supported by TensorRT" in result.stdout + result.stderr
@@ -206,7 +207,7 @@ def test_failed_build_keeps_the_previous_plan(fp32_plan, tmp_path):
     before = {name: (out / name).read_bytes() for name in (PLAN_FILE, PLAN_META_FILE, PLAN_LOG_FILE)}
     onnx_path = out / ONNX_FILE
     onnx_path.write_bytes(onnx_path.read_bytes()[:1000])
-    with pytest.raises(EngineError, match="could not build model.onnx: .*Failed to parse the ONNX model"):
+    with pytest.raises(EngineError, match=r"could not build model\.onnx: .*Failed to parse the ONNX model"):
         build_engine(out, *BATCHES, timing_cache=tmp_path / "timing.cache")
     assert {name: (out / name).read_bytes() for name in before} == before
     assert "[E]" in (out / FAILED_LOG_FILE).read_text()
@@ -230,7 +231,7 @@ def test_plan_from_another_tensorrt_version_is_refused(fp32_plan, tmp_path):
     flavour = trt_module()
     out = _doctored(fp32_plan, tmp_path, tensorrt={"flavour": flavour.name, "version": "0.9.0"})
     with pytest.raises(EngineError, match=r"built with .* 0\.9\.0 but this machine runs .*colln-build"):
-        runners.load(out, backend="tensorrt")
+        runners.open_runner(out, backend="tensorrt")
 
 
 def test_plan_from_another_tensorrt_flavour_is_refused(fp32_plan, tmp_path):
@@ -242,7 +243,7 @@ def test_plan_from_another_tensorrt_flavour_is_refused(fp32_plan, tmp_path):
 
 def test_plan_of_another_onnx_is_refused(fp32_plan, tmp_path):
     out = _doctored(fp32_plan, tmp_path, onnx_sha256="0" * 64)
-    with pytest.raises(EngineError, match="another model.onnx"):
+    with pytest.raises(EngineError, match=r"another model\.onnx"):
         tensorrt_runner(out)
 
 
@@ -256,7 +257,7 @@ def test_incomplete_plan_is_refused(fp32_plan, tmp_path):
 @pytest.mark.skipif(HAS_GPU, reason="a GPU is visible here")
 def test_without_gpu_the_runner_says_so(fp32_plan):
     with pytest.raises(BackendUnavailableError, match="no NVIDIA GPU"):
-        runners.load(fp32_plan, backend="tensorrt")
+        runners.open_runner(fp32_plan, backend="tensorrt")
 
 
 def _run_without_tensorrt(
@@ -270,7 +271,7 @@ def _run_without_tensorrt(
     (site / "sitecustomize.py").write_text("import sys\nsys.modules['tensorrt'] = None\nsys.modules['tensorrt_rtx'] = None\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
     env.pop("POLYGRAPHY_USE_TENSORRT_RTX", None)
-    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 2, result.stderr
     return result.stderr.strip().splitlines()
 
@@ -286,13 +287,15 @@ def _assert_install_hint(
 def test_without_tensorrt_colln_build_exits_2_with_install_hint(fp32_export, tmp_path):
     target = _copy_export(fp32_export, tmp_path / "export")
     before = sorted(p.name for p in target.iterdir())
-    _assert_install_hint(_run_without_tensorrt(tmp_path, "colln.export.build_cli", str(target)))
+    _assert_install_hint(_run_without_tensorrt(tmp_path, "colln.app.build_cli", str(target)))
     assert sorted(p.name for p in target.iterdir()) == before and PLAN_FILE not in before
 
 
 def test_without_tensorrt_export_trt_fails_before_exporting(tmp_path):
     out = tmp_path / "out"
-    _assert_install_hint(_run_without_tensorrt(tmp_path, "colln.export.cli", "digits_vit", "--keep", "0.7", "--trt", "--out", str(out)))
+    _assert_install_hint(
+        _run_without_tensorrt(tmp_path, "colln.app.export_cli", "digits_vit", "--keep", "0.7", "--trt", "--out", str(out))
+    )
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["site"]
 
 
@@ -319,10 +322,10 @@ def _logits(
 @needs_gpu
 def test_fp32_engine_matches_torch(fp32_plan):
     spec = ExportSpec.read(fp32_plan)
-    torch_runner = runners.load(fp32_plan, backend="torch")
+    torch_runner = runners.open_runner(fp32_plan, backend="torch")
     images = _digits_batch(spec.load_unpruned())
     expected = _logits(torch_runner, images)
-    got = _logits(runners.load(fp32_plan, backend="tensorrt"), images)
+    got = _logits(runners.open_runner(fp32_plan, backend="tensorrt"), images)
     assert got.shape == expected.shape == (len(images), 10)
     # TF32 matmuls: close, not bit-exact; same predictions.
     assert np.abs(got - expected).max() <= 2e-2 * np.abs(expected).max()
@@ -334,8 +337,8 @@ def test_fp32_engine_matches_torch(fp32_plan):
 def test_fp16_engine_agrees_with_torch(fp16_plan):
     spec = ExportSpec.read(fp16_plan)
     images = _digits_batch(spec.load_unpruned())
-    expected = _logits(runners.load(fp16_plan, backend="torch"), images)
-    got = _logits(runners.load(fp16_plan, backend="tensorrt"), images)
+    expected = _logits(runners.open_runner(fp16_plan, backend="torch"), images)
+    got = _logits(runners.open_runner(fp16_plan, backend="tensorrt"), images)
     assert got.dtype == np.float32 and got.shape == expected.shape
     # fp16 products against the fp32 reference: a few near-ties may flip, most predictions agree.
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.97
@@ -346,5 +349,5 @@ def test_fp16_engine_agrees_with_torch(fp16_plan):
 @needs_gpu
 def test_plan_for_another_gpu_is_refused(fp32_plan, tmp_path):
     out = _doctored(fp32_plan, tmp_path, gpu={"name": "Imaginary GPU", "compute_capability": "1.0"}, compute_capabilities=["1.0"])
-    with pytest.raises(EngineError, match="compute capability 1.0"):
+    with pytest.raises(EngineError, match=r"compute capability 1\.0"):
         tensorrt_runner(out)

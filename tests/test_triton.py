@@ -17,9 +17,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from colln.app.triton_cli import main
 from colln.errors import CollnError
 from colln.runtime.serve import write_python_model
-from colln.runtime.triton import main, write_model_repository
+from colln.runtime.triton import write_model_repository
 
 
 def parse_config(
@@ -69,7 +70,7 @@ def test_rewrite_replaces_the_model_and_keeps_neighbours(digits_export: Path, tm
 
 
 def test_tensorrt_needs_a_plan(digits_export: Path, tmp_path: Path) -> None:
-    with pytest.raises(CollnError, match="no model.plan for the tensorrt backend"):
+    with pytest.raises(CollnError, match=r"no model\.plan for the tensorrt backend"):
         write_model_repository(digits_export, tmp_path / "repo", backend="tensorrt")
     assert not (tmp_path / "repo" / digits_export.name).exists()
 
@@ -155,7 +156,7 @@ def test_missing_or_corrupt_onnx_is_a_clear_error(digits_export: Path, tmp_path:
     broken = tmp_path / "no-onnx"
     shutil.copytree(digits_export, broken)
     (broken / "model.onnx").unlink()
-    with pytest.raises(CollnError, match="no model.onnx"):
+    with pytest.raises(CollnError, match=r"no model\.onnx"):
         write_model_repository(broken, tmp_path / "repo")
     (broken / "model.onnx").write_bytes(b"\xff\x00 not a protobuf")
     with pytest.raises(CollnError, match="not a readable ONNX model"):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from colln import load_model, prune, record_selections
+from colln.app import viz_cli
 from colln.data import preprocess, skimage_photos
 from colln.models import digits
 from colln.runtime import viz
@@ -110,7 +111,7 @@ def test_cli_digit_image(tmp_path):
     image = tmp_path / "digit.png"
     digits.load_split("test").images[0].save(image)
     out = tmp_path / "fig" / "kept.png"
-    assert viz.main(["digits_vit", "--image", str(image), "--keep", "0.5", "--out", str(out)]) == 0
+    assert viz_cli.main(["digits_vit", "--image", str(image), "--keep", "0.5", "--out", str(out)]) == 0
     with Image.open(out) as png:
         assert png.format == "PNG"
         # rows: colln and cls; columns: the input and the 3 early pruning blocks of 8
@@ -123,7 +124,7 @@ def test_cli_photo_random_weights(tmp_path, capsys):
     skimage_photos(["astronaut"])[0].save(image)
     out = tmp_path / "astro.png"
     argv = ["vit_tiny", "--weights", "random", "--image", str(image), "--layers", "0,3", "--metric", "colln,cls,correct"]
-    assert viz.main([*argv, "--out", str(out)]) == 0
+    assert viz_cli.main([*argv, "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     with Image.open(out) as png:
         assert png.format == "PNG" and png.height > 700
@@ -143,7 +144,7 @@ def test_bad_arguments_one_line_exit_2(argv, stage, tmp_path, capsys):
     image = tmp_path / "digit.png"
     digits.load_split("test").images[0].save(image)
     argv = [a.replace("IMG", str(image)).replace("OUT", str(tmp_path / "out")) for a in argv]
-    assert viz.main(["digits_vit", *argv]) == 2
+    assert viz_cli.main(["digits_vit", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"colln: error: {stage}: ") and "\n" not in err
     assert not list(tmp_path.glob("out*"))

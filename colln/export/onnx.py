@@ -37,7 +37,9 @@ def export_onnx(
     ``metadata_props`` (colln stores the keep plan there).
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset {opset} is unsupported: use {MIN_OPSET}..{MAX_OPSET} (23+ emits Attention, which TensorRT 10 cannot parse)")
+        raise ExportError(
+            f"opset {opset} is unsupported: use {MIN_OPSET}..{MAX_OPSET} (23+ emits Attention, which TensorRT 10 cannot parse)"
+        )
     path = Path(path)
     example = torch.randn(2, *input_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -57,8 +59,10 @@ def export_onnx(
                 external_data=False,
                 optimize=True,
             )
-    except Exception as exc:  # noqa: BLE001 - exporter failures come in many types
-        raise ExportError(f"torch.onnx.export failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); rerun with --verbose") from exc
+    except Exception as exc:
+        raise ExportError(
+            f"torch.onnx.export failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); rerun with --verbose"
+        ) from exc
     proto = program.model_proto
     for key, value in (metadata or {}).items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))

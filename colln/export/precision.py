@@ -155,15 +155,3 @@ def _rename_output(
             if x == name:
                 node.input[j] = half
     return helper.make_node("Cast", [half], [name], to=FLOAT, name=f"{name}_to_float32")
-
-
-def precision_summary(
-    proto: onnx.ModelProto,
-) -> dict[str, int]:
-    """How many initializers are fp16 / fp32 and how many Cast nodes the graph has (for reports and tests)."""
-    inits = [t.data_type for t in proto.graph.initializer]
-    return {
-        "fp16_initializers": inits.count(HALF),
-        "fp32_initializers": inits.count(FLOAT),
-        "casts": sum(n.op_type == "Cast" for n in proto.graph.node),
-    }

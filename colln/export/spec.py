@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from colln.errors import CollnError
+from colln.errors import CollnError, ExportDirError
 from colln.models.config import PruneConfig
 from colln.models.plan import KeepPlan
 
@@ -25,10 +25,6 @@ ONNX_FILE = "model.onnx"
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 18
-
-
-class ExportDirError(CollnError):
-    stage = "export-dir"
 
 
 @dataclass(frozen=True)
@@ -64,8 +60,9 @@ class ExportSpec:
         return self.apply(self.load_unpruned())
 
     def unpruned(self) -> ExportSpec:
-        """The same model through the same path with keep 1.0: the speed baseline."""
-        return replace(self, pruning=self.pruning.unpruned(), plan={})
+        """The same model through the same path at keep 1.0, the speed baseline. No block is wrapped
+        at keep 1.0, so the other prune settings would not change the graph: they are dropped."""
+        return replace(self, pruning=PruneConfig(keep=1.0), plan={})
 
     def keep_plan(self) -> KeepPlan:
         return KeepPlan.from_dict(self.plan)
@@ -92,7 +89,7 @@ class ExportSpec:
     def read(
         cls,
         directory: Path,
-    ) -> "ExportSpec":
+    ) -> ExportSpec:
         path = Path(directory) / SPEC_FILE
         if not path.is_file():
             raise ExportDirError(f"{directory} is not a colln export (no {SPEC_FILE}); run colln-export first")

@@ -10,9 +10,7 @@ Which one polygraphy drives is fixed when polygraphy is first imported (``colln/
 points it at TensorRT-RTX when that is the only one installed), so ``trt_module`` follows
 polygraphy's choice rather than making its own.
 
-``tensorrt_runner`` loads a plan back as polygraphy's ``TrtRunner`` after checking that
-``model.plan.json`` matches the running TensorRT and GPU, so a foreign plan is refused with a
-clear message instead of failing inside deserialisation.
+Running a plan (and refusing a foreign one) is the runtime's job: ``colln.runtime.runners``.
 """
 
 from __future__ import annotations
@@ -33,10 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from polygraphy.backend.base import BaseRunner
-
-from colln.errors import BackendUnavailableError, CollnError, UsageError
-from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportDirError, ExportSpec
+from colln.errors import BackendUnavailableError, EngineError, ExportDirError, UsageError
+from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportSpec
+from colln.files import atomic_write
 
 PLAN_FILE = "model.plan"
 PLAN_META_FILE = "model.plan.json"
@@ -44,12 +41,6 @@ PLAN_LOG_FILE = "model.plan.log"
 FAILED_LOG_FILE = "model.plan.failed.log"
 LABELS = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
 INSTALL_HINT = "pip install 'colln[trt]' (NVIDIA GPU machines) or 'colln[trt-rtx]' (builds engines without a GPU)"
-
-
-class EngineError(CollnError):
-    """A TensorRT plan cannot be built, or does not belong to this TensorRT/GPU."""
-
-    stage = "tensorrt"
 
 
 @dataclass(frozen=True)
@@ -150,7 +141,9 @@ def build_engine(
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create the timing cache folder {cache.parent} ({exc.strerror}): pass --timing-cache PATH") from exc
+        raise UsageError(
+            f"cannot create the timing cache folder {cache.parent} ({exc.strerror}): pass --timing-cache PATH"
+        ) from exc
 
     from polygraphy.exception import PolygraphyException
 
@@ -162,7 +155,9 @@ def build_engine(
     except PolygraphyException as exc:
         failed_log = export_dir / FAILED_LOG_FILE
         os.replace(log_tmp, failed_log)
-        raise EngineError(f"{flavour.label} could not build {ONNX_FILE}: {_first_error(failed_log, exc)} (log: {failed_log})") from exc
+        raise EngineError(
+            f"{flavour.label} could not build {ONNX_FILE}: {_first_error(failed_log, exc)} (log: {failed_log})"
+        ) from exc
     except BaseException:
         log_tmp.unlink(missing_ok=True)
         raise
@@ -185,7 +180,7 @@ def build_engine(
             "max": [batch_max, *input_shape],
         },
         "keep_plan": spec.plan,
-        "onnx_sha256": _sha256(onnx_path),
+        "onnx_sha256": sha256(onnx_path),
         "timing_cache": str(cache),
         "build_seconds": round(seconds, 2),
     }
@@ -193,12 +188,13 @@ def build_engine(
     meta_path = export_dir / PLAN_META_FILE
     # model.plan.json goes last: a plan without it is incomplete and is refused at load time.
     meta_path.unlink(missing_ok=True)
-    _write_replace(plan, plan_bytes)
+    atomic_write(plan, bytes(plan_bytes))
     os.replace(log_tmp, export_dir / PLAN_LOG_FILE)
-    _write_replace(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(meta_path, json.dumps(meta, indent=2) + "\n")
     (export_dir / FAILED_LOG_FILE).unlink(missing_ok=True)
     print(
-        f"colln: built {PLAN_FILE} with {flavour.label} ({spec.precision}, batch {batch_min}/{batch_opt}/{batch_max}) in {seconds:.1f} s",
+        f"colln: built {PLAN_FILE} with {flavour.label} ({spec.precision}, "
+        f"batch {batch_min}/{batch_opt}/{batch_max}) in {seconds:.1f} s",
         file=sys.stderr,
     )
     return plan
@@ -218,7 +214,9 @@ def _build(
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     outputs = [network.get_output(i) for i in range(network.num_outputs)]
     if [t.name for t in inputs] != [INPUT_NAME]:
-        raise EngineError(f"{onnx_path} has inputs {[t.name for t in inputs]}, expected [{INPUT_NAME!r}]: re-export it with colln-export")
+        raise EngineError(
+            f"{onnx_path} has inputs {[t.name for t in inputs]}, expected [{INPUT_NAME!r}]: re-export it with colln-export"
+        )
     input_shape = list(inputs[0].shape)[1:]
     profile = Profile().add(INPUT_NAME, *[(b, *input_shape) for b in batches])
     common = {"profiles": [profile], "load_timing_cache": str(cache)}
@@ -279,7 +277,7 @@ def _first_error(
     return first[:300]
 
 
-def _sha256(
+def sha256(
     path: Path,
 ) -> str:
     digest = hashlib.sha256()
@@ -289,19 +287,6 @@ def _sha256(
     return digest.hexdigest()
 
 
-def _write_replace(
-    path: Path,
-    data: bytes | memoryview,
-) -> None:
-    """Write ``path`` via a temp file beside it, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def read_plan_metadata(
     export_dir: Path,
 ) -> dict:
@@ -309,52 +294,16 @@ def read_plan_metadata(
     export_dir = Path(export_dir)
     meta_path = export_dir / PLAN_META_FILE
     if not (export_dir / PLAN_FILE).is_file() or not meta_path.is_file():
-        raise ExportDirError(f"{export_dir} has no complete TensorRT plan ({PLAN_FILE} + {PLAN_META_FILE}): run colln-build {export_dir}")
+        raise ExportDirError(
+            f"{export_dir} has no complete TensorRT plan ({PLAN_FILE} + {PLAN_META_FILE}): run colln-build {export_dir}"
+        )
     try:
         meta = json.loads(meta_path.read_text())
         complete = {"flavour", "version"} <= set(meta["tensorrt"]) and {"precision", "profile"} <= set(meta)
     except (ValueError, KeyError, TypeError) as exc:
         raise ExportDirError(f"{meta_path} is unreadable ({exc}): rebuild with colln-build {export_dir}") from exc
     if not complete:
-        raise ExportDirError(f"{meta_path} lacks the TensorRT version, precision or profile: rebuild with colln-build {export_dir}")
-    return meta
-
-
-def check_plan(
-    meta: dict,
-    flavour: TrtFlavour,
-    gpu: dict | None,
-) -> None:
-    """Refuse a plan that this TensorRT or GPU cannot run (plans are tied to both)."""
-    built = meta["tensorrt"]
-    built_label = f"{LABELS.get(built['flavour'], built['flavour'])} {built['version']}"
-    rebuild = "rebuild it here with colln-build EXPORT_DIR"
-    if (built["flavour"], built["version"]) != (flavour.name, flavour.version):
-        raise EngineError(f"model.plan was built with {built_label} but this machine runs {flavour.label}: {rebuild}")
-    if gpu is None:
-        raise BackendUnavailableError("no NVIDIA GPU is visible: TensorRT plans run only on a GPU; use backend='onnxruntime' on this machine")
-    targets = meta.get("compute_capabilities")
-    if targets and gpu["compute_capability"] not in targets:
-        raise EngineError(
-            f"model.plan targets compute capability {', '.join(targets)} but this GPU ({gpu['name']}) is "
-            f"{gpu['compute_capability']}: {rebuild}"
+        raise ExportDirError(
+            f"{meta_path} lacks the TensorRT version, precision or profile: rebuild with colln-build {export_dir}"
         )
-    built_gpu = (meta.get("gpu") or {}).get("name")
-    if flavour.name == "tensorrt" and built_gpu != gpu["name"]:
-        raise EngineError(f"model.plan was built for {built_gpu or 'an unknown GPU'} but this GPU is {gpu['name']}: {rebuild}")
-
-
-def tensorrt_runner(
-    export_dir: Path,
-) -> BaseRunner:
-    """polygraphy's ``TrtRunner`` over ``export_dir/model.plan``, after ``check_plan``."""
-    export_dir = Path(export_dir)
-    meta = read_plan_metadata(export_dir)
-    flavour = trt_module()
-    onnx_path = export_dir / ONNX_FILE
-    if onnx_path.is_file() and meta.get("onnx_sha256") != _sha256(onnx_path):
-        raise EngineError(f"model.plan was built from another {ONNX_FILE} than the one in {export_dir}: run colln-build {export_dir}")
-    check_plan(meta, flavour, gpu_info())
-    from polygraphy.backend.trt import EngineFromPath, TrtRunner
-
-    return TrtRunner(EngineFromPath(str(export_dir / PLAN_FILE)), name=f"tensorrt-{meta['precision']}")
+    return meta

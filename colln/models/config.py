@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 from colln.errors import PlanError
@@ -78,10 +78,6 @@ class PruneConfig:
         if len(rates) != num_layers:
             raise PlanError(f"{len(rates)} keep rates for {num_layers} pruning layers: give one rate or one per layer")
         return tuple(float(r) for r in rates)
-
-    def unpruned(self) -> PruneConfig:
-        """The same settings at keep 1.0: the unpruned model through the same path."""
-        return replace(self, keep=1.0)
 
     def to_dict(self) -> dict:
         out = asdict(self)

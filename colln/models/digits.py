@@ -92,9 +92,7 @@ def load_split(
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     digits = load_digits()
     idx = np.arange(len(digits.target))
-    train_idx, test_idx = train_test_split(
-        idx, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=digits.target
-    )
+    train_idx, test_idx = train_test_split(idx, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=digits.target)
     chosen = train_idx if split == "train" else test_idx
     return DigitsSplit(
         images=[digit_image(digits.images[i]) for i in chosen],

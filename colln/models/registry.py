@@ -169,7 +169,7 @@ def read_state_dict(
             raise WeightsError(f"weights file {path} has an unknown suffix: use .safetensors, .pth or .pt")
     except WeightsError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any reader failure means a corrupt or foreign file
+    except Exception as exc:
         raise WeightsError(f"cannot read weights file {path} ({exc.__class__.__name__}): is it corrupt?") from exc
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -190,7 +190,7 @@ def load_weights(
     state = read_state_dict(path)
     try:
         state = checkpoint_filter_fn(state, model)
-    except Exception as exc:  # noqa: BLE001 - timm's filter fails on foreign layouts in many ways
+    except Exception as exc:
         raise WeightsError(f"weights file {path} does not fit {type(model).__name__}: {exc}") from exc
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]

@@ -117,9 +117,13 @@ def check_supported(
     if any(isinstance(m, PruningBlock) for m in model.modules()):
         raise UnsupportedModelError("this model is already pruned: call colln.prune on the original model")
     if model.dynamic_img_size:
-        raise UnsupportedModelError("dynamic_img_size=True is not supported: token counts must be static; create the model with a fixed img_size")
+        raise UnsupportedModelError(
+            "dynamic_img_size=True is not supported: token counts must be static; create the model with a fixed img_size"
+        )
     if model.global_pool == "":
-        raise UnsupportedModelError("global_pool='' returns every token and pruning would change that output's shape; use a pooled head")
+        raise UnsupportedModelError(
+            "global_pool='' returns every token and pruning would change that output's shape; use a pooled head"
+        )
     if metric in ("cls", "correct") and model.cls_token is None:
         raise UnsupportedModelError(f"metric {metric!r} needs a [CLS] token and this model has none; use metric 'colln'")
     _check_blocks(model, layers)
@@ -162,9 +166,11 @@ def model_dims(
 
 def plan_for(
     model: nn.Module,
-    config: PruneConfig,
+    keep: float | Sequence[float] | PruneConfig = 0.7,
+    **settings: object,
 ) -> KeepPlan:
-    """The keep plan ``prune`` would use for ``model`` with ``config`` (checks support first)."""
+    """The keep plan :func:`prune` would use for ``model`` with the same arguments (checks support first)."""
+    config = PruneConfig.of(keep, **settings)
     check_supported(model, (), config.metric)
     num_prefix = model.num_prefix_tokens
     plan = make_plan(model.patch_embed.num_patches + num_prefix, num_prefix, model_dims(model), config)
@@ -185,10 +191,12 @@ def prune(
     ``pruned.colln_plan`` (see :func:`get_plan`). Layers whose keep count is every candidate (e.g.
     ``keep=1.0``) stay timm's own block, so ``keep=1.0`` is exactly the unpruned model.
     """
-    plan = plan_for(model, PruneConfig.of(keep, **settings))
+    plan = plan_for(model, keep, **settings)
     pruned = copy.deepcopy(model)
     for layer, k in plan.pruned_layers:
-        pruned.blocks[layer] = PruningBlock(pruned.blocks[layer], layer=layer, num_prefix=plan.num_prefix, k=k, config=plan.config)
+        pruned.blocks[layer] = PruningBlock(
+            pruned.blocks[layer], layer=layer, num_prefix=plan.num_prefix, k=k, config=plan.config
+        )
     pruned.colln_plan = plan
     return pruned
 

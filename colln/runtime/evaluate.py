@@ -3,37 +3,36 @@ and buys in speed, the paper-shaped table, the plots, and the budget picker.
 
 Every configuration runs through the same runner protocol (PyTorch or an ONNX Runtime export), so
 accuracy and latency come from the very models a user would ship. Latency is measured with all
-configurations interleaved (:func:`colln.runtime.bench.interleaved_latency`), the unpruned model
-among them, so speedups are ratios taken under the same machine load.
+configurations interleaved (:func:`colln.runtime.timing.measure`), the unpruned model among them,
+so speedups are ratios taken under the same machine load. Rendering (tables, plots) is the
+application layer's (:mod:`colln.app.render`, :mod:`colln.app.plots`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import shlex
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from polygraphy.backend.base import BaseRunner
 from torch import nn
 
-from colln.data import DataError, data_config, image_folder, preprocess
-from colln.errors import CollnError, UsageError
-from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportSpec
-from colln.models import digits
-from colln.models.plan import KeepPlan, default_layers
+from colln.data import Labelled, preprocess
+from colln.errors import NoFitError, UsageError
+from colln.export.artifact import export_into
+from colln.export.spec import ExportSpec
+from colln.models.config import PruneConfig
+from colln.models.plan import default_layers
 from colln.models.registry import default_weights
 from colln.models.rewrite import get_plan
-from colln.runtime import runners as rt
-from colln.runtime.bench import LatencyStats, interleaved_latency
+from colln.runtime.runners import BACKENDS, open_runner, run
+from colln.runtime.timing import LatencyStats, measure
 
 SCHEDULES = ("evit", "early")
-EVAL_BACKENDS = ("torch", "onnxruntime")
+# Sweeps build one model per configuration: a TensorRT engine each would take minutes.
+EVAL_BACKENDS = tuple(b for b in BACKENDS if b != "tensorrt")
 # The paper's early-pruning setting for a 12-block ViT; scaled to other depths like default_layers.
 EARLY_BLOCKS_OF_12 = (0, 3, 6)
 RESULTS_JSON = "results.json"
@@ -41,12 +40,6 @@ RESULTS_MD = "results.md"
 KEEP_PLOT = "accuracy_vs_keep.png"
 PARETO_PLOT = "accuracy_vs_latency.png"
 METRIC_LABELS = {"colln": "Col-Ln", "cls": "[CLS]", "correct": "[CLS]+Col-Ln rescue", "none": "unpruned"}
-
-
-class NoFitError(CollnError):
-    """No configuration of the sweep meets the latency budget or speedup target."""
-
-    stage = "pick"
 
 
 def early_layers(
@@ -68,44 +61,13 @@ def schedule_layers(
     raise UsageError(f"unknown schedule {schedule!r}: choose {' or '.join(SCHEDULES)}, or give --layers a,b,c")
 
 
-@dataclass(frozen=True)
-class EvalData:
-    """Images with labels in the model's class indices."""
-
-    name: str
-    images: list[Image.Image]
-    labels: np.ndarray
-
-
-def load_data(
-    data: str,
-    num_classes: int,
-    limit: int | None = None,
-) -> EvalData:
-    """``digits`` (the bundled test split) or an ImageFolder directory.
-
-    ImageFolder classes named by integers (``0/``, ``1/``, ...) are those class indices of the model;
-    otherwise the sorted class names are indices 0, 1, ... (torchvision's convention, which is
-    ImageNet's order for its synset folders). ``limit`` takes that many images evenly spread over
-    the set, so every class stays represented.
-    """
-    if data == "digits":
-        split = digits.load_split("test")
-        images, labels, name = split.images, split.labels, "digits"
-    else:
-        images, labels, classes = image_folder(Path(data))
-        if all(c.isdigit() for c in classes):
-            labels = np.asarray([int(classes[i]) for i in labels], dtype=np.int64)
-        name = Path(data).resolve().name
-    if labels.max() >= num_classes:
-        raise DataError(f"class index {int(labels.max())} in {data} is beyond the model's {num_classes} classes: check the class folders")
-    if limit is not None:
-        if limit < 1:
-            raise UsageError(f"--limit {limit} must be a positive number of images")
-        if limit < len(images):
-            chosen = np.linspace(0, len(images) - 1, limit).round().astype(int)
-            images, labels = [images[i] for i in chosen], labels[chosen]
-    return EvalData(name=name, images=list(images), labels=np.asarray(labels, dtype=np.int64))
+def resolve_layers(
+    choices: Sequence[tuple[int, ...] | str],
+    depth: int,
+) -> list[tuple[int, ...]]:
+    """Layer sets and schedule names -> distinct layer sets, in order."""
+    sets = [schedule_layers(c, depth) if isinstance(c, str) else tuple(c) for c in choices]
+    return list(dict.fromkeys(sets))
 
 
 @dataclass(frozen=True)
@@ -232,34 +194,18 @@ def configurations(
     for layers in layer_sets:
         for metric in metrics:
             for norm in norms[:1] if metric == "cls" else norms:
-                specs.extend(replace(base, keep=float(k), layers=tuple(layers), metric=metric, norm=float(norm)) for k in keeps)
+                specs.extend(
+                    replace(
+                        base, pruning=replace(base.pruning, keep=float(k), layers=tuple(layers), metric=metric, norm=float(norm))
+                    )
+                    for k in keeps
+                )
     return specs
-
-
-def _runner(
-    spec: ExportSpec,
-    unpruned: nn.Module,
-    backend: str,
-    scratch: Path,
-    threads: int | None,
-    device: str,
-) -> tuple[BaseRunner, KeepPlan]:
-    """The runner of one configuration and its keep plan."""
-    if backend == "torch":
-        pruned = spec.prune(unpruned)
-        return rt.TorchRunner(pruned, tuple(data_config(unpruned)["input_size"]), device=device), get_plan(pruned)
-    if backend == "onnxruntime":
-        from colln.export.pipeline import export_into
-
-        directory = Path(tempfile.mkdtemp(dir=scratch))
-        exported = export_into(spec, directory, unpruned=unpruned)
-        return rt.onnxruntime_runner(directory / ONNX_FILE, device=device, threads=threads), exported.plan
-    raise UsageError(f"unknown backend {backend!r}: colln-eval runs {' or '.join(EVAL_BACKENDS)}")
 
 
 def sweep(
     base: ExportSpec,
-    data: EvalData,
+    data: Labelled,
     keeps: Sequence[float],
     layer_sets: Sequence[tuple[int, ...]],
     metrics: Sequence[str],
@@ -276,30 +222,38 @@ def sweep(
     """Accuracy, agreement with the unpruned model and interleaved latency of every configuration."""
     if latency_batch < 1 or batch < 1:
         raise UsageError(f"batch sizes must be positive, got --batch {batch}, --latency-batch {latency_batch}")
+    if backend not in EVAL_BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: colln-eval runs {' or '.join(EVAL_BACKENDS)}")
     unpruned = unpruned if unpruned is not None else base.load_unpruned()
     images = preprocess(data.images, unpruned).numpy()
-    reps = -(-latency_batch // len(images))
-    feed = {INPUT_NAME: np.ascontiguousarray(np.concatenate([images] * reps)[:latency_batch])}
     specs = [base.unpruned(), *configurations(base, keeps, layer_sets, metrics, norms)]
     with tempfile.TemporaryDirectory(prefix="colln-eval-") as scratch, contextlib.ExitStack() as stack:
-        built = [_runner(s, unpruned, backend, Path(scratch), threads, device) for s in specs]
-        active = {str(i): stack.enter_context(runner) for i, (runner, _) in enumerate(built)}
-        preds = [rt.run(active[str(i)], images, batch).argmax(-1) for i in range(len(specs))]
-        stats = interleaved_latency(active, feed, rounds=rounds, warmup=warmup)
+        plans, active = [], {}
+        for i, spec in enumerate(specs):
+            if backend == "torch":
+                source = spec.apply(unpruned)
+                plans.append(get_plan(source))
+            else:
+                source = Path(scratch) / str(i)
+                source.mkdir()
+                plans.append(export_into(spec, source, unpruned=unpruned).plan)
+            active[str(i)] = stack.enter_context(open_runner(source, backend, device, threads))
+        preds = [run(active[str(i)], images, batch).argmax(-1) for i in range(len(specs))]
+        timed = measure(active, images.shape[1:], [latency_batch], rounds, warmup, baseline="0", sample=images)[latency_batch]
     rows = []
-    for i, (spec, (_, plan), pred) in enumerate(zip(specs, built, preds)):
+    for i, (spec, plan, pred) in enumerate(zip(specs, plans, preds)):
         flops = plan.flops()
         rows.append(
             Row(
-                metric=spec.metric if i else "none",
-                norm=spec.norm,
-                keep=float(spec.keep),
+                metric=spec.pruning.metric if i else "none",
+                norm=spec.pruning.norm,
+                keep=float(spec.pruning.keep),
                 layers=plan.layers if i else (),
                 keep_counts=plan.keep_counts if i else (),
                 flops_ratio=flops.pruned / flops.full,
                 accuracy=float((pred == data.labels).mean()),
                 agreement=float((pred == preds[0]).mean()),
-                latency=stats[str(i)],
+                latency=timed.stats[str(i)],
             )
         )
     return Sweep(
@@ -349,128 +303,11 @@ def export_command(
     ]  # fmt: skip
     args += ["--weights", base.weights] if base.weights else []
     args += ["--img-size", str(base.img_size)] if base.img_size else []
-    args += ["--rescue", f"{base.rescue:g}"] if row.metric == "correct" and base.rescue != ExportSpec.rescue else []
-    args += ["--fuse"] if base.fuse else []
-    return shlex.join(args)
-
-
-def series_label(
-    metric: str,
-    norm: float,
-    norms: Sequence[float],
-) -> str:
-    """``Col-Ln (n=4)`` when several norm orders were swept, else just the metric."""
-    label = METRIC_LABELS.get(metric, metric)
-    return f"{label} (n={norm:g})" if metric != "cls" and len(set(norms)) > 1 else label
-
-
-def table_cells(
-    result: Sweep,
-    layers: tuple[int, ...],
-) -> tuple[list[str], list[list[str]], list[list[str]]]:
-    """The paper-shaped tables for one layer set: header, accuracy rows and latency rows (rows are
-    metrics, columns keep rates; cells ``top-1 % (agreement %)`` and ``ms (speedup)``, then the
-    FLOPs ratio)."""
-    header = ["metric", *(f"keep {k:g}" for k in result.keeps)]
-    norms = [n for _, n in result.series()]
-    acc_rows, lat_rows = [], []
-    for metric, norm in result.series():
-        cells = [result.find(metric, norm, k, layers) for k in result.keeps]
-        label = series_label(metric, norm, norms)
-        acc_rows.append([label, *(f"{100 * r.accuracy:.1f} ({100 * r.agreement:.1f})" if r else "-" for r in cells)])
-        lat_rows.append([label, *(f"{r.latency.p50_ms:.3g} ({result.speedup(r):.2f}x)" if r else "-" for r in cells)])
-    # The FLOPs ratio depends on keep and layers only, not on the metric: one row under the timings.
-    any_row = [next((r for r in result.rows if (r.keep, r.layers) == (k, layers)), None) for k in result.keeps]
-    lat_rows.append(["FLOPs / unpruned", *(f"{r.flops_ratio:.2f}" if r else "-" for r in any_row)])
-    return header, acc_rows, lat_rows
-
-
-def _md_table(
-    header: list[str],
-    rows: list[list[str]],
-) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def describe(
-    result: Sweep,
-) -> str:
-    """One line naming what was measured."""
-    base = result.baseline
-    return (
-        f"{result.model} ({result.weights} weights) on {result.num_images} {result.data} images, {result.backend} on {result.device}; "
-        f"unpruned top-1 {100 * base.accuracy:.1f}%, {base.latency.p50_ms:.3g} ms median at batch {base.latency.batch}"
+    args += (
+        ["--rescue", f"{base.pruning.rescue:g}"] if row.metric == "correct" and base.pruning.rescue != PruneConfig.rescue else []
     )
-
-
-def markdown(
-    result: Sweep,
-) -> str:
-    """The results as markdown: per layer set, the accuracy table and the latency table."""
-    parts = [f"# colln-eval: {result.model}", "", describe(result) + ".", ""]
-    for layers in result.layer_sets:
-        header, acc, lat = table_cells(result, layers)
-        where = ", ".join(map(str, layers))
-        parts += [f"## Pruning at blocks {where}", "", "Top-1 accuracy % (agreement with the unpruned model %):", ""]
-        parts += [_md_table(header, acc), "", f"Median latency ms at batch {result.baseline.latency.batch} (speedup over unpruned):", ""]
-        parts += [_md_table(header, lat), ""]
-    if result.pick:
-        parts += ["## Pick", "", f"{result.pick['why']}: `{result.pick['command']}`", ""]
-    return "\n".join(parts)
-
-
-def print_rich(
-    result: Sweep,
-) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:
-        # Piped output has no width to fit; rich would assume 80 columns and wrap every cell.
-        console.width = max(console.width, 120)
-    console.print(describe(result))
-    for layers in result.layer_sets:
-        header, acc, lat = table_cells(result, layers)
-        where = ", ".join(map(str, layers))
-        for title, rows in ((f"top-1 % (agreement %), pruning at blocks {where}", acc), (f"median ms (speedup), blocks {where}", lat)):
-            table = Table(title=title)
-            for i, h in enumerate(header):
-                table.add_column(h, justify="left" if i == 0 else "right")
-            for r in rows:
-                table.add_row(*r)
-            console.print(table)
-
-
-def plot_accuracy_vs_keep(
-    result: Sweep,
-    path: Path,
-) -> None:
-    """One panel per layer set: accuracy against keep rate, one line per metric, unpruned dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sets = result.layer_sets
-    fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.2), squeeze=False, sharey=True)
-    norms = [n for _, n in result.series()]
-    for ax, layers in zip(axes[0], sets):
-        for metric, norm in result.series():
-            pts = [(r.keep, 100 * r.accuracy) for r in result.rows if (r.metric, r.norm, r.layers) == (metric, norm, layers)]
-            xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="o", label=series_label(metric, norm, norms))
-        ax.axhline(100 * result.baseline.accuracy, color="grey", linestyle="--", label="unpruned")
-        ax.set_title(f"pruning at blocks {', '.join(map(str, layers))}")
-        ax.set_xlabel("keep rate per pruning block")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("top-1 accuracy (%)")
-    axes[0][0].legend(loc="lower right")
-    fig.suptitle(f"{result.model} ({result.weights} weights), {result.num_images} {result.data} images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    args += ["--fuse"] if base.pruning.fuse else []
+    return shlex.join(args)
 
 
 def pareto_front(
@@ -482,55 +319,3 @@ def pareto_front(
         if not front or acc > front[-1][1]:
             front.append((lat, acc))
     return front
-
-
-def plot_pareto(
-    result: Sweep,
-    path: Path,
-) -> None:
-    """Accuracy against measured median latency: every configuration, the unpruned point, and the
-    Pareto front through them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    norms = [n for _, n in result.series()]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    markers = dict(zip(result.layer_sets, "osD^v<>p"))
-    annotate = len(result.layer_sets) == 1
-    for (metric, norm), color in zip(result.series(), colors * 3):
-        ax.scatter([], [], color=color, label=series_label(metric, norm, norms))
-        for r in (r for r in result.rows if (r.metric, r.norm) == (metric, norm)):
-            ax.scatter(r.latency.p50_ms, 100 * r.accuracy, color=color, marker=markers.get(r.layers, "o"))
-            if annotate:
-                ax.annotate(f"{r.keep:g}", (r.latency.p50_ms, 100 * r.accuracy), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
-    if not annotate:
-        for layers, marker in markers.items():
-            ax.scatter([], [], color="grey", marker=marker, label=f"blocks {','.join(map(str, layers))}")
-    base = result.baseline
-    ax.scatter([base.latency.p50_ms], [100 * base.accuracy], marker="*", s=180, color="black", label="unpruned", zorder=3)
-    front = pareto_front([(r.latency.p50_ms, 100 * r.accuracy) for r in (*result.rows, base)])
-    ax.step(*zip(*front), where="post", color="grey", alpha=0.6, label="Pareto front")
-    ax.set_xlabel(f"median latency (ms, batch {base.latency.batch}, {result.backend} on {result.device})")
-    ax.set_ylabel("top-1 accuracy (%)")
-    where = f"; labels: keep rate, blocks {','.join(map(str, result.layer_sets[0]))}" if annotate else ""
-    ax.set_title(f"{result.model} ({result.weights} weights): accuracy vs latency{where}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_outputs(
-    result: Sweep,
-    directory: Path,
-) -> None:
-    """results.json, results.md and the two PNG plots into ``directory``."""
-    directory = Path(directory)
-    (directory / RESULTS_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    (directory / RESULTS_MD).write_text(markdown(result))
-    plot_accuracy_vs_keep(result, directory / KEEP_PLOT)
-    plot_pareto(result, directory / PARETO_PLOT)

@@ -1,12 +1,16 @@
 """One runner protocol over PyTorch, ONNX Runtime and TensorRT: polygraphy's ``BaseRunner``
 (``activate / infer / deactivate``, ``get_input_metadata``; usable as a context manager and by
 polygraphy's ``Comparator``). Feeds and outputs are ``{name: numpy array}``.
+
+:func:`open_runner` is the one way every command gets a runner: validation, timing, evaluation
+and serving.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,30 +19,39 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 from torch import nn
 
-from colln.errors import BackendUnavailableError, UsageError
-from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, ExportSpec
+from colln.errors import BackendUnavailableError, EngineError, UsageError
+from colln.export.artifact import read_export
+from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
+from colln.export.tensorrt import LABELS, PLAN_FILE, TrtFlavour, gpu_info, read_plan_metadata, sha256, trt_module
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 class TorchRunner(BaseRunner):
-    """Runs a PyTorch module (the pruned reference) on CPU or CUDA; fp32 in, fp32 out."""
+    """Runs a PyTorch module (the pruned reference) on CPU or CUDA; fp32 in, fp32 out. ``threads``
+    (None: torch's own) holds only while the runner is active."""
 
     def __init__(
         self,
         model: nn.Module,
-        input_shape: tuple[int, int, int],
         device: str = "cpu",
+        threads: int | None = None,
         name: str | None = None,
     ) -> None:
+        from colln.data import data_config
+
         super().__init__(name=name, prefix="torch-runner")
         self._model = model
-        self._input_shape = input_shape
+        self._input_shape = tuple(data_config(model)["input_size"])
         self.device = device
+        self.threads = threads
 
     def activate_impl(self) -> None:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailableError("torch runner: CUDA is not available; use device='cpu'")
+        self._saved_threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
         self.model = self._model.to(self.device).eval()
 
     def get_input_metadata_impl(self) -> TensorMetadata:
@@ -59,13 +72,14 @@ class TorchRunner(BaseRunner):
 
     def deactivate_impl(self) -> None:
         del self.model
+        torch.set_num_threads(self._saved_threads)
 
 
 def onnxruntime_runner(
     onnx_path: Path | bytes,
     device: str = "cpu",
     threads: int | None = None,
-):
+) -> BaseRunner:
     """polygraphy's ``OnnxrtRunner`` over an ONNX Runtime session (CUDA when onnxruntime-gpu is installed).
     ``onnx_path`` may also be a serialized model (validation runs an in-memory copy)."""
     try:
@@ -90,34 +104,108 @@ def onnxruntime_runner(
     return OnnxrtRunner(session, name=f"onnxruntime-{device}")
 
 
-def load(
-    export_dir: Path,
-    backend: str = "onnxruntime",
+def kept_onnxruntime_runner(
+    onnx_path: Path,
+    pruned_layers: tuple[tuple[int, int], ...],
     device: str = "cpu",
     threads: int | None = None,
 ) -> BaseRunner:
-    """A runner for an export directory: ``torch`` (the pruned PyTorch reference rebuilt from
-    ``export.json``), ``onnxruntime`` (``model.onnx``) or ``tensorrt`` (``model.plan``)."""
+    """ONNX Runtime on an in-memory copy of the graph that also outputs the kept indices of every
+    pruning layer (see :func:`colln.export.onnx.with_kept_outputs`)."""
+    import onnx
+
+    from colln.export.onnx import MAX_SINGLE_FILE, with_kept_outputs
+
+    proto = with_kept_outputs(onnx.load(str(onnx_path)), pruned_layers)
+    if proto.ByteSize() > MAX_SINGLE_FILE:
+        # Over protobuf's 2 GB: cannot be serialized in memory; validation falls back to the margin rule.
+        return onnxruntime_runner(onnx_path, device=device, threads=threads)
+    return onnxruntime_runner(proto.SerializeToString(), device=device, threads=threads)
+
+
+def check_plan(
+    meta: dict,
+    flavour: TrtFlavour,
+    gpu: dict | None,
+) -> None:
+    """Refuse a plan that this TensorRT or GPU cannot run (plans are tied to both)."""
+    built = meta["tensorrt"]
+    built_label = f"{LABELS.get(built['flavour'], built['flavour'])} {built['version']}"
+    rebuild = "rebuild it here with colln-build EXPORT_DIR"
+    if (built["flavour"], built["version"]) != (flavour.name, flavour.version):
+        raise EngineError(f"model.plan was built with {built_label} but this machine runs {flavour.label}: {rebuild}")
+    if gpu is None:
+        raise BackendUnavailableError(
+            "no NVIDIA GPU is visible: TensorRT plans run only on a GPU; use backend='onnxruntime' on this machine"
+        )
+    targets = meta.get("compute_capabilities")
+    if targets and gpu["compute_capability"] not in targets:
+        raise EngineError(
+            f"model.plan targets compute capability {', '.join(targets)} but this GPU ({gpu['name']}) is "
+            f"{gpu['compute_capability']}: {rebuild}"
+        )
+    built_gpu = (meta.get("gpu") or {}).get("name")
+    if flavour.name == "tensorrt" and built_gpu != gpu["name"]:
+        raise EngineError(f"model.plan was built for {built_gpu or 'an unknown GPU'} but this GPU is {gpu['name']}: {rebuild}")
+
+
+def tensorrt_runner(
+    export_dir: Path,
+) -> BaseRunner:
+    """polygraphy's ``TrtRunner`` over ``export_dir/model.plan``, after :func:`check_plan`."""
     export_dir = Path(export_dir)
-    spec = ExportSpec.read(export_dir)
+    meta = read_plan_metadata(export_dir)
+    flavour = trt_module()
+    onnx_path = export_dir / ONNX_FILE
+    if onnx_path.is_file() and meta.get("onnx_sha256") != sha256(onnx_path):
+        raise EngineError(
+            f"model.plan was built from another {ONNX_FILE} than the one in {export_dir}: run colln-build {export_dir}"
+        )
+    check_plan(meta, flavour, gpu_info())
+    from polygraphy.backend.trt import EngineFromPath, TrtRunner
+
+    return TrtRunner(EngineFromPath(str(export_dir / PLAN_FILE)), name=f"tensorrt-{meta['precision']}")
+
+
+def open_runner(
+    source: Path | nn.Module,
+    backend: str = "onnxruntime",
+    device: str = "cpu",
+    threads: int | None = None,
+    record_kept: bool = False,
+) -> BaseRunner:
+    """A runner for an export directory, or for an in-memory PyTorch model (backend ``torch`` only).
+
+    ``torch``: the pruned PyTorch reference rebuilt from ``export.json``; ``onnxruntime``:
+    ``model.onnx``; ``tensorrt``: ``model.plan``. ``threads`` (None: the backend's default) reaches
+    torch and ONNX Runtime through the runner. ``record_kept``: ONNX Runtime also outputs the
+    tokens each pruning layer kept (for validation)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if isinstance(source, nn.Module):
+        if backend != "torch":
+            raise UsageError(f"an in-memory model runs on the torch backend only, not {backend!r}: export it first")
+        return TorchRunner(source, device=device, threads=threads)
+    export_dir = Path(source)
+    spec = read_export(export_dir)
     if backend == "torch":
-        model = spec.load_pruned()
-        return TorchRunner(model, _input_shape(model), device=device)
+        return TorchRunner(spec.load_pruned(), device=device, threads=threads)
     if backend == "onnxruntime":
+        if record_kept:
+            return kept_onnxruntime_runner(export_dir / ONNX_FILE, spec.keep_plan().pruned_layers, device, threads)
         return onnxruntime_runner(export_dir / ONNX_FILE, device=device, threads=threads)
-    if backend == "tensorrt":
-        from colln.export.tensorrt import tensorrt_runner
-
-        return tensorrt_runner(export_dir)
-    raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    return tensorrt_runner(export_dir)
 
 
-def _input_shape(
-    model: nn.Module,
-) -> tuple[int, int, int]:
-    from colln.data import data_config
-
-    return tuple(data_config(model)["input_size"])
+def feeds(
+    images: np.ndarray,
+    batch: int = 32,
+) -> Iterator[dict[str, np.ndarray]]:
+    """``images`` ``[N, 3, H, W]`` as feeds of at most ``batch`` images."""
+    if batch < 1:
+        raise UsageError(f"batch size must be >= 1, got {batch}")
+    for i in range(0, len(images), batch):
+        yield {INPUT_NAME: np.ascontiguousarray(images[i : i + batch], dtype=np.float32)}
 
 
 def run(
@@ -126,5 +214,4 @@ def run(
     batch: int = 32,
 ) -> np.ndarray:
     """Logits for ``images`` ``[N, 3, H, W]`` in batches of at most ``batch`` (runner must be active)."""
-    outs = [runner.infer({INPUT_NAME: np.ascontiguousarray(images[i : i + batch])})[OUTPUT_NAME].copy() for i in range(0, len(images), batch)]
-    return np.concatenate(outs)
+    return np.concatenate([runner.infer(feed)[OUTPUT_NAME].copy() for feed in feeds(images, batch)])

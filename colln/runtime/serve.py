@@ -2,7 +2,7 @@
 
 PyTriton starts Triton 2.51 with its python backend; each export becomes a python-backend model
 (``config.pbtxt`` from :func:`colln.runtime.triton.model_config`) whose instances run the export
-through :func:`colln.runtime.runners.load`. A python-backend model, rather than PyTriton's own
+through :func:`colln.runtime.runners.open_runner`. A python-backend model, rather than PyTriton's own
 inference proxy, because it answers each request of a dynamic batch on its own (a NaN image fails
 its request, not its batch-mates) and its errors carry our message only: PyTriton's proxy sends
 Python tracebacks, with server paths, to the client.
@@ -14,7 +14,6 @@ inference into a 500 that names the exception type only (the traceback goes to t
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -28,18 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from colln.app.cli import ArgumentParser, run_main
-from colln.errors import BackendUnavailableError, CollnError, UsageError
-from colln.export.spec import INPUT_NAME, OUTPUT_NAME, ExportSpec
+from colln.errors import BackendUnavailableError, CollnError, ServeError, UsageError
+from colln.export.artifact import read_export
+from colln.export.spec import INPUT_NAME, OUTPUT_NAME
 from colln.runtime.triton import PLATFORMS, check_plan_batches, model_config, model_name, tensor_dims
 
 SERVE_BACKENDS = ("onnxruntime", "tensorrt")
 # The python backend imports this file as <repo>/<name>/1/model.py.
 MODEL_PY = "from colln.runtime.serve import TritonPythonModel  # noqa: F401  (colln's python-backend model)\n"
-
-
-class ServeError(CollnError):
-    stage = "serve"
 
 
 class TritonPythonModel:
@@ -51,11 +46,11 @@ class TritonPythonModel:
     ) -> None:
         import triton_python_backend_utils as pb_utils
 
-        from colln.runtime.runners import load
+        from colln.runtime.runners import open_runner
 
         self.pb = pb_utils
         params = json.loads(args["model_config"])["parameters"]
-        self.runner = load(Path(params["export_dir"]["string_value"]), backend=params["runner"]["string_value"])
+        self.runner = open_runner(Path(params["export_dir"]["string_value"]), backend=params["runner"]["string_value"])
         self.runner.activate()
 
     def execute(
@@ -70,7 +65,9 @@ class TritonPythonModel:
             if np.isfinite(images).all():
                 accepted.append((i, images))
             else:
-                responses[i] = self._error(f"{INPUT_NAME} contains NaN or Inf: send finite pixel values", pb.TritonError.INVALID_ARG)
+                responses[i] = self._error(
+                    f"{INPUT_NAME} contains NaN or Inf: send finite pixel values", pb.TritonError.INVALID_ARG
+                )
         if accepted:
             for i, response in self._infer(accepted):
                 responses[i] = response
@@ -90,7 +87,9 @@ class TritonPythonModel:
         except Exception as exc:  # noqa: BLE001 - any failure becomes an error response, never a crash
             pb.Logger.log_error(f"colln: inference failed:\n{traceback.format_exc()}")
             # The type name only: exception text can hold server paths.
-            error = self._error(f"inference failed ({type(exc).__name__}); the server log has the details", pb.TritonError.INTERNAL)
+            error = self._error(
+                f"inference failed ({type(exc).__name__}); the server log has the details", pb.TritonError.INTERNAL
+            )
             return [(i, error) for i, _ in accepted]
         out, start = [], 0
         for i, images in accepted:
@@ -122,10 +121,12 @@ def write_python_model(
     export_dir = Path(export_dir).resolve()
     if runner not in SERVE_BACKENDS:
         raise UsageError(f"unknown --backend {runner!r}: choose one of {', '.join(SERVE_BACKENDS)}")
-    ExportSpec.read(export_dir)
+    read_export(export_dir)
     model_file = PLATFORMS[runner][1]
     if not (export_dir / model_file).is_file():
-        raise BackendUnavailableError(f"{export_dir} has no {model_file} for --backend {runner}: build it or use --backend onnxruntime")
+        raise BackendUnavailableError(
+            f"{export_dir} has no {model_file} for --backend {runner}: build it or use --backend onnxruntime"
+        )
     if runner == "tensorrt":
         check_plan_batches(export_dir, max_batch)
     name = name or model_name(export_dir)
@@ -157,17 +158,19 @@ def preflight(
 ) -> None:
     """Load the runner here first: a model that cannot load inside Triton leaves the server up but
     never ready (PyTriton then waits minutes), while here it is one clear error."""
-    from colln.runtime.runners import load
+    from colln.runtime.runners import open_runner
 
     try:
-        runner = load(Path(export_dir), backend=backend)
+        runner = open_runner(Path(export_dir), backend=backend)
         runner.activate()
         runner.deactivate()
     except CollnError:
         raise
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime / TensorRT raise their own types
+    except Exception as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ServeError(f"{export_dir}: the {backend} runner cannot load it ({detail}); re-export it or pick another --backend") from exc
+        raise ServeError(
+            f"{export_dir}: the {backend} runner cannot load it ({detail}); re-export it or pick another --backend"
+        ) from exc
 
 
 def serve(
@@ -226,7 +229,8 @@ def serve(
                 serving.append(True)
                 if not stopping:
                     print(
-                        f"colln-serve: serving {', '.join(names)} on http://{host}:{http_port} (grpc {grpc_port}, metrics {metrics_port}); Ctrl-C to stop",
+                        f"colln-serve: serving {', '.join(names)} on http://{host}:{http_port} "
+                        f"(grpc {grpc_port}, metrics {metrics_port}); Ctrl-C to stop",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -242,34 +246,3 @@ def serve(
             # serve() returns without a signal only when Triton or a model stub died.
             raise ServeError("Triton stopped unexpectedly: its log above says why")
     print("colln-serve: stopped", file=sys.stderr, flush=True)
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="colln-serve", description="Serve colln exports on Triton Inference Server (PyTriton).")
-    parser.add_argument("exports", type=Path, nargs="+", metavar="EXPORT_DIR", help="export directories; each is a model named after its directory")
-    parser.add_argument("--host", default="127.0.0.1", help="address for HTTP, gRPC and metrics (default 127.0.0.1)")
-    parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000)")
-    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
-    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port (default 8002)")
-    parser.add_argument("--backend", choices=SERVE_BACKENDS, default="onnxruntime", help="runner inside the server (default onnxruntime)")
-    parser.add_argument("--max-batch", type=int, default=32, help="largest batch a request or a dynamic batch may have (default 32)")
-    parser.add_argument("--instances", type=int, default=1, help="model instances (processes) per export (default 1)")
-    parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    def run(args: argparse.Namespace) -> int:
-        serve(
-            args.exports,
-            host=args.host,
-            http_port=args.http_port,
-            grpc_port=args.grpc_port,
-            metrics_port=args.metrics_port,
-            backend=args.backend,
-            max_batch=args.max_batch,
-            instances=args.instances,
-        )
-        return 0
-
-    return run_main(run, build_parser(), argv)

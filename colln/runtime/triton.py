@@ -6,7 +6,7 @@
     <repo>/<name>/1/model.onnx      onnxruntime backend (platform onnxruntime_onnx), or
     <repo>/<name>/1/model.plan      TensorRT backend (platform tensorrt_plan)
 
-``colln-triton EXPORT_DIR REPO`` (and ``colln-export --triton-repo REPO``) call it. The same
+``colln-triton EXPORT_DIR REPO`` (:mod:`colln.app.triton_cli`) and ``colln-export --triton-repo REPO`` call it. The same
 ``model_config`` text also describes colln's python-backend model (``colln.runtime.serve``).
 """
 
@@ -17,11 +17,12 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from colln.app.cli import ArgumentParser, run_main
-from colln.errors import CollnError, UsageError
-from colln.export.pipeline import atomic_output
-from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, ExportSpec
+from colln.errors import TritonRepoError, UsageError
+from colln.export.artifact import read_export
+from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
 from colln.export.tensorrt import PLAN_FILE, read_plan_metadata
+from colln.files import atomic_dir
+
 # backend choice -> (Triton platform, model file in the version directory, default instance kind)
 PLATFORMS = {
     # KIND_AUTO: on a GPU when the server has one (CUDA execution provider), else on CPU.
@@ -31,10 +32,6 @@ PLATFORMS = {
 # Small enough not to add visible latency at low load, long enough to merge concurrent requests.
 QUEUE_DELAY_US = 500
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-class TritonRepoError(CollnError):
-    stage = "triton"
 
 
 def tensor_dims(
@@ -50,7 +47,9 @@ def tensor_dims(
     try:
         graph = onnx.load(str(path), load_external_data=False).graph
     except (OSError, DecodeError) as exc:
-        raise TritonRepoError(f"{path} is not a readable ONNX model ({type(exc).__name__}): re-export it with colln-export --force") from exc
+        raise TritonRepoError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}): re-export it with colln-export --force"
+        ) from exc
 
     def dims(
         values,
@@ -131,7 +130,7 @@ def write_model_repository(
     export_dir = Path(export_dir)
     if backend not in PLATFORMS:
         raise UsageError(f"unknown Triton backend {backend!r}: choose one of {', '.join(PLATFORMS)}")
-    ExportSpec.read(export_dir)
+    read_export(export_dir)
     platform, model_file, kind = PLATFORMS[backend]
     source = export_dir / model_file
     if not source.is_file():
@@ -145,7 +144,7 @@ def write_model_repository(
     input_dims, output_dims = tensor_dims(export_dir)
     config = model_config(name, ("platform", platform), input_dims, output_dims, max_batch, kind)
     target = Path(repo) / name
-    with atomic_output(target, force=True) as tmp:
+    with atomic_dir(target, force=True) as tmp:
         (tmp / "config.pbtxt").write_text(config)
         (tmp / "1").mkdir()
         shutil.copy2(source, tmp / "1" / model_file)
@@ -179,23 +178,3 @@ def check_plan_for_triton(
             "model.plan was built with TensorRT-RTX; Triton's tensorrt backend loads full TensorRT plans only: "
             "rebuild it with full TensorRT on the serving GPU (the GPU image does this when it starts)"
         )
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="colln-triton", description="Write a Triton model repository entry for a colln export.")
-    parser.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="a colln export directory (colln-export output)")
-    parser.add_argument("repo", type=Path, metavar="REPO", help="Triton model repository; the model goes to REPO/NAME")
-    parser.add_argument("--backend", choices=sorted(PLATFORMS), default="onnxruntime", help="model.onnx or model.plan (default onnxruntime)")
-    parser.add_argument("--max-batch", type=int, default=32, help="max_batch_size (default 32)")
-    parser.add_argument("--name", default=None, help="model name (default: the export directory's name)")
-    parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    def run(args) -> int:
-        target = write_model_repository(args.export_dir, args.repo, backend=args.backend, max_batch=args.max_batch, name=args.name)
-        print(target)
-        return 0
-
-    return run_main(run, build_parser(), argv)

@@ -44,12 +44,13 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from torch import nn
 
-from colln.errors import UsageError, ValidationFailedError
-from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, ExportSpec
+from colln.data import ValImages, validation_images
+from colln.errors import ValidationFailedError
+from colln.export.artifact import read_export
+from colln.export.spec import OUTPUT_NAME
 from colln.models import ops
-from colln.models.plan import KeepPlan
 from colln.models.rewrite import get_plan, record_selections
-from colln.runtime.runners import TorchRunner
+from colln.runtime.runners import TorchRunner, feeds, open_runner
 
 
 @dataclass(frozen=True)
@@ -65,39 +66,6 @@ TOLERANCES = {
     "fp32": Tolerances(min_cosine=0.9999, logit_rtol=1e-3, tie_rtol=1e-4),
     "fp16": Tolerances(min_cosine=0.995, logit_rtol=5e-2, tie_rtol=1e-2),
 }
-
-
-@dataclass(frozen=True)
-class ValImages:
-    """Preprocessed validation images ``[N, 3, H, W]`` float32, with labels when known."""
-
-    images: np.ndarray
-    labels: np.ndarray | None
-    source: str
-
-
-def validation_images(
-    model_name: str,
-    model: nn.Module,
-    directory: Path | None = None,
-    limit: int | None = None,
-) -> ValImages:
-    """``directory``'s images, else the digits test split for ``digits_vit``, else the photos of
-    ``skimage.data``; preprocessed with ``model``'s data config."""
-    from colln.data import load_images, preprocess, skimage_photos
-    from colln.models import digits
-
-    if limit is not None and limit < 1:
-        raise UsageError(f"the validation image limit must be >= 1, got {limit}")
-    labels = None
-    if directory is not None:
-        photos, source = load_images(Path(directory), limit), str(directory)
-    elif model_name == digits.NAME:
-        split = digits.load_split("test")
-        photos, labels, source = split.images[:limit], split.labels[:limit], "digits test split"
-    else:
-        photos, source = skimage_photos()[:limit], "skimage.data photos"
-    return ValImages(images=preprocess(photos, model).numpy(), labels=labels, source=source)
 
 
 @dataclass(frozen=True)
@@ -182,44 +150,6 @@ class _Reference:
     scores: dict[int, np.ndarray]
 
 
-def pruned_layers(
-    plan: KeepPlan,
-) -> list[tuple[int, int]]:
-    """``(layer, k)`` of the layers that really prune (``k`` below the candidate count)."""
-    return [(i, k) for i, k in zip(plan.layers, plan.keep_counts) if k < plan.tokens_in[i] - plan.num_prefix]
-
-
-def kept_onnxruntime_runner(
-    onnx_path: Path,
-    plan: KeepPlan,
-    device: str = "cpu",
-) -> BaseRunner:
-    """ONNX Runtime on an in-memory copy of the graph that also outputs the kept indices."""
-    import onnx
-
-    from colln.export.onnx import MAX_SINGLE_FILE, with_kept_outputs
-    from colln.runtime.runners import onnxruntime_runner
-
-    proto = with_kept_outputs(onnx.load(str(onnx_path)), pruned_layers(plan))
-    if proto.ByteSize() > MAX_SINGLE_FILE:
-        # Over protobuf's 2 GB: cannot be serialized in memory; fall back to the margin rule.
-        return onnxruntime_runner(onnx_path, device=device)
-    return onnxruntime_runner(proto.SerializeToString(), device=device)
-
-
-def candidate_runner(
-    export_dir: Path,
-    backend: str,
-    plan: KeepPlan,
-    device: str = "cpu",
-) -> BaseRunner:
-    from colln.runtime.runners import load
-
-    if backend == "onnxruntime":
-        return kept_onnxruntime_runner(Path(export_dir) / ONNX_FILE, plan, device)
-    return load(export_dir, backend=backend, device=device)
-
-
 def validate_export(
     export_dir: Path,
     backend: str = "onnxruntime",
@@ -233,11 +163,11 @@ def validate_export(
     """Validate the ``backend`` of an export directory against its pruned PyTorch reference on
     (the first ``limit`` of) the validation images. ``pruned`` / ``unpruned`` skip rebuilding the
     reference when the caller already has it."""
-    spec = ExportSpec.read(export_dir)
+    spec = read_export(export_dir)
     unpruned = unpruned if unpruned is not None else spec.load_unpruned()
-    pruned = pruned if pruned is not None else spec.prune(unpruned)
+    pruned = pruned if pruned is not None else spec.apply(unpruned)
     images = validation_images(spec.model, unpruned, val_images, limit)
-    candidate = candidate_runner(export_dir, backend, get_plan(pruned), device)
+    candidate = open_runner(export_dir, backend, device, record_kept=True)
     return validate(pruned, unpruned, candidate, images, spec.precision, backend=backend, batch=batch)
 
 
@@ -254,13 +184,11 @@ def validate(
     from colln.export.onnx import KEPT_OUTPUT_PREFIX
 
     plan = get_plan(pruned)
-    shape = tuple(images.images.shape[1:])
-    feeds = [{INPUT_NAME: np.ascontiguousarray(images.images[i : i + batch])} for i in range(0, len(images.images), batch)]
-    ref_runner = TorchRunner(pruned, shape, name="torch")
-    base_runner = TorchRunner(unpruned, shape, name="torch-unpruned")
+    ref_runner = TorchRunner(pruned, name="torch")
+    base_runner = TorchRunner(unpruned, name="torch-unpruned")
     with record_selections(pruned) as selections:
-        results = _run_all([ref_runner, base_runner, candidate], feeds)
-    layers = pruned_layers(plan)
+        results = _run_all([ref_runner, base_runner, candidate], list(feeds(images.images, batch)))
+    layers = plan.pruned_layers
     kept: dict[int, list[torch.Tensor]] = {}
     scores: dict[int, list[torch.Tensor]] = {}
     for s in selections:
@@ -283,8 +211,8 @@ def validate(
         outs[OUTPUT_NAME].astype(np.float32),
         cand_kept if len(cand_kept) == len(layers) else None,
         layers,
-        metric=plan.metric,
-        fuse=plan.fuse,
+        metric=plan.config.metric,
+        fuse=plan.config.fuse,
         tolerances=TOLERANCES[precision],
         labels=images.labels,
         backend=backend or candidate.name,
@@ -305,7 +233,7 @@ def _run_all(
         results = Comparator.run(list(runners), data_loader=feeds)
     merged = {}
     for name, iterations in results.items():
-        merged[name] = {out: np.concatenate([np.asarray(it[out]) for it in iterations]) for out in iterations[0].keys()}
+        merged[name] = {out: np.concatenate([np.asarray(it[out]) for it in iterations]) for out in iterations[0]}
     return merged
 
 
@@ -348,8 +276,10 @@ def compare(
         )
     if cand_kept is not None:
         judged = np.ones(n, dtype=bool)
-        ids = {side: np.tile(np.arange(ref.scores[layers[0][0]].shape[1]), (n, 1)) for side in ("torch", "cand")} if layers else {}
-        for c, (i, k) in enumerate(layers):
+        ids = (
+            {side: np.tile(np.arange(ref.scores[layers[0][0]].shape[1]), (n, 1)) for side in ("torch", "cand")} if layers else {}
+        )
+        for c, (i, _) in enumerate(layers):
             picked = {
                 "torch": np.take_along_axis(ids["torch"], ref.kept[i], axis=1),
                 "cand": np.take_along_axis(ids["cand"], cand_kept[i].astype(np.int64), axis=1),

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-from colln.app.cli import ArgumentParser, run_main
+from colln.app.cli import ArgumentParser, entry_point
 from colln.export.tensorrt import PLAN_LOG_FILE, build_engine
 
 
@@ -59,10 +58,7 @@ def _build(
     return 0
 
 
-def main(
-    argv: Sequence[str] | None = None,
-) -> int:
-    return run_main(_build, build_parser(), argv)
+main = entry_point(build_parser, _build)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``colln-validate EXPORT_DIR --backend tensorrt|onnxruntime|torch``: compare a backend of an
 export against its pruned PyTorch reference (same checks and thresholds as colln-export; see
-:mod:`colln.runtime.validate`). Exit 0 passed, 1 mismatches, 2 cannot run.
+). Exit 0 passed, 1 mismatches, 2 cannot run.
 """
 
 from __future__ import annotations
@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-from colln.app.cli import ArgumentParser, run_main
+from colln.app.cli import ArgumentParser, entry_point
+from colln.app.render import validation_lines
 from colln.errors import UsageError
+from colln.files import atomic_write
 from colln.runtime.runners import BACKENDS
+from colln.runtime.validate import validate_export
 
 
 def build_parser() -> ArgumentParser:
@@ -26,14 +28,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch", type=int, default=32, help="inference batch size (default 32)")
     p.add_argument("--json", type=Path, default=None, help="also write the validation report to this file")
     p.add_argument("--no-fail", action="store_true", help="report mismatches but exit 0")
-    p.add_argument("--verbose", action="store_true", help="show tracebacks")
     return p
-
-
-def main(
-    argv: Sequence[str] | None = None,
-) -> int:
-    return run_main(validate_command, build_parser(), argv)
 
 
 def validate_command(
@@ -41,9 +36,6 @@ def validate_command(
 ) -> int:
     from rich.console import Console
     from rich.table import Table
-
-    from colln.export.report import validation_lines
-    from colln.runtime.validate import validate_export
 
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
@@ -53,7 +45,7 @@ def validate_command(
             args.export_dir, args.backend, args.val_images, device=args.device, batch=args.batch, limit=args.val_limit
         )
     if args.json is not None:
-        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        atomic_write(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
     table = Table(title=f"colln-validate {args.export_dir}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -70,6 +62,8 @@ def validate_command(
         report.raise_if_failed(args.json)
     return 0
 
+
+main = entry_point(build_parser, validate_command)
 
 if __name__ == "__main__":
     sys.exit(main())

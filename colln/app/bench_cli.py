@@ -1,0 +1,82 @@
+"""colln-bench: latency and throughput of an export against its unpruned counterpart, the FLOPs
+bound of its keep plan, and a regression check of the ratios against a stored baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from colln.app.cli import ArgumentParser, entry_point, parse_ints
+from colln.app.render import print_bench
+from colln.errors import BaselineError, UsageError
+from colln.files import atomic_write
+from colln.runtime.bench import bench_export, check_baseline, merge_case
+from colln.runtime.runners import BACKENDS
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="colln-bench",
+        description="Time a colln export and its unpruned counterpart, interleaved round by round; "
+        "report latency percentiles, throughput, speedup, the FLOPs bound and efficiency = speedup / bound.",
+    )
+    p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="a colln-export output directory")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="runtime to time (default onnxruntime)")
+    p.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
+    p.add_argument("--rounds", type=int, default=50, help="timed rounds per batch size (default 50)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed rounds first (default 10)")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="device for the torch and onnxruntime backends (default cpu)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads, pinned for stable numbers; 0 = backend default (default 1)"
+    )
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
+    p.add_argument(
+        "--baseline", type=Path, metavar="FILE", help="fail (exit 1) if speedup or efficiency fell below this baseline"
+    )
+    p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative drop below the baseline (default 0.10)")
+    p.add_argument("--save-baseline", type=Path, metavar="FILE", help="add or replace this case in a baseline file")
+    p.add_argument(
+        "--cache", type=Path, metavar="DIR", help="where the unpruned export is cached (default EXPORT_DIR/../.colln-cache)"
+    )
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    batches = parse_ints(args.batch, "--batch")
+    if min(batches) < 1:
+        raise UsageError(f"--batch sizes must be >= 1, got {args.batch!r}")
+    if not 0.0 <= args.tolerance < 1.0:
+        raise UsageError(f"--tolerance must be in [0, 1), e.g. 0.1 for 10%, got {args.tolerance}")
+    if args.threads < 0:
+        raise UsageError(f"--threads must be >= 0 (0 = backend default), got {args.threads}")
+    baseline = _read_json(args.baseline) if args.baseline else None
+    report = bench_export(args.export_dir, args.backend, batches, args.rounds, args.warmup, args.threads, args.cache, args.device)
+    print_bench(report)
+    if args.json:
+        atomic_write(args.json, json.dumps(report, indent=2) + "\n")
+    if args.save_baseline:
+        previous = _read_json(args.save_baseline) if args.save_baseline.exists() else {}
+        atomic_write(args.save_baseline, json.dumps(merge_case(previous, report), indent=2) + "\n")
+    if baseline is not None:
+        check_baseline(report, baseline, args.baseline, args.tolerance)
+        print(f"no regression against {args.baseline} (tolerance {args.tolerance:.0%})")
+    return 0
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise BaselineError(f"cannot read {path} ({exc.strerror}): give an existing JSON file") from exc
+    except ValueError as exc:
+        raise BaselineError(f"{path} is not valid JSON ({exc}): regenerate it with --save-baseline") from exc
+
+
+main = entry_point(build_parser, _main)
+
+if __name__ == "__main__":
+    sys.exit(main())

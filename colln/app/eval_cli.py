@@ -1,0 +1,106 @@
+"""``colln-eval``: what a keep schedule costs in accuracy and buys in speed, on your own data.
+
+colln-eval digits_vit --schedule early --keep 0.3,0.5,0.7 --out evals/digits
+colln-eval vit_small --weights W.safetensors --data imagenet_val/ --latency-budget 12
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from colln.app.cli import ArgumentParser, add_model_args, entry_point, layer_choices, parse_floats, parse_metrics
+from colln.app.pipeline import KEEP_PLOT, PARETO_PLOT, RESULTS_JSON, RESULTS_MD, evaluate
+from colln.app.render import print_eval
+from colln.export.spec import ExportSpec
+from colln.models.config import METRICS, PruneConfig
+from colln.runtime.evaluate import EVAL_BACKENDS
+
+DEFAULT_SCHEDULE = "evit"  # the blocks colln-export prunes by default
+
+
+def base_spec(
+    args: argparse.Namespace,
+) -> ExportSpec:
+    return ExportSpec(
+        model=args.model, weights=args.weights, img_size=args.img_size, pruning=PruneConfig(rescue=args.rescue, fuse=args.fuse)
+    )
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="colln-eval",
+        description="Accuracy and latency of keep schedules (metric x keep x layers) against labels and the unpruned model.",
+    )
+    add_model_args(parser, default_schedule=DEFAULT_SCHEDULE, sweep=True)
+    parser.add_argument(
+        "--data", default="digits", help="digits (bundled test split) or an ImageFolder DIR (one subfolder per class)"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="evaluate this many images, spread evenly over the set")
+    parser.add_argument("--keep", default="0.3,0.5,0.7,0.9", help="keep rates to sweep (default 0.3,0.5,0.7,0.9)")
+    parser.add_argument("--metric", default=",".join(METRICS), help="metrics to compare (default colln,cls,correct)")
+    parser.add_argument(
+        "--backend", default="torch", choices=EVAL_BACKENDS, help="run PyTorch or ONNX Runtime exports (default torch)"
+    )
+    parser.add_argument("--batch", type=int, default=64, help="batch size for accuracy (default 64)")
+    parser.add_argument("--latency-batch", type=int, default=1, help="batch size for latency (default 1)")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds per configuration (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up rounds (default 3)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads of ONNX Runtime / PyTorch (default: their own)"
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--latency-budget",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="pick the most accurate schedule within MS median latency",
+    )
+    budget.add_argument(
+        "--target-speedup", type=float, default=None, metavar="X", help="pick the most accurate schedule at least X times faster"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default evals/<model>-<data>)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    return parser
+
+
+def main_args(
+    args: argparse.Namespace,
+) -> int:
+    keeps = parse_floats(args.keep, "--keep")
+    norms = parse_floats(args.norm, "--norm")
+    result = evaluate(
+        base_spec(args),
+        data=args.data,
+        out=args.out,
+        force=args.force,
+        keeps=keeps,
+        layers=layer_choices(args, default=DEFAULT_SCHEDULE),
+        metrics=parse_metrics(args.metric),
+        norms=norms,
+        backend=args.backend,
+        limit=args.limit,
+        batch=args.batch,
+        latency_batch=args.latency_batch,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        threads=args.threads,
+        device=args.device,
+        latency_budget_ms=args.latency_budget,
+        target_speedup=args.target_speedup,
+    )
+    print_eval(result.sweep)
+    print(f"wrote {result.out}/{RESULTS_JSON}, {RESULTS_MD}, {KEEP_PLOT}, {PARETO_PLOT}")
+    if result.no_fit is not None:
+        raise result.no_fit
+    if result.sweep.pick:
+        print(f"{result.sweep.pick['why']}; reproduce with:\n{result.sweep.pick['command']}")
+    return 0
+
+
+main = entry_point(build_parser, main_args)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

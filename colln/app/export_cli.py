@@ -1,0 +1,152 @@
+"""``colln-export MODEL --keep R``: prune a timm ViT with Col-Ln, export ONNX, validate it against
+PyTorch, time it against the unpruned model, and write ``report.json`` / ``report.md``.
+
+Exit codes: 0 ok, 1 validation failed (the export is still written, its report says why), 2 bad
+input or a step that could not run (``colln: error: <stage>: ...``; nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from colln.app.build_cli import add_engine_arguments
+from colln.app.cli import ArgumentParser, add_prune_arguments, entry_point, parse_ints, prune_config
+from colln.app.pipeline import EngineOptions, LatencyOptions, Progress, TritonOptions, ValidationOptions, export_model
+from colln.app.render import result_table
+from colln.app.report import REPORT_JSON
+from colln.export.spec import DEFAULT_OPSET, ExportSpec
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="colln-export",
+        description="Prune a timm Vision Transformer with Col-Ln token pruning and export it to ONNX, "
+        "validated against PyTorch and timed against the unpruned model.",
+    )
+    p.add_argument("model", help="timm model name or alias (vit_base, deit_small, ...), or digits_vit (bundled)")
+    add_prune_arguments(p)
+    p.add_argument(
+        "--weights", default=None, help="pretrained | random | PATH (default: bundled for digits_vit, pretrained otherwise)"
+    )
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    p.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 17..22 (default {DEFAULT_OPSET}: TensorRT 10/11 parse it)"
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "fp16"),
+        help="fp16 writes a strongly typed fp16 graph (scores, TopK, softmax, LayerNorm stay fp32)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="output directory (default exports/<model>-<metric>-keep<R>)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch validation")
+    p.add_argument("--no-fail", action="store_true", help="report a failed validation but exit 0")
+    p.add_argument(
+        "--val-images",
+        type=Path,
+        default=None,
+        help="directory of validation images (default: skimage photos; digits test split for digits_vit)",
+    )
+    p.add_argument("--val-limit", type=int, default=None, help="validate on the first N images only (default: all)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--latency-batches", default="1,8", help="batch sizes to time (default 1,8)")
+    p.add_argument(
+        "--latency-rounds",
+        type=int,
+        default=None,
+        help="interleaved timing rounds per batch size (default: as many as fit in ~20 s, 5..50)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for timing (default: its own)")
+    p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (model.plan)")
+    add_engine_arguments(p)
+    p.add_argument("--triton-repo", type=Path, default=None, help="also write a Triton model repository entry into DIR")
+    p.add_argument(
+        "--triton-backend",
+        default="onnxruntime",
+        choices=("onnxruntime", "tensorrt"),
+        help="Triton backend for --triton-repo (tensorrt needs --trt with full TensorRT)",
+    )
+    return p
+
+
+def export_command(
+    args: argparse.Namespace,
+) -> int:
+    from rich.console import Console
+
+    spec = ExportSpec(
+        model=args.model,
+        weights=args.weights,
+        img_size=args.img_size,
+        pruning=prune_config(args),
+        precision=args.precision,
+        opset=args.opset,
+    )
+    latency = None
+    if not args.no_latency:
+        latency = LatencyOptions(
+            batches=parse_ints(args.latency_batches, "--latency-batches"), rounds=args.latency_rounds, threads=args.threads
+        )
+    engine = EngineOptions(args.batch_min, args.batch_opt, args.batch_max, args.timing_cache) if args.trt else None
+    triton = TritonOptions(args.triton_repo, args.triton_backend, args.batch_max) if args.triton_repo is not None else None
+    console = Console(stderr=True)
+    with _progress(console) as step:
+        result = export_model(
+            spec,
+            args.out,
+            force=args.force,
+            validation=None if args.no_validate else ValidationOptions(args.val_images, args.val_limit),
+            latency=latency,
+            engine=engine,
+            triton=triton,
+            progress=step,
+        )
+    Console().print(result_table(result.report, result.out, result.extra))
+    if result.validation is not None:
+        for line in result.validation.warnings:
+            console.print(f"[yellow]warning:[/] {line}")
+        for line in result.validation.mismatches:
+            console.print(f"[red]mismatch:[/] {line}")
+        if not args.no_fail:
+            result.validation.raise_if_failed(result.out / REPORT_JSON)
+    return 0
+
+
+@contextlib.contextmanager
+def _progress(
+    console: Console,
+) -> Iterator[Progress]:
+    """A rich progress display; yields ``step(text)``, a context manager that shows one step."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(finished_text="[green]done"), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+    ) as progress:
+
+        @contextlib.contextmanager
+        def step(text: str) -> Iterator[None]:
+            task = progress.add_task(text, total=1)
+            try:
+                yield
+            except BaseException:
+                # The error line names the failed stage; a frozen spinner would only add noise.
+                progress.remove_task(task)
+                raise
+            progress.update(task, completed=1)
+
+        yield step
+
+
+main = entry_point(build_parser, export_command)
+
+if __name__ == "__main__":
+    sys.exit(main())

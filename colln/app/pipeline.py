@@ -1,0 +1,252 @@
+"""The jobs as Python calls: :func:`export_model` prunes, exports, validates, times, writes the
+report and optionally builds a TensorRT engine and a Triton repository entry; :func:`evaluate`
+sweeps keep schedules. The commands only parse their arguments into these calls and render the
+result (validation and benchmarks are :func:`colln.runtime.validate.validate_export` and
+:func:`colln.runtime.bench.bench_export`).
+
+    import colln
+    result = colln.export_model(colln.ExportSpec("digits_vit", pruning=colln.PruneConfig(keep=0.7)), "out/")
+    result.validation.passed, result.report["latency"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from colln.app.plots import plot_accuracy_vs_keep, plot_pareto
+from colln.app.render import eval_markdown
+from colln.app.report import build_report, write_report
+from colln.data import data_config, load_labelled, validation_images
+from colln.errors import NoFitError
+from colln.export.artifact import default_out_dir, export_into
+from colln.export.spec import ExportSpec
+from colln.files import atomic_dir, atomic_write
+from colln.models.registry import default_weights, resolve_name
+from colln.runtime.baseline import default_cache, unpruned_export
+from colln.runtime.evaluate import Sweep, export_command, pick, resolve_layers, sweep
+from colln.runtime.runners import open_runner
+from colln.runtime.timing import measure
+from colln.runtime.validate import ValidationReport, validate
+
+# A step's description in, a context manager around the step out (the CLI shows a spinner).
+Progress = Callable[[str], contextlib.AbstractContextManager[None]]
+
+
+@contextlib.contextmanager
+def _quiet(text: str) -> Iterator[None]:
+    yield
+
+
+@dataclass(frozen=True)
+class ValidationOptions:
+    """ONNX Runtime against the pruned PyTorch model on ``images`` (``None``: the model's default
+    set, see :func:`colln.data.validation_images`), the first ``limit`` of them."""
+
+    images: Path | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """Pruned against unpruned ONNX Runtime, interleaved. ``rounds=None``: as many as fit in about
+    20 s per batch size; ``threads=None``: ONNX Runtime's default."""
+
+    batches: Sequence[int] = (1, 8)
+    rounds: int | None = None
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """A TensorRT engine with one batch profile (see :func:`colln.export.tensorrt.build_engine`)."""
+
+    batch_min: int = 1
+    batch_opt: int = 8
+    batch_max: int = 32
+    timing_cache: Path | None = None
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """A Triton model repository entry in ``repo`` served by ``backend``."""
+
+    repo: Path
+    backend: str = "onnxruntime"
+    max_batch: int = 32
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_model` wrote. ``validation`` is None when skipped; a failed validation
+    still writes the export (``passed`` is False, the report lists every mismatch)."""
+
+    out: Path
+    report: dict
+    validation: ValidationReport | None
+    extra: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.validation is None or self.validation.passed
+
+
+def export_model(
+    spec: ExportSpec,
+    out: Path | None = None,
+    *,
+    force: bool = False,
+    validation: ValidationOptions | None = ValidationOptions(),
+    latency: LatencyOptions | None = LatencyOptions(),
+    engine: EngineOptions | None = None,
+    triton: TritonOptions | None = None,
+    progress: Progress = _quiet,
+) -> ExportResult:
+    """Prune and export ``spec`` into ``out`` (default ``exports/<model>-<metric>-keep<R>``), written
+    in a temp dir renamed into place at the end: a failure leaves ``out`` as it was. ``None`` for
+    ``validation`` / ``latency`` skips that step. The engine and the Triton entry are built only
+    when validation passed (or was skipped)."""
+    resolve_name(spec.model)  # an unknown name fails before anything is created
+    if engine is not None:
+        from colln.export.tensorrt import check_profile, trt_module
+
+        # Without TensorRT, or with a bad profile, fail now rather than after the export.
+        check_profile(engine.batch_min, engine.batch_opt, engine.batch_max)
+        trt_module()
+    out = Path(out) if out is not None else default_out_dir(spec)
+    extra: list[tuple[str, str]] = []
+    with atomic_dir(out, force) as tmp:
+        with progress(f"loading {spec.model} ({spec.weights or default_weights(spec.model)} weights)"):
+            unpruned = spec.load_unpruned()
+        with progress("pruning and exporting to ONNX"):
+            exported = export_into(spec, tmp, unpruned)
+        checked = None
+        if validation is not None:
+            with progress("validating ONNX Runtime against PyTorch"):
+                images = validation_images(spec.model, unpruned, validation.images, validation.limit)
+                runner = open_runner(tmp, "onnxruntime", record_kept=True)
+                checked = validate(exported.pruned, unpruned, runner, images, spec.precision, backend="onnxruntime")
+        timing = None
+        if latency is not None:
+            with progress("exporting the unpruned baseline (cached)"):
+                base_dir = unpruned_export(exported.spec, default_cache(out), unpruned)
+            with progress("timing pruned vs unpruned (ONNX Runtime, interleaved)"):
+                timing = _latency(tmp, base_dir, tuple(data_config(unpruned)["input_size"]), latency)
+        report = build_report(exported, checked, timing)
+        write_report(tmp, report)
+        passed = checked is None or checked.passed
+        if engine is not None and passed:
+            from colln.export.tensorrt import build_engine
+
+            with progress("building the TensorRT engine"):
+                plan = build_engine(tmp, engine.batch_min, engine.batch_opt, engine.batch_max, engine.timing_cache)
+            extra.append(("TensorRT", f"{out / plan.name} (batch {engine.batch_min}/{engine.batch_opt}/{engine.batch_max})"))
+    if triton is not None and passed:
+        from colln.runtime.triton import write_model_repository
+
+        model_dir = write_model_repository(out, triton.repo, backend=triton.backend, max_batch=triton.max_batch)
+        extra.append(("Triton", f"{model_dir} ({triton.backend})"))
+    return ExportResult(out=out, report=report, validation=checked, extra=extra)
+
+
+def _latency(
+    export_dir: Path,
+    base_dir: Path,
+    input_size: tuple[int, int, int],
+    options: LatencyOptions,
+) -> dict:
+    """The report's latency section: the export against its unpruned baseline, interleaved."""
+    warmup = 3
+    with (
+        open_runner(export_dir, "onnxruntime", threads=options.threads) as pruned,
+        open_runner(base_dir, "onnxruntime", threads=options.threads) as unpruned,
+    ):
+        compared = measure({"unpruned": unpruned, "pruned": pruned}, input_size, options.batches, options.rounds, warmup)
+    return {
+        "backend": "onnxruntime-cpu",
+        "threads": options.threads or "backend default",
+        "warmup": warmup,
+        "batches": {str(b): c.pair() for b, c in compared.items()},
+    }
+
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+KEEP_PLOT = "accuracy_vs_keep.png"
+PARETO_PLOT = "accuracy_vs_latency.png"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """A sweep written to ``out``; ``no_fit`` when a budget was asked for and nothing met it."""
+
+    out: Path
+    sweep: Sweep
+    no_fit: NoFitError | None = None
+
+
+def evaluate(
+    base: ExportSpec,
+    *,
+    data: str = "digits",
+    out: Path | None = None,
+    force: bool = False,
+    keeps: Sequence[float] = (0.3, 0.5, 0.7, 0.9),
+    layers: Sequence[tuple[int, ...] | str] = ("evit",),
+    metrics: Sequence[str] = ("colln", "cls", "correct"),
+    norms: Sequence[float] = (4.0,),
+    backend: str = "torch",
+    limit: int | None = None,
+    batch: int = 64,
+    latency_batch: int = 1,
+    rounds: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+    device: str = "cpu",
+    latency_budget_ms: float | None = None,
+    target_speedup: float | None = None,
+) -> EvalResult:
+    """Sweep (metric x norm x keep x layers) over ``base`` on labelled ``data`` (``digits`` or an
+    ImageFolder), pick within a budget when one is given, and write results.json, results.md and
+    the two plots into ``out`` (default ``evals/<model>-<data>``), whole or not at all. ``layers``
+    holds layer sets and schedule names (``evit``, ``early``)."""
+    unpruned = base.load_unpruned()
+    sets = resolve_layers(layers, len(unpruned.blocks))
+    labelled = load_labelled(data, unpruned.num_classes, limit)
+    out = Path(out) if out is not None else Path("evals") / f"{base.model}-{labelled.name}"
+    no_fit = None
+    # Entered before the sweep: an existing --out fails at once, and a failed sweep leaves nothing.
+    with atomic_dir(out, force=force) as tmp:
+        result = sweep(
+            base,
+            labelled,
+            keeps=keeps,
+            layer_sets=sets,
+            metrics=metrics,
+            norms=norms,
+            backend=backend,
+            batch=batch,
+            latency_batch=latency_batch,
+            rounds=rounds,
+            warmup=warmup,
+            threads=threads,
+            device=device,
+            unpruned=unpruned,
+        )
+        if latency_budget_ms is not None or target_speedup is not None:
+            try:
+                best = pick(result, latency_budget_ms, target_speedup)
+                why = f"best top-1 ({100 * best.accuracy:.1f}%) at {best.latency.p50_ms:.3g} ms, {result.speedup(best):.2f}x"
+                result = replace(
+                    result, pick={"key": best.key, "row": best.to_dict(), "command": export_command(best, base), "why": why}
+                )
+            except NoFitError as exc:
+                no_fit = exc
+        atomic_write(tmp / RESULTS_JSON, json.dumps(result.to_dict(), indent=2) + "\n")
+        atomic_write(tmp / RESULTS_MD, eval_markdown(result))
+        plot_accuracy_vs_keep(result, tmp / KEEP_PLOT)
+        plot_pareto(result, tmp / PARETO_PLOT)
+    return EvalResult(out=out, sweep=result, no_fit=no_fit)

@@ -1,0 +1,136 @@
+"""matplotlib figures: the evaluation plots and the kept-patch figure (colln-viz). Written atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from colln.app.render import series_label
+from colln.files import atomic_write
+from colln.runtime.evaluate import METRIC_LABELS, Sweep, pareto_front
+from colln.runtime.viz import MetricView, overlay
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(
+    fig: object,
+    path: Path,
+    dpi: int = 110,
+) -> None:
+    """Save a figure whole or not at all, then close it."""
+    import io
+
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    atomic_write(path, buffer.getvalue())
+
+
+def plot_accuracy_vs_keep(
+    result: Sweep,
+    path: Path,
+) -> None:
+    """One panel per layer set: accuracy against keep rate, one line per metric, unpruned dashed."""
+    plt = _pyplot()
+    sets = result.layer_sets
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.2), squeeze=False, sharey=True)
+    norms = [n for _, n in result.series()]
+    for ax, layers in zip(axes[0], sets):
+        for metric, norm in result.series():
+            pts = [(r.keep, 100 * r.accuracy) for r in result.rows if (r.metric, r.norm, r.layers) == (metric, norm, layers)]
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, marker="o", label=series_label(metric, norm, norms))
+        ax.axhline(100 * result.baseline.accuracy, color="grey", linestyle="--", label="unpruned")
+        ax.set_title(f"pruning at blocks {', '.join(map(str, layers))}")
+        ax.set_xlabel("keep rate per pruning block")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("top-1 accuracy (%)")
+    axes[0][0].legend(loc="lower right")
+    fig.suptitle(f"{result.model} ({result.weights} weights), {result.num_images} {result.data} images")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def plot_pareto(
+    result: Sweep,
+    path: Path,
+) -> None:
+    """Accuracy against measured median latency: every configuration, the unpruned point, and the
+    Pareto front through them."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    norms = [n for _, n in result.series()]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = dict(zip(result.layer_sets, "osD^v<>p"))
+    annotate = len(result.layer_sets) == 1
+    for (metric, norm), color in zip(result.series(), colors * 3):
+        ax.scatter([], [], color=color, label=series_label(metric, norm, norms))
+        for r in (r for r in result.rows if (r.metric, r.norm) == (metric, norm)):
+            ax.scatter(r.latency.p50_ms, 100 * r.accuracy, color=color, marker=markers.get(r.layers, "o"))
+            if annotate:
+                ax.annotate(
+                    f"{r.keep:g}",
+                    (r.latency.p50_ms, 100 * r.accuracy),
+                    textcoords="offset points",
+                    xytext=(4, 3),
+                    fontsize=7,
+                    color=color,
+                )
+    if not annotate:
+        for layers, marker in markers.items():
+            ax.scatter([], [], color="grey", marker=marker, label=f"blocks {','.join(map(str, layers))}")
+    base = result.baseline
+    ax.scatter([base.latency.p50_ms], [100 * base.accuracy], marker="*", s=180, color="black", label="unpruned", zorder=3)
+    front = pareto_front([(r.latency.p50_ms, 100 * r.accuracy) for r in (*result.rows, base)])
+    ax.step(*zip(*front), where="post", color="grey", alpha=0.6, label="Pareto front")
+    ax.set_xlabel(f"median latency (ms, batch {base.latency.batch}, {result.backend} on {result.device})")
+    ax.set_ylabel("top-1 accuracy (%)")
+    where = f"; labels: keep rate, blocks {','.join(map(str, result.layer_sets[0]))}" if annotate else ""
+    ax.set_title(f"{result.model} ({result.weights} weights): accuracy vs latency{where}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def kept_figure(
+    img: np.ndarray,
+    views: Sequence[MetricView],
+    grid: tuple[int, int],
+    title: str,
+    out: Path,
+    dpi: int = 100,
+) -> None:
+    """Rows: metrics; columns: the input, then each pruning block. Written atomically to ``out``."""
+    plt = _pyplot()
+    cols = 1 + max(len(v.kept) for v in views)
+    fig, axes = plt.subplots(len(views), cols, figsize=(2.6 * cols, 2.75 * len(views) + 0.6), squeeze=False)
+    total = grid[0] * grid[1]
+    for row, v in zip(axes, views):
+        row[0].imshow(img, interpolation="nearest")
+        row[0].set_title("input", fontsize=9)
+        row[0].set_ylabel(f"{METRIC_LABELS.get(v.metric, v.metric)}\npredicts {v.predicted}", fontsize=10)
+        for ax, (layer, kept) in zip(row[1:], v.kept):
+            ax.imshow(overlay(img, kept, grid), interpolation="nearest")
+            ax.set_title(f"after block {layer}: {len(kept)}/{total} patches", fontsize=9)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for ax in row[1 + len(v.kept) :]:
+            ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save(fig, out, dpi=dpi)

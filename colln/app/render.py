@@ -1,0 +1,247 @@
+"""Text renderings (markdown, rich tables) of what the commands compute: the export report, validation,
+benchmarks and evaluation sweeps. Nothing here computes a number."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from colln.runtime.evaluate import METRIC_LABELS, Sweep
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+
+def result_table(
+    report: dict,
+    out: Path,
+    extra: Sequence[tuple[str, str]] = (),
+) -> Table:
+    """The result as a two-column rich table."""
+    from rich.table import Table
+
+    m, e, plan, f = report["model"], report["export"], report["plan"], report["flops"]
+    table = Table(title=f"colln-export {m['name']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row(
+        "model", f"{m['name']} ({m['weights']} weights, {m['params'] / 1e6:.2f}M params, input {tuple(m['input_size'])})"
+    )
+    table.add_row("plan", f"{plan['metric']} at blocks {plan['layers']}, keep {plan['keep_rates']}, tokens {plan['token_steps']}")
+    table.add_row("TopK K", ", ".join(str(k) for k in e["topk_k"]) or "none (unpruned)")
+    table.add_row("FLOPs", f"{f['pruned'] / 1e9:.3g} G of {f['full'] / 1e9:.3g} G ({f['ratio']:.2f}x), bound {f['bound']:.2f}x")
+    table.add_row("ONNX", f"{out / e['onnx']} ({e['onnx_bytes'] / 1e6:.1f} MB, opset {e['opset']}, {e['precision']})")
+    v = report["validation"]
+    if v is not None:
+        verdict = "[green]passed[/]" if v["passed"] else "[red]FAILED[/]"
+        table.add_row("validation", f"{verdict}: {v['backend']} vs torch on {v['images']} images ({v['source']})")
+        for line in validation_lines(v):
+            table.add_row("", line)
+    lat = report["latency"]
+    if lat is not None:
+        for b, r in lat["batches"].items():
+            table.add_row(
+                f"latency b={b}",
+                f"pruned {r['pruned']['p50_ms']:.2f} ms / unpruned {r['unpruned']['p50_ms']:.2f} ms (p50), "
+                f"speedup {r['speedup']:.2f}x (bound {lat['flops_bound']:.2f}x)",
+            )
+    for row in extra:
+        table.add_row(*row)
+    table.add_row("output", str(out))
+    return table
+
+
+def report_markdown(
+    report: dict,
+) -> str:
+    """A short human summary of report.json."""
+    m, plan, f = report["model"], report["plan"], report["flops"]
+    lines = [
+        f"# {m['name']}: {plan['metric']} keep plan",
+        "",
+        f"- Plan: {plan['summary']}",
+        f"- FLOPs: {f['pruned'] / 1e9:.3g} G of {f['full'] / 1e9:.3g} G per image (bound {f['bound']:.2f}x)",
+        f"- ONNX: `{report['export']['onnx']}`, opset {report['export']['opset']}, {report['export']['precision']}, "
+        f"TopK K = {report['export']['topk_k']}",
+        f"- Weights: {m['weights']}",
+    ]
+    v = report["validation"]
+    if v is not None:
+        lines += [
+            "",
+            f"## Validation: {'passed' if v['passed'] else 'FAILED'} "
+            f"({v['backend']} vs torch, {v['images']} images, {v['source']})",
+            "",
+        ]
+        lines += [f"- {line}" for line in validation_lines(v)]
+        lines += [f"- mismatch: {x}" for x in v["mismatches"]] + [f"- warning: {x}" for x in v["warnings"]]
+    lat = report["latency"]
+    if lat is not None:
+        lines += ["", f"## Latency ({lat['backend']}, threads: {lat['threads']}, pruned and unpruned interleaved)", ""]
+        lines += [
+            "| batch | rounds | pruned p50 ms | unpruned p50 ms | pruned p90 ms | unpruned p90 ms | speedup | FLOPs bound |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|---|"]
+        for b, r in lat["batches"].items():
+            lines.append(
+                f"| {b} | {r['pruned']['rounds']} | {r['pruned']['p50_ms']:.2f} | {r['unpruned']['p50_ms']:.2f} | "
+                f"{r['pruned']['p90_ms']:.2f} | {r['unpruned']['p90_ms']:.2f} | {r['speedup']:.2f}x | {lat['flops_bound']:.2f}x |"
+            )
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def validation_lines(
+    v: dict,
+) -> list[str]:
+    """The validation numbers as short lines (report.md and the CLI table share them)."""
+    judged = f"{v['judged_images']}/{v['images']} images judged"
+    lines = [
+        f"top-1 agreement {v['top1_agreement']:.4f} ({judged})",
+        f"logits: max |err| {v['max_abs_error']:.3g}, mean |err| {v['mean_abs_error']:.3g}, min cosine {v['min_cosine']:.6f}",
+    ]
+    for layer in v["layers"]:
+        kept = "" if layer["identical_fraction"] is None else f", identical kept sets {layer['identical_fraction']:.3f}"
+        margin = "n/a" if layer["min_relative_margin"] is None else f"{layer['min_relative_margin']:.2g}"
+        lines.append(f"layer {layer['layer']} (k={layer['k']}): min relative margin {margin}{kept}")
+    agree = ", ".join(f"{k} {x:.3f}" for k, x in v["unpruned_top1_agreement"].items())
+    lines.append(f"top-1 agreement with the unpruned model: {agree}")
+    if v["accuracy"]:
+        lines.append("accuracy: " + ", ".join(f"{k} {x:.4f}" for k, x in v["accuracy"].items()))
+    return lines
+
+
+def print_bench(
+    report: dict,
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    env = report["environment"]
+    table = Table(title=f"{report['case']}  |  {report['plan']}", title_justify="left")
+    for col in ("batch", "unpruned p50/p90/p99 ms", "pruned p50/p90/p99 ms", "unpruned img/s", "pruned img/s"):
+        table.add_column(col, justify="right")
+    for col in ("speedup (IQR)", "bound", "efficiency"):
+        table.add_column(col, justify="right", style="bold")
+    for batch, r in report["batches"].items():
+        u, p = r["unpruned"], r["pruned"]
+        table.add_row(
+            batch,
+            f"{u['p50_ms']:.2f} / {u['p90_ms']:.2f} / {u['p99_ms']:.2f}",
+            f"{p['p50_ms']:.2f} / {p['p90_ms']:.2f} / {p['p99_ms']:.2f}",
+            f"{u['images_per_s']:.1f}",
+            f"{p['images_per_s']:.1f}",
+            f"{r['speedup']:.3f} ({r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f})",
+            f"{r['bound']:.3f}",
+            f"{r['efficiency']:.3f}",
+        )
+    # CI logs are not terminals (rich would assume 80 columns and wrap every cell).
+    console = Console(width=max(Console().width, 150))
+    console.print(table)
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    load = " -> ".join(f"{x[0]:.2f}" for x in (env["loadavg_before"], env["loadavg_after"]) if x)
+    console.print(
+        f"{report['backend']} on {report['device']}, threads {env['threads']}, "
+        f"{report['rounds']} rounds after {report['warmup']} warm-up, "
+        f"interleaved | machine {env['machine']} ({env['cpu']}, {env['cpus']} cpus, load {load}) | {versions}",
+        highlight=False,
+    )
+
+
+def series_label(
+    metric: str,
+    norm: float,
+    norms: Sequence[float],
+) -> str:
+    """``Col-Ln (n=4)`` when several norm orders were swept, else just the metric."""
+    label = METRIC_LABELS.get(metric, metric)
+    return f"{label} (n={norm:g})" if metric != "cls" and len(set(norms)) > 1 else label
+
+
+def table_cells(
+    result: Sweep,
+    layers: tuple[int, ...],
+) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    """The paper-shaped tables for one layer set: header, accuracy rows and latency rows (rows are
+    metrics, columns keep rates; cells ``top-1 % (agreement %)`` and ``ms (speedup)``, then the
+    FLOPs ratio)."""
+    header = ["metric", *(f"keep {k:g}" for k in result.keeps)]
+    norms = [n for _, n in result.series()]
+    acc_rows, lat_rows = [], []
+    for metric, norm in result.series():
+        cells = [result.find(metric, norm, k, layers) for k in result.keeps]
+        label = series_label(metric, norm, norms)
+        acc_rows.append([label, *(f"{100 * r.accuracy:.1f} ({100 * r.agreement:.1f})" if r else "-" for r in cells)])
+        lat_rows.append([label, *(f"{r.latency.p50_ms:.3g} ({result.speedup(r):.2f}x)" if r else "-" for r in cells)])
+    # The FLOPs ratio depends on keep and layers only, not on the metric: one row under the timings.
+    any_row = [next((r for r in result.rows if (r.keep, r.layers) == (k, layers)), None) for k in result.keeps]
+    lat_rows.append(["FLOPs / unpruned", *(f"{r.flops_ratio:.2f}" if r else "-" for r in any_row)])
+    return header, acc_rows, lat_rows
+
+
+def _md_table(
+    header: list[str],
+    rows: list[list[str]],
+) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def describe(
+    result: Sweep,
+) -> str:
+    """One line naming what was measured."""
+    base = result.baseline
+    return (
+        f"{result.model} ({result.weights} weights) on {result.num_images} {result.data} images, "
+        f"{result.backend} on {result.device}; "
+        f"unpruned top-1 {100 * base.accuracy:.1f}%, {base.latency.p50_ms:.3g} ms median at batch {base.latency.batch}"
+    )
+
+
+def eval_markdown(
+    result: Sweep,
+) -> str:
+    """The results as markdown: per layer set, the accuracy table and the latency table."""
+    parts = [f"# colln-eval: {result.model}", "", describe(result) + ".", ""]
+    for layers in result.layer_sets:
+        header, acc, lat = table_cells(result, layers)
+        where = ", ".join(map(str, layers))
+        parts += [f"## Pruning at blocks {where}", "", "Top-1 accuracy % (agreement with the unpruned model %):", ""]
+        parts += [
+            _md_table(header, acc),
+            "",
+            f"Median latency ms at batch {result.baseline.latency.batch} (speedup over unpruned):",
+            "",
+        ]
+        parts += [_md_table(header, lat), ""]
+    if result.pick:
+        parts += ["## Pick", "", f"{result.pick['why']}: `{result.pick['command']}`", ""]
+    return "\n".join(parts)
+
+
+def print_eval(
+    result: Sweep,
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        # Piped output has no width to fit; rich would assume 80 columns and wrap every cell.
+        console.width = max(console.width, 120)
+    console.print(describe(result))
+    for layers in result.layer_sets:
+        header, acc, lat = table_cells(result, layers)
+        where = ", ".join(map(str, layers))
+        for title, rows in (
+            (f"top-1 % (agreement %), pruning at blocks {where}", acc),
+            (f"median ms (speedup), blocks {where}", lat),
+        ):
+            table = Table(title=title)
+            for i, h in enumerate(header):
+                table.add_column(h, justify="left" if i == 0 else "right")
+            for r in rows:
+                table.add_row(*r)
+            console.print(table)

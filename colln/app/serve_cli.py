@@ -1,0 +1,51 @@
+"""``colln-serve EXPORT_DIR...``: serve colln exports on Triton (see :mod:`colln.runtime.serve`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from colln.app.cli import ArgumentParser, entry_point
+from colln.runtime.serve import SERVE_BACKENDS, serve
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="colln-serve", description="Serve colln exports on Triton Inference Server (PyTriton).")
+    parser.add_argument(
+        "exports",
+        type=Path,
+        nargs="+",
+        metavar="EXPORT_DIR",
+        help="export directories; each is a model named after its directory",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address for HTTP, gRPC and metrics (default 127.0.0.1)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port (default 8002)")
+    parser.add_argument(
+        "--backend", choices=SERVE_BACKENDS, default="onnxruntime", help="runner inside the server (default onnxruntime)"
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=32, help="largest batch a request or a dynamic batch may have (default 32)"
+    )
+    parser.add_argument("--instances", type=int, default=1, help="model instances (processes) per export (default 1)")
+    return parser
+
+
+def _serve(
+    args: argparse.Namespace,
+) -> int:
+    serve(
+        args.exports,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        backend=args.backend,
+        max_batch=args.max_batch,
+        instances=args.instances,
+    )
+    return 0
+
+
+main = entry_point(build_parser, _serve)

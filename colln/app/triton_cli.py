@@ -1,0 +1,31 @@
+"""``colln-triton EXPORT_DIR REPO``: a model repository entry for a stock Triton (see :mod:`colln.runtime.triton`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from colln.app.cli import ArgumentParser, entry_point
+from colln.runtime.triton import PLATFORMS, write_model_repository
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="colln-triton", description="Write a Triton model repository entry for a colln export.")
+    parser.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="a colln export directory (colln-export output)")
+    parser.add_argument("repo", type=Path, metavar="REPO", help="Triton model repository; the model goes to REPO/NAME")
+    parser.add_argument(
+        "--backend", choices=sorted(PLATFORMS), default="onnxruntime", help="model.onnx or model.plan (default onnxruntime)"
+    )
+    parser.add_argument("--max-batch", type=int, default=32, help="max_batch_size (default 32)")
+    parser.add_argument("--name", default=None, help="model name (default: the export directory's name)")
+    return parser
+
+
+def _write(
+    args: argparse.Namespace,
+) -> int:
+    print(write_model_repository(args.export_dir, args.repo, backend=args.backend, max_batch=args.max_batch, name=args.name))
+    return 0
+
+
+main = entry_point(build_parser, _write)

@@ -1,0 +1,90 @@
+"""An export directory as an artifact: load, prune and export a spec into it; read one back and
+check that its parts agree."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from torch import nn
+
+from colln.errors import ExportDirError, UsageError
+from colln.export.onnx import export_onnx, read_metadata, save_checked
+from colln.export.spec import ONNX_FILE, ExportSpec
+from colln.models.plan import KeepPlan
+from colln.models.rewrite import get_plan
+
+PRECISIONS = ("fp32", "fp16")
+PLAN_METADATA = "colln.plan"
+
+
+def default_out_dir(
+    spec: ExportSpec,
+    root: Path = Path("exports"),
+) -> Path:
+    keep = spec.pruning.keep
+    keep = "-".join(f"{k:g}" for k in keep) if isinstance(keep, tuple) else f"{keep:g}"
+    suffix = "" if spec.precision == "fp32" else f"-{spec.precision}"
+    return root / f"{spec.model}-{spec.pruning.metric}-keep{keep}{suffix}"
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A model exported into ``directory`` (which may still be the temp dir)."""
+
+    directory: Path
+    spec: ExportSpec
+    plan: KeepPlan
+    unpruned: nn.Module
+    pruned: nn.Module
+
+
+def export_into(
+    spec: ExportSpec,
+    directory: Path,
+    unpruned: nn.Module | None = None,
+) -> Exported:
+    """Load, prune and export ``spec`` into an existing ``directory``: ``model.onnx`` + ``export.json``."""
+    from colln.data import data_config
+
+    if spec.precision not in PRECISIONS:
+        raise UsageError(f"precision {spec.precision!r} is not supported: use {' or '.join(PRECISIONS)}")
+    unpruned = unpruned if unpruned is not None else spec.load_unpruned()
+    pruned = spec.apply(unpruned)
+    plan = get_plan(pruned)
+    spec = replace(spec, plan=plan.to_dict())
+    input_size = tuple(data_config(unpruned)["input_size"])
+    proto = export_onnx(
+        pruned,
+        Path(directory) / ONNX_FILE,
+        input_size=input_size,
+        opset=spec.opset,
+        metadata={PLAN_METADATA: plan.to_json(), "colln.spec": json.dumps(spec.to_dict())},
+    )
+    if spec.precision == "fp16":
+        from colln.export.precision import to_fp16
+
+        save_checked(to_fp16(proto), Path(directory) / ONNX_FILE)
+    spec.write(directory)
+    return Exported(directory=Path(directory), spec=spec, plan=plan, unpruned=unpruned, pruned=pruned)
+
+
+def read_export(
+    directory: Path,
+) -> ExportSpec:
+    """The spec of an export directory, after checking that ``model.onnx`` is there and carries the
+    same keep plan as ``export.json`` (a graph replaced or edited behind colln's back is refused)."""
+    spec = ExportSpec.read(directory)
+    onnx_path = Path(directory) / ONNX_FILE
+    if not onnx_path.is_file():
+        raise ExportDirError(f"{directory} has no {ONNX_FILE}: re-run colln-export with --force")
+    try:
+        recorded = read_metadata(onnx_path).get(PLAN_METADATA)
+    except Exception as exc:
+        raise ExportDirError(
+            f"{onnx_path} is not a readable ONNX model ({type(exc).__name__}): re-run colln-export with --force"
+        ) from exc
+    if recorded is None or json.loads(recorded) != json.loads(json.dumps(spec.plan)):
+        raise ExportDirError(f"{onnx_path} does not carry the keep plan of its export.json: re-run colln-export with --force")
+    return spec

@@ -1,0 +1,54 @@
+"""The unpruned counterpart of an export, the speed baseline: the same model, weights, input size,
+precision and opset at keep 1.0, exported once into a cache and reused while it matches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from torch import nn
+
+from colln.export.artifact import export_into
+from colln.export.spec import ONNX_FILE, ExportSpec
+from colln.files import atomic_dir
+
+CACHE_DIR = ".colln-cache"
+
+
+def default_cache(
+    export_dir: Path,
+) -> Path:
+    return Path(export_dir).resolve().parent / CACHE_DIR
+
+
+def unpruned_export(
+    spec: ExportSpec,
+    cache: Path,
+    unpruned: nn.Module | None = None,
+) -> Path:
+    """The export directory of ``spec``'s baseline in ``cache``, exported on first use (from the
+    already loaded ``unpruned`` model when given). Its name is a hash of ``spec.unpruned()``, exactly
+    what the baseline graph depends on, so exports that differ only in prune settings share it."""
+    base = spec.unpruned()
+    key = hashlib.sha1(json.dumps(base.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    out = Path(cache) / f"{base.model}-keep1-{key}"
+    if (out / ONNX_FILE).is_file() and ExportSpec.read(out) == base:
+        return out
+    with atomic_dir(out, force=True) as tmp:
+        export_into(base, tmp, unpruned)
+    return out
+
+
+def unpruned_engine(
+    export_dir: Path,
+    base_dir: Path,
+) -> None:
+    """Give the cached unpruned export a TensorRT engine with the pruned engine's batch profile
+    (built once, then reused while it matches)."""
+    from colln.export.tensorrt import PLAN_FILE, build_engine, read_plan_metadata
+
+    profile = read_plan_metadata(export_dir)["profile"]
+    if (base_dir / PLAN_FILE).is_file() and read_plan_metadata(base_dir)["profile"] == profile:
+        return
+    build_engine(base_dir, batch_min=profile["min"][0], batch_opt=profile["opt"][0], batch_max=profile["max"][0])

@@ -1,0 +1,59 @@
+"""What a latency number is only valid for: versions, threads and machine."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import platform
+import re
+from pathlib import Path
+
+PACKAGES = ("colln", "numpy", "torch", "timm", "onnx", "onnxruntime", "tensorrt", "tensorrt_rtx")
+
+
+def machine_id() -> str:
+    """Baseline file stem for this machine: ``$COLLN_MACHINE``, else CPU model and core count
+    (ratios carry over between machines of one kind, not across kinds)."""
+    if os.environ.get("COLLN_MACHINE"):
+        return os.environ["COLLN_MACHINE"]
+    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") or platform.machine()
+    return f"{slug}-{os.cpu_count()}cpu"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def versions() -> dict[str, str]:
+    """Python and the installed versions of the packages a measurement depends on."""
+    found = {"python": platform.python_version()}
+    for pkg in PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[pkg] = importlib.metadata.version(pkg.replace("_", "-"))
+    return found
+
+
+def environment(
+    backend: str,
+    threads: int | None,
+    load_before: tuple[float, float, float] | None = None,
+) -> dict:
+    """Versions, threads and machine. The load averages before and after say how busy the machine was."""
+    return {
+        "machine": machine_id(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "backend": backend,
+        "threads": threads or "backend default",
+        "versions": versions(),
+        "loadavg_before": list(load_before) if load_before else None,
+        "loadavg_after": list(os.getloadavg()),
+    }
