@@ -136,7 +136,8 @@ def main() -> None:
     for r in results:
         before = f"{100 * r['before']:.1f}" if r["before"] is not None else "-"
         print(
-            f"{r['name']:26s} before {before:>5s}%  after {100 * r['after']:.1f}%  train {r['train_seconds']:6.1f} s  wall {r['wall_seconds']:6.1f} s"
+            f"{r['name']:26s} before {before:>5s}%  after {100 * r['after']:.1f}%"
+            f"  train {r['train_seconds']:6.1f} s  wall {r['wall_seconds']:6.1f} s"
         )
 
 

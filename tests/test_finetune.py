@@ -17,8 +17,8 @@ from torch.utils.data import Dataset, Subset
 
 import colln
 from colln.app.finetune_cli import main
-from colln.data import DataError, preprocess
-from colln.errors import CheckpointError, PlanMismatchError, TrainingDivergedError, UnsupportedModelError
+from colln.data import preprocess
+from colln.errors import CheckpointError, DataError, PlanMismatchError, TrainingDivergedError, UnsupportedModelError
 from colln.models import digits
 from colln.train import checkpoint as ckpt
 from colln.train.datasets import DigitsDataset, FolderDataset
@@ -94,7 +94,7 @@ def test_finetune_is_deterministic_under_a_seed(model, train_subset) -> None:
 
 
 def test_finetune_refuses_a_model_that_is_not_pruned(model, train_subset) -> None:
-    with pytest.raises(UnsupportedModelError, match="colln.prune"):
+    with pytest.raises(UnsupportedModelError, match=r"colln\.prune"):
         finetune(model, train_subset, epochs=1)
 
 
@@ -191,7 +191,7 @@ def test_plan_check_for_the_export(tmp_path: Path, model) -> None:
         ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.5, fuse=True), force=False)
     with pytest.raises(PlanMismatchError):
         ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.7), force=False)  # fuse differs
-    with pytest.raises(PlanMismatchError, match="--norm 4 --fuse, this export asks .* --norm 2 --fuse"):
+    with pytest.raises(PlanMismatchError, match=r"--norm 4 --fuse, this export asks .* --norm 2 --fuse"):
         ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.7, fuse=True, norm=2), force=False)
     assert (
         ckpt.check_recorded_plan(weights, colln.PruneConfig(keep=0.7, fuse=True, rescue=0.4), force=False) is None

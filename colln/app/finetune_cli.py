@@ -30,7 +30,8 @@ def build_parser() -> ArgumentParser:
     r = Recipe()
     p = ArgumentParser(
         prog="colln-finetune",
-        description="Prune a timm Vision Transformer with Col-Ln and fine-tune it (distilled from the unpruned model) to recover its accuracy.",
+        description="Prune a timm Vision Transformer with Col-Ln and fine-tune it "
+        "(distilled from the unpruned model) to recover its accuracy.",
     )
     p.add_argument("model", help="timm model name or alias, or digits_vit (bundled)")
     p.add_argument(
@@ -222,7 +223,8 @@ def _run(
         unpruned = f" (unpruned {100 * acc['unpruned_teacher']:.1f}%)" if acc["unpruned_teacher"] is not None else ""
         print(f"validation top-1 {before}{100 * acc['after']:.1f}%{unpruned}")
     print(
-        f"wrote {job.out / ckpt.WEIGHTS}, {ckpt.RECORD}, {ckpt.LOSS_PLOT} ({record['world_size']} process(es), {record['wall_seconds']} s)"
+        f"wrote {job.out / ckpt.WEIGHTS}, {ckpt.RECORD}, {ckpt.LOSS_PLOT} "
+        f"({record['world_size']} process(es), {record['wall_seconds']} s)"
     )
     return 0
 
@@ -231,7 +233,8 @@ def _title(
     record: dict,
 ) -> str:
     plan = record["plan"]
-    return f"{record['model']}: {plan['metric']} keep {plan['keep_rates'][0] if plan['keep_rates'] else 1:g} at blocks {plan['layers']}, tokens {plan['token_steps']}"
+    keep = ",".join(f"{r:g}" for r in sorted(set(plan["keep_rates"]))) or "1"
+    return f"{record['model']}: {plan['metric']} keep {keep} at blocks {plan['layers']}, tokens {plan['token_steps']}"
 
 
 def main(

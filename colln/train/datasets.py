@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from colln.data import IMAGE_SUFFIXES, DataError, data_config, open_image, preprocess
+from colln.data import IMAGE_SUFFIXES, data_config, open_image, preprocess
+from colln.errors import DataError
 from colln.models import digits
 from colln.train.digits import SHIFT, shift
 

@@ -157,7 +157,8 @@ def finetune(
     """
     if getattr(pruned, "colln_plan", None) is None:
         raise UnsupportedModelError(
-            "colln.finetune takes a model made by colln.prune (no keep plan attached): prune it first (keep=1.0 for the unpruned baseline)"
+            "colln.finetune takes a model made by colln.prune (no keep plan attached): "
+            "prune it first (keep=1.0 for the unpruned baseline)"
         )
     recipe = Recipe(
         epochs=epochs,
@@ -383,7 +384,8 @@ class _Trainer:
                 else "no epoch had finished"
             )
             raise TrainingDivergedError(
-                f"the loss became NaN/inf in epoch {epoch + 1} (step {step + 1}) and training stopped; {kept}: lower --lr or check the data"
+                f"the loss became NaN/inf in epoch {epoch + 1} (step {step + 1}) and training stopped; "
+                f"{kept}: lower --lr or check the data"
             )
         self.opt.step()
         self.sched.step()
@@ -444,7 +446,8 @@ class _Trainer:
         for key, value in mine.items():
             if state["signature"].get(key) != value:
                 raise CheckpointError(
-                    f"{self.path} was made with other settings ({key} differs): resume with the same command, or start over without --resume (with --force)"
+                    f"{self.path} was made with other settings ({key} differs): "
+                    "resume with the same command, or start over without --resume (with --force)"
                 )
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
