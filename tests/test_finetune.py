@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 import colln
+from colln.app.export_cli import main as export_main
 from colln.app.finetune_cli import main
 from colln.data import preprocess
 from colln.errors import CheckpointError, DataError, PlanMismatchError, TrainingDivergedError, UnsupportedModelError
@@ -170,6 +171,18 @@ def test_cli_writes_weights_that_export_loads_with_the_recorded_plan(tmp_path: P
     with torch.no_grad():
         assert torch.equal(exported.eval()(x), tuned.eval()(x))
     assert _accuracy(exported) == pytest.approx(record["accuracy"]["after"])
+
+    # colln-export itself: another plan is refused in one line and writes nothing; --force warns.
+    weights = str(out / ckpt.WEIGHTS)
+    argv = ["digits_vit", "--weights", weights, "--keep", "0.5", "--no-validate", "--no-latency"]
+    capsys.readouterr()
+    assert export_main([*argv, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "colln: error: plan:" in err and "fine-tuned for --keep 0.7 --layers 0,2,4" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "refused").exists()
+    assert export_main([*argv, "--out", str(tmp_path / "forced"), "--force"]) == 0
+    assert "warning:" in capsys.readouterr().err and (tmp_path / "forced" / "model.onnx").is_file()
 
 
 def test_plan_check_for_the_export(tmp_path: Path, model) -> None:

@@ -47,7 +47,11 @@ def build_parser() -> ArgumentParser:
         help="fp16 writes a strongly typed fp16 graph (scores, TopK, softmax, LayerNorm stay fp32)",
     )
     p.add_argument("--out", type=Path, default=None, help="output directory (default exports/<model>-<metric>-keep<R>)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out; export fine-tuned --weights with a plan other than the one they were trained for",
+    )
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch validation")
     p.add_argument("--no-fail", action="store_true", help="report a failed validation but exit 0")
     p.add_argument(
@@ -111,6 +115,8 @@ def export_command(
             progress=step,
         )
     Console().print(result_table(result.report, result.out, result.extra))
+    for line in result.warnings:
+        console.print(f"[yellow]{line}[/]")
     if result.validation is not None:
         for line in result.validation.warnings:
             console.print(f"[yellow]warning:[/] {line}")

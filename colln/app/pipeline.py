@@ -31,6 +31,7 @@ from colln.runtime.evaluate import Sweep, export_command, pick, resolve_layers, 
 from colln.runtime.runners import open_runner
 from colln.runtime.timing import measure
 from colln.runtime.validate import ValidationReport, validate
+from colln.train.checkpoint import check_recorded_plan
 
 # A step's description in, a context manager around the step out (the CLI shows a spinner).
 Progress = Callable[[str], contextlib.AbstractContextManager[None]]
@@ -88,6 +89,7 @@ class ExportResult:
     report: dict
     validation: ValidationReport | None
     extra: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -108,8 +110,15 @@ def export_model(
     """Prune and export ``spec`` into ``out`` (default ``exports/<model>-<metric>-keep<R>``), written
     in a temp dir renamed into place at the end: a failure leaves ``out`` as it was. ``None`` for
     ``validation`` / ``latency`` skips that step. The engine and the Triton entry are built only
-    when validation passed (or was skipped)."""
+    when validation passed (or was skipped).
+
+    Weights fine-tuned by ``colln-finetune`` carry their plan in ``finetune.json``: an export with
+    another plan is refused, or with ``force`` made with a warning (in ``ExportResult.warnings``)."""
     resolve_name(spec.model)  # an unknown name fails before anything is created
+    warnings = []
+    if spec.weights is not None and Path(spec.weights).is_file():
+        mismatch = check_recorded_plan(Path(spec.weights), spec.pruning, force=force)
+        warnings += [mismatch] if mismatch else []
     if engine is not None:
         from colln.export.tensorrt import check_profile, trt_module
 
@@ -149,7 +158,7 @@ def export_model(
 
         model_dir = write_model_repository(out, triton.repo, backend=triton.backend, max_batch=triton.max_batch)
         extra.append(("Triton", f"{model_dir} ({triton.backend})"))
-    return ExportResult(out=out, report=report, validation=checked, extra=extra)
+    return ExportResult(out=out, report=report, validation=checked, extra=extra, warnings=warnings)
 
 
 def _latency(

@@ -1,5 +1,5 @@
 """``digits_vit``: a small timm ViT trained on scikit-learn's digits (real handwritten images that
-install offline). The weights ship in the package; ``python -m colln.models.train_digits`` rebuilds
+install offline). The weights ship in the package; ``python -m colln.train.digits`` rebuilds
 them deterministically.
 
 The 8x8 digits become 32x32 RGB images (grey replicated) and go through the same timm eval transform
