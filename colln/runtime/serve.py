@@ -1,24 +1,23 @@
 """``colln-serve``: serve colln exports on a real Triton Inference Server (PyTriton's bundled one).
 
-PyTriton starts Triton 2.51 with its python backend; each export becomes a python-backend model
+colln runs the Triton 2.51 binary PyTriton bundles, with its python backend, on private loopback
+ports behind a guard and a supervisor (:mod:`colln.runtime.supervisor`, :mod:`colln.runtime.guard`);
+each export becomes a python-backend model
 (``config.pbtxt`` from :func:`colln.runtime.triton.model_config`) whose instances run the export
 through :func:`colln.runtime.runners.open_runner`. A python-backend model, rather than PyTriton's own
 inference proxy, because it answers each request of a dynamic batch on its own (a NaN image fails
 its request, not its batch-mates) and its errors carry our message only: PyTriton's proxy sends
 Python tracebacks, with server paths, to the client.
 
-Triton itself rejects wrong shapes, dtypes, batches over ``--max-batch`` and unparsable bodies
-(400/500 with its message); :class:`TritonPythonModel` rejects NaN/Inf (400) and turns a failed
+The guard answers malformed requests with 400 before Triton sees them; :class:`TritonPythonModel` rejects NaN/Inf (400) and turns a failed
 inference into a 500 that names the exception type only (the traceback goes to the server log).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import logging
 import os
-import signal
-import sys
 import sysconfig
 import tempfile
 import traceback
@@ -183,66 +182,29 @@ def serve(
     max_batch: int = 32,
     instances: int = 1,
 ) -> None:
-    """Serve ``exports`` (one Triton model each, named after its directory) until SIGINT/SIGTERM."""
+    """Serve ``exports`` (one Triton model each, named after its directory) until SIGINT/SIGTERM/SIGHUP,
+    behind the guard (:mod:`colln.runtime.guard`) and under the supervisor (restart on any failure)."""
     try:
-        from pytriton.client.exceptions import PyTritonClientError
-        from pytriton.exceptions import PyTritonError
-        from pytriton.triton import Triton, TritonConfig
+        import pytriton  # noqa: F401
     except ImportError as exc:
         raise BackendUnavailableError("PyTriton is not installed: pip install 'colln[serve]'") from exc
-    for noisy in ("pytriton", "tritonclient"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from colln.runtime.supervisor import log, port_free, remove_stale_shm, run
+
+    ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
+    if len(set(ports.values())) < len(ports):
+        raise UsageError(f"--http-port, --grpc-port and --metrics-port must differ, got {', '.join(map(str, ports.values()))}")
+    for option, port in ports.items():
+        if not 0 < port < 65536:
+            raise UsageError(f"{option} must be a port in 1..65535, got {port}")
+        if not port_free(host, port):
+            raise ServeError(f"port {port} is in use ({option}): stop what listens there or pass another {option}")
     stub_environment()
-    with tempfile.TemporaryDirectory(prefix="colln-serve-") as repo:
-        names = [write_python_model(e, Path(repo), backend, max_batch, instances).name for e in exports]
+    remove_stale_shm()
+    with tempfile.TemporaryDirectory(prefix="colln-serve-") as workdir:
+        repo = Path(workdir) / "models"
+        repo.mkdir()
+        names = [write_python_model(e, repo, backend, max_batch, instances).name for e in exports]
         for export in exports:
             preflight(export, backend)
-        config = TritonConfig(
-            model_repository=Path(repo),
-            http_address=host,
-            http_port=http_port,
-            grpc_address=host,
-            grpc_port=grpc_port,
-            metrics_address=host,
-            metrics_port=metrics_port,
-            strict_readiness=True,
-            exit_timeout_secs=10,
-            log_verbose=0,
-        )
-        # SIGTERM (docker stop, kill) takes the same clean path as Ctrl-C: Triton.serve() stops the
-        # server and its stubs on KeyboardInterrupt. A signal during startup is held until Triton
-        # is up: interrupting its start leaves python-backend stubs running without a server.
-        stopping: list[int] = []
-        serving: list[bool] = []
-
-        def on_signal(
-            signum: int,
-            frame: object,
-        ) -> None:
-            stopping.append(signum)
-            if serving:
-                raise KeyboardInterrupt
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            with Triton(config=config) as triton:
-                serving.append(True)
-                if not stopping:
-                    print(
-                        f"colln-serve: serving {', '.join(names)} on http://{host}:{http_port} "
-                        f"(grpc {grpc_port}, metrics {metrics_port}); Ctrl-C to stop",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    triton.serve()
-        except KeyboardInterrupt:
-            pass  # Triton's context exit has stopped the server
-        except (TimeoutError, PyTritonError, PyTritonClientError) as exc:
-            raise ServeError(f"Triton did not start ({exc}): its log above says why") from exc
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if not stopping:
-            # serve() returns without a signal only when Triton or a model stub died.
-            raise ServeError("Triton stopped unexpectedly: its log above says why")
-    print("colln-serve: stopped", file=sys.stderr, flush=True)
+        asyncio.run(run(repo, Path(workdir), names, host, http_port, grpc_port, metrics_port))
+    log("stopped")
