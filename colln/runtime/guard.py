@@ -178,6 +178,8 @@ def check_http_infer(
         request = json.loads(json_part)
     except (UnicodeDecodeError, ValueError) as exc:
         raise RequestRefused(f"the request is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise RequestRefused("the request's JSON is nested too deeply") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise RequestRefused('the request must be a JSON object with a non-empty "inputs" list')
     binary_total = 0
@@ -305,11 +307,12 @@ class Guard:
                 raise RequestRefused(f"{path} is not available on this server", status=403)
             if path == "/v2/health/ready" or (READY_PATH.match(path) and not self.ready()):
                 return web.Response(status=200 if self.ready() else 503)
+            if request.headers.get("Content-Encoding", "identity") != "identity":
+                # Checked before reading: aiohttp would inflate it (a small body can inflate to gigabytes).
+                raise RequestRefused("compressed requests are not accepted: send the body uncompressed", status=415)
             body = await request.read()
             infer = INFER_PATH.match(path)
             if infer and request.method == "POST":
-                if request.headers.get("Content-Encoding", "identity") != "identity":
-                    raise RequestRefused("compressed requests are not accepted: send the body uncompressed", status=415)
                 if not self.ready():
                     raise RequestRefused("the server is not ready (restarting): retry shortly", status=503)
                 check_http_infer(self.limits_of(infer["model"]), body, request.headers.get("Inference-Header-Content-Length"))

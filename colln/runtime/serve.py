@@ -190,14 +190,6 @@ def serve(
         raise BackendUnavailableError("PyTriton is not installed: pip install 'colln[serve]'") from exc
     from colln.runtime.supervisor import log, port_free, remove_stale_shm, run
 
-    ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
-    if len(set(ports.values())) < len(ports):
-        raise UsageError(f"--http-port, --grpc-port and --metrics-port must differ, got {', '.join(map(str, ports.values()))}")
-    for option, port in ports.items():
-        if not 0 < port < 65536:
-            raise UsageError(f"{option} must be a port in 1..65535, got {port}")
-        if not port_free(host, port):
-            raise ServeError(f"port {port} is in use ({option}): stop what listens there or pass another {option}")
     stub_environment()
     remove_stale_shm()
     with tempfile.TemporaryDirectory(prefix="colln-serve-") as workdir:
@@ -206,5 +198,15 @@ def serve(
         names = [write_python_model(e, repo, backend, max_batch, instances).name for e in exports]
         for export in exports:
             preflight(export, backend)
+        ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
+        if len(set(ports.values())) < len(ports):
+            raise UsageError(
+                f"--http-port, --grpc-port and --metrics-port must differ, got {', '.join(map(str, ports.values()))}"
+            )
+        for option, port in ports.items():
+            if not 0 < port < 65536:
+                raise UsageError(f"{option} must be a port in 1..65535, got {port}")
+            if not port_free(host, port):
+                raise ServeError(f"port {port} is in use ({option}): stop what listens there or pass another {option}")
         asyncio.run(run(repo, Path(workdir), names, host, http_port, grpc_port, metrics_port))
     log("stopped")
