@@ -12,7 +12,8 @@ the model configs Triton itself reports, before a byte of it reaches Triton:
 - the inputs named are the model's, with its datatype and dims, a batch in ``1..max_batch_size``;
 - the data sent (JSON values, binary tensor bytes, gRPC raw or typed contents) is exactly the size
   the shape declares, and the body is no larger than the largest valid request;
-- shared-memory, repository (load/unload), logging and trace endpoints are refused (403 /
+- only health, metadata, config, statistics, inference and the repository index are passed on:
+  shared-memory, model load/unload, logging and trace endpoints are refused (403 /
   PERMISSION_DENIED): they act on the server host, not on one request.
 
 A request that fails a check gets 400 (INVALID_ARGUMENT on gRPC) with one line; everything else is
@@ -66,13 +67,18 @@ JSON_CHARS_PER_VALUE = 24
 # Room for the request's JSON header beyond the tensor data.
 HEADER_ALLOWANCE = 64 * 1024
 # Paths and gRPC methods that act on the server host rather than run one request.
-REFUSED_PATHS = re.compile(r"^/v2/(systemsharedmemory|cudasharedmemory|repository|logging|trace)(/|$)")
+# The HTTP endpoints passed on (an allowlist): health, metadata, config, statistics, inference and
+# the repository index (read-only; the Docker healthcheck reads it). Shared memory, model
+# load/unload, logging and trace settings act on the server host and are refused.
+ALLOWED_PATHS = re.compile(
+    r"^/v2(/health/(live|ready)|/repository/index|/models/stats|/models/[^/]+(/versions/[^/]+)?(/(ready|config|stats|infer))?)?$"
+)
 REFUSED_METHODS = (
     "SystemSharedMemoryRegister",
     "SystemSharedMemoryUnregister",
     "CudaSharedMemoryRegister",
     "CudaSharedMemoryUnregister",
-    "RepositoryModelLoad",
+    "RepositoryModelLoad",  # RepositoryIndex (read-only) stays open
     "RepositoryModelUnload",
     "LogSettings",
     "TraceSetting",
@@ -291,9 +297,7 @@ class Guard:
         await self._runner.setup()
         # reuse_address: a restart of colln-serve rebinds at once; two live servers still collide.
         await web.TCPSite(self._runner, host, port, reuse_address=True).start()
-        self._session = ClientSession(
-            connector=TCPConnector(limit=256), timeout=ClientTimeout(total=600), auto_decompress=False
-        )
+        self._session = ClientSession(connector=TCPConnector(limit=256), timeout=ClientTimeout(total=600), auto_decompress=False)
 
     async def _handle_http(
         self,
@@ -303,7 +307,7 @@ class Guard:
 
         path = request.path
         try:
-            if REFUSED_PATHS.match(path):
+            if not ALLOWED_PATHS.match(path) or path != request.raw_path.split("?", 1)[0]:
                 raise RequestRefused(f"{path} is not available on this server", status=403)
             if path == "/v2/health/ready" or (READY_PATH.match(path) and not self.ready()):
                 return web.Response(status=200 if self.ready() else 503)

@@ -2,15 +2,16 @@
 
 colln runs the Triton 2.51 binary PyTriton bundles, with its python backend, on private loopback
 ports behind a guard and a supervisor (:mod:`colln.runtime.supervisor`, :mod:`colln.runtime.guard`);
-each export becomes a python-backend model
-(``config.pbtxt`` from :func:`colln.runtime.triton.model_config`) whose instances run the export
-through :func:`colln.runtime.runners.open_runner`. A python-backend model, rather than PyTriton's own
+each export becomes a python-backend model (``config.pbtxt`` from
+:func:`colln.runtime.triton.model_config`) whose instances run the export through
+:func:`colln.runtime.runners.open_runner`. A python-backend model, rather than PyTriton's own
 inference proxy, because it answers each request of a dynamic batch on its own (a NaN image fails
 its request, not its batch-mates) and its errors carry our message only: PyTriton's proxy sends
 Python tracebacks, with server paths, to the client.
 
-The guard answers malformed requests with 400 before Triton sees them; :class:`TritonPythonModel` rejects NaN/Inf (400) and turns a failed
-inference into a 500 that names the exception type only (the traceback goes to the server log).
+The guard answers malformed requests with 4xx before Triton sees them; :class:`TritonPythonModel`
+rejects NaN/Inf (400) and turns a failed inference into a 500 that names the exception type only
+(the traceback goes to the server log).
 """
 
 from __future__ import annotations
@@ -181,32 +182,53 @@ def serve(
     backend: str = "onnxruntime",
     max_batch: int = 32,
     instances: int = 1,
+    repository: Path | None = None,
+    tritonserver: str | None = None,
 ) -> None:
     """Serve ``exports`` (one Triton model each, named after its directory) until SIGINT/SIGTERM/SIGHUP,
-    behind the guard (:mod:`colln.runtime.guard`) and under the supervisor (restart on any failure)."""
-    try:
-        import pytriton  # noqa: F401
-    except ImportError as exc:
-        raise BackendUnavailableError("PyTriton is not installed: pip install 'colln[serve]'") from exc
-    from colln.runtime.supervisor import log, port_free, remove_stale_shm, run
+    behind the guard (:mod:`colln.runtime.guard`) and under the supervisor (restart on any failure).
+
+    ``repository`` instead: serve an existing model repository (``colln-triton``'s) as it is, with
+    ``tritonserver`` (a stock Triton binary with its backends: the GPU image)."""
+    if (repository is None) == (not exports):
+        raise UsageError("give export directories, or --repository (not both)")
+    if repository is None:
+        try:
+            import pytriton  # noqa: F401
+        except ImportError as exc:
+            raise BackendUnavailableError("PyTriton is not installed: pip install 'colln[serve]'") from exc
+    from colln.runtime.supervisor import log, remove_stale_shm, run
 
     stub_environment()
     remove_stale_shm()
     with tempfile.TemporaryDirectory(prefix="colln-serve-") as workdir:
-        repo = Path(workdir) / "models"
-        repo.mkdir()
-        names = [write_python_model(e, repo, backend, max_batch, instances).name for e in exports]
-        for export in exports:
-            preflight(export, backend)
-        ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
-        if len(set(ports.values())) < len(ports):
-            raise UsageError(
-                f"--http-port, --grpc-port and --metrics-port must differ, got {', '.join(map(str, ports.values()))}"
-            )
-        for option, port in ports.items():
-            if not 0 < port < 65536:
-                raise UsageError(f"{option} must be a port in 1..65535, got {port}")
-            if not port_free(host, port):
-                raise ServeError(f"port {port} is in use ({option}): stop what listens there or pass another {option}")
-        asyncio.run(run(repo, Path(workdir), names, host, http_port, grpc_port, metrics_port))
+        if repository is None:
+            repo = Path(workdir) / "models"
+            repo.mkdir()
+            names = [write_python_model(e, repo, backend, max_batch, instances).name for e in exports]
+            for export in exports:
+                preflight(export, backend)
+        else:
+            repo = Path(repository).resolve()
+            names = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+            if not names:
+                raise ServeError(f"{repository} holds no model (no NAME/config.pbtxt): write one with colln-triton")
+        check_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
+        asyncio.run(run(repo, Path(workdir), names, host, http_port, grpc_port, metrics_port, tritonserver))
     log("stopped")
+
+
+def check_ports(
+    host: str,
+    ports: dict[str, int],
+) -> None:
+    """Each port valid, distinct and free now: a port in use is one line at once, not a Triton time-out."""
+    from colln.runtime.supervisor import port_free
+
+    if len(set(ports.values())) < len(ports):
+        raise UsageError(f"{', '.join(ports)} must differ, got {', '.join(map(str, ports.values()))}")
+    for option, port in ports.items():
+        if not 0 < port < 65536:
+            raise UsageError(f"{option} must be a port in 1..65535, got {port}")
+        if not port_free(host, port):
+            raise ServeError(f"port {port} is in use ({option}): stop what listens there or pass another {option}")

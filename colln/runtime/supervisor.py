@@ -118,26 +118,37 @@ class TritonProcess:
         http_port: int,
         grpc_port: int,
         metrics: tuple[str, int],
+        binary: str | None = None,
     ) -> None:
-        from pytriton.triton import TRITONSERVER_DIST_DIR
-        from pytriton.utils.distribution import get_libs_path, get_stub_path
+        """``binary``: a stock ``tritonserver`` with its own backends (the GPU image); default
+        PyTriton's bundled one, given the python backend stub of this interpreter."""
+        self.env = dict(os.environ)
+        if binary is None:
+            from pytriton.triton import TRITONSERVER_DIST_DIR
+            from pytriton.utils.distribution import get_libs_path, get_stub_path
 
-        # The python backend looks for its stub beside itself: a backend directory with the stub
-        # of this interpreter's version (PyTriton ships one per Python version).
-        backend = workdir / "backends" / "python"
-        backend.mkdir(parents=True, exist_ok=True)
-        for item in (TRITONSERVER_DIST_DIR / "backends" / "python").iterdir():
-            if item.is_file() and not (backend / item.name).exists():
-                (backend / item.name).symlink_to(item)
-        stub = backend / "triton_python_backend_stub"
-        if not stub.exists():
-            shutil.copy2(get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}"), stub)
+            # The python backend looks for its stub beside itself: a backend directory with the stub
+            # of this interpreter's version (PyTriton ships one per Python version).
+            backend = workdir / "backends" / "python"
+            backend.mkdir(parents=True, exist_ok=True)
+            for item in (TRITONSERVER_DIST_DIR / "backends" / "python").iterdir():
+                if item.is_file() and not (backend / item.name).exists():
+                    (backend / item.name).symlink_to(item)
+            stub = backend / "triton_python_backend_stub"
+            if not stub.exists():
+                shutil.copy2(get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}"), stub)
+            binary = str(TRITONSERVER_DIST_DIR / "bin" / "tritonserver")
+            bundled = [f"--backend-directory={workdir / 'backends'}", f"--cache-directory={TRITONSERVER_DIST_DIR / 'caches'}"]
+            libs = [p for p in (self.env.get("LD_LIBRARY_PATH"), str(get_libs_path())) if p]
+            self.env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+            self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
+        else:
+            bundled = []
         self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}-"
         self.argv = [
-            str(TRITONSERVER_DIST_DIR / "bin" / "tritonserver"),
+            binary,
             f"--model-repository={repo}",
-            f"--backend-directory={workdir / 'backends'}",
-            f"--cache-directory={TRITONSERVER_DIST_DIR / 'caches'}",
+            *bundled,
             "--http-address=127.0.0.1",
             f"--http-port={http_port}",
             "--grpc-address=127.0.0.1",
@@ -149,9 +160,6 @@ class TritonProcess:
             "--log-verbose=0",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
-        self.env = dict(os.environ)
-        self.env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (self.env.get("LD_LIBRARY_PATH"), str(get_libs_path())) if p)
-        self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -322,9 +330,11 @@ async def run(
     http_port: int,
     grpc_port: int,
     metrics_port: int,
+    tritonserver: str | None = None,
 ) -> None:
+    """Serve the models ``names`` of ``repo`` until SIGINT/SIGTERM/SIGHUP (see the module docstring)."""
     private_http, private_grpc = private_ports(2)
-    triton = TritonProcess(repo, workdir, private_http, private_grpc, (host, metrics_port))
+    triton = TritonProcess(repo, workdir, private_http, private_grpc, (host, metrics_port), tritonserver)
     supervisor = Supervisor(triton, private_http, names)
     guard = Guard(f"127.0.0.1:{private_http}", f"127.0.0.1:{private_grpc}", ready=lambda: supervisor.ready)
     # aiohttp's body cap must be known before Triton reports the configs: the largest valid request.
