@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from colln.app.cli import ArgumentParser, entry_point
+from colln.app.cli import ArgumentParser, entry_point, positive_int
 from colln.runtime.serve import SERVE_BACKENDS, serve
 
 
@@ -37,9 +37,9 @@ def build_parser() -> ArgumentParser:
         "--backend", choices=SERVE_BACKENDS, default="onnxruntime", help="runner inside the server (default onnxruntime)"
     )
     parser.add_argument(
-        "--max-batch", type=int, default=32, help="largest batch a request or a dynamic batch may have (default 32)"
+        "--max-batch", type=positive_int, default=32, help="largest batch a request or a dynamic batch may have (default 32)"
     )
-    parser.add_argument("--instances", type=int, default=1, help="model instances (processes) per export (default 1)")
+    parser.add_argument("--instances", type=positive_int, default=1, help="model instances (processes) per export (default 1)")
     return parser
 
 

@@ -29,8 +29,8 @@ import numpy as np
 
 from colln.errors import BackendUnavailableError, CollnError, ServeError, UsageError
 from colln.export.artifact import read_export
-from colln.export.spec import INPUT_NAME, OUTPUT_NAME
-from colln.runtime.triton import PLATFORMS, check_plan_batches, model_config, model_name, tensor_dims
+from colln.export.spec import INPUT_NAME
+from colln.runtime.triton import CONFIG_FILE, PLATFORMS, check_plan_batches, model_config, model_dir, model_name, tensor_specs
 
 SERVE_BACKENDS = ("onnxruntime", "tensorrt")
 # The python backend imports this file as <repo>/<name>/1/model.py.
@@ -49,7 +49,10 @@ class TritonPythonModel:
         from colln.runtime.runners import open_runner
 
         self.pb = pb_utils
-        params = json.loads(args["model_config"])["parameters"]
+        config = json.loads(args["model_config"])
+        params = config["parameters"]
+        # Every output the config declares (read from the ONNX graph when it was written), with its type.
+        self.outputs = [o["name"] for o in config["output"]]
         self.runner = open_runner(Path(params["export_dir"]["string_value"]), backend=params["runner"]["string_value"])
         self.runner.activate()
 
@@ -77,13 +80,15 @@ class TritonPythonModel:
         self,
         accepted: list[tuple[int, np.ndarray]],
     ) -> list:
-        """Run the merged batch once; split the logits back into one response per request."""
+        """Run the merged batch once; split every output back into one response per request."""
         pb = self.pb
         batch = np.concatenate([images for _, images in accepted])
         try:
-            logits = self.runner.infer({INPUT_NAME: batch})[OUTPUT_NAME]
-            if logits.shape[0] != batch.shape[0]:
-                raise ValueError(f"runner returned {logits.shape[0]} rows of {OUTPUT_NAME} for a batch of {batch.shape[0]}")
+            results = self.runner.infer({INPUT_NAME: batch})
+            outputs = {name: results[name] for name in self.outputs}
+            for name, rows in outputs.items():
+                if rows.shape[0] != batch.shape[0]:
+                    raise ValueError(f"runner returned {rows.shape[0]} rows of {name} for a batch of {batch.shape[0]}")
         except Exception as exc:  # noqa: BLE001 - any failure becomes an error response, never a crash
             pb.Logger.log_error(f"colln: inference failed:\n{traceback.format_exc()}")
             # The type name only: exception text can hold server paths.
@@ -93,8 +98,8 @@ class TritonPythonModel:
             return [(i, error) for i, _ in accepted]
         out, start = [], 0
         for i, images in accepted:
-            rows = logits[start : start + len(images)].astype(np.float32, copy=False)
-            out.append((i, pb.InferenceResponse(output_tensors=[pb.Tensor(OUTPUT_NAME, np.ascontiguousarray(rows))])))
+            tensors = [pb.Tensor(name, np.ascontiguousarray(rows[start : start + len(images)])) for name, rows in outputs.items()]
+            out.append((i, pb.InferenceResponse(output_tensors=tensors)))
             start += len(images)
         return out
 
@@ -130,15 +135,15 @@ def write_python_model(
     if runner == "tensorrt":
         check_plan_batches(export_dir, max_batch)
     name = name or model_name(export_dir)
-    input_dims, output_dims = tensor_dims(export_dir)
-    target = Path(repo) / name
+    inputs, outputs = tensor_specs(export_dir)
+    target = model_dir(repo, name)
     if target.exists():
         raise UsageError(f"two exports would both be served as {name!r}: give exports with different directory names")
     (target / "1").mkdir(parents=True)
     kind = "KIND_GPU" if runner == "tensorrt" else "KIND_CPU"
     parameters = {"export_dir": str(export_dir), "runner": runner}
-    config = model_config(name, ("backend", "python"), input_dims, output_dims, max_batch, kind, instances, parameters)
-    (target / "config.pbtxt").write_text(config)
+    config = model_config(name, ("backend", "python"), inputs, outputs, max_batch, kind, instances, parameters)
+    (target / CONFIG_FILE).write_text(config)
     (target / "1" / "model.py").write_text(MODEL_PY)
     return target
 
