@@ -332,3 +332,18 @@ def test_a_decompression_bomb_image_is_a_data_error(tmp_path: Path, capsys) -> N
     assert viz_cli.main(["digits_vit", "--image", str(bomb), "--out", str(tmp_path / "viz.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("colln: error: data: image") and "too large to decode safely" in err[0]
+
+
+def test_nan_weights_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    from colln.models.registry import load_model
+
+    state = {k: v.clone() for k, v in load_model("digits_vit", "bundled").state_dict().items()}
+    state["head.weight"][0, 0] = float("nan")
+    save_file(state, tmp_path / "nan.safetensors")
+    out = tmp_path / "out"
+    assert export_cli.main(["digits_vit", "--weights", str(tmp_path / "nan.safetensors"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("colln: error: weights: ") and "holds NaN or Inf in 1 tensors (first: head.weight)" in err[-1]
+    assert not out.exists() and leftovers(tmp_path) == []

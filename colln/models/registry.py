@@ -185,6 +185,12 @@ def read_state_dict(
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file {path} does not hold a state dict of tensors")
+    # NaN/Inf weights make every output NaN: say so here rather than fail somewhere downstream.
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise WeightsError(
+            f"weights file {path} holds NaN or Inf in {len(broken)} tensors (first: {broken[0]}): use finite weights"
+        )
     return state
 
 
