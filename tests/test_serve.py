@@ -393,12 +393,17 @@ def test_fuzz_malformed_requests_get_4xx_and_server_stays_ready(server: dict, cl
             channel.unary_unary(method)(body, timeout=30)
         assert info.value.code().name == code, f"{case_id}: {info.value.code()} {info.value.details()}"
         assert_still_serving(client, model, reference)
+    # A streaming request is checked message by message.
+    with pytest.raises(grpc.RpcError) as info:
+        list(channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(iter([gcases[2][2]]), timeout=30))
+    assert info.value.code().name == "INVALID_ARGUMENT" and "outside 1.." in info.value.details()
+    assert_still_serving(client, model, reference)
     # Eight concurrent huge declarations at once (four cost Triton 2.3 GB before the guard).
     body = json_body([3_000_000, 3, 32, 32])
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda _: post_status(server["url"], model, body), range(8)))
     assert codes == [400] * 8
-    assert len(cases) + len(gcases) + 8 >= 40
+    assert len(cases) + len(gcases) + 1 + 8 >= 40
     assert tree_peak_rss_mb(server["proc"].pid) - peak_before < 300, "a malformed request made the server allocate"
     assert_still_serving(client, model, reference)
     grpc_client = grpcclient.InferenceServerClient(f"{HOST}:{server['ports'][1]}")

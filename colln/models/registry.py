@@ -173,9 +173,9 @@ def read_state_dict(
     except Exception as exc:
         # weights_only refuses a pickle that rebuilds Python objects: "Unsupported global: GLOBAL x.Y".
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found:
+        if found and re.search(r"(^|\.)(nn|models?|timm|torchvision)(\.|$)", found[1]):
             raise WeightsError(
-                f"{path} is a pickled whole model or object ({found[1]}), not a state dict: save "
+                f"{path} is a pickled whole model ({found[1]}), not a state dict: save "
                 "torch.save(model.state_dict(), PATH) and pass that file (colln never unpickles code)"
             ) from exc
         raise WeightsError(f"cannot read weights file {path} ({exc.__class__.__name__}): is it corrupt?") from exc

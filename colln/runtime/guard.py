@@ -309,6 +309,10 @@ class Guard:
         try:
             if not ALLOWED_PATHS.match(path) or path != request.raw_path.split("?", 1)[0]:
                 raise RequestRefused(f"{path} is not available on this server", status=403)
+            if path == "/v2/health/live":
+                # Alive while colln-serve runs, restarts included (it exits when it gives up):
+                # a liveness probe must not kill a server that is recovering.
+                return web.Response(status=200)
             if path == "/v2/health/ready" or (READY_PATH.match(path) and not self.ready()):
                 return web.Response(status=200 if self.ready() else 503)
             if request.headers.get("Content-Encoding", "identity") != "identity":
@@ -410,6 +414,8 @@ class _GrpcHandler:
         async def call(request: bytes, context):
             if short in REFUSED_METHODS:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{short} is not available on this server")
+            if short == "ServerLive":  # as on HTTP: alive while colln-serve runs, restarts included
+                return service_pb2.ServerLiveResponse(live=True).SerializeToString()
             if short in ("ServerReady", "ModelReady") and not guard.ready():
                 reply = service_pb2.ServerReadyResponse if short == "ServerReady" else service_pb2.ModelReadyResponse
                 return reply(ready=False).SerializeToString()
