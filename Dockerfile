@@ -30,7 +30,7 @@ COPY colln ./colln
 # CPU PyTorch: torch is only needed to export the ONNX graph here; TensorRT runs the model.
 # The export happens at build time (no GPU needed); the engine build cannot.
 RUN python3 -m pip install --no-cache-dir \
-        "colln[cpu,trt] @ file:///opt/colln/src" "tensorrt==${TENSORRT_VERSION}" \
+        "colln[cpu,trt,guard] @ file:///opt/colln/src" "tensorrt==${TENSORRT_VERSION}" \
     && colln-export "${MODEL}" --keep "${KEEP}" --out "${COLLN_EXPORT}"
 
 COPY docker/entrypoint-gpu.sh docker/healthcheck.sh /opt/colln/bin/

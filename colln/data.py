@@ -4,6 +4,7 @@ config."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ def preprocess(
     if not images:
         raise DataError("no images to preprocess")
     transform = create_transform(**data_config(model), is_training=False)
-    return torch.stack([transform(img.convert("RGB")) for img in images])
+    return torch.stack([transform(to_rgb(img)) for img in images])
 
 
 def skimage_photos(
@@ -57,13 +58,36 @@ def skimage_photos(
     return photos
 
 
+def to_rgb(
+    img: Image.Image,
+) -> Image.Image:
+    """8-bit RGB. 16-bit and 32-bit integer images are scaled from their bit depth, float images from
+    0..1 (PIL's own ``convert("RGB")`` clips them to 255 or 0: white or black images)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        data = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            scale = 255.0 if np.nanmax(data, initial=0.0) <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0 if img.mode.startswith("I;16") or np.max(data, initial=0) > 255 else 1.0
+        gray = np.clip(np.nan_to_num(data * scale), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 def open_image(
     path: Path,
 ) -> Image.Image:
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+        with warnings.catch_warnings():
+            # Far beyond any ViT input, and decoding it could exhaust memory (a decompression bomb).
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(
+            f"image {path} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels): downscale it"
+        ) from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"cannot read image {path}: {exc.__class__.__name__}; remove it or fix the file") from exc
 
 

@@ -1,16 +1,61 @@
 """Writing files and directories whole or not at all: readers never see half an artifact, and a
-failure (or Ctrl-C) leaves what was there before."""
+failure (or Ctrl-C, SIGTERM, SIGHUP) leaves what was there before.
+
+What ``force`` may replace: only a directory colln wrote (it holds the ``marker`` file of its kind:
+``export.json``, ``results.json``, ``config.pbtxt``) or an empty directory; never the current
+directory or one above it. A symlinked output is followed: the directory it points to is replaced
+and the link is kept. Temp and old directories are named ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*``
+beside the output; those of dead processes (a SIGKILL, a power cut) are removed by the next write
+to the same output. The swap holds an exclusive lock on the parent directory, so concurrent
+writers to one output each succeed in turn (the last one wins) without a race.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from colln.errors import OutputExistsError, UsageError
+
+# errno values that mean "this path cannot be written", not a bug: one line, exit 2.
+PATH_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENAMETOOLONG: "the path is too long",
+    errno.ENOTDIR: "a part of the path is not a directory",
+    errno.EISDIR: "it is a directory",
+    errno.ENOENT: "no such file or directory",
+}
+_SWAP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def path_problem(
+    exc: OSError,
+    path: Path | str,
+    fix: str,
+) -> UsageError:
+    """``exc`` as colln's one line: what went wrong with ``path`` and ``fix``."""
+    what = PATH_ERRNOS.get(exc.errno, exc.strerror or type(exc).__name__)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space and run it again"
+    return UsageError(f"cannot write {display(path)} ({what}): {fix}", stage="output")
+
+
+def display(
+    path: Path | str,
+) -> str:
+    """A path as printable text (a non-UTF-8 name shows its bytes escaped, not a crash)."""
+    return os.fsencode(str(path)).decode("utf-8", errors="backslashreplace")
 
 
 def atomic_write(
@@ -21,50 +66,135 @@ def atomic_write(
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     except OSError as exc:
-        raise UsageError(f"cannot write {path} ({exc.strerror}): choose a writable path", stage="output") from exc
+        raise path_problem(exc, path, "choose a writable path") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as exc:
-        raise UsageError(f"cannot write {path} ({exc.strerror}): choose a writable path", stage="output") from exc
+        raise path_problem(exc, path, "choose a writable path") from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def pid_alive(
+    pid: int,
+) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale(
+    parent: Path,
+    name: str,
+) -> None:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` in ``parent`` whose process is gone."""
+    for kind in ("tmp", "old"):
+        for leftover in parent.glob(f".{name}.{kind}-*"):
+            pid = leftover.name[len(f".{name}.{kind}-") :].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+
+
+def check_replaceable(
+    out: Path,
+    marker: str,
+) -> None:
+    """Refuse to replace anything colln did not write (see the module docstring)."""
+    if not out.is_dir():
+        raise OutputExistsError(f"{display(out)} exists and is not a directory: choose another --out")
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise OutputExistsError(
+            f"{display(out)} is the current directory or holds it: --force never replaces it; choose another --out"
+        )
+    if not (out / marker).is_file() and any(out.iterdir()):
+        raise OutputExistsError(
+            f"{display(out)} is not empty and has no {marker}, so colln did not write it: --force replaces only "
+            "colln's own output or an empty directory; choose another --out"
+        )
+
+
+@contextlib.contextmanager
+def _locked(
+    directory: Path,
+) -> Iterator[None]:
+    """An exclusive lock on ``directory`` (flock on its descriptor: no lock file left behind), with
+    SIGINT/SIGTERM/SIGHUP held back so that a swap is never cut in half."""
+    fd = os.open(directory, os.O_RDONLY)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SWAP_SIGNALS)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
 def atomic_dir(
     out: Path,
     force: bool = False,
+    *,
+    marker: str,
 ) -> Iterator[Path]:
     """Yield an empty temp dir beside ``out``; on success it replaces ``out``, on failure it is
-    removed and ``out`` is left as it was."""
-    out = Path(out)
+    removed and ``out`` is left as it was. ``marker``: the file that makes an existing ``out``
+    colln's own (the only kind ``force`` replaces, besides an empty directory)."""
+    out = Path(os.path.abspath(out))
+    if out.is_symlink():
+        target = out.resolve()
+        if not target.exists() and not target.parent.is_dir():
+            raise OutputExistsError(f"{display(out)} is a symlink to {display(target)}, which cannot be created: fix the link")
+        out = target  # the link stays; what it points to is replaced
     if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists: pass --force to replace it, or --out another directory")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory: choose another --out")
+        raise OutputExistsError(f"{display(out)} already exists: pass --force to replace it, or --out another directory")
+    if out.exists():
+        check_replaceable(out, marker)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        remove_stale(parent, out.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
         # mkdtemp makes it 0700; an export is read by others (Triton containers, CI users).
         tmp.chmod(0o755)
     except OSError as exc:
-        raise UsageError(f"cannot write to {parent} ({exc.strerror}): choose a writable --out", stage="output") from exc
+        raise path_problem(exc, parent, "choose a writable --out") from exc
+    old = None
     try:
         yield tmp
-        if out.exists():
-            old = parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        with _locked(parent):
+            # Checked again: another writer may have created or changed it meanwhile.
+            if out.exists() and not force:
+                raise OutputExistsError(f"{display(out)} was created meanwhile: pass --force to replace it")
+            try:
+                if out.exists():
+                    check_replaceable(out, marker)
+                    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=parent))
+                    out.rename(old / "previous")
+                try:
+                    tmp.rename(out)
+                except OSError:
+                    if old is not None:
+                        (old / "previous").rename(out)
+                    raise
+            except OSError as exc:
+                raise path_problem(exc, out, "choose a writable --out") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,6 +1,7 @@
 #!/bin/sh
 # GPU image: build model.plan on this GPU with the image's TensorRT version (plans only load on
-# the TensorRT version and GPU that built them), write the Triton model repository, exec tritonserver.
+# the TensorRT version and GPU that built them), write the Triton model repository, and serve it
+# with the image's tritonserver behind colln-serve's guard and supervisor.
 # COLLN_BACKEND=onnxruntime serves model.onnx with Triton's onnxruntime backend instead (no build).
 set -eu
 export_dir=${COLLN_EXPORT:-/opt/colln/export}
@@ -33,10 +34,12 @@ PY
     fi
 fi
 colln-triton "$export_dir" "$repo" --backend "$backend" --max-batch "$max_batch" --name "$name"
-exec "${TRITONSERVER:-tritonserver}" \
-    --model-repository="$repo" \
-    --http-port="${COLLN_HTTP_PORT:-8000}" \
-    --grpc-port="${COLLN_GRPC_PORT:-8001}" \
-    --metrics-port="${COLLN_METRICS_PORT:-8002}" \
-    --strict-readiness=true \
+# colln-serve in front: its guard checks every request before Triton allocates for it (Triton's own
+# HTTP JSON parsing reserves the declared shape first), its supervisor restarts Triton when it or a
+# probe inference fails. Triton itself listens on private loopback ports only.
+exec colln-serve --repository "$repo" --tritonserver "${TRITONSERVER:-tritonserver}" \
+    --host "${COLLN_HOST:-0.0.0.0}" \
+    --http-port "${COLLN_HTTP_PORT:-8000}" \
+    --grpc-port "${COLLN_GRPC_PORT:-8001}" \
+    --metrics-port "${COLLN_METRICS_PORT:-8002}" \
     "$@"

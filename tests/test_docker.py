@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -135,6 +136,16 @@ def test_cpu_entrypoint_serves_answers_and_stops_on_sigint(digits_export: Path, 
         served = httpclient.InferenceServerClient(f"{HOST}:{http}").infer(digits_export.name, [tensor]).as_numpy("logits")
         session = ort.InferenceSession(str(digits_export / "model.onnx"), providers=["CPUExecutionProvider"])
         np.testing.assert_allclose(served, session.run(["logits"], {"images": images})[0], rtol=1e-4, atol=1e-5)
+
+        # The healthcheck runs a real inference: a dead model worker turns it unhealthy at once,
+        # and healthy again once the supervisor has restarted the server.
+        stubs = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_has(p, f"/{digits_export.name}/1/model.py")]
+        assert len(stubs) == 1
+        os.kill(int(stubs[0].name), signal.SIGKILL)
+        time.sleep(1.0)
+        assert healthcheck(http) != 0
+        wait_ready(proc, f"{HOST}:{http}")
+        assert healthcheck(http) == 0
     finally:
         code = stop(proc, signal.SIGINT)
     assert code == 0, log.read_text()[-2000:]
@@ -142,37 +153,45 @@ def test_cpu_entrypoint_serves_answers_and_stops_on_sigint(digits_export: Path, 
     assert healthcheck(http) != 0
 
 
-def test_gpu_entrypoint_writes_the_repository_and_execs_tritonserver(digits_export: Path, tmp_path: Path) -> None:
+def _cmdline_has(
+    proc: Path,
+    marker: str,
+) -> bool:
+    try:
+        return marker in (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+def test_gpu_entrypoint_writes_the_repository_and_serves_it_behind_the_guard(digits_export: Path, tmp_path: Path) -> None:
     """No tritonserver with the onnxruntime/tensorrt backends here: TRITONSERVER=echo shows the
-    command the image would exec, after the script wrote the repository it points at."""
+    command colln-serve's supervisor runs (Triton on private loopback ports, the guard on the public
+    ones), after the script wrote the repository it points at; echo then "dies" at start: one line."""
     repo = tmp_path / "models"
+    http, grpc, metrics = free_ports(3)
     env = script_env(
         COLLN_EXPORT=str(digits_export),
         COLLN_REPO=str(repo),
         COLLN_BACKEND="onnxruntime",
         COLLN_MAX_BATCH="16",
+        COLLN_HOST=HOST,
+        COLLN_HTTP_PORT=str(http),
+        COLLN_GRPC_PORT=str(grpc),
+        COLLN_METRICS_PORT=str(metrics),
         TRITONSERVER="echo",
     )
     result = subprocess.run(
-        [str(ROOT / "docker" / "entrypoint-gpu.sh"), "--log-verbose=1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        [str(ROOT / "docker" / "entrypoint-gpu.sh")], env=env, capture_output=True, text=True, timeout=120, check=False
     )
 
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0] == str(repo / "colln")
-    assert lines[1].split() == [
-        f"--model-repository={repo}",
-        "--http-port=8000",
-        "--grpc-port=8001",
-        "--metrics-port=8002",
-        "--strict-readiness=true",
-        "--log-verbose=1",
-    ]
+    triton = next(line.split() for line in result.stderr.splitlines() if line.startswith(f"--model-repository={repo}"))
+    assert "--http-address=127.0.0.1" in triton and "--grpc-address=127.0.0.1" in triton
+    assert f"--metrics-port={metrics}" in triton and "--strict-readiness=true" in triton
+    assert not {f"--http-port={http}", f"--grpc-port={grpc}"} & set(triton)  # those are the guard's
+    assert result.stderr.strip().splitlines()[-1].startswith("colln: error: serve: Triton exited with code 0 while starting")
     config = text_format.Parse((repo / "colln" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert (config.name, config.platform, config.max_batch_size) == ("colln", "onnxruntime_onnx", 16)
     assert (repo / "colln" / "1" / "model.onnx").read_bytes() == (digits_export / "model.onnx").read_bytes()

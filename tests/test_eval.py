@@ -127,7 +127,7 @@ def test_export_command_flags():
     spec = ExportSpec("vit_small", weights="my weights.safetensors", img_size=256, pruning=PruneConfig(rescue=0.4, fuse=True))
     assert shlex.split(ev.export_command(row, spec)) == [
         "colln-export", "vit_small", "--keep", "0.6", "--layers", "0,3", "--metric", "correct", "--norm", "2",
-        "--weights", "my weights.safetensors", "--img-size", "256", "--rescue", "0.4", "--fuse",
+        "--weights", str(Path("my weights.safetensors").absolute()), "--img-size", "256", "--rescue", "0.4", "--fuse",
     ]  # fmt: skip
 
 

@@ -35,7 +35,7 @@ def _cases() -> list:
 def test_no_latency_regression(case: dict, tmp_path: Path) -> None:
     tolerance = float(os.environ.get("COLLN_PERF_TOLERANCE", "0.10"))
     export = tmp_path / "export"
-    with atomic_dir(export) as tmp:
+    with atomic_dir(export, marker="export.json") as tmp:
         export_into(ExportSpec.from_dict(case["spec"]), tmp)
     report = bench_export(
         export,

@@ -8,9 +8,12 @@ exception inside inference, without mocks). It is stopped with SIGTERM by the la
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -154,9 +157,9 @@ def test_results_equal_onnxruntime(server: dict, client: httpclient.InferenceSer
 @pytest.mark.parametrize(
     ("images", "datatype", "status", "message"),
     [
-        (np.zeros((2, 3, 16, 32), np.float32), "FP32", 400, "unexpected shape for input 'images'"),
-        (np.zeros((2, 3, 32, 32), np.float64), "FP64", 400, "data-type is 'FP64', but model"),
-        (np.zeros((MAX_BATCH + 1, 3, 32, 32), np.float32), "FP32", 400, f"batch-size must be <= {MAX_BATCH}"),
+        (np.zeros((2, 3, 16, 32), np.float32), "FP32", 400, "shape [2, 3, 16, 32] does not match [batch, 3, 32, 32]"),
+        (np.zeros((2, 3, 32, 32), np.float64), "FP64", 400, "is FP32, got datatype 'FP64'"),
+        (np.zeros((MAX_BATCH + 1, 3, 32, 32), np.float32), "FP32", 400, f"batch {MAX_BATCH + 1} is outside 1..{MAX_BATCH}"),
         (np.full((1, 3, 32, 32), np.nan, np.float32), "FP32", 400, "images contains NaN or Inf"),
         (
             np.pad(np.zeros((1, 3, 32, 31), np.float32), ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=np.inf),
@@ -192,8 +195,9 @@ def test_malformed_bodies_get_an_error_and_server_stays_ready(server: dict, clie
     request = urllib.request.Request(f"http://{server['url']}/v2/models/{server['model']}/infer", data=body, method="POST")
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=10)
-    assert 400 <= info.value.code < 600
-    assert "parse" in info.value.read().decode()
+    assert info.value.code == 400
+    text = info.value.read().decode()
+    assert "not valid JSON" in text or "values sent for shape" in text
     assert_still_serving(client, server["model"], reference)
 
 
@@ -234,6 +238,227 @@ def test_exception_inside_inference_is_a_clean_500(server: dict, client, referen
     # The failed model is still loaded and answers what it can; the other model is unaffected.
     assert infer(client, "broken", np.ones((1, 3, 32, 32), np.float32)).tolist() == [[3072.0] * 10]
     assert_still_serving(client, server["model"], reference)
+
+
+IMAGE_VALUES = 3 * 32 * 32
+HUGE_BATCHES = (MAX_BATCH + 1, 100_000, 3_000_000, 2**40, 2**62)
+
+
+def json_body(
+    shape: object,
+    data: object = None,
+    **fields: object,
+) -> bytes:
+    tensor = {"name": "images", "shape": shape, "datatype": "FP32", **fields}
+    tensor["data"] = [0.0] * IMAGE_VALUES if data is None else data
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def binary_body(
+    shape: list[int],
+    declared: int,
+    sent: int,
+    header_length: int | str | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps(
+        {"inputs": [{"name": "images", "shape": shape, "datatype": "FP32", "parameters": {"binary_data_size": declared}}]}
+    ).encode()
+    length = len(header) if header_length is None else header_length
+    return header + bytes(sent), {"Inference-Header-Content-Length": str(length)}
+
+
+def http_cases(model: str) -> list[tuple[str, str, bytes, dict[str, str], int]]:
+    """(id, path, body, headers, expected status): every request Triton 2.51 mishandles, and more."""
+    infer = f"/v2/models/{model}/infer"
+    one = 4 * IMAGE_VALUES
+    bare = {"name": "images", "shape": [1, 3, 32, 32]}
+    shm = {"shared_memory_region": "x", "shared_memory_byte_size": one}
+    cases = [(f"json-batch-{b}", infer, json_body([b, 3, 32, 32]), {}, 400) for b in HUGE_BATCHES]
+    cases += [(f"binary-batch-{b}", infer, *binary_body([b, 3, 32, 32], b * one, one), 400) for b in HUGE_BATCHES]
+    cases += [
+        ("json-negative-dim", infer, json_body([-1, 3, 32, 32]), {}, 400),
+        ("json-negative-inner-dim", infer, json_body([1, -3, 32, 32]), {}, 400),
+        ("json-zero-batch", infer, json_body([0, 3, 32, 32], []), {}, 400),
+        ("json-data-short", infer, json_body([1, 3, 32, 32], [1.0, 2.0]), {}, 400),
+        ("json-data-long", infer, json_body([1, 3, 32, 32], [0.0] * (IMAGE_VALUES + 1)), {}, 400),
+        ("json-data-strings", infer, json_body([1, 3, 32, 32], ["a"] * IMAGE_VALUES), {}, 400),
+        ("json-data-null", infer, json_body([1, 3, 32, 32], [None] * IMAGE_VALUES), {}, 400),
+        ("json-data-object", infer, json_body([1, 3, 32, 32], {"a": 1}), {}, 400),
+        ("json-inner-dims", infer, json_body([1, 3, 32, 31], [0.0] * (IMAGE_VALUES - 96)), {}, 400),
+        ("json-rank", infer, json_body([3, 32, 32]), {}, 400),
+        ("json-shape-string", infer, json_body("1,3,32,32"), {}, 400),
+        ("json-shape-float", infer, json_body([1.0, 3, 32, 32]), {}, 400),
+        ("json-dtype", infer, json_body([1, 3, 32, 32], datatype="FP64"), {}, 400),
+        ("json-no-dtype", infer, json.dumps({"inputs": [bare]}).encode(), {}, 400),
+        ("json-unknown-input", infer, json_body([1, 3, 32, 32], name="pixels"), {}, 400),
+        ("json-no-data", infer, json.dumps({"inputs": [{**bare, "datatype": "FP32"}]}).encode(), {}, 400),
+        ("json-shm", infer, json_body([1, 3, 32, 32], parameters=shm), {}, 403),
+        ("json-inputs-empty", infer, b'{"inputs": []}', {}, 400),
+        ("json-inputs-missing", infer, b"{}", {}, 400),
+        ("json-array", infer, b"[]", {}, 400),
+        ("json-invalid", infer, b"not json at all", {}, 400),
+        ("json-truncated", infer, json_body([1, 3, 32, 32])[:-100], {}, 400),
+        ("json-not-utf8", infer, b"\xff\xfe\xfa", {}, 400),
+        ("json-deep", infer, b"[" * 100_000 + b"]" * 100_000, {}, 400),
+        ("json-empty", infer, b"", {}, 400),
+        ("json-unknown-model", "/v2/models/nope/infer", json_body([1, 3, 32, 32]), {}, 404),
+        ("binary-header-too-long", infer, *binary_body([1, 3, 32, 32], one, one, header_length=10**9), 400),
+        ("binary-header-negative", infer, *binary_body([1, 3, 32, 32], one, one, header_length=-5), 400),
+        ("binary-header-text", infer, *binary_body([1, 3, 32, 32], one, one, header_length="ten"), 400),
+        ("binary-header-zero", infer, *binary_body([1, 3, 32, 32], one, one, header_length=0), 400),
+        ("binary-size-mismatch", infer, *binary_body([1, 3, 32, 32], one - 4, one - 4), 400),
+        ("binary-data-short", infer, *binary_body([1, 3, 32, 32], one, one - 1), 400),
+        ("binary-data-long", infer, *binary_body([1, 3, 32, 32], one, one + 1), 400),
+        ("gzip-body", infer, json_body([1, 3, 32, 32]), {"Content-Encoding": "gzip"}, 415),
+        ("body-too-large", infer, b" " * (64 * 2**20), {}, 413),
+        ("repository-unload", f"/v2/repository/models/{model}/unload", b"{}", {}, 403),
+        ("shm-register", "/v2/systemsharedmemory/region/x/register", b'{"key": "/x", "offset": 0, "byte_size": 1}', {}, 403),
+        ("logging", "/v2/logging", b'{"log_verbose_level": 9}', {}, 403),
+    ]  # fmt: skip
+    return cases
+
+
+def grpc_cases(model: str) -> list[tuple[str, str, bytes, str]]:
+    """(id, method, serialized request, expected status code name) for the gRPC front."""
+    from tritonclient.grpc import service_pb2
+
+    def request(shape: list[int], raw: bytes | None = None, values: int | None = None, datatype: str = "FP32", name: str = model):
+        tensor = service_pb2.ModelInferRequest.InferInputTensor(name="images", datatype=datatype, shape=shape)
+        message = service_pb2.ModelInferRequest(model_name=name, inputs=[tensor])
+        if values is not None:
+            message.inputs[0].contents.fp32_contents.extend([0.0] * values)
+        else:
+            message.raw_input_contents.append(bytes(4 * IMAGE_VALUES) if raw is None else raw)
+        return message.SerializeToString()
+
+    infer = "/inference.GRPCInferenceService/ModelInfer"
+    cases = [(f"grpc-raw-batch-{b}", infer, request([b, 3, 32, 32]), "INVALID_ARGUMENT") for b in HUGE_BATCHES]
+    cases += [
+        (f"grpc-typed-batch-{b}", infer, request([b, 3, 32, 32], values=IMAGE_VALUES), "INVALID_ARGUMENT") for b in HUGE_BATCHES
+    ]
+    cases += [
+        ("grpc-negative-dim", infer, request([-1, 3, 32, 32]), "INVALID_ARGUMENT"),
+        ("grpc-raw-short", infer, request([1, 3, 32, 32], raw=b"\0" * 100), "INVALID_ARGUMENT"),
+        ("grpc-typed-short", infer, request([1, 3, 32, 32], values=10), "INVALID_ARGUMENT"),
+        ("grpc-dtype", infer, request([1, 3, 32, 32], datatype="FP64"), "INVALID_ARGUMENT"),
+        ("grpc-no-inputs", infer, service_pb2.ModelInferRequest(model_name=model).SerializeToString(), "INVALID_ARGUMENT"),
+        ("grpc-unknown-model", infer, request([1, 3, 32, 32], name="nope"), "NOT_FOUND"),
+        ("grpc-garbage", infer, b"\xff\xff\xff\xff garbage", "INVALID_ARGUMENT"),
+        ("grpc-unload", "/inference.GRPCInferenceService/RepositoryModelUnload", b"", "PERMISSION_DENIED"),
+    ]  # fmt: skip
+    return cases
+
+
+def tree_peak_rss_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of ``pid`` and its children (Triton, stubs), in MB."""
+    total = 0.0
+    for proc in [pid, *children_of(pid)]:
+        try:
+            status = Path(f"/proc/{proc}/status").read_text()
+        except OSError:
+            continue
+        total += int(status.split("VmHWM:")[1].split()[0]) / 1024
+    return total
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found + [c for child in found for c in children_of(child)]
+
+
+def test_fuzz_malformed_requests_get_4xx_and_server_stays_ready(server: dict, client, reference: tuple) -> None:
+    """Every malformed request (HTTP JSON, HTTP binary, gRPC), declared shapes far beyond memory
+    included, gets its 4xx before Triton allocates; after each one the server is ready and right."""
+    import grpc
+
+    model = server["model"]
+    peak_before = tree_peak_rss_mb(server["proc"].pid)
+    cases = http_cases(model)
+    for case_id, path, body, headers, status in cases:
+        request = urllib.request.Request(f"http://{server['url']}{path}", data=body, headers=headers, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=30)
+        assert info.value.code == status, f"{case_id}: {info.value.code} {info.value.read()[:300]!r}"
+        assert_still_serving(client, model, reference)
+    channel = grpc.insecure_channel(f"{HOST}:{server['ports'][1]}")
+    gcases = grpc_cases(model)
+    for case_id, method, body, code in gcases:
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(method)(body, timeout=30)
+        assert info.value.code().name == code, f"{case_id}: {info.value.code()} {info.value.details()}"
+        assert_still_serving(client, model, reference)
+    # A streaming request is checked message by message.
+    with pytest.raises(grpc.RpcError) as info:
+        list(channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(iter([gcases[2][2]]), timeout=30))
+    assert info.value.code().name == "INVALID_ARGUMENT" and "outside 1.." in info.value.details()
+    assert_still_serving(client, model, reference)
+    # Eight concurrent huge declarations at once (four cost Triton 2.3 GB before the guard).
+    body = json_body([3_000_000, 3, 32, 32])
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: post_status(server["url"], model, body), range(8)))
+    assert codes == [400] * 8
+    assert len(cases) + len(gcases) + 1 + 8 >= 40
+    assert tree_peak_rss_mb(server["proc"].pid) - peak_before < 300, "a malformed request made the server allocate"
+    assert_still_serving(client, model, reference)
+    grpc_client = grpcclient.InferenceServerClient(f"{HOST}:{server['ports'][1]}")
+    tensor = grpcclient.InferInput("images", [2, 3, 32, 32], "FP32")
+    tensor.set_data_from_numpy(reference[0][:2])
+    np.testing.assert_allclose(grpc_client.infer(model, [tensor]).as_numpy("logits"), reference[1][:2], rtol=1e-4, atol=1e-5)
+
+
+def post_status(url: str, model: str, body: bytes) -> int:
+    request = urllib.request.Request(f"http://{url}/v2/models/{model}/infer", data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_worker_killed_readiness_drops_and_server_recovers(server: dict, client, reference: tuple) -> None:
+    """SIGKILL the model's python-backend stub: readiness goes false at once (not a minute later),
+    the supervisor restarts Triton and says so, and every request after recovery is answered."""
+    model = server["model"]
+    stubs = stub_processes(f"/{model}/1/model.py")
+    assert len(stubs) == 1, stubs
+    os.kill(stubs[0], signal.SIGKILL)
+    killed = time.monotonic()
+    while client.is_server_ready() and time.monotonic() - killed < 5:
+        time.sleep(0.05)
+    dropped = time.monotonic() - killed
+    assert dropped < 2.0, f"readiness still true {dropped:.1f}s after the worker died"
+    assert not client.is_model_ready(model)
+    while not client.is_server_ready() and time.monotonic() - killed < 90:
+        time.sleep(0.2)
+    recovered = time.monotonic() - killed
+    assert client.is_server_ready(), f"not ready again {recovered:.0f}s after the worker died"
+    print(f"\nworker killed: not ready after {dropped:.2f}s, serving again after {recovered:.1f}s")
+    for _ in range(50):  # nothing lost once ready again
+        assert_still_serving(client, model, reference)
+    log = server["log"].read_text(errors="replace")
+    assert "died: not ready; restarting Triton" in log and "colln-serve: recovered" in log
+    assert stub_processes(f"/{model}/1/model.py") not in ([], stubs)
+
+
+def test_second_server_on_same_ports_fails_fast(server: dict, digits_export: Path, tmp_path: Path) -> None:
+    http, grpc_port, metrics = server["ports"]
+    spare = free_ports(2)
+    for ports in ((http, spare[0], spare[1]), (spare[0], grpc_port, spare[1]), (spare[0], spare[1], metrics)):
+        argv = [str(Path(sys.executable).with_name("colln-serve")), str(digits_export)]
+        argv += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+        started = time.monotonic()
+        done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60)
+        busy = next(p for p in ports if p in server["ports"])
+        option = ("--http-port", "--grpc-port", "--metrics-port")[ports.index(busy)]
+        expected = f"colln: error: serve: port {busy} is in use ({option}): stop what listens there or pass another {option}"
+        assert done.returncode == 2 and done.stderr.strip().splitlines() == [expected], done.stderr
+        assert time.monotonic() - started < 30
 
 
 def test_load_loopback_2000_requests(server: dict, reference: tuple) -> None:
@@ -335,6 +560,7 @@ def test_sigterm_stops_server_cleanly(server: dict) -> None:
     """Last in the module: stop the shared server as `docker stop` would."""
     assert stop(server["proc"], signal.SIGTERM) == 0
     assert "colln-serve: stopped" in server["log"].read_text()
+    assert list(Path("/dev/shm").glob(f"colln-serve-{server['proc'].pid}-*")) == []
     for port in server["ports"]:
         with pytest.raises(ConnectionRefusedError):  # nothing listens any more: Triton exited too
             socket.create_connection((HOST, port), timeout=5).close()

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from colln.app.build_cli import main as build_main
@@ -206,8 +207,11 @@ def test_failed_build_keeps_the_previous_plan(fp32_plan, tmp_path):
     out = _copy_export(fp32_plan, tmp_path / "broken")
     before = {name: (out / name).read_bytes() for name in (PLAN_FILE, PLAN_META_FILE, PLAN_LOG_FILE)}
     onnx_path = out / ONNX_FILE
-    onnx_path.write_bytes(onnx_path.read_bytes()[:1000])
-    with pytest.raises(EngineError, match=r"could not build model\.onnx: .*Failed to parse the ONNX model"):
+    # A readable graph with its keep plan (build checks both first) that TensorRT cannot parse.
+    graph = onnx.load(str(onnx_path))
+    graph.graph.node[0].op_type = "NoSuchOperator"
+    onnx.save(graph, str(onnx_path))
+    with pytest.raises(EngineError, match=r"could not build model\.onnx: .*While parsing node .*NoSuchOperator"):
         build_engine(out, *BATCHES, timing_cache=tmp_path / "timing.cache")
     assert {name: (out / name).read_bytes() for name in before} == before
     assert "[E]" in (out / FAILED_LOG_FILE).read_text()

@@ -117,7 +117,7 @@ def test_tensorrt_repository_uses_the_plan(digits_export: Path, tmp_path: Path) 
     [
         ({"backend": "tflite"}, "unknown Triton backend"),
         ({"max_batch": 0}, "at least 1"),
-        ({"name": "a b/c"}, "may only hold"),
+        ({"name": "a b/c"}, "must start with a letter, digit or '_' and hold only"),
     ],
 )
 def test_bad_arguments_are_refused_before_writing(digits_export: Path, tmp_path: Path, kwargs: dict, message: str) -> None:

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from colln.app.cli import ArgumentParser, entry_point, parse_ints
+from colln.app.cli import ArgumentParser, entry_point, non_negative_int, parse_ints, positive_int
 from colln.app.render import print_bench
 from colln.errors import BaselineError, UsageError
 from colln.files import atomic_write
@@ -25,8 +25,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="a colln-export output directory")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="runtime to time (default onnxruntime)")
     p.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
-    p.add_argument("--rounds", type=int, default=50, help="timed rounds per batch size (default 50)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed rounds first (default 10)")
+    p.add_argument("--rounds", type=positive_int, default=50, help="timed rounds per batch size (default 50)")
+    p.add_argument("--warmup", type=non_negative_int, default=10, help="untimed rounds first (default 10)")
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="device for the torch and onnxruntime backends (default cpu)"
     )

@@ -1,18 +1,33 @@
 """What every colln command shares: error reporting, exit codes, argument parsing helpers.
 
 A :class:`CollnError` prints ``colln: error: <stage>: <message>`` and exits with its ``exit_code``
-(2, or 1 for a failed validation); the traceback only with ``--verbose``.
+(2, or 1 for a failed validation); the traceback only with ``--verbose``. Interrupted: 130. Anything
+unexpected: exit 3 and one line naming a log file with the traceback (see :func:`run_main`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import os
+import re
+import signal
 import sys
+import tempfile
+import threading
+import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from colln.errors import CollnError, UsageError
+from colln.files import PATH_ERRNOS, display
 from colln.models.config import METRICS, PruneConfig
+
+INTERRUPTED = 130
+# An unexpected error (a bug): not 1 (validation failed) nor 2 (bad input).
+INTERNAL_ERROR = 3
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -37,19 +52,109 @@ def run_main(
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None = None,
 ) -> int:
-    """Parse ``argv`` and run ``main``; turn CollnError into colln's error line and exit code."""
+    """Parse ``argv`` and run ``main``: the one place exit codes and error lines are made.
+
+    0 ok; 1 validation failed (export written); 2 a CollnError or a path that cannot be used (one
+    line); 130 interrupted (SIGINT, SIGTERM, SIGHUP: temp output removed on the way out);
+    INTERNAL_ERROR anything else: one line naming a log file that holds the traceback."""
     verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
-        return int(main(args) or 0)
+        with interrupt_on_termination():
+            args = parser.parse_args(argv)
+            return int(main(args) or 0)
+    except KeyboardInterrupt:
+        return interrupted()
     except CollnError as exc:
+        if _interrupted(exc):
+            return interrupted()
         if verbose:
             traceback.print_exc()
-        print(f"colln: error: {exc.stage}: {exc}", file=sys.stderr)
+        say(f"colln: error: {exc.stage}: {exc}")
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("colln: error: interrupted", file=sys.stderr)
-        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place an unexpected error becomes an exit code
+        if _interrupted(exc):
+            return interrupted()
+        if not isinstance(exc, OSError) or exc.errno not in PATH_ERRNOS:
+            return internal_error(parser.prog, verbose)
+        if verbose:
+            traceback.print_exc()
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        fix = "free some space and run it again" if full else "check the path and its permissions"
+        where = f" ({display(exc.filename)})" if exc.filename else ""
+        say(f"colln: error: system: {PATH_ERRNOS[exc.errno]}{where}: {fix}")
+        return 2
+
+
+def say(
+    line: str,
+) -> None:
+    """One error line on stderr: without terminal colour codes (an exporter's message may carry
+    them), and printable whatever bytes a path holds."""
+    line = _ANSI.sub("", line).replace("\n", " ").strip()
+    sys.stderr.write(line.encode("utf-8", errors="backslashreplace").decode("utf-8") + "\n")
+    sys.stderr.flush()
+
+
+def interrupted() -> int:
+    say("colln: error: interrupted")
+    return INTERRUPTED
+
+
+def _interrupted(
+    exc: BaseException,
+) -> bool:
+    """Whether a KeyboardInterrupt is behind ``exc`` (a library, such as the ONNX exporter, may
+    wrap Ctrl-C in its own error)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def internal_error(
+    prog: str,
+    verbose: bool,
+) -> int:
+    """A bug, not bad input: the traceback goes to a log file, the line names it."""
+    exc = sys.exc_info()[1]
+    text = traceback.format_exc()
+    if verbose:
+        sys.stderr.write(text)
+    summary = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+    try:
+        fd, log = tempfile.mkstemp(prefix=f"{prog}-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+        with os.fdopen(fd, "w", errors="backslashreplace") as f:
+            f.write(f"{prog} {' '.join(sys.argv[1:])}\n\n{text}")
+        where = f"the traceback is in {log}"
+    except OSError:
+        where = "the traceback could not be saved: run again with --verbose"
+    say(f"colln: error: internal: {summary[:300]} (unexpected; {where}; please report it)")
+    return INTERNAL_ERROR
+
+
+@contextlib.contextmanager
+def interrupt_on_termination() -> Iterator[None]:
+    """SIGTERM and SIGHUP (docker stop, a CI time-out, a closed terminal) raise KeyboardInterrupt,
+    like Ctrl-C: the same clean-up runs (temp output removed) and the exit code is 130."""
+
+    def handler(
+        signum: int,
+        frame: object,
+    ) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def entry_point(
@@ -79,15 +184,45 @@ def parse_floats(
 def parse_ints(
     text: str,
     what: str,
+    minimum: int | None = None,
 ) -> tuple[int, ...]:
-    """``"3,6,9"`` -> ``(3, 6, 9)``; a clear UsageError otherwise."""
+    """``"3,6,9"`` -> ``(3, 6, 9)``; a clear UsageError otherwise (also below ``minimum``)."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip() != "")
     except ValueError:
         raise UsageError(f"{what} must be comma-separated integers like 3,6,9, got {text!r}") from None
     if not values:
         raise UsageError(f"{what} is empty: give comma-separated integers like 3,6,9")
+    if minimum is not None and min(values) < minimum:
+        raise UsageError(f"{what} must be integers >= {minimum}, got {text!r}")
     return values
+
+
+def positive_int(
+    text: str,
+) -> int:
+    """argparse ``type=``: an integer >= 1 (checked while parsing, before any work starts)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(
+    text: str,
+) -> int:
+    """argparse ``type=``: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(
+    text: str,
+    minimum: int,
+) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
 
 
 def add_prune_arguments(

@@ -9,7 +9,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from colln.app.cli import ArgumentParser, add_model_args, entry_point, layer_choices, parse_floats, parse_metrics
+from colln.app.cli import (
+    ArgumentParser,
+    add_model_args,
+    entry_point,
+    layer_choices,
+    non_negative_int,
+    parse_floats,
+    parse_metrics,
+    positive_int,
+)
 from colln.app.pipeline import KEEP_PLOT, PARETO_PLOT, RESULTS_JSON, RESULTS_MD, evaluate
 from colln.app.render import print_eval
 from colln.export.spec import ExportSpec
@@ -42,10 +51,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--backend", default="torch", choices=EVAL_BACKENDS, help="run PyTorch or ONNX Runtime exports (default torch)"
     )
-    parser.add_argument("--batch", type=int, default=64, help="batch size for accuracy (default 64)")
-    parser.add_argument("--latency-batch", type=int, default=1, help="batch size for latency (default 1)")
-    parser.add_argument("--rounds", type=int, default=20, help="timed rounds per configuration (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up rounds (default 3)")
+    parser.add_argument("--batch", type=positive_int, default=64, help="batch size for accuracy (default 64)")
+    parser.add_argument("--latency-batch", type=positive_int, default=1, help="batch size for latency (default 1)")
+    parser.add_argument("--rounds", type=positive_int, default=20, help="timed rounds per configuration (default 20)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed warm-up rounds (default 3)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument(
         "--threads", type=int, default=None, help="intra-op threads of ONNX Runtime / PyTorch (default: their own)"

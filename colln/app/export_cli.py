@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from colln.app.build_cli import add_engine_arguments
-from colln.app.cli import ArgumentParser, add_prune_arguments, entry_point, parse_ints, prune_config
+from colln.app.cli import ArgumentParser, add_prune_arguments, entry_point, parse_ints, positive_int, prune_config
 from colln.app.pipeline import EngineOptions, LatencyOptions, Progress, TritonOptions, ValidationOptions, export_model
 from colln.app.render import result_table
 from colln.app.report import REPORT_JSON
@@ -65,7 +65,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--latency-batches", default="1,8", help="batch sizes to time (default 1,8)")
     p.add_argument(
         "--latency-rounds",
-        type=int,
+        type=positive_int,
         default=None,
         help="interleaved timing rounds per batch size (default: as many as fit in ~20 s, 5..50)",
     )
@@ -98,7 +98,9 @@ def export_command(
     latency = None
     if not args.no_latency:
         latency = LatencyOptions(
-            batches=parse_ints(args.latency_batches, "--latency-batches"), rounds=args.latency_rounds, threads=args.threads
+            batches=parse_ints(args.latency_batches, "--latency-batches", minimum=1),
+            rounds=args.latency_rounds,
+            threads=args.threads,
         )
     engine = EngineOptions(args.batch_min, args.batch_opt, args.batch_max, args.timing_cache) if args.trt else None
     triton = TritonOptions(args.triton_repo, args.triton_backend, args.batch_max) if args.triton_repo is not None else None

@@ -23,7 +23,7 @@ from colln.app.report import build_report, write_report
 from colln.data import data_config, load_labelled, validation_images
 from colln.errors import NoFitError
 from colln.export.artifact import default_out_dir, export_into
-from colln.export.spec import ExportSpec
+from colln.export.spec import SPEC_FILE, ExportSpec
 from colln.files import atomic_dir, atomic_write
 from colln.models.registry import default_weights, resolve_name
 from colln.runtime.baseline import default_cache, unpruned_export
@@ -127,7 +127,7 @@ def export_model(
         trt_module()
     out = Path(out) if out is not None else default_out_dir(spec)
     extra: list[tuple[str, str]] = []
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, marker=SPEC_FILE) as tmp:
         with progress(f"loading {spec.model} ({spec.weights or default_weights(spec.model)} weights)"):
             unpruned = spec.load_unpruned()
         with progress("pruning and exporting to ONNX"):
@@ -228,7 +228,7 @@ def evaluate(
     out = Path(out) if out is not None else Path("evals") / f"{base.model}-{labelled.name}"
     no_fit = None
     # Entered before the sweep: an existing --out fails at once, and a failed sweep leaves nothing.
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, marker=RESULTS_JSON) as tmp:
         result = sweep(
             base,
             labelled,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from colln.app.cli import ArgumentParser, entry_point
+from colln.app.cli import ArgumentParser, entry_point, positive_int
 from colln.runtime.serve import SERVE_BACKENDS, serve
 
 
@@ -14,9 +14,20 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "exports",
         type=Path,
-        nargs="+",
+        nargs="*",
         metavar="EXPORT_DIR",
         help="export directories; each is a model named after its directory",
+    )
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=None,
+        help="serve this Triton model repository (colln-triton's) instead of export directories",
+    )
+    parser.add_argument(
+        "--tritonserver",
+        default=None,
+        help="tritonserver binary with its backends, for --repository (default: PyTriton's bundled Triton 2.51)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address for HTTP, gRPC and metrics (default 127.0.0.1)")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000)")
@@ -26,9 +37,9 @@ def build_parser() -> ArgumentParser:
         "--backend", choices=SERVE_BACKENDS, default="onnxruntime", help="runner inside the server (default onnxruntime)"
     )
     parser.add_argument(
-        "--max-batch", type=int, default=32, help="largest batch a request or a dynamic batch may have (default 32)"
+        "--max-batch", type=positive_int, default=32, help="largest batch a request or a dynamic batch may have (default 32)"
     )
-    parser.add_argument("--instances", type=int, default=1, help="model instances (processes) per export (default 1)")
+    parser.add_argument("--instances", type=positive_int, default=1, help="model instances (processes) per export (default 1)")
     return parser
 
 
@@ -44,6 +55,8 @@ def _serve(
         backend=args.backend,
         max_batch=args.max_batch,
         instances=args.instances,
+        repository=args.repository,
+        tritonserver=args.tritonserver,
     )
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from colln.app.cli import ArgumentParser, entry_point
+from colln.app.cli import ArgumentParser, entry_point, positive_int
 from colln.runtime.triton import PLATFORMS, write_model_repository
 
 
@@ -16,7 +16,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--backend", choices=sorted(PLATFORMS), default="onnxruntime", help="model.onnx or model.plan (default onnxruntime)"
     )
-    parser.add_argument("--max-batch", type=int, default=32, help="max_batch_size (default 32)")
+    parser.add_argument("--max-batch", type=positive_int, default=32, help="max_batch_size (default 32)")
     parser.add_argument("--name", default=None, help="model name (default: the export directory's name)")
     return parser
 

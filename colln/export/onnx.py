@@ -46,7 +46,7 @@ def export_onnx(
     first_arg = next(iter(_forward_params(model)))
     log = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model.eval(),
@@ -64,6 +64,13 @@ def export_onnx(
             f"torch.onnx.export failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); rerun with --verbose"
         ) from exc
     proto = program.model_proto
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        # The exporter builds at its own opset and converts down; when that fails it keeps its own.
+        raise ExportError(
+            f"the ONNX exporter produced opset {written}, not the requested {opset} (its version conversion failed): "
+            f"export with --opset {written}"
+        )
     for key, value in (metadata or {}).items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     save_checked(proto, path)

@@ -10,13 +10,14 @@ Layout of an export directory (``exports/<model>-<metric>-keep<R>`` by default):
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
 
-from colln.errors import CollnError, ExportDirError
+from colln.errors import CollnError, ExportDirError, WeightsError
 from colln.models.config import PruneConfig
 from colln.models.plan import KeepPlan
 
@@ -25,6 +26,18 @@ ONNX_FILE = "model.onnx"
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 18
+# --weights values that name weights rather than a file.
+NAMED_WEIGHTS = ("pretrained", "random", "bundled")
+
+
+def file_sha256(
+    path: Path,
+) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -40,10 +53,29 @@ class ExportSpec:
     precision: str = "fp32"
     opset: int = DEFAULT_OPSET
     plan: dict = field(default_factory=dict, compare=False)
+    # A weights file is recorded by absolute path and content hash (filled in from ``weights``):
+    # the reference rebuilt later, from any directory, is the one exported or a clear error.
+    weights_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is None or self.weights in NAMED_WEIGHTS:
+            return
+        path = Path(self.weights)
+        if not path.is_absolute():
+            object.__setattr__(self, "weights", str(path.absolute()))
+        if self.weights_sha256 is None and path.is_file():
+            object.__setattr__(self, "weights_sha256", file_sha256(path))
 
     def load_unpruned(self) -> nn.Module:
         from colln.models.registry import load_model
 
+        if self.weights_sha256 is not None and Path(self.weights).is_file():
+            found = file_sha256(Path(self.weights))
+            if found != self.weights_sha256:
+                raise WeightsError(
+                    f"weights file {self.weights} changed since the export (sha256 {found[:12]}..., exported with "
+                    f"{self.weights_sha256[:12]}...): restore that file or re-export with colln-export --force"
+                )
         return load_model(self.model, self.weights, self.img_size)
 
     def apply(

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import ModuleType
 
 from colln.errors import BackendUnavailableError, EngineError, ExportDirError, UsageError
-from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportSpec
+from colln.export.spec import INPUT_NAME, ONNX_FILE
 from colln.files import atomic_write
 
 PLAN_FILE = "model.plan"
@@ -126,10 +126,10 @@ def build_engine(
     """
     check_profile(batch_min, batch_opt, batch_max)
     export_dir = Path(export_dir)
-    spec = ExportSpec.read(export_dir)
+    from colln.export.artifact import read_export
+
+    spec = read_export(export_dir)  # model.onnx there and carrying export.json's keep plan
     onnx_path = export_dir / ONNX_FILE
-    if not onnx_path.is_file():
-        raise ExportDirError(f"{export_dir} has no {ONNX_FILE}: re-run colln-export with --force")
     flavour = trt_module()
     gpu = gpu_info()
     if flavour.name == "tensorrt" and gpu is None:

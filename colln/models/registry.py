@@ -4,6 +4,7 @@ or a local file."""
 from __future__ import annotations
 
 import difflib
+import re
 import socket
 from pathlib import Path
 
@@ -170,6 +171,13 @@ def read_state_dict(
     except WeightsError:
         raise
     except Exception as exc:
+        # weights_only refuses a pickle that rebuilds Python objects: "Unsupported global: GLOBAL x.Y".
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found and re.search(r"(^|\.)(nn|models?|timm|torchvision)(\.|$)", found[1]):
+            raise WeightsError(
+                f"{path} is a pickled whole model ({found[1]}), not a state dict: save "
+                "torch.save(model.state_dict(), PATH) and pass that file (colln never unpickles code)"
+            ) from exc
         raise WeightsError(f"cannot read weights file {path} ({exc.__class__.__name__}): is it corrupt?") from exc
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -177,6 +185,12 @@ def read_state_dict(
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file {path} does not hold a state dict of tensors")
+    # NaN/Inf weights make every output NaN: say so here rather than fail somewhere downstream.
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise WeightsError(
+            f"weights file {path} holds NaN or Inf in {len(broken)} tensors (first: {broken[0]}): use finite weights"
+        )
     return state
 
 

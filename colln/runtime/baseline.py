@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from colln.export.artifact import export_into
-from colln.export.spec import ONNX_FILE, ExportSpec
+from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportSpec
 from colln.files import atomic_dir
 
 CACHE_DIR = ".colln-cache"
@@ -35,7 +35,7 @@ def unpruned_export(
     out = Path(cache) / f"{base.model}-keep1-{key}"
     if (out / ONNX_FILE).is_file() and ExportSpec.read(out) == base:
         return out
-    with atomic_dir(out, force=True) as tmp:
+    with atomic_dir(out, force=True, marker=SPEC_FILE) as tmp:
         export_into(base, tmp, unpruned)
     return out
 

@@ -1,24 +1,24 @@
 """``colln-serve``: serve colln exports on a real Triton Inference Server (PyTriton's bundled one).
 
-PyTriton starts Triton 2.51 with its python backend; each export becomes a python-backend model
-(``config.pbtxt`` from :func:`colln.runtime.triton.model_config`) whose instances run the export
-through :func:`colln.runtime.runners.open_runner`. A python-backend model, rather than PyTriton's own
+colln runs the Triton 2.51 binary PyTriton bundles, with its python backend, on private loopback
+ports behind a guard and a supervisor (:mod:`colln.runtime.supervisor`, :mod:`colln.runtime.guard`);
+each export becomes a python-backend model (``config.pbtxt`` from
+:func:`colln.runtime.triton.model_config`) whose instances run the export through
+:func:`colln.runtime.runners.open_runner`. A python-backend model, rather than PyTriton's own
 inference proxy, because it answers each request of a dynamic batch on its own (a NaN image fails
 its request, not its batch-mates) and its errors carry our message only: PyTriton's proxy sends
 Python tracebacks, with server paths, to the client.
 
-Triton itself rejects wrong shapes, dtypes, batches over ``--max-batch`` and unparsable bodies
-(400/500 with its message); :class:`TritonPythonModel` rejects NaN/Inf (400) and turns a failed
-inference into a 500 that names the exception type only (the traceback goes to the server log).
+The guard answers malformed requests with 4xx before Triton sees them; :class:`TritonPythonModel`
+rejects NaN/Inf (400) and turns a failed inference into a 500 that names the exception type only
+(the traceback goes to the server log).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import logging
 import os
-import signal
-import sys
 import sysconfig
 import tempfile
 import traceback
@@ -29,8 +29,8 @@ import numpy as np
 
 from colln.errors import BackendUnavailableError, CollnError, ServeError, UsageError
 from colln.export.artifact import read_export
-from colln.export.spec import INPUT_NAME, OUTPUT_NAME
-from colln.runtime.triton import PLATFORMS, check_plan_batches, model_config, model_name, tensor_dims
+from colln.export.spec import INPUT_NAME
+from colln.runtime.triton import CONFIG_FILE, PLATFORMS, check_plan_batches, model_config, model_dir, model_name, tensor_specs
 
 SERVE_BACKENDS = ("onnxruntime", "tensorrt")
 # The python backend imports this file as <repo>/<name>/1/model.py.
@@ -49,7 +49,10 @@ class TritonPythonModel:
         from colln.runtime.runners import open_runner
 
         self.pb = pb_utils
-        params = json.loads(args["model_config"])["parameters"]
+        config = json.loads(args["model_config"])
+        params = config["parameters"]
+        # Every output the config declares (read from the ONNX graph when it was written), with its type.
+        self.outputs = [o["name"] for o in config["output"]]
         self.runner = open_runner(Path(params["export_dir"]["string_value"]), backend=params["runner"]["string_value"])
         self.runner.activate()
 
@@ -77,13 +80,15 @@ class TritonPythonModel:
         self,
         accepted: list[tuple[int, np.ndarray]],
     ) -> list:
-        """Run the merged batch once; split the logits back into one response per request."""
+        """Run the merged batch once; split every output back into one response per request."""
         pb = self.pb
         batch = np.concatenate([images for _, images in accepted])
         try:
-            logits = self.runner.infer({INPUT_NAME: batch})[OUTPUT_NAME]
-            if logits.shape[0] != batch.shape[0]:
-                raise ValueError(f"runner returned {logits.shape[0]} rows of {OUTPUT_NAME} for a batch of {batch.shape[0]}")
+            results = self.runner.infer({INPUT_NAME: batch})
+            outputs = {name: results[name] for name in self.outputs}
+            for name, rows in outputs.items():
+                if rows.shape[0] != batch.shape[0]:
+                    raise ValueError(f"runner returned {rows.shape[0]} rows of {name} for a batch of {batch.shape[0]}")
         except Exception as exc:  # noqa: BLE001 - any failure becomes an error response, never a crash
             pb.Logger.log_error(f"colln: inference failed:\n{traceback.format_exc()}")
             # The type name only: exception text can hold server paths.
@@ -93,8 +98,8 @@ class TritonPythonModel:
             return [(i, error) for i, _ in accepted]
         out, start = [], 0
         for i, images in accepted:
-            rows = logits[start : start + len(images)].astype(np.float32, copy=False)
-            out.append((i, pb.InferenceResponse(output_tensors=[pb.Tensor(OUTPUT_NAME, np.ascontiguousarray(rows))])))
+            tensors = [pb.Tensor(name, np.ascontiguousarray(rows[start : start + len(images)])) for name, rows in outputs.items()]
+            out.append((i, pb.InferenceResponse(output_tensors=tensors)))
             start += len(images)
         return out
 
@@ -130,15 +135,15 @@ def write_python_model(
     if runner == "tensorrt":
         check_plan_batches(export_dir, max_batch)
     name = name or model_name(export_dir)
-    input_dims, output_dims = tensor_dims(export_dir)
-    target = Path(repo) / name
+    inputs, outputs = tensor_specs(export_dir)
+    target = model_dir(repo, name)
     if target.exists():
         raise UsageError(f"two exports would both be served as {name!r}: give exports with different directory names")
     (target / "1").mkdir(parents=True)
     kind = "KIND_GPU" if runner == "tensorrt" else "KIND_CPU"
     parameters = {"export_dir": str(export_dir), "runner": runner}
-    config = model_config(name, ("backend", "python"), input_dims, output_dims, max_batch, kind, instances, parameters)
-    (target / "config.pbtxt").write_text(config)
+    config = model_config(name, ("backend", "python"), inputs, outputs, max_batch, kind, instances, parameters)
+    (target / CONFIG_FILE).write_text(config)
     (target / "1" / "model.py").write_text(MODEL_PY)
     return target
 
@@ -182,67 +187,53 @@ def serve(
     backend: str = "onnxruntime",
     max_batch: int = 32,
     instances: int = 1,
+    repository: Path | None = None,
+    tritonserver: str | None = None,
 ) -> None:
-    """Serve ``exports`` (one Triton model each, named after its directory) until SIGINT/SIGTERM."""
-    try:
-        from pytriton.client.exceptions import PyTritonClientError
-        from pytriton.exceptions import PyTritonError
-        from pytriton.triton import Triton, TritonConfig
-    except ImportError as exc:
-        raise BackendUnavailableError("PyTriton is not installed: pip install 'colln[serve]'") from exc
-    for noisy in ("pytriton", "tritonclient"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    stub_environment()
-    with tempfile.TemporaryDirectory(prefix="colln-serve-") as repo:
-        names = [write_python_model(e, Path(repo), backend, max_batch, instances).name for e in exports]
-        for export in exports:
-            preflight(export, backend)
-        config = TritonConfig(
-            model_repository=Path(repo),
-            http_address=host,
-            http_port=http_port,
-            grpc_address=host,
-            grpc_port=grpc_port,
-            metrics_address=host,
-            metrics_port=metrics_port,
-            strict_readiness=True,
-            exit_timeout_secs=10,
-            log_verbose=0,
-        )
-        # SIGTERM (docker stop, kill) takes the same clean path as Ctrl-C: Triton.serve() stops the
-        # server and its stubs on KeyboardInterrupt. A signal during startup is held until Triton
-        # is up: interrupting its start leaves python-backend stubs running without a server.
-        stopping: list[int] = []
-        serving: list[bool] = []
+    """Serve ``exports`` (one Triton model each, named after its directory) until SIGINT/SIGTERM/SIGHUP,
+    behind the guard (:mod:`colln.runtime.guard`) and under the supervisor (restart on any failure).
 
-        def on_signal(
-            signum: int,
-            frame: object,
-        ) -> None:
-            stopping.append(signum)
-            if serving:
-                raise KeyboardInterrupt
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    ``repository`` instead: serve an existing model repository (``colln-triton``'s) as it is, with
+    ``tritonserver`` (a stock Triton binary with its backends: the GPU image)."""
+    if (repository is None) == (not exports):
+        raise UsageError("give export directories, or --repository (not both)")
+    if repository is None:
         try:
-            with Triton(config=config) as triton:
-                serving.append(True)
-                if not stopping:
-                    print(
-                        f"colln-serve: serving {', '.join(names)} on http://{host}:{http_port} "
-                        f"(grpc {grpc_port}, metrics {metrics_port}); Ctrl-C to stop",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    triton.serve()
-        except KeyboardInterrupt:
-            pass  # Triton's context exit has stopped the server
-        except (TimeoutError, PyTritonError, PyTritonClientError) as exc:
-            raise ServeError(f"Triton did not start ({exc}): its log above says why") from exc
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if not stopping:
-            # serve() returns without a signal only when Triton or a model stub died.
-            raise ServeError("Triton stopped unexpectedly: its log above says why")
-    print("colln-serve: stopped", file=sys.stderr, flush=True)
+            import pytriton  # noqa: F401
+        except ImportError as exc:
+            raise BackendUnavailableError("PyTriton is not installed: pip install 'colln[serve]'") from exc
+    from colln.runtime.supervisor import log, remove_stale_shm, run
+
+    stub_environment()
+    remove_stale_shm()
+    with tempfile.TemporaryDirectory(prefix="colln-serve-") as workdir:
+        if repository is None:
+            repo = Path(workdir) / "models"
+            repo.mkdir()
+            names = [write_python_model(e, repo, backend, max_batch, instances).name for e in exports]
+            for export in exports:
+                preflight(export, backend)
+        else:
+            repo = Path(repository).resolve()
+            names = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+            if not names:
+                raise ServeError(f"{repository} holds no model (no NAME/config.pbtxt): write one with colln-triton")
+        check_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
+        asyncio.run(run(repo, Path(workdir), names, host, http_port, grpc_port, metrics_port, tritonserver))
+    log("stopped")
+
+
+def check_ports(
+    host: str,
+    ports: dict[str, int],
+) -> None:
+    """Each port valid, distinct and free now: a port in use is one line at once, not a Triton time-out."""
+    from colln.runtime.supervisor import port_free
+
+    if len(set(ports.values())) < len(ports):
+        raise UsageError(f"{', '.join(ports)} must differ, got {', '.join(map(str, ports.values()))}")
+    for option, port in ports.items():
+        if not 0 < port < 65536:
+            raise UsageError(f"{option} must be a port in 1..65535, got {port}")
+        if not port_free(host, port):
+            raise ServeError(f"port {port} is in use ({option}): stop what listens there or pass another {option}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from colln.errors import TritonRepoError, UsageError
 from colln.export.artifact import read_export
-from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
+from colln.export.spec import INPUT_NAME, ONNX_FILE
 from colln.export.tensorrt import PLAN_FILE, read_plan_metadata
 from colln.files import atomic_dir
 
@@ -32,12 +32,28 @@ PLATFORMS = {
 # Small enough not to add visible latency at low load, long enough to merge concurrent requests.
 QUEUE_DELAY_US = 500
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
+# Triton's model names are directory names in the repository: no separators, never "." or "..".
+_NAME_RULE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
 
 
-def tensor_dims(
+# ONNX TensorProto element type -> Triton config data type (what colln graphs can hold).
+TRITON_TYPES = {
+    1: "TYPE_FP32",
+    10: "TYPE_FP16",
+    11: "TYPE_FP64",
+    6: "TYPE_INT32",
+    7: "TYPE_INT64",
+    9: "TYPE_BOOL",
+    2: "TYPE_UINT8",
+}
+CONFIG_FILE = "config.pbtxt"
+
+
+def tensor_specs(
     export_dir: Path,
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Per-sample dims of ``images`` and ``logits`` (batch axis dropped), read from ``model.onnx``."""
+) -> tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str, tuple[int, ...]]]]:
+    """``(name, Triton data type, per-sample dims)`` of the ``images`` input and of every output
+    (``logits``, or more for exports with several), read from ``model.onnx``'s graph."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -51,19 +67,23 @@ def tensor_dims(
             f"{path} is not a readable ONNX model ({type(exc).__name__}): re-export it with colln-export --force"
         ) from exc
 
-    def dims(
-        values,
-        name: str,
-    ) -> tuple[int, ...]:
-        found = [v for v in values if v.name == name]
-        if not found:
-            raise TritonRepoError(f"{path} has no tensor named {name!r}: re-export it with colln-export")
-        shape = found[0].type.tensor_type.shape.dim[1:]
+    def spec(
+        value,
+    ) -> tuple[str, str, tuple[int, ...]]:
+        shape = value.type.tensor_type.shape.dim[1:]
         if any(not d.HasField("dim_value") for d in shape):
-            raise TritonRepoError(f"{path}: {name} must have static dims after the batch axis; re-export with a fixed --img-size")
-        return tuple(d.dim_value for d in shape)
+            raise TritonRepoError(
+                f"{path}: {value.name} must have static dims after the batch axis; re-export with a fixed --img-size"
+            )
+        kind = TRITON_TYPES.get(value.type.tensor_type.elem_type)
+        if kind is None:
+            raise TritonRepoError(f"{path}: {value.name} has an element type Triton configs here cannot describe")
+        return value.name, kind, tuple(d.dim_value for d in shape)
 
-    return dims(graph.input, INPUT_NAME), dims(graph.output, OUTPUT_NAME)
+    inputs = [v for v in graph.input if v.name == INPUT_NAME]
+    if not inputs or not graph.output:
+        raise TritonRepoError(f"{path} has no {INPUT_NAME!r} input or no output: re-export it with colln-export")
+    return [spec(inputs[0])], [spec(v) for v in graph.output]
 
 
 def model_name(
@@ -74,35 +94,54 @@ def model_name(
     return name or "colln"
 
 
+def model_dir(
+    repo: Path,
+    name: str,
+) -> Path:
+    """``<repo>/<name>``, after checking that ``name`` is a Triton model name and that the path
+    cannot resolve outside ``repo`` (a name such as ``.``, ``..`` or ``a/b``, or a symlink, is refused)."""
+    if not _NAME_RULE.fullmatch(name):
+        raise UsageError(
+            f"Triton model name {name!r} must start with a letter, digit or '_' and hold only letters, digits, "
+            "'.', '_' and '-' (200 at most): pick another --name"
+        )
+    root = Path(repo).resolve()
+    target = root / name
+    if target.is_symlink() or target.resolve().parent != root:
+        raise TritonRepoError(f"{target} is a symlink: a model entry is written inside {root} only; remove the link")
+    return target
+
+
 def model_config(
     name: str,
     engine: tuple[str, str],
-    input_dims: Sequence[int],
-    output_dims: Sequence[int],
+    inputs: Sequence[tuple[str, str, Sequence[int]]],
+    outputs: Sequence[tuple[str, str, Sequence[int]]],
     max_batch: int,
     kind: str,
     instances: int = 1,
     parameters: dict[str, str] | None = None,
 ) -> str:
     """``config.pbtxt`` text (Triton's ModelConfig protobuf, text format). ``engine`` is
-    ``("platform", "onnxruntime_onnx")`` or ``("backend", "python")``."""
+    ``("platform", "onnxruntime_onnx")`` or ``("backend", "python")``; tensors as :func:`tensor_specs` gives them."""
     if max_batch < 1:
         raise UsageError(f"--max-batch must be at least 1, got {max_batch}")
     if instances < 1:
         raise UsageError(f"--instances must be at least 1, got {instances}")
 
-    def tensor(
-        tensor_name: str,
-        dims: Sequence[int],
+    def tensors(
+        specs: Sequence[tuple[str, str, Sequence[int]]],
     ) -> str:
-        return f'  {{\n    name: "{tensor_name}"\n    data_type: TYPE_FP32\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
+        return ",\n".join(
+            f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}' for n, t, dims in specs
+        )
 
     lines = [
         f'name: "{name}"',
         f'{engine[0]}: "{engine[1]}"',
         f"max_batch_size: {max_batch}",
-        f"input [\n{tensor(INPUT_NAME, input_dims)}\n]",
-        f"output [\n{tensor(OUTPUT_NAME, output_dims)}\n]",
+        f"input [\n{tensors(inputs)}\n]",
+        f"output [\n{tensors(outputs)}\n]",
         f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}",
         f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]",
     ]
@@ -139,13 +178,11 @@ def write_model_repository(
     if backend == "tensorrt":
         check_plan_for_triton(export_dir, max_batch)
     name = name or model_name(export_dir)
-    if _NAME_OK.search(name):
-        raise UsageError(f"Triton model name {name!r} may only hold letters, digits, '.', '_' and '-'")
-    input_dims, output_dims = tensor_dims(export_dir)
-    config = model_config(name, ("platform", platform), input_dims, output_dims, max_batch, kind)
-    target = Path(repo) / name
-    with atomic_dir(target, force=True) as tmp:
-        (tmp / "config.pbtxt").write_text(config)
+    target = model_dir(repo, name)
+    inputs, outputs = tensor_specs(export_dir)
+    config = model_config(name, ("platform", platform), inputs, outputs, max_batch, kind)
+    with atomic_dir(target, force=True, marker=CONFIG_FILE) as tmp:
+        (tmp / CONFIG_FILE).write_text(config)
         (tmp / "1").mkdir()
         shutil.copy2(source, tmp / "1" / model_file)
     return target
