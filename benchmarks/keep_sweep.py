@@ -17,7 +17,7 @@ from pathlib import Path
 
 from colln.app.cli import parse_floats, parse_ints
 from colln.export.artifact import default_out_dir, export_into
-from colln.export.spec import ExportSpec
+from colln.export.spec import SPEC_FILE, ExportSpec
 from colln.files import atomic_dir
 from colln.models.config import PruneConfig
 from colln.runtime.bench import bench_export
@@ -38,7 +38,7 @@ def sweep(
         spec = ExportSpec(model=model, weights="random", pruning=PruneConfig(keep=keep, layers=layers))
         out = default_out_dir(spec, exports)
         if not out.exists():
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, marker=SPEC_FILE) as tmp:
                 export_into(spec, tmp)
         report = bench_export(out, batches=(batch,), rounds=rounds, warmup=warmup, threads=threads)
         r = report["batches"][str(batch)]
