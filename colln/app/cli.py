@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from colln.errors import CollnError, UsageError
-from colln.models.config import METRICS, PruneConfig
+from colln.models.config import METRICS, ORDERS, OUTPUTS, PruneConfig
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -118,6 +118,23 @@ def add_prune_arguments(
         default=PruneConfig.round_to,
         help="round keep counts up to a multiple of this, e.g. 8 (default 1: exact ceil(keep * N))",
     )
+    p.add_argument(
+        "--output",
+        default=PruneConfig.output,
+        choices=OUTPUTS,
+        help="logits (default), or tokens: a VLM vision tower returning the kept patch tokens and their patch ids; "
+        "--keep is then the final rate (K = ceil(R * patches)), after one rate per --layers block if any",
+    )
+    p.add_argument(
+        "--feature-layer",
+        type=int,
+        default=None,
+        help="--output tokens: the block whose output is returned, negative from the end (default -2, LLaVA's)",
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="--output tokens: each kept token absorbs its most similar pruned ones (PruMerge)"
+    )
+    p.add_argument("--order", default=None, choices=ORDERS, help="--output tokens: order of the tokens (default spatial)")
 
 
 def prune_config(
@@ -134,6 +151,10 @@ def prune_config(
         fuse=args.fuse,
         spatial_order=args.spatial_order,
         round_to=args.round_to,
+        output=args.output,
+        feature_layer=args.feature_layer,
+        merge=args.merge,
+        order=args.order,
     )
 
 
