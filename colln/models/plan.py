@@ -118,7 +118,9 @@ class KeepPlan:
         full = d.patch_macs + head + self.blocks_run * _block_macs(self.num_tokens, self.num_tokens, d)
         pruned = d.patch_macs + head
         for i, n_in in enumerate(self.tokens_in):
-            n_out = n_in if i == self.feature_block and self.config.merge else self.tokens_after(i)
+            # The feature block's MLP runs on every token without a selection (keep 1.0) or with merge.
+            whole = i == self.feature_block and (self.config.merge or self.final_k == self.num_patches)
+            n_out = n_in if whole else self.tokens_after(i)
             pruned += _block_macs(n_in, n_out, d)
         return FlopsEstimate(full=2 * full, pruned=2 * pruned)
 

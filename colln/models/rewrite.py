@@ -26,7 +26,7 @@ SUPPORTED_TIMM = ">=1.0.15,<1.1"
 BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 ATTN_ATTRS = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop", "num_heads", "head_dim", "scale")
 # The tokens model (TokenEncoder) also runs timm's embedding steps and drops the head.
-TOKENS_ATTRS = ("_pos_embed", "patch_drop", "norm_pre", "attn_pool", "pretrained_cfg")
+TOKENS_ATTRS = ("_pos_embed", "patch_drop", "norm_pre", "attn_pool")
 HEAD_ATTRS = ("norm", "fc_norm", "head_drop", "head")
 VIT_ATTRS = ("blocks", "patch_embed", "num_prefix_tokens", "cls_token", "global_pool", "dynamic_img_size", "embed_dim")
 
@@ -181,7 +181,7 @@ class TokenEncoder(nn.Module):
         self.num_prefix = plan.num_prefix
         self.num_patches = plan.num_patches
         # timm's data config (input size, mean/std) reads it: preprocessing stays the tower's own.
-        self.pretrained_cfg = vit.pretrained_cfg
+        self.pretrained_cfg = getattr(vit, "pretrained_cfg", {})
         self.colln_plan = plan
 
     def forward(

@@ -29,7 +29,7 @@ import numpy as np
 
 from colln.errors import BackendUnavailableError, CollnError, ServeError, UsageError
 from colln.export.artifact import read_export
-from colln.export.spec import INPUT_NAME, OUTPUT_NAME
+from colln.export.spec import INPUT_NAME
 from colln.runtime.triton import PLATFORMS, check_plan_batches, model_config, model_name, tensor_dims
 
 SERVE_BACKENDS = ("onnxruntime", "tensorrt")
@@ -49,7 +49,10 @@ class TritonPythonModel:
         from colln.runtime.runners import open_runner
 
         self.pb = pb_utils
-        params = json.loads(args["model_config"])["parameters"]
+        config = json.loads(args["model_config"])
+        params = config["parameters"]
+        # logits, or tokens and indices: whatever the export's graph outputs (config.pbtxt lists them).
+        self.outputs = [out["name"] for out in config["output"]]
         self.runner = open_runner(Path(params["export_dir"]["string_value"]), backend=params["runner"]["string_value"])
         self.runner.activate()
 
@@ -77,13 +80,15 @@ class TritonPythonModel:
         self,
         accepted: list[tuple[int, np.ndarray]],
     ) -> list:
-        """Run the merged batch once; split the logits back into one response per request."""
+        """Run the merged batch once; split the outputs back into one response per request."""
         pb = self.pb
         batch = np.concatenate([images for _, images in accepted])
         try:
-            logits = self.runner.infer({INPUT_NAME: batch})[OUTPUT_NAME]
-            if logits.shape[0] != batch.shape[0]:
-                raise ValueError(f"runner returned {logits.shape[0]} rows of {OUTPUT_NAME} for a batch of {batch.shape[0]}")
+            results = self.runner.infer({INPUT_NAME: batch})
+            outputs = {name: results[name] for name in self.outputs}
+            for name, value in outputs.items():
+                if value.shape[0] != batch.shape[0]:
+                    raise ValueError(f"runner returned {value.shape[0]} rows of {name} for a batch of {batch.shape[0]}")
         except Exception as exc:  # noqa: BLE001 - any failure becomes an error response, never a crash
             pb.Logger.log_error(f"colln: inference failed:\n{traceback.format_exc()}")
             # The type name only: exception text can hold server paths.
@@ -93,8 +98,11 @@ class TritonPythonModel:
             return [(i, error) for i, _ in accepted]
         out, start = [], 0
         for i, images in accepted:
-            rows = logits[start : start + len(images)].astype(np.float32, copy=False)
-            out.append((i, pb.InferenceResponse(output_tensors=[pb.Tensor(OUTPUT_NAME, np.ascontiguousarray(rows))])))
+            rows = {name: v[start : start + len(images)] for name, v in outputs.items()}
+            # config.pbtxt declares float outputs FP32 (an fp16 engine may return fp16).
+            rows = {name: v.astype(np.float32, copy=False) if v.dtype.kind == "f" else v for name, v in rows.items()}
+            tensors = [pb.Tensor(name, np.ascontiguousarray(v)) for name, v in rows.items()]
+            out.append((i, pb.InferenceResponse(output_tensors=tensors)))
             start += len(images)
         return out
 
@@ -130,14 +138,14 @@ def write_python_model(
     if runner == "tensorrt":
         check_plan_batches(export_dir, max_batch)
     name = name or model_name(export_dir)
-    input_dims, output_dims = tensor_dims(export_dir)
+    input_dims, outputs = tensor_dims(export_dir)
     target = Path(repo) / name
     if target.exists():
         raise UsageError(f"two exports would both be served as {name!r}: give exports with different directory names")
     (target / "1").mkdir(parents=True)
     kind = "KIND_GPU" if runner == "tensorrt" else "KIND_CPU"
     parameters = {"export_dir": str(export_dir), "runner": runner}
-    config = model_config(name, ("backend", "python"), input_dims, output_dims, max_batch, kind, instances, parameters)
+    config = model_config(name, ("backend", "python"), input_dims, outputs, max_batch, kind, instances, parameters)
     (target / "config.pbtxt").write_text(config)
     (target / "1" / "model.py").write_text(MODEL_PY)
     return target

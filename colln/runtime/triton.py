@@ -19,7 +19,7 @@ from pathlib import Path
 
 from colln.errors import TritonRepoError, UsageError
 from colln.export.artifact import read_export
-from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
+from colln.export.spec import INPUT_NAME, ONNX_FILE
 from colln.export.tensorrt import PLAN_FILE, read_plan_metadata
 from colln.files import atomic_dir
 
@@ -34,10 +34,15 @@ QUEUE_DELAY_US = 500
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+# ONNX element type -> Triton data type of the tensors colln exports.
+TRITON_TYPES = {1: "TYPE_FP32", 7: "TYPE_INT64"}
+
+
 def tensor_dims(
     export_dir: Path,
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Per-sample dims of ``images`` and ``logits`` (batch axis dropped), read from ``model.onnx``."""
+) -> tuple[tuple[int, ...], list[tuple[str, str, tuple[int, ...]]]]:
+    """Per-sample dims of ``images`` and ``(name, Triton type, dims)`` of every output (``logits``,
+    or ``tokens`` and ``indices``), batch axis dropped, read from ``model.onnx``."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -63,7 +68,13 @@ def tensor_dims(
             raise TritonRepoError(f"{path}: {name} must have static dims after the batch axis; re-export with a fixed --img-size")
         return tuple(d.dim_value for d in shape)
 
-    return dims(graph.input, INPUT_NAME), dims(graph.output, OUTPUT_NAME)
+    outputs = []
+    for out in graph.output:
+        kind = TRITON_TYPES.get(out.type.tensor_type.elem_type)
+        if kind is None:
+            raise TritonRepoError(f"{path}: output {out.name} has an element type Triton configs here do not map; re-export it")
+        outputs.append((out.name, kind, dims(graph.output, out.name)))
+    return dims(graph.input, INPUT_NAME), outputs
 
 
 def model_name(
@@ -78,14 +89,15 @@ def model_config(
     name: str,
     engine: tuple[str, str],
     input_dims: Sequence[int],
-    output_dims: Sequence[int],
+    outputs: Sequence[tuple[str, str, Sequence[int]]],
     max_batch: int,
     kind: str,
     instances: int = 1,
     parameters: dict[str, str] | None = None,
 ) -> str:
     """``config.pbtxt`` text (Triton's ModelConfig protobuf, text format). ``engine`` is
-    ``("platform", "onnxruntime_onnx")`` or ``("backend", "python")``."""
+    ``("platform", "onnxruntime_onnx")`` or ``("backend", "python")``; ``outputs`` are ``(name,
+    Triton type, dims)`` as :func:`tensor_dims` reads them."""
     if max_batch < 1:
         raise UsageError(f"--max-batch must be at least 1, got {max_batch}")
     if instances < 1:
@@ -94,15 +106,16 @@ def model_config(
     def tensor(
         tensor_name: str,
         dims: Sequence[int],
+        data_type: str = "TYPE_FP32",
     ) -> str:
-        return f'  {{\n    name: "{tensor_name}"\n    data_type: TYPE_FP32\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
+        return f'  {{\n    name: "{tensor_name}"\n    data_type: {data_type}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
 
     lines = [
         f'name: "{name}"',
         f'{engine[0]}: "{engine[1]}"',
         f"max_batch_size: {max_batch}",
         f"input [\n{tensor(INPUT_NAME, input_dims)}\n]",
-        f"output [\n{tensor(OUTPUT_NAME, output_dims)}\n]",
+        "output [\n" + ",\n".join(tensor(out, dims, kind) for out, kind, dims in outputs) + "\n]",
         f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}",
         f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]",
     ]
@@ -141,8 +154,8 @@ def write_model_repository(
     name = name or model_name(export_dir)
     if _NAME_OK.search(name):
         raise UsageError(f"Triton model name {name!r} may only hold letters, digits, '.', '_' and '-'")
-    input_dims, output_dims = tensor_dims(export_dir)
-    config = model_config(name, ("platform", platform), input_dims, output_dims, max_batch, kind)
+    input_dims, outputs = tensor_dims(export_dir)
+    config = model_config(name, ("platform", platform), input_dims, outputs, max_batch, kind)
     target = Path(repo) / name
     with atomic_dir(target, force=True) as tmp:
         (tmp / "config.pbtxt").write_text(config)
