@@ -27,7 +27,7 @@ from colln.models.config import PruneConfig
 MODEL = "vit_large_patch14_clip_336"
 CASES = {
     "final-only": PruneConfig(keep=0.3333, output="tokens"),
-    "inner-2,4,6+final": PruneConfig(keep=(0.7, 0.7, 0.7, 0.3333), layers=(2, 4, 6), output="tokens"),
+    "inner-L2-4-6+final": PruneConfig(keep=(0.7, 0.7, 0.7, 0.3333), layers=(2, 4, 6), output="tokens"),
 }
 
 
@@ -40,10 +40,12 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vlm_clip_l336.json"))
     args = parser.parse_args()
-    results = {"model": MODEL, "weights": "random", "loadavg_start": os.getloadavg(), "cases": {}}
+    # Cases run earlier stay in the file: each case is bounded and can be re-run on its own.
+    earlier = json.loads(args.out.read_text())["cases"] if args.out.is_file() else {}
+    results = {"model": MODEL, "weights": "random", "cases": earlier}
     for name in args.cases.split(","):
         spec = ExportSpec(MODEL, weights="random", pruning=CASES[name])
-        start = time.perf_counter()
+        start, load = time.perf_counter(), os.getloadavg()
         result = export_model(
             spec,
             Path("exports") / f"{MODEL}-tokens-{name}",
@@ -72,8 +74,11 @@ def main() -> None:
                 "speedup_iqr": lat["speedup_iqr"],
             },
             "validation": {k: v[k] for k in ("passed", "images", "judged_images", "max_abs_error", "min_cosine", "warnings")},
-            "kept_sets": [{k: layer[k] for k in ("layer", "k", "identical_fraction", "min_relative_margin")} for layer in v["layers"]],
+            "kept_sets": [
+                {k: layer[k] for k in ("layer", "k", "identical_fraction", "min_relative_margin")} for layer in v["layers"]
+            ],
             "environment": r["environment"],
+            "loadavg_before": load,
             "wall_s": round(time.perf_counter() - start, 1),
         }
         print(json.dumps(results["cases"][name], indent=1), flush=True)

@@ -245,6 +245,18 @@ def test_tensorrt_parses_and_builds_the_tokens_graph(tokens_export: Path, tmp_pa
         pytest.skip("no TensorRT installed")
     import shutil
 
+    from polygraphy.backend.trt import NetworkFromOnnxPath
+
+    _, network, _ = NetworkFromOnnxPath(str(tokens_export / "model.onnx"), strongly_typed=True)()
+    outputs = [network.get_output(i) for i in range(network.num_outputs)]
+    # Static token counts: K = 32 after the TopKs (inner k = 45, final 32, its spatial sort 32).
+    assert [(t.name, tuple(t.shape)) for t in outputs] == [("tokens", (-1, 32, 64)), ("indices", (-1, 32))]
+    topk = [
+        network.get_layer(i).get_output(1).shape[-1]
+        for i in range(network.num_layers)
+        if network.get_layer(i).type == flavour.module.LayerType.TOPK
+    ]
+    assert topk == [45, 32, 32]
     built = tmp_path / "built"
     shutil.copytree(tokens_export, built)
     build_engine(built, 1, 2, 4, timing_cache=tmp_path / "timing.cache")
@@ -263,6 +275,7 @@ def test_tensorrt_parses_and_builds_the_tokens_graph(tokens_export: Path, tmp_pa
         (["--layers", "2", "--keep", "0.5,0.9"], "plan: the final selection keeps 58 of 64 patches but only 32 survive"),
         (["--fuse"], "plan: --fuse does not apply to output 'tokens'"),
         (["--keep", "0.7,0.5"], "plan: 2 keep rates for 0 inner pruning layers and the final selection"),
+        (["--merge", "--precision", "fp16"], "arguments: --merge needs --precision fp32"),
     ],
 )
 def test_bad_tokens_inputs_exit_2_in_one_line(args: list[str], message: str, tmp_path: Path, capsys) -> None:
