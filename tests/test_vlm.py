@@ -192,6 +192,22 @@ def test_validation_catches_a_different_selection() -> None:
     assert "layer 6" in failed.mismatches[0] and "outside PyTorch's tie band" in failed.mismatches[0]
 
 
+@pytest.mark.parametrize("cand_ids, explained", [([0, 2], True), ([0, 3], False)])
+def test_final_selection_tie_rule_on_patch_ids(cand_ids: list[int], explained: bool) -> None:
+    """The candidate's ``indices`` output (patch ids) goes through the same tie rule: swapping a
+    kept patch for one tied with PyTorch's k-th score is explained (the image is just not judged);
+    swapping it for a clearly lower one is a mismatch."""
+    from colln.runtime.validate import TOLERANCES, _judge_selections, _Reference
+
+    scores = np.array([[0.5, 0.3, 0.3, 0.1]], dtype=np.float32)
+    ref = _Reference(logits=np.zeros((1, 2, 1)), unpruned=None, kept={6: np.array([[0, 1]])}, scores={6: scores})
+    checks, judged, mismatches, _ = _judge_selections(
+        ref, {}, [(6, 2)], "colln", False, TOLERANCES["fp32"], 1, "onnxruntime", cand_patch_ids={6: np.array([cand_ids])}
+    )
+    assert not judged[0] and checks[0].diverged_here == 1
+    assert (checks[0].explained, not mismatches) == (int(explained), explained)
+
+
 def test_validate_and_bench_commands(tokens_export: Path, tmp_path: Path) -> None:
     out = tmp_path / "validation.json"
     assert validate_main([str(tokens_export), "--val-limit", "64", "--json", str(out)]) == 0

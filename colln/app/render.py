@@ -28,7 +28,10 @@ def result_table(
     table.add_row(
         "model", f"{m['name']} ({m['weights']} weights, {m['params'] / 1e6:.2f}M params, input {tuple(m['input_size'])})"
     )
-    table.add_row("plan", f"{plan['metric']} at blocks {plan['layers']}, keep {plan['keep_rates']}, tokens {plan['token_steps']}")
+    final = "" if plan.get("final_rate") is None else f", final keep {plan['final_rate']:g}"
+    table.add_row(
+        "plan", f"{plan['metric']} at blocks {plan['layers']}, keep {plan['keep_rates']}{final}, tokens {plan['token_steps']}"
+    )
     table.add_row("TopK K", ", ".join(str(k) for k in e["topk_k"]) or "none (unpruned)")
     table.add_row("FLOPs", f"{f['pruned'] / 1e9:.3g} G of {f['full'] / 1e9:.3g} G ({f['ratio']:.2f}x), bound {f['bound']:.2f}x")
     if report.get("tokens"):
