@@ -49,20 +49,24 @@ def block_input(model: torch.nn.Module, x: torch.Tensor, layer: int) -> torch.Te
     return h
 
 
-def plain_colln_topk(block: torch.nn.Module, x: torch.Tensor, num_prefix: int, k: int, norm: int = 4) -> list[set[int]]:
-    """Per image: the k patch ids whose head-averaged attention column has the largest l_n norm,
-    attention written out from the block's weights."""
+def plain_colln_scores(block: torch.nn.Module, x: torch.Tensor, num_prefix: int, norm: int = 4) -> torch.Tensor:
+    """Per image and patch: the l_n norm of its column in the head-averaged attention, attention
+    written out from the block's weights. ``[B, N - num_prefix]``."""
     attn = block.attn
-    picks = []
+    rows = []
     for img in block.norm1(x):
         q, kk, _ = (img @ attn.qkv.weight.T + attn.qkv.bias).chunk(3, dim=-1)
         heads = attn.num_heads
         q = q.reshape(len(img), heads, -1).transpose(0, 1)
         kk = kk.reshape(len(img), heads, -1).transpose(0, 1)
         probs = torch.softmax(q @ kk.transpose(1, 2) * attn.head_dim**-0.5, dim=-1).mean(0)
-        score = (probs[:, num_prefix:] ** norm).sum(0) ** (1 / norm)
-        picks.append(set(torch.topk(score, k).indices.tolist()))
-    return picks
+        rows.append((probs[:, num_prefix:] ** norm).sum(0) ** (1 / norm))
+    return torch.stack(rows)
+
+
+def plain_colln_topk(block: torch.nn.Module, x: torch.Tensor, num_prefix: int, k: int) -> list[set[int]]:
+    """Per image: the k patch ids with the largest Col-Ln scores."""
+    return [set(torch.topk(row, k).indices.tolist()) for row in plain_colln_scores(block, x, num_prefix)]
 
 
 @pytest.mark.parametrize(
@@ -112,24 +116,54 @@ def test_patch_ids_follow_inner_pruning_in_score_order() -> None:
             torch.testing.assert_close(token, rows[patch], atol=1e-5, rtol=1e-5)
 
 
-def test_merge_matches_a_plain_loop() -> None:
+def plain_merge(x: torch.Tensor, keys: torch.Tensor, kept: list[int], scores: torch.Tensor) -> torch.Tensor:
+    """One image: each pruned token joins the kept token with the most similar key (cosine); each
+    kept token becomes the score-weighted mean of itself and its joiners."""
+    total = {i: scores[i] * x[i] for i in kept}
+    weight = {i: scores[i].clone() for i in kept}
+    for j in range(len(x)):
+        if j in kept:
+            continue
+        sims = [torch.cosine_similarity(keys[j], keys[i], dim=0) for i in kept]
+        owner = kept[int(torch.stack(sims).argmax())]
+        total[owner] = total[owner] + scores[j] * x[j]
+        weight[owner] = weight[owner] + scores[j]
+    return torch.stack([total[i] / weight[i] for i in kept])
+
+
+def test_merge_tokens_matches_a_plain_loop() -> None:
     torch.manual_seed(1)
     x, keys, scores = torch.randn(2, 12, 5), torch.randn(2, 12, 3), torch.rand(2, 12) + 0.1
     indices = torch.tensor([[3, 0, 7], [11, 5, 2]])
     merged = ops.merge_tokens(x, keys, indices, scores)
     for b in range(2):
-        kept = indices[b].tolist()
-        total = {i: scores[b, i] * x[b, i] for i in kept}
-        weight = {i: scores[b, i].clone() for i in kept}
-        for j in range(12):
-            if j in kept:
-                continue
-            sims = [torch.cosine_similarity(keys[b, j], keys[b, i], dim=0) for i in kept]
-            owner = kept[int(torch.stack(sims).argmax())]
-            total[owner] = total[owner] + scores[b, j] * x[b, j]
-            weight[owner] = weight[owner] + scores[b, j]
-        expected = torch.stack([total[i] / weight[i] for i in kept])
-        torch.testing.assert_close(merged[b], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged[b], plain_merge(x[b], keys[b], indices[b].tolist(), scores[b]), atol=1e-5, rtol=1e-5)
+
+
+def test_merge_uses_the_feature_block_keys_and_runs_in_onnxruntime(tmp_path: Path) -> None:
+    """--merge keeps the same patches as without, and merges the feature block's output rows by
+    its own keys and Col-Ln scores (both written out from its qkv weights); ONNX Runtime agrees."""
+    from colln.export.artifact import export_into
+
+    model = load_model("digits_vit")
+    x = torch.from_numpy(digit_images(4))
+    exported = export_into(ExportSpec("digits_vit", pruning=colln.PruneConfig(keep=0.25, output="tokens", merge=True)), tmp_path)
+    with torch.no_grad():
+        tokens, ids = exported.pruned(x)
+        _, plain_ids = colln.prune(model, 0.25, output="tokens")(x)
+        block, entering = model.blocks[6], block_input(model, x, 6)
+        h = block.norm1(entering)
+        dim = h.shape[-1]
+        keys = (h @ block.attn.qkv.weight.T + block.attn.qkv.bias)[..., dim : 2 * dim]
+        features = model.forward_intermediates(x, indices=[6], output_fmt="NLC", intermediates_only=True)[0]
+        scores = plain_colln_scores(block, entering, 1)
+    torch.testing.assert_close(ids, plain_ids, rtol=0, atol=0)
+    for b in range(4):
+        expected = plain_merge(features[b], keys[b, 1:], ids[b].tolist(), scores[b])
+        torch.testing.assert_close(tokens[b], expected, atol=1e-4, rtol=1e-4)
+    ort_tokens, ort_ids = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"images": x.numpy()})
+    np.testing.assert_array_equal(ort_ids, ids.numpy())
+    np.testing.assert_allclose(ort_tokens, tokens.numpy(), atol=1e-4)
 
 
 def test_plan_counts_flops_and_lm_savings() -> None:
