@@ -49,7 +49,7 @@ from colln.errors import ValidationFailedError
 from colln.export.artifact import read_export
 from colln.export.spec import OUTPUT_NAME
 from colln.models import ops
-from colln.models.rewrite import get_plan, record_selections
+from colln.models.rewrite import Selection, get_plan, record_selections
 from colln.runtime.runners import TorchRunner, feeds, open_runner
 
 
@@ -183,8 +183,6 @@ def validate(
     batch: int = 32,
 ) -> ValidationReport:
     """Run ``candidate``, the pruned and the unpruned PyTorch model on ``images`` and compare."""
-    from colln.export.onnx import KEPT_OUTPUT_PREFIX
-
     plan = get_plan(pruned)
     if plan.feature_block is not None:
         return validate_tokens(pruned, candidate, images, precision, backend, batch)
@@ -193,27 +191,18 @@ def validate(
     with record_selections(pruned) as selections:
         results = _run_all([ref_runner, base_runner, candidate], list(feeds(images.images, batch)))
     layers = plan.pruned_layers
-    kept: dict[int, list[torch.Tensor]] = {}
-    scores: dict[int, list[torch.Tensor]] = {}
-    for s in selections:
-        kept.setdefault(s.layer, []).append(s.indices)
-        scores.setdefault(s.layer, []).append(s.scores)
+    kept, scores = _recorded(selections, layers)
     ref = _Reference(
         logits=results[ref_runner.name][OUTPUT_NAME],
         unpruned=results[base_runner.name][OUTPUT_NAME],
-        kept={i: torch.cat(kept[i]).numpy() for i, _ in layers},
-        scores={i: torch.cat(scores[i]).float().numpy() for i, _ in layers},
+        kept=kept,
+        scores=scores,
     )
     outs = results[candidate.name]
-    cand_kept = {
-        i: np.concatenate([outs[name] for name in sorted(outs) if name.startswith(f"{KEPT_OUTPUT_PREFIX}{i}_")], axis=1)
-        for i, _ in layers
-        if f"{KEPT_OUTPUT_PREFIX}{i}_0" in outs
-    }
     return compare(
         ref,
         outs[OUTPUT_NAME].astype(np.float32),
-        cand_kept if len(cand_kept) == len(layers) else None,
+        _observed_kept(outs, layers),
         layers,
         metric=plan.config.metric,
         fuse=plan.config.fuse,
@@ -223,6 +212,35 @@ def validate(
         precision=precision,
         source=images.source,
     )
+
+
+def _recorded(
+    selections: Sequence[Selection],
+    layers: Sequence[tuple[int, int]],
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """PyTorch's kept indices and scores per selection layer, batches concatenated."""
+    kept: dict[int, list[torch.Tensor]] = {}
+    scores: dict[int, list[torch.Tensor]] = {}
+    for s in selections:
+        kept.setdefault(s.layer, []).append(s.indices)
+        scores.setdefault(s.layer, []).append(s.scores)
+    return {i: torch.cat(kept[i]).numpy() for i, _ in layers}, {i: torch.cat(scores[i]).float().numpy() for i, _ in layers}
+
+
+def _observed_kept(
+    outs: dict[str, np.ndarray],
+    layers: Sequence[tuple[int, int]],
+) -> dict[int, np.ndarray] | None:
+    """The candidate's kept indices per layer from the graph's extra TopK outputs; None unless it
+    reported every layer (ONNX Runtime through :func:`colln.export.onnx.with_kept_outputs`)."""
+    from colln.export.onnx import KEPT_OUTPUT_PREFIX
+
+    kept = {
+        i: np.concatenate([outs[name] for name in sorted(outs) if name.startswith(f"{KEPT_OUTPUT_PREFIX}{i}_")], axis=1)
+        for i, _ in layers
+        if f"{KEPT_OUTPUT_PREFIX}{i}_0" in outs
+    }
+    return kept if len(kept) == len(layers) else None
 
 
 def validate_tokens(
@@ -237,7 +255,6 @@ def validate_tokens(
     through the graph's TopK outputs where observed, the final one through the ``indices`` output),
     then on the judged images the tokens, row by row in patch-id order: max |error| within
     ``logit_rtol * max(1, max |reference|)`` and every row's cosine >= ``min_cosine``."""
-    from colln.export.onnx import KEPT_OUTPUT_PREFIX
     from colln.export.spec import INDICES_NAME, TOKENS_NAME
 
     plan = get_plan(pruned)
@@ -247,37 +264,16 @@ def validate_tokens(
     with record_selections(pruned) as selections:
         results = _run_all([ref_runner, candidate], list(feeds(images.images, batch)))
     layers = plan.selection_layers
-    kept: dict[int, list[torch.Tensor]] = {}
-    scores: dict[int, list[torch.Tensor]] = {}
-    for sel in selections:
-        kept.setdefault(sel.layer, []).append(sel.indices)
-        scores.setdefault(sel.layer, []).append(sel.scores)
+    kept, scores = _recorded(selections, layers)
     ref_out, outs = results[ref_runner.name], results[candidate.name]
-    ref = _Reference(
-        logits=ref_out[TOKENS_NAME],
-        unpruned=None,
-        kept={i: torch.cat(kept[i]).numpy() for i, _ in layers},
-        scores={i: torch.cat(scores[i]).float().numpy() for i, _ in layers},
-    )
-    inner = plan.pruned_layers
-    cand_kept = {
-        i: np.concatenate([outs[name] for name in sorted(outs) if name.startswith(f"{KEPT_OUTPUT_PREFIX}{i}_")], axis=1)
-        for i, _ in inner
-        if f"{KEPT_OUTPUT_PREFIX}{i}_0" in outs
-    }
+    ref = _Reference(logits=ref_out[TOKENS_NAME], unpruned=None, kept=kept, scores=scores)
+    # Inner layers through the graph's TopK outputs; the final selection is the indices output itself.
+    cand_kept = _observed_kept(outs, plan.pruned_layers)
     cand_ids = outs[INDICES_NAME].astype(np.int64)
-    final = {plan.feature_block: cand_ids} if len(layers) > len(inner) else {}
+    final = {plan.feature_block: cand_ids} if len(layers) > len(plan.pruned_layers) else {}
     n = len(cand_ids)
     checks, judged, mismatches, warnings = _judge_selections(
-        ref,
-        cand_kept if len(cand_kept) == len(inner) else None,
-        layers,
-        plan.config.metric,
-        False,
-        tol,
-        n,
-        backend,
-        cand_patch_ids=final,
+        ref, cand_kept, layers, plan.config.metric, False, tol, n, backend, cand_patch_ids=final
     )
     ref_ids = ref_out[INDICES_NAME]
     differ = (np.sort(ref_ids, axis=1) != np.sort(cand_ids, axis=1)).sum(axis=1)
@@ -301,7 +297,7 @@ def validate_tokens(
         images=n,
         source=images.source,
         tolerances=tol,
-        kept_sets_observed=len(cand_kept) == len(inner),
+        kept_sets_observed=cand_kept is not None,
         judged_images=int(judged.sum()),
         top1_agreement=None,
         top1_agreement_judged=None,
