@@ -50,3 +50,18 @@ def test_attention_with_probs_equals_timm_attention(fused: bool, options: dict) 
         assert torch.allclose(out, attn(x), atol=1e-5)
     assert probs.shape == (2, 4, 17, 17)
     assert torch.allclose(probs.sum(-1), torch.ones(2, 4, 17))
+
+
+def test_tokens_model_attributes_and_intermediates_convention() -> None:
+    """TokenEncoder runs timm's embedding steps itself and drops the head; its feature layer -2 is
+    what timm's forward_intermediates takes for index -2: the output of block depth-2, unnormed."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, pre_norm=True).eval()
+    for name in (*rewrite.TOKENS_ATTRS, *rewrite.HEAD_ATTRS):
+        assert hasattr(model, name), f"VisionTransformer.{name}"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = model.patch_drop(model._pos_embed(model.patch_embed(x)))
+        h = model.blocks[:2](model.norm_pre(h))
+        taken = model.forward_intermediates(x, indices=[-2], output_fmt="NLC", intermediates_only=True)[0]
+    assert torch.equal(taken, h[:, model.num_prefix_tokens :])

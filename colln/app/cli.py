@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from colln.errors import CollnError, UsageError
 from colln.files import PATH_ERRNOS, display
-from colln.models.config import METRICS, PruneConfig
+from colln.models.config import METRICS, ORDERS, OUTPUTS, PruneConfig
 
 INTERRUPTED = 130
 # An unexpected error (a bug): not 1 (validation failed) nor 2 (bad input).
@@ -253,6 +253,23 @@ def add_prune_arguments(
         default=PruneConfig.round_to,
         help="round keep counts up to a multiple of this, e.g. 8 (default 1: exact ceil(keep * N))",
     )
+    p.add_argument(
+        "--output",
+        default=PruneConfig.output,
+        choices=OUTPUTS,
+        help="logits (default), or tokens: a VLM vision tower returning the kept patch tokens and their patch ids; "
+        "--keep is then the final rate (K = ceil(R * patches)), after one rate per --layers block if any",
+    )
+    p.add_argument(
+        "--feature-layer",
+        type=int,
+        default=None,
+        help="--output tokens: the block whose output is returned, negative from the end (default -2, LLaVA's)",
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="--output tokens: each kept token absorbs its most similar pruned ones (PruMerge)"
+    )
+    p.add_argument("--order", default=None, choices=ORDERS, help="--output tokens: order of the tokens (default spatial)")
 
 
 def prune_config(
@@ -269,6 +286,10 @@ def prune_config(
         fuse=args.fuse,
         spatial_order=args.spatial_order,
         round_to=args.round_to,
+        output=args.output,
+        feature_layer=args.feature_layer,
+        merge=args.merge,
+        order=args.order,
     )
 
 

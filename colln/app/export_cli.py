@@ -18,7 +18,7 @@ from colln.app.build_cli import add_engine_arguments
 from colln.app.cli import ArgumentParser, add_prune_arguments, entry_point, parse_ints, positive_int, prune_config
 from colln.app.pipeline import EngineOptions, LatencyOptions, Progress, TritonOptions, ValidationOptions, export_model
 from colln.app.render import result_table
-from colln.app.report import REPORT_JSON
+from colln.app.report import DEFAULT_LM_PARAMS, REPORT_JSON
 from colln.export.spec import DEFAULT_OPSET, ExportSpec
 
 if TYPE_CHECKING:
@@ -72,6 +72,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for timing (default: its own)")
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (model.plan)")
     add_engine_arguments(p)
+    p.add_argument(
+        "--lm-params",
+        type=float,
+        default=DEFAULT_LM_PARAMS,
+        help="--output tokens: parameters of the language model fed, for the prefill FLOPs saved (default 7e9)",
+    )
     p.add_argument("--triton-repo", type=Path, default=None, help="also write a Triton model repository entry into DIR")
     p.add_argument(
         "--triton-backend",
@@ -115,6 +121,7 @@ def export_command(
             engine=engine,
             triton=triton,
             progress=step,
+            lm_params=args.lm_params,
         )
     Console().print(result_table(result.report, result.out, result.extra))
     for line in result.warnings:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from colln.app.plots import plot_accuracy_vs_keep, plot_pareto
 from colln.app.render import eval_markdown
-from colln.app.report import build_report, write_report
+from colln.app.report import DEFAULT_LM_PARAMS, build_report, write_report
 from colln.data import data_config, load_labelled, validation_images
 from colln.errors import NoFitError
 from colln.export.artifact import default_out_dir, export_into
@@ -106,11 +106,13 @@ def export_model(
     engine: EngineOptions | None = None,
     triton: TritonOptions | None = None,
     progress: Progress = _quiet,
+    lm_params: float = DEFAULT_LM_PARAMS,
 ) -> ExportResult:
     """Prune and export ``spec`` into ``out`` (default ``exports/<model>-<metric>-keep<R>``), written
     in a temp dir renamed into place at the end: a failure leaves ``out`` as it was. ``None`` for
     ``validation`` / ``latency`` skips that step. The engine and the Triton entry are built only
-    when validation passed (or was skipped).
+    when validation passed (or was skipped). ``lm_params``: the language model a tokens export
+    feeds (the report gives the prefill FLOPs it saves).
 
     Weights fine-tuned by ``colln-finetune`` carry their plan in ``finetune.json``: an export with
     another plan is refused, or with ``force`` made with a warning (in ``ExportResult.warnings``)."""
@@ -144,7 +146,7 @@ def export_model(
                 base_dir = unpruned_export(exported.spec, default_cache(out), unpruned)
             with progress("timing pruned vs unpruned (ONNX Runtime, interleaved)"):
                 timing = _latency(tmp, base_dir, tuple(data_config(unpruned)["input_size"]), latency)
-        report = build_report(exported, checked, timing)
+        report = build_report(exported, checked, timing, lm_params)
         write_report(tmp, report)
         passed = checked is None or checked.passed
         if engine is not None and passed:

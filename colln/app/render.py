@@ -28,9 +28,14 @@ def result_table(
     table.add_row(
         "model", f"{m['name']} ({m['weights']} weights, {m['params'] / 1e6:.2f}M params, input {tuple(m['input_size'])})"
     )
-    table.add_row("plan", f"{plan['metric']} at blocks {plan['layers']}, keep {plan['keep_rates']}, tokens {plan['token_steps']}")
+    final = "" if plan.get("final_rate") is None else f", final keep {plan['final_rate']:g}"
+    table.add_row(
+        "plan", f"{plan['metric']} at blocks {plan['layers']}, keep {plan['keep_rates']}{final}, tokens {plan['token_steps']}"
+    )
     table.add_row("TopK K", ", ".join(str(k) for k in e["topk_k"]) or "none (unpruned)")
     table.add_row("FLOPs", f"{f['pruned'] / 1e9:.3g} G of {f['full'] / 1e9:.3g} G ({f['ratio']:.2f}x), bound {f['bound']:.2f}x")
+    if report.get("tokens"):
+        table.add_row("tokens", tokens_line(report["tokens"]))
     table.add_row("ONNX", f"{out / e['onnx']} ({e['onnx_bytes'] / 1e6:.1f} MB, opset {e['opset']}, {e['precision']})")
     v = report["validation"]
     if v is not None:
@@ -66,6 +71,8 @@ def report_markdown(
         f"TopK K = {report['export']['topk_k']}",
         f"- Weights: {m['weights']}",
     ]
+    if report.get("tokens"):
+        lines.append(f"- Tokens: {tokens_line(report['tokens'])}")
     v = report["validation"]
     if v is not None:
         lines += [
@@ -92,24 +99,54 @@ def report_markdown(
     return "\n".join(lines)
 
 
+def tokens_line(
+    t: dict,
+) -> str:
+    """A tokens export's reduction and what it saves a language model."""
+    return (
+        f"block {t['feature_block']} features, {t['reduction']} patch tokens; LM prefill saved "
+        f"{t['lm_prefill_flops_saved'] / 1e12:.3g} TFLOPs/image for {t['lm_params'] / 1e9:g}B params"
+    )
+
+
 def validation_lines(
     v: dict,
 ) -> list[str]:
     """The validation numbers as short lines (report.md and the CLI table share them)."""
     judged = f"{v['judged_images']}/{v['images']} images judged"
+    if v.get("output") == "tokens":
+        lines = [
+            f"tokens ({judged}): max |err| {_g(v['max_abs_error'])}, mean |err| {_g(v['mean_abs_error'])}, "
+            f"min row cosine {_g(v['min_cosine'])}"
+        ]
+        return lines + _layer_lines(v)
     lines = [
         f"top-1 agreement {v['top1_agreement']:.4f} ({judged})",
         f"logits: max |err| {v['max_abs_error']:.3g}, mean |err| {v['mean_abs_error']:.3g}, min cosine {v['min_cosine']:.6f}",
     ]
-    for layer in v["layers"]:
-        kept = "" if layer["identical_fraction"] is None else f", identical kept sets {layer['identical_fraction']:.3f}"
-        margin = "n/a" if layer["min_relative_margin"] is None else f"{layer['min_relative_margin']:.2g}"
-        lines.append(f"layer {layer['layer']} (k={layer['k']}): min relative margin {margin}{kept}")
+    lines += _layer_lines(v)
     agree = ", ".join(f"{k} {x:.3f}" for k, x in v["unpruned_top1_agreement"].items())
     lines.append(f"top-1 agreement with the unpruned model: {agree}")
     if v["accuracy"]:
         lines.append("accuracy: " + ", ".join(f"{k} {x:.4f}" for k, x in v["accuracy"].items()))
     return lines
+
+
+def _layer_lines(
+    v: dict,
+) -> list[str]:
+    lines = []
+    for layer in v["layers"]:
+        kept = "" if layer["identical_fraction"] is None else f", identical kept sets {layer['identical_fraction']:.3f}"
+        margin = "n/a" if layer["min_relative_margin"] is None else f"{layer['min_relative_margin']:.2g}"
+        lines.append(f"layer {layer['layer']} (k={layer['k']}): min relative margin {margin}{kept}")
+    return lines
+
+
+def _g(
+    x: float | None,
+) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
 
 
 def print_bench(

@@ -12,6 +12,8 @@ report.json schema (``schema: 1``); ``null`` where a step was skipped::
       "plan": {...KeepPlan.to_dict(): layers, keep_rates, keep_counts, tokens_in, tokens_out,
                fuse, metric, norm, ..., "summary": "KeepPlan(colln, tokens 65 -> 46 -> ...)"},
       "flops": {"full": int, "pruned": int, "ratio": pruned/full, "bound": full/pruned},
+      "tokens": null | {"feature_block", "num_patches", "k", "reduction": "576 -> 192",   # output tokens
+                "lm_params", "lm_prefill_flops_saved": 2 * lm_params * (N - K)},     # per image
       "validation": null | {                          # colln.runtime.validate.ValidationReport
         "backend", "reference": "torch", "precision", "images", "source", "passed",
         "tolerances": {"min_cosine", "logit_rtol", "tie_rtol"},
@@ -49,20 +51,24 @@ from colln.export.artifact import Exported
 from colln.export.onnx import topk_constants
 from colln.export.spec import ONNX_FILE
 from colln.files import atomic_write
+from colln.models.plan import KeepPlan
 from colln.runtime.environment import environment
 from colln.runtime.validate import ValidationReport
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 SCHEMA = 1
+DEFAULT_LM_PARAMS = 7e9  # a 7B language model (LLaVA-1.5-7B's Vicuna)
 
 
 def build_report(
     exported: Exported,
     validation: ValidationReport | None,
     latency: dict | None,
+    lm_params: float = DEFAULT_LM_PARAMS,
 ) -> dict:
-    """The report.json content (see the module docstring for the schema)."""
+    """The report.json content (see the module docstring for the schema). ``lm_params``: the
+    language model a tokens export feeds, for the prefill FLOPs it saves."""
     import onnx
 
     from colln.data import data_config
@@ -94,10 +100,29 @@ def build_report(
         },
         "plan": {**plan.to_dict(), "summary": str(plan)},
         "flops": flops,
+        "tokens": tokens_summary(plan, lm_params),
         "validation": validation.to_dict() if validation is not None else None,
         "latency": latency,
         "versions": env.pop("versions"),
         "environment": {**{k: env[k] for k in ("machine", "cpu", "cpus", "platform")}, "loadavg": env["loadavg_after"]},
+    }
+
+
+def tokens_summary(
+    plan: KeepPlan,
+    lm_params: float = DEFAULT_LM_PARAMS,
+) -> dict | None:
+    """What a tokens export hands a language model: K of N patch tokens, and the prefill FLOPs per
+    image that saves (2 x params per token not fed). None for a logits export."""
+    if plan.feature_block is None:
+        return None
+    return {
+        "feature_block": plan.feature_block,
+        "num_patches": plan.num_patches,
+        "k": plan.final_k,
+        "reduction": f"{plan.num_patches} -> {plan.final_k}",
+        "lm_params": lm_params,
+        "lm_prefill_flops_saved": plan.lm_prefill_flops_saved(lm_params),
     }
 
 

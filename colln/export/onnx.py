@@ -30,11 +30,13 @@ def export_onnx(
     input_size: tuple[int, int, int],
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, str] | None = None,
+    output_names: Sequence[str] = (OUTPUT_NAME,),
 ) -> onnx.ModelProto:
     """Export ``model`` to ``path`` (one file when it fits under 2 GB) and run the full checker.
 
     ``input_size`` is ``(C, H, W)``; the batch axis is dynamic. ``metadata`` lands in the model's
-    ``metadata_props`` (colln stores the keep plan there).
+    ``metadata_props`` (colln stores the keep plan there). ``output_names`` name the model's outputs
+    in order (``tokens``, ``indices`` for a tokens model).
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(
@@ -52,7 +54,7 @@ def export_onnx(
                 model.eval(),
                 (example,),
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=list(output_names),
                 opset_version=opset,
                 dynamo=True,
                 dynamic_shapes={first_arg: {0: batch}},

@@ -2,7 +2,8 @@
 
 Layout of an export directory (``exports/<model>-<metric>-keep<R>`` by default)::
 
-    model.onnx     the graph: input ``images`` [batch, 3, H, W] float32, output ``logits``
+    model.onnx     the graph: input ``images`` [batch, 3, H, W] float32, output ``logits``, or for
+                   ``output="tokens"`` ``tokens`` [batch, K, C] float32 and ``indices`` [batch, K] int64
     export.json    ExportSpec (how to rebuild the model) + the keep plan + file names
     report.json    validation and latency report (colln-export), report.md its summary
     model.plan     TensorRT engine (optional, colln-build / --trt) with model.plan.json beside it
@@ -25,6 +26,8 @@ SPEC_FILE = "export.json"
 ONNX_FILE = "model.onnx"
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+TOKENS_NAME = "tokens"
+INDICES_NAME = "indices"
 DEFAULT_OPSET = 18
 # --weights values that name weights rather than a file.
 NAMED_WEIGHTS = ("pretrained", "random", "bundled")
@@ -66,6 +69,10 @@ class ExportSpec:
         if self.weights_sha256 is None and path.is_file():
             object.__setattr__(self, "weights_sha256", file_sha256(path))
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return output_names(self.pruning)
+
     def load_unpruned(self) -> nn.Module:
         from colln.models.registry import load_model
 
@@ -93,8 +100,11 @@ class ExportSpec:
 
     def unpruned(self) -> ExportSpec:
         """The same model through the same path at keep 1.0, the speed baseline. No block is wrapped
-        at keep 1.0, so the other prune settings would not change the graph: they are dropped."""
-        return replace(self, pruning=PruneConfig(keep=1.0), plan={})
+        at keep 1.0, so the other prune settings would not change the graph: they are dropped. A
+        tokens export keeps its output and feature layer: its baseline is the encoder cut at the
+        same block, returning all patch tokens."""
+        c = self.pruning
+        return replace(self, pruning=PruneConfig(keep=1.0, output=c.output, feature_layer=c.feature_layer), plan={})
 
     def keep_plan(self) -> KeepPlan:
         return KeepPlan.from_dict(self.plan)
@@ -129,3 +139,10 @@ class ExportSpec:
             return cls.from_dict(json.loads(path.read_text()))
         except (ValueError, TypeError, AttributeError, CollnError) as exc:
             raise ExportDirError(f"{path} is unreadable ({exc}); re-run colln-export with --force") from exc
+
+
+def output_names(
+    config: PruneConfig,
+) -> tuple[str, ...]:
+    """The graph's outputs for ``config``: ``logits``, or ``tokens`` and ``indices``."""
+    return (TOKENS_NAME, INDICES_NAME) if config.output == "tokens" else (OUTPUT_NAME,)

@@ -10,6 +10,11 @@ from colln.errors import PlanError
 
 Metric = Literal["colln", "cls", "correct"]
 METRICS: tuple[str, ...] = ("colln", "cls", "correct")
+Output = Literal["logits", "tokens"]
+OUTPUTS: tuple[str, ...] = ("logits", "tokens")
+Order = Literal["spatial", "score"]
+ORDERS: tuple[str, ...] = ("spatial", "score")
+DEFAULT_FEATURE_LAYER = -2  # LLaVA's mm_vision_select_layer: the output of block depth-2
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,13 @@ class PruneConfig:
     order ``norm``), ``cls`` ([CLS] attention) or ``correct`` ([CLS] with a Col-Ln ``rescue`` share).
     ``fuse``: EViT's fused token. ``spatial_order``: kept tokens in image order. ``round_to``: keep
     counts rounded up to a multiple of it. Invalid values raise :class:`PlanError` at construction.
+
+    ``output="tokens"`` (vision towers of VLMs): the model returns ``(tokens [B, K, C], indices [B, K])``,
+    the features of block ``feature_layer`` (negative: from the end; ``None``: -2) at the K patch tokens
+    the metric picks from that block's own attention, K = ``ceil(keep[-1] * num_patches)``. ``keep``
+    then holds one rate per inner pruning layer (``layers``, default none) and, last, the final rate.
+    ``merge``: each kept token absorbs its most similar pruned tokens (PruMerge). ``order``: of the
+    returned tokens (``None``: spatial). These three are for ``output="tokens"`` only.
     """
 
     keep: float | tuple[float, ...] = 0.7
@@ -31,6 +43,10 @@ class PruneConfig:
     fuse: bool = False
     spatial_order: bool = False
     round_to: int = 1
+    output: Output = "logits"
+    feature_layer: int | None = None
+    merge: bool = False
+    order: Order | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.keep, Sequence):
@@ -51,6 +67,32 @@ class PruneConfig:
             raise PlanError(f"rescue ratio {self.rescue!r} must be in [0, 1) (the paper uses 0.2 or 0.4)")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise PlanError(f"round_to {self.round_to!r} must be a positive integer")
+        self._check_output()
+
+    def _check_output(self) -> None:
+        if self.output not in OUTPUTS:
+            raise PlanError(f"unknown output {self.output!r}: choose one of {', '.join(OUTPUTS)}")
+        if self.order is not None and self.order not in ORDERS:
+            raise PlanError(f"unknown order {self.order!r}: choose one of {', '.join(ORDERS)}")
+        if self.output == "logits":
+            extra = [
+                name
+                for name, on in (
+                    ("feature_layer", self.feature_layer is not None),
+                    ("merge", self.merge),
+                    ("order", self.order is not None),
+                )
+                if on
+            ]
+            if extra:
+                raise PlanError(f"{extra[0]} applies to output 'tokens' only: add --output tokens")
+            return
+        if self.feature_layer is not None and (not isinstance(self.feature_layer, int) or isinstance(self.feature_layer, bool)):
+            raise PlanError(f"feature layer {self.feature_layer!r} must be a block index, e.g. -2 (the penultimate block)")
+        if self.fuse:
+            raise PlanError(
+                "--fuse does not apply to output 'tokens': a fused token is no patch and has no patch id; use --merge"
+            )
 
     @classmethod
     def of(
@@ -76,6 +118,11 @@ class PruneConfig:
         """One keep rate per pruning layer."""
         rates = self.keep if isinstance(self.keep, tuple) else (self.keep,) * num_layers
         if len(rates) != num_layers:
+            if self.output == "tokens":
+                raise PlanError(
+                    f"{len(rates)} keep rates for {num_layers - 1} inner pruning layers and the final selection: "
+                    "give one rate, or one per layer followed by the final rate"
+                )
             raise PlanError(f"{len(rates)} keep rates for {num_layers} pruning layers: give one rate or one per layer")
         return tuple(float(r) for r in rates)
 

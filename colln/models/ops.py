@@ -199,3 +199,39 @@ def boundary_margin(
         return torch.full(scores.shape[:1], float("inf"))
     top = torch.topk(scores, k + 1, dim=-1).values
     return top[:, k - 1] - top[:, k]
+
+
+def order_by_patch_id(
+    indices: torch.Tensor,
+    ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reorder picks into spatial order: ``indices`` [B, k] into the candidates and their patch ``ids``
+    [B, k], both sorted by patch id (a TopK with constant k, like ``prune_tokens``' spatial order)."""
+    sorted_ids, pos = torch.topk(ids, ids.shape[-1], dim=-1, largest=False)
+    return indices.gather(-1, pos), sorted_ids
+
+
+def merge_tokens(
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    indices: torch.Tensor,
+    scores: torch.Tensor,
+) -> torch.Tensor:
+    """PruMerge-style merge: every pruned candidate joins the kept token whose key is most similar
+    (cosine), and each kept token becomes the score-weighted mean of itself and the tokens it absorbed.
+
+    ``x`` [B, N, C] and ``keys`` [B, N, D] are the candidates' features and attention keys,
+    ``indices`` [B, k] the kept ones, ``scores`` [B, N] the metric's (positive) scores. Returns
+    [B, k, C] in the order of ``indices``. One dense assignment matrix: shapes stay static.
+    """
+    b, k = indices.shape
+    unit = torch.nn.functional.normalize(keys, dim=-1)
+    kept_keys = unit.gather(1, indices.unsqueeze(-1).expand(b, k, unit.shape[-1]))
+    nearest = (kept_keys @ unit.transpose(1, 2)).argmax(dim=1)  # [B, N]: the most similar kept token
+    kept = torch.zeros_like(scores).scatter(-1, indices, 1.0) > 0
+    # A kept token belongs to itself (its own similarity ties with any duplicate key).
+    position = torch.zeros_like(scores, dtype=indices.dtype).scatter(-1, indices, torch.arange(k, device=x.device).expand(b, k))
+    owner = torch.where(kept, position, nearest)
+    assign = owner.unsqueeze(1) == torch.arange(k, device=x.device).view(1, k, 1)  # [B, k, N]
+    weights = assign.to(x.dtype) * scores.to(x.dtype).unsqueeze(1)
+    return (weights @ x) / weights.sum(dim=-1, keepdim=True)

@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from colln.errors import PlanError
-from colln.models.config import PruneConfig
+from colln.models.config import DEFAULT_FEATURE_LAYER, PruneConfig
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class KeepPlan:
     ``tokens_in[i]`` counts the tokens entering block ``i`` (prefix included); ``keep_counts[j]``
     is ``k`` at ``layers[j]``: ``ceil(keep_rates[j] * (tokens_in - num_prefix))``, rounded up to a
     multiple of ``config.round_to`` and capped at the candidate count.
+
+    For ``output="tokens"`` only blocks ``0..feature_block`` run: ``layers`` are the inner pruning
+    layers (all before ``feature_block``), and the final selection at ``feature_block`` keeps
+    ``final_k = ceil(final_rate * num_patches)`` patch tokens (``tokens_out``). ``None`` for logits.
     """
 
     config: PruneConfig
@@ -58,13 +62,33 @@ class KeepPlan:
     tokens_in: tuple[int, ...]
     tokens_out: int
     dims: ModelDims
+    feature_block: int | None = None
+    final_rate: float | None = None
+    final_k: int | None = None
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_tokens - self.num_prefix
+
+    @property
+    def blocks_run(self) -> int:
+        """Blocks the pruned model runs: all of them, or up to the feature block for tokens."""
+        return self.depth if self.feature_block is None else self.feature_block + 1
+
+    def lm_prefill_flops_saved(
+        self,
+        lm_params: float,
+    ) -> float:
+        """A language model's prefill FLOPs saved per image by feeding it ``final_k`` instead of all
+        patch tokens: ``2 * params * (N - K)`` (tokens output only)."""
+        return 2.0 * lm_params * (self.num_patches - self.final_k)
 
     def k_at(self, layer: int) -> int:
         return self.keep_counts[self.layers.index(layer)]
 
     def tokens_after(self, layer: int) -> int:
         """Tokens leaving block ``layer`` (the input of the next block)."""
-        return self.tokens_in[layer + 1] if layer + 1 < self.depth else self.tokens_out
+        return self.tokens_in[layer + 1] if layer + 1 < self.blocks_run else self.tokens_out
 
     @property
     def pruned_layers(self) -> tuple[tuple[int, int], ...]:
@@ -72,16 +96,32 @@ class KeepPlan:
         return tuple((i, k) for i, k in zip(self.layers, self.keep_counts) if k < self.tokens_in[i] - self.num_prefix)
 
     @property
+    def selection_layers(self) -> tuple[tuple[int, int], ...]:
+        """``(layer, k)`` of every selection the model makes: :attr:`pruned_layers`, then for tokens
+        the final one at the feature block (absent when it keeps every patch: nothing is selected)."""
+        if self.feature_block is None or self.final_k == self.num_patches:
+            return self.pruned_layers
+        return (*self.pruned_layers, (self.feature_block, self.final_k))
+
+    @property
     def token_steps(self) -> str:
         """Tokens entering the first block, then after each pruning layer: ``197 -> 139 -> 98 -> 69``."""
-        return " -> ".join(str(n) for n in (self.tokens_in[0], *(self.tokens_after(i) for i in self.layers)))
+        final = () if self.final_k is None else (self.final_k,)
+        return " -> ".join(str(n) for n in (self.tokens_in[0], *(self.tokens_after(i) for i in self.layers), *final))
 
     def flops(self) -> FlopsEstimate:
+        """For tokens the unpruned counterpart is the encoder cut at the feature block (no head):
+        the final selection saves the feature block's MLP on the dropped tokens (not with merge,
+        which needs every token's features)."""
         d = self.dims
-        full = d.patch_macs + d.head_macs + d.depth * _block_macs(self.num_tokens, self.num_tokens, d)
-        pruned = d.patch_macs + d.head_macs
+        head = d.head_macs if self.feature_block is None else 0
+        full = d.patch_macs + head + self.blocks_run * _block_macs(self.num_tokens, self.num_tokens, d)
+        pruned = d.patch_macs + head
         for i, n_in in enumerate(self.tokens_in):
-            pruned += _block_macs(n_in, self.tokens_after(i), d)
+            # The feature block's MLP runs on every token without a selection (keep 1.0) or with merge.
+            whole = i == self.feature_block and (self.config.merge or self.final_k == self.num_patches)
+            n_out = n_in if whole else self.tokens_after(i)
+            pruned += _block_macs(n_in, n_out, d)
         return FlopsEstimate(full=2 * full, pruned=2 * pruned)
 
     def to_dict(self) -> dict:
@@ -98,6 +138,9 @@ class KeepPlan:
             "keep_counts": list(self.keep_counts),
             "tokens_in": list(self.tokens_in),
             "tokens_out": self.tokens_out,
+            "feature_block": self.feature_block,
+            "final_rate": self.final_rate,
+            "final_k": self.final_k,
             "dims": asdict(self.dims),
             "pruned_layers": [list(p) for p in self.pruned_layers],
             "token_steps": self.token_steps,
@@ -110,7 +153,9 @@ class KeepPlan:
     @classmethod
     def from_dict(cls, data: dict) -> KeepPlan:
         rates = tuple(data["keep_rates"])
-        config = PruneConfig.from_dict({**data, "keep": rates[0] if len(set(rates)) == 1 else rates})
+        final = data.get("final_rate")
+        every = rates + (() if final is None else (final,))
+        config = PruneConfig.from_dict({**data, "keep": every[0] if len(set(every)) == 1 else every})
         return cls(
             config=replace(config, layers=tuple(data["layers"])),
             num_tokens=data["num_tokens"],
@@ -122,10 +167,15 @@ class KeepPlan:
             tokens_in=tuple(data["tokens_in"]),
             tokens_out=data["tokens_out"],
             dims=ModelDims(**data["dims"]),
+            feature_block=data.get("feature_block"),
+            final_rate=final,
+            final_k=data.get("final_k"),
         )
 
     def __str__(self) -> str:
         where = ", ".join(f"block {i}: k={k}" for i, k in zip(self.layers, self.keep_counts)) or "no pruning"
+        if self.feature_block is not None:
+            where += f"; tokens of block {self.feature_block}: {self.final_k} of {self.num_patches} patches"
         f = self.flops()
         return (
             f"KeepPlan({self.config.metric}, tokens {self.token_steps}; {where}; fuse={self.config.fuse}; "
@@ -157,28 +207,12 @@ def make_plan(
     """Resolve ``config`` against a model's token count and dims. Raises :class:`PlanError` on
     layers the model does not have."""
     depth = dims.depth
+    if config.output == "tokens":
+        return _tokens_plan(num_tokens, num_prefix, dims, config)
     layers = default_layers(depth) if config.layers is None else config.layers
     rates = config.rates(len(layers))
-    bad = [i for i in layers if not 0 <= i < depth]
-    if bad:
-        raise PlanError(f"layer {bad[0]} is out of range: this model has blocks 0..{depth - 1}")
-    if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
-        raise PlanError(f"layers {list(layers)} must be strictly increasing block indices")
-    if num_tokens - num_prefix < 1:
-        raise PlanError(f"the model has no patch tokens to prune ({num_tokens} tokens, {num_prefix} prefix)")
-
-    tokens_in: list[int] = []
-    counts: list[int] = []
-    n = num_tokens
-    for i in range(depth):
-        tokens_in.append(n)
-        if i in layers:
-            cand = n - num_prefix
-            # round() first: 0.7 * 130 is 91.00000000000001 in floats, and ceil would give 92.
-            k = math.ceil(round(rates[layers.index(i)] * cand, 9))
-            k = min(cand, max(1, math.ceil(k / config.round_to) * config.round_to))
-            counts.append(k)
-            n = num_prefix + k + (1 if config.fuse and k < cand else 0)
+    _check_layers(layers, depth, num_tokens, num_prefix)
+    tokens_in, counts, n = _prune_counts(num_tokens, num_prefix, depth, layers, rates, config)
     return KeepPlan(
         config=config,
         num_tokens=num_tokens,
@@ -191,3 +225,102 @@ def make_plan(
         tokens_out=n,
         dims=dims,
     )
+
+
+def resolve_feature_layer(
+    feature_layer: int | None,
+    depth: int,
+) -> int:
+    """The feature block's index: negative counts from the end (-1: last block; ``None``: -2), as
+    timm's ``forward_intermediates`` and LLaVA's ``mm_vision_select_layer`` do."""
+    layer = DEFAULT_FEATURE_LAYER if feature_layer is None else feature_layer
+    if not -depth <= layer < depth:
+        raise PlanError(f"feature layer {layer} is out of range: this model has blocks 0..{depth - 1} (or -1..-{depth})")
+    return layer % depth
+
+
+def _tokens_plan(
+    num_tokens: int,
+    num_prefix: int,
+    dims: ModelDims,
+    config: PruneConfig,
+) -> KeepPlan:
+    feature = resolve_feature_layer(config.feature_layer, dims.depth)
+    layers = () if config.layers is None else config.layers
+    _check_layers(layers, dims.depth, num_tokens, num_prefix)
+    late = [i for i in layers if i >= feature]
+    if late:
+        raise PlanError(
+            f"pruning layer {late[0]} is at or after the feature layer (block {feature}): inner pruning layers must precede it"
+        )
+    *rates, final_rate = config.rates(len(layers) + 1)
+    tokens_in, counts, n = _prune_counts(num_tokens, num_prefix, feature + 1, layers, tuple(rates), config)
+    patches = num_tokens - num_prefix
+    final_k = _keep_count(final_rate, patches, config.round_to)
+    if final_k > n - num_prefix:
+        raise PlanError(
+            f"the final selection keeps {final_k} of {patches} patches but only {n - num_prefix} survive the inner pruning: "
+            "lower the final keep rate (the last of --keep) or prune less inside"
+        )
+    return KeepPlan(
+        config=config,
+        num_tokens=num_tokens,
+        num_prefix=num_prefix,
+        depth=dims.depth,
+        layers=tuple(layers),
+        keep_rates=tuple(rates),
+        keep_counts=tuple(counts),
+        tokens_in=tuple(tokens_in),
+        tokens_out=final_k,
+        dims=dims,
+        feature_block=feature,
+        final_rate=final_rate,
+        final_k=final_k,
+    )
+
+
+def _keep_count(
+    rate: float,
+    candidates: int,
+    round_to: int,
+) -> int:
+    # round() first: 0.7 * 130 is 91.00000000000001 in floats, and ceil would give 92.
+    k = math.ceil(round(rate * candidates, 9))
+    return min(candidates, max(1, math.ceil(k / round_to) * round_to))
+
+
+def _check_layers(
+    layers: tuple[int, ...],
+    depth: int,
+    num_tokens: int,
+    num_prefix: int,
+) -> None:
+    bad = [i for i in layers if not 0 <= i < depth]
+    if bad:
+        raise PlanError(f"layer {bad[0]} is out of range: this model has blocks 0..{depth - 1}")
+    if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
+        raise PlanError(f"layers {list(layers)} must be strictly increasing block indices")
+    if num_tokens - num_prefix < 1:
+        raise PlanError(f"the model has no patch tokens to prune ({num_tokens} tokens, {num_prefix} prefix)")
+
+
+def _prune_counts(
+    num_tokens: int,
+    num_prefix: int,
+    blocks: int,
+    layers: tuple[int, ...],
+    rates: tuple[float, ...],
+    config: PruneConfig,
+) -> tuple[list[int], list[int], int]:
+    """Tokens entering each of the first ``blocks`` blocks, k per pruning layer, tokens leaving."""
+    tokens_in: list[int] = []
+    counts: list[int] = []
+    n = num_tokens
+    for i in range(blocks):
+        tokens_in.append(n)
+        if i in layers:
+            cand = n - num_prefix
+            k = _keep_count(rates[layers.index(i)], cand, config.round_to)
+            counts.append(k)
+            n = num_prefix + k + (1 if config.fuse and k < cand else 0)
+    return tokens_in, counts, n

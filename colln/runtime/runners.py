@@ -21,7 +21,7 @@ from torch import nn
 
 from colln.errors import BackendUnavailableError, EngineError, UsageError
 from colln.export.artifact import read_export
-from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
+from colln.export.spec import INDICES_NAME, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, TOKENS_NAME
 from colln.export.tensorrt import LABELS, PLAN_FILE, TrtFlavour, gpu_info, read_plan_metadata, sha256, trt_module
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -68,6 +68,9 @@ class TorchRunner(BaseRunner):
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
         self.inference_time = time.perf_counter() - start
+        if isinstance(y, tuple):  # a tokens model (colln.models.rewrite.TokenEncoder)
+            tokens, indices = y
+            return OrderedDict([(TOKENS_NAME, tokens.float().cpu().numpy()), (INDICES_NAME, indices.cpu().numpy())])
         return OrderedDict([(OUTPUT_NAME, y.float().cpu().numpy())])
 
     def deactivate_impl(self) -> None:

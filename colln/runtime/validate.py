@@ -49,7 +49,7 @@ from colln.errors import ValidationFailedError
 from colln.export.artifact import read_export
 from colln.export.spec import OUTPUT_NAME
 from colln.models import ops
-from colln.models.rewrite import get_plan, record_selections
+from colln.models.rewrite import Selection, get_plan, record_selections
 from colln.runtime.runners import TorchRunner, feeds, open_runner
 
 
@@ -96,7 +96,7 @@ class ValidationReport:
     tolerances: Tolerances
     kept_sets_observed: bool
     judged_images: int
-    top1_agreement: float
+    top1_agreement: float | None
     top1_agreement_judged: float | None
     max_abs_error: float
     mean_abs_error: float
@@ -108,6 +108,8 @@ class ValidationReport:
     accuracy: dict[str, float] | None
     mismatches: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # "tokens": the errors and cosines are of the kept tokens' features (per token row), top-1 is None.
+    output: str = "logits"
 
     @property
     def passed(self) -> bool:
@@ -144,8 +146,8 @@ def _finite(
 
 @dataclass(frozen=True)
 class _Reference:
-    logits: np.ndarray
-    unpruned: np.ndarray
+    logits: np.ndarray  # or the tokens of a tokens model
+    unpruned: np.ndarray | None
     kept: dict[int, np.ndarray]
     scores: dict[int, np.ndarray]
 
@@ -181,35 +183,26 @@ def validate(
     batch: int = 32,
 ) -> ValidationReport:
     """Run ``candidate``, the pruned and the unpruned PyTorch model on ``images`` and compare."""
-    from colln.export.onnx import KEPT_OUTPUT_PREFIX
-
     plan = get_plan(pruned)
+    if plan.feature_block is not None:
+        return validate_tokens(pruned, candidate, images, precision, backend, batch)
     ref_runner = TorchRunner(pruned, name="torch")
     base_runner = TorchRunner(unpruned, name="torch-unpruned")
     with record_selections(pruned) as selections:
         results = _run_all([ref_runner, base_runner, candidate], list(feeds(images.images, batch)))
     layers = plan.pruned_layers
-    kept: dict[int, list[torch.Tensor]] = {}
-    scores: dict[int, list[torch.Tensor]] = {}
-    for s in selections:
-        kept.setdefault(s.layer, []).append(s.indices)
-        scores.setdefault(s.layer, []).append(s.scores)
+    kept, scores = _recorded(selections, layers)
     ref = _Reference(
         logits=results[ref_runner.name][OUTPUT_NAME],
         unpruned=results[base_runner.name][OUTPUT_NAME],
-        kept={i: torch.cat(kept[i]).numpy() for i, _ in layers},
-        scores={i: torch.cat(scores[i]).float().numpy() for i, _ in layers},
+        kept=kept,
+        scores=scores,
     )
     outs = results[candidate.name]
-    cand_kept = {
-        i: np.concatenate([outs[name] for name in sorted(outs) if name.startswith(f"{KEPT_OUTPUT_PREFIX}{i}_")], axis=1)
-        for i, _ in layers
-        if f"{KEPT_OUTPUT_PREFIX}{i}_0" in outs
-    }
     return compare(
         ref,
         outs[OUTPUT_NAME].astype(np.float32),
-        cand_kept if len(cand_kept) == len(layers) else None,
+        _observed_kept(outs, layers),
         layers,
         metric=plan.config.metric,
         fuse=plan.config.fuse,
@@ -218,6 +211,107 @@ def validate(
         backend=backend or candidate.name,
         precision=precision,
         source=images.source,
+    )
+
+
+def _recorded(
+    selections: Sequence[Selection],
+    layers: Sequence[tuple[int, int]],
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """PyTorch's kept indices and scores per selection layer, batches concatenated."""
+    kept: dict[int, list[torch.Tensor]] = {}
+    scores: dict[int, list[torch.Tensor]] = {}
+    for s in selections:
+        kept.setdefault(s.layer, []).append(s.indices)
+        scores.setdefault(s.layer, []).append(s.scores)
+    return {i: torch.cat(kept[i]).numpy() for i, _ in layers}, {i: torch.cat(scores[i]).float().numpy() for i, _ in layers}
+
+
+def _observed_kept(
+    outs: dict[str, np.ndarray],
+    layers: Sequence[tuple[int, int]],
+) -> dict[int, np.ndarray] | None:
+    """The candidate's kept indices per layer from the graph's extra TopK outputs; None unless it
+    reported every layer (ONNX Runtime through :func:`colln.export.onnx.with_kept_outputs`)."""
+    from colln.export.onnx import KEPT_OUTPUT_PREFIX
+
+    kept = {
+        i: np.concatenate([outs[name] for name in sorted(outs) if name.startswith(f"{KEPT_OUTPUT_PREFIX}{i}_")], axis=1)
+        for i, _ in layers
+        if f"{KEPT_OUTPUT_PREFIX}{i}_0" in outs
+    }
+    return kept if len(kept) == len(layers) else None
+
+
+def validate_tokens(
+    pruned: nn.Module,
+    candidate: BaseRunner,
+    images: ValImages,
+    precision: str = "fp32",
+    backend: str | None = None,
+    batch: int = 32,
+) -> ValidationReport:
+    """:func:`validate` for a tokens model: kept patch-id sets by the tie rule (the inner layers
+    through the graph's TopK outputs where observed, the final one through the ``indices`` output),
+    then on the judged images the tokens, row by row in patch-id order: max |error| within
+    ``logit_rtol * max(1, max |reference|)`` and every row's cosine >= ``min_cosine``."""
+    from colln.export.spec import INDICES_NAME, TOKENS_NAME
+
+    plan = get_plan(pruned)
+    tol = TOLERANCES[precision]
+    backend = backend or candidate.name
+    ref_runner = TorchRunner(pruned, name="torch")
+    with record_selections(pruned) as selections:
+        results = _run_all([ref_runner, candidate], list(feeds(images.images, batch)))
+    layers = plan.selection_layers
+    kept, scores = _recorded(selections, layers)
+    ref_out, outs = results[ref_runner.name], results[candidate.name]
+    ref = _Reference(logits=ref_out[TOKENS_NAME], unpruned=None, kept=kept, scores=scores)
+    # Inner layers through the graph's TopK outputs; the final selection is the indices output itself.
+    cand_kept = _observed_kept(outs, plan.pruned_layers)
+    cand_ids = outs[INDICES_NAME].astype(np.int64)
+    final = {plan.feature_block: cand_ids} if len(layers) > len(plan.pruned_layers) else {}
+    n = len(cand_ids)
+    checks, judged, mismatches, warnings = _judge_selections(
+        ref, cand_kept, layers, plan.config.metric, False, tol, n, backend, cand_patch_ids=final
+    )
+    ref_ids = ref_out[INDICES_NAME]
+    differ = (np.sort(ref_ids, axis=1) != np.sort(cand_ids, axis=1)).sum(axis=1)
+    same_ids = differ == 0
+    _collect(mismatches, judged & ~same_ids, differ, "kept patch ids that differ despite clear score margins")
+    # Rows compared by patch id: score order may swap tied kept tokens without changing the set.
+    ref_tok = np.take_along_axis(ref.logits, np.argsort(ref_ids, axis=1)[..., None], axis=1)
+    cand_tok = np.take_along_axis(outs[TOKENS_NAME].astype(np.float32), np.argsort(cand_ids, axis=1)[..., None], axis=1)
+    err = np.abs(cand_tok - ref_tok).reshape(n, -1)
+    cos = _cosine(cand_tok.reshape(-1, cand_tok.shape[-1]), ref_tok.reshape(-1, ref_tok.shape[-1])).reshape(n, -1).min(axis=1)
+    limit = tol.logit_rtol * np.maximum(1.0, np.abs(ref_tok).reshape(n, -1).max(axis=1))
+    judged &= same_ids
+    _collect(mismatches, judged & (cos < tol.min_cosine), cos, f"token cosine similarity below {tol.min_cosine:g}", low=True)
+    _collect(mismatches, judged & (err.max(axis=1) > limit), err.max(axis=1), "max |token error| above the tolerance")
+    if not judged.any():
+        warnings.append("no image could be judged end to end (every selection is near-tied: random weights?)")
+    return ValidationReport(
+        backend=backend,
+        reference="torch",
+        precision=precision,
+        images=n,
+        source=images.source,
+        tolerances=tol,
+        kept_sets_observed=cand_kept is not None,
+        judged_images=int(judged.sum()),
+        top1_agreement=None,
+        top1_agreement_judged=None,
+        max_abs_error=float(err[judged].max()) if judged.any() else float("nan"),
+        mean_abs_error=float(err[judged].mean()) if judged.any() else float("nan"),
+        min_cosine=float(cos[judged].min()) if judged.any() else float("nan"),
+        mean_cosine=float(cos[judged].mean()) if judged.any() else float("nan"),
+        min_cosine_judged=float(cos[judged].min()) if judged.any() else None,
+        layers=checks,
+        unpruned_top1_agreement={},
+        accuracy=None,
+        mismatches=mismatches,
+        warnings=warnings,
+        output="tokens",
     )
 
 
@@ -257,49 +351,7 @@ def compare(
     mapped back to patch ids (the fused token gets id ``-1 - layer``) before sets are compared."""
     n = len(logits)
     tol = tolerances
-    mismatches: list[str] = []
-    warnings: list[str] = []
-    rel_margins = {}
-    checks = []
-    for i, k in layers:
-        s = torch.from_numpy(ref.scores[i])
-        margin = ops.boundary_margin(s, k).numpy()
-        rel_margins[i] = margin / np.maximum(s.abs().amax(dim=-1).numpy(), 1e-30)
-        checks.append(
-            LayerCheck(
-                layer=i,
-                k=k,
-                min_margin=float(margin.min()),
-                min_relative_margin=float(rel_margins[i].min()),
-                tied_images=int((rel_margins[i] <= tol.tie_rtol).sum()),
-            )
-        )
-    if cand_kept is not None:
-        judged = np.ones(n, dtype=bool)
-        ids = (
-            {side: np.tile(np.arange(ref.scores[layers[0][0]].shape[1]), (n, 1)) for side in ("torch", "cand")} if layers else {}
-        )
-        for c, (i, _) in enumerate(layers):
-            picked = {
-                "torch": np.take_along_axis(ids["torch"], ref.kept[i], axis=1),
-                "cand": np.take_along_axis(ids["cand"], cand_kept[i].astype(np.int64), axis=1),
-            }
-            checks[c] = _kept_check(checks[c], ref, ids["torch"], picked, judged, rel_margins[i], metric, tol, mismatches)
-            fused = np.full((n, 1), -1 - i) if fuse else np.zeros((n, 0), dtype=np.int64)
-            ids = {side: np.concatenate([picked[side], fused], axis=1) for side in ids}
-        diverged = int((~judged).sum())
-        if diverged:
-            warnings.append(
-                f"{diverged} of {n} images kept a different token set on a near-tie (within tie_rtol {tol.tie_rtol:g}); "
-                "left out of the logit checks"
-            )
-    else:
-        judged = np.all([rel_margins[i] > tol.tie_rtol for i, _ in layers], axis=0) if layers else np.ones(n, dtype=bool)
-        if not judged.all():
-            warnings.append(
-                f"{int((~judged).sum())} of {n} images have a near-tied selection (relative margin <= {tol.tie_rtol:g}) "
-                f"and {backend} cannot report its kept tokens; left out of the logit checks"
-            )
+    checks, judged, mismatches, warnings = _judge_selections(ref, cand_kept, layers, metric, fuse, tol, n, backend)
     err = np.abs(logits - ref.logits)
     cos = _cosine(logits, ref.logits)
     limit = tol.logit_rtol * np.maximum(1.0, np.abs(ref.logits).max(axis=1))
@@ -341,6 +393,70 @@ def compare(
         mismatches=mismatches,
         warnings=warnings,
     )
+
+
+def _judge_selections(
+    ref: _Reference,
+    cand_kept: dict[int, np.ndarray] | None,
+    layers: Sequence[tuple[int, int]],
+    metric: str,
+    fuse: bool,
+    tol: Tolerances,
+    n: int,
+    backend: str,
+    cand_patch_ids: dict[int, np.ndarray] | None = None,
+) -> tuple[list[LayerCheck], np.ndarray, list[str], list[str]]:
+    """Per selection layer: PyTorch's margins and, when the candidate reports its picks, kept-set
+    agreement by the tie rule. Returns the layer checks, the images left to judge end to end, and
+    the mismatches and warnings so far. ``cand_patch_ids``: layers whose candidate picks are patch
+    ids already (a tokens model's ``indices`` output) rather than indices into the candidates."""
+    cand_patch_ids = cand_patch_ids or {}
+    mismatches: list[str] = []
+    warnings: list[str] = []
+    rel_margins = {}
+    checks = []
+    for i, k in layers:
+        s = torch.from_numpy(ref.scores[i])
+        margin = ops.boundary_margin(s, k).numpy()
+        rel_margins[i] = margin / np.maximum(s.abs().amax(dim=-1).numpy(), 1e-30)
+        checks.append(
+            LayerCheck(
+                layer=i,
+                k=k,
+                min_margin=float(margin.min()),
+                min_relative_margin=float(rel_margins[i].min()),
+                tied_images=int((rel_margins[i] <= tol.tie_rtol).sum()),
+            )
+        )
+    if cand_kept is not None:
+        judged = np.ones(n, dtype=bool)
+        ids = (
+            {side: np.tile(np.arange(ref.scores[layers[0][0]].shape[1]), (n, 1)) for side in ("torch", "cand")} if layers else {}
+        )
+        for c, (i, _) in enumerate(layers):
+            picked = {
+                "torch": np.take_along_axis(ids["torch"], ref.kept[i], axis=1),
+                "cand": cand_patch_ids[i]
+                if i in cand_patch_ids
+                else np.take_along_axis(ids["cand"], cand_kept[i].astype(np.int64), axis=1),
+            }
+            checks[c] = _kept_check(checks[c], ref, ids["torch"], picked, judged, rel_margins[i], metric, tol, mismatches)
+            fused = np.full((n, 1), -1 - i) if fuse else np.zeros((n, 0), dtype=np.int64)
+            ids = {side: np.concatenate([picked[side], fused], axis=1) for side in ids}
+        diverged = int((~judged).sum())
+        if diverged:
+            warnings.append(
+                f"{diverged} of {n} images kept a different token set on a near-tie (within tie_rtol {tol.tie_rtol:g}); "
+                "left out of the logit checks"
+            )
+    else:
+        judged = np.all([rel_margins[i] > tol.tie_rtol for i, _ in layers], axis=0) if layers else np.ones(n, dtype=bool)
+        if not judged.all():
+            warnings.append(
+                f"{int((~judged).sum())} of {n} images have a near-tied selection (relative margin <= {tol.tie_rtol:g}) "
+                f"and {backend} cannot report its kept tokens; left out of the logit checks"
+            )
+    return checks, judged, mismatches, warnings
 
 
 def _kept_check(
