@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
+from colln.data import preprocess
 from colln.errors import ModelNotFoundError, UsageError, WeightsError
 from colln.models import registry
 
@@ -33,6 +35,8 @@ def test_random_weights_and_img_size() -> None:
     assert not model.training
     assert model.patch_embed.num_patches == 36
     assert model(torch.randn(1, 3, 96, 96)).shape == (1, 1000)
+    # Preprocessing follows the size the model was built at, not timm's pretrained 224.
+    assert preprocess([Image.new("RGB", (300, 200))], model).shape == (1, 3, 96, 96)
 
 
 def test_random_weights_are_seeded_and_leave_the_caller_rng_alone() -> None:

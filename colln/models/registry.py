@@ -76,6 +76,10 @@ def load_model(
         torch.manual_seed(RANDOM_SEED)
         model = _create(canonical, weights, img_size)
     _check_img_size(model, img_size)
+    if img_size is not None:
+        # timm builds the model at img_size but keeps the pretrained input size in its data config,
+        # which every colln command preprocesses with: images would come at the wrong resolution.
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, img_size, img_size)}
     if weights not in ("random", "pretrained", "bundled"):
         load_weights(model, Path(weights))
     elif weights == "bundled":
