@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import fields
 
 from colln.errors import CollnError, UsageError
 from colln.files import PATH_ERRNOS, display
@@ -227,8 +228,10 @@ def _int_at_least(
 
 def add_prune_arguments(
     p: argparse.ArgumentParser,
+    tokens: bool = True,
 ) -> None:
-    """The prune settings as options, one per :class:`PruneConfig` field (read back by :func:`prune_config`)."""
+    """The prune settings as options, one per :class:`PruneConfig` field (read back by
+    :func:`prune_config`); ``tokens=False`` leaves out the vision-language token-output options."""
     p.add_argument(
         "--keep",
         default=str(PruneConfig.keep),
@@ -253,6 +256,8 @@ def add_prune_arguments(
         default=PruneConfig.round_to,
         help="round keep counts up to a multiple of this, e.g. 8 (default 1: exact ceil(keep * N))",
     )
+    if not tokens:
+        return
     p.add_argument(
         "--output",
         default=PruneConfig.output,
@@ -275,22 +280,12 @@ def add_prune_arguments(
 def prune_config(
     args: argparse.Namespace,
 ) -> PruneConfig:
-    """The PruneConfig of the arguments :func:`add_prune_arguments` defined."""
+    """The PruneConfig of the arguments :func:`add_prune_arguments` defined (option dests are the
+    field names; fields a command does not offer keep their defaults)."""
     keep = parse_floats(args.keep, "--keep")
-    return PruneConfig(
-        keep=keep[0] if len(keep) == 1 else keep,
-        layers=parse_ints(args.layers, "--layers") if args.layers is not None else None,
-        metric=args.metric,
-        norm=args.norm,
-        rescue=args.rescue,
-        fuse=args.fuse,
-        spatial_order=args.spatial_order,
-        round_to=args.round_to,
-        output=args.output,
-        feature_layer=args.feature_layer,
-        merge=args.merge,
-        order=args.order,
-    )
+    layers = parse_ints(args.layers, "--layers") if args.layers is not None else None
+    others = [f.name for f in fields(PruneConfig) if f.name not in ("keep", "layers") and hasattr(args, f.name)]
+    return PruneConfig(keep=keep[0] if len(keep) == 1 else keep, layers=layers, **{name: getattr(args, name) for name in others})
 
 
 def add_model_args(

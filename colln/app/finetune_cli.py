@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from colln.app.cli import ArgumentParser, parse_floats, parse_ints, run_main
-from colln.models.config import METRICS, PruneConfig
+from colln.app.cli import ArgumentParser, add_prune_arguments, prune_config, run_main
 
 if TYPE_CHECKING:
     from colln.train.finetune import EpochRecord
@@ -34,16 +33,7 @@ def build_parser() -> ArgumentParser:
         "(distilled from the unpruned model) to recover its accuracy.",
     )
     p.add_argument("model", help="timm model name or alias, or digits_vit (bundled)")
-    p.add_argument(
-        "--keep", default="0.7", help="keep rate in (0, 1], or one per pruning layer; 1.0 = the unpruned baseline (default 0.7)"
-    )
-    p.add_argument("--layers", default=None, help="pruning blocks, e.g. 3,6,9 (default: EViT's quarter points of the depth)")
-    p.add_argument("--metric", default="colln", choices=METRICS, help="token score: colln (default), cls, correct")
-    p.add_argument("--norm", type=float, default=4.0, help="Col-Ln norm order n (default 4)")
-    p.add_argument("--rescue", type=float, default=0.2, help="rescue ratio for --metric correct (default 0.2)")
-    p.add_argument("--fuse", action="store_true", help="fuse the pruned tokens into one extra token (EViT)")
-    p.add_argument("--spatial-order", action="store_true", help="keep the kept tokens in spatial order")
-    p.add_argument("--round-to", type=int, default=1, help="round keep counts up to a multiple of this (default 1)")
+    add_prune_arguments(p, tokens=False)
     p.add_argument(
         "--weights", default=None, help="pretrained | random | PATH (default: bundled for digits_vit, pretrained otherwise)"
     )
@@ -93,7 +83,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (same command otherwise)")
     p.add_argument("--force", action="store_true", help="start over in a non-empty --out")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--verbose", action="store_true", help="show tracebacks")
     return p
 
 
@@ -103,17 +92,7 @@ def job_from_args(
     from colln.train.finetune import Recipe
     from colln.train.job import FinetuneJob
 
-    keep = parse_floats(args.keep, "--keep")
-    config = PruneConfig(
-        keep=keep[0] if len(keep) == 1 else keep,
-        layers=parse_ints(args.layers, "--layers") if args.layers is not None else None,
-        metric=args.metric,
-        norm=args.norm,
-        rescue=args.rescue,
-        fuse=args.fuse,
-        spatial_order=args.spatial_order,
-        round_to=args.round_to,
-    )
+    config = prune_config(args)
     recipe = Recipe(
         epochs=args.epochs,
         lr=args.lr,
