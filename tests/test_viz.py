@@ -59,7 +59,9 @@ def _reference(
         for j in range(b):
             parts = [t[j, :1], t[j, 1:][top[j]]]
             if fuse:
-                weight = scores[j] / scores[j].sum()
+                # The authors' weights: Col-Ln over the sum of every column's Col-Ln (+1e-6); raw [CLS] attention.
+                all_columns = (mean[j] ** 4).sum(0) ** 0.25
+                weight = scores[j] / (all_columns.sum() + 1e-6) if metric == "colln" else mean[j, 0, 1:].clone()
                 weight[top[j]] = 0.0
                 parts.append((weight @ t[j, 1:])[None])
             rows.append(torch.cat(parts))
