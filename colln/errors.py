@@ -126,3 +126,9 @@ class VizError(CollnError):
     """Selections cannot be drawn."""
 
     stage = "viz"
+
+
+class CalibrationError(CollnError):
+    """The int8 calibration set is empty, misshapen or unusable, or int8 cannot run where asked."""
+
+    stage = "calibrate"
