@@ -275,11 +275,13 @@ def evaluate(
     device: str = "cpu",
     latency_budget_ms: float | None = None,
     target_speedup: float | None = None,
+    precisions: Sequence[str] = ("fp32",),
 ) -> EvalResult:
     """Sweep (metric x norm x keep x layers) over ``base`` on labelled ``data`` (``digits`` or an
     ImageFolder), pick within a budget when one is given, and write results.json, results.md and
     the two plots into ``out`` (default ``evals/<model>-<data>``), whole or not at all. ``layers``
-    holds layer sets and schedule names (``evit``, ``early``)."""
+    holds layer sets and schedule names (``evit``, ``early``); ``precisions`` adds int8 rows
+    (``("fp32", "int8")``, ONNX Runtime backend)."""
     unpruned = base.load_unpruned()
     sets = resolve_layers(layers, len(unpruned.blocks))
     labelled = load_labelled(data, unpruned.num_classes, limit)
@@ -302,6 +304,7 @@ def evaluate(
             threads=threads,
             device=device,
             unpruned=unpruned,
+            precisions=precisions,
         )
         if latency_budget_ms is not None or target_speedup is not None:
             try:

@@ -203,10 +203,13 @@ def series_label(
     metric: str,
     norm: float,
     norms: Sequence[float],
+    precision: str = "fp32",
 ) -> str:
-    """``Col-Ln (n=4)`` when several norm orders were swept, else just the metric."""
+    """``Col-Ln (n=4)`` when several norm orders were swept, else just the metric; `` int8`` for
+    quantized rows."""
     label = METRIC_LABELS.get(metric, metric)
-    return f"{label} (n={norm:g})" if metric != "cls" and len(set(norms)) > 1 else label
+    label = f"{label} (n={norm:g})" if metric != "cls" and len(set(norms)) > 1 else label
+    return label if precision == "fp32" else f"{label} {precision}"
 
 
 def table_cells(
@@ -217,11 +220,11 @@ def table_cells(
     metrics, columns keep rates; cells ``top-1 % (agreement %)`` and ``ms (speedup)``, then the
     FLOPs ratio)."""
     header = ["metric", *(f"keep {k:g}" for k in result.keeps)]
-    norms = [n for _, n in result.series()]
+    norms = [n for _, n, _ in result.series()]
     acc_rows, lat_rows = [], []
-    for metric, norm in result.series():
-        cells = [result.find(metric, norm, k, layers) for k in result.keeps]
-        label = series_label(metric, norm, norms)
+    for metric, norm, precision in result.series():
+        cells = [result.find(metric, norm, k, layers, precision) for k in result.keeps]
+        label = series_label(metric, norm, norms, precision)
         acc_rows.append([label, *(f"{100 * r.accuracy:.1f} ({100 * r.agreement:.1f})" if r else "-" for r in cells)])
         lat_rows.append([label, *(f"{r.latency.p50_ms:.3g} ({result.speedup(r):.2f}x)" if r else "-" for r in cells)])
     # The FLOPs ratio depends on keep and layers only, not on the metric: one row under the timings.
