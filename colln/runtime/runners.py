@@ -96,10 +96,6 @@ def onnxruntime_runner(
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    # Idle intra-op threads sleep instead of spinning: spinning burns the cores that the other
-    # threads (and other processes) need; measured on the shared 2-core machine, unpruned deit_small
-    # at batch 1 ran 1.43x faster without it and pruning kept more of its FLOPs bound (benchmarks/README.md).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
     def session():
         model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
