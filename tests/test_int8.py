@@ -202,12 +202,36 @@ def test_a_collapsing_calibration_fails_validation_with_the_numbers(tmp_path, ca
         Image.new("RGB", (8, 8)).save(blank / f"{i}.png")
     out = tmp_path / "x"
     argv = ["digits_vit", "--keep", "0.7", "--precision", "int8", "--out", str(out), "--no-latency", "--calib-images", str(blank)]
-    assert export_main(argv) == 1
+    assert export_main([*argv, "--val-limit", "150"]) == 1
     assert "colln: error: validate: onnxruntime disagrees with torch" in capsys.readouterr().err
     v = json.loads((out / "report.json").read_text())["validation"]
     assert not v["passed"] and (out / ONNX_FILE).is_file()
     assert any("cosine similarity below 0.99" in m for m in v["mismatches"])
     assert v["min_cosine_judged"] < TOLERANCES["int8"].min_cosine
+
+
+def test_colln_eval_adds_int8_rows(tmp_path):
+    from colln.app.eval_cli import main
+    from colln.runtime.evaluate import Sweep, export_command
+
+    out = tmp_path / "eval"
+    argv = ["digits_vit", "--keep", "0.7", "--metric", "colln", "--limit", "90", "--rounds", "2", "--warmup", "0"]
+    assert main([*argv, "--backend", "onnxruntime", "--precision", "fp32,int8", "--out", str(out)]) == 0
+    sweep = Sweep.from_dict(json.loads((out / "results.json").read_text()))
+    fp32, int8 = (sweep.find("colln", 4.0, 0.7, (2, 4, 6), p) for p in ("fp32", "int8"))
+    assert fp32 is not None and int8 is not None and int8.key.endswith("-int8")
+    assert abs(int8.accuracy - fp32.accuracy) <= 0.03  # 90 images: one image is 1.1 points
+    assert "Col-Ln int8" in (out / "results.md").read_text()
+    assert export_command(int8, ExportSpec("digits_vit")).endswith("--precision int8")
+    assert (out / "accuracy_vs_latency.png").stat().st_size > 0
+
+
+def test_colln_eval_int8_needs_onnxruntime(tmp_path, capsys):
+    from colln.app.eval_cli import main
+
+    assert main(["digits_vit", "--keep", "0.7", "--precision", "int8", "--out", str(tmp_path / "e")]) == 2
+    assert "needs --backend onnxruntime" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.gpu

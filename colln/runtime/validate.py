@@ -125,6 +125,9 @@ class ValidationReport:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["passed"] = self.passed
+        # Only int8 has an accuracy gate: fp32/fp16 reports keep their three tolerance keys.
+        if out["tolerances"]["max_accuracy_drop"] is None:
+            del out["tolerances"]["max_accuracy_drop"]
         return _finite(out)
 
     def raise_if_failed(
