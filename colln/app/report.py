@@ -15,7 +15,7 @@ report.json schema (``schema: 1``); ``null`` where a step was skipped::
       "flops": {"full": int, "pruned": int, "ratio": pruned/full, "bound": full/pruned},
       "validation": null | {                          # colln.runtime.validate.ValidationReport
         "backend", "reference": "torch", "precision", "images", "source", "passed",
-        "tolerances": {"min_cosine", "logit_rtol", "tie_rtol"},
+        "tolerances": {"min_cosine", "logit_rtol", "tie_rtol"[, "max_accuracy_drop": int8 only]},
         "kept_sets_observed", "judged_images",
         "top1_agreement", "top1_agreement_judged", "max_abs_error", "mean_abs_error",
         "min_cosine", "mean_cosine", "min_cosine_judged",
