@@ -4,6 +4,10 @@ per option set the pruned speedup (paired, with IQR), its efficiency (speedup / 
 unpruned latency relative to ONNX Runtime's defaults.
 
     python benchmarks/session_options.py UNPRUNED_EXPORT PRUNED_EXPORT [--threads 0] [--batch 1,8] [--rounds 12]
+
+Caveat found with it: all option sets live in one process, so a spinning option changes what the
+*other* sessions see (the default sessions' spinning pools compete with every session timed after
+them). Spinning settings are compared one at a time in benchmarks/alternating_sessions.py.
 """
 
 from __future__ import annotations
