@@ -142,3 +142,9 @@ class TrainingDivergedError(CollnError):
     """The fine-tuning loss stopped being finite."""
 
     stage = "finetune"
+
+
+class CalibrationError(CollnError):
+    """The int8 calibration set is empty, misshapen or unusable, or int8 cannot run where asked."""
+
+    stage = "calibrate"

@@ -51,6 +51,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--backend", default="torch", choices=EVAL_BACKENDS, help="run PyTorch or ONNX Runtime exports (default torch)"
     )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        help="precisions to sweep, e.g. fp32,int8 (int8: static QDQ, calibrated on up to 256 of the evaluated images; "
+        "needs --backend onnxruntime; default fp32)",
+    )
     parser.add_argument("--batch", type=positive_int, default=64, help="batch size for accuracy (default 64)")
     parser.add_argument("--latency-batch", type=positive_int, default=1, help="batch size for latency (default 1)")
     parser.add_argument("--rounds", type=positive_int, default=20, help="timed rounds per configuration (default 20)")
@@ -99,6 +105,7 @@ def main_args(
         device=args.device,
         latency_budget_ms=args.latency_budget,
         target_speedup=args.target_speedup,
+        precisions=tuple(p.strip() for p in args.precision.split(",")),
     )
     print_eval(result.sweep)
     print(f"wrote {result.out}/{RESULTS_JSON}, {RESULTS_MD}, {KEEP_PLOT}, {PARETO_PLOT}")

@@ -16,9 +16,18 @@ from typing import TYPE_CHECKING
 
 from colln.app.build_cli import add_engine_arguments
 from colln.app.cli import ArgumentParser, add_prune_arguments, entry_point, parse_ints, positive_int, prune_config
-from colln.app.pipeline import EngineOptions, LatencyOptions, Progress, TritonOptions, ValidationOptions, export_model
+from colln.app.pipeline import (
+    CalibrationOptions,
+    EngineOptions,
+    LatencyOptions,
+    Progress,
+    TritonOptions,
+    ValidationOptions,
+    export_model,
+)
 from colln.app.render import result_table
 from colln.app.report import DEFAULT_LM_PARAMS, REPORT_JSON
+from colln.export.artifact import PRECISIONS
 from colln.export.spec import DEFAULT_OPSET, ExportSpec
 
 if TYPE_CHECKING:
@@ -43,9 +52,17 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=("fp32", "fp16"),
-        help="fp16 writes a strongly typed fp16 graph (scores, TopK, softmax, LayerNorm stay fp32)",
+        choices=PRECISIONS,
+        help="fp16 writes a strongly typed fp16 graph (scores, TopK, softmax, LayerNorm stay fp32); int8 a static QDQ "
+        "graph with int8 weight products (the token selection, softmax and LayerNorm stay float)",
     )
+    p.add_argument(
+        "--calib-images",
+        type=Path,
+        default=None,
+        help="int8: directory of calibration images (default: the validation images)",
+    )
+    p.add_argument("--calib-limit", type=int, default=None, help="int8: calibrate on the first N images only (default: all)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default exports/<model>-<metric>-keep<R>)")
     p.add_argument(
         "--force",
@@ -110,6 +127,8 @@ def export_command(
         )
     engine = EngineOptions(args.batch_min, args.batch_opt, args.batch_max, args.timing_cache) if args.trt else None
     triton = TritonOptions(args.triton_repo, args.triton_backend, args.batch_max) if args.triton_repo is not None else None
+    calibrated = args.calib_images is not None or args.calib_limit is not None
+    calibration = CalibrationOptions(args.calib_images, args.calib_limit) if calibrated else None
     console = Console(stderr=True)
     with _progress(console) as step:
         result = export_model(
@@ -120,6 +139,7 @@ def export_command(
             latency=latency,
             engine=engine,
             triton=triton,
+            calibration=calibration,
             progress=step,
             lm_params=args.lm_params,
         )

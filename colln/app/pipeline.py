@@ -17,16 +17,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from torch import nn
+
 from colln.app.plots import plot_accuracy_vs_keep, plot_pareto
 from colln.app.render import eval_markdown
 from colln.app.report import DEFAULT_LM_PARAMS, build_report, write_report
-from colln.data import data_config, load_labelled, validation_images
-from colln.errors import NoFitError
+from colln.data import ValImages, data_config, load_labelled, validation_images
+from colln.errors import CalibrationError, DataError, NoFitError, UsageError
 from colln.export.artifact import default_out_dir, export_into
 from colln.export.spec import SPEC_FILE, ExportSpec
 from colln.files import atomic_dir, atomic_write
+from colln.models.plan import KeepPlan
 from colln.models.registry import default_weights, resolve_name
 from colln.runtime.baseline import default_cache, unpruned_export
+from colln.runtime.bench import STACK, stack_accuracy, stack_exports, stack_latency, stack_pair
 from colln.runtime.evaluate import Sweep, export_command, pick, resolve_layers, sweep
 from colln.runtime.runners import open_runner
 from colln.runtime.timing import measure
@@ -46,6 +50,15 @@ def _quiet(text: str) -> Iterator[None]:
 class ValidationOptions:
     """ONNX Runtime against the pruned PyTorch model on ``images`` (``None``: the model's default
     set, see :func:`colln.data.validation_images`), the first ``limit`` of them."""
+
+    images: Path | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """int8 calibration on ``images`` (``None``: the model's validation images, see
+    :func:`colln.data.validation_images`), the first ``limit`` of them."""
 
     images: Path | None = None
     limit: int | None = None
@@ -105,6 +118,7 @@ def export_model(
     latency: LatencyOptions | None = LatencyOptions(),
     engine: EngineOptions | None = None,
     triton: TritonOptions | None = None,
+    calibration: CalibrationOptions | None = None,
     progress: Progress = _quiet,
     lm_params: float = DEFAULT_LM_PARAMS,
 ) -> ExportResult:
@@ -112,11 +126,17 @@ def export_model(
     in a temp dir renamed into place at the end: a failure leaves ``out`` as it was. ``None`` for
     ``validation`` / ``latency`` skips that step. The engine and the Triton entry are built only
     when validation passed (or was skipped). ``lm_params``: the language model a tokens export
-    feeds (the report gives the prefill FLOPs it saves).
+    feeds (the report gives the prefill FLOPs it saves). ``calibration`` applies to int8 only
+    (``None``: the defaults of :class:`CalibrationOptions`); an int8 export is timed in its stack
+    (unpruned and pruned, fp32 and int8, one interleaved run: the report's ``stack``).
 
     Weights fine-tuned by ``colln-finetune`` carry their plan in ``finetune.json``: an export with
     another plan is refused, or with ``force`` made with a warning (in ``ExportResult.warnings``)."""
     resolve_name(spec.model)  # an unknown name fails before anything is created
+    if calibration is not None and spec.precision != "int8":
+        raise UsageError(f"calibration images apply to --precision int8 only, not {spec.precision}")
+    if calibration is not None and calibration.limit is not None and calibration.limit < 1:
+        raise UsageError(f"--calib-limit must be >= 1, got {calibration.limit}")
     warnings = []
     if spec.weights is not None and Path(spec.weights).is_file():
         mismatch = check_recorded_plan(Path(spec.weights), spec.pruning, force=force)
@@ -132,21 +152,35 @@ def export_model(
     with atomic_dir(out, force, marker=SPEC_FILE) as tmp:
         with progress(f"loading {spec.model} ({spec.weights or default_weights(spec.model)} weights)"):
             unpruned = spec.load_unpruned()
-        with progress("pruning and exporting to ONNX"):
-            exported = export_into(spec, tmp, unpruned)
-        checked = None
+        calib = None
+        if spec.precision == "int8":
+            options = calibration or CalibrationOptions()
+            with progress(f"loading the calibration images ({options.images or 'validation images'})"):
+                calib = _calibration_images(spec, unpruned, options)
+        with progress("pruning and exporting to ONNX" + (" (int8: calibrating)" if calib else "")):
+            exported = export_into(spec, tmp, unpruned, calib.images if calib else None)
+        checked = images = None
         if validation is not None:
             with progress("validating ONNX Runtime against PyTorch"):
                 images = validation_images(spec.model, unpruned, validation.images, validation.limit)
                 runner = open_runner(tmp, "onnxruntime", record_kept=True)
                 checked = validate(exported.pruned, unpruned, runner, images, spec.precision, backend="onnxruntime")
-        timing = None
-        if latency is not None:
+        timing = stack = None
+        if latency is not None and spec.precision == "int8":
+            with progress("exporting the fp32 and unpruned counterparts (cached)"):
+                exports = stack_exports(exported.spec, tmp, default_cache(out), unpruned)
+            with progress("timing the int8 stack (ONNX Runtime, interleaved)"):
+                timing, stack = _stack(exports, tuple(data_config(unpruned)["input_size"]), latency, exported.plan)
+            with progress("top-1 of every stack variant"):
+                images = images if images is not None else validation_images(spec.model, unpruned)
+                stack["accuracy"] = stack_accuracy(exports, images, latency.threads)
+        elif latency is not None:
             with progress("exporting the unpruned baseline (cached)"):
                 base_dir = unpruned_export(exported.spec, default_cache(out), unpruned)
             with progress("timing pruned vs unpruned (ONNX Runtime, interleaved)"):
                 timing = _latency(tmp, base_dir, tuple(data_config(unpruned)["input_size"]), latency)
-        report = build_report(exported, checked, timing, lm_params)
+        record = None if calib is None else {"method": "minmax", "source": calib.source, "images": len(calib.images)}
+        report = build_report(exported, checked, timing, lm_params, stack=stack, calibration=record)
         write_report(tmp, report)
         passed = checked is None or checked.passed
         if engine is not None and passed:
@@ -184,6 +218,39 @@ def _latency(
     }
 
 
+def _calibration_images(
+    spec: ExportSpec,
+    unpruned: nn.Module,
+    options: CalibrationOptions,
+) -> ValImages:
+    """The preprocessed calibration set; an empty or unreadable one is a CalibrationError."""
+    try:
+        return validation_images(spec.model, unpruned, options.images, options.limit)
+    except DataError as exc:
+        raise CalibrationError(f"--calib-images: {exc}") from exc
+
+
+def _stack(
+    exports: dict[str, Path],
+    input_size: tuple[int, int, int],
+    options: LatencyOptions,
+    plan: KeepPlan,
+) -> tuple[dict, dict]:
+    """The report's latency section (pruned int8 against unpruned int8) and its ``stack``, from one
+    interleaved run of the four variants."""
+    warmup = 3
+    with contextlib.ExitStack() as active:
+        runners = {n: active.enter_context(open_runner(d, "onnxruntime", threads=options.threads)) for n, d in exports.items()}
+        compared = measure(runners, input_size, options.batches, options.rounds, warmup, baseline=STACK[0])
+    latency = {
+        "backend": "onnxruntime-cpu",
+        "threads": options.threads or "backend default",
+        "warmup": warmup,
+        "batches": {str(b): stack_pair(c) for b, c in compared.items()},
+    }
+    return latency, stack_latency(compared, plan.flops().bound)
+
+
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 KEEP_PLOT = "accuracy_vs_keep.png"
@@ -219,11 +286,13 @@ def evaluate(
     device: str = "cpu",
     latency_budget_ms: float | None = None,
     target_speedup: float | None = None,
+    precisions: Sequence[str] = ("fp32",),
 ) -> EvalResult:
     """Sweep (metric x norm x keep x layers) over ``base`` on labelled ``data`` (``digits`` or an
     ImageFolder), pick within a budget when one is given, and write results.json, results.md and
     the two plots into ``out`` (default ``evals/<model>-<data>``), whole or not at all. ``layers``
-    holds layer sets and schedule names (``evit``, ``early``)."""
+    holds layer sets and schedule names (``evit``, ``early``); ``precisions`` adds int8 rows
+    (``("fp32", "int8")``, ONNX Runtime backend)."""
     unpruned = base.load_unpruned()
     sets = resolve_layers(layers, len(unpruned.blocks))
     labelled = load_labelled(data, unpruned.num_classes, limit)
@@ -246,6 +315,7 @@ def evaluate(
             threads=threads,
             device=device,
             unpruned=unpruned,
+            precisions=precisions,
         )
         if latency_budget_ms is not None or target_speedup is not None:
             try:

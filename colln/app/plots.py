@@ -47,12 +47,13 @@ def plot_accuracy_vs_keep(
     plt = _pyplot()
     sets = result.layer_sets
     fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.2), squeeze=False, sharey=True)
-    norms = [n for _, n in result.series()]
+    norms = [n for _, n, _ in result.series()]
     for ax, layers in zip(axes[0], sets):
-        for metric, norm in result.series():
-            pts = [(r.keep, 100 * r.accuracy) for r in result.rows if (r.metric, r.norm, r.layers) == (metric, norm, layers)]
-            xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="o", label=series_label(metric, norm, norms))
+        for metric, norm, precision in result.series():
+            rows = [r for r in result.rows if (r.metric, r.norm, r.precision, r.layers) == (metric, norm, precision, layers)]
+            xs, ys = zip(*sorted((r.keep, 100 * r.accuracy) for r in rows))
+            style = "-" if precision == "fp32" else ":"
+            ax.plot(xs, ys, style, marker="o", label=series_label(metric, norm, norms, precision))
         ax.axhline(100 * result.baseline.accuracy, color="grey", linestyle="--", label="unpruned")
         ax.set_title(f"pruning at blocks {', '.join(map(str, layers))}")
         ax.set_xlabel("keep rate per pruning block")
@@ -72,13 +73,13 @@ def plot_pareto(
     Pareto front through them."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    norms = [n for _, n in result.series()]
+    norms = [n for _, n, _ in result.series()]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = dict(zip(result.layer_sets, "osD^v<>p"))
     annotate = len(result.layer_sets) == 1
-    for (metric, norm), color in zip(result.series(), colors * 3):
-        ax.scatter([], [], color=color, label=series_label(metric, norm, norms))
-        for r in (r for r in result.rows if (r.metric, r.norm) == (metric, norm)):
+    for (metric, norm, precision), color in zip(result.series(), colors * 3):
+        ax.scatter([], [], color=color, label=series_label(metric, norm, norms, precision))
+        for r in (r for r in result.rows if (r.metric, r.norm, r.precision) == (metric, norm, precision)):
             ax.scatter(r.latency.p50_ms, 100 * r.accuracy, color=color, marker=markers.get(r.layers, "o"))
             if annotate:
                 ax.annotate(

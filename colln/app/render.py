@@ -51,10 +51,54 @@ def result_table(
                 f"pruned {r['pruned']['p50_ms']:.2f} ms / unpruned {r['unpruned']['p50_ms']:.2f} ms (p50), "
                 f"speedup {r['speedup']:.2f}x (bound {lat['flops_bound']:.2f}x)",
             )
+    for line in stack_lines(report.get("stack")):
+        table.add_row("int8 stack", line)
     for row in extra:
         table.add_row(*row)
     table.add_row("output", str(out))
     return table
+
+
+def stack_lines(
+    stack: dict | None,
+) -> list[str]:
+    """One line per batch size of the int8 stack: each variant's speedup over unpruned fp32."""
+    if not stack:
+        return []
+    lines = []
+    for b, rows in stack["batches"].items():
+        cells = ", ".join(f"{name} {r['speedup']:.2f}x" for name, r in rows.items() if name != stack["baseline"])
+        lines.append(f"b={b}: {cells} (over {stack['baseline']} {rows[stack['baseline']]['p50_ms']:.1f} ms)")
+    acc = stack.get("accuracy") or {}
+    if acc.get("accuracy"):
+        lines.append("accuracy: " + ", ".join(f"{n} {x:.4f}" for n, x in acc["accuracy"].items()))
+    return lines
+
+
+def stack_markdown(
+    stack: dict,
+) -> list[str]:
+    """The int8 stack as a markdown table: one row per (batch, variant)."""
+    acc = stack.get("accuracy") or {}
+    accuracy, agreement = acc.get("accuracy") or {}, acc.get("top1_agreement") or {}
+    lines = [
+        f"## int8 stack (speedup over {stack['baseline']}, one interleaved run; "
+        f"FLOPs bound of pruning {stack['flops_bound']:.2f}x)",
+        "",
+        "| batch | variant | p50 ms | p90 ms | p99 ms | images/s | speedup (IQR) | accuracy | top-1 agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b, rows in stack["batches"].items():
+        for name, r in rows.items():
+            a = f"{accuracy[name]:.4f}" if name in accuracy else "-"
+            g = f"{agreement[name]:.3f}" if name in agreement else "-"
+            lines.append(
+                f"| {b} | {name} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['images_per_s']:.1f} | "
+                f"{r['speedup']:.2f}x ({r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f}) | {a} | {g} |"
+            )
+    if acc:
+        lines += ["", f"Top-1 on {acc['images']} images ({acc['source']}); agreement with {stack['baseline']}."]
+    return lines
 
 
 def report_markdown(
@@ -95,6 +139,8 @@ def report_markdown(
                 f"| {b} | {r['pruned']['rounds']} | {r['pruned']['p50_ms']:.2f} | {r['unpruned']['p50_ms']:.2f} | "
                 f"{r['pruned']['p90_ms']:.2f} | {r['unpruned']['p90_ms']:.2f} | {r['speedup']:.2f}x | {lat['flops_bound']:.2f}x |"
             )
+    if report.get("stack"):
+        lines += ["", *stack_markdown(report["stack"])]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
 
@@ -176,6 +222,10 @@ def print_bench(
     # CI logs are not terminals (rich would assume 80 columns and wrap every cell).
     console = Console(width=max(Console().width, 150))
     console.print(table)
+    if report.get("stack"):
+        from rich.markdown import Markdown
+
+        console.print(Markdown("\n".join(stack_markdown(report["stack"]))))
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     load = " -> ".join(f"{x[0]:.2f}" for x in (env["loadavg_before"], env["loadavg_after"]) if x)
     console.print(
@@ -190,10 +240,13 @@ def series_label(
     metric: str,
     norm: float,
     norms: Sequence[float],
+    precision: str = "fp32",
 ) -> str:
-    """``Col-Ln (n=4)`` when several norm orders were swept, else just the metric."""
+    """``Col-Ln (n=4)`` when several norm orders were swept, else just the metric; `` int8`` for
+    quantized rows."""
     label = METRIC_LABELS.get(metric, metric)
-    return f"{label} (n={norm:g})" if metric != "cls" and len(set(norms)) > 1 else label
+    label = f"{label} (n={norm:g})" if metric != "cls" and len(set(norms)) > 1 else label
+    return label if precision == "fp32" else f"{label} {precision}"
 
 
 def table_cells(
@@ -204,11 +257,11 @@ def table_cells(
     metrics, columns keep rates; cells ``top-1 % (agreement %)`` and ``ms (speedup)``, then the
     FLOPs ratio)."""
     header = ["metric", *(f"keep {k:g}" for k in result.keeps)]
-    norms = [n for _, n in result.series()]
+    norms = [n for _, n, _ in result.series()]
     acc_rows, lat_rows = [], []
-    for metric, norm in result.series():
-        cells = [result.find(metric, norm, k, layers) for k in result.keeps]
-        label = series_label(metric, norm, norms)
+    for metric, norm, precision in result.series():
+        cells = [result.find(metric, norm, k, layers, precision) for k in result.keeps]
+        label = series_label(metric, norm, norms, precision)
         acc_rows.append([label, *(f"{100 * r.accuracy:.1f} ({100 * r.agreement:.1f})" if r else "-" for r in cells)])
         lat_rows.append([label, *(f"{r.latency.p50_ms:.3g} ({result.speedup(r):.2f}x)" if r else "-" for r in cells)])
     # The FLOPs ratio depends on keep and layers only, not on the metric: one row under the timings.

@@ -8,7 +8,8 @@ report.json schema (``schema: 1``); ``null`` where a step was skipped::
       "model": {"name": "digits_vit", "weights": "bundled" | "random" | "pretrained" | PATH,
                 "input_size": [3, H, W], "num_classes": 10, "params": 402250},
       "export": {"onnx": "model.onnx", "onnx_bytes": 1634567, "opset": 18, "precision": "fp32",
-                 "topk_k": [45, 32, 23], "spec": {...ExportSpec, as in export.json...}},
+                 "topk_k": [45, 32, 23], "spec": {...ExportSpec, as in export.json...},
+                 "calibration": null | {"method": "minmax", "source", "images"}},   # int8 only
       "plan": {...KeepPlan.to_dict(): layers, keep_rates, keep_counts, tokens_in, tokens_out,
                fuse, metric, norm, ..., "summary": "KeepPlan(colln, tokens 65 -> 46 -> ...)"},
       "flops": {"full": int, "pruned": int, "ratio": pruned/full, "bound": full/pruned},
@@ -16,7 +17,7 @@ report.json schema (``schema: 1``); ``null`` where a step was skipped::
                 "lm_params", "lm_prefill_flops_saved": 2 * lm_params * (N - K)},     # per image
       "validation": null | {                          # colln.runtime.validate.ValidationReport
         "backend", "reference": "torch", "precision", "images", "source", "passed",
-        "tolerances": {"min_cosine", "logit_rtol", "tie_rtol"},
+        "tolerances": {"min_cosine", "logit_rtol", "tie_rtol"[, "max_accuracy_drop": int8 only]},
         "kept_sets_observed", "judged_images",
         "top1_agreement", "top1_agreement_judged", "max_abs_error", "mean_abs_error",
         "min_cosine", "mean_cosine", "min_cosine_judged",
@@ -31,13 +32,21 @@ report.json schema (``schema: 1``); ``null`` where a step was skipped::
         "warmup": int, "flops_bound": float,           # rounds: in each LatencyStats
         "batches": {"<batch>": {"pruned": LatencyStats, "unpruned": LatencyStats,
                                 "speedup": float, "speedup_iqr": [q25, q75]}}},
+      "stack": null | {                               # int8 exports: the stacked comparison
+        "baseline": "unpruned-fp32", "variants": ["unpruned-fp32", "pruned-fp32", "unpruned-int8", "pruned-int8"],
+        "flops_bound": float,
+        "batches": {"<batch>": {"<variant>": LatencyStats + "speedup", "speedup_iqr"}},   # over unpruned fp32, one run
+        "accuracy": {"source", "images", "accuracy": null | {"<variant>": float},
+                     "top1_agreement": {"<variant>": float}}},                        # with unpruned fp32
       "versions": {"python", "colln", "torch", "timm", "onnx", "onnxruntime", ...},
       "environment": {"machine", "cpu", "cpus", "platform", "loadavg": [1, 5, 15 min]}
     }
 
 LatencyStats is ``{"batch", "rounds", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "images_per_s"}``.
 ``speedup`` is the median of per-round ``unpruned / pruned`` time ratios: both models are timed in
-the same run, interleaved in shuffled order, so machine-load drifts hit both alike.
+the same run, interleaved in shuffled order, so machine-load drifts hit both alike. For an int8
+export, ``latency.batches`` compares pruned int8 with unpruned int8, and ``stack`` times all four
+variants in one interleaved run (speedups over unpruned fp32).
 """
 
 from __future__ import annotations
@@ -66,6 +75,9 @@ def build_report(
     validation: ValidationReport | None,
     latency: dict | None,
     lm_params: float = DEFAULT_LM_PARAMS,
+    *,
+    stack: dict | None = None,
+    calibration: dict | None = None,
 ) -> dict:
     """The report.json content (see the module docstring for the schema). ``lm_params``: the
     language model a tokens export feeds, for the prefill FLOPs it saves."""
@@ -97,12 +109,14 @@ def build_report(
             "precision": spec.precision,
             "topk_k": topk_constants(onnx.load(str(onnx_path), load_external_data=False)),
             "spec": {k: v for k, v in spec.to_dict().items() if k != "plan"},
+            "calibration": calibration,
         },
         "plan": {**plan.to_dict(), "summary": str(plan)},
         "flops": flops,
         "tokens": tokens_summary(plan, lm_params),
         "validation": validation.to_dict() if validation is not None else None,
         "latency": latency,
+        "stack": stack,
         "versions": env.pop("versions"),
         "environment": {**{k: env[k] for k in ("machine", "cpu", "cpus", "platform")}, "loadavg": env["loadavg_after"]},
     }

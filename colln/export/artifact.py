@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from colln.errors import ExportDirError, UsageError
@@ -15,7 +16,7 @@ from colln.export.spec import ONNX_FILE, ExportSpec
 from colln.models.plan import KeepPlan
 from colln.models.rewrite import get_plan
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 PLAN_METADATA = "colln.plan"
 
 
@@ -45,9 +46,13 @@ def export_into(
     spec: ExportSpec,
     directory: Path,
     unpruned: nn.Module | None = None,
+    calibration: np.ndarray | None = None,
 ) -> Exported:
-    """Load, prune and export ``spec`` into an existing ``directory``: ``model.onnx`` + ``export.json``."""
-    from colln.data import data_config
+    """Load, prune and export ``spec`` into an existing ``directory``: ``model.onnx`` + ``export.json``.
+
+    int8 graphs are calibrated on ``calibration`` (preprocessed images ``[N, C, H, W]``; ``None``:
+    the model's default validation images, see :func:`colln.data.validation_images`)."""
+    from colln.data import data_config, validation_images
 
     if spec.precision not in PRECISIONS:
         raise UsageError(f"precision {spec.precision!r} is not supported: use {' or '.join(PRECISIONS)}")
@@ -71,6 +76,12 @@ def export_into(
         from colln.export.precision import to_fp16
 
         save_checked(to_fp16(proto), Path(directory) / ONNX_FILE)
+    elif spec.precision == "int8":
+        from colln.export.quantize import to_int8
+
+        if calibration is None:
+            calibration = validation_images(spec.model, unpruned).images
+        save_checked(to_int8(proto, calibration), Path(directory) / ONNX_FILE)
     spec.write(directory)
     return Exported(directory=Path(directory), spec=spec, plan=plan, unpruned=unpruned, pruned=pruned)
 

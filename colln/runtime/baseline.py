@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from colln.export.artifact import export_into
+from colln.export.artifact import default_out_dir, export_into
 from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportSpec
 from colln.files import atomic_dir
 
@@ -30,13 +30,24 @@ def unpruned_export(
     """The export directory of ``spec``'s baseline in ``cache``, exported on first use (from the
     already loaded ``unpruned`` model when given). Its name is a hash of ``spec.unpruned()``, exactly
     what the baseline graph depends on, so exports that differ only in prune settings share it."""
-    base = spec.unpruned()
-    key = hashlib.sha1(json.dumps(base.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    out = Path(cache) / f"{base.model}-keep1-{key}"
-    if (out / ONNX_FILE).is_file() and ExportSpec.read(out) == base:
+    return cached_export(spec.unpruned(), cache, unpruned, name="keep1")
+
+
+def cached_export(
+    spec: ExportSpec,
+    cache: Path,
+    unpruned: nn.Module | None = None,
+    name: str | None = None,
+) -> Path:
+    """``spec`` exported into ``cache`` on first use and reused while its export.json matches
+    (the int8 stack also needs the pruned fp32 counterpart of an int8 export). The directory is
+    ``<model>-<name>-<hash of the spec>`` (``name`` default: the spec's default output name)."""
+    key = hashlib.sha1(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    out = Path(cache) / f"{spec.model}-{name}-{key}" if name else Path(cache) / f"{default_out_dir(spec).name}-{key}"
+    if (out / ONNX_FILE).is_file() and ExportSpec.read(out) == spec:
         return out
     with atomic_dir(out, force=True, marker=SPEC_FILE) as tmp:
-        export_into(base, tmp, unpruned)
+        export_into(spec, tmp, unpruned)
     return out
 
 

@@ -3,17 +3,22 @@ size, with the keep plan's FLOPs bound; and the regression check of its ratios a
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
+from torch import nn
+
+from colln.data import ValImages
 from colln.errors import BaselineError, ValidationFailedError
 from colln.export.artifact import default_out_dir, read_export
 from colln.export.spec import INPUT_NAME, ExportSpec
-from colln.runtime.baseline import default_cache, unpruned_engine, unpruned_export
+from colln.runtime.baseline import cached_export, default_cache, unpruned_engine, unpruned_export
 from colln.runtime.environment import environment
-from colln.runtime.runners import open_runner
-from colln.runtime.timing import measure
+from colln.runtime.runners import open_runner, run
+from colln.runtime.timing import Comparison, LatencyStats, measure, paired_speedup
 
 RATIO_METRICS = ("speedup", "efficiency")
 
@@ -38,19 +43,21 @@ def bench_export(
     spec = read_export(export_dir)
     plan = spec.keep_plan()
     flops = plan.flops()
-    base_dir = unpruned_export(spec, cache if cache is not None else default_cache(export_dir))
+    cache = cache if cache is not None else default_cache(export_dir)
+    base_dir = unpruned_export(spec, cache)
     if backend == "tensorrt":
         unpruned_engine(export_dir, base_dir)
     load_before = os.getloadavg()
-    with (
-        open_runner(base_dir, backend, device, threads or None) as unpruned,
-        open_runner(export_dir, backend, device, threads or None) as pruned,
-    ):
-        chw = pruned.get_input_metadata()[INPUT_NAME].shape[1:]
-        compared = measure({"unpruned": unpruned, "pruned": pruned}, chw, batches, rounds, warmup)
+    # An int8 export on ONNX Runtime is timed in its stack: fp32 and int8, pruned and unpruned, one run.
+    stacked = spec.precision == "int8" and backend == "onnxruntime"
+    exports = stack_exports(spec, export_dir, cache) if stacked else {"unpruned": base_dir, "pruned": export_dir}
+    with contextlib.ExitStack() as active:
+        runners = {name: active.enter_context(open_runner(d, backend, device, threads or None)) for name, d in exports.items()}
+        chw = next(iter(runners.values())).get_input_metadata()[INPUT_NAME].shape[1:]
+        compared = measure(runners, chw, batches, rounds, warmup, baseline=next(iter(runners)))
     results = {}
     for b, comparison in compared.items():
-        row = comparison.pair()
+        row = stack_pair(comparison) if stacked else comparison.pair()
         results[str(b)] = {**row, "bound": flops.bound, "efficiency": row["speedup"] / flops.bound}
     return {
         "case": case_name(spec, backend, threads, device),
@@ -65,7 +72,81 @@ def bench_export(
         "rounds": rounds,
         "warmup": warmup,
         "batches": results,
+        "stack": stack_latency(compared, flops.bound) if stacked else None,
         "environment": environment(backend, threads, load_before),
+    }
+
+
+# The int8 stack, in table order; speedups are over the first.
+STACK = ("unpruned-fp32", "pruned-fp32", "unpruned-int8", "pruned-int8")
+
+
+def stack_exports(
+    spec: ExportSpec,
+    export_dir: Path,
+    cache: Path,
+    unpruned: nn.Module | None = None,
+) -> dict[str, Path]:
+    """The four exports of an int8 export's stack (:data:`STACK`): its fp32 and int8 unpruned
+    baselines and its pruned fp32 counterpart come from (or go into) the baseline ``cache``."""
+    fp32 = replace(spec, precision="fp32", plan={})
+    return {
+        "unpruned-fp32": unpruned_export(fp32, cache, unpruned),
+        "pruned-fp32": cached_export(fp32, cache, unpruned),
+        "unpruned-int8": unpruned_export(spec, cache, unpruned),
+        "pruned-int8": Path(export_dir),
+    }
+
+
+def stack_pair(
+    comparison: Comparison,
+) -> dict:
+    """The classic ``{unpruned, pruned, speedup, speedup_iqr}`` row of an int8 export: pruned int8
+    against unpruned int8, paired from the stack's run."""
+    speedup, q25, q75 = paired_speedup(comparison.times["unpruned-int8"], comparison.times["pruned-int8"])
+    return {
+        "unpruned": comparison.stats["unpruned-int8"].to_dict(),
+        "pruned": comparison.stats["pruned-int8"].to_dict(),
+        "speedup": speedup,
+        "speedup_iqr": [q25, q75],
+    }
+
+
+def stack_latency(
+    compared: Mapping[int, Comparison],
+    bound: float,
+) -> dict:
+    """``{"baseline", "variants", "flops_bound", "batches": {"<b>": {variant: LatencyStats + speedup,
+    speedup_iqr}}}``: every variant's paired speedup over unpruned fp32 from the same run."""
+    batches = {}
+    for b, c in compared.items():
+        base = c.times[STACK[0]]
+        rows = {}
+        for name in STACK:
+            speedup, q25, q75 = paired_speedup(base, c.times[name])
+            rows[name] = {**LatencyStats.to_dict(c.stats[name]), "speedup": speedup, "speedup_iqr": [q25, q75]}
+        batches[str(b)] = rows
+    return {"baseline": STACK[0], "variants": list(STACK), "flops_bound": bound, "batches": batches}
+
+
+def stack_accuracy(
+    exports: Mapping[str, Path],
+    images: ValImages,
+    threads: int | None = None,
+) -> dict:
+    """Top-1 of every stack variant (ONNX Runtime) on ``images``: accuracy where labels exist, and
+    agreement with unpruned fp32 (``{"source", "images", "accuracy": {variant} | None, "top1_agreement"}``)."""
+    top1 = {}
+    for name, directory in exports.items():
+        with open_runner(directory, "onnxruntime", threads=threads) as runner:
+            top1[name] = run(runner, images.images).argmax(1)
+    base = top1[STACK[0]]
+    accuracy = None if images.labels is None else {n: float((t == images.labels).mean()) for n, t in top1.items()}
+    return {
+        "source": images.source,
+        "images": len(images.images),
+        "accuracy": accuracy,
+        "top1_agreement": {n: float((t == base).mean()) for n, t in top1.items()},
     }
 
 

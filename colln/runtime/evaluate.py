@@ -17,11 +17,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from colln.data import Labelled, preprocess
 from colln.errors import NoFitError, UsageError
-from colln.export.artifact import export_into
+from colln.export.artifact import PRECISIONS, export_into
 from colln.export.spec import ExportSpec
 from colln.models.config import PruneConfig
 from colln.models.plan import default_layers
@@ -39,6 +40,8 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 KEEP_PLOT = "accuracy_vs_keep.png"
 PARETO_PLOT = "accuracy_vs_latency.png"
+# int8 rows are calibrated on this many of the evaluated images (spread evenly over the set).
+CALIBRATION_IMAGES = 256
 METRIC_LABELS = {"colln": "Col-Ln", "cls": "[CLS]", "correct": "[CLS]+Col-Ln rescue", "none": "unpruned"}
 
 
@@ -83,10 +86,12 @@ class Row:
     accuracy: float
     agreement: float
     latency: LatencyStats
+    precision: str = "fp32"
 
     @property
     def key(self) -> str:
-        return f"{self.metric}-n{self.norm:g}-keep{self.keep:g}-L{'.'.join(map(str, self.layers))}"
+        suffix = "" if self.precision == "fp32" else f"-{self.precision}"
+        return f"{self.metric}-n{self.norm:g}-keep{self.keep:g}-L{'.'.join(map(str, self.layers))}{suffix}"
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -136,9 +141,9 @@ class Sweep:
     def layer_sets(self) -> list[tuple[int, ...]]:
         return list(dict.fromkeys(r.layers for r in self.rows))
 
-    def series(self) -> list[tuple[str, float]]:
-        """(metric, norm) pairs in sweep order: one table row / plot line each."""
-        return list(dict.fromkeys((r.metric, r.norm) for r in self.rows))
+    def series(self) -> list[tuple[str, float, str]]:
+        """(metric, norm, precision) in sweep order: one table row / plot line each."""
+        return list(dict.fromkeys((r.metric, r.norm, r.precision) for r in self.rows))
 
     def find(
         self,
@@ -146,8 +151,10 @@ class Sweep:
         norm: float,
         keep: float,
         layers: tuple[int, ...],
+        precision: str = "fp32",
     ) -> Row | None:
-        return next((r for r in self.rows if (r.metric, r.norm, r.keep, r.layers) == (metric, norm, keep, layers)), None)
+        wanted = (metric, norm, keep, layers, precision)
+        return next((r for r in self.rows if (r.metric, r.norm, r.keep, r.layers, r.precision) == wanted), None)
 
     def to_dict(self) -> dict:
         rows = [{**r.to_dict(), "speedup": self.speedup(r)} for r in self.rows]
@@ -218,15 +225,25 @@ def sweep(
     threads: int | None = None,
     device: str = "cpu",
     unpruned: nn.Module | None = None,
+    precisions: Sequence[str] = ("fp32",),
 ) -> Sweep:
-    """Accuracy, agreement with the unpruned model and interleaved latency of every configuration."""
+    """Accuracy, agreement with the unpruned model and interleaved latency of every configuration,
+    at every precision in ``precisions`` (the unpruned baseline is fp32; int8 graphs run on ONNX
+    Runtime and are calibrated on up to :data:`CALIBRATION_IMAGES` of the evaluated images)."""
     if latency_batch < 1 or batch < 1:
         raise UsageError(f"batch sizes must be positive, got --batch {batch}, --latency-batch {latency_batch}")
     if backend not in EVAL_BACKENDS:
         raise UsageError(f"unknown backend {backend!r}: colln-eval runs {' or '.join(EVAL_BACKENDS)}")
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise UsageError(f"unknown precision {','.join(unknown) or '(none)'}: choose from {', '.join(PRECISIONS)}")
+    if backend == "torch" and set(precisions) != {"fp32"}:
+        raise UsageError(f"--precision {','.join(precisions)} needs --backend onnxruntime (PyTorch runs the fp32 model)")
     unpruned = unpruned if unpruned is not None else base.load_unpruned()
     images = preprocess(data.images, unpruned).numpy()
-    specs = [base.unpruned(), *configurations(base, keeps, layer_sets, metrics, norms)]
+    calibration = images[np.linspace(0, len(images) - 1, min(len(images), CALIBRATION_IMAGES)).round().astype(int)]
+    configs = configurations(base, keeps, layer_sets, metrics, norms)
+    specs = [base.unpruned(), *(replace(c, precision=p) for p in precisions for c in configs)]
     with tempfile.TemporaryDirectory(prefix="colln-eval-") as scratch, contextlib.ExitStack() as stack:
         plans, active = [], {}
         for i, spec in enumerate(specs):
@@ -236,7 +253,7 @@ def sweep(
             else:
                 source = Path(scratch) / str(i)
                 source.mkdir()
-                plans.append(export_into(spec, source, unpruned=unpruned).plan)
+                plans.append(export_into(spec, source, unpruned=unpruned, calibration=calibration).plan)
             active[str(i)] = stack.enter_context(open_runner(source, backend, device, threads))
         preds = [run(active[str(i)], images, batch).argmax(-1) for i in range(len(specs))]
         timed = measure(active, images.shape[1:], [latency_batch], rounds, warmup, baseline="0", sample=images)[latency_batch]
@@ -254,6 +271,7 @@ def sweep(
                 accuracy=float((pred == data.labels).mean()),
                 agreement=float((pred == preds[0]).mean()),
                 latency=timed.stats[str(i)],
+                precision=spec.precision,
             )
         )
     return Sweep(
@@ -307,6 +325,7 @@ def export_command(
         ["--rescue", f"{base.pruning.rescue:g}"] if row.metric == "correct" and base.pruning.rescue != PruneConfig.rescue else []
     )
     args += ["--fuse"] if base.pruning.fuse else []
+    args += ["--precision", row.precision] if row.precision != "fp32" else []
     return shlex.join(args)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from polygraphy.backend.base import BaseRunner
@@ -116,6 +116,8 @@ class Comparison:
     batch: int
     stats: dict[str, LatencyStats]
     speedups: dict[str, tuple[float, float, float]]
+    # Per-round seconds of every runner (entry r of each from the same round): any pair can be compared.
+    times: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def pair(
         self,
@@ -170,5 +172,6 @@ def measure(
             batch=b,
             stats={name: LatencyStats.from_times(t, b) for name, t in times.items()},
             speedups={name: paired_speedup(times[baseline], t) for name, t in times.items() if name != baseline},
+            times=times,
         )
     return out

@@ -1,0 +1,254 @@
+"""``--precision int8``: what the graph quantizes (and what it must not), validation against the fp32
+PyTorch reference with the int8 tolerances, the stacked report, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from torch import nn
+
+from colln.app.export_cli import main as export_main
+from colln.errors import CalibrationError
+from colln.export.precision import PRODUCT_OPS
+from colln.export.quantize import check_calibration, selection_crossings
+from colln.export.spec import ONNX_FILE, ExportSpec
+from colln.runtime.bench import STACK
+from colln.runtime.validate import TOLERANCES
+
+
+@pytest.fixture(scope="session")
+def int8_export(
+    tmp_path_factory: pytest.TempPathFactory,
+    digits_weights: str,
+) -> Path:
+    """``colln-export digits_vit --keep 0.7 --precision int8`` (calibrated on the validation images,
+    validated, the stack timed) in a temp dir."""
+    out = tmp_path_factory.mktemp("int8") / "digits_vit-int8"
+    argv = ["digits_vit", "--keep", "0.7", "--precision", "int8", "--weights", digits_weights, "--out", str(out)]
+    assert export_main([*argv, "--latency-batches", "1", "--latency-rounds", "3"]) == 0
+    return out
+
+
+def _graph(
+    export_dir: Path,
+) -> onnx.GraphProto:
+    return onnx.load(str(export_dir / ONNX_FILE)).graph
+
+
+def test_every_linear_layer_has_int8_per_channel_weights(int8_export):
+    graph = _graph(int8_export)
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    quantized = {}
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        weight = producer.get(node.input[1])
+        if weight is not None and weight.op_type == "DequantizeLinear" and weight.input[0] in inits:
+            quantized[node.name] = (inits[weight.input[0]], numpy_helper.to_array(inits[weight.input[1]]))
+    # Independent reference: the nn.Linear layers of the PyTorch model (qkv, proj, fc1, fc2 per block, the head).
+    linears = [m for m in ExportSpec.read(int8_export).load_pruned().modules() if isinstance(m, nn.Linear)]
+    assert len(quantized) == len(linears) == 8 * 4 + 1
+    assert sorted(w.data_type for w, _ in quantized.values()) == [onnx.TensorProto.INT8] * len(linears)
+    # Per output channel: one scale per output feature of each layer.
+    assert sorted(scale.size for _, scale in quantized.values()) == sorted(m.out_features for m in linears)
+    # The activations entering them are int8 too, symmetric (zero point 0, what TensorRT requires).
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            assert numpy_helper.to_array(inits[node.input[2]]).dtype == np.int8
+            assert not numpy_helper.to_array(inits[node.input[2]]).any()
+
+
+def test_token_selection_softmax_and_layernorm_stay_float(int8_export):
+    graph = _graph(int8_export)
+    assert selection_crossings(onnx.load(str(int8_export / ONNX_FILE))) == []
+    # Independently of fp32_nodes: walk up from every TopK through everything but products; no
+    # quantize/dequantize may be met (that would rank quantized scores), and the walk must reach a Softmax.
+    producer = {o: n for n in graph.node for o in n.output}
+    topks = [n for n in graph.node if n.op_type == "TopK"]
+    assert len(topks) == 3
+    for topk in topks:
+        seen, todo, softmax = set(), [topk], False
+        while todo:
+            node = todo.pop()
+            assert node.op_type not in ("QuantizeLinear", "DequantizeLinear"), f"{topk.name} ranks a quantized score"
+            softmax |= node.op_type == "Softmax"
+            for x in node.input:
+                up = producer.get(x)
+                if up is not None and up.name not in seen and up.op_type not in PRODUCT_OPS and node.op_type != "Softmax":
+                    seen.add(up.name)
+                    todo.append(up)
+        assert softmax
+    # Softmax, LayerNorm and the attention products read float tensors, never a dequantized one.
+    for node in graph.node:
+        weighted = node.op_type in ("MatMul", "Gemm") and producer.get(node.input[1], node).op_type == "DequantizeLinear"
+        if node.op_type in ("Softmax", "LayerNormalization") or (node.op_type == "MatMul" and not weighted):
+            assert all(producer.get(x, node).op_type != "DequantizeLinear" for x in node.input), node.name
+    # The softmax output is never quantized (it feeds the Col-Ln score).
+    consumers = [n for n in graph.node for x in n.input if producer.get(x, n).op_type == "Softmax"]
+    assert consumers and all(n.op_type != "QuantizeLinear" for n in consumers)
+
+
+def test_int8_passes_validation_and_keeps_digits_accuracy(int8_export):
+    report = json.loads((int8_export / "report.json").read_text())
+    v = report["validation"]
+    assert v["passed"] and v["precision"] == "int8"
+    tol = TOLERANCES["int8"]
+    assert v["tolerances"] == {"min_cosine": 0.99, "logit_rtol": 0.1, "tie_rtol": 0.01, "max_accuracy_drop": 0.01}
+    assert tol.min_cosine < TOLERANCES["fp16"].min_cosine
+    # ONNX Runtime int8 against the fp32 PyTorch pruned model on the 450 digits test images.
+    assert v["images"] == 450 and v["judged_images"] >= 200
+    assert v["min_cosine_judged"] >= tol.min_cosine
+    assert v["top1_agreement"] >= 0.98
+    # The goal: int8 pruned within 0.5 point of fp32 pruned on digits.
+    assert v["accuracy"]["onnxruntime"] >= v["accuracy"]["torch"] - 0.005
+    assert report["export"]["calibration"] == {"method": "minmax", "source": "digits test split", "images": 450}
+
+
+def test_report_holds_the_stack_and_the_classic_keys(int8_export):
+    report = json.loads((int8_export / "report.json").read_text())
+    stack = report["stack"]
+    assert stack["variants"] == list(STACK) and stack["baseline"] == "unpruned-fp32"
+    rows = stack["batches"]["1"]
+    assert list(rows) == list(STACK)
+    for row in rows.values():
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] and row["images_per_s"] > 0 and row["rounds"] == 3
+    assert rows["unpruned-fp32"]["speedup"] == 1.0
+    # The classic pair is pruned int8 against unpruned int8, from the same run.
+    classic = report["latency"]["batches"]["1"]
+    assert classic["pruned"] == {k: v for k, v in rows["pruned-int8"].items() if k in classic["pruned"]}
+    assert classic["unpruned"]["p50_ms"] == rows["unpruned-int8"]["p50_ms"]
+    acc = stack["accuracy"]
+    assert acc["accuracy"]["pruned-int8"] == report["validation"]["accuracy"]["onnxruntime"]
+    assert acc["accuracy"]["unpruned-fp32"] == report["validation"]["accuracy"]["unpruned"]
+    assert acc["accuracy"]["pruned-fp32"] == report["validation"]["accuracy"]["torch"]
+    assert acc["top1_agreement"]["unpruned-fp32"] == 1.0
+    assert "## int8 stack" in (int8_export / "report.md").read_text()
+
+
+def test_colln_bench_times_the_stack(int8_export, tmp_path):
+    from colln.app.bench_cli import main
+
+    out = tmp_path / "bench.json"
+    argv = [str(int8_export), "--batch", "2", "--rounds", "3", "--warmup", "1", "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert list(report["stack"]["batches"]["2"]) == list(STACK)
+    assert set(report["batches"]["2"]) >= {"pruned", "unpruned", "speedup", "bound", "efficiency"}
+
+
+def test_tensorrt_rtx_parses_the_int8_graph_strongly_typed(int8_export):
+    pytest.importorskip("tensorrt_rtx")
+    from polygraphy.backend.trt import NetworkFromOnnxPath
+
+    from colln.export.tensorrt import trt_module
+
+    trt = trt_module().module
+    _, network, _ = NetworkFromOnnxPath(str(int8_export / ONNX_FILE), strongly_typed=True)()
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    quantize = [layer for layer in layers if layer.type == trt.LayerType.QUANTIZE]
+    assert quantize and all(layer.get_output(0).dtype == trt.int8 for layer in quantize)
+    topk = [layer for layer in layers if layer.type == trt.LayerType.TOPK]
+    assert len(topk) == 3 and all(layer.get_input(0).dtype == trt.float32 for layer in topk)
+
+
+def test_calibration_options_need_int8(tmp_path, capsys):
+    argv = ["digits_vit", "--keep", "0.7", "--out", str(tmp_path / "x"), "--no-latency", "--no-validate"]
+    assert export_main([*argv, "--calib-images", str(tmp_path)]) == 2
+    assert "apply to --precision int8 only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--calib-images", "EMPTY"], "colln: error: calibrate: --calib-images: no images"),
+        (["--calib-limit", "0"], "--calib-limit must be >= 1"),
+        (["--opset", "16"], "opset 16 is unsupported"),
+    ],
+)
+def test_bad_int8_input_is_one_line_exit_2(extra, message, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    extra = [str(tmp_path / "empty") if x == "EMPTY" else x for x in extra]
+    argv = ["digits_vit", "--keep", "0.7", "--precision", "int8", "--out", str(tmp_path / "x"), "--no-latency"]
+    assert export_main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("colln: error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_mismatched_calibration_arrays_are_refused():
+    with pytest.raises(CalibrationError, match=r"calibration images are \(3, 16, 16\) but the model takes \(3, 32, 32\)"):
+        check_calibration(np.zeros((4, 3, 16, 16)), (3, 32, 32))
+    with pytest.raises(CalibrationError, match="empty"):
+        check_calibration(np.zeros((0, 3, 32, 32)), (3, 32, 32))
+    with pytest.raises(CalibrationError, match="NaN or Inf"):
+        check_calibration(np.full((1, 3, 32, 32), np.nan), (3, 32, 32))
+
+
+def test_a_collapsing_calibration_fails_validation_with_the_numbers(tmp_path, capsys):
+    """Calibrated on blank images only, the activation ranges miss real digits: the export is kept,
+    validation fails (exit 1) naming the numbers."""
+    from PIL import Image
+
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(blank / f"{i}.png")
+    out = tmp_path / "x"
+    argv = ["digits_vit", "--keep", "0.7", "--precision", "int8", "--out", str(out), "--no-latency", "--calib-images", str(blank)]
+    assert export_main([*argv, "--val-limit", "150"]) == 1
+    assert "colln: error: validate: onnxruntime disagrees with torch" in capsys.readouterr().err
+    v = json.loads((out / "report.json").read_text())["validation"]
+    assert not v["passed"] and (out / ONNX_FILE).is_file()
+    assert any("cosine similarity below 0.99" in m for m in v["mismatches"])
+    assert v["min_cosine_judged"] < TOLERANCES["int8"].min_cosine
+
+
+def test_colln_eval_adds_int8_rows(tmp_path):
+    from colln.app.eval_cli import main
+    from colln.runtime.evaluate import Sweep, export_command
+
+    out = tmp_path / "eval"
+    argv = ["digits_vit", "--keep", "0.7", "--metric", "colln", "--limit", "90", "--rounds", "2", "--warmup", "0"]
+    assert main([*argv, "--backend", "onnxruntime", "--precision", "fp32,int8", "--out", str(out)]) == 0
+    sweep = Sweep.from_dict(json.loads((out / "results.json").read_text()))
+    fp32, int8 = (sweep.find("colln", 4.0, 0.7, (2, 4, 6), p) for p in ("fp32", "int8"))
+    assert fp32 is not None and int8 is not None and int8.key.endswith("-int8")
+    assert abs(int8.accuracy - fp32.accuracy) <= 0.03  # 90 images: one image is 1.1 points
+    assert "Col-Ln int8" in (out / "results.md").read_text()
+    assert export_command(int8, ExportSpec("digits_vit")).endswith("--precision int8")
+    assert (out / "accuracy_vs_latency.png").stat().st_size > 0
+
+
+def test_colln_eval_int8_needs_onnxruntime(tmp_path, capsys):
+    from colln.app.eval_cli import main
+
+    assert main(["digits_vit", "--keep", "0.7", "--precision", "int8", "--out", str(tmp_path / "e")]) == 2
+    assert "needs --backend onnxruntime" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.gpu
+def test_int8_engine_agrees_with_torch(int8_export, tmp_path):
+    """Full TensorRT on a GPU: the explicit-quantization engine against the fp32 PyTorch reference."""
+    import shutil
+
+    from colln.export.tensorrt import build_engine, gpu_info
+    from colln.runtime import runners
+    from colln.runtime.validate import validate_export
+
+    if gpu_info() is None:
+        pytest.skip("needs an NVIDIA GPU")
+    export_dir = tmp_path / "int8"
+    shutil.copytree(int8_export, export_dir)
+    build_engine(export_dir, 1, 8, 32)
+    assert runners.read_plan_metadata(export_dir)["precision"] == "int8"
+    report = validate_export(export_dir, backend="tensorrt", limit=256)
+    assert report.top1_agreement >= 0.97
+    assert report.accuracy["tensorrt"] >= report.accuracy["torch"] - 0.01
