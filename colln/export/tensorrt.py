@@ -16,7 +16,6 @@ Running a plan (and refusing a foreign one) is the runtime's job: ``colln.runtim
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -32,7 +31,7 @@ from pathlib import Path
 from types import ModuleType
 
 from colln.errors import BackendUnavailableError, EngineError, ExportDirError, UsageError
-from colln.export.spec import INPUT_NAME, ONNX_FILE
+from colln.export.spec import INPUT_NAME, ONNX_FILE, file_sha256
 from colln.files import atomic_write
 
 PLAN_FILE = "model.plan"
@@ -180,7 +179,7 @@ def build_engine(
             "max": [batch_max, *input_shape],
         },
         "keep_plan": spec.plan,
-        "onnx_sha256": sha256(onnx_path),
+        "onnx_sha256": file_sha256(onnx_path),
         "timing_cache": str(cache),
         "build_seconds": round(seconds, 2),
     }
@@ -275,16 +274,6 @@ def _first_error(
     lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
     first = next((line[3:].strip() for line in lines if line.startswith("[E]")), str(exc).strip().splitlines()[0])
     return first[:300]
-
-
-def sha256(
-    path: Path,
-) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_plan_metadata(

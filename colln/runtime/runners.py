@@ -21,8 +21,8 @@ from torch import nn
 
 from colln.errors import BackendUnavailableError, EngineError, UsageError
 from colln.export.artifact import read_export
-from colln.export.spec import INDICES_NAME, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, TOKENS_NAME
-from colln.export.tensorrt import LABELS, PLAN_FILE, TrtFlavour, gpu_info, read_plan_metadata, sha256, trt_module
+from colln.export.spec import INDICES_NAME, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, TOKENS_NAME, file_sha256
+from colln.export.tensorrt import LABELS, PLAN_FILE, TrtFlavour, gpu_info, read_plan_metadata, trt_module
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -166,7 +166,7 @@ def tensorrt_runner(
     meta = read_plan_metadata(export_dir)
     flavour = trt_module()
     onnx_path = export_dir / ONNX_FILE
-    if onnx_path.is_file() and meta.get("onnx_sha256") != sha256(onnx_path):
+    if onnx_path.is_file() and meta.get("onnx_sha256") != file_sha256(onnx_path):
         raise EngineError(
             f"model.plan was built from another {ONNX_FILE} than the one in {export_dir}: run colln-build {export_dir}"
         )
