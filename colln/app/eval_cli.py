@@ -23,7 +23,7 @@ from colln.app.pipeline import KEEP_PLOT, PARETO_PLOT, RESULTS_JSON, RESULTS_MD,
 from colln.app.render import print_eval
 from colln.export.spec import ExportSpec
 from colln.models.config import METRICS, PruneConfig
-from colln.runtime.evaluate import EVAL_BACKENDS
+from colln.runtime.evaluate import EVAL_BACKENDS, SweepOptions
 
 DEFAULT_SCHEDULE = "evit"  # the blocks colln-export prunes by default
 
@@ -84,28 +84,29 @@ def build_parser() -> ArgumentParser:
 def main_args(
     args: argparse.Namespace,
 ) -> int:
-    keeps = parse_floats(args.keep, "--keep")
-    norms = parse_floats(args.norm, "--norm")
-    result = evaluate(
-        base_spec(args),
-        data=args.data,
-        out=args.out,
-        force=args.force,
-        keeps=keeps,
-        layers=layer_choices(args, default=DEFAULT_SCHEDULE),
+    options = SweepOptions(
+        keeps=parse_floats(args.keep, "--keep"),
+        layers=tuple(layer_choices(args, default=DEFAULT_SCHEDULE)),
         metrics=parse_metrics(args.metric),
-        norms=norms,
+        norms=parse_floats(args.norm, "--norm"),
+        precisions=tuple(p.strip() for p in args.precision.split(",")),
         backend=args.backend,
-        limit=args.limit,
         batch=args.batch,
         latency_batch=args.latency_batch,
         rounds=args.rounds,
         warmup=args.warmup,
         threads=args.threads,
         device=args.device,
+    )
+    result = evaluate(
+        base_spec(args),
+        options,
+        data=args.data,
+        out=args.out,
+        force=args.force,
+        limit=args.limit,
         latency_budget_ms=args.latency_budget,
         target_speedup=args.target_speedup,
-        precisions=tuple(p.strip() for p in args.precision.split(",")),
     )
     print_eval(result.sweep)
     print(f"wrote {result.out}/{RESULTS_JSON}, {RESULTS_MD}, {KEEP_PLOT}, {PARETO_PLOT}")

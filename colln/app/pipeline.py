@@ -31,7 +31,7 @@ from colln.models.plan import KeepPlan
 from colln.models.registry import default_weights, resolve_name
 from colln.runtime.baseline import default_cache, unpruned_export
 from colln.runtime.bench import STACK, stack_accuracy, stack_exports, stack_latency, stack_pair
-from colln.runtime.evaluate import Sweep, export_command, pick, resolve_layers, sweep
+from colln.runtime.evaluate import Sweep, SweepOptions, export_command, pick, sweep
 from colln.runtime.runners import open_runner
 from colln.runtime.timing import measure
 from colln.runtime.validate import ValidationReport, validate
@@ -268,55 +268,27 @@ class EvalResult:
 
 def evaluate(
     base: ExportSpec,
+    options: SweepOptions | None = None,
     *,
     data: str = "digits",
     out: Path | None = None,
     force: bool = False,
-    keeps: Sequence[float] = (0.3, 0.5, 0.7, 0.9),
-    layers: Sequence[tuple[int, ...] | str] = ("evit",),
-    metrics: Sequence[str] = ("colln", "cls", "correct"),
-    norms: Sequence[float] = (4.0,),
-    backend: str = "torch",
     limit: int | None = None,
-    batch: int = 64,
-    latency_batch: int = 1,
-    rounds: int = 20,
-    warmup: int = 3,
-    threads: int | None = None,
-    device: str = "cpu",
     latency_budget_ms: float | None = None,
     target_speedup: float | None = None,
-    precisions: Sequence[str] = ("fp32",),
 ) -> EvalResult:
-    """Sweep (metric x norm x keep x layers) over ``base`` on labelled ``data`` (``digits`` or an
-    ImageFolder), pick within a budget when one is given, and write results.json, results.md and
-    the two plots into ``out`` (default ``evals/<model>-<data>``), whole or not at all. ``layers``
-    holds layer sets and schedule names (``evit``, ``early``); ``precisions`` adds int8 rows
-    (``("fp32", "int8")``, ONNX Runtime backend)."""
+    """Sweep ``options`` over ``base`` on labelled ``data`` (``digits`` or an ImageFolder, the first
+    ``limit`` images spread evenly), pick within a budget when one is given, and write results.json,
+    results.md and the two plots into ``out`` (default ``evals/<model>-<data>``), whole or not at all.
+    ``None`` options: :class:`SweepOptions`' defaults."""
+    options = options if options is not None else SweepOptions()
     unpruned = base.load_unpruned()
-    sets = resolve_layers(layers, len(unpruned.blocks))
     labelled = load_labelled(data, unpruned.num_classes, limit)
     out = Path(out) if out is not None else Path("evals") / f"{base.model}-{labelled.name}"
     no_fit = None
     # Entered before the sweep: an existing --out fails at once, and a failed sweep leaves nothing.
     with atomic_dir(out, force=force, marker=RESULTS_JSON) as tmp:
-        result = sweep(
-            base,
-            labelled,
-            keeps=keeps,
-            layer_sets=sets,
-            metrics=metrics,
-            norms=norms,
-            backend=backend,
-            batch=batch,
-            latency_batch=latency_batch,
-            rounds=rounds,
-            warmup=warmup,
-            threads=threads,
-            device=device,
-            unpruned=unpruned,
-            precisions=precisions,
-        )
+        result = sweep(base, labelled, options, unpruned)
         if latency_budget_ms is not None or target_speedup is not None:
             try:
                 best = pick(result, latency_budget_ms, target_speedup)

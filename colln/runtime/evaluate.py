@@ -210,26 +210,36 @@ def configurations(
     return specs
 
 
+@dataclass(frozen=True)
+class SweepOptions:
+    """What a sweep varies (keep x layers x metric x norm x precision) and how it runs and times it.
+    ``layers`` holds layer sets and schedule names (``evit``, ``early``), resolved per model."""
+
+    keeps: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
+    layers: tuple[tuple[int, ...] | str, ...] = ("evit",)
+    metrics: tuple[str, ...] = ("colln", "cls", "correct")
+    norms: tuple[float, ...] = (4.0,)
+    precisions: tuple[str, ...] = ("fp32",)
+    backend: str = "torch"
+    batch: int = 64
+    latency_batch: int = 1
+    rounds: int = 20
+    warmup: int = 3
+    threads: int | None = None
+    device: str = "cpu"
+
+
 def sweep(
     base: ExportSpec,
     data: Labelled,
-    keeps: Sequence[float],
-    layer_sets: Sequence[tuple[int, ...]],
-    metrics: Sequence[str],
-    norms: Sequence[float],
-    backend: str = "torch",
-    batch: int = 64,
-    latency_batch: int = 1,
-    rounds: int = 20,
-    warmup: int = 3,
-    threads: int | None = None,
-    device: str = "cpu",
+    options: SweepOptions,
     unpruned: nn.Module | None = None,
-    precisions: Sequence[str] = ("fp32",),
 ) -> Sweep:
     """Accuracy, agreement with the unpruned model and interleaved latency of every configuration,
-    at every precision in ``precisions`` (the unpruned baseline is fp32; int8 graphs run on ONNX
-    Runtime and are calibrated on up to :data:`CALIBRATION_IMAGES` of the evaluated images)."""
+    at every precision in ``options.precisions`` (the unpruned baseline is fp32; int8 graphs run on
+    ONNX Runtime and are calibrated on up to :data:`CALIBRATION_IMAGES` of the evaluated images)."""
+    o = options
+    backend, batch, latency_batch, precisions = o.backend, o.batch, o.latency_batch, o.precisions
     if latency_batch < 1 or batch < 1:
         raise UsageError(f"batch sizes must be positive, got --batch {batch}, --latency-batch {latency_batch}")
     if backend not in EVAL_BACKENDS:
@@ -240,9 +250,10 @@ def sweep(
     if backend == "torch" and set(precisions) != {"fp32"}:
         raise UsageError(f"--precision {','.join(precisions)} needs --backend onnxruntime (PyTorch runs the fp32 model)")
     unpruned = unpruned if unpruned is not None else base.load_unpruned()
+    layer_sets = resolve_layers(o.layers, len(unpruned.blocks))
     images = preprocess(data.images, unpruned).numpy()
     calibration = images[np.linspace(0, len(images) - 1, min(len(images), CALIBRATION_IMAGES)).round().astype(int)]
-    configs = configurations(base, keeps, layer_sets, metrics, norms)
+    configs = configurations(base, o.keeps, layer_sets, o.metrics, o.norms)
     specs = [base.unpruned(), *(replace(c, precision=p) for p in precisions for c in configs)]
     with tempfile.TemporaryDirectory(prefix="colln-eval-") as scratch, contextlib.ExitStack() as stack:
         plans, active = [], {}
@@ -254,9 +265,9 @@ def sweep(
                 source = Path(scratch) / str(i)
                 source.mkdir()
                 plans.append(export_into(spec, source, unpruned=unpruned, calibration=calibration).plan)
-            active[str(i)] = stack.enter_context(open_runner(source, backend, device, threads))
+            active[str(i)] = stack.enter_context(open_runner(source, backend, o.device, o.threads))
         preds = [run(active[str(i)], images, batch).argmax(-1) for i in range(len(specs))]
-        timed = measure(active, images.shape[1:], [latency_batch], rounds, warmup, baseline="0", sample=images)[latency_batch]
+        timed = measure(active, images.shape[1:], [latency_batch], o.rounds, o.warmup, baseline="0", sample=images)[latency_batch]
     rows = []
     for i, (spec, plan, pred) in enumerate(zip(specs, plans, preds)):
         flops = plan.flops()
@@ -280,7 +291,7 @@ def sweep(
         data=data.name,
         num_images=len(data.images),
         backend=backend,
-        device=device,
+        device=o.device,
         baseline=rows[0],
         rows=tuple(rows[1:]),
     )
