@@ -4,6 +4,7 @@ ports, and a server process that is started, awaited and stopped cleanly."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,15 +32,26 @@ def digit_images(
 def free_ports(
     count: int,
 ) -> list[int]:
-    """Ports the kernel hands out for port 0 on loopback, all held until every one is picked."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    """Free loopback ports below the kernel's ephemeral range.
+
+    A port 0 hands out is an ephemeral one: in the seconds before the server binds it, any outgoing
+    connection on the machine (or the server's own bind(0) for Triton's private ports) may take it.
+    Ports outside the range are never handed out that way.
+    """
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    span = (10000, low) if low > 11000 else (high + 1, 65536)
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(*span)
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def wait_ready(
@@ -54,14 +66,14 @@ def wait_ready(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready; its log ends:\n{log_tail(proc)}")
         try:
             if client.is_server_ready():
                 return
         except Exception:  # noqa: BLE001 - not listening yet
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"server at {url} not ready after {timeout:.0f}s")
+    raise TimeoutError(f"server at {url} not ready after {timeout:.0f}s; its log ends:\n{log_tail(proc)}")
 
 
 def stop(
@@ -85,4 +97,18 @@ def launch(
     log: Path,
     env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
-    return subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    """Start ``argv`` with stdout and stderr in ``log`` (kept on the process for :func:`log_tail`)."""
+    proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    proc.log = log
+    return proc
+
+
+def log_tail(
+    proc: subprocess.Popen,
+    lines: int = 40,
+) -> str:
+    """The last ``lines`` of a :func:`launch`-ed process's log: why a server died, in a failing test's message."""
+    log = getattr(proc, "log", None)
+    if log is None or not log.exists():
+        return "(no log)"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])

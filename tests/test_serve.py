@@ -461,6 +461,28 @@ def test_second_server_on_same_ports_fails_fast(server: dict, digits_export: Pat
         assert time.monotonic() - started < 30
 
 
+def test_triton_private_ports_never_take_a_public_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may hand out a just-checked public port for port 0; Triton must not take it, or the
+    guard's own bind fails and the server exits 2 with "port in use" (seen once in CI)."""
+    from colln.runtime import supervisor
+
+    handed_out = iter([8000, 8002, 41000, 8001, 41001])
+
+    class KernelSocket:
+        def bind(self, address: tuple[str, int]) -> None:
+            assert address == ("127.0.0.1", 0)
+            self.port = next(handed_out)
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(supervisor.socket, "socket", KernelSocket)
+    assert supervisor.private_ports(2, public=(8000, 8001, 8002)) == [41000, 41001]
+
+
 def test_load_loopback_2000_requests(server: dict, reference: tuple) -> None:
     """Bounded load: LOAD_REQUESTS single-image requests from LOAD_CONCURRENCY threads, 0 errors."""
     images, logits = reference

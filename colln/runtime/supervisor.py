@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import aiohttp
@@ -51,13 +52,20 @@ def port_free(
 
 def private_ports(
     count: int,
+    public: Collection[int],
 ) -> list[int]:
-    """Free loopback ports for Triton itself (only the guard listens on the public ones)."""
-    sockets = [socket.socket() for _ in range(count)]
+    """Free loopback ports for Triton itself (only the guard listens on the public ones).
+
+    The public ports are checked free but not yet bound when this runs, so the kernel may hand one
+    of them out here: such a port is held aside and another drawn.
+    """
+    sockets: list[socket.socket] = []
     try:
-        for s in sockets:
+        while len([s for s in sockets if s.getsockname()[1] not in public]) < count:
+            s = socket.socket()
+            sockets.append(s)
             s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
+        return [port for s in sockets if (port := s.getsockname()[1]) not in public]
     finally:
         for s in sockets:
             s.close()
@@ -333,7 +341,7 @@ async def run(
     tritonserver: str | None = None,
 ) -> None:
     """Serve the models ``names`` of ``repo`` until SIGINT/SIGTERM/SIGHUP (see the module docstring)."""
-    private_http, private_grpc = private_ports(2)
+    private_http, private_grpc = private_ports(2, public=(http_port, grpc_port, metrics_port))
     triton = TritonProcess(repo, workdir, private_http, private_grpc, (host, metrics_port), tritonserver)
     supervisor = Supervisor(triton, private_http, names)
     guard = Guard(f"127.0.0.1:{private_http}", f"127.0.0.1:{private_grpc}", ready=lambda: supervisor.ready)
