@@ -271,3 +271,15 @@ def test_exports_differing_only_in_prune_settings_share_one_baseline(export_dir:
         assert unpruned_export(replace(spec, pruning=pruning), cache=tmp_path) == cached
     assert (cached / "model.onnx").stat().st_mtime_ns == before
     assert unpruned_export(replace(spec, opset=17), cache=tmp_path) != cached  # another graph: another entry
+
+
+def test_int8_cache_entries_follow_the_quantization_recipe(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An int8 counterpart quantized by an older recipe is not reused; fp32 entries do not depend on it."""
+    from colln.runtime import baseline
+
+    fp32 = read_export(export_dir)
+    int8 = replace(fp32, precision="int8")
+    before = baseline.cache_key(fp32), baseline.cache_key(int8)
+    monkeypatch.setattr(baseline, "INT8_RECIPE", baseline.INT8_RECIPE + 1)
+    assert baseline.cache_key(fp32) == before[0]
+    assert baseline.cache_key(int8) != before[1]

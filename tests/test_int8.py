@@ -57,6 +57,10 @@ def test_every_linear_layer_has_int8_per_channel_weights(int8_export):
     assert sorted(w.data_type for w, _ in quantized.values()) == [onnx.TensorProto.INT8] * len(linears)
     # Per output channel: one scale per output feature of each layer.
     assert sorted(scale.size for _, scale in quantized.values()) == sorted(m.out_features for m in linears)
+    # Their outputs stay float: one rounding per product (ONNX Runtime runs MatMulIntegerToFloat, and
+    # Q/DQ on inputs only is TensorRT's recommended placement).
+    outputs = {o for n in graph.node if n.name in quantized for o in n.output}
+    assert not [n.name for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in outputs]
     # The activations entering them are int8 too, symmetric (zero point 0, what TensorRT requires).
     for node in graph.node:
         if node.op_type == "QuantizeLinear":
@@ -107,7 +111,7 @@ def test_int8_passes_validation_and_keeps_digits_accuracy(int8_export):
     assert v["top1_agreement"] >= 0.98
     # The goal: int8 pruned within 0.5 point of fp32 pruned on digits.
     assert v["accuracy"]["onnxruntime"] >= v["accuracy"]["torch"] - 0.005
-    assert report["export"]["calibration"] == {"method": "minmax", "source": "digits test split", "images": 450}
+    assert report["export"]["calibration"] == {"method": "minmax", "source": "digits test split", "images": 450, "recipe": 2}
 
 
 def test_report_holds_the_stack_and_the_classic_keys(int8_export):

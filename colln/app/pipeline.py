@@ -25,6 +25,7 @@ from colln.app.report import DEFAULT_LM_PARAMS, build_report, write_report
 from colln.data import ValImages, data_config, load_labelled, validation_images
 from colln.errors import CalibrationError, DataError, NoFitError, UsageError
 from colln.export.artifact import default_out_dir, export_into
+from colln.export.quantize import RECIPE as INT8_RECIPE
 from colln.export.spec import SPEC_FILE, ExportSpec
 from colln.files import atomic_dir, atomic_write
 from colln.models.plan import KeepPlan
@@ -179,7 +180,9 @@ def export_model(
                 base_dir = unpruned_export(exported.spec, default_cache(out), unpruned)
             with progress("timing pruned vs unpruned (ONNX Runtime, interleaved)"):
                 timing = _latency(tmp, base_dir, tuple(data_config(unpruned)["input_size"]), latency)
-        record = None if calib is None else {"method": "minmax", "source": calib.source, "images": len(calib.images)}
+        record = None
+        if calib is not None:
+            record = {"method": "minmax", "source": calib.source, "images": len(calib.images), "recipe": INT8_RECIPE}
         report = build_report(exported, checked, timing, lm_params, stack=stack, calibration=record)
         write_report(tmp, report)
         passed = checked is None or checked.passed

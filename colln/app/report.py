@@ -9,7 +9,7 @@ report.json schema (``schema: 1``); ``null`` where a step was skipped::
                 "input_size": [3, H, W], "num_classes": 10, "params": 402250},
       "export": {"onnx": "model.onnx", "onnx_bytes": 1634567, "opset": 18, "precision": "fp32",
                  "topk_k": [45, 32, 23], "spec": {...ExportSpec, as in export.json...},
-                 "calibration": null | {"method": "minmax", "source", "images"}},   # int8 only
+                 "calibration": null | {"method": "minmax", "source", "images", "recipe"}},   # int8 only
       "plan": {...KeepPlan.to_dict(): layers, keep_rates, keep_counts, tokens_in, tokens_out,
                fuse, metric, norm, ..., "summary": "KeepPlan(colln, tokens 65 -> 46 -> ...)"},
       "flops": {"full": int, "pruned": int, "ratio": pruned/full, "bound": full/pruned},

@@ -10,6 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from colln.export.artifact import default_out_dir, export_into
+from colln.export.quantize import RECIPE as INT8_RECIPE
 from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportSpec
 from colln.files import atomic_dir
 
@@ -33,6 +34,14 @@ def unpruned_export(
     return cached_export(spec.unpruned(), cache, unpruned, name="keep1")
 
 
+def cache_key(
+    spec: ExportSpec,
+) -> str:
+    """What a cached graph depends on: the spec and, for int8, the quantization recipe."""
+    recipe = {"int8_recipe": INT8_RECIPE} if spec.precision == "int8" else {}
+    return hashlib.sha1(json.dumps({**spec.to_dict(), **recipe}, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def cached_export(
     spec: ExportSpec,
     cache: Path,
@@ -41,8 +50,9 @@ def cached_export(
 ) -> Path:
     """``spec`` exported into ``cache`` on first use and reused while its export.json matches
     (the int8 stack also needs the pruned fp32 counterpart of an int8 export). The directory is
-    ``<model>-<name>-<hash of the spec>`` (``name`` default: the spec's default output name)."""
-    key = hashlib.sha1(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    ``<model>-<name>-<hash of the spec and, for int8, the quantization recipe>`` (``name`` default:
+    the spec's default output name)."""
+    key = cache_key(spec)
     out = Path(cache) / f"{spec.model}-{name}-{key}" if name else Path(cache) / f"{default_out_dir(spec).name}-{key}"
     if (out / ONNX_FILE).is_file() and ExportSpec.read(out) == spec:
         return out
