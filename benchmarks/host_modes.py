@@ -1,0 +1,63 @@
+"""The same interleaved comparison repeated in blocks for a while, one line per block: shows when
+the machine changes speed under a run.
+
+    python benchmarks/host_modes.py BASELINE_DIR EXPORT_DIR [EXPORT_DIR ...] [--batch 1] [--blocks 20]
+        [--rounds 8] [--threads 0]
+
+Each block times every export ``--rounds`` times, interleaved, and prints the medians and each
+export's speedup over the first. On this project's 2-vCPU VMs the 2-thread numbers switch between
+two levels within one process, for seconds to minutes at a time (benchmarks/README.md): a single
+colln-bench run lands in one or the other, so quote the blocks, not one number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from colln.export.spec import INPUT_NAME, ONNX_FILE
+from colln.runtime.runners import onnxruntime_runner
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("exports", nargs="+", type=Path, help="export directories; the first is the baseline")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--blocks", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=8, help="timed runs of each export per block")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
+    args = parser.parse_args()
+
+    runners = {}
+    for export in args.exports:
+        runner = onnxruntime_runner(export / ONNX_FILE, threads=args.threads or None)
+        runner.activate()
+        runners[export.name] = runner
+    graph = onnx.load(str(args.exports[0] / ONNX_FILE), load_external_data=False).graph
+    dims = next(i for i in graph.input if i.name == INPUT_NAME).type.tensor_type.shape.dim[1:]
+    feed = {INPUT_NAME: np.random.default_rng(0).standard_normal((args.batch, *(d.dim_value for d in dims))).astype(np.float32)}
+    for runner in runners.values():  # warm-up
+        runner.infer(feed)
+    print(f"batch {args.batch}, threads {args.threads or 'default'}; ms (speedup over {args.exports[0].name})")
+    for block in range(args.blocks):
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(args.rounds):
+            for name, runner in runners.items():
+                start = time.perf_counter()
+                runner.infer(feed)
+                times[name].append((time.perf_counter() - start) * 1e3)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        base = medians[args.exports[0].name]
+        cells = "  ".join(f"{name} {ms:.1f} ({base / ms:.2f}x)" for name, ms in medians.items())
+        print(f"{block:3d}  {cells}", flush=True)
+    for runner in runners.values():
+        runner.deactivate()
+
+
+if __name__ == "__main__":
+    main()
