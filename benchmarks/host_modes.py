@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from colln.export.spec import INPUT_NAME, ONNX_FILE
 from colln.runtime.runners import onnxruntime_runner
+from colln.runtime.triton import tensor_specs
 
 
 def main() -> None:
@@ -38,9 +38,8 @@ def main() -> None:
         runner = onnxruntime_runner(export / ONNX_FILE, threads=args.threads or None)
         runner.activate()
         runners[export.name] = runner
-    graph = onnx.load(str(args.exports[0] / ONNX_FILE), load_external_data=False).graph
-    dims = next(i for i in graph.input if i.name == INPUT_NAME).type.tensor_type.shape.dim[1:]
-    feed = {INPUT_NAME: np.random.default_rng(0).standard_normal((args.batch, *(d.dim_value for d in dims))).astype(np.float32)}
+    (_, _, dims), *_ = tensor_specs(args.exports[0])[0]
+    feed = {INPUT_NAME: np.random.default_rng(0).standard_normal((args.batch, *dims)).astype(np.float32)}
     for runner in runners.values():  # warm-up
         runner.infer(feed)
     print(f"batch {args.batch}, threads {args.threads or 'default'}; ms (speedup over {args.exports[0].name})")

@@ -463,7 +463,8 @@ def test_second_server_on_same_ports_fails_fast(server: dict, digits_export: Pat
 
 def test_triton_private_ports_never_take_a_public_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel may hand out a just-checked public port for port 0; Triton must not take it, or the
-    guard's own bind fails and the server exits 2 with "port in use" (seen once in CI)."""
+    guard's own bind fails and the server exits 2 with "port in use" (a likely cause of the
+    unexplained exit 2 CI saw once)."""
     from colln.runtime import supervisor
 
     handed_out = iter([8000, 8002, 41000, 8001, 41001])

@@ -60,12 +60,15 @@ def private_ports(
     of them out here: such a port is held aside and another drawn.
     """
     sockets: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        while len([s for s in sockets if s.getsockname()[1] not in public]) < count:
+        while len(ports) < count:
             s = socket.socket()
             sockets.append(s)
             s.bind(("127.0.0.1", 0))
-        return [port for s in sockets if (port := s.getsockname()[1]) not in public]
+            if (port := s.getsockname()[1]) not in public:
+                ports.append(port)
+        return ports
     finally:
         for s in sockets:
             s.close()
