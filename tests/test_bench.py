@@ -283,3 +283,13 @@ def test_int8_cache_entries_follow_the_quantization_recipe(export_dir: Path, mon
     monkeypatch.setattr(baseline, "INT8_RECIPE", baseline.INT8_RECIPE + 1)
     assert baseline.cache_key(fp32) == before[0]
     assert baseline.cache_key(int8) != before[1]
+
+
+def test_cache_entries_follow_the_graph_revision(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A counterpart written by another revision of the exported graph is not reused, whatever the precision."""
+    from colln.runtime import baseline
+
+    specs = [replace(read_export(export_dir), precision=p) for p in ("fp32", "fp16", "int8")]
+    before = [baseline.cache_key(s) for s in specs]
+    monkeypatch.setattr(baseline, "GRAPH_REVISION", baseline.GRAPH_REVISION + 1)
+    assert all(baseline.cache_key(s) != key for s, key in zip(specs, before, strict=True))

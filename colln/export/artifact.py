@@ -14,10 +14,14 @@ from colln.errors import ExportDirError, UsageError
 from colln.export.onnx import export_onnx, read_metadata, save_checked
 from colln.export.spec import ONNX_FILE, ExportSpec
 from colln.models.plan import KeepPlan
-from colln.models.rewrite import get_plan
+from colln.models.rewrite import explicit_attention, get_plan
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PLAN_METADATA = "colln.plan"
+# Which graph export_into writes for the same spec; cached counterparts (colln.runtime.baseline)
+# written by another revision are rebuilt. 2: timm's non-fused attention, GELU in ONNX Runtime's
+# fusable form.
+GRAPH_REVISION = 2
 
 
 def default_out_dir(
@@ -64,14 +68,15 @@ def export_into(
     plan = get_plan(pruned)
     spec = replace(spec, plan=plan.to_dict())
     input_size = tuple(data_config(unpruned)["input_size"])
-    proto = export_onnx(
-        pruned,
-        Path(directory) / ONNX_FILE,
-        input_size=input_size,
-        opset=spec.opset,
-        metadata={PLAN_METADATA: plan.to_json(), "colln.spec": json.dumps(spec.to_dict())},
-        output_names=spec.output_names,
-    )
+    with explicit_attention(pruned):
+        proto = export_onnx(
+            pruned,
+            Path(directory) / ONNX_FILE,
+            input_size=input_size,
+            opset=spec.opset,
+            metadata={PLAN_METADATA: plan.to_json(), "colln.spec": json.dumps(spec.to_dict())},
+            output_names=spec.output_names,
+        )
     if spec.precision == "fp16":
         from colln.export.precision import to_fp16
 

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
@@ -73,6 +74,7 @@ def export_onnx(
             f"the ONNX exporter produced opset {written}, not the requested {opset} (its version conversion failed): "
             f"export with --opset {written}"
         )
+    gelu_for_fusion(proto)
     for key, value in (metadata or {}).items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     save_checked(proto, path)
@@ -93,6 +95,64 @@ def save_checked(
         raise ExportError(f"onnx.checker rejected the export: {str(exc).splitlines()[0][:200]}") from exc
 
 
+def gelu_for_fusion(
+    proto: onnx.ModelProto,
+) -> int:
+    """Rewrite the exporter's exact GELU, ``x * (0.5 * (1 + erf(x / sqrt(2))))``, in place as
+    ``(x * (1 + erf(x / sqrt(2)))) * 0.5``, and return how many were rewritten.
+
+    The same numbers (scaling by 0.5 is exact) in the form ONNX Runtime fuses into one ``Gelu``
+    node, with the bias ``Add`` before it, into ``BiasGelu``: the exporter's form is not matched and
+    runs as five element-wise ops (deit_small int8, batch 8, 2 threads: 4-5% of the time). Plain
+    ONNX ops either way, so TensorRT parses both."""
+    graph = proto.graph
+    scalars = scalar_constants(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def sole(name: str, op_type: str) -> onnx.NodeProto | None:
+        found = consumers.get(name, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op_type else None
+
+    def other(node: onnx.NodeProto, name: str) -> str:
+        return node.input[1] if node.input[0] == name else node.input[0]
+
+    def near(name: str, value: float) -> bool:
+        return name in scalars and abs(float(scalars[name]) - value) < 1e-6
+
+    rewritten = 0
+    for erf in [n for n in graph.node if n.op_type == "Erf"]:
+        div = producer.get(erf.input[0])
+        add = sole(erf.output[0], "Add")
+        half = sole(add.output[0], "Mul") if add is not None else None
+        outer = sole(half.output[0], "Mul") if half is not None else None
+        if div is None or div.op_type != "Div" or outer is None:
+            continue
+        x, one, h = div.input[0], other(add, erf.output[0]), other(half, add.output[0])
+        if other(outer, half.output[0]) != x or not (near(div.input[1], 2**0.5) and near(one, 1.0) and near(h, 0.5)):
+            continue
+        half.input[:] = [x, add.output[0]]
+        outer.input[:] = [half.output[0], h]
+        rewritten += 1
+    return rewritten
+
+
+def scalar_constants(
+    graph: onnx.GraphProto,
+) -> dict[str, np.ndarray]:
+    """Every one-element constant of ``graph`` (initializer or ``Constant`` node), by tensor name."""
+    found = {t.name: numpy_helper.to_array(t).reshape(-1)[0] for t in graph.initializer if list(t.dims) in ([], [1])}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None and list(value.dims) in ([], [1]):
+                found[node.output[0]] = numpy_helper.to_array(value).reshape(-1)[0]
+    return found
+
+
 def _forward_params(
     model: nn.Module,
 ) -> list[str]:
@@ -111,21 +171,13 @@ def topk_constants(
 def _topk_nodes(
     proto: onnx.ModelProto,
 ) -> list[tuple[onnx.NodeProto, int]]:
-    consts: dict[str, int] = {}
-    for init in proto.graph.initializer:
-        if init.dims in ([], [1]):
-            consts[init.name] = int(numpy_helper.to_array(init).reshape(-1)[0])
-    for node in proto.graph.node:
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None and list(value.dims) in ([], [1]):
-                consts[node.output[0]] = int(numpy_helper.to_array(value).reshape(-1)[0])
+    consts = scalar_constants(proto.graph)
     found = []
     for node in proto.graph.node:
         if node.op_type == "TopK":
             if node.input[1] not in consts:
                 raise ExportError(f"TopK {node.name} has a computed K: the graph would not have static shapes")
-            found.append((node, consts[node.input[1]]))
+            found.append((node, int(consts[node.input[1]])))
     return found
 
 

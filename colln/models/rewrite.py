@@ -24,7 +24,19 @@ from colln.models.plan import KeepPlan, ModelDims, make_plan
 # Tested in tests/test_timm_contract.py: the timm attributes this file relies on.
 SUPPORTED_TIMM = ">=1.0.15,<1.1"
 BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
-ATTN_ATTRS = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop", "num_heads", "head_dim", "scale")
+ATTN_ATTRS = (
+    "qkv",
+    "q_norm",
+    "k_norm",
+    "attn_drop",
+    "norm",
+    "proj",
+    "proj_drop",
+    "num_heads",
+    "head_dim",
+    "scale",
+    "fused_attn",
+)
 # The tokens model (TokenEncoder) also runs timm's embedding steps and drops the head.
 TOKENS_ATTRS = ("_pos_embed", "patch_drop", "norm_pre", "attn_pool")
 HEAD_ATTRS = ("norm", "fc_norm", "head_drop", "head")
@@ -314,6 +326,27 @@ def get_plan(
     if plan is None:
         raise UnsupportedModelError("this model was not made by colln.prune (no keep plan attached)")
     return plan
+
+
+@contextlib.contextmanager
+def explicit_attention(
+    model: nn.Module,
+) -> Iterator[None]:
+    """Inside the context, timm's ``Attention`` modules take their own non-fused path (``q * scale @
+    k^T``, softmax, ``@ v``) instead of fused SDPA, as the pruning blocks already do. For export:
+    the ONNX exporter decomposes SDPA into reshapes around a transpose of ``k`` that ONNX Runtime
+    cannot fold into the product, and colln's ONNX Runtime attention fusion
+    (:mod:`colln.export.ort_graph`) matches the plain form."""
+    _, _, attention = _timm_classes()
+    modules = [m for m in model.modules() if isinstance(m, attention)]
+    saved = [m.fused_attn for m in modules]
+    for m in modules:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, fused in zip(modules, saved, strict=True):
+            m.fused_attn = fused
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from colln.export.artifact import default_out_dir, export_into
+from colln.export.artifact import GRAPH_REVISION, default_out_dir, export_into
 from colln.export.quantize import RECIPE as INT8_RECIPE
 from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportSpec
 from colln.files import atomic_dir
@@ -37,9 +37,11 @@ def unpruned_export(
 def cache_key(
     spec: ExportSpec,
 ) -> str:
-    """What a cached graph depends on: the spec and, for int8, the quantization recipe."""
+    """What a cached graph depends on: the spec, the graph colln writes for it and, for int8, the
+    quantization recipe."""
     recipe = {"int8_recipe": INT8_RECIPE} if spec.precision == "int8" else {}
-    return hashlib.sha1(json.dumps({**spec.to_dict(), **recipe}, sort_keys=True).encode()).hexdigest()[:10]
+    key = {**spec.to_dict(), "graph": GRAPH_REVISION, **recipe}
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def cached_export(
