@@ -23,6 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from colln.export.spec import INPUT_NAME, ONNX_FILE
+from colln.runtime.runners import session_model
 
 SELECTION_PARTS = ("score", "topk", "gather")
 # Where the gathered tokens rejoin the model (Concat with the prefix; the guards stop a walk that
@@ -44,7 +45,8 @@ def profile(
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "ort")
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        session = ort.InferenceSession(str(Path(export_dir) / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        model = session_model(Path(export_dir) / ONNX_FILE, fuse=True)  # what colln's ONNX Runtime runner loads
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         parts = selection_nodes(onnx.load(options.optimized_model_filepath, load_external_data=False).graph)
         shape = session.get_inputs()[0].shape[1:]
         feed = {INPUT_NAME: np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)}

@@ -256,3 +256,19 @@ def test_int8_engine_agrees_with_torch(int8_export, tmp_path):
     report = validate_export(export_dir, backend="tensorrt", limit=256)
     assert report.top1_agreement >= 0.97
     assert report.accuracy["tensorrt"] >= report.accuracy["torch"] - 0.01
+
+
+def test_onnx_runtime_fuses_the_int8_graphs_attention(int8_export):
+    """The int8 graph's non-pruning attentions fuse like the fp32 ones (their products stay float),
+    with the qkv bias moved into the fused op; the numbers are those of the plain graph."""
+    import onnxruntime as ort
+
+    from colln.export.ort_graph import for_onnxruntime
+
+    proto = onnx.load(str(int8_export / ONNX_FILE))
+    fused, count = for_onnxruntime(proto)
+    attentions = [n for n in fused.graph.node if n.op_type == "MultiHeadAttention"]
+    assert count == len(attentions) == 5 and all(len(n.input) == 4 for n in attentions)
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    plain, ours = (ort.InferenceSession(p.SerializeToString()).run(None, {"images": x})[0] for p in (proto, fused))
+    np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
@@ -79,12 +80,13 @@ class TorchRunner(BaseRunner):
 
 
 def onnxruntime_runner(
-    onnx_path: Path | bytes,
+    model: Path | onnx.ModelProto,
     device: str = "cpu",
     threads: int | None = None,
 ) -> BaseRunner:
     """polygraphy's ``OnnxrtRunner`` over an ONNX Runtime session (CUDA when onnxruntime-gpu is installed).
-    ``onnx_path`` may also be a serialized model (validation runs an in-memory copy)."""
+    ``model`` is a path or an in-memory graph (validation runs a copy with extra outputs). On CPU
+    the session runs the graph's ONNX Runtime flavour (:func:`colln.export.ort_graph.for_onnxruntime`)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -105,12 +107,38 @@ def onnxruntime_runner(
     # unpruned/pruned: 98/76 ms (ratio 1.28) with spinning, 52/36 ms (1.48) with this
     # (benchmarks/alternating_sessions.py). allow_spinning=0 also helps but made digits_vit 7x slower.
     options.add_session_config_entry("session.force_spinning_stop", "1")
+    # Errors only: ONNX Runtime warns about every constant its GELU fusion leaves unused.
+    options.log_severity_level = 3
 
     def session():
-        model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
-        return ort.InferenceSession(model, sess_options=options, providers=providers)
+        return ort.InferenceSession(
+            session_model(model, fuse=not device.startswith("cuda")), sess_options=options, providers=providers
+        )
 
     return OnnxrtRunner(session, name=f"onnxruntime-{device}")
+
+
+def session_model(
+    model: Path | onnx.ModelProto,
+    fuse: bool,
+) -> str | bytes:
+    """What an ONNX Runtime session loads for ``model``: the serialized graph, with colln's ONNX
+    Runtime fusions when ``fuse``; the path itself for a graph over protobuf's 2 GB (unfused)."""
+    from colln.export.onnx import MAX_SINGLE_FILE
+    from colln.export.ort_graph import for_onnxruntime
+
+    if not isinstance(model, onnx.ModelProto):
+        model = Path(model)
+        if model.stat().st_size > MAX_SINGLE_FILE:
+            return str(model)
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    if fuse:
+        proto, _ = for_onnxruntime(proto)
+    if proto.ByteSize() > MAX_SINGLE_FILE:
+        if isinstance(model, Path):
+            return str(model)
+        raise UsageError("an in-memory graph over 2 GB cannot be given to ONNX Runtime: save it with external data")
+    return proto.SerializeToString()
 
 
 def kept_onnxruntime_runner(
@@ -121,15 +149,13 @@ def kept_onnxruntime_runner(
 ) -> BaseRunner:
     """ONNX Runtime on an in-memory copy of the graph that also outputs the kept indices of every
     pruning layer (see :func:`colln.export.onnx.with_kept_outputs`)."""
-    import onnx
-
     from colln.export.onnx import MAX_SINGLE_FILE, with_kept_outputs
 
     proto = with_kept_outputs(onnx.load(str(onnx_path)), pruned_layers)
     if proto.ByteSize() > MAX_SINGLE_FILE:
         # Over protobuf's 2 GB: cannot be serialized in memory; validation falls back to the margin rule.
         return onnxruntime_runner(onnx_path, device=device, threads=threads)
-    return onnxruntime_runner(proto.SerializeToString(), device=device, threads=threads)
+    return onnxruntime_runner(proto, device=device, threads=threads)
 
 
 def check_plan(
