@@ -2,14 +2,15 @@
 as separate ops, fused into its ``com.microsoft.MultiHeadAttention``.
 
 The exported ``model.onnx`` stays plain ONNX (TensorRT parses it). :func:`for_onnxruntime` is
-applied where colln opens an ONNX Runtime CPU session (:func:`colln.runtime.runners.onnxruntime_runner`,
-so validation, timing and serving all run it) and to the graph colln-triton writes for Triton's
-onnxruntime backend. Unpruned baselines get it too, so speedups compare like with like.
+applied where colln opens an ONNX Runtime CPU session (:func:`colln.runtime.runners.session_model`),
+so validation, timing and colln-serve all run it; unpruned baselines too, so speedups compare like
+with like. colln-triton's repositories keep the plain graph (they may be served on a GPU, where
+the fused op has not been tried).
 
 Why: ONNX Runtime runs a block's plain attention as a dozen ops (slices of the packed q/k/v,
 transposes into heads and back, two products, softmax), and its transposes run on one thread.
 The fused op does the same arithmetic with the same MLAS kernels (outputs are bit-identical on
-deit_small) in one parallel pass: deit_small, batch 8, 2 threads, pruned int8 1.1-1.2x faster
+deit_small) in one parallel pass: deit_small, batch 8, 2 threads, pruned int8 1.05-1.15x faster
 (benchmarks/README.md). Blocks that prune keep the plain form: their softmax output feeds the
 Col-Ln score, which the fused op does not expose.
 
