@@ -272,3 +272,40 @@ def test_onnx_runtime_fuses_the_int8_graphs_attention(int8_export):
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     plain, ours = (ort.InferenceSession(p.SerializeToString()).run(None, {"images": x})[0] for p in (proto, fused))
     np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_the_unpruned_int8_counterpart_is_calibrated_on_the_same_images(tmp_path):
+    """With --calib-images, the stack's unpruned int8 model is calibrated on those images too:
+    before the first pruning block both models see the same activations, so their first
+    activation scale is the same number (the default images would give another)."""
+    from colln.models import digits
+    from colln.runtime.baseline import CACHE_DIR
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, image in enumerate(digits.load_split("test").images[:24]):
+        image.save(calib / f"{i}.png")
+    out = tmp_path / "exports" / "x"
+    argv = ["digits_vit", "--keep", "0.7", "--precision", "int8", "--out", str(out), "--calib-images", str(calib)]
+    assert export_main([*argv, "--val-limit", "32", "--latency-batches", "1", "--latency-rounds", "1"]) == 0
+
+    def first_scale(export_dir: Path) -> float:
+        graph = _graph(export_dir)
+        inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        return float(inits[next(n for n in graph.node if n.op_type == "QuantizeLinear").input[1]])
+
+    counterparts = [
+        d for d in (tmp_path / "exports" / CACHE_DIR).iterdir() if "keep1" in d.name and ExportSpec.read(d).precision == "int8"
+    ]
+    assert len(counterparts) == 1
+    assert first_scale(counterparts[0]) == first_scale(out)
+    assert first_scale(out) != first_scale(_default_calibrated(tmp_path))
+
+
+def _default_calibrated(
+    tmp_path: Path,
+) -> Path:
+    out = tmp_path / "default"
+    argv = ["digits_vit", "--keep", "0.7", "--precision", "int8", "--out", str(out), "--no-latency", "--no-validate"]
+    assert export_main(argv) == 0
+    return out

@@ -168,8 +168,10 @@ def export_model(
                 checked = validate(exported.pruned, unpruned, runner, images, spec.precision, backend="onnxruntime")
         timing = stack = None
         if latency is not None and spec.precision == "int8":
+            # The unpruned int8 counterpart sees the same calibration set (the default one is cached as such).
+            custom = calibration is not None and calibration != CalibrationOptions()
             with progress("exporting the fp32 and unpruned counterparts (cached)"):
-                exports = stack_exports(exported.spec, tmp, default_cache(out), unpruned)
+                exports = stack_exports(exported.spec, tmp, default_cache(out), unpruned, calib.images if custom else None)
             with progress("timing the int8 stack (ONNX Runtime, interleaved)"):
                 timing, stack = _stack(exports, tuple(data_config(unpruned)["input_size"]), latency, exported.plan)
             with progress("top-1 of every stack variant"):

@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from colln.export.artifact import GRAPH_REVISION, default_out_dir, export_into
@@ -27,20 +28,28 @@ def unpruned_export(
     spec: ExportSpec,
     cache: Path,
     unpruned: nn.Module | None = None,
+    calibration: np.ndarray | None = None,
 ) -> Path:
     """The export directory of ``spec``'s baseline in ``cache``, exported on first use (from the
     already loaded ``unpruned`` model when given). Its name is a hash of ``spec.unpruned()``, exactly
-    what the baseline graph depends on, so exports that differ only in prune settings share it."""
-    return cached_export(spec.unpruned(), cache, unpruned, name="keep1")
+    what the baseline graph depends on, so exports that differ only in prune settings share it.
+    ``calibration``: int8 only, the images the pruned export was calibrated on when they are not the
+    default ones (see :func:`cached_export`)."""
+    return cached_export(spec.unpruned(), cache, unpruned, name="keep1", calibration=calibration)
 
 
 def cache_key(
     spec: ExportSpec,
+    calibration: np.ndarray | None = None,
 ) -> str:
     """What a cached graph depends on: the spec, the graph colln writes for it and, for int8, the
-    quantization recipe."""
-    recipe = {"int8_recipe": INT8_RECIPE} if spec.precision == "int8" else {}
-    key = {**spec.to_dict(), "graph": GRAPH_REVISION, **recipe}
+    quantization recipe and the calibration images (``None``: the default ones)."""
+    int8 = {}
+    if spec.precision == "int8":
+        int8["int8_recipe"] = INT8_RECIPE
+        if calibration is not None:
+            int8["calibration"] = hashlib.sha1(np.ascontiguousarray(calibration, dtype=np.float32).tobytes()).hexdigest()
+    key = {**spec.to_dict(), "graph": GRAPH_REVISION, **int8}
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -49,17 +58,18 @@ def cached_export(
     cache: Path,
     unpruned: nn.Module | None = None,
     name: str | None = None,
+    calibration: np.ndarray | None = None,
 ) -> Path:
     """``spec`` exported into ``cache`` on first use and reused while its export.json matches
     (the int8 stack also needs the pruned fp32 counterpart of an int8 export). The directory is
-    ``<model>-<name>-<hash of the spec and, for int8, the quantization recipe>`` (``name`` default:
-    the spec's default output name)."""
-    key = cache_key(spec)
+    ``<model>-<name>-<cache_key>`` (``name`` default: the spec's default output name). int8 graphs
+    are calibrated on ``calibration`` (``None``: the model's default validation images)."""
+    key = cache_key(spec, calibration)
     out = Path(cache) / f"{spec.model}-{name}-{key}" if name else Path(cache) / f"{default_out_dir(spec).name}-{key}"
     if (out / ONNX_FILE).is_file() and ExportSpec.read(out) == spec:
         return out
     with atomic_dir(out, force=True, marker=SPEC_FILE) as tmp:
-        export_into(spec, tmp, unpruned)
+        export_into(spec, tmp, unpruned, calibration if spec.precision == "int8" else None)
     return out
 
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from colln.data import ValImages
@@ -86,14 +87,17 @@ def stack_exports(
     export_dir: Path,
     cache: Path,
     unpruned: nn.Module | None = None,
+    calibration: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """The four exports of an int8 export's stack (:data:`STACK`): its fp32 and int8 unpruned
-    baselines and its pruned fp32 counterpart come from (or go into) the baseline ``cache``."""
+    baselines and its pruned fp32 counterpart come from (or go into) the baseline ``cache``. The
+    unpruned int8 one is calibrated on ``calibration`` (``None``: the default images), which
+    should be what the pruned export was calibrated on."""
     fp32 = replace(spec, precision="fp32", plan={})
     return {
         "unpruned-fp32": unpruned_export(fp32, cache, unpruned),
         "pruned-fp32": cached_export(fp32, cache, unpruned),
-        "unpruned-int8": unpruned_export(spec, cache, unpruned),
+        "unpruned-int8": unpruned_export(spec, cache, unpruned, calibration),
         "pruned-int8": Path(export_dir),
     }
 
