@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from torch.utils.data import Dataset, Subset
@@ -356,3 +357,17 @@ def test_folder_run_with_a_reheaded_model(tmp_path: Path) -> None:
     )
     record = json.loads((out / ckpt.RECORD).read_text())
     assert record["num_classes"] == 3 and record["distill"] is False and record["data"]["train_images"] == 24
+
+    # The re-headed weights export: the model takes its head from them, ONNX Runtime gives 3 logits
+    # equal to the fine-tuned PyTorch model's.
+    exported = tmp_path / "exported"
+    argv = ["digits_vit", "--weights", str(out / ckpt.WEIGHTS), "--keep", "0.7", "--layers", "0,2,4"]
+    assert export_main([*argv, "--no-latency", "--val-limit", "64", "--out", str(exported)]) == 0
+    assert json.loads((exported / "report.json").read_text())["model"]["num_classes"] == 3
+    tuned = colln.prune(colln.load_model("digits_vit"), colln.PruneConfig(keep=0.7, layers=(0, 2, 4)))
+    tuned.reset_classifier(3)
+    tuned.load_state_dict(ckpt.load_state(out / ckpt.CHECKPOINT)["model"])
+    x = preprocess(digits.load_split("test").images[:8], tuned)
+    logits = ort.InferenceSession(str(exported / "model.onnx")).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, tuned.eval()(x).numpy(), rtol=1e-4, atol=1e-4)

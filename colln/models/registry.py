@@ -202,10 +202,15 @@ def load_weights(
     model: nn.Module,
     path: Path,
 ) -> None:
-    """Load a local checkpoint strictly; pos-embed resampling and conversions via timm's filter."""
+    """Load a local checkpoint strictly; pos-embed resampling and conversions via timm's filter. A
+    checkpoint whose head has another number of classes re-heads the model to fit it."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = read_state_dict(path)
+    head = state.get("head.weight")
+    if head is not None and head.ndim == 2 and head.shape[0] != getattr(model, "num_classes", head.shape[0]):
+        # Weights re-headed for other classes (colln-finetune --num-classes): they define the head.
+        model.reset_classifier(head.shape[0])
     try:
         state = checkpoint_filter_fn(state, model)
     except Exception as exc:
