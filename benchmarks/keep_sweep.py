@@ -58,7 +58,7 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keeps = [r["spec"]["keep"] for r in reports]
+    keeps = [r["spec"]["pruning"]["keep"] for r in reports]
     rows = [r["batches"][str(batch)] for r in reports]
     speedup = [row["speedup"] for row in rows]
     low = [row["speedup"] - row["speedup_iqr"][0] for row in rows]
@@ -70,7 +70,7 @@ def plot(
     for k, s, row in zip(keeps, speedup, rows):
         ax.annotate(f"{row['efficiency']:.0%}", (k, s), textcoords="offset points", xytext=(6, -12), fontsize=8)
     ax.axhline(1.0, color="grey", lw=0.5)
-    ax.set_xlabel(f"keep rate at blocks {', '.join(str(i) for i in reports[0]['spec']['layers'])}")
+    ax.set_xlabel(f"keep rate at blocks {', '.join(str(i) for i in reports[0]['spec']['pruning']['layers'])}")
     ax.set_ylabel("speedup over unpruned")
     ax.set_title(
         f"{reports[0]['spec']['model']}, batch {batch}, {reports[0]['backend']} CPU, {env['threads']} thread(s)", fontsize=10
