@@ -1,6 +1,7 @@
 # Quick start: `make demo` (export the bundled digits model) and `make test`.
 # Both create .venv on first use and install colln with every extra that installs on a CPU machine,
 # at the versions pinned in constraints.txt (`make lock` refreshes them; pyproject.toml keeps the ranges).
+# The same file pins the build backend (setuptools) that pip fetches to build colln itself.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c $(LOCK) --upgrade pip
-	$(PY) -m pip install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet -c $(LOCK) --build-constraint $(LOCK) -e ".[$(EXTRAS)]"
 	touch $@
 
 # Re-resolve the extras from scratch (fresh venv, no pip cache) and pin the result. Run it on
@@ -24,10 +25,12 @@ lock:
 	$(PYTHON) -m venv "$$tmp/venv"; \
 	PIP_NO_CACHE_DIR=1 "$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip; \
 	PIP_NO_CACHE_DIR=1 "$$tmp/venv/bin/python" -m pip install --quiet ".[$(EXTRAS)]"; \
+	build=$$("$$tmp/venv/bin/python" -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"])'); \
+	PIP_NO_CACHE_DIR=1 "$$tmp/venv/bin/python" -m pip install --quiet --upgrade $$build; \
 	{ echo "# Versions \`make install\` installs: colln[$(EXTRAS)] resolved from scratch by \`make lock\`"; \
 	  echo "# ($$("$$tmp/venv/bin/python" -c 'import platform; print("CPython", platform.python_version(), platform.system(), platform.machine())'), $$(date -u +%Y-%m-%d))."; \
 	  echo "# Refresh on purpose with \`make lock\` and commit the diff; pyproject.toml keeps the ranges users get."; \
-	  "$$tmp/venv/bin/python" -m pip freeze --all --exclude colln --exclude setuptools --exclude wheel; \
+	  "$$tmp/venv/bin/python" -m pip freeze --all --exclude colln --exclude wheel; \
 	} > $(LOCK).new; \
 	mv $(LOCK).new $(LOCK)
 
