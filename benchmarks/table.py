@@ -12,13 +12,14 @@ from pathlib import Path
 
 def rows(report: dict) -> list[str]:
     spec, env = report["spec"], report["environment"]
-    keep = spec["keep"] if not isinstance(spec["keep"], list) else ",".join(str(k) for k in spec["keep"])
-    layers = ",".join(str(i) for i in spec["layers"]) if spec["layers"] else "default"
+    pruning = spec.get("pruning", spec)  # reports written before the restructure kept these at the top
+    keep = pruning["keep"] if not isinstance(pruning["keep"], list) else ",".join(str(k) for k in pruning["keep"])
+    layers = ",".join(str(i) for i in pruning["layers"]) if pruning["layers"] else "default"
     out = []
     for batch, r in report["batches"].items():
         u, p = r["unpruned"], r["pruned"]
         out.append(
-            f"| {spec['model']} | {spec['metric']} {keep} @ {layers} | {batch} | {report['backend']} ({env['threads']} thr) "
+            f"| {spec['model']} | {pruning['metric']} {keep} @ {layers} | {batch} | {report['backend']} ({env['threads']} thr) "
             f"| {u['p50_ms']:.1f} | {p['p50_ms']:.1f} | {u['images_per_s']:.2f} / {p['images_per_s']:.2f} "
             f"| **{r['speedup']:.3f}** ({r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f}) | {r['bound']:.3f} "
             f"| **{r['efficiency']:.3f}** | {env['machine']} |"
