@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         runners = {
             n: stack.enter_context(open_runner(d, args.backend, threads=args.threads)) for n, d in zip(names, args.exports)
         }
-        chw = tuple(runners[names[0]].get_input_metadata()[INPUT_NAME].shape[1:])
+        chw = tuple(runners[names[0]].get_input_metadata(use_numpy_dtypes=False)[INPUT_NAME].shape[1:])
         batches = parse_ints(args.batch, "--batch")
         for b, compared in measure(runners, chw, batches, args.rounds, args.warmup, baseline=names[0]).items():
             print(f"batch {b}, {args.backend}, threads {args.threads}, {args.rounds} interleaved rounds:")

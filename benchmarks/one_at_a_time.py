@@ -34,7 +34,7 @@ def main() -> None:
     times = {}
     for name, path in exports.items():
         with open_runner(path, "onnxruntime", threads=args.threads or None) as runner:
-            shape = runner.get_input_metadata()[INPUT_NAME].shape[1:]
+            shape = runner.get_input_metadata(use_numpy_dtypes=False)[INPUT_NAME].shape[1:]
             feed = {INPUT_NAME: np.random.default_rng(0).standard_normal((args.batch, *shape), dtype=np.float32)}
             for _ in range(3):
                 runner.infer(feed)

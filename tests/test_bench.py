@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
+from polygraphy.datatype import DataType
 
 from colln.app.bench_cli import main
 from colln.export.artifact import read_export
@@ -40,7 +41,7 @@ class ScriptedRunner(BaseRunner):
         pass
 
     def get_input_metadata_impl(self) -> TensorMetadata:
-        return TensorMetadata().add(INPUT_NAME, dtype=np.float32, shape=(-1, 3, 2, 2))
+        return TensorMetadata().add(INPUT_NAME, dtype=DataType.FLOAT32, shape=(-1, 3, 2, 2))
 
     def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict:
         self._log.append(self.name)

@@ -54,7 +54,7 @@ def bench_export(
     exports = stack_exports(spec, export_dir, cache) if stacked else {"unpruned": base_dir, "pruned": export_dir}
     with contextlib.ExitStack() as active:
         runners = {name: active.enter_context(open_runner(d, backend, device, threads or None)) for name, d in exports.items()}
-        chw = next(iter(runners.values())).get_input_metadata()[INPUT_NAME].shape[1:]
+        chw = next(iter(runners.values())).get_input_metadata(use_numpy_dtypes=False)[INPUT_NAME].shape[1:]
         compared = measure(runners, chw, batches, rounds, warmup, baseline=next(iter(runners)))
     results = {}
     for b, comparison in compared.items():

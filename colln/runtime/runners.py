@@ -18,6 +18,7 @@ import onnx
 import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
+from polygraphy.datatype import DataType
 from torch import nn
 
 from colln.errors import BackendUnavailableError, EngineError, UsageError
@@ -56,7 +57,7 @@ class TorchRunner(BaseRunner):
         self.model = self._model.to(self.device).eval()
 
     def get_input_metadata_impl(self) -> TensorMetadata:
-        return TensorMetadata().add(INPUT_NAME, dtype=np.float32, shape=(-1, *self._input_shape))
+        return TensorMetadata().add(INPUT_NAME, dtype=DataType.FLOAT32, shape=(-1, *self._input_shape))
 
     def infer_impl(
         self,
