@@ -22,19 +22,18 @@ from torch import nn
 from colln.app.plots import plot_accuracy_vs_keep, plot_pareto
 from colln.app.render import eval_markdown
 from colln.app.report import DEFAULT_LM_PARAMS, build_report, write_report
-from colln.data import ValImages, data_config, load_labelled, validation_images
+from colln.data import ValImages, load_labelled, validation_images
 from colln.errors import CalibrationError, DataError, NoFitError, UsageError
 from colln.export.artifact import default_out_dir, export_into
 from colln.export.quantize import RECIPE as INT8_RECIPE
 from colln.export.spec import SPEC_FILE, ExportSpec
 from colln.files import atomic_dir, atomic_write
-from colln.models.plan import KeepPlan
 from colln.models.registry import default_weights, resolve_name
 from colln.runtime.baseline import default_cache, unpruned_export
-from colln.runtime.bench import STACK, stack_accuracy, stack_exports, stack_latency, stack_pair
+from colln.runtime.bench import latency_rows, measure_exports, stack_accuracy, stack_exports, stack_latency
 from colln.runtime.evaluate import Sweep, SweepOptions, export_command, pick, sweep
 from colln.runtime.runners import open_runner
-from colln.runtime.timing import measure
+from colln.runtime.timing import Comparison
 from colln.runtime.validate import ValidationReport, validate
 from colln.train.checkpoint import check_recorded_plan
 
@@ -173,7 +172,8 @@ def export_model(
             with progress("exporting the fp32 and unpruned counterparts (cached)"):
                 exports = stack_exports(exported.spec, tmp, default_cache(out), unpruned, calib.images if custom else None)
             with progress("timing the int8 stack (ONNX Runtime, interleaved)"):
-                timing, stack = _stack(exports, tuple(data_config(unpruned)["input_size"]), latency, exported.plan)
+                timing, compared = _latency(exports, latency)
+                stack = stack_latency(compared, exported.plan.flops().bound)
             with progress("top-1 of every stack variant"):
                 images = images if images is not None else validation_images(spec.model, unpruned)
                 stack["accuracy"] = stack_accuracy(exports, images, latency.threads)
@@ -181,7 +181,7 @@ def export_model(
             with progress("exporting the unpruned baseline (cached)"):
                 base_dir = unpruned_export(exported.spec, default_cache(out), unpruned)
             with progress("timing pruned vs unpruned (ONNX Runtime, interleaved)"):
-                timing = _latency(tmp, base_dir, tuple(data_config(unpruned)["input_size"]), latency)
+                timing, _ = _latency({"unpruned": base_dir, "pruned": tmp}, latency)
         record = None
         if calib is not None:
             record = {"method": "minmax", "source": calib.source, "images": len(calib.images), "recipe": INT8_RECIPE}
@@ -203,24 +203,20 @@ def export_model(
 
 
 def _latency(
-    export_dir: Path,
-    base_dir: Path,
-    input_size: tuple[int, int, int],
+    exports: dict[str, Path],
     options: LatencyOptions,
-) -> dict:
-    """The report's latency section: the export against its unpruned baseline, interleaved."""
+) -> tuple[dict, dict[int, Comparison]]:
+    """The report's latency section (pruned against unpruned; for an int8 stack, pruned int8
+    against unpruned int8) from one interleaved ONNX Runtime run of ``exports``, and that run."""
     warmup = 3
-    with (
-        open_runner(export_dir, "onnxruntime", threads=options.threads) as pruned,
-        open_runner(base_dir, "onnxruntime", threads=options.threads) as unpruned,
-    ):
-        compared = measure({"unpruned": unpruned, "pruned": pruned}, input_size, options.batches, options.rounds, warmup)
-    return {
+    compared = measure_exports(exports, options.batches, options.rounds, warmup, threads=options.threads)
+    latency = {
         "backend": "onnxruntime-cpu",
         "threads": options.threads or "backend default",
         "warmup": warmup,
-        "batches": {str(b): c.pair() for b, c in compared.items()},
+        "batches": latency_rows(compared),
     }
+    return latency, compared
 
 
 def _calibration_images(
@@ -233,27 +229,6 @@ def _calibration_images(
         return validation_images(spec.model, unpruned, options.images, options.limit)
     except DataError as exc:
         raise CalibrationError(f"--calib-images: {exc}") from exc
-
-
-def _stack(
-    exports: dict[str, Path],
-    input_size: tuple[int, int, int],
-    options: LatencyOptions,
-    plan: KeepPlan,
-) -> tuple[dict, dict]:
-    """The report's latency section (pruned int8 against unpruned int8) and its ``stack``, from one
-    interleaved run of the four variants."""
-    warmup = 3
-    with contextlib.ExitStack() as active:
-        runners = {n: active.enter_context(open_runner(d, "onnxruntime", threads=options.threads)) for n, d in exports.items()}
-        compared = measure(runners, input_size, options.batches, options.rounds, warmup, baseline=STACK[0])
-    latency = {
-        "backend": "onnxruntime-cpu",
-        "threads": options.threads or "backend default",
-        "warmup": warmup,
-        "batches": {str(b): stack_pair(c) for b, c in compared.items()},
-    }
-    return latency, stack_latency(compared, plan.flops().bound)
 
 
 RESULTS_JSON = "results.json"

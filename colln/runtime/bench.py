@@ -52,14 +52,10 @@ def bench_export(
     # An int8 export on ONNX Runtime is timed in its stack: fp32 and int8, pruned and unpruned, one run.
     stacked = spec.precision == "int8" and backend == "onnxruntime"
     exports = stack_exports(spec, export_dir, cache) if stacked else {"unpruned": base_dir, "pruned": export_dir}
-    with contextlib.ExitStack() as active:
-        runners = {name: active.enter_context(open_runner(d, backend, device, threads or None)) for name, d in exports.items()}
-        chw = next(iter(runners.values())).get_input_metadata(use_numpy_dtypes=False)[INPUT_NAME].shape[1:]
-        compared = measure(runners, chw, batches, rounds, warmup, baseline=next(iter(runners)))
+    compared = measure_exports(exports, batches, rounds, warmup, backend, device, threads or None)
     results = {}
-    for b, comparison in compared.items():
-        row = stack_pair(comparison) if stacked else comparison.pair()
-        results[str(b)] = {**row, "bound": flops.bound, "efficiency": row["speedup"] / flops.bound}
+    for b, row in latency_rows(compared).items():
+        results[b] = {**row, "bound": flops.bound, "efficiency": row["speedup"] / flops.bound}
     return {
         "case": case_name(spec, backend, threads, device),
         "export": str(export_dir),
@@ -76,6 +72,30 @@ def bench_export(
         "stack": stack_latency(compared, flops.bound) if stacked else None,
         "environment": environment(backend, threads, load_before),
     }
+
+
+def measure_exports(
+    exports: Mapping[str, Path],
+    batches: Sequence[int],
+    rounds: int | None,
+    warmup: int,
+    backend: str = "onnxruntime",
+    device: str = "cpu",
+    threads: int | None = None,
+) -> dict[int, Comparison]:
+    """One interleaved run of ``exports`` (name -> export directory; the first is the baseline):
+    ``{"unpruned", "pruned"}``, or an int8 export's :data:`STACK`."""
+    with contextlib.ExitStack() as active:
+        runners = {name: active.enter_context(open_runner(d, backend, device, threads)) for name, d in exports.items()}
+        chw = next(iter(runners.values())).get_input_metadata(use_numpy_dtypes=False)[INPUT_NAME].shape[1:]
+        return measure(runners, chw, batches, rounds, warmup, baseline=next(iter(runners)))
+
+
+def latency_rows(
+    compared: Mapping[int, Comparison],
+) -> dict[str, dict]:
+    """Per batch size, pruned against unpruned (for an int8 stack: pruned int8 against unpruned int8)."""
+    return {str(b): stack_pair(c) if STACK[-1] in c.times else c.pair() for b, c in compared.items()}
 
 
 # The int8 stack, in table order; speedups are over the first.
