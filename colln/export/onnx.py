@@ -106,30 +106,21 @@ def gelu_for_fusion(
     runs as five element-wise ops (deit_small int8, batch 8, 2 threads: 4-5% of the time). Plain
     ONNX ops either way, so TensorRT parses both."""
     graph = proto.graph
-    scalars = scalar_constants(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    def sole(name: str, op_type: str) -> onnx.NodeProto | None:
-        found = consumers.get(name, [])
-        return found[0] if len(found) == 1 and found[0].op_type == op_type else None
+    g = GraphIndex(graph)
 
     def other(node: onnx.NodeProto, name: str) -> str:
         return node.input[1] if node.input[0] == name else node.input[0]
 
     def near(name: str, value: float) -> bool:
-        return name in scalars and abs(float(scalars[name]) - value) < 1e-6
+        return name in g.scalars and abs(float(g.scalars[name]) - value) < 1e-6
 
     rewritten = 0
     for erf in [n for n in graph.node if n.op_type == "Erf"]:
-        div = producer.get(erf.input[0])
-        add = sole(erf.output[0], "Add")
-        half = sole(add.output[0], "Mul") if add is not None else None
-        outer = sole(half.output[0], "Mul") if half is not None else None
-        if div is None or div.op_type != "Div" or outer is None:
+        div = g.made_by(erf.input[0], "Div")
+        add = g.sole_consumer(erf.output[0], "Add")
+        half = g.sole_consumer(add.output[0], "Mul") if add is not None else None
+        outer = g.sole_consumer(half.output[0], "Mul") if half is not None else None
+        if div is None or outer is None:
             continue
         x, one, h = div.input[0], other(add, erf.output[0]), other(half, add.output[0])
         if other(outer, half.output[0]) != x or not (near(div.input[1], 2**0.5) and near(one, 1.0) and near(h, 0.5)):
@@ -151,6 +142,53 @@ def scalar_constants(
             if value is not None and list(value.dims) in ([], [1]):
                 found[node.output[0]] = numpy_helper.to_array(value).reshape(-1)[0]
     return found
+
+
+class GraphIndex:
+    """Producer / consumer / constant lookups over one graph (as it is when indexed)."""
+
+    def __init__(
+        self,
+        graph: onnx.GraphProto,
+    ) -> None:
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.scalars = scalar_constants(graph)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
+
+    def sole_consumer(
+        self,
+        name: str,
+        op_type: str,
+    ) -> onnx.NodeProto | None:
+        """The one node reading ``name`` when it is an ``op_type`` and ``name`` is not a graph output."""
+        found = self.consumers.get(name, [])
+        if len(found) != 1 or found[0].op_type != op_type or name in self.outputs:
+            return None
+        return found[0]
+
+    def made_by(
+        self,
+        name: str,
+        op_type: str,
+    ) -> onnx.NodeProto | None:
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    def ints(
+        self,
+        name: str,
+    ) -> list[int] | None:
+        """A constant 1-D int tensor's values (initializer or ``Constant`` node), else None."""
+        if name in self.initializers:
+            return [int(v) for v in numpy_helper.to_array(self.initializers[name]).reshape(-1)]
+        node = self.made_by(name, "Constant")
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node is not None else None
+        return [int(v) for v in numpy_helper.to_array(value).reshape(-1)] if value is not None else None
 
 
 def _forward_params(

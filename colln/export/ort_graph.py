@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from colln.export.onnx import scalar_constants
+from colln.export.onnx import GraphIndex
 
 MS_DOMAIN = "com.microsoft"
 HEAD_SPLIT_PERM = [2, 0, 3, 1, 4]  # [B, N, 3, H, D] -> [3, B, H, N, D]
@@ -59,7 +59,7 @@ def for_onnxruntime(
     fused = onnx.ModelProto()
     fused.CopyFrom(proto)
     graph = fused.graph
-    lookup = _Graph(graph)
+    lookup = GraphIndex(graph)
     matches = [m for m in (_match(lookup, node) for node in graph.node if node.op_type == "Softmax") if m is not None]
     if not matches:
         return fused, 0
@@ -69,52 +69,6 @@ def for_onnxruntime(
     if not any(o.domain == MS_DOMAIN for o in fused.opset_import):
         fused.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return fused, len(matches)
-
-
-class _Graph:
-    """Producer / consumer / constant lookups over one graph."""
-
-    def __init__(
-        self,
-        graph: onnx.GraphProto,
-    ) -> None:
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.scalars = scalar_constants(graph)
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.outputs = {o.name for o in graph.output}
-
-    def sole_consumer(
-        self,
-        name: str,
-        op_type: str,
-    ) -> onnx.NodeProto | None:
-        found = self.consumers.get(name, [])
-        if len(found) != 1 or found[0].op_type != op_type or name in self.outputs:
-            return None
-        return found[0]
-
-    def made_by(
-        self,
-        name: str,
-        op_type: str,
-    ) -> onnx.NodeProto | None:
-        node = self.producer.get(name)
-        return node if node is not None and node.op_type == op_type else None
-
-    def ints(
-        self,
-        name: str,
-    ) -> list[int] | None:
-        """A constant 1-D int tensor's values (initializer or ``Constant`` node), else None."""
-        if name in self.initializers:
-            return [int(v) for v in numpy_helper.to_array(self.initializers[name]).reshape(-1)]
-        node = self.made_by(name, "Constant")
-        value = next((a.t for a in node.attribute if a.name == "value"), None) if node is not None else None
-        return [int(v) for v in numpy_helper.to_array(value).reshape(-1)] if value is not None else None
 
 
 def _attr(
@@ -127,7 +81,7 @@ def _attr(
 
 
 def _scaled(
-    g: _Graph,
+    g: GraphIndex,
     name: str,
 ) -> tuple[str, float]:
     """Walk up through ``Mul`` by a scalar constant: the unscaled tensor and the product of the scalars."""
@@ -144,7 +98,7 @@ def _scaled(
 
 
 def _head_slice(
-    g: _Graph,
+    g: GraphIndex,
     name: str,
 ) -> tuple[str, int] | None:
     """``name`` = ``Squeeze(Slice(heads, [i], [i+1], axes=[0]), [0])``: (``heads``, i)."""
@@ -163,7 +117,7 @@ def _head_slice(
 
 
 def _match(
-    g: _Graph,
+    g: GraphIndex,
     softmax: onnx.NodeProto,
 ) -> _Attention | None:
     if _attr(softmax, "axis", -1) not in (-1, 3):

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 
 from colln.errors import CalibrationError
+from colln.export.onnx import GraphIndex
 from colln.export.precision import fp32_nodes
 from colln.export.spec import INPUT_NAME
 
@@ -61,17 +62,13 @@ def selection_crossings(
     quantized as the input of the product after it: the LayerNorm itself still runs in float.
     Empty for a correct int8 graph."""
     graph = proto.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for x in n.input:
-            consumers.setdefault(x, []).append(n)
+    g = GraphIndex(graph)
     crossings = []
     for i in sorted(fp32_nodes(graph)):
         node = graph.node[i]
-        if any(x in producer and producer[x].op_type in QDQ_OPS for x in node.input):
+        if any(x in g.producer and g.producer[x].op_type in QDQ_OPS for x in node.input):
             crossings.append(f"{node.op_type} {node.name} reads a dequantized tensor")
-        quantized = any(c.op_type in QDQ_OPS for o in node.output for c in consumers.get(o, []))
+        quantized = any(c.op_type in QDQ_OPS for o in node.output for c in g.consumers.get(o, []))
         if quantized and node.op_type != "LayerNormalization":
             crossings.append(f"{node.op_type} {node.name} feeds a QuantizeLinear")
     return crossings
