@@ -18,6 +18,7 @@ import fcntl
 import os
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,23 +110,55 @@ def remove_stale(
                         leftover.unlink()
 
 
+def check_writable_dir(
+    directory: Path,
+    fix: str,
+) -> None:
+    """Create ``directory`` if needed and make (and drop) a file in it: colln's one-line error naming
+    the directory when that fails, before any long work."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise path_problem(exc, directory, fix) from exc
+
+
 def check_replaceable(
     out: Path,
     marker: str,
+    option: str = "--out",
 ) -> None:
-    """Refuse to replace anything colln did not write (see the module docstring)."""
+    """Refuse to replace anything colln did not write (see the module docstring), or what this
+    process could not move away and delete (checked now, not after the work)."""
     if not out.is_dir():
-        raise OutputExistsError(f"{display(out)} exists and is not a directory: choose another --out")
+        raise OutputExistsError(f"{display(out)} exists and is not a directory: choose another {option}")
     cwd = Path.cwd().resolve()
     if out.resolve() == cwd or out.resolve() in cwd.parents:
         raise OutputExistsError(
-            f"{display(out)} is the current directory or holds it: --force never replaces it; choose another --out"
+            f"{display(out)} is the current directory or holds it: --force never replaces it; choose another {option}"
         )
     if not (out / marker).is_file() and any(out.iterdir()):
         raise OutputExistsError(
             f"{display(out)} is not empty and has no {marker}, so colln did not write it: --force replaces only "
-            "colln's own output or an empty directory; choose another --out"
+            f"colln's own output or an empty directory; choose another {option}"
         )
+    if not _removable(out):
+        code = errno.EROFS if os.statvfs(out).f_flag & os.ST_RDONLY else errno.EACCES
+        denied = OSError(code, os.strerror(code))
+        raise path_problem(denied, out, f"it cannot be replaced by this user; choose another {option}, or make it writable")
+
+
+def _removable(
+    out: Path,
+) -> bool:
+    """Whether this process may move ``out`` within its parent and delete everything in it."""
+    parent = out.parent.stat()
+    owners = {0, parent.st_uid, out.stat().st_uid}
+    if parent.st_mode & stat.S_ISVTX and os.geteuid() not in owners:
+        return False  # a sticky parent (like /tmp) lets only owners rename
+    directories = [out, *(p for p in out.rglob("*") if p.is_dir() and not p.is_symlink())]
+    return all(os.access(d, os.W_OK | os.X_OK) for d in directories)
 
 
 @contextlib.contextmanager
@@ -150,10 +183,12 @@ def atomic_dir(
     force: bool = False,
     *,
     marker: str,
+    option: str = "--out",
 ) -> Iterator[Path]:
     """Yield an empty temp dir beside ``out``; on success it replaces ``out``, on failure it is
     removed and ``out`` is left as it was. ``marker``: the file that makes an existing ``out``
-    colln's own (the only kind ``force`` replaces, besides an empty directory)."""
+    colln's own (the only kind ``force`` replaces, besides an empty directory); ``option``: the
+    argument that names ``out``, for the error messages."""
     out = Path(os.path.abspath(out))
     if out.is_symlink():
         target = out.resolve()
@@ -161,9 +196,9 @@ def atomic_dir(
             raise OutputExistsError(f"{display(out)} is a symlink to {display(target)}, which cannot be created: fix the link")
         out = target  # the link stays; what it points to is replaced
     if out.exists() and not force:
-        raise OutputExistsError(f"{display(out)} already exists: pass --force to replace it, or --out another directory")
+        raise OutputExistsError(f"{display(out)} already exists: pass --force to replace it, or {option} another directory")
     if out.exists():
-        check_replaceable(out, marker)
+        check_replaceable(out, marker, option)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +207,7 @@ def atomic_dir(
         # mkdtemp makes it 0700; an export is read by others (Triton containers, CI users).
         tmp.chmod(0o755)
     except OSError as exc:
-        raise path_problem(exc, parent, "choose a writable --out") from exc
+        raise path_problem(exc, parent, f"choose a writable {option}") from exc
     old = None
     try:
         yield tmp
@@ -182,7 +217,7 @@ def atomic_dir(
                 raise OutputExistsError(f"{display(out)} was created meanwhile: pass --force to replace it")
             try:
                 if out.exists():
-                    check_replaceable(out, marker)
+                    check_replaceable(out, marker, option)
                     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=parent))
                     out.rename(old / "previous")
                 try:
@@ -192,7 +227,7 @@ def atomic_dir(
                         (old / "previous").rename(out)
                     raise
             except OSError as exc:
-                raise path_problem(exc, out, "choose a writable --out") from exc
+                raise path_problem(exc, out, f"choose a writable {option}") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

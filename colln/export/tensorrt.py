@@ -16,6 +16,7 @@ Running a plan (and refusing a foreign one) is the runtime's job: ``colln.runtim
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import importlib.util
 import json
@@ -32,7 +33,7 @@ from types import ModuleType
 
 from colln.errors import BackendUnavailableError, EngineError, ExportDirError, UsageError
 from colln.export.spec import INPUT_NAME, ONNX_FILE, file_sha256
-from colln.files import atomic_write
+from colln.files import atomic_write, check_writable_dir, path_problem
 
 PLAN_FILE = "model.plan"
 PLAN_META_FILE = "model.plan.json"
@@ -109,6 +110,27 @@ def default_timing_cache(
     return root / "colln" / f"timing-{flavour.name}-{flavour.version}.cache"
 
 
+def _timing_cache(
+    path: Path | None,
+    flavour: TrtFlavour,
+) -> Path | None:
+    """The timing cache to read and update: ``path`` (it must be writable), else the default one;
+    None (a build without a cache: the same engine, found more slowly) when the default cannot be
+    written, as in a container with a read-only home."""
+    cache = Path(path).expanduser() if path is not None else default_timing_cache(flavour)
+    fix = "pass --timing-cache a writable PATH"
+    try:
+        check_writable_dir(cache.parent, fix)
+        if cache.exists() and not os.access(cache, os.W_OK):
+            raise path_problem(PermissionError(errno.EACCES, os.strerror(errno.EACCES)), cache, fix)
+    except UsageError as exc:
+        if path is not None:
+            raise
+        print(f"colln: warning: {exc}; building without a timing cache", file=sys.stderr)
+        return None
+    return cache
+
+
 def build_engine(
     export_dir: Path,
     batch_min: int = 1,
@@ -119,7 +141,8 @@ def build_engine(
     """Build ``export_dir/model.plan`` (+ ``model.plan.json``, ``model.plan.log``) from ``model.onnx``.
 
     The profile covers batches ``batch_min..batch_max``, tuned for ``batch_opt``. ``timing_cache``
-    (default: ``default_timing_cache``) is read before and updated after the build. Returns the
+    (default: ``default_timing_cache``, skipped with a warning when it cannot be written) is read
+    before and updated after the build. Returns the
     plan's path. A failed build leaves any previous plan untouched and its log in
     ``model.plan.failed.log``.
     """
@@ -136,13 +159,11 @@ def build_engine(
             "full TensorRT builds engines only on an NVIDIA GPU and none is visible: build on the target GPU, "
             "or pip install 'colln[trt-rtx]' to build without one"
         )
-    cache = Path(timing_cache).expanduser() if timing_cache is not None else default_timing_cache(flavour)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(
-            f"cannot create the timing cache folder {cache.parent} ({exc.strerror}): pass --timing-cache PATH"
-        ) from exc
+    # Checked now, not after a build of minutes.
+    check_writable_dir(
+        export_dir, "colln-build writes model.plan into the export directory: make it writable, or export to a writable --out"
+    )
+    cache = _timing_cache(timing_cache, flavour)
 
     from polygraphy.exception import PolygraphyException
 
@@ -180,7 +201,7 @@ def build_engine(
         },
         "keep_plan": spec.plan,
         "onnx_sha256": file_sha256(onnx_path),
-        "timing_cache": str(cache),
+        "timing_cache": str(cache) if cache is not None else None,
         "build_seconds": round(seconds, 2),
     }
     plan = export_dir / PLAN_FILE
@@ -204,7 +225,7 @@ def _build(
     gpu: dict | None,
     onnx_path: Path,
     batches: tuple[int, int, int],
-    cache: Path,
+    cache: Path | None,
 ) -> tuple[memoryview, dict[str, str], list[int]]:
     """Parse and build with polygraphy's loaders: (plan bytes, I/O dtypes, input shape without batch)."""
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
@@ -218,7 +239,8 @@ def _build(
         )
     input_shape = list(inputs[0].shape)[1:]
     profile = Profile().add(INPUT_NAME, *[(b, *input_shape) for b in batches])
-    common = {"profiles": [profile], "load_timing_cache": str(cache)}
+    cache_file = str(cache) if cache is not None else None
+    common = {"profiles": [profile], "load_timing_cache": cache_file}
     if flavour.name == "tensorrt_rtx":
         from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
 
@@ -226,7 +248,7 @@ def _build(
         config = CreateConfigRTX(use_gpu=gpu is not None, **common)
     else:
         config = CreateConfig(**common)
-    plan_bytes = EngineBytesFromNetwork((builder, network, parser), config=config, save_timing_cache=str(cache))()
+    plan_bytes = EngineBytesFromNetwork((builder, network, parser), config=config, save_timing_cache=cache_file)()
     network_io = {t.name: _dtype_name(t.dtype) for t in (*inputs, *outputs)}
     return memoryview(plan_bytes), network_io, input_shape
 

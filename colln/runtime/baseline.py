@@ -68,7 +68,7 @@ def cached_export(
     out = Path(cache) / f"{spec.model}-{name}-{key}" if name else Path(cache) / f"{default_out_dir(spec).name}-{key}"
     if (out / ONNX_FILE).is_file() and ExportSpec.read(out) == spec:
         return out
-    with atomic_dir(out, force=True, marker=SPEC_FILE) as tmp:
+    with atomic_dir(out, force=True, marker=SPEC_FILE, option="--cache") as tmp:
         export_into(spec, tmp, unpruned, calibration if spec.precision == "int8" else None)
     return out
 

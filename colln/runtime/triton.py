@@ -181,7 +181,7 @@ def write_model_repository(
     target = model_dir(repo, name)
     inputs, outputs = tensor_specs(export_dir)
     config = model_config(name, ("platform", platform), inputs, outputs, max_batch, kind)
-    with atomic_dir(target, force=True, marker=CONFIG_FILE) as tmp:
+    with atomic_dir(target, force=True, marker=CONFIG_FILE, option="REPO") as tmp:
         (tmp / CONFIG_FILE).write_text(config)
         (tmp / "1").mkdir()
         shutil.copy2(source, tmp / "1" / model_file)

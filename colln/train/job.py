@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from colln.errors import OutputExistsError, UsageError
-from colln.files import atomic_write
+from colln.files import check_writable_dir
 from colln.models import digits
 from colln.models.config import PruneConfig
 from colln.models.registry import load_model, resolve_name
@@ -120,9 +120,7 @@ def _prepare_out(
 ) -> None:
     """Fail now, not after the first epoch, when ``out`` cannot be written; starting over (--force)
     removes the outputs of the earlier run, so no stale checkpoint is left to resume by mistake."""
-    probe = job.out / ".colln-write-test"
-    atomic_write(probe, b"")
-    probe.unlink()
+    check_writable_dir(job.out, "choose a writable --out")
     if not job.resume:
         for name in OUTPUTS:
             (job.out / name).unlink(missing_ok=True)
