@@ -33,6 +33,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--threads", type=int, default=1, help="intra-op threads, pinned for stable numbers; 0 = backend default (default 1)"
     )
+    p.add_argument(
+        "--no-split-batches",
+        dest="split_batches",
+        action="store_false",
+        help="with 2+ threads, run every batch on the session's threads instead of one slice of the batch per thread",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
     p.add_argument(
         "--baseline", type=Path, metavar="FILE", help="fail (exit 1) if speedup or efficiency fell below this baseline"
@@ -54,7 +60,17 @@ def _main(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise UsageError(f"--threads must be >= 0 (0 = backend default), got {args.threads}")
     baseline = _read_json(args.baseline) if args.baseline else None
-    report = bench_export(args.export_dir, args.backend, batches, args.rounds, args.warmup, args.threads, args.cache, args.device)
+    report = bench_export(
+        args.export_dir,
+        args.backend,
+        batches,
+        args.rounds,
+        args.warmup,
+        args.threads,
+        args.cache,
+        args.device,
+        split_batches=args.split_batches,
+    )
     print_bench(report)
     if args.json:
         atomic_write(args.json, json.dumps(report, indent=2) + "\n")

@@ -33,13 +33,14 @@ def bench_export(
     threads: int = 1,
     cache: Path | None = None,
     device: str = "cpu",
+    split_batches: bool = True,
 ) -> dict:
     """Benchmark an export against its unpruned counterpart, interleaved, per batch size.
 
     Returns the JSON-ready report: per batch the latency stats of both, ``speedup`` (median of the
     paired per-round ratios, with its interquartile range), the keep plan's FLOPs ``bound`` and
     ``efficiency = speedup / bound``; plus the spec, plan and environment. ``threads=0`` leaves the
-    backend's own default."""
+    backend's own default; ``split_batches``: see :func:`colln.runtime.runners.onnxruntime_runner`."""
     export_dir = Path(export_dir)
     spec = read_export(export_dir)
     plan = spec.keep_plan()
@@ -52,7 +53,7 @@ def bench_export(
     # An int8 export on ONNX Runtime is timed in its stack: fp32 and int8, pruned and unpruned, one run.
     stacked = spec.precision == "int8" and backend == "onnxruntime"
     exports = stack_exports(spec, export_dir, cache) if stacked else {"unpruned": base_dir, "pruned": export_dir}
-    compared = measure_exports(exports, batches, rounds, warmup, backend, device, threads or None)
+    compared = measure_exports(exports, batches, rounds, warmup, backend, device, threads or None, split_batches)
     results = {}
     for b, row in latency_rows(compared).items():
         results[b] = {**row, "bound": flops.bound, "efficiency": row["speedup"] / flops.bound}
@@ -66,6 +67,7 @@ def bench_export(
         "backend": backend,
         "device": device,
         "threads": threads,
+        "split_batches": split_batches,
         "rounds": rounds,
         "warmup": warmup,
         "batches": results,
@@ -82,11 +84,15 @@ def measure_exports(
     backend: str = "onnxruntime",
     device: str = "cpu",
     threads: int | None = None,
+    split_batches: bool = True,
 ) -> dict[int, Comparison]:
     """One interleaved run of ``exports`` (name -> export directory; the first is the baseline):
     ``{"unpruned", "pruned"}``, or an int8 export's :data:`STACK`."""
     with contextlib.ExitStack() as active:
-        runners = {name: active.enter_context(open_runner(d, backend, device, threads)) for name, d in exports.items()}
+        runners = {
+            name: active.enter_context(open_runner(d, backend, device, threads, split_batches=split_batches))
+            for name, d in exports.items()
+        }
         chw = next(iter(runners.values())).get_input_metadata(use_numpy_dtypes=False)[INPUT_NAME].shape[1:]
         return measure(runners, chw, batches, rounds, warmup, baseline=next(iter(runners)))
 

@@ -8,15 +8,19 @@ and serving.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.datatype import DataType
 from torch import nn
@@ -84,39 +88,105 @@ def onnxruntime_runner(
     model: Path | onnx.ModelProto,
     device: str = "cpu",
     threads: int | None = None,
+    split_batches: bool = True,
 ) -> BaseRunner:
     """polygraphy's ``OnnxrtRunner`` over an ONNX Runtime session (CUDA when onnxruntime-gpu is installed).
     ``model`` is a path or an in-memory graph (validation runs a copy with extra outputs). On CPU
-    the session runs the graph's ONNX Runtime flavour (:func:`colln.export.ort_graph.for_onnxruntime`)."""
+    the session runs the graph's ONNX Runtime flavour (:func:`colln.export.ort_graph.for_onnxruntime`),
+    and with ``split_batches`` a batch of at least as many images as threads runs as one slice per
+    thread (:class:`SplitBatchOnnxrtRunner`)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
         raise BackendUnavailableError("onnxruntime is not installed: pip install 'colln[cpu]' (or 'colln[gpu]')") from exc
-    from polygraphy.backend.onnxrt import OnnxrtRunner
 
+    cuda = device.startswith("cuda")
     providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
+    if cuda:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendUnavailableError("onnxruntime has no CUDA provider: pip install 'colln[gpu]' (replaces onnxruntime)")
         providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    # Intra-op workers stop spinning when a run returns (they still spin within it): otherwise a
-    # session's idle pool keeps a core busy while the next session runs. Interleaved timing and
-    # serving several models alternate sessions; deit_small, batch 1, 2 threads, alternating
-    # unpruned/pruned: 98/76 ms (ratio 1.28) with spinning, 52/36 ms (1.48) with this
-    # (benchmarks/alternating_sessions.py). allow_spinning=0 also helps but made digits_vit 7x slower.
-    options.add_session_config_entry("session.force_spinning_stop", "1")
-    # Errors only: ONNX Runtime warns about every constant its GELU fusion leaves unused.
-    options.log_severity_level = 3
+    graph: list[str | bytes] = []  # loaded (and fused) once, for however many sessions
 
-    def session():
-        return ort.InferenceSession(
-            session_model(model, fuse=not device.startswith("cuda")), sess_options=options, providers=providers
-        )
+    def session(intra_threads: int | None = threads) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        if intra_threads:
+            options.intra_op_num_threads = intra_threads
+        # Intra-op workers stop spinning when a run returns (they still spin within it): otherwise a
+        # session's idle pool keeps a core busy while the next session runs. Interleaved timing and
+        # serving several models alternate sessions; deit_small, batch 1, 2 threads, alternating
+        # unpruned/pruned: 98/76 ms (ratio 1.28) with spinning, 52/36 ms (1.48) with this
+        # (benchmarks/alternating_sessions.py). allow_spinning=0 also helps but made digits_vit 7x slower.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        # Errors only: ONNX Runtime warns about every constant its GELU fusion leaves unused.
+        options.log_severity_level = 3
+        if not graph:
+            graph.append(session_model(model, fuse=not cuda))
+        return ort.InferenceSession(graph[0], sess_options=options, providers=providers)
 
+    workers = threads or len(os.sched_getaffinity(0))
+    if split_batches and not cuda and workers > 1:
+        return SplitBatchOnnxrtRunner(session, lambda: session(1), workers, name=f"onnxruntime-{device}")
     return OnnxrtRunner(session, name=f"onnxruntime-{device}")
+
+
+class SplitBatchOnnxrtRunner(OnnxrtRunner):
+    """polygraphy's ``OnnxrtRunner`` that runs a batch of at least ``workers`` images as ``workers``
+    slices at once, each on one thread of a second, single-thread session of the same graph
+    (made on the first such batch); smaller batches run on the first session's threads.
+
+    Why: ONNX Runtime splits each op across its threads, so every op's output crosses between
+    cores. A cloud VM's vCPUs can sit on different dies of the host, for seconds to minutes at a
+    time; then each crossing costs about 350 ns instead of 130 (a cache-line round trip,
+    ``benchmarks/vcpu_rtt.c``), and an int8 graph, with little arithmetic per byte, ran no faster
+    on 2 threads than on 1. Slices share nothing while they run: deit_small, batch 8, 2 vCPUs,
+    pruned int8 102-134 ms in either placement, against 105-137 ms split by op (benchmarks/README.md).
+    Each image is computed alone either way, so the outputs are the same. The cost is a second copy
+    of the session's prepacked weights."""
+
+    def __init__(
+        self,
+        session: Callable[[], object],
+        single_thread_session: Callable[[], object],
+        workers: int,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(session, name=name)
+        self._single_thread_session = single_thread_session
+        self.workers = workers
+
+    def activate_impl(self) -> None:
+        self.sess = self._sess()
+        self._single = None
+        self._pool = None
+        # Splittable when every input and output is batch-major (the same symbolic first dim).
+        tensors = [*self.sess.get_inputs(), *self.sess.get_outputs()]
+        batch = tensors[0].shape[0] if tensors[0].shape else None
+        self._splittable = isinstance(batch, str) and all(t.shape and t.shape[0] == batch for t in tensors)
+
+    def infer_impl(
+        self,
+        feed_dict: dict[str, np.ndarray],
+    ) -> OrderedDict:
+        start = time.perf_counter()
+        batch = len(next(iter(feed_dict.values())))
+        if batch < self.workers or not self._splittable:
+            outputs = self.sess.run(None, feed_dict)
+        else:
+            if self._single is None:
+                self._single = self._single_thread_session()
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="colln-slice")
+            bounds = np.linspace(0, batch, self.workers + 1).astype(int)
+            slices = [{name: x[a:b] for name, x in feed_dict.items()} for a, b in itertools.pairwise(bounds)]
+            parts = list(self._pool.map(lambda feed: self._single.run(None, feed), slices))
+            outputs = [np.concatenate(pieces) for pieces in zip(*parts, strict=True)]
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict((node.name, out) for node, out in zip(self.sess.get_outputs(), outputs, strict=True))
+
+    def deactivate_impl(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        del self.sess, self._single, self._pool
 
 
 def session_model(
@@ -147,6 +217,7 @@ def kept_onnxruntime_runner(
     pruned_layers: tuple[tuple[int, int], ...],
     device: str = "cpu",
     threads: int | None = None,
+    split_batches: bool = True,
 ) -> BaseRunner:
     """ONNX Runtime on an in-memory copy of the graph that also outputs the kept indices of every
     pruning layer (see :func:`colln.export.onnx.with_kept_outputs`)."""
@@ -155,8 +226,8 @@ def kept_onnxruntime_runner(
     proto = with_kept_outputs(onnx.load(str(onnx_path)), pruned_layers)
     if proto.ByteSize() > MAX_SINGLE_FILE:
         # Over protobuf's 2 GB: cannot be serialized in memory; validation falls back to the margin rule.
-        return onnxruntime_runner(onnx_path, device=device, threads=threads)
-    return onnxruntime_runner(proto, device=device, threads=threads)
+        return onnxruntime_runner(onnx_path, device=device, threads=threads, split_batches=split_batches)
+    return onnxruntime_runner(proto, device=device, threads=threads, split_batches=split_batches)
 
 
 def check_plan(
@@ -209,13 +280,15 @@ def open_runner(
     device: str = "cpu",
     threads: int | None = None,
     record_kept: bool = False,
+    split_batches: bool = True,
 ) -> BaseRunner:
     """A runner for an export directory, or for an in-memory PyTorch model (backend ``torch`` only).
 
     ``torch``: the pruned PyTorch reference rebuilt from ``export.json``; ``onnxruntime``:
     ``model.onnx``; ``tensorrt``: ``model.plan``. ``threads`` (None: the backend's default) reaches
     torch and ONNX Runtime through the runner. ``record_kept``: ONNX Runtime also outputs the
-    tokens each pruning layer kept (for validation)."""
+    tokens each pruning layer kept (for validation). ``split_batches``: ONNX Runtime on CPU runs a
+    batch of at least as many images as threads as one slice per thread (:class:`SplitBatchOnnxrtRunner`)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if isinstance(source, nn.Module):
@@ -228,8 +301,8 @@ def open_runner(
         return TorchRunner(spec.load_pruned(), device=device, threads=threads)
     if backend == "onnxruntime":
         if record_kept:
-            return kept_onnxruntime_runner(export_dir / ONNX_FILE, spec.keep_plan().pruned_layers, device, threads)
-        return onnxruntime_runner(export_dir / ONNX_FILE, device=device, threads=threads)
+            return kept_onnxruntime_runner(export_dir / ONNX_FILE, spec.keep_plan().pruned_layers, device, threads, split_batches)
+        return onnxruntime_runner(export_dir / ONNX_FILE, device=device, threads=threads, split_batches=split_batches)
     return tensorrt_runner(export_dir)
 
 
