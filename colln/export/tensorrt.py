@@ -142,9 +142,8 @@ def build_engine(
 
     The profile covers batches ``batch_min..batch_max``, tuned for ``batch_opt``. ``timing_cache``
     (default: ``default_timing_cache``, skipped with a warning when it cannot be written) is read
-    before and updated after the build. Returns the
-    plan's path. A failed build leaves any previous plan untouched and its log in
-    ``model.plan.failed.log``.
+    before and updated after the build. Returns the plan's path. A failed build leaves any previous
+    plan untouched and its log in ``model.plan.failed.log``.
     """
     check_profile(batch_min, batch_opt, batch_max)
     export_dir = Path(export_dir)
