@@ -75,3 +75,15 @@ def any_rank(
 ) -> bool:
     """True on every rank when ``flag`` is true on one (so all ranks stop at the same step)."""
     return all_sum([float(flag)], ranks)[0] > 0
+
+
+def gather_to_main(
+    value: object,
+    ranks: Ranks,
+) -> list[object] | None:
+    """Every rank's ``value`` in rank order on rank 0, None on the others (``[value]`` outside torchrun)."""
+    if ranks.world_size == 1:
+        return [value]
+    gathered: list[object] | None = [None] * ranks.world_size if ranks.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered

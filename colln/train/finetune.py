@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from colln.errors import CheckpointError, TrainingDivergedError, UnsupportedModelError, UsageError
 from colln.train import checkpoint as ckpt
 from colln.train.datasets import describe, open_dataset
-from colln.train.distributed import Ranks, all_sum, any_rank, process_group
+from colln.train.distributed import Ranks, all_sum, any_rank, gather_to_main, process_group
 
 CHECKPOINT_FORMAT = 1
 
@@ -316,9 +316,9 @@ class _Trainer:
         """One epoch from step ``skip`` on; ``sums`` (loss sum, correct, images, seconds) carry the
         steps before it, ``rng`` the random state at ``skip`` (else the epoch's seed)."""
         r = self.recipe
+        # Seeded per epoch and rank: a resumed epoch draws the augmentations an unbroken run would.
+        epoch_seed = r.seed * 1_000_003 + epoch * self.ranks.world_size + self.ranks.rank
         if rng is None:
-            # Seeded per epoch and rank: a resumed epoch draws the augmentations an unbroken run would.
-            epoch_seed = r.seed * 1_000_003 + epoch * self.ranks.world_size + self.ranks.rank
             torch.manual_seed(epoch_seed)
             random.seed(epoch_seed)
         else:
@@ -326,8 +326,15 @@ class _Trainer:
             random.setstate(rng["python"])
         self.sampler.set_epoch(epoch)
         indices = list(self.sampler)[skip * r.batch_size :]
+        # Its own generator: the loader's seed draw must not move the global state the augmentations
+        # use, or a loader made mid-epoch (on resume) would shift them by one draw.
         loader = DataLoader(
-            self.train_set, batch_size=r.batch_size, sampler=indices, num_workers=r.workers, pin_memory=self.device.type == "cuda"
+            self.train_set,
+            batch_size=r.batch_size,
+            sampler=indices,
+            num_workers=r.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(epoch_seed),
         )
         if reporter is not None:
             reporter.start_epoch(epoch, r.epochs, self.steps_per_epoch, skip)
@@ -339,7 +346,10 @@ class _Trainer:
             if reporter is not None:
                 reporter.step(loss_sum / len(y), correct / len(y), sums[2] * self.ranks.world_size / (time.perf_counter() - t0))
             if any_rank(stop.is_set(), self.ranks):
-                self._save(epoch, step + 1, [*all_sum(sums[:3], self.ranks), time.perf_counter() - t0])
+                partial = [*all_sum(sums[:3], self.ranks), time.perf_counter() - t0]
+                # Every rank's random state, so that each resumes drawing the augmentations it would have.
+                rngs = gather_to_main({"torch": torch.get_rng_state(), "python": random.getstate()}, self.ranks)
+                self._save(epoch, step + 1, partial, rngs)
                 raise KeyboardInterrupt
         loss_sum, correct, count = all_sum(sums[:3], self.ranks)
         seconds = time.perf_counter() - t0
@@ -415,8 +425,10 @@ class _Trainer:
         epoch: int,
         step: int,
         partial: list[float],
+        rngs: list | None = None,
     ) -> None:
-        """Rank 0 writes the resumable state: ``epoch`` whole epochs and ``step`` steps of the next done."""
+        """Rank 0 writes the resumable state: ``epoch`` whole epochs and ``step`` steps of the next done;
+        mid-epoch, ``rngs`` holds every rank's random state (at an epoch's end each rank reseeds)."""
         if self.path is None or not self.ranks.is_main:
             return
         ckpt.save_state(
@@ -427,7 +439,7 @@ class _Trainer:
                 "epoch": epoch,
                 "step": step,
                 "partial": partial,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "rng": rngs,
                 "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(),
@@ -454,8 +466,11 @@ class _Trainer:
         self.sched.load_state_dict(state["scheduler"])
         self.history = [EpochRecord(**h) for h in state["history"]]
         self.initial_val_acc, self.teacher_val_acc = state["initial_val_acc"], state["teacher_val_acc"]
-        # A mid-epoch checkpoint (Ctrl-C) carries rank 0's random state (other ranks reseed) and the
-        # interrupted epoch's sums over all ranks (rank 0 carries them on, so they count once).
+        # A mid-epoch checkpoint (Ctrl-C) carries every rank's random state and the interrupted
+        # epoch's sums over all ranks (rank 0 carries them on, so they count once).
         partial = list(state["partial"]) if self.ranks.is_main else [0.0, 0.0, 0.0, state["partial"][3]]
-        rng = state["rng"] if state["step"] and self.ranks.is_main else None
+        rngs = state["rng"] if state["step"] else None
+        if isinstance(rngs, dict):  # written before every rank's state was kept: rank 0's only
+            rngs = [rngs]
+        rng = rngs[self.ranks.rank] if rngs and self.ranks.rank < len(rngs) else None
         return state["epoch"], state["step"], partial, rng
