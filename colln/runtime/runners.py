@@ -106,7 +106,6 @@ def onnxruntime_runner(
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendUnavailableError("onnxruntime has no CUDA provider: pip install 'colln[gpu]' (replaces onnxruntime)")
         providers.insert(0, "CUDAExecutionProvider")
-    graph: list[str | bytes] = []  # loaded (and fused) once, for however many sessions
 
     def session(intra_threads: int | None = threads) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -120,9 +119,7 @@ def onnxruntime_runner(
         options.add_session_config_entry("session.force_spinning_stop", "1")
         # Errors only: ONNX Runtime warns about every constant its GELU fusion leaves unused.
         options.log_severity_level = 3
-        if not graph:
-            graph.append(session_model(model, fuse=not cuda))
-        return ort.InferenceSession(graph[0], sess_options=options, providers=providers)
+        return ort.InferenceSession(session_model(model, fuse=not cuda), sess_options=options, providers=providers)
 
     workers = threads or len(os.sched_getaffinity(0))
     if split_batches and not cuda and workers > 1:
