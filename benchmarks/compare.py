@@ -16,8 +16,8 @@ from pathlib import Path
 
 from colln.app.cli import parse_ints
 from colln.export.spec import INPUT_NAME
-from colln.runtime.runners import open_runner
-from colln.runtime.timing import measure
+from colln.infer.runners import open_runner
+from colln.infer.timing import measure
 
 
 def main(argv: list[str] | None = None) -> int:

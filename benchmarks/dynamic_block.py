@@ -20,8 +20,8 @@ import onnxruntime as ort
 
 from colln.app.cli import parse_ints
 from colln.export.spec import INPUT_NAME, ONNX_FILE
-from colln.runtime.runners import session_model
-from colln.runtime.triton import tensor_specs
+from colln.export.triton import tensor_specs
+from colln.infer.runners import session_model
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from colln.app.render_finetune import plot_panels
+from colln.report.loss_plot import plot_panels
 
 CLI = [sys.executable, "-m", "colln.app.finetune_cli", "digits_vit"]
 TORCHRUN = [

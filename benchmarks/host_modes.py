@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from colln.export.spec import INPUT_NAME, ONNX_FILE
-from colln.runtime.runners import onnxruntime_runner
-from colln.runtime.triton import tensor_specs
+from colln.export.triton import tensor_specs
+from colln.infer.runners import onnxruntime_runner
 
 
 def main() -> None:

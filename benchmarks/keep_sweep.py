@@ -19,8 +19,8 @@ from colln.app.cli import parse_floats, parse_ints
 from colln.export.artifact import default_out_dir, export_into
 from colln.export.spec import SPEC_FILE, ExportSpec
 from colln.files import atomic_dir
+from colln.measure.bench import bench_export
 from colln.models.config import PruneConfig
-from colln.runtime.bench import bench_export
 
 
 def sweep(

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from colln.runtime.runners import onnxruntime_runner
-from colln.runtime.timing import interleaved_times, paired_speedup
+from colln.infer.runners import onnxruntime_runner
+from colln.infer.timing import interleaved_times, paired_speedup
 
 
 class PowScore(torch.nn.Module):

@@ -16,10 +16,10 @@ import numpy as np
 import colln  # noqa: F401  (before polygraphy, as the commands do)
 from colln.export.artifact import read_export
 from colln.export.spec import INPUT_NAME
-from colln.runtime.baseline import default_cache
-from colln.runtime.bench import stack_exports
-from colln.runtime.runners import open_runner
-from colln.runtime.timing import timed_infer
+from colln.export.unpruned import default_cache
+from colln.infer.runners import open_runner
+from colln.infer.timing import timed_infer
+from colln.measure.bench import stack_exports
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from colln.export.spec import INPUT_NAME, ONNX_FILE
-from colln.runtime.runners import session_model
+from colln.infer.runners import session_model
 
 SELECTION_PARTS = ("score", "topk", "gather")
 # Where the gathered tokens rejoin the model (Concat with the prefix; the guards stop a walk that

@@ -8,7 +8,7 @@ EXPORTS=${EXPORTS:-/tmp/colln-bench}
 ROUNDS=${ROUNDS:-30}
 WARMUP=${WARMUP:-3}
 RESULTS=benchmarks/results
-BASELINE=benchmarks/baselines/$(python -c 'from colln.runtime.environment import machine_id; print(machine_id())').json
+BASELINE=benchmarks/baselines/$(python -c 'from colln.infer.environment import machine_id; print(machine_id())').json
 mkdir -p "$RESULTS"
 
 for model in deit_small vit_base; do

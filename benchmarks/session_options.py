@@ -1,5 +1,5 @@
 """ONNX Runtime session options against pruning efficiency: each option set times the unpruned and
-the pruned export, every session interleaved in one run (colln.runtime.timing.measure), and prints
+the pruned export, every session interleaved in one run (colln.infer.timing.measure), and prints
 per option set the pruned speedup (paired, with IQR), its efficiency (speedup / FLOPs bound) and the
 unpruned latency relative to ONNX Runtime's defaults.
 
@@ -22,7 +22,7 @@ from polygraphy.backend.onnxrt import OnnxrtRunner
 
 from colln.export.artifact import read_export
 from colln.export.spec import ONNX_FILE
-from colln.runtime.timing import measure, paired_speedup
+from colln.infer.timing import measure, paired_speedup
 
 VARIANTS: dict[str, dict] = {
     "default": {},

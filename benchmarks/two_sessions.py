@@ -24,8 +24,8 @@ import numpy as np
 from host_modes import build_rtt_probe, round_trip
 
 from colln.export.spec import INPUT_NAME, ONNX_FILE
-from colln.runtime.runners import onnxruntime_runner
-from colln.runtime.triton import tensor_specs
+from colln.export.triton import tensor_specs
+from colln.infer.runners import onnxruntime_runner
 
 CPUS = (0, 1)
 

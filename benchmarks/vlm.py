@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import colln
-from colln.app.pipeline import LatencyOptions, ValidationOptions, export_model
 from colln.export.spec import ExportSpec
+from colln.jobs.export import LatencyOptions, ValidationOptions, export_model
 from colln.models.config import PruneConfig
 
 MODEL = "vit_large_patch14_clip_336"

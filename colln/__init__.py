@@ -24,11 +24,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "ExportSpec": "colln.export.spec",
-    "export_model": "colln.app.pipeline",
-    "evaluate": "colln.app.pipeline",
-    "validate_export": "colln.runtime.validate",
-    "bench_export": "colln.runtime.bench",
-    "open_runner": "colln.runtime.runners",
+    "export_model": "colln.jobs.export",
+    "evaluate": "colln.jobs.evaluate",
+    "validate_export": "colln.verify.validate",
+    "bench_export": "colln.measure.bench",
+    "open_runner": "colln.infer.runners",
     "finetune": "colln.train.finetune",
 }
 

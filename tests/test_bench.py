@@ -18,9 +18,9 @@ from polygraphy.datatype import DataType
 from colln.app.bench_cli import main
 from colln.export.artifact import read_export
 from colln.export.spec import INPUT_NAME, ExportSpec
+from colln.export.unpruned import unpruned_export
+from colln.infer.timing import LatencyStats, interleaved_times, measure, paired_speedup
 from colln.models.config import PruneConfig
-from colln.runtime.baseline import unpruned_export
-from colln.runtime.timing import LatencyStats, interleaved_times, measure, paired_speedup
 
 
 class ScriptedRunner(BaseRunner):
@@ -98,7 +98,7 @@ def export_dir(digits_export: Path) -> Path:
 
 
 def test_real_runners_interleaved(export_dir: Path) -> None:
-    from colln.runtime.runners import open_runner
+    from colln.infer.runners import open_runner
 
     with open_runner(export_dir, "onnxruntime", threads=1) as ort, open_runner(export_dir, "torch") as torch_runner:
         compared = measure({"ort": ort, "torch": torch_runner}, (3, 32, 32), [2], rounds=5, warmup=1, baseline="torch")[2]
@@ -276,7 +276,7 @@ def test_exports_differing_only_in_prune_settings_share_one_baseline(export_dir:
 
 def test_int8_cache_entries_follow_the_quantization_recipe(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An int8 counterpart quantized by an older recipe is not reused; fp32 entries do not depend on it."""
-    from colln.runtime import baseline
+    from colln.export import unpruned as baseline
 
     fp32 = read_export(export_dir)
     int8 = replace(fp32, precision="int8")
@@ -288,7 +288,7 @@ def test_int8_cache_entries_follow_the_quantization_recipe(export_dir: Path, mon
 
 def test_cache_entries_follow_the_graph_revision(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A counterpart written by another revision of the exported graph is not reused, whatever the precision."""
-    from colln.runtime import baseline
+    from colln.export import unpruned as baseline
 
     specs = [replace(read_export(export_dir), precision=p) for p in ("fp32", "fp16", "int8")]
     before = [baseline.cache_key(s) for s in specs]

@@ -14,14 +14,14 @@ from PIL import Image
 
 from colln import load_model, plan_for, prune
 from colln.app import eval_cli
-from colln.app.pipeline import KEEP_PLOT, PARETO_PLOT, RESULTS_JSON, RESULTS_MD
 from colln.data import load_labelled, preprocess, skimage_photos
 from colln.errors import DataError
 from colln.export.spec import ExportSpec
+from colln.infer.timing import LatencyStats
+from colln.jobs.evaluate import KEEP_PLOT, PARETO_PLOT, RESULTS_JSON, RESULTS_MD
+from colln.measure import sweep as ev
 from colln.models import digits
 from colln.models.config import PruneConfig
-from colln.runtime import evaluate as ev
-from colln.runtime.timing import LatencyStats
 
 WEIGHTS = "bundled"
 KEEPS = (0.5, 1.0)

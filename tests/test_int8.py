@@ -17,8 +17,8 @@ from colln.errors import CalibrationError
 from colln.export.precision import PRODUCT_OPS
 from colln.export.quantize import check_calibration, selection_crossings
 from colln.export.spec import ONNX_FILE, ExportSpec
-from colln.runtime.bench import STACK
-from colln.runtime.validate import TOLERANCES
+from colln.measure.bench import STACK
+from colln.verify.validate import TOLERANCES
 
 
 @pytest.fixture(scope="session")
@@ -216,7 +216,7 @@ def test_a_collapsing_calibration_fails_validation_with_the_numbers(tmp_path, ca
 
 def test_colln_eval_adds_int8_rows(tmp_path):
     from colln.app.eval_cli import main
-    from colln.runtime.evaluate import Sweep, export_command
+    from colln.measure.sweep import Sweep, export_command
 
     out = tmp_path / "eval"
     argv = ["digits_vit", "--keep", "0.7", "--metric", "colln", "--limit", "90", "--rounds", "2", "--warmup", "0"]
@@ -244,8 +244,8 @@ def test_int8_engine_agrees_with_torch(int8_export, tmp_path):
     import shutil
 
     from colln.export.tensorrt import build_engine, gpu_info
-    from colln.runtime import runners
-    from colln.runtime.validate import validate_export
+    from colln.infer import runners
+    from colln.verify.validate import validate_export
 
     if gpu_info() is None:
         pytest.skip("needs an NVIDIA GPU")
@@ -278,8 +278,8 @@ def test_the_unpruned_int8_counterpart_is_calibrated_on_the_same_images(tmp_path
     """With --calib-images, the stack's unpruned int8 model is calibrated on those images too:
     before the first pruning block both models see the same activations, so their first
     activation scale is the same number (the default images would give another)."""
+    from colln.export.unpruned import CACHE_DIR
     from colln.models import digits
-    from colln.runtime.baseline import CACHE_DIR
 
     calib = tmp_path / "calib"
     calib.mkdir()

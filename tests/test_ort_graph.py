@@ -16,8 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 from colln.export.onnx import export_onnx, gelu_for_fusion
 from colln.export.ort_graph import HEAD_SPLIT_PERM, for_onnxruntime
 from colln.export.spec import ONNX_FILE, ExportSpec
+from colln.infer.runners import session_model
 from colln.models import digits
-from colln.runtime.runners import session_model
 
 
 def _run(

@@ -16,8 +16,8 @@ import pytest
 from colln.export.artifact import export_into
 from colln.export.spec import ExportSpec
 from colln.files import atomic_dir
-from colln.runtime.bench import bench_export, regressions
-from colln.runtime.environment import machine_id
+from colln.infer.environment import machine_id
+from colln.measure.bench import bench_export, regressions
 
 pytestmark = pytest.mark.perf
 

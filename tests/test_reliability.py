@@ -26,9 +26,9 @@ from colln.app.cli import INTERNAL_ERROR, ArgumentParser, run_main
 from colln.data import open_image
 from colln.errors import OutputExistsError, TritonRepoError, WeightsError
 from colln.export.spec import ExportSpec
+from colln.export.triton import write_model_repository
 from colln.files import atomic_dir
 from colln.models.registry import read_state_dict
-from colln.runtime.triton import write_model_repository
 
 BIN = Path(sys.executable).parent
 

@@ -465,7 +465,7 @@ def test_triton_private_ports_never_take_a_public_one(monkeypatch: pytest.Monkey
     """The kernel may hand out a just-checked public port for port 0; Triton must not take it, or the
     guard's own bind fails and the server exits 2 with "port in use" (a likely cause of the
     unexplained exit 2 CI saw once)."""
-    from colln.runtime import supervisor
+    from colln.serve import supervisor
 
     handed_out = iter([8000, 8002, 41000, 8001, 41001])
 

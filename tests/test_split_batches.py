@@ -16,7 +16,7 @@ from polygraphy.backend.onnxrt import OnnxrtRunner
 from colln.app.bench_cli import main as bench_main
 from colln.data import validation_images
 from colln.export.spec import INPUT_NAME, ExportSpec
-from colln.runtime.runners import SplitBatchOnnxrtRunner, onnxruntime_runner, open_runner
+from colln.infer.runners import SplitBatchOnnxrtRunner, onnxruntime_runner, open_runner
 
 
 @pytest.mark.parametrize("record_kept", [False, True], ids=["logits", "logits+kept-tokens"])

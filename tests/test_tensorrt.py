@@ -31,10 +31,10 @@ from colln.export.tensorrt import (
     gpu_info,
     trt_module,
 )
+from colln.infer import runners
+from colln.infer.runners import tensorrt_runner
 from colln.models import digits
 from colln.models.config import PruneConfig
-from colln.runtime import runners
-from colln.runtime.runners import tensorrt_runner
 
 REPO = Path(__file__).resolve().parents[1]
 BATCHES = (1, 2, 4)  # a narrow profile keeps the CPU builds at a few seconds

@@ -19,8 +19,8 @@ from tritonclient.grpc import model_config_pb2
 
 from colln.app.triton_cli import main
 from colln.errors import CollnError
-from colln.runtime.serve import write_python_model
-from colln.runtime.triton import write_model_repository
+from colln.export.triton import write_model_repository
+from colln.serve.server import write_python_model
 
 
 def parse_config(
@@ -134,7 +134,7 @@ def test_python_backend_config_for_colln_serve(digits_export: Path, tmp_path: Pa
     assert config.parameters["export_dir"].string_value == str(digits_export.resolve())
     assert config.parameters["runner"].string_value == "onnxruntime"
     assert [(g.count, g.kind) for g in config.instance_group] == [(2, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
-    assert "from colln.runtime.serve import TritonPythonModel" in (model_dir / "1" / "model.py").read_text()
+    assert "from colln.serve.server import TritonPythonModel" in (model_dir / "1" / "model.py").read_text()
     with pytest.raises(CollnError, match="both be served as"):
         write_python_model(digits_export, tmp_path)
 

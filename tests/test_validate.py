@@ -19,9 +19,9 @@ from colln.errors import ExportError
 from colln.export.artifact import export_into
 from colln.export.onnx import with_kept_outputs
 from colln.export.spec import ExportSpec
+from colln.infer.runners import open_runner
 from colln.models.config import PruneConfig
-from colln.runtime.runners import open_runner
-from colln.runtime.validate import TOLERANCES, _Reference, compare, validate
+from colln.verify.validate import TOLERANCES, _Reference, compare, validate
 
 
 def test_onnxruntime_backend_passes(digits_export: Path, tmp_path: Path, capsys) -> None:

@@ -12,7 +12,7 @@ from colln import load_model, prune, record_selections
 from colln.app import viz_cli
 from colln.data import preprocess, skimage_photos
 from colln.models import digits
-from colln.runtime import viz
+from colln.report import viz
 
 LAYERS = (0, 2, 4)
 KEEP = 0.5

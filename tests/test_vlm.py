@@ -25,11 +25,11 @@ from colln.app.validate_cli import main as validate_main
 from colln.data import validation_images
 from colln.errors import PlanError
 from colln.export.spec import ExportSpec
+from colln.export.triton import write_model_repository
+from colln.infer.runners import TorchRunner
 from colln.models import ops
 from colln.models.registry import load_model
-from colln.runtime.runners import TorchRunner
-from colln.runtime.triton import write_model_repository
-from colln.runtime.validate import validate_tokens
+from colln.verify.validate import validate_tokens
 from serving_helpers import HOST, digit_images, free_ports, launch, stop, wait_ready
 
 LM_PARAMS = 7e9
@@ -231,7 +231,7 @@ def test_final_selection_tie_rule_on_patch_ids(cand_ids: list[int], explained: b
     """The candidate's ``indices`` output (patch ids) goes through the same tie rule: swapping a
     kept patch for one tied with PyTorch's k-th score is explained (the image is just not judged);
     swapping it for a clearly lower one is a mismatch."""
-    from colln.runtime.validate import TOLERANCES, _judge_selections, _Reference
+    from colln.verify.validate import TOLERANCES, _judge_selections, _Reference
 
     scores = np.array([[0.5, 0.3, 0.3, 0.1]], dtype=np.float32)
     ref = _Reference(logits=np.zeros((1, 2, 1)), unpruned=None, kept={6: np.array([[0, 1]])}, scores={6: scores})

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 from colln.app.cli import ArgumentParser, entry_point, non_negative_int, parse_ints, positive_int
-from colln.app.render import print_bench
 from colln.errors import BaselineError, UsageError
 from colln.files import atomic_write
-from colln.runtime.bench import bench_export, check_baseline, merge_case
-from colln.runtime.runners import BACKENDS
+from colln.infer.runners import BACKENDS
+from colln.measure.bench import bench_export, check_baseline, merge_case
+from colln.report.render import print_bench
 
 
 def build_parser() -> ArgumentParser:

@@ -321,7 +321,7 @@ def layer_choices(
     default: str,
 ) -> list[tuple[int, ...] | str]:
     """Every ``--layers`` set and every ``--schedule`` name, in order; ``default`` schedule when
-    neither (names resolve against the model's depth: :func:`colln.runtime.evaluate.resolve_layers`)."""
+    neither (names resolve against the model's depth: :func:`colln.measure.sweep.resolve_layers`)."""
     sets: list[tuple[int, ...] | str] = [parse_ints(text, "--layers") for text in args.layers or ()]
     schedules = args.schedule.split(",") if args.schedule else ([] if sets else [default])
     return sets + [s.strip() for s in schedules]

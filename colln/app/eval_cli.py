@@ -19,11 +19,11 @@ from colln.app.cli import (
     parse_metrics,
     positive_int,
 )
-from colln.app.pipeline import KEEP_PLOT, PARETO_PLOT, RESULTS_JSON, RESULTS_MD, evaluate
-from colln.app.render import print_eval
 from colln.export.spec import ExportSpec
+from colln.jobs.evaluate import KEEP_PLOT, PARETO_PLOT, RESULTS_JSON, RESULTS_MD, evaluate
+from colln.measure.sweep import EVAL_BACKENDS, SweepOptions
 from colln.models.config import METRICS, PruneConfig
-from colln.runtime.evaluate import EVAL_BACKENDS, SweepOptions
+from colln.report.render import print_eval
 
 DEFAULT_SCHEDULE = "evit"  # the blocks colln-export prunes by default
 

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 from colln.app.build_cli import add_engine_arguments
 from colln.app.cli import ArgumentParser, add_prune_arguments, entry_point, parse_ints, positive_int, prune_config
-from colln.app.pipeline import (
+from colln.export.artifact import PRECISIONS
+from colln.export.spec import DEFAULT_OPSET, ExportSpec
+from colln.jobs.export import (
     CalibrationOptions,
     EngineOptions,
     LatencyOptions,
@@ -25,10 +27,8 @@ from colln.app.pipeline import (
     ValidationOptions,
     export_model,
 )
-from colln.app.render import result_table
-from colln.app.report import DEFAULT_LM_PARAMS, REPORT_JSON
-from colln.export.artifact import PRECISIONS
-from colln.export.spec import DEFAULT_OPSET, ExportSpec
+from colln.report.export_report import DEFAULT_LM_PARAMS, REPORT_JSON
+from colln.report.render import result_table
 
 if TYPE_CHECKING:
     from rich.console import Console

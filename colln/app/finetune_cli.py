@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 from colln.app.cli import ArgumentParser, add_prune_arguments, prune_config, run_main
 
 if TYPE_CHECKING:
+    from colln.jobs.finetune import FinetuneJob
     from colln.train.finetune import EpochRecord
-    from colln.train.job import FinetuneJob
 
 
 def build_parser() -> ArgumentParser:
@@ -89,8 +89,8 @@ def build_parser() -> ArgumentParser:
 def job_from_args(
     args: argparse.Namespace,
 ) -> FinetuneJob:
+    from colln.jobs.finetune import FinetuneJob
     from colln.train.finetune import Recipe
-    from colln.train.job import FinetuneJob
 
     config = prune_config(args)
     recipe = Recipe(
@@ -175,10 +175,10 @@ class RichReporter:
 def _run(
     args: argparse.Namespace,
 ) -> int:
-    from colln.app.render_finetune import plot_history
+    from colln.jobs.finetune import run_job
+    from colln.report.loss_plot import plot_history
     from colln.train import checkpoint as ckpt
     from colln.train.distributed import env_ranks
-    from colln.train.job import run_job
 
     job = job_from_args(args)
     main_rank = env_ranks().is_main

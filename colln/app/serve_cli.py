@@ -1,4 +1,4 @@
-"""``colln-serve EXPORT_DIR...``: serve colln exports on Triton (see :mod:`colln.runtime.serve`)."""
+"""``colln-serve EXPORT_DIR...``: serve colln exports on Triton (see :mod:`colln.serve.server`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from colln.app.cli import ArgumentParser, entry_point, positive_int
-from colln.runtime.serve import SERVE_BACKENDS, serve
+from colln.serve.server import SERVE_BACKENDS, serve
 
 
 def build_parser() -> ArgumentParser:

@@ -1,4 +1,4 @@
-"""``colln-triton EXPORT_DIR REPO``: a model repository entry for a stock Triton (see :mod:`colln.runtime.triton`)."""
+"""``colln-triton EXPORT_DIR REPO``: a model repository entry for a stock Triton (see :mod:`colln.export.triton`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from colln.app.cli import ArgumentParser, entry_point, positive_int
-from colln.runtime.triton import PLATFORMS, write_model_repository
+from colln.export.triton import PLATFORMS, write_model_repository
 
 
 def build_parser() -> ArgumentParser:

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 from colln.app.cli import ArgumentParser, entry_point
-from colln.app.render import validation_lines
 from colln.errors import UsageError
 from colln.files import atomic_write
-from colln.runtime.runners import BACKENDS
-from colln.runtime.validate import validate_export
+from colln.infer.runners import BACKENDS
+from colln.report.render import validation_lines
+from colln.verify.validate import validate_export
 
 
 def build_parser() -> ArgumentParser:

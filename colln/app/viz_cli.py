@@ -11,13 +11,13 @@ import argparse
 from pathlib import Path
 
 from colln.app.cli import ArgumentParser, add_model_args, entry_point, layer_choices, parse_floats, parse_metrics
-from colln.app.plots import kept_figure
 from colln.data import open_image, preprocess
 from colln.errors import UsageError
+from colln.measure.sweep import resolve_layers
 from colln.models.config import PruneConfig
 from colln.models.registry import default_weights, load_model
-from colln.runtime.evaluate import resolve_layers
-from colln.runtime.viz import display_image, view
+from colln.report.plots import kept_figure
+from colln.report.viz import display_image, view
 
 DEFAULT_SCHEDULE = "early"  # the paper's Figure 1 point: what each metric keeps near the input
 

@@ -18,7 +18,7 @@ from colln.models.rewrite import explicit_attention, get_plan
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PLAN_METADATA = "colln.plan"
-# Which graph export_into writes for the same spec; cached counterparts (colln.runtime.baseline)
+# Which graph export_into writes for the same spec; cached counterparts (colln.export.unpruned)
 # written by another revision are rebuilt. 2: timm's non-fused attention, GELU in ONNX Runtime's
 # fusable form.
 GRAPH_REVISION = 2

@@ -2,7 +2,7 @@
 as separate ops, fused into its ``com.microsoft.MultiHeadAttention``.
 
 The exported ``model.onnx`` stays plain ONNX (TensorRT parses it). :func:`for_onnxruntime` is
-applied where colln opens an ONNX Runtime CPU session (:func:`colln.runtime.runners.session_model`),
+applied where colln opens an ONNX Runtime CPU session (:func:`colln.infer.runners.session_model`),
 so validation, timing and colln-serve all run it; unpruned baselines too, so speedups compare like
 with like. colln-triton's repositories keep the plain graph (they may be served on a GPU, where
 the fused op has not been tried).

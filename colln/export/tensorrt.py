@@ -10,7 +10,7 @@ Which one polygraphy drives is fixed when polygraphy is first imported (``colln/
 points it at TensorRT-RTX when that is the only one installed), so ``trt_module`` follows
 polygraphy's choice rather than making its own.
 
-Running a plan (and refusing a foreign one) is the runtime's job: ``colln.runtime.runners``.
+Running a plan (and refusing a foreign one) is the runtime's job: ``colln.infer.runners``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """``colln-serve``: serve colln exports on a real Triton Inference Server (PyTriton's bundled one).
 
 colln runs the Triton 2.51 binary PyTriton bundles, with its python backend, on private loopback
-ports behind a guard and a supervisor (:mod:`colln.runtime.supervisor`, :mod:`colln.runtime.guard`);
+ports behind a guard and a supervisor (:mod:`colln.serve.supervisor`, :mod:`colln.serve.guard`);
 each export becomes a python-backend model (``config.pbtxt`` from
-:func:`colln.runtime.triton.model_config`) whose instances run the export through
-:func:`colln.runtime.runners.open_runner`. A python-backend model, rather than PyTriton's own
+:func:`colln.export.triton.model_config`) whose instances run the export through
+:func:`colln.infer.runners.open_runner`. A python-backend model, rather than PyTriton's own
 inference proxy, because it answers each request of a dynamic batch on its own (a NaN image fails
 its request, not its batch-mates) and its errors carry our message only: PyTriton's proxy sends
 Python tracebacks, with server paths, to the client.
@@ -30,11 +30,11 @@ import numpy as np
 from colln.errors import BackendUnavailableError, CollnError, ServeError, UsageError
 from colln.export.artifact import read_export
 from colln.export.spec import INPUT_NAME
-from colln.runtime.triton import CONFIG_FILE, PLATFORMS, check_plan_batches, model_config, model_dir, model_name, tensor_specs
+from colln.export.triton import CONFIG_FILE, PLATFORMS, check_plan_batches, model_config, model_dir, model_name, tensor_specs
 
 SERVE_BACKENDS = ("onnxruntime", "tensorrt")
 # The python backend imports this file as <repo>/<name>/1/model.py.
-MODEL_PY = "from colln.runtime.serve import TritonPythonModel  # noqa: F401  (colln's python-backend model)\n"
+MODEL_PY = "from colln.serve.server import TritonPythonModel  # noqa: F401  (colln's python-backend model)\n"
 
 
 class TritonPythonModel:
@@ -46,7 +46,7 @@ class TritonPythonModel:
     ) -> None:
         import triton_python_backend_utils as pb_utils
 
-        from colln.runtime.runners import open_runner
+        from colln.infer.runners import open_runner
 
         self.pb = pb_utils
         config = json.loads(args["model_config"])
@@ -163,7 +163,7 @@ def preflight(
 ) -> None:
     """Load the runner here first: a model that cannot load inside Triton leaves the server up but
     never ready (PyTriton then waits minutes), while here it is one clear error."""
-    from colln.runtime.runners import open_runner
+    from colln.infer.runners import open_runner
 
     try:
         runner = open_runner(Path(export_dir), backend=backend)
@@ -191,7 +191,7 @@ def serve(
     tritonserver: str | None = None,
 ) -> None:
     """Serve ``exports`` (one Triton model each, named after its directory) until SIGINT/SIGTERM/SIGHUP,
-    behind the guard (:mod:`colln.runtime.guard`) and under the supervisor (restart on any failure).
+    behind the guard (:mod:`colln.serve.guard`) and under the supervisor (restart on any failure).
 
     ``repository`` instead: serve an existing model repository (``colln-triton``'s) as it is, with
     ``tritonserver`` (a stock Triton binary with its backends: the GPU image)."""
@@ -202,7 +202,7 @@ def serve(
             import pytriton  # noqa: F401
         except ImportError as exc:
             raise BackendUnavailableError("PyTriton is not installed: pip install 'colln[serve]'") from exc
-    from colln.runtime.supervisor import log, remove_stale_shm, run
+    from colln.serve.supervisor import log, remove_stale_shm, run
 
     stub_environment()
     remove_stale_shm()
@@ -228,7 +228,7 @@ def check_ports(
     ports: dict[str, int],
 ) -> None:
     """Each port valid, distinct and free now: a port in use is one line at once, not a Triton time-out."""
-    from colln.runtime.supervisor import port_free
+    from colln.serve.supervisor import port_free
 
     if len(set(ports.values())) < len(ports):
         raise UsageError(f"{', '.join(ports)} must differ, got {', '.join(map(str, ports.values()))}")

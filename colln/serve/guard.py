@@ -18,7 +18,7 @@ the model configs Triton itself reports, before a byte of it reaches Triton:
 
 A request that fails a check gets 400 (INVALID_ARGUMENT on gRPC) with one line; everything else is
 forwarded unchanged to Triton on private loopback ports. Readiness (``/v2/health/ready``, model
-ready, gRPC ServerReady/ModelReady) is the supervisor's verdict (:mod:`colln.runtime.serve`): a real
+ready, gRPC ServerReady/ModelReady) is the supervisor's verdict (:mod:`colln.serve.server`): a real
 inference per model, not only Triton's word.
 """
 

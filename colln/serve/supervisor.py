@@ -1,6 +1,6 @@
 """colln-serve's supervisor: Triton (PyTriton's bundled ``tritonserver``) on private loopback ports,
-behind the guard (:mod:`colln.runtime.guard`) on the public ones, restarted whenever it or a model
-worker fails. Kept apart from :mod:`colln.runtime.serve`, which Triton's python-backend stubs import."""
+behind the guard (:mod:`colln.serve.guard`) on the public ones, restarted whenever it or a model
+worker fails. Kept apart from :mod:`colln.serve.server`, which Triton's python-backend stubs import."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import aiohttp
 import numpy as np
 
 from colln.errors import ServeError
-from colln.runtime.guard import DTYPE_BYTES, Guard, ModelLimits
+from colln.serve.guard import DTYPE_BYTES, Guard, ModelLimits
 
 # How often the supervisor looks at Triton's processes, and runs a real inference per model.
 WATCH_INTERVAL_S = 0.25

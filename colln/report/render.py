@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from colln.runtime.evaluate import METRIC_LABELS, Sweep
+from colln.measure.sweep import METRIC_LABELS, Sweep
 
 if TYPE_CHECKING:
     from rich.table import Table

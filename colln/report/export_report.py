@@ -15,7 +15,7 @@ report.json schema (``schema: 1``); ``null`` where a step was skipped::
       "flops": {"full": int, "pruned": int, "ratio": pruned/full, "bound": full/pruned},
       "tokens": null | {"feature_block", "num_patches", "k", "reduction": "576 -> 192",   # output tokens
                 "lm_params", "lm_prefill_flops_saved": 2 * lm_params * (N - K)},     # per image
-      "validation": null | {                          # colln.runtime.validate.ValidationReport
+      "validation": null | {                          # colln.verify.validate.ValidationReport
         "backend", "reference": "torch", "precision", "images", "source", "passed",
         "tolerances": {"min_cosine", "logit_rtol", "tie_rtol"[, "max_accuracy_drop": int8 only]},
         "kept_sets_observed", "judged_images",
@@ -55,14 +55,14 @@ import datetime
 import json
 from pathlib import Path
 
-from colln.app.render import report_markdown
 from colln.export.artifact import Exported
 from colln.export.onnx import topk_constants
 from colln.export.spec import ONNX_FILE
 from colln.files import atomic_write
+from colln.infer.environment import environment
 from colln.models.plan import KeepPlan
-from colln.runtime.environment import environment
-from colln.runtime.validate import ValidationReport
+from colln.report.render import report_markdown
+from colln.verify.validate import ValidationReport
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"

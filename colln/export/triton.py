@@ -7,7 +7,7 @@
     <repo>/<name>/1/model.plan      TensorRT backend (platform tensorrt_plan)
 
 ``colln-triton EXPORT_DIR REPO`` (:mod:`colln.app.triton_cli`) and ``colln-export --triton-repo REPO`` call it. The same
-``model_config`` text also describes colln's python-backend model (``colln.runtime.serve``).
+``model_config`` text also describes colln's python-backend model (``colln.serve.server``).
 """
 
 from __future__ import annotations

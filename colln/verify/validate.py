@@ -55,9 +55,9 @@ from colln.data import ValImages, validation_images
 from colln.errors import ValidationFailedError
 from colln.export.artifact import read_export
 from colln.export.spec import OUTPUT_NAME
+from colln.infer.runners import TorchRunner, feeds, open_runner
 from colln.models import ops
 from colln.models.rewrite import Selection, get_plan, record_selections
-from colln.runtime.runners import TorchRunner, feeds, open_runner
 
 
 @dataclass(frozen=True)

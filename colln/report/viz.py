@@ -1,5 +1,5 @@
 """What each metric keeps on one image, per pruning block, as patch positions: the data behind
-``colln-viz`` (the paper's Figure 1; drawn by :func:`colln.app.plots.kept_figure`)."""
+``colln-viz`` (the paper's Figure 1; drawn by :func:`colln.report.plots.kept_figure`)."""
 
 from __future__ import annotations
 

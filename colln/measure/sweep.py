@@ -3,9 +3,9 @@ and buys in speed, the paper-shaped table, the plots, and the budget picker.
 
 Every configuration runs through the same runner protocol (PyTorch or an ONNX Runtime export), so
 accuracy and latency come from the very models a user would ship. Latency is measured with all
-configurations interleaved (:func:`colln.runtime.timing.measure`), the unpruned model among them,
+configurations interleaved (:func:`colln.infer.timing.measure`), the unpruned model among them,
 so speedups are ratios taken under the same machine load. Rendering (tables, plots) is the
-application layer's (:mod:`colln.app.render`, :mod:`colln.app.plots`).
+application layer's (:mod:`colln.report.render`, :mod:`colln.report.plots`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from colln.data import Labelled, preprocess
 from colln.errors import NoFitError, UsageError
 from colln.export.artifact import PRECISIONS, export_into
 from colln.export.spec import ExportSpec
+from colln.infer.runners import BACKENDS, open_runner, run
+from colln.infer.timing import LatencyStats, measure
 from colln.models.config import PruneConfig
 from colln.models.plan import default_layers
 from colln.models.registry import default_weights
 from colln.models.rewrite import get_plan
-from colln.runtime.runners import BACKENDS, open_runner, run
-from colln.runtime.timing import LatencyStats, measure
 
 SCHEDULES = ("evit", "early")
 # Sweeps build one model per configuration: a TensorRT engine each would take minutes.

@@ -1,8 +1,8 @@
 """The jobs as Python calls: :func:`export_model` prunes, exports, validates, times, writes the
-report and optionally builds a TensorRT engine and a Triton repository entry; :func:`evaluate`
-sweeps keep schedules. The commands only parse their arguments into these calls and render the
-result (validation and benchmarks are :func:`colln.runtime.validate.validate_export` and
-:func:`colln.runtime.bench.bench_export`).
+report and optionally builds a TensorRT engine and a Triton repository entry (:func:`colln.jobs.evaluate.evaluate`
+sweeps keep schedules). The commands only parse their arguments into these calls and render the
+result (validation and benchmarks are :func:`colln.verify.validate.validate_export` and
+:func:`colln.measure.bench.bench_export`).
 
     import colln
     result = colln.export_model(colln.ExportSpec("digits_vit", pruning=colln.PruneConfig(keep=0.7)), "out/")
@@ -12,30 +12,26 @@ result (validation and benchmarks are :func:`colln.runtime.validate.validate_exp
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
-from colln.app.plots import plot_accuracy_vs_keep, plot_pareto
-from colln.app.render import eval_markdown
-from colln.app.report import DEFAULT_LM_PARAMS, build_report, write_report
-from colln.data import ValImages, load_labelled, validation_images
-from colln.errors import CalibrationError, DataError, NoFitError, UsageError
+from colln.data import ValImages, validation_images
+from colln.errors import CalibrationError, DataError, UsageError
 from colln.export.artifact import default_out_dir, export_into
 from colln.export.quantize import RECIPE as INT8_RECIPE
 from colln.export.spec import SPEC_FILE, ExportSpec
-from colln.files import atomic_dir, atomic_write
+from colln.export.unpruned import default_cache, unpruned_export
+from colln.files import atomic_dir
+from colln.infer.runners import open_runner
+from colln.infer.timing import Comparison
+from colln.measure.bench import latency_rows, measure_exports, stack_accuracy, stack_exports, stack_latency
 from colln.models.registry import default_weights, resolve_name
-from colln.runtime.baseline import default_cache, unpruned_export
-from colln.runtime.bench import latency_rows, measure_exports, stack_accuracy, stack_exports, stack_latency
-from colln.runtime.evaluate import Sweep, SweepOptions, export_command, pick, sweep
-from colln.runtime.runners import open_runner
-from colln.runtime.timing import Comparison
-from colln.runtime.validate import ValidationReport, validate
+from colln.report.export_report import DEFAULT_LM_PARAMS, build_report, write_report
 from colln.train.checkpoint import check_recorded_plan
+from colln.verify.validate import ValidationReport, validate
 
 # A step's description in, a context manager around the step out (the CLI shows a spinner).
 Progress = Callable[[str], contextlib.AbstractContextManager[None]]
@@ -195,7 +191,7 @@ def export_model(
                 plan = build_engine(tmp, engine.batch_min, engine.batch_opt, engine.batch_max, engine.timing_cache)
             extra.append(("TensorRT", f"{out / plan.name} (batch {engine.batch_min}/{engine.batch_opt}/{engine.batch_max})"))
     if triton is not None and passed:
-        from colln.runtime.triton import write_model_repository
+        from colln.export.triton import write_model_repository
 
         model_dir = write_model_repository(out, triton.repo, backend=triton.backend, max_batch=triton.max_batch)
         extra.append(("Triton", f"{model_dir} ({triton.backend})"))
@@ -229,57 +225,3 @@ def _calibration_images(
         return validation_images(spec.model, unpruned, options.images, options.limit)
     except DataError as exc:
         raise CalibrationError(f"--calib-images: {exc}") from exc
-
-
-RESULTS_JSON = "results.json"
-RESULTS_MD = "results.md"
-KEEP_PLOT = "accuracy_vs_keep.png"
-PARETO_PLOT = "accuracy_vs_latency.png"
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """A sweep written to ``out``; ``no_fit`` when a budget was asked for and nothing met it."""
-
-    out: Path
-    sweep: Sweep
-    no_fit: NoFitError | None = None
-
-
-def evaluate(
-    base: ExportSpec,
-    options: SweepOptions | None = None,
-    *,
-    data: str = "digits",
-    out: Path | None = None,
-    force: bool = False,
-    limit: int | None = None,
-    latency_budget_ms: float | None = None,
-    target_speedup: float | None = None,
-) -> EvalResult:
-    """Sweep ``options`` over ``base`` on labelled ``data`` (``digits`` or an ImageFolder, the first
-    ``limit`` images spread evenly), pick within a budget when one is given, and write results.json,
-    results.md and the two plots into ``out`` (default ``evals/<model>-<data>``), whole or not at all.
-    ``None`` options: :class:`SweepOptions`' defaults."""
-    options = options if options is not None else SweepOptions()
-    unpruned = base.load_unpruned()
-    labelled = load_labelled(data, unpruned.num_classes, limit)
-    out = Path(out) if out is not None else Path("evals") / f"{base.model}-{labelled.name}"
-    no_fit = None
-    # Entered before the sweep: an existing --out fails at once, and a failed sweep leaves nothing.
-    with atomic_dir(out, force=force, marker=RESULTS_JSON) as tmp:
-        result = sweep(base, labelled, options, unpruned)
-        if latency_budget_ms is not None or target_speedup is not None:
-            try:
-                best = pick(result, latency_budget_ms, target_speedup)
-                why = f"best top-1 ({100 * best.accuracy:.1f}%) at {best.latency.p50_ms:.3g} ms, {result.speedup(best):.2f}x"
-                result = replace(
-                    result, pick={"key": best.key, "row": best.to_dict(), "command": export_command(best, base), "why": why}
-                )
-            except NoFitError as exc:
-                no_fit = exc
-        atomic_write(tmp / RESULTS_JSON, json.dumps(result.to_dict(), indent=2) + "\n")
-        atomic_write(tmp / RESULTS_MD, eval_markdown(result))
-        plot_accuracy_vs_keep(result, tmp / KEEP_PLOT)
-        plot_pareto(result, tmp / PARETO_PLOT)
-    return EvalResult(out=out, sweep=result, no_fit=no_fit)

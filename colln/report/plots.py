@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from colln.app.render import series_label
 from colln.files import atomic_write
-from colln.runtime.evaluate import METRIC_LABELS, Sweep, pareto_front
-from colln.runtime.viz import MetricView, overlay
+from colln.measure.sweep import METRIC_LABELS, Sweep, pareto_front
+from colln.report.render import series_label
+from colln.report.viz import MetricView, overlay
 
 
 def _pyplot():

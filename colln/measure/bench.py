@@ -16,10 +16,10 @@ from colln.data import ValImages
 from colln.errors import BaselineError, ValidationFailedError
 from colln.export.artifact import default_out_dir, read_export
 from colln.export.spec import INPUT_NAME, ExportSpec
-from colln.runtime.baseline import cached_export, default_cache, unpruned_engine, unpruned_export
-from colln.runtime.environment import environment
-from colln.runtime.runners import open_runner, run
-from colln.runtime.timing import Comparison, LatencyStats, measure, paired_speedup
+from colln.export.unpruned import cached_export, default_cache, unpruned_engine, unpruned_export
+from colln.infer.environment import environment
+from colln.infer.runners import open_runner, run
+from colln.infer.timing import Comparison, LatencyStats, measure, paired_speedup
 
 RATIO_METRICS = ("speedup", "efficiency")
 
@@ -40,7 +40,7 @@ def bench_export(
     Returns the JSON-ready report: per batch the latency stats of both, ``speedup`` (median of the
     paired per-round ratios, with its interquartile range), the keep plan's FLOPs ``bound`` and
     ``efficiency = speedup / bound``; plus the spec, plan and environment. ``threads=0`` leaves the
-    backend's own default; ``split_batches``: see :func:`colln.runtime.runners.onnxruntime_runner`."""
+    backend's own default; ``split_batches``: see :func:`colln.infer.runners.onnxruntime_runner`."""
     export_dir = Path(export_dir)
     spec = read_export(export_dir)
     plan = spec.keep_plan()
