@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,dev,trt-rtx,serve
+EXTRAS ?= cpu,dev,trt-rtx,serve,openvino,docs
 LOCK ?= constraints.txt
 
 .PHONY: demo test lint install lock clean
