@@ -11,7 +11,7 @@ default, which pins its worker threads to cores; an explicit count leaves them u
 ``--split on,off`` (``on``: a batch of at least as many images as threads runs as one slice per
 thread, colln's default; ``off``: every op is split across the threads). On this
 project's 2-vCPU VMs the 2-thread numbers switch between two levels within one process, for
-seconds to minutes at a time (benchmarks/README.md): a single colln-bench run lands in one or the
+seconds to minutes at a time (docs/benchmarks.md): a single colln-bench run lands in one or the
 other, so quote the blocks, not one number. ``--rtt`` adds, before each block, the round trip of a
 cache line between vCPU 0 and vCPU 1 (``vcpu_rtt.c``, built with ``cc``): about 130 ns in the fast
 state, about 350 ns in the slow one, when the host has put the two vCPUs on different dies.

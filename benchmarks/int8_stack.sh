@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The int8 stack behind benchmarks/README.md ("int8 stacked on pruning"): unpruned fp32, pruned fp32,
+# The int8 stack behind docs/benchmarks.md ("int8 stacked on pruning"): unpruned fp32, pruned fp32,
 # unpruned int8 and pruned int8 timed in one interleaved run per thread count (ONNX Runtime CPU,
 # random weights, keep 0.7 at blocks 3, 6, 9). Exports (vit_base ~350 MB fp32, ~90 MB int8) go to
 # $EXPORTS, never into the repo; the counterparts are cached in $EXPORTS/.colln-cache.

@@ -2,7 +2,7 @@
 against the (cached) unpruned model with colln-bench, and plot.
 
     python benchmarks/keep_sweep.py deit_small --keep 0.5,0.6,0.7,0.8,0.9 --batch 8 --rounds 20 \
-        --exports /tmp/sweep --json benchmarks/results/keep_sweep_deit_small.json --plot benchmarks/speedup_vs_keep.png
+        --exports /tmp/sweep --json benchmarks/results/keep_sweep_deit_small.json --plot docs/benchmarks/speedup_vs_keep.png
 
 Exports go to ``--exports`` (large for vit_base: keep them out of the repo); timing weights are
 random (latency does not depend on them).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind benchmarks/README.md (ONNX Runtime CPU, 1 intra-op thread, random weights).
+# The runs behind docs/benchmarks.md (ONNX Runtime CPU, 1 intra-op thread, random weights).
 # Exports (vit_base is ~350 MB each) go to $EXPORTS, never into the repo.
 #   ROUNDS=30 EXPORTS=/tmp/colln-bench benchmarks/run_all.sh
 set -euo pipefail
@@ -30,7 +30,7 @@ colln-bench "$EXPORTS/deit_small-colln-keep0.7" --batch 32 --rounds 15 --warmup 
   --json "$RESULTS/deit_small-colln-keep0.7-batch32.json"
 
 python benchmarks/keep_sweep.py deit_small --keep 0.5,0.6,0.7,0.8,0.9 --batch 8 --rounds "$ROUNDS" --warmup "$WARMUP" \
-  --exports "$EXPORTS" --json "$RESULTS/keep_sweep_deit_small.json" --plot benchmarks/speedup_vs_keep.png
+  --exports "$EXPORTS" --json "$RESULTS/keep_sweep_deit_small.json" --plot docs/benchmarks/speedup_vs_keep.png
 python benchmarks/profile_ort.py "$EXPORTS/deit_small-cls-keep0.7" "$EXPORTS/deit_small-colln-keep0.7" \
   --batch 8 --runs 10 --out "$RESULTS/profile_deit_small_b8.md"
 python benchmarks/table.py "$RESULTS"/*-colln-keep0.7*.json > "$RESULTS/table.md"

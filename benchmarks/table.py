@@ -1,4 +1,4 @@
-"""Markdown results table from colln-bench JSON reports (``--json``), for benchmarks/README.md.
+"""Markdown results table from colln-bench JSON reports (``--json``), for docs/benchmarks.md.
 
 python benchmarks/table.py benchmarks/results/*.json
 """

@@ -8,7 +8,7 @@ between them (``split_batches=False``); then two single-thread sessions at once,
 to each vCPU; then each alone. Prints the medians (and, with ``--rtt``, the vCPU 0 <-> 1 cache-line
 round trip, see ``host_modes.py``). On this project's VMs the 2-thread time falls to the 1-thread
 time exactly when the round trip rises to ~350 ns, while the two 1-thread sessions keep their
-1-thread speed side by side (benchmarks/README.md).
+1-thread speed side by side (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 // Round trip of one cache line between a thread on vCPU 0 and one on vCPU 1, in ns: about 130 ns
-// when the two vCPUs share a die's L3, about 350 ns across dies (benchmarks/README.md).
+// when the two vCPUs share a die's L3, about 350 ns across dies (docs/benchmarks.md).
 //   cc -O2 -pthread -o vcpu_rtt benchmarks/vcpu_rtt.c && ./vcpu_rtt SECONDS
 #define _GNU_SOURCE
 #include <pthread.h>
