@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= cpu,dev,trt-rtx,serve,openvino,docs
 LOCK ?= constraints.txt
 
-.PHONY: demo test lint install lock clean
+.PHONY: demo test lint docs install lock clean
 
 install: $(VENV)/.installed
 
@@ -37,9 +37,14 @@ lock:
 demo: install
 	$(VENV)/bin/colln-export digits_vit --keep 0.7 --force
 
-# The layer contract and lint run first: a back edge between colln's layers fails CI.
-test: lint
+# The layer contract and lint run first: a back edge between colln's layers fails CI; then the docs
+# site, whose strict build fails on a broken link or anchor.
+test: lint docs
 	$(PY) -m pytest -q
+
+# The docs site (mkdocs.yml, pages under docs/) into site/.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -47,4 +52,4 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 clean:
-	rm -rf exports .pytest_cache
+	rm -rf exports .pytest_cache site
