@@ -1,7 +1,8 @@
 """The docs stay true to the code: the README is a front page, every relative link in the README,
 benchmarks/README.md and the docs site resolves (files, and anchors into markdown pages), and every
 option of every ``colln-*`` command (its argparse parser, ``build_parser()``) is documented on a
-docs page that names the command. ``make docs`` (``mkdocs build --strict``) checks the site's own
+docs page that names the command, and the tolerance table is the one validation applies.
+``make docs`` (``mkdocs build --strict``) checks the site's own
 links again as MkDocs renders them."""
 
 from __future__ import annotations
@@ -135,6 +136,19 @@ def test_mkdocs_nav_lists_every_page() -> None:
     on_disk = {str(p.relative_to(DOCS)) for p in doc_pages()}
     assert on_disk - listed == set(), "pages missing from mkdocs.yml's nav"
     assert listed - on_disk == set(), "mkdocs.yml's nav names pages that do not exist"
+
+
+def test_tolerance_table_matches_the_code() -> None:
+    from colln.verify.validate import TOLERANCES
+
+    page = (DOCS / "reference" / "tolerances.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\w+) \| ([\d.e-]+) \| ([\d.e-]+) · max\(1, max\\\|ref\\\|\) \| ([\d.e-]+) \| ([^|]*)\|$", page, re.M)
+    documented = {
+        precision: (float(cosine), float(rtol), float(tie), float(drop.split()[0]) / 100 if drop.strip() else None)
+        for precision, cosine, rtol, tie, drop in rows
+    }
+    actual = {p: (t.min_cosine, t.logit_rtol, t.tie_rtol, t.max_accuracy_drop) for p, t in TOLERANCES.items()}
+    assert documented == actual
 
 
 # The checkers themselves, on pages that are wrong on purpose.
