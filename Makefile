@@ -42,7 +42,8 @@ demo: install
 test: lint docs
 	$(PY) -m pytest -q
 
-# The docs site (mkdocs.yml, pages under docs/) into site/.
+# The docs site (mkdocs.yml, pages under docs/) into site/. The variable silences mkdocs-material's
+# banner about its successor; it changes no output.
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
