@@ -175,7 +175,6 @@ def label_map(
     integers are those indices (unless the class names are themselves integers: then they must be
     names); otherwise the sorted position, but only when there are as many folders as outputs.
     Anything else is refused."""
-    shown = ", ".join(f"{c}/" for c in classes[:3]) + (", ..." if len(classes) > 3 else "")
     names = list(class_names) if class_names is not None else None
     # A head whose class names are integers ("3", "7" re-headed to 0, 1) is matched by name only.
     numbered = names is not None and all(_is_index(n) for n in names)
@@ -193,8 +192,7 @@ def label_map(
             return {c: index[c] for c in classes}
         if known or numbered:
             unknown = [c for c in classes if c not in index]
-            listed = ", ".join(f"{c}/" for c in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
-            raise DataError(f"class folders {listed} of {root} are not classes of the model: {fix}")
+            raise DataError(f"class folders {_folders(unknown)} of {root} are not classes of the model: {fix}")
     if all(_is_index(c) for c in classes):
         beyond = [c for c in classes if int(c) >= num_classes]
         if beyond:
@@ -203,9 +201,15 @@ def label_map(
     if len(classes) == num_classes:
         return {c: i for i, c in enumerate(classes)}
     raise DataError(
-        f"{root} has {len(classes)} class folders ({shown}) that are neither the model's class names nor indices, "
+        f"{root} has {len(classes)} class folders ({_folders(classes)}) that are neither the model's class names nor indices, "
         f"and the model has {num_classes} classes: {fix}"
     )
+
+
+def _folders(
+    names: Sequence[str],
+) -> str:
+    return ", ".join(f"{c}/" for c in names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _examples(
