@@ -5,14 +5,7 @@ deployment API (``export_model``, ``validate_export``, ``bench_export``, ``evalu
 ONNX Runtime and polygraphy on first use.
 """
 
-import os as _os
 from importlib import import_module as _import_module
-from importlib.util import find_spec as _find_spec
-
-# polygraphy picks its TensorRT module once, when first imported: point it at TensorRT-RTX (which
-# builds engines without a GPU) when that is the only TensorRT installed. An explicit setting wins.
-if "POLYGRAPHY_USE_TENSORRT_RTX" not in _os.environ and _find_spec("tensorrt") is None and _find_spec("tensorrt_rtx") is not None:
-    _os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1"
 
 from colln.errors import CollnError
 from colln.models.config import PruneConfig

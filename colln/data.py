@@ -4,6 +4,7 @@ config."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,14 +92,25 @@ def open_image(
         raise DataError(f"cannot read image {path}: {exc.__class__.__name__}; remove it or fix the file") from exc
 
 
+def _hidden_name(
+    name: str,
+) -> bool:
+    """``.ipynb_checkpoints/``, ``._x.jpg``: never a class and never an image."""
+    return name.startswith(".")
+
+
 def image_files(
     directory: Path,
 ) -> list[Path]:
-    """Image files under ``directory`` (recursive, sorted)."""
+    """Image files under ``directory`` (recursive, sorted; hidden files and folders left out)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory} is not a directory of images")
-    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(
+        p
+        for p in directory.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(map(_hidden_name, p.relative_to(directory).parts))
+    )
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {directory}")
     return files
@@ -111,25 +123,130 @@ def load_images(
     return [open_image(p) for p in image_files(directory)[:limit]]
 
 
-def image_folder(
-    directory: Path,
-) -> tuple[list[Image.Image], np.ndarray, list[str]]:
-    """An ImageFolder: one subfolder per class, classes sorted by name. Returns (images, labels, classes)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DataError(f"{directory} is not a directory (expected one subfolder per class)")
-    classes = sorted(p.name for p in directory.iterdir() if p.is_dir())
+def class_folders(
+    root: Path,
+) -> list[str]:
+    """The class subfolders of an ImageFolder directory, sorted (refuses a missing or empty one)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a directory: give an ImageFolder directory (DIR/<class>/<image>) or 'digits'")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden_name(p.name))
     if not classes:
-        raise DataError(f"{directory} has no class subfolders (expected DIR/<class>/<image>)")
-    images: list[Image.Image] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        files = [p for p in sorted((directory / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-        images.extend(open_image(p) for p in files)
-        labels.extend([label] * len(files))
-    if not images:
-        raise DataError(f"no images found in the class subfolders of {directory}")
-    return images, np.asarray(labels, dtype=np.int64), classes
+        raise DataError(f"{root} has no class subfolders: expected the ImageFolder layout DIR/<class>/<image>")
+    return classes
+
+
+def model_class_names(
+    model: torch.nn.Module,
+) -> list[str] | None:
+    """What the model's outputs are, where colln knows it: the class names its weights came with
+    (``label_names``, e.g. a checkpoint re-headed by colln-finetune), the digits, or the ImageNet
+    synsets (n01440764, ...) of a 1k/12k/21k/22k head (timm's ImageNetInfo)."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    num_classes = getattr(model, "num_classes", None)
+    names = cfg.get("label_names")
+    # A stale list (a hub config's 1000 names on a re-headed model) describes another head.
+    if names and len(names) == num_classes:
+        return list(names)
+    if cfg.get("architecture") == digits.NAME and num_classes == digits.NUM_CLASSES:
+        return [str(i) for i in range(digits.NUM_CLASSES)]
+    subset = infer_imagenet_subset(model)
+    return list(ImageNetInfo(subset).label_names()) if subset else None
+
+
+def _is_index(
+    name: str,
+) -> bool:
+    # ASCII only: "³".isdigit() is true but int("³") fails.
+    return re.fullmatch(r"[0-9]+", name) is not None
+
+
+def label_map(
+    root: Path,
+    classes: Sequence[str],
+    class_names: Sequence[str] | None,
+    num_classes: int,
+) -> dict[str, int]:
+    """Class folder -> the model's output index (the label rule every command uses).
+
+    Folders named by the model's class names (any subset) get those indices; folders named by
+    integers are those indices (unless the class names are themselves integers: then they must be
+    names); otherwise the sorted position, but only when there are as many folders as outputs.
+    Anything else is refused."""
+    names = list(class_names) if class_names is not None else None
+    # A head whose class names are integers ("3", "7" re-headed to 0, 1) is matched by name only.
+    numbered = names is not None and all(_is_index(n) for n in names)
+    indices = "" if numbered else f" or to class indices (0/ .. {num_classes - 1}/)"
+    fix = (
+        f"rename the folders to the model's class names{_examples(names)}{indices}, "
+        f"or fine-tune a model re-headed for these {len(classes)} classes (colln-finetune --num-classes {len(classes)})"
+    )
+    if names is not None:
+        index: dict[str, int] = {}
+        for i, n in enumerate(names):
+            index.setdefault(n, i)
+        known = [c for c in classes if c in index]
+        if len(known) == len(classes):
+            return {c: index[c] for c in classes}
+        if known or numbered:
+            unknown = [c for c in classes if c not in index]
+            raise DataError(f"class folders {_folders(unknown)} of {root} are not classes of the model: {fix}")
+    if all(_is_index(c) for c in classes):
+        beyond = [c for c in classes if int(c) >= num_classes]
+        if beyond:
+            raise DataError(f"class folder {beyond[-1]}/ of {root} is beyond the model's {num_classes} classes: {fix}")
+        return {c: int(c) for c in classes}
+    if len(classes) == num_classes:
+        return {c: i for i, c in enumerate(classes)}
+    raise DataError(
+        f"{root} has {len(classes)} class folders ({_folders(classes)}) that are neither the model's class names nor indices, "
+        f"and the model has {num_classes} classes: {fix}"
+    )
+
+
+def _folders(
+    names: Sequence[str],
+) -> str:
+    return ", ".join(f"{c}/" for c in names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def _examples(
+    class_names: Sequence[str] | None,
+) -> str:
+    if not class_names:
+        return ""
+    return f" ({', '.join(class_names[:2])}, ...)" if len(class_names) > 2 else f" ({', '.join(class_names)})"
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """An ImageFolder directory (``DIR/<class>/<image>``) read by the label rule: ``labels`` maps
+    each class folder to the model's output index, ``files`` lists ``(image path, label)``."""
+
+    root: Path
+    labels: dict[str, int]
+    files: list[tuple[Path, int]]
+
+
+def image_folder(
+    root: Path,
+    class_names: Sequence[str] | None,
+    num_classes: int,
+) -> ImageFolder:
+    """Read the layout of ``root`` (files are listed, not opened): see :func:`label_map`."""
+    root = Path(root)
+    labels = label_map(root, class_folders(root), class_names, num_classes)
+    files = [
+        (p, label)
+        for c, label in labels.items()
+        for p in sorted((root / c).iterdir())
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _hidden_name(p.name)
+    ]
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {root}")
+    return ImageFolder(root=root, labels=labels, files=files)
 
 
 @dataclass(frozen=True)
@@ -143,28 +260,22 @@ class Labelled:
 
 def load_labelled(
     data: str,
-    num_classes: int,
+    model: torch.nn.Module,
     limit: int | None = None,
 ) -> Labelled:
-    """``digits`` (the bundled test split) or an ImageFolder directory.
-
-    ImageFolder classes named by integers (``0/``, ``1/``, ...) are those class indices of the model;
-    otherwise the sorted class names are indices 0, 1, ... (torchvision's convention, which is
-    ImageNet's order for its synset folders). ``limit`` takes that many images evenly spread over
-    the set, so every class stays represented.
-    """
+    """``digits`` (the bundled test split) or an ImageFolder directory, labelled by
+    :func:`label_map` for ``model``. ``limit`` takes that many images evenly spread over the set,
+    so every class stays represented."""
     if data == "digits":
         split = digits.load_split("test")
         images, labels, name = split.images, split.labels, "digits"
+        if labels.max() >= model.num_classes:
+            raise DataError(f"'digits' has 10 classes but the model has {model.num_classes}: give an ImageFolder with --data DIR")
     else:
-        images, labels, classes = image_folder(Path(data))
-        if all(c.isdigit() for c in classes):
-            labels = np.asarray([int(classes[i]) for i in labels], dtype=np.int64)
+        folder = image_folder(Path(data), model_class_names(model), model.num_classes)
+        images = [open_image(p) for p, _ in folder.files]
+        labels = np.asarray([label for _, label in folder.files], dtype=np.int64)
         name = Path(data).resolve().name
-    if labels.max() >= num_classes:
-        raise DataError(
-            f"class index {int(labels.max())} in {data} is beyond the model's {num_classes} classes: check the class folders"
-        )
     if limit is not None:
         if limit < 1:
             raise UsageError(f"--limit {limit} must be a positive number of images")
@@ -190,15 +301,37 @@ def validation_images(
     limit: int | None = None,
 ) -> ValImages:
     """``directory``'s images, else the digits test split for ``digits_vit``, else the photos of
-    ``skimage.data``; preprocessed with ``model``'s data config."""
+    ``skimage.data``; preprocessed with ``model``'s data config. A directory in ImageFolder layout
+    whose folders the label rule maps (:func:`label_map`) brings its labels; any other directory
+    is read as unlabelled images (recursively)."""
     if limit is not None and limit < 1:
         raise UsageError(f"the validation image limit must be >= 1, got {limit}")
     labels = None
     if directory is not None:
-        photos, source = load_images(Path(directory), limit), str(directory)
+        folder = _labelled_folder(Path(directory), model)
+        if folder is not None:
+            files = folder.files[:limit]
+            photos = [open_image(p) for p, _ in files]
+            labels, source = np.asarray([label for _, label in files], dtype=np.int64), f"{directory} (labelled by folder)"
+        else:
+            photos, source = load_images(Path(directory), limit), str(directory)
     elif model_name == digits.NAME:
         split = digits.load_split("test")
         photos, labels, source = split.images[:limit], split.labels[:limit], "digits test split"
     else:
         photos, source = skimage_photos()[:limit], "skimage.data photos"
     return ValImages(images=preprocess(photos, model).numpy(), labels=labels, source=source)
+
+
+def _labelled_folder(
+    directory: Path,
+    model: torch.nn.Module,
+) -> ImageFolder | None:
+    """``directory`` as a labelled ImageFolder: class folders only (no images beside them), mapped
+    by the label rule; None when it is not one (validation needs no labels)."""
+    if not directory.is_dir() or any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in directory.iterdir()):
+        return None
+    try:
+        return image_folder(directory, model_class_names(model), model.num_classes)
+    except DataError:
+        return None

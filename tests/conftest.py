@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-# As the colln commands do: import colln before anything imports polygraphy, so that polygraphy
-# drives TensorRT-RTX where that is the only TensorRT (see colln/__init__.py).
-import colln  # noqa: F401
+# Importing colln sets nothing process-wide: polygraphy is pointed at TensorRT-RTX (where that is
+# the only TensorRT) by colln.export.tensorrt.trt_module, which every use of TensorRT calls before
+# importing polygraphy's TensorRT backend; a test that imports that backend itself calls it first.
 
 
 @pytest.fixture(scope="session")

@@ -153,6 +153,9 @@ def test_picked_command_exports_the_picked_configuration(digits_run, tmp_path):
 def digit_folder(tmp_path_factory, digits_test) -> tuple[str, list[int]]:
     """An ImageFolder of real digit scans: 4 images of each class 0..9 in ``<class>/`` folders."""
     root = tmp_path_factory.mktemp("folder")
+    # A stray hidden folder (with an image) is not a class and changes no label.
+    (root / ".ipynb_checkpoints").mkdir()
+    digits_test.images[0].save(root / ".ipynb_checkpoints" / "0-checkpoint.png")
     labels = []
     for cls in range(10):
         (root / str(cls)).mkdir()
@@ -199,21 +202,84 @@ def test_budget_nobody_meets_exits_2_with_results_written(digit_folder, capsys, 
     assert json.loads((out / RESULTS_JSON).read_text())["pick"] is None
 
 
-def test_image_folder_class_indices(tmp_path):
-    """Integer class folders are those class indices; named ones are indices in sorted-name order."""
+def _folder(
+    root: Path,
+    layout: dict[str, int],
+) -> Path:
+    """An ImageFolder at ``root``: ``layout`` maps a folder name to its number of (photo) images."""
     photos = skimage_photos(["astronaut", "coffee", "chelsea"])
-    for folder, photo in zip(("7", "3", "3"), photos):
-        (tmp_path / "ints" / folder).mkdir(parents=True, exist_ok=True)
-        photo.save(tmp_path / "ints" / folder / f"{id(photo)}.png")
-    for folder, photo in zip(("rocket", "cat", "cat"), photos):
-        (tmp_path / "names" / folder).mkdir(parents=True, exist_ok=True)
-        photo.save(tmp_path / "names" / folder / f"{id(photo)}.png")
-    assert sorted(load_labelled(str(tmp_path / "ints"), num_classes=10).labels.tolist()) == [3, 3, 7]
-    assert sorted(load_labelled(str(tmp_path / "names"), num_classes=1000).labels.tolist()) == [0, 0, 1]
-    with pytest.raises(DataError, match="beyond the model's 5 classes"):
-        load_labelled(str(tmp_path / "ints"), num_classes=5)
-    subset = load_labelled("digits", num_classes=10, limit=10)
+    for name, count in layout.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            photos[i % len(photos)].resize((16, 16)).save(root / name / f"{i}.png")
+    return root
+
+
+def _labels(
+    root: Path,
+    model: torch.nn.Module,
+) -> list[int]:
+    return sorted(load_labelled(str(root), model).labels.tolist())
+
+
+def test_label_rule(tmp_path, digits_model):
+    """Class names, then integer indices, then sorted position only when the counts match; hidden
+    folders are not classes; anything else is refused in one line."""
+    imagenet = load_model("deit_tiny", "random", img_size=32)
+    two_classes = load_model("digits_vit", "random")
+    two_classes.reset_classifier(2)
+    # Integer folders beside a notebook's checkpoint folder (with an image in it): still indices.
+    ints = _folder(tmp_path / "ints", {"7": 1, "3": 2, ".ipynb_checkpoints": 1})
+    (ints / "3" / ".hidden.png").write_bytes(b"not an image")
+    assert _labels(ints, digits_model) == [3, 3, 7]
+    assert _labels(ints, imagenet) == [3, 3, 7]
+    # ImageNet synsets, any subset: timm's index of each.
+    synsets = _folder(tmp_path / "synsets", {"n01443537": 1, "n01440764": 2, "n15075141": 1})
+    assert _labels(synsets, imagenet) == [0, 0, 1, 999]
+    # No names, as many folders as classes: sorted position.
+    assert _labels(_folder(tmp_path / "pets", {"dog": 1, "cat": 2}), two_classes) == [0, 0, 1]
+    refused = {
+        "names": ({"rocket": 1, "cat": 2}, imagenet, "neither the model's class names nor indices"),
+        "mixed": ({"n01440764": 1, "tench": 1}, imagenet, "tench/ of .* are not classes of the model"),
+        "beyond": ({"3": 1, "7": 1}, two_classes, "7/ of .* is beyond the model's 2 classes"),
+        "not digits": ({"12": 1}, digits_model, "12/ of .* are not classes of the model"),
+        "superscript": ({"³": 1, "1": 1}, digits_model, "³/ of .* are not classes of the model"),
+        "superscript, no names": ({"³": 1}, two_classes, "neither the model's class names nor indices"),
+    }
+    for name, (layout, model, message) in refused.items():
+        with pytest.raises(DataError, match=message) as info:
+            load_labelled(str(_folder(tmp_path / name, layout)), model)
+        assert "\n" not in str(info.value) and "rename the folders" in str(info.value), name
+    subset = load_labelled("digits", digits_model, limit=10)
     assert len(subset.images) == 10 and len(set(subset.labels.tolist())) > 5
+
+
+def test_synset_folder_scores_the_unpruned_model_right(tmp_path):
+    """A folder per ImageNet synset, holding the photos a random deit_tiny predicts as that synset
+    (computed here with plain timm and torch): colln-eval must find the unpruned model right on all."""
+    import timm
+    from timm.data import ImageNetInfo, create_transform, resolve_data_config
+
+    photos = [p.resize((64, 64)) for p in skimage_photos()]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # as --weights random
+        model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    transform = create_transform(**resolve_data_config(model=model), is_training=False)
+    with torch.no_grad():
+        top2 = model(torch.stack([transform(p) for p in photos])).topk(2, dim=-1)
+    assert (top2.values[:, 0] - top2.values[:, 1]).min() > 1e-4  # no near-tie that rounding could flip
+    names = ImageNetInfo().label_names()
+    root = tmp_path / "synsets"
+    for i, (photo, index) in enumerate(zip(photos, top2.indices[:, 0].tolist())):
+        (root / names[index]).mkdir(parents=True, exist_ok=True)
+        photo.save(root / names[index] / f"{i}.png")
+    assert len(list(root.iterdir())) > 1
+    out = tmp_path / "eval"
+    argv = ["deit_tiny_patch16_224", "--weights", "random", "--data", str(root), "--keep", "0.5", "--metric", "colln"]
+    assert eval_cli.main([*argv, "--rounds", "1", "--warmup", "0", "--out", str(out)]) == 0
+    result = json.loads((out / RESULTS_JSON).read_text())
+    assert result["num_images"] == len(photos)
+    assert result["baseline"]["accuracy"] == 1.0
 
 
 @pytest.mark.parametrize(

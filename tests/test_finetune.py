@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 import colln
@@ -423,3 +424,32 @@ def test_folder_run_with_a_reheaded_model(tmp_path: Path) -> None:
     logits = ort.InferenceSession(str(exported / "model.onnx")).run(None, {"images": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(logits, tuned.eval()(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_reheaded_class_names_go_with_the_weights(tmp_path: Path) -> None:
+    """--num-classes 2 on folders 3/ 7/ maps 3 -> 0 and 7 -> 1; the weights carry those names, so
+    colln-eval on the same folders labels them the same way (checked against the model's own
+    predictions, computed here)."""
+    from colln.app.eval_cli import main as eval_main
+    from colln.models.registry import stored_class_names
+
+    folder = _digit_folder(tmp_path / "d", per_class=12, classes=["3", "7"])
+    out = tmp_path / "ft"
+    argv = ["digits_vit", *QUICK, "--epochs", "2", "--data", str(folder), "--val", str(folder), "--num-classes", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    weights = out / ckpt.WEIGHTS
+    assert stored_class_names(weights) == ["3", "7"]
+    assert json.loads((out / ckpt.RECORD).read_text())["class_names"] == ["3", "7"]
+
+    evaluated = tmp_path / "eval"
+    argv = ["digits_vit", "--weights", str(weights), "--data", str(folder), "--keep", "0.7", "--layers", "0,2,4"]
+    assert eval_main([*argv, "--metric", "colln", "--rounds", "1", "--warmup", "0", "--out", str(evaluated)]) == 0
+    result = json.loads((evaluated / "results.json").read_text())
+    tuned = colln.load_model("digits_vit", str(weights))
+    images = [Image.open(p).convert("RGB") for name in ("3", "7") for p in sorted((folder / name).iterdir())]
+    with torch.no_grad():
+        pred = tuned(preprocess(images, tuned)).argmax(-1).numpy()
+    labels = np.array([0] * 12 + [1] * 12)
+    assert result["num_images"] == 24
+    assert result["baseline"]["accuracy"] == pytest.approx(float((pred == labels).mean()))
+    assert result["baseline"]["accuracy"] >= 0.75  # trained on these very images: the mapping is the one trained

@@ -148,11 +148,11 @@ def test_colln_bench_times_the_stack(int8_export, tmp_path):
 
 def test_tensorrt_rtx_parses_the_int8_graph_strongly_typed(int8_export):
     pytest.importorskip("tensorrt_rtx")
-    from polygraphy.backend.trt import NetworkFromOnnxPath
-
     from colln.export.tensorrt import trt_module
 
-    trt = trt_module().module
+    trt = trt_module().module  # first, as colln does: it points polygraphy's TensorRT backend at TensorRT-RTX
+    from polygraphy.backend.trt import NetworkFromOnnxPath
+
     _, network, _ = NetworkFromOnnxPath(str(int8_export / ONNX_FILE), strongly_typed=True)()
     layers = [network.get_layer(i) for i in range(network.num_layers)]
     quantize = [layer for layer in layers if layer.type == trt.LayerType.QUANTIZE]

@@ -1,6 +1,5 @@
 """Model loading: names, aliases, weights sources, and the refusals users hit."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -102,16 +101,84 @@ def test_mismatched_checkpoint_names_first_keys(tmp_path: Path) -> None:
     assert "\n" not in message
 
 
-def test_pretrained_offline_fails_fast_naming_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from huggingface_hub import constants
+class _Hub:
+    """A stand-in hub (or proxy) on 127.0.0.1 that answers every request with ``status`` and
+    records what it was asked."""
 
-    monkeypatch.setattr(registry, "HUB_HOST", ("hub.invalid", 443))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever this machine has
-    start = time.monotonic()
-    with pytest.raises(WeightsError) as info:
-        registry.load_model("vit_tiny", weights="pretrained")
-    assert "--weights" in str(info.value)
-    assert time.monotonic() - start < 20
+    def __init__(
+        self,
+        status: int,
+    ) -> None:
+        import http.server
+
+        requests = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                requests.append(f"{self.command} {self.path}")
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD = do_CONNECT = answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> "_Hub":
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _pretrained_export(
+    tmp_path: Path,
+    **env: str,
+) -> str:
+    """``colln-export vit_tiny`` (pretrained weights) in a fresh process with an empty hub cache and
+    only ``env``'s hub and proxy settings; asserts exit 2 with one line and returns it."""
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("HF_")}
+    clean.update(HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(Path(__file__).resolve().parents[1]), **env)
+    argv = [sys.executable, "-m", "colln.app.export_cli", "vit_tiny", "--no-validate", "--out", str(tmp_path / "out")]
+    result = subprocess.run(argv, capture_output=True, text=True, env=clean, timeout=240, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("colln: error: weights: cannot get pretrained weights for vit_tiny_patch16_224: ")
+    assert "--weights random" in lines[0] and not (tmp_path / "out").exists()
+    return lines[0]
+
+
+def test_pretrained_weights_come_from_the_hub_in_hf_endpoint(tmp_path: Path) -> None:
+    with _Hub(404) as hub:
+        line = _pretrained_export(tmp_path, HF_ENDPOINT=hub.url)
+    assert any(r.startswith("HEAD /timm/vit_tiny_patch16_224") for r in hub.requests), hub.requests
+    assert f"the hub at {hub.url} answered HTTP 404" in line
+
+
+def test_pretrained_weights_offline_ask_nobody(tmp_path: Path) -> None:
+    with _Hub(404) as hub:
+        line = _pretrained_export(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="1")
+    assert hub.requests == []
+    assert "offline (HF_HUB_OFFLINE is set) and not in the hub cache" in line and str(tmp_path / "hf") in line
+
+
+def test_pretrained_weights_go_through_the_proxy(tmp_path: Path) -> None:
+    with _Hub(502) as proxy:
+        line = _pretrained_export(tmp_path, HTTPS_PROXY=proxy.url)
+    assert proxy.requests and all(r == "CONNECT huggingface.co:443" for r in proxy.requests), proxy.requests
+    assert "no connection to the hub at https://huggingface.co" in line and "HTTPS_PROXY" in line
 
 
 def test_digits_weights_sources() -> None:
@@ -121,3 +188,22 @@ def test_digits_weights_sources() -> None:
         registry.load_model("vit_tiny", weights="bundled")
     random_model = registry.load_model("digits_vit", weights="random")
     assert random_model.patch_embed.num_patches == 64
+
+
+def test_class_names_travel_in_the_weights_file(tmp_path: Path) -> None:
+    from colln.data import model_class_names
+
+    model = registry.load_model("digits_vit", weights="random")
+    model.reset_classifier(2)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    named = tmp_path / "named.safetensors"
+    save_file(state, str(named), metadata={registry.CLASS_NAMES_KEY: '["cat", "dog"]'})
+    loaded = registry.load_model("digits_vit", weights=str(named))
+    assert loaded.num_classes == 2 and model_class_names(loaded) == ["cat", "dog"]
+    # Without stored names a re-headed model's classes are unknown (not the digits).
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    assert model_class_names(registry.load_model("digits_vit", weights=str(tmp_path / "plain.safetensors"))) is None
+    for bad, words in (('["cat"]', "names 1 classes for a head of 2"), ('{"a": 1}', "malformed")):
+        save_file(state, str(tmp_path / "bad.safetensors"), metadata={registry.CLASS_NAMES_KEY: bad})
+        with pytest.raises(WeightsError, match=words):
+            registry.load_model("digits_vit", weights=str(tmp_path / "bad.safetensors"))

@@ -94,6 +94,7 @@ def _network(
     onnx_path: Path,
 ):
     """The TensorRT network of ``onnx_path``, parsed by polygraphy (strongly typed)."""
+    trt_module()  # first, as colln does: it points polygraphy's TensorRT backend at TensorRT-RTX
     from polygraphy.backend.trt import NetworkFromOnnxPath
 
     return NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()

@@ -181,6 +181,29 @@ def test_validation_images_from_a_directory(tmp_path: Path, digits_export: Path)
     assert isinstance(images, ValImages) and images.images.dtype == np.float32
 
 
+def test_validation_images_from_an_image_folder_bring_its_labels(tmp_path: Path) -> None:
+    """Class folders the label rule maps give labels (hidden folders ignored); others are unlabelled images."""
+    from colln import load_model
+    from colln.models import digits
+
+    model = load_model("digits_vit")
+    split = digits.load_split("test")
+    for name, root in (("named", tmp_path / "digits"), ("pets", tmp_path / "pets")):
+        for i in range(6):
+            label = int(split.labels[i])
+            folder = root / (str(label) if name == "named" else ("cat", "dog", "emu")[i % 3])
+            folder.mkdir(parents=True, exist_ok=True)
+            split.images[i].save(folder / f"{i}.png")
+        (root / ".ipynb_checkpoints").mkdir()
+        split.images[0].save(root / ".ipynb_checkpoints" / "0.png")
+    labelled = validation_images("digits_vit", model, tmp_path / "digits")
+    expected = sorted((int(split.labels[i]), i) for i in range(6))
+    assert labelled.labels.tolist() == [label for label, _ in expected]
+    assert labelled.source == f"{tmp_path / 'digits'} (labelled by folder)"
+    unlabelled = validation_images("digits_vit", model, tmp_path / "pets")
+    assert unlabelled.labels is None and unlabelled.images.shape[0] == 6
+
+
 @pytest.mark.gpu
 def test_tensorrt_backend(digits_export: Path, tmp_path: Path) -> None:
     if not torch.cuda.is_available():

@@ -25,8 +25,10 @@ Static rather than dynamic quantization: dynamic ``MatMulInteger`` graphs are ON
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,29 @@ def check_calibration(
     return images
 
 
+class _QuantizerWarnings(logging.Filter):
+    """Drops the warnings ONNX Runtime's quantizer logs on the root logger for every model
+    ("consider pre-processing"); errors still pass."""
+
+    def filter(
+        self,
+        record: logging.LogRecord,
+    ) -> bool:
+        return record.levelno >= logging.ERROR or "onnxruntime" not in Path(record.pathname).parts
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """For one quantization only; no logger's level or handlers change."""
+    root = logging.getLogger()
+    quiet = _QuantizerWarnings()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def to_int8(
     proto: onnx.ModelProto,
     calibration: np.ndarray,
@@ -114,35 +139,28 @@ def to_int8(
 
     graph = proto.graph
     float_region = [graph.node[i].name for i in sorted(fp32_nodes(graph))]
-    quiet = logging.getLogger()
-    level = quiet.level
-    # The quantizer logs a "consider pre-processing" warning on the root logger for every model.
-    quiet.setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory(prefix="colln-int8-") as tmp:
-            out = Path(tmp) / "model.int8.onnx"
-            quantize_static(
-                proto,
-                out,
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(QUANTIZED_OPS),
-                nodes_to_quantize=weight_products(graph),
-                nodes_to_exclude=float_region,
-                per_channel=True,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-                extra_options={
-                    "ActivationSymmetric": True,
-                    "WeightSymmetric": True,
-                    "QuantizeBias": False,
-                    "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
-                },
-            )
-            quantized = onnx.load(str(out))
-    finally:
-        quiet.setLevel(level)
+    with _quiet_quantizer(), tempfile.TemporaryDirectory(prefix="colln-int8-") as tmp:
+        out = Path(tmp) / "model.int8.onnx"
+        quantize_static(
+            proto,
+            out,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            nodes_to_quantize=weight_products(graph),
+            nodes_to_exclude=float_region,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                "QuantizeBias": False,
+                "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+            },
+        )
+        quantized = onnx.load(str(out))
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(proto.metadata_props)
     crossings = selection_crossings(quantized)

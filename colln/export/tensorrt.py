@@ -6,9 +6,9 @@ fp32, or the fp16 graph of ``--precision fp16``; TensorRT 11 has no weak typing)
 built it, for which GPU, precision, profile, keep plan) and ``model.plan.log`` (the builder log).
 
 Full TensorRT is used when importable; otherwise TensorRT-RTX, whose builder runs without a GPU.
-Which one polygraphy drives is fixed when polygraphy is first imported (``colln/__init__.py``
-points it at TensorRT-RTX when that is the only one installed), so ``trt_module`` follows
-polygraphy's choice rather than making its own.
+Which one polygraphy drives is fixed when its TensorRT backend is first imported: ``trt_module``
+(which every use of that backend calls first) points polygraphy at TensorRT-RTX then, when that is
+the only one installed and POLYGRAPHY_USE_TENSORRT_RTX does not say otherwise.
 
 Running a plan (and refusing a foreign one) is the runtime's job: ``colln.infer.runners``.
 """
@@ -57,21 +57,47 @@ class TrtFlavour:
 
 
 def trt_module() -> TrtFlavour:
-    """The TensorRT flavour in use (``tensorrt`` when importable, else ``tensorrt_rtx``)."""
+    """The TensorRT flavour in use (``tensorrt`` when importable, else ``tensorrt_rtx``). Call it
+    before importing ``polygraphy.backend.trt``."""
     from polygraphy import config
 
+    _prefer_tensorrt_rtx(config)
     name = "tensorrt_rtx" if config.USE_TENSORRT_RTX else "tensorrt"
     try:
         module = importlib.import_module(name)
     except (ImportError, OSError) as exc:
         if name == "tensorrt" and importlib.util.find_spec("tensorrt_rtx") is not None:
-            # polygraphy read its config before colln/__init__.py could point it at TensorRT-RTX.
+            # Something imported polygraphy's TensorRT backend for full TensorRT before colln could choose.
             raise BackendUnavailableError(
-                "polygraphy was imported before colln and chose full TensorRT, which is not installed: "
-                "set POLYGRAPHY_USE_TENSORRT_RTX=1, or import colln first"
+                "polygraphy's TensorRT backend was imported for full TensorRT, which is not installed: "
+                "set POLYGRAPHY_USE_TENSORRT_RTX=1 to use TensorRT-RTX"
             ) from exc
         raise BackendUnavailableError(f"TensorRT is not installed ({name} cannot be imported): {INSTALL_HINT}") from exc
     return TrtFlavour(name=name, version=module.__version__, module=module)
+
+
+def _prefer_tensorrt_rtx(
+    config: ModuleType,
+) -> None:
+    """Point polygraphy at TensorRT-RTX when that is the only TensorRT installed and neither the
+    environment (POLYGRAPHY_USE_TENSORRT_RTX) nor an earlier import of polygraphy's TensorRT backend
+    has chosen. polygraphy's own switch is set, not the environment, here at the point of use."""
+    if (
+        config.USE_TENSORRT_RTX
+        or "POLYGRAPHY_USE_TENSORRT_RTX" in os.environ
+        or "polygraphy.backend.trt" in sys.modules
+        or importlib.util.find_spec("tensorrt") is not None
+        or importlib.util.find_spec("tensorrt_rtx") is None
+    ):
+        return
+    config.USE_TENSORRT_RTX = True
+    datatypes = sys.modules.get("polygraphy.datatype.tensorrt")
+    if datatypes is not None:
+        # polygraphy's dtype conversions (imported by every polygraphy runner) bound the TensorRT
+        # module when they were imported, before the switch: rebind it, or no TensorRT-RTX dtype converts.
+        from polygraphy.mod.trt_importer import lazy_import_trt
+
+        datatypes.trt = lazy_import_trt()
 
 
 def gpu_info() -> dict | None:

@@ -8,6 +8,7 @@ and serving.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -35,7 +36,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 class TorchRunner(BaseRunner):
     """Runs a PyTorch module (the pruned reference) on CPU or CUDA; fp32 in, fp32 out. ``threads``
-    (None: torch's own) holds only while the runner is active."""
+    (None: torch's own) holds only during the runner's own inference calls."""
 
     def __init__(
         self,
@@ -55,9 +56,6 @@ class TorchRunner(BaseRunner):
     def activate_impl(self) -> None:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailableError("torch runner: CUDA is not available; use device='cpu'")
-        self._saved_threads = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
         self.model = self._model.to(self.device).eval()
 
     def get_input_metadata_impl(self) -> TensorMetadata:
@@ -68,12 +66,13 @@ class TorchRunner(BaseRunner):
         feed_dict: dict[str, np.ndarray],
     ) -> OrderedDict:
         x = torch.from_numpy(np.ascontiguousarray(feed_dict[INPUT_NAME], dtype=np.float32)).to(self.device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            y = self.model(x)
-            if self.device.startswith("cuda"):
-                torch.cuda.synchronize()
-        self.inference_time = time.perf_counter() - start
+        with _torch_threads(self.threads):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                y = self.model(x)
+                if self.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+            self.inference_time = time.perf_counter() - start
         if isinstance(y, tuple):  # a tokens model (colln.models.rewrite.TokenEncoder)
             tokens, indices = y
             return OrderedDict([(TOKENS_NAME, tokens.float().cpu().numpy()), (INDICES_NAME, indices.cpu().numpy())])
@@ -81,7 +80,21 @@ class TorchRunner(BaseRunner):
 
     def deactivate_impl(self) -> None:
         del self.model
-        torch.set_num_threads(self._saved_threads)
+
+
+@contextlib.contextmanager
+def _torch_threads(
+    threads: int | None,
+) -> Iterator[None]:
+    """torch's intra-op thread count for one call, restored after it (None: leave it alone)."""
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads:
+            torch.set_num_threads(saved)
 
 
 def onnxruntime_runner(

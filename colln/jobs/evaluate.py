@@ -47,7 +47,7 @@ def evaluate(
     ``None`` options: :class:`SweepOptions`' defaults."""
     options = options if options is not None else SweepOptions()
     unpruned = base.load_unpruned()
-    labelled = load_labelled(data, unpruned.num_classes, limit)
+    labelled = load_labelled(data, unpruned, limit)
     out = Path(out) if out is not None else Path("evals") / f"{base.model}-{labelled.name}"
     no_fit = None
     # Entered before the sweep: an existing --out fails at once, and a failed sweep leaves nothing.

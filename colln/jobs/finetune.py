@@ -12,11 +12,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from colln.data import class_folders, model_class_names
 from colln.errors import OutputExistsError, UsageError
 from colln.files import check_writable_dir
 from colln.models import digits
 from colln.models.config import PruneConfig
-from colln.models.registry import load_model, resolve_name
+from colln.models.registry import load_model, resolve_name, set_class_names
 from colln.models.rewrite import prune
 from colln.train import checkpoint as ckpt
 from colln.train.datasets import DIGITS, open_dataset
@@ -63,8 +64,6 @@ def run_job(
     _check_out(job)
     canonical = resolve_name(job.model)
     model = load_model(canonical, job.weights, job.img_size)
-    if job.num_classes is not None:
-        _rehead(model, job.num_classes)
     distill = job.distill if job.distill is not None else job.num_classes is None
     if distill and job.num_classes is not None:
         raise UsageError(
@@ -75,6 +74,8 @@ def run_job(
     if data is None:
         raise UsageError(f"--data DIR is required for {canonical} (an ImageFolder directory: DIR/<class>/<image>)")
     val = job.val or (DIGITS if data == DIGITS else None)
+    if job.num_classes is not None:
+        _rehead(model, job.num_classes, data)
     pruned = prune(model, job.config)
     train_set = _limited(open_dataset(data, pruned, training=True), job.limit, job.recipe.seed)
     val_set = open_dataset(val, pruned, training=False) if val is not None else None
@@ -129,12 +130,17 @@ def _prepare_out(
 def _rehead(
     model: nn.Module,
     num_classes: int,
+    data: str,
 ) -> None:
+    """A new head; with one training folder per output, its classes are those folders (sorted), and
+    the names travel with the weights, so every command maps folders by them."""
     if num_classes < 1:
         raise UsageError(f"--num-classes must be >= 1, got {num_classes}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model.reset_classifier(num_classes)
+    folders = class_folders(Path(data)) if data != DIGITS else None
+    set_class_names(model, folders if folders is not None and len(folders) == num_classes else None)
 
 
 def _limited(
@@ -171,6 +177,7 @@ def _record(
         "model": canonical,
         "weights": job.weights or ("bundled" if canonical == digits.NAME else "pretrained"),
         "num_classes": model.num_classes,
+        "class_names": model_class_names(model),
         "plan": plan.to_dict(),
         "config": plan.config.to_dict(),
         "data": {

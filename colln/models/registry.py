@@ -4,8 +4,9 @@ or a local file."""
 from __future__ import annotations
 
 import difflib
+import json
 import re
-import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,8 +28,9 @@ ALIASES: dict[str, str] = {
     "vit_base_reg": "vit_base_patch16_reg4_gap_256",
 }
 
-HUB_HOST = ("huggingface.co", 443)
 RANDOM_SEED = 0
+# safetensors metadata of a checkpoint: the class names of its head, as JSON (colln-finetune writes it).
+CLASS_NAMES_KEY = "colln.class_names"
 
 
 def resolve_name(
@@ -117,35 +119,64 @@ def _create_timm(
         raise UsageError(f"cannot create {name} with img_size={img_size}: {exc}") from exc
 
 
-def _hub_reachable(
-    timeout: float = 3.0,
-) -> bool:
-    try:
-        socket.create_connection(HUB_HOST, timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _create_pretrained(
     name: str,
     img_size: int | None,
 ) -> nn.Module:
-    """timm's pretrained weights; offline, only its local cache is tried (no minute of retries)."""
-    from huggingface_hub import constants
+    """timm's pretrained weights through huggingface_hub, on its own terms: its cache, HF_ENDPOINT,
+    HF_HUB_OFFLINE and the proxy settings; what it cannot get is one line saying what to do."""
+    from huggingface_hub import errors
 
-    was_offline = constants.HF_HUB_OFFLINE
-    if not _hub_reachable():
-        constants.HF_HUB_OFFLINE = True
     try:
         return _create_timm(name, img_size, pretrained=True)
-    except (OSError, RuntimeError) as exc:
-        raise WeightsError(
-            f"cannot get pretrained weights for {name} (offline and not in the cache?): "
-            "pass --weights PATH to a local .safetensors/.pth file, or --weights random"
-        ) from exc
-    finally:
-        constants.HF_HUB_OFFLINE = was_offline
+    except (OSError, RuntimeError, errors.HTTPError) as exc:
+        raise WeightsError(f"cannot get pretrained weights for {name}: {_hub_problem(exc)}") from exc
+
+
+def _hub_problem(
+    exc: BaseException,
+) -> str:
+    """What went wrong with the hub, and the ways out."""
+    from huggingface_hub import constants, errors
+
+    where = f"the hub at {constants.ENDPOINT}"
+    cache = f"the hub cache ({constants.HF_HUB_CACHE})"
+    instead = "or pass --weights PATH to a local .safetensors/.pth file, or --weights random"
+    # huggingface_hub reports an HTTP answer it could not use as "not in the local cache": the answer is its cause.
+    cause = _http_cause(exc) or exc
+    status = getattr(getattr(cause, "response", None), "status_code", None)
+    if isinstance(cause, errors.GatedRepoError):
+        return f"{where} says they are gated (HTTP {status}): accept their terms on the hub and set HF_TOKEN, {instead}"
+    if isinstance(cause, (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.RemoteEntryNotFoundError)):
+        return (
+            f"{where} does not have them (HTTP {status}): check HF_ENDPOINT (a mirror must hold timm's repositories), {instead}"
+        )
+    if isinstance(cause, errors.HfHubHTTPError) and status is not None:
+        return f"{where} answered HTTP {status}: check HF_ENDPOINT and HF_TOKEN, {instead}"
+    if constants.is_offline_mode():
+        return f"offline (HF_HUB_OFFLINE is set) and not in {cache}: unset HF_HUB_OFFLINE to download them, {instead}"
+    if isinstance(cause, (errors.LocalEntryNotFoundError, errors.HTTPError)):
+        return (
+            f"no connection to {where} and not in {cache}: check the network, the proxy (HTTPS_PROXY) or HF_ENDPOINT, "
+            f"set HF_HUB_OFFLINE=1 to use the cache alone, {instead}"
+        )
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no detail"
+    return f"{exc.__class__.__name__} ({detail}): check the network and the cache, {instead}"
+
+
+def _http_cause(
+    exc: BaseException,
+) -> BaseException | None:
+    """The first HTTP error with a response in ``exc``'s chain of causes (a few links deep)."""
+    from huggingface_hub import errors
+
+    for _ in range(8):
+        if isinstance(exc, errors.HfHubHTTPError) and getattr(exc, "response", None) is not None:
+            return exc
+        if exc.__cause__ is None and exc.__context__ is None:
+            return None
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _check_img_size(
@@ -198,19 +229,57 @@ def read_state_dict(
     return state
 
 
+def set_class_names(
+    model: nn.Module,
+    names: Sequence[str] | None,
+) -> None:
+    """Record what the model's outputs are, in timm's ``label_names`` field of its pretrained
+    config (``None`` drops names that describe another head)."""
+    cfg = {k: v for k, v in getattr(model, "pretrained_cfg", {}).items() if k != "label_names"}
+    model.pretrained_cfg = {**cfg, "label_names": tuple(names)} if names is not None else cfg
+
+
+def stored_class_names(
+    path: Path,
+) -> list[str] | None:
+    """The class names a ``.safetensors`` checkpoint carries in its metadata, if any."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(CLASS_NAMES_KEY)
+    if raw is None:
+        return None
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise WeightsError(f"weights file {path} has malformed {CLASS_NAMES_KEY} metadata: re-save it with colln-finetune")
+    return names
+
+
 def load_weights(
     model: nn.Module,
     path: Path,
 ) -> None:
     """Load a local checkpoint strictly; pos-embed resampling and conversions via timm's filter. A
-    checkpoint whose head has another number of classes re-heads the model to fit it."""
+    checkpoint whose head has another number of classes re-heads the model to fit it; the class
+    names stored with it (:func:`stored_class_names`) become the model's."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = read_state_dict(path)
+    names = stored_class_names(path)
     head = state.get("head.weight")
     if head is not None and head.ndim == 2 and head.shape[0] != getattr(model, "num_classes", head.shape[0]):
         # Weights re-headed for other classes (colln-finetune --num-classes): they define the head.
         model.reset_classifier(head.shape[0])
+        set_class_names(model, None)
+    if names is not None and head is not None and len(names) != head.shape[0]:
+        raise WeightsError(
+            f"weights file {path} names {len(names)} classes for a head of {head.shape[0]}: re-save it with colln-finetune"
+        )
     try:
         state = checkpoint_filter_fn(state, model)
     except Exception as exc:
@@ -230,3 +299,5 @@ def load_weights(
     if problems:
         raise WeightsError(f"weights file {path} does not match the model: {'; '.join(problems)}")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    if names is not None:
+        set_class_names(model, names)

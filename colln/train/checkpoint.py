@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from colln.data import model_class_names
 from colln.errors import CheckpointError, PlanMismatchError
 from colln.files import atomic_write
 from colln.models.config import PruneConfig
 from colln.models.plan import KeepPlan, default_layers
+from colln.models.registry import CLASS_NAMES_KEY
 
 WEIGHTS = "model.safetensors"
 RECORD = "finetune.json"
@@ -42,9 +44,13 @@ def save_weights(
     model: nn.Module,
     path: Path,
 ) -> None:
+    """The weights, with the model's class names in the file's metadata: a re-headed model's
+    classes go wherever the file goes (:func:`colln.models.registry.load_weights` reads them)."""
     from safetensors.torch import save
 
-    atomic_write(path, save(unpruned_state_dict(model)))
+    names = model_class_names(model)
+    metadata = {CLASS_NAMES_KEY: json.dumps(names)} if names is not None else None
+    atomic_write(path, save(unpruned_state_dict(model), metadata=metadata))
 
 
 def save_state(

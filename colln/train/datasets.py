@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from colln.data import IMAGE_SUFFIXES, data_config, open_image, preprocess
+from colln.data import data_config, image_folder, model_class_names, open_image, preprocess
 from colln.errors import DataError
 from colln.models import digits
 from colln.train.digits import SHIFT, shift
@@ -47,8 +47,9 @@ class DigitsDataset(Dataset):
 
 
 class FolderDataset(Dataset):
-    """ImageFolder layout (``DIR/<class>/<image>``). Every file is checked once up front
-    (``PIL.Image.verify``); unreadable ones are skipped and listed in ``skipped``."""
+    """ImageFolder layout (``DIR/<class>/<image>``), labelled by :func:`colln.data.label_map`. Every
+    file is checked once up front (``PIL.Image.verify``); unreadable ones are skipped and listed in
+    ``skipped``."""
 
     def __init__(
         self,
@@ -60,13 +61,9 @@ class FolderDataset(Dataset):
     ) -> None:
         self.root = Path(root)
         self.transform = transform
-        self.classes = folder_classes(self.root)
-        labels = label_map(self.root, self.classes, class_names, num_outputs)
-        files = [
-            (p, labels[c]) for c in self.classes for p in sorted((self.root / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        if not files:
-            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {self.root}")
+        folder = image_folder(self.root, class_names, num_outputs)
+        self.labels = folder.labels
+        files = folder.files
         checked = [(p, y, _readable(p)) for p, y in files]
         self.samples = [(p, y) for p, y, ok in checked if ok]
         self.skipped = [str(p) for p, _, ok in checked if not ok]
@@ -94,52 +91,6 @@ def _readable(
         return True
     except Exception:  # noqa: BLE001 - PIL raises many types for a corrupt file
         return False
-
-
-def folder_classes(
-    root: Path,
-) -> list[str]:
-    """The class subfolders of an ImageFolder directory, sorted (refuses a missing or empty one)."""
-    if not root.is_dir():
-        raise DataError(f"{root} is not a directory: give an ImageFolder directory (DIR/<class>/<image>) or 'digits'")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{root} has no class subfolders: expected the ImageFolder layout DIR/<class>/<image>")
-    return classes
-
-
-def model_class_names(
-    model: torch.nn.Module,
-) -> list[str] | None:
-    """The model's class names where colln knows them: the digits, or ImageNet synsets (n01440764, ...)."""
-    from timm.data import ImageNetInfo, infer_imagenet_subset
-
-    if getattr(model, "pretrained_cfg", {}).get("architecture") == digits.NAME and model.num_classes == digits.NUM_CLASSES:
-        return [str(i) for i in range(digits.NUM_CLASSES)]
-    subset = infer_imagenet_subset(model)
-    return list(ImageNetInfo(subset).label_names()) if subset else None
-
-
-def label_map(
-    root: Path,
-    classes: list[str],
-    class_names: list[str] | None,
-    num_outputs: int,
-) -> dict[str, int]:
-    """Folder name -> the model's output index: by name where the model's class names are known
-    (any subset of them), else by sorted position when the counts match."""
-    rehead = f"or re-head the model for these {len(classes)} classes with --num-classes {len(classes)}"
-    if class_names is not None:
-        unknown = [c for c in classes if c not in class_names]
-        if unknown:
-            raise DataError(
-                f"class folders {', '.join(unknown[:3])} of {root} are not classes of the model "
-                f"({len(class_names)} classes: {', '.join(class_names[:3])}, ...): rename the folders, {rehead}"
-            )
-        return {c: class_names.index(c) for c in classes}
-    if len(classes) != num_outputs:
-        raise DataError(f"{root} has {len(classes)} class folders but the model has {num_outputs} outputs: {rehead}")
-    return {c: i for i, c in enumerate(classes)}
 
 
 def open_dataset(

@@ -1,0 +1,133 @@
+"""No hidden global state: importing colln sets nothing process-wide, polygraphy's TensorRT-RTX
+switch is set where TensorRT is first used, the quantizer leaves logging alone, and a runner's
+thread count holds only during its own inference calls."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import torch
+
+from colln.data import validation_images
+from colln.export.quantize import to_int8
+from colln.export.spec import ONNX_FILE, ExportSpec
+from colln.infer.runners import TorchRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in a fresh interpreter: the state before, every colln module imported, the state after.
+IMPORT_ALL = """
+import importlib, json, logging, os, pkgutil, sys
+import torch
+
+def state():
+    loggers = {name: l.level for name, l in logging.root.manager.loggerDict.items() if isinstance(l, logging.Logger)}
+    root = logging.getLogger()
+    return {"environ": dict(os.environ), "root": [root.level, len(root.handlers), len(root.filters)],
+            "loggers": loggers, "threads": torch.get_num_threads()}
+
+before = state()
+import colln
+modules = sorted(m.name for m in pkgutil.walk_packages(colln.__path__, "colln."))
+for name in modules:
+    importlib.import_module(name)
+after = state()
+from polygraphy import config
+rtx_after_import = config.USE_TENSORRT_RTX
+converted = None
+if sys.argv[1] == "rtx":
+    from colln.export.tensorrt import trt_module
+    from polygraphy.datatype import DataType
+    flavour = trt_module()
+    converted = [flavour.name, str(DataType.from_dtype(flavour.module.float32, "tensorrt"))]
+print(json.dumps({"before": before, "after": after, "modules": modules, "rtx_after_import": rtx_after_import,
+                  "converted": converted, "environ_at_end": dict(os.environ)}))
+"""
+
+
+def test_importing_every_module_sets_no_process_state() -> None:
+    rtx_only = importlib.util.find_spec("tensorrt") is None and importlib.util.find_spec("tensorrt_rtx") is not None
+    env = {k: v for k, v in os.environ.items() if k != "POLYGRAPHY_USE_TENSORRT_RTX"}
+    env["PYTHONPATH"] = str(ROOT)
+    argv = [sys.executable, "-c", IMPORT_ALL, "rtx" if rtx_only else "-"]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=True)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    before, after = seen["before"], seen["after"]
+    assert "colln.export.quantize" in seen["modules"] and "colln.infer.runners" in seen["modules"]
+    assert after["environ"] == before["environ"]
+    assert after["root"] == before["root"] and after["threads"] == before["threads"]
+    assert {name: after["loggers"][name] for name in before["loggers"]} == before["loggers"]
+    assert [level for name, level in after["loggers"].items() if name.startswith("colln")] == [0] * sum(
+        name.startswith("colln") for name in after["loggers"]
+    )
+    # Nothing chose polygraphy's TensorRT on import; the first use of TensorRT does, and its dtypes convert.
+    assert seen["rtx_after_import"] is False
+    if rtx_only:
+        assert seen["converted"] == ["tensorrt_rtx", "float32"]
+        assert seen["environ_at_end"] == before["environ"]
+
+
+class _ThreadProbe(torch.nn.Module):
+    """Wraps a model and records torch's thread count at each forward."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.pretrained_cfg = model.pretrained_cfg
+        self.seen: list[int] = []
+
+    def forward(
+        self,
+        x: torch.Tensor,
+    ) -> torch.Tensor:
+        self.seen.append(torch.get_num_threads())
+        return self.model(x)
+
+
+def test_torch_runner_threads_hold_only_during_its_inference(digits_export: Path) -> None:
+    model = ExportSpec.read(digits_export).load_pruned()
+    images = validation_images("digits_vit", model, limit=4).images
+    outside = torch.get_num_threads()
+    wanted = outside + 1
+    probe = _ThreadProbe(model)
+    runner = TorchRunner(probe, threads=wanted)
+    with runner:
+        assert torch.get_num_threads() == outside  # active, but not inferring
+        runner.infer({"images": images})
+        assert torch.get_num_threads() == outside
+        runner.infer({"images": images})
+    assert probe.seen == [wanted, wanted] and torch.get_num_threads() == outside
+
+
+def test_quantizer_leaves_logging_alone(digits_export: Path) -> None:
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers), list(root.filters))
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(level=logging.DEBUG)
+    root.addHandler(keep)
+    try:
+        proto = onnx.load(str(digits_export / ONNX_FILE))
+        model = ExportSpec.read(digits_export).load_unpruned()
+        to_int8(proto, validation_images("digits_vit", model, limit=8).images)
+        logging.getLogger("colln.test").warning("a warning of someone else's")
+    finally:
+        root.removeHandler(keep)
+    assert (root.level, list(root.handlers), list(root.filters)) == before
+    # ONNX Runtime's quantizer warnings ("consider pre-processing") are dropped; other warnings pass.
+    assert [r.getMessage() for r in records if "onnxruntime" in Path(r.pathname).parts and r.levelno < logging.ERROR] == []
+    assert "a warning of someone else's" in [r.getMessage() for r in records]
