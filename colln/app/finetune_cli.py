@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,37 +93,10 @@ def job_from_args(
     from colln.jobs.finetune import FinetuneJob
     from colln.train.finetune import Recipe
 
-    config = prune_config(args)
-    recipe = Recipe(
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        label_smoothing=args.label_smoothing,
-        distill_alpha=args.distill_alpha,
-        temperature=args.temperature,
-        clip_grad=args.clip_grad,
-        seed=args.seed,
-        workers=args.workers,
-    )
-    return FinetuneJob(
-        model=args.model,
-        config=config,
-        out=args.out,
-        weights=args.weights,
-        img_size=args.img_size,
-        data=args.data,
-        val=args.val,
-        num_classes=args.num_classes,
-        distill=args.distill,
-        limit=args.limit,
-        recipe=recipe,
-        device=args.device,
-        amp=args.amp,
-        resume=args.resume,
-        force=args.force,
-    )
+    # Option dests are the field names: a new Recipe or FinetuneJob field needs only its option.
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
+    rest = {f.name: getattr(args, f.name) for f in fields(FinetuneJob) if f.name not in ("config", "recipe")}
+    return FinetuneJob(config=prune_config(args), recipe=recipe, **rest)
 
 
 class RichReporter:

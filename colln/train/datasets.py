@@ -3,11 +3,12 @@ splits, or a directory in ImageFolder layout through the model's timm transforms
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from colln.data import IMAGE_SUFFIXES, data_config, open_image, preprocess
 from colln.errors import DataError
@@ -47,8 +48,8 @@ class DigitsDataset(Dataset):
 
 
 class FolderDataset(Dataset):
-    """ImageFolder layout (``DIR/<class>/<image>``). Every file is checked once up front
-    (``PIL.Image.verify``); unreadable ones are skipped and listed in ``skipped``."""
+    """ImageFolder layout (``DIR/<class>/<image>``). Every file is checked once up front (verified
+    and decoded); unreadable ones are skipped and listed in ``skipped``."""
 
     def __init__(
         self,
@@ -88,12 +89,18 @@ class FolderDataset(Dataset):
 def _readable(
     path: Path,
 ) -> bool:
+    """Whether ``path`` decodes as training will decode it: ``verify`` checks the container (chunk
+    CRCs), only a full decode finds damaged pixel data (a scrambled IDAT with valid CRCs passes it)."""
     try:
         with Image.open(path) as img:
             img.verify()
-        return True
     except Exception:  # noqa: BLE001 - PIL raises many types for a corrupt file
         return False
+    try:
+        open_image(path)
+    except DataError:
+        return False
+    return True
 
 
 def folder_classes(
@@ -160,6 +167,28 @@ def open_dataset(
 
     transform = create_transform(**data_config(model), is_training=training)
     return FolderDataset(Path(source), transform, model_class_names(model), model.num_classes)
+
+
+def data_identity(
+    dataset: Dataset,
+) -> str:
+    """What a resumed run must train on to be the same run: ``digits (train split)``, or a hash of
+    an ImageFolder's files (relative path, size, label, skipped ones included), of a subset's
+    indices into such, or the description and length of any other Dataset."""
+    if isinstance(dataset, Subset):
+        indices = ",".join(map(str, dataset.indices))
+        return _sha256(f"{data_identity(dataset.dataset)}|{indices}")
+    if isinstance(dataset, FolderDataset):
+        listing = [(str(p.relative_to(dataset.root)), p.stat().st_size, y) for p, y in dataset.samples]
+        skipped = sorted(str(Path(p).relative_to(dataset.root)) for p in dataset.skipped)
+        return _sha256(repr((listing, skipped)))
+    return f"{describe(dataset)} ({len(dataset)} items)"
+
+
+def _sha256(
+    text: str,
+) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def describe(
