@@ -64,7 +64,9 @@ def export_into(
         raise UsageError(f"precision {spec.precision!r} is not supported: use {' or '.join(PRECISIONS)}")
     if spec.pruning.merge and spec.precision != "fp32":
         # Measured on digits_vit: fp16 keys flip near-tied nearest-key assignments (token cosine down to 0.97).
-        raise UsageError("--merge needs --precision fp32: in fp16, rounding flips which kept token absorbs a pruned one")
+        raise UsageError(
+            f"--merge needs --precision fp32: in {spec.precision}, rounding flips which kept token absorbs a pruned one"
+        )
     unpruned = unpruned if unpruned is not None else spec.load_unpruned()
     pruned = spec.apply(unpruned)
     plan = get_plan(pruned)
