@@ -409,3 +409,24 @@ def test_nan_weights_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("colln: error: weights: ") and "holds NaN or Inf in 1 tensors (first: head.weight)" in err[-1]
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_every_command_module_has_one_shape() -> None:
+    """The nine console scripts: build_parser() -> ArgumentParser, run(args) -> int, main made by
+    entry_point (the one place exit codes and error lines are made)."""
+    import importlib
+    import inspect
+
+    import tomllib
+
+    from colln.app.cli import entry_point
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert len(scripts) == 9
+    for script, target in scripts.items():
+        module_name, _, attr = target.partition(":")
+        module = importlib.import_module(module_name)
+        assert attr == "main" and module.main.__qualname__ == entry_point(None, None).__qualname__, script
+        assert isinstance(module.build_parser(), ArgumentParser) and module.build_parser().prog == script
+        assert list(inspect.signature(module.run).parameters) == ["args"], script
+        assert inspect.signature(module.run).return_annotation in (int, "int"), script

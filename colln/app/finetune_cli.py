@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from colln.app.cli import ArgumentParser, add_prune_arguments, prune_config, run_main
+from colln.app.cli import ArgumentParser, add_prune_arguments, entry_point, prune_config
 
 if TYPE_CHECKING:
     from colln.jobs.finetune import FinetuneJob
@@ -146,7 +145,7 @@ class RichReporter:
             self.progress = None
 
 
-def _run(
+def run(
     args: argparse.Namespace,
 ) -> int:
     from colln.jobs.finetune import run_job
@@ -190,11 +189,8 @@ def _title(
     return f"{record['model']}: {plan['metric']} keep {keep} at blocks {plan['layers']}, tokens {plan['token_steps']}"
 
 
-def main(
-    argv: Sequence[str] | None = None,
-) -> int:
-    return run_main(_run, build_parser(), argv)
+main = entry_point(build_parser, run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
