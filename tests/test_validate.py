@@ -21,7 +21,7 @@ from colln.export.onnx import with_kept_outputs
 from colln.export.spec import ExportSpec
 from colln.infer.runners import open_runner
 from colln.models.config import PruneConfig
-from colln.verify.validate import TOLERANCES, _Reference, compare, validate
+from colln.verify.validate import TOLERANCES, Reference, compare, validate
 
 
 def test_onnxruntime_backend_passes(digits_export: Path, tmp_path: Path, capsys) -> None:
@@ -101,12 +101,12 @@ def test_not_an_export_exits_2(tmp_path: Path, capsys) -> None:
     assert "is not a colln export" in capsys.readouterr().err
 
 
-def _reference(scores: np.ndarray, k: int, logits: np.ndarray) -> _Reference:
+def _reference(scores: np.ndarray, k: int, logits: np.ndarray) -> Reference:
     kept = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return _Reference(logits=logits, unpruned=logits, kept={0: kept}, scores={0: scores})
+    return Reference(logits=logits, unpruned=logits, kept={0: kept}, scores={0: scores})
 
 
-def _compare(ref: _Reference, logits: np.ndarray, cand_kept: dict | None, k: int):
+def _compare(ref: Reference, logits: np.ndarray, cand_kept: dict | None, k: int):
     return compare(ref, logits, cand_kept, [(0, k)], "colln", False, TOLERANCES["fp32"], None, "cand", "fp32", "test")
 
 

@@ -95,7 +95,12 @@ class LayerCheck:
 
 @dataclass
 class ValidationReport:
-    """What :func:`validate` found. ``passed`` is false when ``mismatches`` is not empty."""
+    """What :func:`validate` found. ``passed`` is false when ``mismatches`` is not empty.
+
+    Every field means the same for logits and tokens (``output``): ``max_abs_error``,
+    ``mean_abs_error``, ``min_cosine`` and ``mean_cosine`` are over all images (an image's cosine:
+    of its logits, or its lowest token row's); the ``*_judged`` fields over the judged images only,
+    the ones the verdict used (``None`` when none was judged). Top-1 is ``None`` for tokens."""
 
     backend: str
     reference: str
@@ -112,6 +117,7 @@ class ValidationReport:
     min_cosine: float
     mean_cosine: float
     min_cosine_judged: float | None
+    max_abs_error_judged: float | None
     layers: list[LayerCheck]
     unpruned_top1_agreement: dict[str, float]
     accuracy: dict[str, float] | None
@@ -157,11 +163,33 @@ def _finite(
 
 
 @dataclass(frozen=True)
-class _Reference:
-    logits: np.ndarray  # or the tokens of a tokens model
+class Reference:
+    """What the PyTorch reference computed on the validation images: its outputs (``logits``, or a
+    tokens model's tokens), the unpruned model's logits (``None`` for tokens) and, per selection
+    layer, the kept indices and the scores they were picked by."""
+
+    logits: np.ndarray
     unpruned: np.ndarray | None
     kept: dict[int, np.ndarray]
     scores: dict[int, np.ndarray]
+
+
+def _error_fields(
+    err: np.ndarray,
+    cos: np.ndarray,
+    judged: np.ndarray,
+) -> dict[str, float | None]:
+    """The error fields of a :class:`ValidationReport` from per-image absolute errors ``err`` (one
+    row per image) and cosines ``cos``: over all images, and over the ``judged`` ones."""
+    any_judged = bool(judged.any())
+    return {
+        "max_abs_error": float(err.max()),
+        "mean_abs_error": float(err.mean()),
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "min_cosine_judged": float(cos[judged].min()) if any_judged else None,
+        "max_abs_error_judged": float(err[judged].max()) if any_judged else None,
+    }
 
 
 def validate_export(
@@ -204,7 +232,7 @@ def validate(
         results = _run_all([ref_runner, base_runner, candidate], list(feeds(images.images, batch)))
     layers = plan.pruned_layers
     kept, scores = _recorded(selections, layers)
-    ref = _Reference(
+    ref = Reference(
         logits=results[ref_runner.name][OUTPUT_NAME],
         unpruned=results[base_runner.name][OUTPUT_NAME],
         kept=kept,
@@ -278,7 +306,7 @@ def validate_tokens(
     layers = plan.selection_layers
     kept, scores = _recorded(selections, layers)
     ref_out, outs = results[ref_runner.name], results[candidate.name]
-    ref = _Reference(logits=ref_out[TOKENS_NAME], unpruned=None, kept=kept, scores=scores)
+    ref = Reference(logits=ref_out[TOKENS_NAME], unpruned=None, kept=kept, scores=scores)
     # Inner layers through the graph's TopK outputs; the final selection is the indices output itself.
     cand_kept = _observed_kept(outs, plan.pruned_layers)
     cand_ids = outs[INDICES_NAME].astype(np.int64)
@@ -312,11 +340,7 @@ def validate_tokens(
         judged_images=int(judged.sum()),
         top1_agreement=None,
         top1_agreement_judged=None,
-        max_abs_error=float(err[judged].max()) if judged.any() else float("nan"),
-        mean_abs_error=float(err[judged].mean()) if judged.any() else float("nan"),
-        min_cosine=float(cos[judged].min()) if judged.any() else float("nan"),
-        mean_cosine=float(cos[judged].mean()) if judged.any() else float("nan"),
-        min_cosine_judged=float(cos[judged].min()) if judged.any() else None,
+        **_error_fields(err, cos, judged),
         layers=checks,
         unpruned_top1_agreement={},
         accuracy=None,
@@ -343,7 +367,7 @@ def _run_all(
 
 
 def compare(
-    ref: _Reference,
+    ref: Reference,
     logits: np.ndarray,
     cand_kept: dict[int, np.ndarray] | None,
     layers: Sequence[tuple[int, int]],
@@ -398,11 +422,7 @@ def compare(
         judged_images=int(judged.sum()),
         top1_agreement=float(top1.mean()),
         top1_agreement_judged=float(top1[judged].mean()) if judged.any() else None,
-        max_abs_error=float(err.max()),
-        mean_abs_error=float(err.mean()),
-        min_cosine=float(cos.min()),
-        mean_cosine=float(cos.mean()),
-        min_cosine_judged=float(cos[judged].min()) if judged.any() else None,
+        **_error_fields(err, cos, judged),
         layers=checks,
         unpruned_top1_agreement=agree,
         accuracy=accuracy,
@@ -412,7 +432,7 @@ def compare(
 
 
 def _judge_selections(
-    ref: _Reference,
+    ref: Reference,
     cand_kept: dict[int, np.ndarray] | None,
     layers: Sequence[tuple[int, int]],
     metric: str,
@@ -478,7 +498,7 @@ def _judge_selections(
 
 def _kept_check(
     check: LayerCheck,
-    ref: _Reference,
+    ref: Reference,
     ref_ids: np.ndarray,
     picked: dict[str, np.ndarray],
     judged: np.ndarray,
