@@ -30,6 +30,7 @@ _LAZY = {
     "bench_export": "colln.measure.bench",
     "open_runner": "colln.infer.runners",
     "finetune": "colln.train.finetune",
+    "Recipe": "colln.train.finetune",
 }
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "ExportSpec",
     "KeepPlan",
     "PruneConfig",
+    "Recipe",
     "bench_export",
     "evaluate",
     "export_model",

@@ -109,6 +109,17 @@ def test_finetune_is_deterministic_under_a_seed(model, train_subset) -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_finetune_takes_one_recipe_with_keyword_overrides(model, train_subset) -> None:
+    pruned = colln.prune(model, **EARLY)
+    whole = colln.finetune(pruned, train_subset, recipe=colln.Recipe(epochs=1, batch_size=64, seed=3))
+    overridden = colln.finetune(pruned, train_subset, recipe=colln.Recipe(epochs=5, batch_size=64), epochs=1, seed=3)
+    assert whole.recipe == overridden.recipe == colln.Recipe(epochs=1, batch_size=64, seed=3, distill_alpha=0.0)
+    a, b = whole.model.state_dict(), overridden.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TypeError, match="epoch"):
+        colln.finetune(pruned, train_subset, epoch=1)
+
+
 def test_finetune_refuses_a_model_that_is_not_pruned(model, train_subset) -> None:
     with pytest.raises(UnsupportedModelError, match=r"colln\.prune"):
         finetune(model, train_subset, epochs=1)
@@ -569,7 +580,13 @@ def test_resume_refuses_a_folder_whose_files_changed(model, tmp_path: Path) -> N
     folder = _digit_folder(tmp_path / "d", per_class=2)
     ident = data_identity(FolderDataset(folder, None, None, 10))
     assert data_identity(FolderDataset(folder, None, None, 10)) == ident
-    (folder / "5" / "1.png").write_bytes((folder / "6" / "0.png").read_bytes())  # same count, other image
+    (folder / "5" / "1.png").rename(folder / "5" / "2.png")  # same images, another file list
+    assert data_identity(FolderDataset(folder, None, None, 10)) != ident
+    (folder / "5" / "2.png").rename(folder / "5" / "1.png")
+    assert data_identity(FolderDataset(folder, None, None, 10)) == ident
+    other = (folder / "6" / "0.png").read_bytes()
+    assert len(other) != (folder / "5" / "1.png").stat().st_size
+    (folder / "5" / "1.png").write_bytes(other)  # same file list, another image (of another size)
     assert data_identity(FolderDataset(folder, None, None, 10)) != ident
     assert data_identity(DigitsDataset("train", model, augment=True)) == "digits (train split) (1347 items)"
 

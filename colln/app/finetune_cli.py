@@ -4,8 +4,10 @@ from the unpruned one) to win back its accuracy. Writes ``DIR/model.safetensors`
 ``DIR/loss.png``; ``DIR/checkpoint.pt`` after every epoch (``--resume`` continues from it).
 
 Runs unchanged under ``torchrun --nproc_per_node N -m colln.app.finetune_cli ...`` (DDP; rank 0
-writes and prints). Exit codes: 0 ok, 2 bad input or a failed run (``colln: error: <stage>: ...``),
-130 interrupted (a resumable checkpoint is saved).
+writes and prints; an error line is printed once, by the first rank that fails). Exit codes: 0 ok,
+2 bad input or a failed run (``colln: error: <stage>: ...``), 130 interrupted by Ctrl-C, SIGTERM or
+SIGHUP (a resumable checkpoint is saved); under torchrun, torchrun's own 1 for any failed worker
+(its summary lists each worker's code). See docs/robustness.md.
 """
 
 from __future__ import annotations

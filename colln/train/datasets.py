@@ -94,11 +94,8 @@ def _readable(
     try:
         with Image.open(path) as img:
             img.verify()
-    except Exception:  # noqa: BLE001 - PIL raises many types for a corrupt file
-        return False
-    try:
         open_image(path)
-    except DataError:
+    except Exception:  # noqa: BLE001 - PIL raises many types for a corrupt file
         return False
     return True
 
