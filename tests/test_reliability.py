@@ -253,20 +253,27 @@ def test_validate_and_bench_refuse_a_damaged_model_onnx(digits_export: Path, tmp
         assert len(err) == 1 and err[0].startswith("colln: error: export-dir:"), err
 
 
-def test_every_command_refuses_an_export_json_that_does_not_match_model_onnx(digits_export: Path, tmp_path: Path, capsys) -> None:
-    export = tmp_path / "export"
-    shutil.copytree(digits_export, export)
-    spec = json.loads((export / "export.json").read_text())
-    spec["plan"]["keep_counts"] = [k - 1 for k in spec["plan"]["keep_counts"]]
-    (export / "export.json").write_text(json.dumps(spec))
-    commands = [
+def _commands_reading(
+    export: Path,
+    tmp_path: Path,
+) -> list[tuple[object, list[str]]]:
+    """Every command that reads an export directory, as (main, argv)."""
+    return [
         (validate_cli.main, [str(export)]),
         (bench_cli.main, [str(export)]),
         (build_cli.main, [str(export)]),
         (triton_cli.main, [str(export), str(tmp_path / "repo")]),
         (serve_cli.main, [str(export)]),
     ]
-    for main, argv in commands:
+
+
+def test_every_command_refuses_an_export_json_that_does_not_match_model_onnx(digits_export: Path, tmp_path: Path, capsys) -> None:
+    export = tmp_path / "export"
+    shutil.copytree(digits_export, export)
+    spec = json.loads((export / "export.json").read_text())
+    spec["plan"]["keep_counts"] = [k - 1 for k in spec["plan"]["keep_counts"]]
+    (export / "export.json").write_text(json.dumps(spec))
+    for main, argv in _commands_reading(export, tmp_path):
         assert main(argv) == 2, argv
         assert "does not carry the keep plan of its export.json" in capsys.readouterr().err, argv
 
@@ -286,14 +293,7 @@ def test_every_command_refuses_an_edited_field_the_graph_determines(
     where, _, key = field.rpartition(".")
     (spec[where] if where else spec)[key] = value
     (export / "export.json").write_text(json.dumps(spec))
-    commands = [
-        (validate_cli.main, [str(export)]),
-        (bench_cli.main, [str(export)]),
-        (build_cli.main, [str(export)]),
-        (triton_cli.main, [str(export), str(tmp_path / "repo")]),
-        (serve_cli.main, [str(export)]),
-    ]
-    for main, argv in commands:
+    for main, argv in _commands_reading(export, tmp_path):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("colln: error: export-dir:") and f"({field} differ)" in err[0], (argv, err)
