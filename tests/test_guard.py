@@ -266,3 +266,81 @@ def test_grpc_methods_that_act_on_the_host_are_refused() -> None:
     host = {m for m in service if "SharedMemory" in m and not m.endswith("Status")}
     host |= {"RepositoryModelLoad", "RepositoryModelUnload", "LogSettings", "TraceSetting"}
     assert set(REFUSED_METHODS) == host and set(REFUSED_METHODS) <= service
+
+
+# -- the HTTP front: what the request checks cannot say alone ------------------------------------
+
+
+def test_http_front_statuses_with_a_stand_in_upstream() -> None:
+    """The guard's HTTP front before a stand-in for Triton that answers every request it gets:
+    a valid infer is forwarded; the refusals never reach it (415 compressed, 413 too large, 403
+    host endpoints, 404 unknown model, 400 malformed, 503 not ready or upstream gone)."""
+    import asyncio
+    import gzip
+
+    from aiohttp import ClientSession, web
+
+    from serving_helpers import HOST, free_ports
+
+    async def scenario() -> dict[str, tuple[int, str]]:
+        reached: list[str] = []
+
+        async def upstream_answer(request: web.Request) -> web.Response:
+            reached.append(request.path)
+            return web.json_response({"model_name": "digits"})
+
+        upstream = web.Application()
+        upstream.router.add_route("*", "/{tail:.*}", upstream_answer)
+        up_runner = web.AppRunner(upstream)
+        await up_runner.setup()
+        up_port, port = free_ports(2)
+        await web.TCPSite(up_runner, HOST, up_port).start()
+        state = {"ready": True}
+        guard = Guard(f"{HOST}:{up_port}", f"{HOST}:1", ready=lambda: state["ready"])
+        guard.set_limits({"digits": LIMITS})
+        await guard.start_http(HOST, port, guard.max_body)
+        url = f"http://{HOST}:{port}"
+        valid = _json_body(data=[0.5] * ONE)
+        got = {}
+        try:
+            async with ClientSession() as client:
+
+                async def post(name: str, path: str, body: bytes, headers: dict | None = None) -> None:
+                    async with client.post(url + path, data=body, headers=headers or {}) as r:
+                        got[name] = (r.status, await r.text())
+
+                await post("valid", "/v2/models/digits/infer", valid)
+                await post("gzip", "/v2/models/digits/infer", gzip.compress(valid), {"Content-Encoding": "gzip"})
+                await post("too-large", "/v2/models/digits/infer", b" " * (guard.max_body + 1))
+                await post("logging", "/v2/logging", b"{}")
+                await post("unknown-model", "/v2/models/other/infer", valid)
+                await post("bad-json", "/v2/models/digits/infer", b"{oops")
+                async with client.get(url + "/v2/health/live") as r:
+                    got["live"] = (r.status, "")
+                state["ready"] = False
+                await post("not-ready", "/v2/models/digits/infer", valid)
+                async with client.get(url + "/v2/health/ready") as r:
+                    got["ready-while-down"] = (r.status, "")
+                state["ready"] = True
+                await up_runner.cleanup()  # Triton gone (restarting)
+                await post("upstream-gone", "/v2/models/digits/infer", valid)
+        finally:
+            await guard.stop()
+        got["reached"] = (len(reached), ",".join(reached))
+        return got
+
+    got = asyncio.run(scenario())
+    assert got["valid"][0] == 200 and json.loads(got["valid"][1]) == {"model_name": "digits"}
+    assert got["reached"] == (1, "/v2/models/digits/infer")  # only the valid request got through
+    expected = {
+        "gzip": (415, "compressed requests are not accepted"),
+        "too-large": (413, ""),
+        "logging": (403, "/v2/logging is not available on this server"),
+        "unknown-model": (404, "unknown model 'other'"),
+        "bad-json": (400, "is not valid JSON"),
+        "not-ready": (503, "not ready (restarting)"),
+        "upstream-gone": (503, "restarting: retry shortly"),
+    }
+    for name, (status, words) in expected.items():
+        assert got[name][0] == status and words in got[name][1], (name, got[name])
+    assert got["live"][0] == 200 and got["ready-while-down"][0] == 503
