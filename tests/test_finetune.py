@@ -497,8 +497,8 @@ def _signalled_run(
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_stop_at_a_step_like_ctrl_c(sig: signal.Signals, tmp_path: Path) -> None:
     out = tmp_path / "ft"
-    argv = ["digits_vit", *QUICK, "--epochs", "5", "--limit", "96", "--no-distill", "--out", str(out)]
-    code, err = _signalled_run([sys.executable, "-m", "colln.app.finetune_cli", *argv], sig, "epoch 1/5", 120)
+    argv = ["digits_vit", *QUICK, "--epochs", "3", "--limit", "96", "--no-distill", "--out", str(out)]
+    code, err = _signalled_run([sys.executable, "-m", "colln.app.finetune_cli", *argv], sig, "epoch 1/3", 120)
     assert code == 130, err
     assert "--resume" in err and "Traceback" not in err
     state = ckpt.load_state(out / ckpt.CHECKPOINT)
@@ -510,11 +510,11 @@ def test_sigterm_under_torchrun_saves_a_mid_epoch_checkpoint(tmp_path: Path) -> 
     """torchrun forwards SIGTERM (a scheduler's kill) to every worker: both stop at one step."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "colln.app.finetune_cli"]
-    cmd += ["digits_vit", "--keep", "0.7", "--layers", "0,2,4", "--batch-size", "8", "--epochs", "2", "--limit", "512"]
+    cmd += ["digits_vit", "--keep", "0.7", "--layers", "0,2,4", "--batch-size", "8", "--epochs", "2", "--limit", "256"]
     cmd += ["--no-distill", "--out", str(out)]
     _, err = _signalled_run(cmd, signal.SIGTERM, "epoch 1/2", 240)
     state = ckpt.load_state(out / ckpt.CHECKPOINT)
-    assert state["epoch"] == 1 and 1 <= state["step"] < 512 // 2 // 8, (state["epoch"], state["step"], err[-2000:])
+    assert state["epoch"] == 1 and 1 <= state["step"] < 256 // 2 // 8, (state["epoch"], state["step"], err[-2000:])
     assert len(state["rng"]) == 2
 
 
