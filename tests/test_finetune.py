@@ -569,9 +569,13 @@ def test_resume_refuses_other_starting_weights_or_other_data(model, train_subset
     same_size = Subset(train_subset.dataset, range(192, 384))
     with pytest.raises(CheckpointError, match=r"training data \(--data, --limit\) differs"):
         finetune(pruned, same_size, epochs=2, batch_size=64, checkpoint_dir=tmp_path, resume=True)
-    assert [
-        h.epoch for h in finetune(pruned, train_subset, epochs=2, batch_size=64, checkpoint_dir=tmp_path, resume=True).history
-    ] == [1, 2]
+    state = ckpt.load_state(tmp_path / ckpt.CHECKPOINT)
+    del state["signature"]["weights"]  # as an older colln wrote it
+    ckpt.save_state(tmp_path / "old" / ckpt.CHECKPOINT, state)
+    with pytest.raises(CheckpointError, match=r"does not record the starting weights .*an older colln"):
+        finetune(pruned, train_subset, epochs=2, batch_size=64, checkpoint_dir=tmp_path / "old", resume=True)
+    resumed = finetune(pruned, train_subset, epochs=2, batch_size=64, checkpoint_dir=tmp_path, resume=True)
+    assert [h.epoch for h in resumed.history] == [1, 2]
 
 
 def test_resume_refuses_a_folder_whose_files_changed(model, tmp_path: Path) -> None:

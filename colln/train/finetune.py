@@ -473,8 +473,13 @@ class _Trainer:
             raise CheckpointError(f"{self.path} is not a colln fine-tuning checkpoint (format {state.get('format')!r})")
         mine = self.signature()
         for key, value in mine.items():
-            if state["signature"].get(key) != value:
-                what = _SIGNATURE_WORDS.get(key, key)
+            what = _SIGNATURE_WORDS.get(key, key)
+            if key not in state["signature"]:
+                raise CheckpointError(
+                    f"{self.path} does not record {what} (an older colln wrote it), so resuming cannot be checked: "
+                    "start over without --resume (with --force)"
+                )
+            if state["signature"][key] != value:
                 raise CheckpointError(
                     f"{self.path} was made with other settings ({what} differs): "
                     "resume with the same command, or start over without --resume (with --force)"
