@@ -23,6 +23,7 @@ _LAZY = {
     "bench_export": "colln.measure.bench",
     "open_runner": "colln.infer.runners",
     "finetune": "colln.train.finetune",
+    "Recipe": "colln.train.finetune",
 }
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "ExportSpec",
     "KeepPlan",
     "PruneConfig",
+    "Recipe",
     "bench_export",
     "evaluate",
     "export_model",

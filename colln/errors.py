@@ -98,8 +98,10 @@ class EngineError(CollnError):
     stage = "tensorrt"
 
 
-class BaselineError(CollnError):
-    """A latency baseline file is missing, unreadable, or has no entry for the case measured."""
+class RegressionFileError(CollnError):
+    """A latency regression file (colln-bench ``--baseline FILE``: the speedups recorded with
+    ``--save-baseline``) is missing, unreadable, or has no entry for the case measured. ("Baseline"
+    in colln's code is the unpruned model; the stage keeps the option's name.)"""
 
     stage = "baseline"
 

@@ -14,6 +14,7 @@ import pytest
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.datatype import DataType
+from speed_checks import assert_plausible_speedup
 
 from colln.app.bench_cli import main
 from colln.export.artifact import read_export
@@ -91,6 +92,27 @@ def test_paired_speedup_is_median_of_per_round_ratios() -> None:
     assert paired_speedup(base, cand) == (2.0, 1.0, 2.0)
 
 
+def test_speedups_of_graphs_whose_speedup_is_known(tmp_path: Path) -> None:
+    """keep 1.0 times the unpruned graph against itself: ~1x. keep 0.1 from block 0 cuts 6.2x of
+    the FLOPs (5.1x measured at batch 32 on the 2 loaded cores): well above 1x, so a ratio that is
+    upside down (~0.2x) or of the same graph twice (~1x) fails. Margins wide for the noisy machine."""
+    from colln.export.artifact import export_into
+
+    cases = {"same": PruneConfig(keep=1.0), "pruned": PruneConfig(keep=0.1, layers=(0,))}
+    speedups, bounds = {}, {}
+    for name, config in cases.items():
+        export = tmp_path / name
+        export.mkdir()
+        export_into(ExportSpec(model="digits_vit", pruning=config), export)
+        out = tmp_path / f"{name}.json"
+        argv = [str(export), "--batch", "16", "--rounds", "9", "--warmup", "3", "--cache", str(tmp_path / "cache")]
+        assert main([*argv, "--json", str(out)]) == 0
+        data = json.loads(out.read_text())
+        speedups[name], bounds[name] = data["batches"]["16"]["speedup"], data["flops"]["bound"]
+    assert bounds["same"] == pytest.approx(1.0) and 0.5 < speedups["same"] < 2.0, speedups
+    assert bounds["pruned"] > 5 and 2.0 < speedups["pruned"] < 1.5 * bounds["pruned"], speedups
+
+
 @pytest.fixture(scope="module")
 def export_dir(digits_export: Path) -> Path:
     """The suite's shared digits_vit export (keep 0.7); the unpruned cache lands beside it."""
@@ -102,7 +124,10 @@ def test_real_runners_interleaved(export_dir: Path) -> None:
 
     with open_runner(export_dir, "onnxruntime", threads=1) as ort, open_runner(export_dir, "torch") as torch_runner:
         compared = measure({"ort": ort, "torch": torch_runner}, (3, 32, 32), [2], rounds=5, warmup=1, baseline="torch")[2]
-    assert set(compared.speedups) == {"ort"} and compared.speedups["ort"][0] > 0
+    assert set(compared.speedups) == {"ort"}
+    # The statistic from the per-round times by plain numpy: median and quartiles of torch / ort.
+    ratios = compared.times["torch"] / compared.times["ort"]
+    assert compared.speedups["ort"] == pytest.approx(tuple(np.percentile(ratios, [50, 25, 75])))
     for s in compared.stats.values():
         assert isinstance(s, LatencyStats)
         assert 0 < s.p50_ms <= s.p90_ms <= s.p99_ms
@@ -192,7 +217,9 @@ def test_tensorrt_bench_builds_the_unpruned_engine(export_dir: Path, tmp_path: P
     )
     data = json.loads((tmp_path / "t.json").read_text())
     assert (Path(data["unpruned_export"]) / "model.plan").is_file()
-    assert set(data["batches"]) == {"1", "4"} and all(r["speedup"] > 0 for r in data["batches"].values())
+    assert set(data["batches"]) == {"1", "4"}
+    for r in data["batches"].values():
+        assert_plausible_speedup(r, data["flops"]["bound"])
 
 
 def test_torch_backend_on_cpu_names_its_case(export_dir: Path, tmp_path: Path) -> None:
@@ -216,7 +243,7 @@ def test_torch_backend_on_cpu_names_its_case(export_dir: Path, tmp_path: Path) -
     )
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["device"] == "cpu" and data["case"] == "digits_vit-colln-keep0.7@torch-t1"
-    assert data["batches"]["2"]["speedup"] > 0
+    assert_plausible_speedup(data["batches"]["2"], data["flops"]["bound"])
 
 
 @pytest.mark.gpu
@@ -242,7 +269,8 @@ def test_torch_backend_on_cuda(export_dir: Path, tmp_path: Path) -> None:
     assert main(argv) == 0
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["case"].endswith("@torch-t1-cuda")
-    assert all(r["speedup"] > 0 for r in data["batches"].values())
+    for r in data["batches"].values():
+        assert_plausible_speedup(r, data["flops"]["bound"])
 
 
 def test_stale_unpruned_cache_is_replaced(export_dir: Path, tmp_path: Path) -> None:

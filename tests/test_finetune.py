@@ -110,6 +110,17 @@ def test_finetune_is_deterministic_under_a_seed(model, train_subset) -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_finetune_takes_one_recipe_with_keyword_overrides(model, train_subset) -> None:
+    pruned = colln.prune(model, **EARLY)
+    whole = colln.finetune(pruned, train_subset, recipe=colln.Recipe(epochs=1, batch_size=64, seed=3))
+    overridden = colln.finetune(pruned, train_subset, recipe=colln.Recipe(epochs=5, batch_size=64), epochs=1, seed=3)
+    assert whole.recipe == overridden.recipe == colln.Recipe(epochs=1, batch_size=64, seed=3, distill_alpha=0.0)
+    a, b = whole.model.state_dict(), overridden.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TypeError, match="epoch"):
+        colln.finetune(pruned, train_subset, epoch=1)
+
+
 def test_finetune_refuses_a_model_that_is_not_pruned(model, train_subset) -> None:
     with pytest.raises(UnsupportedModelError, match=r"colln\.prune"):
         finetune(model, train_subset, epochs=1)
@@ -453,3 +464,171 @@ def test_reheaded_class_names_go_with_the_weights(tmp_path: Path) -> None:
     assert result["num_images"] == 24
     assert result["baseline"]["accuracy"] == pytest.approx(float((pred == labels).mean()))
     assert result["baseline"]["accuracy"] >= 0.75  # trained on these very images: the mapping is the one trained
+
+
+# --- probe defects: --force, stop signals, undecodable images, resume identity, torchrun errors ----
+
+
+def test_force_replaces_only_a_colln_run_directory(tmp_path: Path, capsys, monkeypatch) -> None:
+    base = ["digits_vit", *QUICK, "--epochs", "1", "--limit", "32", "--no-distill"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / ckpt.WEIGHTS).write_text("mine")
+    _fails([*base, "--out", str(mine), "--force"], capsys, "output", "colln did not write it")
+    assert [p.name for p in mine.iterdir()] == [ckpt.WEIGHTS] and (mine / ckpt.WEIGHTS).read_text() == "mine"
+
+    run = tmp_path / "run"
+    assert main([*base, "--out", str(run)]) == 0
+    first = (run / ckpt.WEIGHTS).read_bytes()
+    (run / ckpt.WEIGHTS).write_bytes(b"stale")
+    assert main([*base, "--out", str(run), "--force"]) == 0  # colln's own run directory: started over
+    assert (run / ckpt.WEIGHTS).read_bytes() == first and json.loads((run / ckpt.RECORD).read_text())["complete"]
+
+    monkeypatch.chdir(run)
+    capsys.readouterr()
+    _fails([*base, "--out", ".", "--force"], capsys, "output", "current directory")
+    assert (run / ckpt.WEIGHTS).read_bytes() == first
+
+
+def test_an_interrupted_first_epoch_leaves_a_directory_force_may_replace(model, tmp_path: Path) -> None:
+    """The run directory is colln's from the start (finetune.json, not yet complete), so --force can
+    start over after a first epoch that never finished."""
+    out = tmp_path / "ft"
+    argv = ["digits_vit", *QUICK, "--epochs", "1", "--limit", "32", "--no-distill", "--out", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        mp.setattr("colln.jobs.finetune.finetune", interrupted)
+        assert main(argv) == 130
+    assert json.loads((out / ckpt.RECORD).read_text())["complete"] is False
+    assert main([*argv, "--force"]) == 0
+
+
+def _signalled_run(
+    cmd: list[str],
+    sig: signal.Signals,
+    after: str,
+    timeout: float,
+) -> tuple[int, str]:
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith(after):
+                proc.send_signal(sig)
+                break
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_at_a_step_like_ctrl_c(sig: signal.Signals, tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    argv = ["digits_vit", *QUICK, "--epochs", "3", "--limit", "96", "--no-distill", "--out", str(out)]
+    code, err = _signalled_run([sys.executable, "-m", "colln.app.finetune_cli", *argv], sig, "epoch 1/3", 120)
+    assert code == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    state = ckpt.load_state(out / ckpt.CHECKPOINT)
+    assert state["epoch"] == 1 and state["step"] >= 1  # mid-epoch, at a step boundary: the partial epoch is kept
+    assert main([*argv, "--resume"]) == 0
+
+
+def test_sigterm_under_torchrun_saves_a_mid_epoch_checkpoint(tmp_path: Path) -> None:
+    """torchrun forwards SIGTERM (a scheduler's kill) to every worker: both stop at one step."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "colln.app.finetune_cli"]
+    cmd += ["digits_vit", "--keep", "0.7", "--layers", "0,2,4", "--batch-size", "8", "--epochs", "2", "--limit", "256"]
+    cmd += ["--no-distill", "--out", str(out)]
+    _, err = _signalled_run(cmd, signal.SIGTERM, "epoch 1/2", 240)
+    state = ckpt.load_state(out / ckpt.CHECKPOINT)
+    assert state["epoch"] == 1 and 1 <= state["step"] < 256 // 2 // 8, (state["epoch"], state["step"], err[-2000:])
+    assert len(state["rng"]) == 2
+
+
+def _scrambled_png(
+    source: Path,
+    target: Path,
+) -> None:
+    """``source`` with its pixel data (IDAT) replaced by noise under valid chunk CRCs: passes
+    ``PIL.Image.verify`` but does not decode."""
+    import struct
+    import zlib
+
+    data, out, pos = source.read_bytes(), bytearray(source.read_bytes()[:8]), 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        if kind == b"IDAT":
+            body = bytes(np.random.default_rng(0).integers(0, 256, len(body), dtype=np.uint8))
+        out += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        pos += 12 + length
+    target.write_bytes(bytes(out))
+
+
+def test_an_image_that_verifies_but_does_not_decode_is_skipped_and_counted(model, tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = _digit_folder(tmp_path / "d", per_class=3)
+    bad = folder / "4" / "scrambled.png"
+    _scrambled_png(folder / "4" / "0.png", bad)
+    with Image.open(bad) as img:
+        img.verify()  # the container is sound: only decoding finds the damage
+    with pytest.raises(OSError), Image.open(bad) as img:
+        img.load()
+    data = FolderDataset(folder, lambda img: img, [str(i) for i in range(10)], 10, max_bad_fraction=0.1)
+    assert data.skipped == [str(bad)] and len(data) == 30
+    assert all(data[i][0].size == (8, 8) for i in range(len(data)))  # every kept image decodes
+
+
+def test_resume_refuses_other_starting_weights_or_other_data(model, train_subset, tmp_path: Path) -> None:
+    pruned = colln.prune(model, **EARLY)
+
+    def stop_after_first(record) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(pruned, train_subset, epochs=2, batch_size=64, checkpoint_dir=tmp_path, on_epoch=stop_after_first)
+    other_weights = colln.prune(model, **EARLY)
+    with torch.no_grad():
+        other_weights.head.bias.add_(1e-3)
+    with pytest.raises(CheckpointError, match=r"starting weights \(--weights\) differs"):
+        finetune(other_weights, train_subset, epochs=2, batch_size=64, checkpoint_dir=tmp_path, resume=True)
+    same_size = Subset(train_subset.dataset, range(192, 384))
+    with pytest.raises(CheckpointError, match=r"training data \(--data, --limit\) differs"):
+        finetune(pruned, same_size, epochs=2, batch_size=64, checkpoint_dir=tmp_path, resume=True)
+    state = ckpt.load_state(tmp_path / ckpt.CHECKPOINT)
+    del state["signature"]["weights"]  # as an older colln wrote it
+    ckpt.save_state(tmp_path / "old" / ckpt.CHECKPOINT, state)
+    with pytest.raises(CheckpointError, match=r"does not record the starting weights .*an older colln"):
+        finetune(pruned, train_subset, epochs=2, batch_size=64, checkpoint_dir=tmp_path / "old", resume=True)
+    resumed = finetune(pruned, train_subset, epochs=2, batch_size=64, checkpoint_dir=tmp_path, resume=True)
+    assert [h.epoch for h in resumed.history] == [1, 2]
+
+
+def test_resume_refuses_a_folder_whose_files_changed(model, tmp_path: Path) -> None:
+    from colln.train.datasets import data_identity
+
+    folder = _digit_folder(tmp_path / "d", per_class=2)
+    ident = data_identity(FolderDataset(folder, None, None, 10))
+    assert data_identity(FolderDataset(folder, None, None, 10)) == ident
+    (folder / "5" / "1.png").rename(folder / "5" / "2.png")  # same images, another file list
+    assert data_identity(FolderDataset(folder, None, None, 10)) != ident
+    (folder / "5" / "2.png").rename(folder / "5" / "1.png")
+    assert data_identity(FolderDataset(folder, None, None, 10)) == ident
+    other = (folder / "6" / "0.png").read_bytes()
+    assert len(other) != (folder / "5" / "1.png").stat().st_size
+    (folder / "5" / "1.png").write_bytes(other)  # same file list, another image (of another size)
+    assert data_identity(FolderDataset(folder, None, None, 10)) != ident
+    assert data_identity(DigitsDataset("train", model, augment=True)) == "digits (train split) (1347 items)"
+
+
+def test_torchrun_prints_an_error_once_naming_the_rank(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "colln.app.finetune_cli"]
+    cmd += ["digits_vit", *QUICK, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]
+    proc = _run(cmd)
+    assert proc.returncode == 1  # torchrun's code for any failed worker (the summary names each one's 2)
+    lines = [line for line in proc.stderr.splitlines() if "colln: error:" in line]
+    assert len(lines) == 1 and "is not a directory" in lines[0] and "of 2)" in lines[0], proc.stderr[-3000:]

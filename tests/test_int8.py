@@ -252,7 +252,7 @@ def test_int8_engine_agrees_with_torch(int8_export, tmp_path):
     export_dir = tmp_path / "int8"
     shutil.copytree(int8_export, export_dir)
     build_engine(export_dir, 1, 8, 32)
-    assert runners.read_plan_metadata(export_dir)["precision"] == "int8"
+    assert runners.read_engine_metadata(export_dir)["precision"] == "int8"
     report = validate_export(export_dir, backend="tensorrt", limit=256)
     assert report.top1_agreement >= 0.97
     assert report.accuracy["tensorrt"] >= report.accuracy["torch"] - 0.01

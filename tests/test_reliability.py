@@ -24,7 +24,8 @@ from PIL import Image
 from colln.app import bench_cli, build_cli, export_cli, serve_cli, triton_cli, validate_cli, viz_cli
 from colln.app.cli import INTERNAL_ERROR, ArgumentParser, run_main
 from colln.data import open_image
-from colln.errors import OutputExistsError, TritonRepoError, WeightsError
+from colln.errors import ExportDirError, OutputExistsError, TritonRepoError, WeightsError
+from colln.export.artifact import read_export
 from colln.export.spec import ExportSpec
 from colln.export.triton import write_model_repository
 from colln.files import atomic_dir
@@ -252,22 +253,75 @@ def test_validate_and_bench_refuse_a_damaged_model_onnx(digits_export: Path, tmp
         assert len(err) == 1 and err[0].startswith("colln: error: export-dir:"), err
 
 
-def test_every_command_refuses_an_export_json_that_does_not_match_model_onnx(digits_export: Path, tmp_path: Path, capsys) -> None:
-    export = tmp_path / "export"
-    shutil.copytree(digits_export, export)
-    spec = json.loads((export / "export.json").read_text())
-    spec["plan"]["keep_counts"] = [k - 1 for k in spec["plan"]["keep_counts"]]
-    (export / "export.json").write_text(json.dumps(spec))
-    commands = [
+def _commands_reading(
+    export: Path,
+    tmp_path: Path,
+) -> list[tuple[object, list[str]]]:
+    """Every command that reads an export directory, as (main, argv)."""
+    return [
         (validate_cli.main, [str(export)]),
         (bench_cli.main, [str(export)]),
         (build_cli.main, [str(export)]),
         (triton_cli.main, [str(export), str(tmp_path / "repo")]),
         (serve_cli.main, [str(export)]),
     ]
-    for main, argv in commands:
+
+
+def test_every_command_refuses_an_export_json_that_does_not_match_model_onnx(digits_export: Path, tmp_path: Path, capsys) -> None:
+    export = tmp_path / "export"
+    shutil.copytree(digits_export, export)
+    spec = json.loads((export / "export.json").read_text())
+    spec["plan"]["keep_counts"] = [k - 1 for k in spec["plan"]["keep_counts"]]
+    (export / "export.json").write_text(json.dumps(spec))
+    for main, argv in _commands_reading(export, tmp_path):
         assert main(argv) == 2, argv
         assert "does not carry the keep plan of its export.json" in capsys.readouterr().err, argv
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("pruning.keep", 0.5), ("pruning.metric", "cls"), ("pruning.output", "tokens"), ("precision", "fp16"), ("opset", 17)],
+)
+def test_every_command_refuses_an_edited_field_the_graph_determines(
+    field: str, value: object, digits_export: Path, tmp_path: Path, capsys
+) -> None:
+    """An edited keep (or precision, ...) with the plan left alone: a damaged export (exit 2), never
+    a keep-0.7 graph labelled keep0.5 or validated at fp16 tolerances."""
+    export = tmp_path / "export"
+    shutil.copytree(digits_export, export)
+    spec = json.loads((export / "export.json").read_text())
+    where, _, key = field.rpartition(".")
+    (spec[where] if where else spec)[key] = value
+    (export / "export.json").write_text(json.dumps(spec))
+    for main, argv in _commands_reading(export, tmp_path):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("colln: error: export-dir:") and f"({field} differ)" in err[0], (argv, err)
+
+
+def test_a_moved_weights_file_is_not_an_edited_export(tmp_path: Path) -> None:
+    """The weights' path is where the file lies, not what the graph is: it may be edited (the hash
+    may not). An fp16 graph keeps what it was exported with through the conversion."""
+    from safetensors.torch import save_file
+
+    from colln.export.artifact import export_into
+    from colln.models.registry import load_model
+
+    weights = tmp_path / "w.safetensors"
+    save_file(load_model("digits_vit", "bundled").state_dict(), str(weights))
+    export = tmp_path / "export"
+    export.mkdir()
+    export_into(ExportSpec(model="digits_vit", weights=str(weights), precision="fp16"), export)
+    spec = json.loads((export / "export.json").read_text())
+    moved = tmp_path / "moved.safetensors"
+    weights.rename(moved)
+    spec["weights"] = str(moved)
+    (export / "export.json").write_text(json.dumps(spec))
+    assert read_export(export).weights == str(moved)
+    for key, value in (("weights_sha256", "0" * 64), ("precision", "fp32")):
+        (export / "export.json").write_text(json.dumps({**spec, key: value}))
+        with pytest.raises(ExportDirError, match=rf"\({key} differ\)"):
+            read_export(export)
 
 
 # -- honest artifacts and inputs ---------------------------------------------------------------------
@@ -355,3 +409,24 @@ def test_nan_weights_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("colln: error: weights: ") and "holds NaN or Inf in 1 tensors (first: head.weight)" in err[-1]
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_every_command_module_has_one_shape() -> None:
+    """The nine console scripts: build_parser() -> ArgumentParser, run(args) -> int, main made by
+    entry_point (the one place exit codes and error lines are made)."""
+    import importlib
+    import inspect
+
+    import tomllib
+
+    from colln.app.cli import entry_point
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert len(scripts) == 9
+    for script, target in scripts.items():
+        module_name, _, attr = target.partition(":")
+        module = importlib.import_module(module_name)
+        assert attr == "main" and module.main.__qualname__ == entry_point(None, None).__qualname__, script
+        assert isinstance(module.build_parser(), ArgumentParser) and module.build_parser().prog == script
+        assert list(inspect.signature(module.run).parameters) == ["args"], script
+        assert inspect.signature(module.run).return_annotation in (int, "int"), script

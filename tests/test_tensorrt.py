@@ -23,10 +23,10 @@ from colln.errors import BackendUnavailableError, EngineError, ExportDirError, U
 from colln.export.artifact import export_into
 from colln.export.spec import ONNX_FILE, ExportSpec
 from colln.export.tensorrt import (
+    ENGINE_FILE,
+    ENGINE_LOG_FILE,
+    ENGINE_META_FILE,
     FAILED_LOG_FILE,
-    PLAN_FILE,
-    PLAN_LOG_FILE,
-    PLAN_META_FILE,
     build_engine,
     gpu_info,
     trt_module,
@@ -146,8 +146,8 @@ def test_polygraphy_capability_reports_full_support(precision, request):
 def test_fp32_plan_and_metadata(fp32_plan):
     flavour = trt_module()
     spec = ExportSpec.read(fp32_plan)
-    meta = json.loads((fp32_plan / PLAN_META_FILE).read_text())
-    assert (fp32_plan / PLAN_FILE).stat().st_size > (fp32_plan / ONNX_FILE).stat().st_size / 2
+    meta = json.loads((fp32_plan / ENGINE_META_FILE).read_text())
+    assert (fp32_plan / ENGINE_FILE).stat().st_size > (fp32_plan / ONNX_FILE).stat().st_size / 2
     assert meta["tensorrt"] == {"flavour": flavour.name, "version": flavour.version}
     assert meta["gpu"] == gpu_info()
     assert meta["precision"] == "fp32"
@@ -161,7 +161,7 @@ def test_fp32_plan_and_metadata(fp32_plan):
     }
     assert meta["keep_plan"] == spec.plan and meta["keep_plan"]["keep_counts"] == _paper_keep_counts()
     assert meta["onnx_sha256"] == hashlib.sha256((fp32_plan / ONNX_FILE).read_bytes()).hexdigest()
-    log = (fp32_plan / PLAN_LOG_FILE).read_text()
+    log = (fp32_plan / ENGINE_LOG_FILE).read_text()
     assert "Building engine" in log and "STRONGLY_TYPED" in log
     assert Path(meta["timing_cache"]).is_file()
     assert not list(fp32_plan.glob(".*")), "temporary files left behind"
@@ -169,7 +169,7 @@ def test_fp32_plan_and_metadata(fp32_plan):
 
 def test_fp16_plan_is_strongly_typed_fp16(fp16_plan):
     trt = trt_module().module
-    meta = json.loads((fp16_plan / PLAN_META_FILE).read_text())
+    meta = json.loads((fp16_plan / ENGINE_META_FILE).read_text())
     assert meta["precision"] == "fp16" and meta["strongly_typed"] is True
     # The fp16 graph keeps float32 at its edges, so callers feed the same arrays as for fp32.
     assert meta["io"] == {"images": "float32", "logits": "float32"}
@@ -182,7 +182,7 @@ def test_fp16_plan_is_strongly_typed_fp16(fp16_plan):
     assert products and {layer.get_output(0).dtype for layer in products} == {trt.float16}
     topks = [layer for layer in layers if layer.type == trt.LayerType.TOPK]
     assert len(topks) == 3 and {layer.get_input(0).dtype for layer in topks} == {trt.float32}
-    assert "Building engine" in (fp16_plan / PLAN_LOG_FILE).read_text()
+    assert "Building engine" in (fp16_plan / ENGINE_LOG_FILE).read_text()
 
 
 def test_colln_build_rebuilds_with_the_timing_cache(fp32_plan, tmp_path, capsys):
@@ -190,9 +190,9 @@ def test_colln_build_rebuilds_with_the_timing_cache(fp32_plan, tmp_path, capsys)
     cache = fp32_plan.parent / "timing.cache"
     rc = build_main([str(built), "--batch-min", "2", "--batch-opt", "2", "--batch-max", "2", "--timing-cache", str(cache)])
     assert rc == 0
-    meta = json.loads((built / PLAN_META_FILE).read_text())
+    meta = json.loads((built / ENGINE_META_FILE).read_text())
     assert meta["profile"]["min"] == meta["profile"]["max"] == [2, 3, 32, 32]
-    log = (built / PLAN_LOG_FILE).read_text()
+    log = (built / ENGINE_LOG_FILE).read_text()
     assert f"Loading tactic timing cache from {cache}" in log
     assert "not found" not in log
     assert f"with {trt_module().label} (fp32, batch 2/2/2)" in capsys.readouterr().err
@@ -201,12 +201,12 @@ def test_colln_build_rebuilds_with_the_timing_cache(fp32_plan, tmp_path, capsys)
 def test_bad_profile_is_a_usage_error(fp32_export):
     with pytest.raises(UsageError, match="min <= opt <= max"):
         build_engine(fp32_export, batch_min=4, batch_opt=2, batch_max=8)
-    assert not (fp32_export / PLAN_FILE).exists()
+    assert not (fp32_export / ENGINE_FILE).exists()
 
 
 def test_failed_build_keeps_the_previous_plan(fp32_plan, tmp_path):
     out = _copy_export(fp32_plan, tmp_path / "broken")
-    before = {name: (out / name).read_bytes() for name in (PLAN_FILE, PLAN_META_FILE, PLAN_LOG_FILE)}
+    before = {name: (out / name).read_bytes() for name in (ENGINE_FILE, ENGINE_META_FILE, ENGINE_LOG_FILE)}
     onnx_path = out / ONNX_FILE
     # A readable graph with its keep plan (build checks both first) that TensorRT cannot parse.
     graph = onnx.load(str(onnx_path))
@@ -225,10 +225,10 @@ def _doctored(
     **changes,
 ) -> Path:
     out = _copy_export(fp32_plan, tmp_path / "doctored")
-    meta = json.loads((out / PLAN_META_FILE).read_text())
+    meta = json.loads((out / ENGINE_META_FILE).read_text())
     for key, value in changes.items():
         meta[key] = value
-    (out / PLAN_META_FILE).write_text(json.dumps(meta))
+    (out / ENGINE_META_FILE).write_text(json.dumps(meta))
     return out
 
 
@@ -254,7 +254,7 @@ def test_plan_of_another_onnx_is_refused(fp32_plan, tmp_path):
 
 def test_incomplete_plan_is_refused(fp32_plan, tmp_path):
     out = _copy_export(fp32_plan, tmp_path / "incomplete")
-    (out / PLAN_META_FILE).unlink()
+    (out / ENGINE_META_FILE).unlink()
     with pytest.raises(ExportDirError, match="colln-build"):
         tensorrt_runner(out)
 
@@ -293,7 +293,7 @@ def test_without_tensorrt_colln_build_exits_2_with_install_hint(fp32_export, tmp
     target = _copy_export(fp32_export, tmp_path / "export")
     before = sorted(p.name for p in target.iterdir())
     _assert_install_hint(_run_without_tensorrt(tmp_path, "colln.app.build_cli", str(target)))
-    assert sorted(p.name for p in target.iterdir()) == before and PLAN_FILE not in before
+    assert sorted(p.name for p in target.iterdir()) == before and ENGINE_FILE not in before
 
 
 def test_without_tensorrt_export_trt_fails_before_exporting(tmp_path):

@@ -21,7 +21,7 @@ from colln.export.onnx import with_kept_outputs
 from colln.export.spec import ExportSpec
 from colln.infer.runners import open_runner
 from colln.models.config import PruneConfig
-from colln.verify.validate import TOLERANCES, _Reference, compare, validate
+from colln.verify.validate import TOLERANCES, Reference, compare, validate
 
 
 def test_onnxruntime_backend_passes(digits_export: Path, tmp_path: Path, capsys) -> None:
@@ -101,12 +101,12 @@ def test_not_an_export_exits_2(tmp_path: Path, capsys) -> None:
     assert "is not a colln export" in capsys.readouterr().err
 
 
-def _reference(scores: np.ndarray, k: int, logits: np.ndarray) -> _Reference:
+def _reference(scores: np.ndarray, k: int, logits: np.ndarray) -> Reference:
     kept = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return _Reference(logits=logits, unpruned=logits, kept={0: kept}, scores={0: scores})
+    return Reference(logits=logits, unpruned=logits, kept={0: kept}, scores={0: scores})
 
 
-def _compare(ref: _Reference, logits: np.ndarray, cand_kept: dict | None, k: int):
+def _compare(ref: Reference, logits: np.ndarray, cand_kept: dict | None, k: int):
     return compare(ref, logits, cand_kept, [(0, k)], "colln", False, TOLERANCES["fp32"], None, "cand", "fp32", "test")
 
 
@@ -124,6 +124,14 @@ def test_tie_rule_on_hand_made_scores() -> None:
     assert layer.mean_overlap == pytest.approx(2 / 3)
     assert len(report.mismatches) == 1 and "image 1" in report.mismatches[0] and "tie band" in report.mismatches[0]
     assert layer.min_margin == pytest.approx(0.0) and layer.tied_images == 1
+    # Only the explained divergence is called a near-tie; the other one is the mismatch above.
+    assert report.warnings == [
+        "1 of 2 images kept a different token set on a near-tie (within tie_rtol 0.0001); left out of the logit checks"
+    ]
+    # Every image outside the band (a graph with other weights): mismatches only, no near-tie count.
+    far = _compare(ref, logits.copy(), {0: np.array([[0, 1, 5], [0, 1, 5]])}, 3)
+    assert not far.passed and "2 image(s) kept tokens outside" in far.mismatches[0]
+    assert not any("near-tie" in w for w in far.warnings), far.warnings
 
 
 def test_margin_rule_without_kept_sets() -> None:
@@ -134,6 +142,10 @@ def test_margin_rule_without_kept_sets() -> None:
     wild_on_tie = np.array([[0.0, 5.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32)
     report = _compare(ref, wild_on_tie, None, 3)
     assert report.passed and report.judged_images == 1 and report.top1_agreement == 0.5
+    assert report.warnings == [
+        "1 of 2 images have a near-tied selection (relative margin <= 0.0001) and cand's kept tokens are not observed "
+        "(only ONNX Runtime reports them); left out of the logit checks"
+    ]
     off = np.array([[0.0, 5.0, 0.0], [0.0, 2.0, 1.1]], dtype=np.float32)
     report = _compare(ref, off, None, 3)
     # Plain formulas: max |error| 0.1 > 1e-3 * max(1, 2); cosine of (0,2,1) and (0,2,1.1).
@@ -215,3 +227,19 @@ def test_tensorrt_backend(digits_export: Path, tmp_path: Path) -> None:
     build_engine(export)
     assert main([str(export), "--backend", "tensorrt", "--json", str(tmp_path / "v.json")]) == 0
     assert json.loads((tmp_path / "v.json").read_text())["passed"]
+
+
+def test_the_table_shows_the_cosine_the_verdict_used() -> None:
+    """With images left out (near-ties), the verdict judged the cosine on the judged images: the
+    line shows that value first, the all-image one (low by construction) beside it."""
+    from colln.report.render import validation_lines
+
+    scores = np.array([[0.9, 0.8, 0.5, 0.5, 0.1, 0.0], [0.9, 0.8, 0.7, 0.3, 0.2, 0.1]], dtype=np.float32)
+    logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32)
+    report = _compare(_reference(scores, 3, logits), np.array([[0.0, 5.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32), None, 3)
+    assert report.passed and report.min_cosine < 0.5 and report.min_cosine_judged == pytest.approx(1.0)
+    (line,) = [line for line in validation_lines(report.to_dict()) if line.startswith("logits:")]
+    assert f"min cosine 1.000000 judged ({report.min_cosine:.6f} over all images)" in line, line
+    judged_all = _compare(_reference(scores[1:], 3, logits[1:]), logits[1:].copy(), None, 3).to_dict()
+    (line,) = [line for line in validation_lines(judged_all) if line.startswith("logits:")]
+    assert line.endswith("min cosine 1.000000"), line

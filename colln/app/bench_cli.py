@@ -1,18 +1,18 @@
 """colln-bench: latency and throughput of an export against its unpruned counterpart, the FLOPs
-bound of its keep plan, and a regression check of the ratios against a stored baseline."""
+bound of its keep plan, and a regression check of the ratios against those recorded in a file
+(``--save-baseline FILE``, then ``--baseline FILE``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from colln.app.cli import ArgumentParser, entry_point, non_negative_int, parse_ints, positive_int
-from colln.errors import BaselineError, UsageError
+from colln.errors import RegressionFileError, UsageError
 from colln.files import atomic_write
 from colln.infer.runners import BACKENDS
-from colln.measure.bench import bench_export, check_baseline, merge_case
+from colln.measure.bench import bench_export, check_regressions, merge_case
 from colln.report.render import print_bench
 
 
@@ -40,18 +40,31 @@ def build_parser() -> ArgumentParser:
         help="with 2+ threads, run every batch on the session's threads instead of one slice of the batch per thread",
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
+    # The option names stay; in the code this file is the regression file ("baseline" is the unpruned model).
     p.add_argument(
-        "--baseline", type=Path, metavar="FILE", help="fail (exit 1) if speedup or efficiency fell below this baseline"
+        "--baseline",
+        dest="regression_file",
+        type=Path,
+        metavar="FILE",
+        help="fail (exit 1) if speedup or efficiency fell below those recorded in FILE (by --save-baseline)",
     )
-    p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative drop below the baseline (default 0.10)")
-    p.add_argument("--save-baseline", type=Path, metavar="FILE", help="add or replace this case in a baseline file")
+    p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative drop below the recorded (default 0.10)")
+    p.add_argument(
+        "--save-baseline",
+        dest="save_regression_file",
+        type=Path,
+        metavar="FILE",
+        help="add or replace this case in the regression file FILE",
+    )
     p.add_argument(
         "--cache", type=Path, metavar="DIR", help="where the unpruned export is cached (default EXPORT_DIR/../.colln-cache)"
     )
     return p
 
 
-def _main(args: argparse.Namespace) -> int:
+def run(
+    args: argparse.Namespace,
+) -> int:
     batches = parse_ints(args.batch, "--batch")
     if min(batches) < 1:
         raise UsageError(f"--batch sizes must be >= 1, got {args.batch!r}")
@@ -59,7 +72,7 @@ def _main(args: argparse.Namespace) -> int:
         raise UsageError(f"--tolerance must be in [0, 1), e.g. 0.1 for 10%, got {args.tolerance}")
     if args.threads < 0:
         raise UsageError(f"--threads must be >= 0 (0 = backend default), got {args.threads}")
-    baseline = _read_json(args.baseline) if args.baseline else None
+    recorded = _read_json(args.regression_file) if args.regression_file else None
     report = bench_export(
         args.export_dir,
         args.backend,
@@ -74,12 +87,12 @@ def _main(args: argparse.Namespace) -> int:
     print_bench(report)
     if args.json:
         atomic_write(args.json, json.dumps(report, indent=2) + "\n")
-    if args.save_baseline:
-        previous = _read_json(args.save_baseline) if args.save_baseline.exists() else {}
-        atomic_write(args.save_baseline, json.dumps(merge_case(previous, report), indent=2) + "\n")
-    if baseline is not None:
-        check_baseline(report, baseline, args.baseline, args.tolerance)
-        print(f"no regression against {args.baseline} (tolerance {args.tolerance:.0%})")
+    if args.save_regression_file:
+        previous = _read_json(args.save_regression_file) if args.save_regression_file.exists() else {}
+        atomic_write(args.save_regression_file, json.dumps(merge_case(previous, report), indent=2) + "\n")
+    if recorded is not None:
+        check_regressions(report, recorded, args.regression_file, args.tolerance)
+        print(f"no regression against {args.regression_file} (tolerance {args.tolerance:.0%})")
     return 0
 
 
@@ -87,12 +100,12 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except OSError as exc:
-        raise BaselineError(f"cannot read {path} ({exc.strerror}): give an existing JSON file") from exc
+        raise RegressionFileError(f"cannot read {path} ({exc.strerror}): give an existing JSON file") from exc
     except ValueError as exc:
-        raise BaselineError(f"{path} is not valid JSON ({exc}): regenerate it with --save-baseline") from exc
+        raise RegressionFileError(f"{path} is not valid JSON ({exc}): regenerate it with --save-baseline") from exc
 
 
-main = entry_point(build_parser, _main)
+main = entry_point(build_parser, run)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

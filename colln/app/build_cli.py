@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from colln.app.cli import ArgumentParser, entry_point
-from colln.export.tensorrt import PLAN_LOG_FILE, build_engine
+from colln.export.tensorrt import ENGINE_LOG_FILE, build_engine
 
 
 def add_engine_arguments(
@@ -43,10 +43,10 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _build(
+def run(
     args: argparse.Namespace,
 ) -> int:
-    plan = build_engine(
+    engine = build_engine(
         args.export_dir,
         batch_min=args.batch_min,
         batch_opt=args.batch_opt,
@@ -54,12 +54,12 @@ def _build(
         timing_cache=args.timing_cache,
     )
     if args.verbose:
-        sys.stderr.write((plan.parent / PLAN_LOG_FILE).read_text())
+        sys.stderr.write((engine.parent / ENGINE_LOG_FILE).read_text())
     return 0
 
 
-main = entry_point(build_parser, _build)
+main = entry_point(build_parser, run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

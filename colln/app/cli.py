@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
+from pathlib import Path
 
 from colln.errors import CollnError, UsageError
 from colln.files import PATH_ERRNOS, display
@@ -70,7 +72,7 @@ def run_main(
             return interrupted()
         if verbose:
             traceback.print_exc()
-        say(f"colln: error: {exc.stage}: {exc}")
+        say_once(f"colln: error: {exc.stage}: {exc}")
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - the one place an unexpected error becomes an exit code
         if _interrupted(exc):
@@ -82,7 +84,7 @@ def run_main(
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         fix = "free some space and run it again" if full else "check the path and its permissions"
         where = f" ({display(exc.filename)})" if exc.filename else ""
-        say(f"colln: error: system: {PATH_ERRNOS[exc.errno]}{where}: {fix}")
+        say_once(f"colln: error: system: {PATH_ERRNOS[exc.errno]}{where}: {fix}")
         return 2
 
 
@@ -96,8 +98,40 @@ def say(
     sys.stderr.flush()
 
 
+def say_once(
+    line: str,
+) -> None:
+    """:func:`say` once per run: under torchrun only the first process that fails prints the line,
+    naming its rank (every rank often fails alike: the same bad --data). torchrun itself then exits
+    with 1 whatever its workers' codes; its summary names each worker's exit code."""
+    from colln.train.distributed import env_ranks
+
+    ranks = env_ranks()
+    if ranks.world_size > 1:
+        if not _first_to_fail():
+            return
+        line = f"{line} (rank {ranks.rank} of {ranks.world_size})"
+    say(line)
+
+
+def _first_to_fail() -> bool:
+    """Whether this process is the first of its torchrun workers to report an error: the first to
+    create a file named after the run (torchrun's run id and port, the launching agent's pid) in
+    the temp directory. A process that cannot tell reports (twice is better than never)."""
+    keys = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")
+    run = ":".join(os.environ.get(k, "") for k in keys)
+    digest = hashlib.sha256(f"{run}:{os.getppid()}".encode()).hexdigest()[:16]
+    try:
+        os.close(os.open(Path(tempfile.gettempdir()) / f"colln-torchrun-{digest}.failed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def interrupted() -> int:
-    say("colln: error: interrupted")
+    say_once("colln: error: interrupted")
     return INTERRUPTED
 
 
@@ -132,7 +166,7 @@ def internal_error(
         where = f"the traceback is in {log}"
     except OSError:
         where = "the traceback could not be saved: run again with --verbose"
-    say(f"colln: error: internal: {summary[:300]} (unexpected; {where}; please report it)")
+    say_once(f"colln: error: internal: {summary[:300]} (unexpected; {where}; please report it)")
     return INTERNAL_ERROR
 
 
@@ -229,26 +263,55 @@ def _int_at_least(
 def add_prune_arguments(
     p: argparse.ArgumentParser,
     tokens: bool = True,
+    schedule: str | None = None,
+    several: bool = False,
 ) -> None:
-    """The prune settings as options, one per :class:`PruneConfig` field (read back by
-    :func:`prune_config`); ``tokens=False`` leaves out the vision-language token-output options."""
+    """The prune settings as options, one per :class:`PruneConfig` field and with its defaults (read
+    back by :func:`prune_config`); ``tokens=False`` leaves out the vision-language token-output options.
+
+    ``schedule``: the form of colln-eval and colln-viz, which define ``--keep`` and ``--metric``
+    themselves (the values they sweep or draw): ``--layers`` may repeat and ``--schedule`` names
+    block sets (this one by default); ``several``: ``--norm`` may list several orders."""
+    norm_help = f"Col-Ln norm order n (default {PruneConfig.norm:g})"
+    if schedule is None:
+        p.add_argument(
+            "--keep",
+            default=str(PruneConfig.keep),
+            help="keep rate in (0, 1], or one per pruning layer (0.8,0.7,0.6); 1.0 = unpruned baseline (default %(default)s)",
+        )
+        p.add_argument(
+            "--layers", default=None, help="pruning blocks, e.g. 3,6,9 (default: EViT's 3,6,9 of 12, scaled to the depth)"
+        )
+        p.add_argument(
+            "--metric",
+            default=PruneConfig.metric,
+            choices=METRICS,
+            help="token score: colln (default), cls, correct ([CLS] + Col-Ln rescue)",
+        )
+        p.add_argument("--norm", type=float, default=PruneConfig.norm, help=norm_help)
+    else:
+        p.add_argument(
+            "--layers",
+            action="append",
+            default=None,
+            help="pruning blocks, e.g. 0,3,6" + ("; repeat to compare several sets" if several else ""),
+        )
+        p.add_argument(
+            "--schedule",
+            default=None,
+            help="named pruning blocks: evit (3,6,9 of 12) or early (0,3,6 of 12), scaled to the depth"
+            f"{', comma-separated' if several else ''} (default {schedule} unless --layers is given)",
+        )
+        p.add_argument("--norm", default=f"{PruneConfig.norm:g}", help=norm_help + (", or several: 1,2,4" if several else ""))
     p.add_argument(
-        "--keep",
-        default=str(PruneConfig.keep),
-        help="keep rate in (0, 1], or one per pruning layer (0.8,0.7,0.6); 1.0 = unpruned baseline (default %(default)s)",
-    )
-    p.add_argument("--layers", default=None, help="pruning blocks, e.g. 3,6,9 (default: EViT's 3,6,9 of 12, scaled to the depth)")
-    p.add_argument(
-        "--metric",
-        default=PruneConfig.metric,
-        choices=METRICS,
-        help="token score: colln (default), cls, correct ([CLS] + Col-Ln rescue)",
-    )
-    p.add_argument("--norm", type=float, default=PruneConfig.norm, help="Col-Ln norm order n (default %(default)g)")
-    p.add_argument(
-        "--rescue", type=float, default=PruneConfig.rescue, help="rescue ratio c for --metric correct (default %(default)g)"
+        "--rescue",
+        type=float,
+        default=PruneConfig.rescue,
+        help=f"rescue ratio c for --metric correct (default {PruneConfig.rescue:g})",
     )
     p.add_argument("--fuse", action="store_true", help="fuse the pruned tokens into one extra token (EViT)")
+    if schedule is not None:
+        return
     p.add_argument("--spatial-order", action="store_true", help="keep the kept tokens in spatial order (default: score order)")
     p.add_argument(
         "--round-to",
@@ -295,25 +358,10 @@ def add_model_args(
 ) -> None:
     """Arguments colln-eval and colln-viz share: model, weights, where and how to prune. ``sweep``:
     several layer sets and norm orders are allowed (colln-eval) rather than one (colln-viz)."""
-    several = ", comma-separated" if sweep else ""
     parser.add_argument("model", help="timm ViT name or alias (vit_small, deit_base, ...) or digits_vit")
     parser.add_argument("--weights", default=None, help="pretrained | random | bundled | PATH (default: the model's own)")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
-    parser.add_argument(
-        "--layers",
-        action="append",
-        default=None,
-        help="pruning blocks, e.g. 0,3,6" + ("; repeat to compare several sets" if sweep else ""),
-    )
-    parser.add_argument(
-        "--schedule",
-        default=None,
-        help=f"named pruning blocks: evit (3,6,9 of 12) or early (0,3,6 of 12), scaled to the depth{several} "
-        f"(default {default_schedule} unless --layers is given)",
-    )
-    parser.add_argument("--norm", default="4", help="Col-Ln norm order n (default 4)" + (", or several: 1,2,4" if sweep else ""))
-    parser.add_argument("--rescue", type=float, default=0.2, help="rescue ratio of the 'correct' metric (default 0.2)")
-    parser.add_argument("--fuse", action="store_true", help="fuse the pruned tokens into one (EViT)")
+    add_prune_arguments(parser, tokens=False, schedule=default_schedule, several=sweep)
 
 
 def layer_choices(

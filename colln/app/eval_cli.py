@@ -81,7 +81,7 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main_args(
+def run(
     args: argparse.Namespace,
 ) -> int:
     options = SweepOptions(
@@ -117,7 +117,7 @@ def main_args(
     return 0
 
 
-main = entry_point(build_parser, main_args)
+main = entry_point(build_parser, run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,7 +104,7 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def export_command(
+def run(
     args: argparse.Namespace,
 ) -> int:
     from rich.console import Console
@@ -181,7 +180,7 @@ def _progress(
         yield step
 
 
-main = entry_point(build_parser, export_command)
+main = entry_point(build_parser, run)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -4,19 +4,21 @@ from the unpruned one) to win back its accuracy. Writes ``DIR/model.safetensors`
 ``DIR/loss.png``; ``DIR/checkpoint.pt`` after every epoch (``--resume`` continues from it).
 
 Runs unchanged under ``torchrun --nproc_per_node N -m colln.app.finetune_cli ...`` (DDP; rank 0
-writes and prints). Exit codes: 0 ok, 2 bad input or a failed run (``colln: error: <stage>: ...``),
-130 interrupted (a resumable checkpoint is saved).
+writes and prints; an error line is printed once, by the first rank that fails). Exit codes: 0 ok,
+2 bad input or a failed run (``colln: error: <stage>: ...``), 130 interrupted by Ctrl-C, SIGTERM or
+SIGHUP (a resumable checkpoint is saved); under torchrun, torchrun's own 1 for any failed worker
+(its summary lists each worker's code). See docs/robustness.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from colln.app.cli import ArgumentParser, add_prune_arguments, prune_config, run_main
+from colln.app.cli import ArgumentParser, add_prune_arguments, entry_point, prune_config
 
 if TYPE_CHECKING:
     from colln.jobs.finetune import FinetuneJob
@@ -92,37 +94,10 @@ def job_from_args(
     from colln.jobs.finetune import FinetuneJob
     from colln.train.finetune import Recipe
 
-    config = prune_config(args)
-    recipe = Recipe(
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        label_smoothing=args.label_smoothing,
-        distill_alpha=args.distill_alpha,
-        temperature=args.temperature,
-        clip_grad=args.clip_grad,
-        seed=args.seed,
-        workers=args.workers,
-    )
-    return FinetuneJob(
-        model=args.model,
-        config=config,
-        out=args.out,
-        weights=args.weights,
-        img_size=args.img_size,
-        data=args.data,
-        val=args.val,
-        num_classes=args.num_classes,
-        distill=args.distill,
-        limit=args.limit,
-        recipe=recipe,
-        device=args.device,
-        amp=args.amp,
-        resume=args.resume,
-        force=args.force,
-    )
+    # Option dests are the field names: a new Recipe or FinetuneJob field needs only its option.
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
+    rest = {f.name: getattr(args, f.name) for f in fields(FinetuneJob) if f.name not in ("config", "recipe")}
+    return FinetuneJob(config=prune_config(args), recipe=recipe, **rest)
 
 
 class RichReporter:
@@ -172,7 +147,7 @@ class RichReporter:
             self.progress = None
 
 
-def _run(
+def run(
     args: argparse.Namespace,
 ) -> int:
     from colln.jobs.finetune import run_job
@@ -216,11 +191,8 @@ def _title(
     return f"{record['model']}: {plan['metric']} keep {keep} at blocks {plan['layers']}, tokens {plan['token_steps']}"
 
 
-def main(
-    argv: Sequence[str] | None = None,
-) -> int:
-    return run_main(_run, build_parser(), argv)
+main = entry_point(build_parser, run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

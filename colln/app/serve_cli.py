@@ -43,7 +43,7 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _serve(
+def run(
     args: argparse.Namespace,
 ) -> int:
     serve(
@@ -61,4 +61,7 @@ def _serve(
     return 0
 
 
-main = entry_point(build_parser, _serve)
+main = entry_point(build_parser, run)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

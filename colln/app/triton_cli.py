@@ -21,11 +21,14 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _write(
+def run(
     args: argparse.Namespace,
 ) -> int:
     print(write_model_repository(args.export_dir, args.repo, backend=args.backend, max_batch=args.max_batch, name=args.name))
     return 0
 
 
-main = entry_point(build_parser, _write)
+main = entry_point(build_parser, run)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from colln.app.cli import ArgumentParser, entry_point
@@ -31,7 +30,7 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def validate_command(
+def run(
     args: argparse.Namespace,
 ) -> int:
     from rich.console import Console
@@ -63,7 +62,7 @@ def validate_command(
     return 0
 
 
-main = entry_point(build_parser, validate_command)
+main = entry_point(build_parser, run)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

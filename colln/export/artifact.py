@@ -12,12 +12,14 @@ from torch import nn
 
 from colln.errors import ExportDirError, UsageError
 from colln.export.onnx import export_onnx, read_metadata, save_checked
-from colln.export.spec import ONNX_FILE, ExportSpec
+from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportSpec
 from colln.models.plan import KeepPlan
 from colln.models.rewrite import explicit_attention, get_plan
 
 PRECISIONS = ("fp32", "fp16", "int8")
 PLAN_METADATA = "colln.plan"
+# The whole ExportSpec the graph was exported with (export.json as written then).
+SPEC_METADATA = "colln.spec"
 # Which graph export_into writes for the same spec; cached counterparts (colln.export.unpruned)
 # written by another revision are rebuilt. 2: timm's non-fused attention, GELU in ONNX Runtime's
 # fusable form.
@@ -62,7 +64,9 @@ def export_into(
         raise UsageError(f"precision {spec.precision!r} is not supported: use {' or '.join(PRECISIONS)}")
     if spec.pruning.merge and spec.precision != "fp32":
         # Measured on digits_vit: fp16 keys flip near-tied nearest-key assignments (token cosine down to 0.97).
-        raise UsageError("--merge needs --precision fp32: in fp16, rounding flips which kept token absorbs a pruned one")
+        raise UsageError(
+            f"--merge needs --precision fp32: in {spec.precision}, rounding flips which kept token absorbs a pruned one"
+        )
     unpruned = unpruned if unpruned is not None else spec.load_unpruned()
     pruned = spec.apply(unpruned)
     plan = get_plan(pruned)
@@ -74,7 +78,7 @@ def export_into(
             Path(directory) / ONNX_FILE,
             input_size=input_size,
             opset=spec.opset,
-            metadata={PLAN_METADATA: plan.to_json(), "colln.spec": json.dumps(spec.to_dict())},
+            metadata={PLAN_METADATA: plan.to_json(), SPEC_METADATA: json.dumps(spec.to_dict())},
             output_names=spec.output_names,
         )
     if spec.precision == "fp16":
@@ -94,18 +98,47 @@ def export_into(
 def read_export(
     directory: Path,
 ) -> ExportSpec:
-    """The spec of an export directory, after checking that ``model.onnx`` is there and carries the
-    same keep plan as ``export.json`` (a graph replaced or edited behind colln's back is refused)."""
+    """The spec of an export directory, after checking that ``model.onnx`` is there and that every
+    field of ``export.json`` the graph determines (model, input size, every prune setting, the keep
+    plan, precision, opset, the weights' hash) is what the graph records: a graph replaced, or an
+    export.json edited behind colln's back, is a damaged export. A weights file's path may change
+    (the file was moved; its hash is checked when the reference is rebuilt)."""
     spec = ExportSpec.read(directory)
     onnx_path = Path(directory) / ONNX_FILE
     if not onnx_path.is_file():
         raise ExportDirError(f"{directory} has no {ONNX_FILE}: re-run colln-export with --force")
     try:
-        recorded = read_metadata(onnx_path).get(PLAN_METADATA)
+        metadata = read_metadata(onnx_path)
     except Exception as exc:
         raise ExportDirError(
             f"{onnx_path} is not a readable ONNX model ({type(exc).__name__}): re-run colln-export with --force"
         ) from exc
+    recorded = metadata.get(PLAN_METADATA)
     if recorded is None or json.loads(recorded) != json.loads(json.dumps(spec.plan)):
         raise ExportDirError(f"{onnx_path} does not carry the keep plan of its export.json: re-run colln-export with --force")
+    if SPEC_METADATA in metadata:
+        differ = _spec_differences(json.loads(metadata[SPEC_METADATA]), json.loads(json.dumps(spec.to_dict())))
+        if differ:
+            raise ExportDirError(
+                f"{Path(directory) / SPEC_FILE} does not match its {ONNX_FILE} ({', '.join(differ)} differ): "
+                "it was edited; re-run colln-export with --force"
+            )
     return spec
+
+
+def _spec_differences(
+    graph: dict,
+    written: dict,
+) -> list[str]:
+    """The fields (``pruning.keep``, ``precision``, ...) in which ``written`` (export.json) differs
+    from ``graph`` (the spec the graph was exported with); a weights file's path is not compared.
+    Only the fields the graph records count (a field added to colln later has its default there)."""
+    differ = []
+    for key in sorted(graph):
+        if key == "weights" and graph.get("weights_sha256") is not None:
+            continue
+        if key == "pruning" and isinstance(graph.get(key), dict) and isinstance(written.get(key), dict):
+            differ += [f"pruning.{k}" for k in sorted(graph[key]) if graph[key][k] != written[key].get(k)]
+        elif graph.get(key) != written.get(key):
+            differ.append(key)
+    return differ

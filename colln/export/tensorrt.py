@@ -10,7 +10,7 @@ Which one polygraphy drives is fixed when its TensorRT backend is first imported
 (which every use of that backend calls first) points polygraphy at TensorRT-RTX then, when that is
 the only one installed and POLYGRAPHY_USE_TENSORRT_RTX does not say otherwise.
 
-Running a plan (and refusing a foreign one) is the runtime's job: ``colln.infer.runners``.
+Running an engine (and refusing a foreign one) is the runtime's job: ``colln.infer.runners``.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ from colln.errors import BackendUnavailableError, EngineError, ExportDirError, U
 from colln.export.spec import INPUT_NAME, ONNX_FILE, file_sha256
 from colln.files import atomic_write, check_writable_dir, path_problem
 
-PLAN_FILE = "model.plan"
-PLAN_META_FILE = "model.plan.json"
-PLAN_LOG_FILE = "model.plan.log"
+# The serialized TensorRT engine: TensorRT calls it a plan, colln keeps that word for the KeepPlan
+# (the file names stay TensorRT's).
+ENGINE_FILE = "model.plan"
+ENGINE_META_FILE = "model.plan.json"
+ENGINE_LOG_FILE = "model.plan.log"
 FAILED_LOG_FILE = "model.plan.failed.log"
 LABELS = {"tensorrt": "TensorRT", "tensorrt_rtx": "TensorRT-RTX"}
 INSTALL_HINT = "pip install 'colln[trt]' (NVIDIA GPU machines) or 'colln[trt-rtx]' (builds engines without a GPU)"
@@ -192,11 +194,11 @@ def build_engine(
 
     from polygraphy.exception import PolygraphyException
 
-    log_tmp = export_dir / f".{PLAN_LOG_FILE}.tmp-{os.getpid()}"
+    log_tmp = export_dir / f".{ENGINE_LOG_FILE}.tmp-{os.getpid()}"
     start = time.perf_counter()
     try:
         with _polygraphy_log(log_tmp):
-            plan_bytes, network_io, input_shape = _build(flavour, gpu, onnx_path, (batch_min, batch_opt, batch_max), cache)
+            engine_bytes, network_io, input_shape = _build(flavour, gpu, onnx_path, (batch_min, batch_opt, batch_max), cache)
     except PolygraphyException as exc:
         failed_log = export_dir / FAILED_LOG_FILE
         os.replace(log_tmp, failed_log)
@@ -209,7 +211,7 @@ def build_engine(
     seconds = time.perf_counter() - start
 
     meta = {
-        "plan": PLAN_FILE,
+        "plan": ENGINE_FILE,
         "tensorrt": {"flavour": flavour.name, "version": flavour.version},
         "gpu": gpu,
         # None: TensorRT-RTX's default portable targets (Ampere and later); full TensorRT plans
@@ -229,20 +231,20 @@ def build_engine(
         "timing_cache": str(cache) if cache is not None else None,
         "build_seconds": round(seconds, 2),
     }
-    plan = export_dir / PLAN_FILE
-    meta_path = export_dir / PLAN_META_FILE
-    # model.plan.json goes last: a plan without it is incomplete and is refused at load time.
+    engine = export_dir / ENGINE_FILE
+    meta_path = export_dir / ENGINE_META_FILE
+    # model.plan.json goes last: an engine without it is incomplete and is refused at load time.
     meta_path.unlink(missing_ok=True)
-    atomic_write(plan, bytes(plan_bytes))
-    os.replace(log_tmp, export_dir / PLAN_LOG_FILE)
+    atomic_write(engine, bytes(engine_bytes))
+    os.replace(log_tmp, export_dir / ENGINE_LOG_FILE)
     atomic_write(meta_path, json.dumps(meta, indent=2) + "\n")
     (export_dir / FAILED_LOG_FILE).unlink(missing_ok=True)
     print(
-        f"colln: built {PLAN_FILE} with {flavour.label} ({spec.precision}, "
+        f"colln: built {ENGINE_FILE} with {flavour.label} ({spec.precision}, "
         f"batch {batch_min}/{batch_opt}/{batch_max}) in {seconds:.1f} s",
         file=sys.stderr,
     )
-    return plan
+    return engine
 
 
 def _build(
@@ -273,9 +275,9 @@ def _build(
         config = CreateConfigRTX(use_gpu=gpu is not None, **common)
     else:
         config = CreateConfig(**common)
-    plan_bytes = EngineBytesFromNetwork((builder, network, parser), config=config, save_timing_cache=cache_file)()
+    engine_bytes = EngineBytesFromNetwork((builder, network, parser), config=config, save_timing_cache=cache_file)()
     network_io = {t.name: _dtype_name(t.dtype) for t in (*inputs, *outputs)}
-    return memoryview(plan_bytes), network_io, input_shape
+    return memoryview(engine_bytes), network_io, input_shape
 
 
 def _dtype_name(
@@ -323,15 +325,15 @@ def _first_error(
     return first[:300]
 
 
-def read_plan_metadata(
+def read_engine_metadata(
     export_dir: Path,
 ) -> dict:
     """``model.plan.json`` of an export; a clear error when the plan is missing or incomplete."""
     export_dir = Path(export_dir)
-    meta_path = export_dir / PLAN_META_FILE
-    if not (export_dir / PLAN_FILE).is_file() or not meta_path.is_file():
+    meta_path = export_dir / ENGINE_META_FILE
+    if not (export_dir / ENGINE_FILE).is_file() or not meta_path.is_file():
         raise ExportDirError(
-            f"{export_dir} has no complete TensorRT plan ({PLAN_FILE} + {PLAN_META_FILE}): run colln-build {export_dir}"
+            f"{export_dir} has no complete TensorRT plan ({ENGINE_FILE} + {ENGINE_META_FILE}): run colln-build {export_dir}"
         )
     try:
         meta = json.loads(meta_path.read_text())

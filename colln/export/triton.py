@@ -20,14 +20,14 @@ from pathlib import Path
 from colln.errors import TritonRepoError, UsageError
 from colln.export.artifact import read_export
 from colln.export.spec import INPUT_NAME, ONNX_FILE
-from colln.export.tensorrt import PLAN_FILE, read_plan_metadata
+from colln.export.tensorrt import ENGINE_FILE, read_engine_metadata
 from colln.files import atomic_dir
 
 # backend choice -> (Triton platform, model file in the version directory, default instance kind)
 PLATFORMS = {
     # KIND_AUTO: on a GPU when the server has one (CUDA execution provider), else on CPU.
     "onnxruntime": ("onnxruntime_onnx", ONNX_FILE, "KIND_AUTO"),
-    "tensorrt": ("tensorrt_plan", PLAN_FILE, "KIND_GPU"),
+    "tensorrt": ("tensorrt_plan", ENGINE_FILE, "KIND_GPU"),
 }
 # Small enough not to add visible latency at low load, long enough to merge concurrent requests.
 QUEUE_DELAY_US = 500
@@ -194,7 +194,7 @@ def check_plan_batches(
 ) -> dict:
     """``model.plan.json``, after checking its profile covers batches 1..max_batch (Triton's dynamic
     batcher sends any size in that range). A clear error otherwise."""
-    meta = read_plan_metadata(export_dir)
+    meta = read_engine_metadata(export_dir)
     low, high = meta["profile"]["min"][0], meta["profile"]["max"][0]
     if low != 1 or high < max_batch:
         raise TritonRepoError(

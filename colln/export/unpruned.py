@@ -79,9 +79,9 @@ def unpruned_engine(
 ) -> None:
     """Give the cached unpruned export a TensorRT engine with the pruned engine's batch profile
     (built once, then reused while it matches)."""
-    from colln.export.tensorrt import PLAN_FILE, build_engine, read_plan_metadata
+    from colln.export.tensorrt import ENGINE_FILE, build_engine, read_engine_metadata
 
-    profile = read_plan_metadata(export_dir)["profile"]
-    if (base_dir / PLAN_FILE).is_file() and read_plan_metadata(base_dir)["profile"] == profile:
+    profile = read_engine_metadata(export_dir)["profile"]
+    if (base_dir / ENGINE_FILE).is_file() and read_engine_metadata(base_dir)["profile"] == profile:
         return
     build_engine(base_dir, batch_min=profile["min"][0], batch_opt=profile["opt"][0], batch_max=profile["max"][0])

@@ -29,7 +29,7 @@ from torch import nn
 from colln.errors import BackendUnavailableError, EngineError, UsageError
 from colln.export.artifact import read_export
 from colln.export.spec import INDICES_NAME, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, TOKENS_NAME, file_sha256
-from colln.export.tensorrt import LABELS, PLAN_FILE, TrtFlavour, gpu_info, read_plan_metadata, trt_module
+from colln.export.tensorrt import ENGINE_FILE, LABELS, TrtFlavour, gpu_info, read_engine_metadata, trt_module
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -240,7 +240,7 @@ def kept_onnxruntime_runner(
     return onnxruntime_runner(proto, device=device, threads=threads, split_batches=split_batches)
 
 
-def check_plan(
+def check_engine(
     meta: dict,
     flavour: TrtFlavour,
     gpu: dict | None,
@@ -269,19 +269,19 @@ def check_plan(
 def tensorrt_runner(
     export_dir: Path,
 ) -> BaseRunner:
-    """polygraphy's ``TrtRunner`` over ``export_dir/model.plan``, after :func:`check_plan`."""
+    """polygraphy's ``TrtRunner`` over ``export_dir/model.plan``, after :func:`check_engine`."""
     export_dir = Path(export_dir)
-    meta = read_plan_metadata(export_dir)
+    meta = read_engine_metadata(export_dir)
     flavour = trt_module()
     onnx_path = export_dir / ONNX_FILE
     if onnx_path.is_file() and meta.get("onnx_sha256") != file_sha256(onnx_path):
         raise EngineError(
             f"model.plan was built from another {ONNX_FILE} than the one in {export_dir}: run colln-build {export_dir}"
         )
-    check_plan(meta, flavour, gpu_info())
+    check_engine(meta, flavour, gpu_info())
     from polygraphy.backend.trt import EngineFromPath, TrtRunner
 
-    return TrtRunner(EngineFromPath(str(export_dir / PLAN_FILE)), name=f"tensorrt-{meta['precision']}")
+    return TrtRunner(EngineFromPath(str(export_dir / ENGINE_FILE)), name=f"tensorrt-{meta['precision']}")
 
 
 def open_runner(

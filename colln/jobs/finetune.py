@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Subset
 
 from colln.data import class_folders, model_class_names
 from colln.errors import OutputExistsError, UsageError
-from colln.files import check_writable_dir
+from colln.files import check_replaceable, check_writable_dir
 from colln.models import digits
 from colln.models.config import PruneConfig
 from colln.models.registry import load_model, resolve_name, set_class_names
@@ -80,13 +80,14 @@ def run_job(
     train_set = _limited(open_dataset(data, pruned, training=True), job.limit, job.recipe.seed)
     val_set = open_dataset(val, pruned, training=False) if val is not None else None
     if ranks.is_main:
-        _prepare_out(job)
+        plan = pruned.colln_plan
+        _prepare_out(job, {"model": canonical, "plan": plan.to_dict(), "config": plan.config.to_dict(), "complete": False})
     result = finetune(
         pruned,
         train_set,
         val=val_set,
+        recipe=job.recipe,
         teacher=model if distill else None,
-        **asdict(job.recipe),
         device=job.device,
         amp=job.amp,
         checkpoint_dir=job.out,
@@ -103,6 +104,8 @@ def run_job(
 def _check_out(
     job: FinetuneJob,
 ) -> None:
+    """``--force`` starts over only in a colln run directory (it holds ``finetune.json``, written
+    when a run starts) or an empty one, never in the current directory: the rule of colln-export."""
     out = job.out
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory: choose another --out")
@@ -110,7 +113,11 @@ def _check_out(
         if not (out / ckpt.CHECKPOINT).is_file():
             raise OutputExistsError(f"nothing to resume: {out / ckpt.CHECKPOINT} does not exist; run without --resume")
         return
-    if out.is_dir() and any(out.iterdir()) and not job.force:
+    if not out.is_dir():
+        return
+    if job.force:
+        check_replaceable(out, ckpt.RECORD)
+    elif any(out.iterdir()):
         raise OutputExistsError(
             f"{out} already exists and is not empty: pass --force to start over, --resume to continue, or --out another directory"
         )
@@ -118,13 +125,17 @@ def _check_out(
 
 def _prepare_out(
     job: FinetuneJob,
+    started: dict,
 ) -> None:
-    """Fail now, not after the first epoch, when ``out`` cannot be written; starting over (--force)
-    removes the outputs of the earlier run, so no stale checkpoint is left to resume by mistake."""
+    """Fail now, not after the first epoch, when ``out`` cannot be written. Starting over (--force)
+    removes the outputs of the earlier run (no stale checkpoint is left to resume by mistake); the
+    ``started`` record marks the directory as colln's from the first moment (``--force`` may
+    replace it after an interrupted first epoch)."""
     check_writable_dir(job.out, "choose a writable --out")
     if not job.resume:
         for name in OUTPUTS:
             (job.out / name).unlink(missing_ok=True)
+        ckpt.write_record(job.out / ckpt.RECORD, started)
 
 
 def _rehead(
@@ -175,6 +186,7 @@ def _record(
     plan = pruned.colln_plan
     return {
         "model": canonical,
+        "complete": True,
         "weights": job.weights or ("bundled" if canonical == digits.NAME else "pretrained"),
         "num_classes": model.num_classes,
         "class_names": model_class_names(model),

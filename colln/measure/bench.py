@@ -1,5 +1,6 @@
 """``colln-bench``'s measurement: an export against its unpruned counterpart, interleaved, per batch
-size, with the keep plan's FLOPs bound; and the regression check of its ratios against a baseline."""
+size, with the keep plan's FLOPs bound; and the regression check of its ratios against a regression
+file (the ratios recorded earlier: colln-bench ``--save-baseline`` / ``--baseline``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 from torch import nn
 
 from colln.data import ValImages
-from colln.errors import BaselineError, ValidationFailedError
+from colln.errors import RegressionFileError, ValidationFailedError
 from colln.export.artifact import default_out_dir, read_export
 from colln.export.spec import INPUT_NAME, ExportSpec
 from colln.export.unpruned import cached_export, default_cache, unpruned_engine, unpruned_export
@@ -116,7 +117,7 @@ def stack_exports(
     calibration: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """The four exports of an int8 export's stack (:data:`STACK`): its fp32 and int8 unpruned
-    baselines and its pruned fp32 counterpart come from (or go into) the baseline ``cache``. The
+    baselines and its pruned fp32 counterpart come from (or go into) the unpruned-export ``cache``. The
     unpruned int8 one is calibrated on ``calibration`` (``None``: the default images), which
     should be what the pruned export was calibrated on."""
     fp32 = replace(spec, precision="fp32", plan={})
@@ -195,56 +196,56 @@ def case_name(
 
 
 def find_case(
-    baseline: dict,
+    recorded: dict,
     report: dict,
 ) -> dict | None:
-    """The baseline entry measured like ``report`` (same case), from a baseline file (``cases``) or
-    a single report."""
-    cases = baseline.get("cases", [baseline])
+    """The entry measured like ``report`` (same case), from a regression file (``cases``) or a
+    single report."""
+    cases = recorded.get("cases", [recorded])
     return next((c for c in cases if c.get("case") == report["case"]), None)
 
 
 def regressions(
     report: dict,
-    baseline_case: dict,
+    recorded_case: dict,
     tolerance: float,
 ) -> list[str]:
-    """One line per ratio metric that fell below ``baseline * (1 - tolerance)`` at a batch size both
+    """One line per ratio metric that fell below ``recorded * (1 - tolerance)`` at a batch size both
     measured."""
     found = []
     for batch, now in report["batches"].items():
-        then = baseline_case["batches"].get(batch)
+        then = recorded_case["batches"].get(batch)
         if then is None:
             continue
         for metric in RATIO_METRICS:
             floor = then[metric] * (1.0 - tolerance)
             if now[metric] < floor:
                 found.append(
-                    f"batch {batch} {metric} {now[metric]:.3f} < {floor:.3f} (baseline {then[metric]:.3f} - {tolerance:.0%})"
+                    f"batch {batch} {metric} {now[metric]:.3f} < {floor:.3f} (recorded {then[metric]:.3f} - {tolerance:.0%})"
                 )
     return found
 
 
-def check_baseline(
+def check_regressions(
     report: dict,
-    baseline: dict,
+    recorded: dict,
     source: Path,
     tolerance: float,
 ) -> None:
-    """Raise ValidationFailedError (exit 1) naming every ratio that regressed against ``baseline``
-    (read from ``source``); BaselineError when it has no entry for this case."""
-    case = find_case(baseline, report)
+    """Raise ValidationFailedError (exit 1) naming every ratio that regressed against the regression
+    file ``recorded`` (read from ``source``); RegressionFileError when it has no entry for this case."""
+    case = find_case(recorded, report)
     if case is None:
-        raise BaselineError(f"{source} has no entry for {report['case']}: record one with --save-baseline {source}")
+        raise RegressionFileError(f"{source} has no entry for {report['case']}: record one with --save-baseline {source}")
     found = regressions(report, case, tolerance)
     if found:
         raise ValidationFailedError(f"regression against {source}: " + "; ".join(found), stage="bench")
 
 
 def merge_case(
-    baseline: dict,
+    recorded: dict,
     report: dict,
 ) -> dict:
-    """``baseline`` (a baseline file's content, possibly empty) with ``report``'s case added or replaced."""
-    cases = [c for c in baseline.get("cases", []) if c.get("case") != report["case"]]
+    """``recorded`` (a regression file's content, possibly empty) with ``report``'s case added or replaced."""
+    cases = [c for c in recorded.get("cases", []) if c.get("case") != report["case"]]
     return {"machine": report["environment"]["machine"], "cases": sorted([*cases, report], key=lambda c: c["case"])}

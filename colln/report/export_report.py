@@ -20,7 +20,8 @@ report.json schema (``schema: 1``); ``null`` where a step was skipped::
         "tolerances": {"min_cosine", "logit_rtol", "tie_rtol"[, "max_accuracy_drop": int8 only]},
         "kept_sets_observed", "judged_images",
         "top1_agreement", "top1_agreement_judged", "max_abs_error", "mean_abs_error",
-        "min_cosine", "mean_cosine", "min_cosine_judged",
+        "min_cosine", "mean_cosine", "min_cosine_judged", "max_abs_error_judged",   # *_judged: the
+                                                      # judged images only; the others: all images
         "layers": [{"layer", "k", "min_margin", "min_relative_margin", "tied_images",
                     "compared_images", "mean_overlap", "identical_fraction",
                     "diverged_here", "explained"}],

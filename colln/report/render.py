@@ -160,22 +160,32 @@ def validation_lines(
 ) -> list[str]:
     """The validation numbers as short lines (report.md and the CLI table share them)."""
     judged = f"{v['judged_images']}/{v['images']} images judged"
+    errors = _error_text(v)
     if v.get("output") == "tokens":
-        lines = [
-            f"tokens ({judged}): max |err| {_g(v['max_abs_error'])}, mean |err| {_g(v['mean_abs_error'])}, "
-            f"min row cosine {_g(v['min_cosine'])}"
-        ]
-        return lines + _layer_lines(v)
-    lines = [
-        f"top-1 agreement {v['top1_agreement']:.4f} ({judged})",
-        f"logits: max |err| {v['max_abs_error']:.3g}, mean |err| {v['mean_abs_error']:.3g}, min cosine {v['min_cosine']:.6f}",
-    ]
+        return [f"tokens ({judged}; cosine of the lowest row): {errors}", *_layer_lines(v)]
+    lines = [f"top-1 agreement {v['top1_agreement']:.4f} ({judged})", f"logits: {errors}"]
     lines += _layer_lines(v)
     agree = ", ".join(f"{k} {x:.3f}" for k, x in v["unpruned_top1_agreement"].items())
     lines.append(f"top-1 agreement with the unpruned model: {agree}")
     if v["accuracy"]:
         lines.append("accuracy: " + ", ".join(f"{k} {x:.4f}" for k, x in v["accuracy"].items()))
     return lines
+
+
+def _error_text(
+    v: dict,
+) -> str:
+    """Errors and cosine as the verdict used them: on the judged images, the all-image values beside
+    them when images were left out (a near-tie makes those large by construction)."""
+    mean = f"mean |err| {_g(v['mean_abs_error'])}"
+    if v["judged_images"] == v["images"]:
+        return f"max |err| {_g(v['max_abs_error'])}, {mean}, min cosine {_g6(v['min_cosine'])}"
+    if "max_abs_error_judged" in v:
+        max_err = f"max |err| {_g(v['max_abs_error_judged'])} judged ({_g(v['max_abs_error'])} over all images)"
+    else:  # a report written before max_abs_error_judged existed
+        max_err = f"max |err| {_g(v['max_abs_error'])} over all images"
+    cosine = f"min cosine {_g6(v['min_cosine_judged'])} judged ({_g6(v['min_cosine'])} over all images)"
+    return f"{max_err}, {mean} over all images, {cosine}"
 
 
 def _layer_lines(
@@ -193,6 +203,12 @@ def _g(
     x: float | None,
 ) -> str:
     return "n/a" if x is None else f"{x:.3g}"
+
+
+def _g6(
+    x: float | None,
+) -> str:
+    return "n/a" if x is None else f"{x:.6f}"
 
 
 def print_bench(

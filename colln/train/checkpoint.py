@@ -3,7 +3,8 @@
 ``model.safetensors``: the fine-tuned weights in the UNPRUNED model's key layout, so
 ``load_model(name, weights=path)`` (and ``colln-export --weights``) load them and then prune with
 the plan they were trained for. ``finetune.json`` beside them records that plan. ``checkpoint.pt``:
-the resumable training state, rewritten atomically after every epoch (and on Ctrl-C).
+the resumable training state, rewritten atomically after every epoch (and on Ctrl-C, SIGTERM,
+SIGHUP).
 """
 
 from __future__ import annotations

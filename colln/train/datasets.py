@@ -3,11 +3,12 @@ splits, or a directory in ImageFolder layout through the model's timm transforms
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from colln.data import data_config, image_folder, model_class_names, open_image, preprocess
 from colln.errors import DataError
@@ -48,7 +49,7 @@ class DigitsDataset(Dataset):
 
 class FolderDataset(Dataset):
     """ImageFolder layout (``DIR/<class>/<image>``), labelled by :func:`colln.data.label_map`. Every
-    file is checked once up front (``PIL.Image.verify``); unreadable ones are skipped and listed in
+    file is checked once up front (verified and decoded); unreadable ones are skipped and listed in
     ``skipped``."""
 
     def __init__(
@@ -85,12 +86,15 @@ class FolderDataset(Dataset):
 def _readable(
     path: Path,
 ) -> bool:
+    """Whether ``path`` decodes as training will decode it: ``verify`` checks the container (chunk
+    CRCs), only a full decode finds damaged pixel data (a scrambled IDAT with valid CRCs passes it)."""
     try:
         with Image.open(path) as img:
             img.verify()
-        return True
+        open_image(path)
     except Exception:  # noqa: BLE001 - PIL raises many types for a corrupt file
         return False
+    return True
 
 
 def open_dataset(
@@ -111,6 +115,28 @@ def open_dataset(
 
     transform = create_transform(**data_config(model), is_training=training)
     return FolderDataset(Path(source), transform, model_class_names(model), model.num_classes)
+
+
+def data_identity(
+    dataset: Dataset,
+) -> str:
+    """What a resumed run must train on to be the same run: ``digits (train split)``, or a hash of
+    an ImageFolder's files (relative path, size, label, skipped ones included), of a subset's
+    indices into such, or the description and length of any other Dataset."""
+    if isinstance(dataset, Subset):
+        indices = ",".join(map(str, dataset.indices))
+        return _sha256(f"{data_identity(dataset.dataset)}|{indices}")
+    if isinstance(dataset, FolderDataset):
+        listing = [(str(p.relative_to(dataset.root)), p.stat().st_size, y) for p, y in dataset.samples]
+        skipped = sorted(str(Path(p).relative_to(dataset.root)) for p in dataset.skipped)
+        return _sha256(repr((listing, skipped)))
+    return f"{describe(dataset)} ({len(dataset)} items)"
+
+
+def _sha256(
+    text: str,
+) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def describe(

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import random
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from colln.errors import CheckpointError, TrainingDivergedError, UnsupportedModelError, UsageError
 from colln.train import checkpoint as ckpt
-from colln.train.datasets import describe, open_dataset
+from colln.train.datasets import data_identity, describe, open_dataset
 from colln.train.distributed import Ranks, all_sum, any_rank, gather_to_main, process_group
 
 CHECKPOINT_FORMAT = 1
@@ -119,29 +120,22 @@ def finetune(
     pruned: nn.Module,
     train: str | Path | Dataset,
     *,
+    recipe: Recipe | None = None,
     val: str | Path | Dataset | None = None,
     teacher: nn.Module | None = None,
-    epochs: int = Recipe.epochs,
-    lr: float = Recipe.lr,
-    batch_size: int = Recipe.batch_size,
-    weight_decay: float = Recipe.weight_decay,
-    warmup_epochs: float = Recipe.warmup_epochs,
-    label_smoothing: float = Recipe.label_smoothing,
-    distill_alpha: float = Recipe.distill_alpha,
-    temperature: float = Recipe.temperature,
-    clip_grad: float = Recipe.clip_grad,
-    seed: int = Recipe.seed,
-    workers: int = Recipe.workers,
     device: str = "cpu",
     amp: bool = False,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     reporter: Reporter | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tune a copy of ``pruned`` (a model from ``colln.prune``; ``keep=1.0`` for the unpruned
     baseline) on ``train``; the inputs are left untouched.
 
+    ``recipe``: the hyper-parameters (:class:`Recipe`, ``None`` = its defaults); ``overrides``:
+    Recipe fields given as keywords replace the recipe's (``epochs=2, batch_size=32``).
     ``train`` / ``val``: an ImageFolder directory (the model's timm train / eval transform, folder
     names matched to the model's classes), ``'digits'`` (digits_vit's train / test split), or a
     Dataset of ``(image tensor, label)``. ``teacher``: an unpruned model to distil from: the loss is
@@ -151,28 +145,22 @@ def finetune(
     (DistributedSampler). ``device``: ``cpu`` or ``cuda``; ``amp``: bf16 autocast.
 
     ``checkpoint_dir``: rank 0 writes ``checkpoint.pt`` there after each epoch (atomically);
-    ``resume`` continues from it. Ctrl-C stops at the next step boundary, saves a resumable
-    checkpoint (with ``checkpoint_dir``) and raises KeyboardInterrupt. A non-finite gradient stops
-    with :class:`TrainingDivergedError`, the last epoch's checkpoint kept.
+    ``resume`` continues from it (refused when the plan, recipe, starting weights or data differ).
+    Ctrl-C, SIGTERM or SIGHUP stop at the next step boundary, save a resumable checkpoint (with
+    ``checkpoint_dir``) and raise KeyboardInterrupt. A non-finite gradient stops with
+    :class:`TrainingDivergedError`, the last epoch's checkpoint kept.
     """
     if getattr(pruned, "colln_plan", None) is None:
         raise UnsupportedModelError(
             "colln.finetune takes a model made by colln.prune (no keep plan attached): "
             "prune it first (keep=1.0 for the unpruned baseline)"
         )
-    recipe = Recipe(
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing,
-        distill_alpha=distill_alpha if teacher is not None else 0.0,
-        temperature=temperature,
-        clip_grad=clip_grad,
-        seed=seed,
-        workers=workers,
-    )
+    unknown = sorted(set(overrides) - {f.name for f in fields(Recipe)})
+    if unknown:
+        raise TypeError(f"finetune() got unexpected keyword argument(s) {', '.join(unknown)}: not Recipe fields")
+    recipe = replace(recipe if recipe is not None else Recipe(), **overrides)
+    if teacher is None:
+        recipe = replace(recipe, distill_alpha=0.0)
     if resume and checkpoint_dir is None:
         raise UsageError("resume needs a checkpoint directory")
     train_set = open_dataset(train, pruned, training=True)
@@ -209,24 +197,50 @@ def _device(
     return torch.device(name)
 
 
+# The signals that stop training gracefully: Ctrl-C, and what schedulers, ``docker stop``, a closed
+# terminal and torchrun (which forwards SIGTERM to its workers) send.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
-def _ctrl_c() -> Iterator[threading.Event]:
-    """Ctrl-C sets an event the loop checks between steps, so a step is never cut in half and the
-    checkpoint is consistent; a second Ctrl-C interrupts at once."""
+def _graceful_stop() -> Iterator[threading.Event]:
+    """A stop signal sets an event the loop checks between steps, so a step is never cut in half and
+    the checkpoint is consistent; a second one interrupts at once."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
+    def at_once(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
     def handler(signum: int, frame: object) -> None:
         stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, at_once)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# How a refused resume names what changed (the other keys are their own names).
+_SIGNATURE_WORDS = {"weights": "the starting weights (--weights)", "data": "the training data (--data, --limit)"}
+
+
+def weights_sha256(
+    model: nn.Module,
+) -> str:
+    """A hash of ``model``'s parameters and buffers (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class _Trainer:
@@ -248,6 +262,7 @@ class _Trainer:
         self.train_set, self.val_set = train_set, val_set
         self.path = Path(checkpoint_dir) / ckpt.CHECKPOINT if checkpoint_dir is not None else None
         self.model = copy.deepcopy(pruned).to(device)
+        self.start_weights = weights_sha256(self.model)
         self.teacher = copy.deepcopy(teacher).to(device).eval().requires_grad_(False) if teacher is not None else None
         self.net: nn.Module = self.model
         if ranks.world_size > 1:
@@ -274,6 +289,8 @@ class _Trainer:
             "plan": self.model.colln_plan.to_dict(),
             "recipe": asdict(self.recipe),
             "train_images": len(self.train_set),
+            "weights": self.start_weights,
+            "data": data_identity(self.train_set),
             "world_size": self.ranks.world_size,
             "distill": self.teacher is not None,
         }
@@ -291,7 +308,7 @@ class _Trainer:
             self.initial_val_acc = self.evaluate(self.model)[1]
             if self.teacher is not None:
                 self.teacher_val_acc = self.evaluate(self.teacher)[1]
-        with _ctrl_c() as stop:
+        with _graceful_stop() as stop:
             for epoch in range(start, self.recipe.epochs):
                 first = epoch == start
                 record = self._epoch(
@@ -456,9 +473,15 @@ class _Trainer:
             raise CheckpointError(f"{self.path} is not a colln fine-tuning checkpoint (format {state.get('format')!r})")
         mine = self.signature()
         for key, value in mine.items():
-            if state["signature"].get(key) != value:
+            what = _SIGNATURE_WORDS.get(key, key)
+            if key not in state["signature"]:
                 raise CheckpointError(
-                    f"{self.path} was made with other settings ({key} differs): "
+                    f"{self.path} does not record {what} (an older colln wrote it), so resuming cannot be checked: "
+                    "start over without --resume (with --force)"
+                )
+            if state["signature"][key] != value:
+                raise CheckpointError(
+                    f"{self.path} was made with other settings ({what} differs): "
                     "resume with the same command, or start over without --resume (with --force)"
                 )
         self.model.load_state_dict(state["model"])
