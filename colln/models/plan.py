@@ -84,6 +84,13 @@ class KeepPlan:
         return () if tome is None else tome if isinstance(tome, tuple) else (tome,) * len(self.layers)
 
     @property
+    def merge_layers(self) -> tuple[tuple[int, int], ...]:
+        """``(layer, n)`` of the layers that merge: ToMe's r, or Col-Ln + merge's k (its pruned layers)."""
+        if self.method == "tome":
+            return tuple((i, r) for i, r in zip(self.layers, self.merge_counts) if r > 0)
+        return self.pruned_layers if self.method == "merge" else ()
+
+    @property
     def kept_index_layers(self) -> tuple[tuple[int, int], ...]:
         """The layers whose graph TopKs give the kept candidates (validation reads them): the pruned
         layers; none for ToMe, whose TopKs rank edges instead."""

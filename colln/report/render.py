@@ -28,10 +28,7 @@ def result_table(
     table.add_row(
         "model", f"{m['name']} ({m['weights']} weights, {m['params'] / 1e6:.2f}M params, input {tuple(m['input_size'])})"
     )
-    final = "" if plan.get("final_rate") is None else f", final keep {plan['final_rate']:g}"
-    table.add_row(
-        "plan", f"{plan['metric']} at blocks {plan['layers']}, keep {plan['keep_rates']}{final}, tokens {plan['token_steps']}"
-    )
+    table.add_row("plan", plan_line(plan))
     table.add_row("TopK K", ", ".join(str(k) for k in e["topk_k"]) or "none (unpruned)")
     table.add_row("FLOPs", f"{f['pruned'] / 1e9:.3g} G of {f['full'] / 1e9:.3g} G ({f['ratio']:.2f}x), bound {f['bound']:.2f}x")
     if report.get("tokens"):
@@ -178,6 +175,20 @@ def validation_lines(
     return lines
 
 
+def plan_line(
+    plan: dict,
+) -> str:
+    """A report's plan in one line: where it prunes or merges, how much, the token counts."""
+    if plan.get("tome") is not None:
+        r = plan["merge_counts"]
+        return f"ToMe at blocks {plan['layers']}, r {r} (clamped to half the tokens), tokens {plan['token_steps']}"
+    final = "" if plan.get("final_rate") is None else f", final keep {plan['final_rate']:g}"
+    merge = ""
+    if plan.get("merge") and plan.get("feature_block") is None:
+        merge = f", dropped tokens merged by {plan.get('merge_weight') or 'size'}"
+    return f"{plan['metric']} at blocks {plan['layers']}, keep {plan['keep_rates']}{final}{merge}, tokens {plan['token_steps']}"
+
+
 def _layer_lines(
     v: dict,
 ) -> list[str]:
@@ -185,7 +196,8 @@ def _layer_lines(
     for layer in v["layers"]:
         kept = "" if layer["identical_fraction"] is None else f", identical kept sets {layer['identical_fraction']:.3f}"
         margin = "n/a" if layer["min_relative_margin"] is None else f"{layer['min_relative_margin']:.2g}"
-        lines.append(f"layer {layer['layer']} (k={layer['k']}): min relative margin {margin}{kept}")
+        merge = "" if layer.get("min_merge_margin") is None else f", min merge margin {layer['min_merge_margin']:.2g}"
+        lines.append(f"layer {layer['layer']} (k={layer['k']}): min relative margin {margin}{kept}{merge}")
     return lines
 
 
