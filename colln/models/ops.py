@@ -346,7 +346,7 @@ def bipartite_merge(
     ranked = torch.topk(best, n_a, dim=-1).indices
     src = ranked[:, :r]
     # The unmerged A tokens back in their order: a TopK (constant K) of their indices, not a Sort.
-    unmerged = torch.topk(ranked[:, r:], n_a - r, dim=-1, largest=False).values
+    unmerged = torch.topk(ranked[:, r:], n_a - r, dim=-1, largest=False).values if r < n_a else ranked[:, :0]
     merged_a = one_hot(src, n_a).sum(dim=1)  # [B, N_a]: 1 where an A token merges
     into_b = one_hot(dst, n_b).transpose(1, 2) * merged_a.unsqueeze(1)  # [B, N_b, N_a]
     cand, size = x[:, p:], sizes[:, p:]

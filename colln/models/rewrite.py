@@ -369,14 +369,15 @@ def check_supported(
 def _check_blocks(
     model: nn.Module,
     layers: Sequence[int],
+    what: str = "prune",
 ) -> None:
     _, block_cls, attn_cls = _timm_classes()
     for i in layers:
         blk = model.blocks[i]
         if type(blk) is not block_cls:
-            raise UnsupportedModelError(f"block {i} is a {type(blk).__name__}: only timm's pre-norm Block can prune")
+            raise UnsupportedModelError(f"block {i} is a {type(blk).__name__}: only timm's pre-norm Block can {what}")
         if type(blk.attn) is not attn_cls:
-            raise UnsupportedModelError(f"block {i} uses {type(blk.attn).__name__}: only timm's Attention can prune")
+            raise UnsupportedModelError(f"block {i} uses {type(blk.attn).__name__}: only timm's Attention can {what}")
 
 
 def model_dims(
@@ -475,7 +476,7 @@ def _wrap_merging(
         return
     first = min(merges)
     wrapped = [i for i in range(plan.depth) if i in merges or (c.prop_attn and i > first)]
-    _check_blocks(model, wrapped)
+    _check_blocks(model, wrapped, "merge (its keys are compared, its logits take the sizes)")
     blocks = list(model.blocks)
     for i in wrapped:
         if i not in merges:

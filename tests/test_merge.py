@@ -1,0 +1,180 @@
+"""Col-Ln + merge inside the encoder (``colln.prune(..., merge=True)``, ``colln-export --merge``):
+the merge op and the merged model against plain per-image references (tests/merge_reference.py),
+keep=1.0 identity, the exported graph (ONNX Runtime validation, no Scatter, TensorRT-RTX parse and
+build), the tie rule for merge choices and the bad inputs. digits_vit with its bundled weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from merge_reference import plain_forward
+
+import colln
+from colln.app.export_cli import main as export_main
+from colln.data import validation_images
+from colln.errors import UnsupportedModelError
+from colln.models import ops
+from colln.models.registry import load_model
+from colln.verify.validate import TOLERANCES, _Reference, compare
+
+TIE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.nn.Module:
+    return load_model("digits_vit", "bundled").eval()
+
+
+@pytest.fixture(scope="module")
+def images(digits) -> torch.Tensor:
+    return torch.from_numpy(validation_images("digits_vit", digits, limit=24).images)
+
+
+def plain_merge(x, keys, kept, weights, sizes):
+    """One image: each candidate not in ``kept`` joins the kept token of most similar key."""
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    rows, out_sizes = [], []
+    for c in kept:
+        group = [c] + [j for j in range(len(x)) if j not in kept and max(kept, key=lambda t: float(unit[j] @ unit[t])) == c]
+        rows.append(sum(weights[g] * x[g] for g in group) / sum(weights[g] for g in group))
+        out_sizes.append(sum(float(sizes[g]) for g in group))
+    return torch.stack(rows), torch.tensor(out_sizes)
+
+
+def test_merge_tokens_matches_a_plain_loop_with_sizes() -> None:
+    torch.manual_seed(0)
+    x, keys = torch.randn(3, 20, 6), torch.randn(3, 20, 4)
+    indices = torch.stack([torch.randperm(20)[:7] for _ in range(3)])
+    sizes = torch.randint(1, 5, (3, 20)).float()
+    weights = sizes * torch.rand(3, 20)
+    merged, out_sizes = ops.merge_tokens(x, keys, indices, weights, sizes)
+    for b in range(3):
+        want, want_sizes = plain_merge(x[b], keys[b], indices[b].tolist(), weights[b], sizes[b])
+        torch.testing.assert_close(merged[b], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out_sizes[b], want_sizes)
+    torch.testing.assert_close(out_sizes.sum(-1), sizes.sum(-1))
+
+
+def _clear(selections, n: int) -> np.ndarray:
+    ok = np.ones(n, dtype=bool)
+    for s in selections:
+        rel = ops.boundary_margin(s.scores, s.indices.shape[1]) / s.scores.abs().amax(-1)
+        ok &= (rel > TIE).numpy() & (s.merge_margin > TIE).numpy()
+    return ok
+
+
+@pytest.mark.parametrize(("weight", "prop_attn"), [("size", True), ("score", True), ("size", False)])
+def test_merged_model_matches_a_plain_per_image_forward(digits, images, weight: str, prop_attn: bool) -> None:
+    merged = colln.prune(digits, keep=0.5, layers=(1, 3, 5), merge=True, merge_weight=weight, prop_attn=prop_attn)
+    plan = colln.get_plan(merged)
+    with torch.no_grad(), colln.record_selections(merged) as selections:
+        logits = merged(images)
+    clear = _clear(selections, len(images))
+    assert clear.sum() >= 8
+    for b in np.flatnonzero(clear):
+        want = plain_forward(digits, images[b], merge=dict(plan.pruned_layers), weight=weight, prop_attn=prop_attn)
+        torch.testing.assert_close(logits[b], want, atol=2e-4, rtol=1e-4)
+
+
+def test_merge_keeps_the_pruned_selection_at_the_first_layer(digits, images) -> None:
+    """Merging changes what later blocks see, not what the first pruning layer picks."""
+    recorded = []
+    for model in (colln.prune(digits, keep=0.5, merge=True), colln.prune(digits, keep=0.5)):
+        with torch.no_grad(), colln.record_selections(model) as selections:
+            model(images)
+        recorded.append(selections)
+    assert len(recorded[0]) == len(recorded[1]) == 3
+    assert torch.equal(recorded[0][0].indices, recorded[1][0].indices)
+    assert not torch.equal(recorded[0][1].indices, recorded[1][1].indices)
+
+
+def test_keep_one_is_exactly_the_unpruned_model(digits, images) -> None:
+    with torch.no_grad():
+        assert torch.equal(colln.prune(digits, keep=1.0, merge=True)(images), digits(images))
+    assert "merged into the kept tokens by size" in str(colln.plan_for(digits, keep=0.5, merge=True))
+
+
+def _reference(n: int, margins: np.ndarray) -> _Reference:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(n, 10)).astype(np.float32) * 5
+    scores = np.tile(np.linspace(1.0, 0.1, 8, dtype=np.float32), (n, 1))
+    kept = np.tile(np.arange(4), (n, 1))
+    return _Reference(logits=logits, unpruned=logits, kept={2: kept}, scores={2: scores}, merge_margins={2: margins})
+
+
+def test_tie_rule_excludes_near_tied_merge_choices_only() -> None:
+    n = 6
+    margins = np.array([0.3, 5e-5, 0.2, 0.1, 0.0, 0.4], dtype=np.float32)
+    ref = _reference(n, margins)
+    cand = ref.logits.copy()
+    cand[1] += 3.0  # images 1 and 4: a near-tied destination may legitimately differ
+    cand[4] -= 2.0
+    args = dict(metric="colln", fuse=False, tolerances=TOLERANCES["fp32"], labels=None, backend="ort", precision="fp32")
+    report = compare(ref, cand, {2: ref.kept[2]}, [(2, 4)], source="test", **args)
+    assert report.passed and report.judged_images == 4
+    assert report.layers[0].merge_tied_images == 2 and report.layers[0].min_merge_margin == 0.0
+    assert any("near-tied merge choice" in w for w in report.warnings)
+    cand[3] += 1.0  # a clear merge margin: the difference is a mismatch
+    failed = compare(ref, cand, {2: ref.kept[2]}, [(2, 4)], source="test", **args)
+    assert not failed.passed and all("worst: image 3" in m for m in failed.mismatches)
+
+
+@pytest.fixture(scope="module")
+def merge_export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("merge") / "merge07"
+    assert export_main(["digits_vit", "--keep", "0.7", "--merge", "--out", str(out), "--no-latency", "--val-limit", "96"]) == 0
+    return out
+
+
+def test_export_validates_in_onnxruntime_with_observed_kept_sets(merge_export: Path) -> None:
+    report = json.loads((merge_export / "report.json").read_text())
+    v = report["validation"]
+    assert v["passed"] and v["kept_sets_observed"] and v["judged_images"] > 48
+    assert report["plan"]["merge"] and report["plan"]["keep_counts"] == [45, 32, 23]
+    assert all(layer["identical_fraction"] == 1.0 and layer["min_merge_margin"] > 0 for layer in v["layers"])
+
+
+def test_graph_has_no_scatter(merge_export: Path) -> None:
+    ops_used = Counter(n.op_type for n in onnx.load(str(merge_export / "model.onnx")).graph.node)
+    assert not [op for op in ops_used if op.startswith("Scatter")], ops_used
+    assert ops_used["TopK"] == 3 and ops_used["ArgMax"] == 3  # one selection and one nearest-kept choice per layer
+
+
+def test_tensorrt_parses_and_builds_the_merged_graph(merge_export: Path, tmp_path: Path) -> None:
+    from colln.export.tensorrt import build_engine
+
+    work = shutil.copytree(merge_export, tmp_path / "merge07")
+    assert build_engine(work, 1, 2, 4, timing_cache=tmp_path / "timing.cache").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--merge", "--fuse"], "plan: --merge and --fuse both keep the pruned tokens' content"),
+        (["--merge", "--precision", "fp16"], "arguments: --merge needs --precision fp32"),
+        (["--merge", "--merge-weight", "mean"], "arguments: argument --merge-weight: invalid choice"),
+        (["--merge", "--keep", "0"], "plan: keep rate 0.0 is outside (0, 1]"),
+    ],
+)
+def test_bad_merge_inputs_exit_2_in_one_line(args: list[str], message: str, tmp_path: Path, capsys) -> None:
+    assert export_main(["digits_vit", *args, "--out", str(tmp_path / "x")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("colln: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"colln: error: {message}"), errors
+    assert not (tmp_path / "x").exists()
+
+
+def test_merge_needs_attention_keys(digits) -> None:
+    """A block whose attention is not timm's has no keys colln can compare: refused in one line."""
+    odd = load_model("digits_vit", "bundled")
+    odd.blocks[4].attn = torch.nn.Identity()
+    with pytest.raises(UnsupportedModelError, match="block 4 uses Identity"):
+        colln.prune(odd, keep=0.5, layers=(2,), merge=True)
+    with pytest.raises(UnsupportedModelError, match="block 4 uses Identity"):
+        colln.tome(odd, 4)

@@ -1,0 +1,145 @@
+"""ToMe (``colln.tome``, ``colln-export --tome``): the bipartite merge and the whole merged model
+against plain per-image references written from the paper (tests/merge_reference.py), r=0
+identity, clamped plans, the exported graph (ONNX Runtime validation, no Scatter, TensorRT-RTX
+parse and build) and the bad inputs. digits_vit with its bundled trained weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from merge_reference import plain_forward, plain_tome
+
+import colln
+from colln.app.export_cli import main as export_main
+from colln.data import validation_images
+from colln.models import ops
+from colln.models.plan import KeepPlan
+from colln.models.registry import load_model
+
+TIE = 1e-4  # fp32 validation's tie band: images with a merge choice this close are not compared
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.nn.Module:
+    return load_model("digits_vit", "bundled").eval()
+
+
+@pytest.fixture(scope="module")
+def images(digits) -> torch.Tensor:
+    return torch.from_numpy(validation_images("digits_vit", digits, limit=24).images)
+
+
+@pytest.mark.parametrize("r", [1, 5, 12])
+def test_bipartite_merge_matches_the_plain_loop(r: int) -> None:
+    torch.manual_seed(r)
+    x, metric = torch.randn(3, 26, 8), torch.randn(3, 26, 5)
+    sizes = torch.randint(1, 4, (3, 26)).float()
+    tokens, out_sizes, merged = ops.bipartite_merge(x, metric, sizes, r, num_prefix=1)
+    assert tokens.shape == (3, 26 - r, 8) and merged.shape == (3, r)
+    for b in range(3):
+        want, want_sizes = plain_tome(x[b], metric[b], sizes[b], r, 1)
+        torch.testing.assert_close(tokens[b], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out_sizes[b], want_sizes)
+    # Sizes are conserved: every patch is still counted once.
+    torch.testing.assert_close(out_sizes.sum(-1), sizes.sum(-1))
+
+
+def _clear(selections, n: int) -> np.ndarray:
+    """Images whose edge ranks and merge destinations all have margins above the tie band."""
+    ok = np.ones(n, dtype=bool)
+    for s in selections:
+        k = s.indices.shape[1]
+        rel = ops.boundary_margin(s.scores, k) / s.scores.abs().amax(-1)
+        ok &= (rel > TIE).numpy() & (s.merge_margin > TIE).numpy()
+    return ok
+
+
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_tome_model_matches_a_plain_per_image_forward(digits, images, prop_attn: bool) -> None:
+    merged = colln.tome(digits, 8, prop_attn=prop_attn)
+    plan = colln.get_plan(merged)
+    with torch.no_grad(), colln.record_selections(merged) as selections:
+        logits = merged(images)
+    clear = _clear(selections, len(images))
+    assert clear.sum() >= 12
+    r = dict(zip(plan.layers, plan.merge_counts))
+    for b in np.flatnonzero(clear):
+        want = plain_forward(digits, images[b], tome=r, prop_attn=prop_attn)
+        torch.testing.assert_close(logits[b], want, atol=2e-4, rtol=1e-4)
+
+
+def test_r_zero_is_exactly_the_unpruned_model(digits, images) -> None:
+    with torch.no_grad():
+        assert torch.equal(colln.tome(digits, 0)(images), digits(images))
+        assert torch.equal(colln.tome(digits, [0] * 8, prop_attn=False)(images), digits(images))
+
+
+def test_plan_clamps_r_to_half_the_candidates_and_round_trips(digits) -> None:
+    plan = colln.get_plan(colln.tome(digits, 40))
+    assert plan.merge_counts == (32, 16, 8, 4, 2, 1, 0, 0)
+    assert plan.tokens_in == (65, 33, 17, 9, 5, 3, 2, 2) and plan.tokens_out == 2
+    assert "block 0: r=32 (clamped from 40)" in str(plan)
+    assert KeepPlan.from_dict(json.loads(plan.to_json())).to_dict() == plan.to_dict()
+    per_block = colln.get_plan(colln.tome(digits, [4, 0, 8], layers=[1, 3, 5]))
+    assert per_block.merge_counts == (4, 0, 8) and per_block.merge_layers == ((1, 4), (5, 8))
+    assert per_block.tokens_in == (65, 65, 61, 61, 61, 61, 53, 53)
+    # FLOPs follow the token counts: fewer tokens, smaller estimate.
+    assert per_block.flops().pruned > plan.flops().pruned
+
+
+@pytest.fixture(scope="module")
+def tome_export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tome") / "tome8"
+    assert export_main(["digits_vit", "--tome", "8", "--out", str(out), "--no-latency", "--val-limit", "96"]) == 0
+    return out
+
+
+def test_export_validates_in_onnxruntime_and_reports_the_plan(tome_export: Path) -> None:
+    report = json.loads((tome_export / "report.json").read_text())
+    assert report["validation"]["passed"] and report["validation"]["judged_images"] > 48
+    assert report["plan"]["tome"] == 8 and report["plan"]["merge_counts"] == [8, 8, 8, 8, 8, 8, 8, 4]
+    assert [layer["k"] for layer in report["validation"]["layers"]] == [8, 8, 8, 8, 8, 8, 8, 4]
+    assert all(layer["min_merge_margin"] is not None for layer in report["validation"]["layers"])
+
+
+def test_graph_has_no_scatter_and_constant_topk(tome_export: Path) -> None:
+    ops_used = Counter(n.op_type for n in onnx.load(str(tome_export / "model.onnx")).graph.node)
+    assert not [op for op in ops_used if op.startswith("Scatter")], ops_used
+    # Per merging block a TopK ranking the edges and one putting the unmerged A tokens back in
+    # order (none when every A token merges: blocks 6 and 7 here); every K a constant.
+    report = json.loads((tome_export / "report.json").read_text())
+    assert ops_used["TopK"] == 14 == len(report["export"]["topk_k"])
+    assert report["export"]["topk_k"][:4] == [32, 24, 28, 20]
+
+
+def test_tensorrt_parses_and_builds_the_tome_graph(tome_export: Path, tmp_path: Path) -> None:
+    from colln.export.tensorrt import build_engine
+
+    work = shutil.copytree(tome_export, tmp_path / "tome8")
+    assert build_engine(work, 1, 2, 4, timing_cache=tmp_path / "timing.cache").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tome", "-1"], "arguments: --tome must be integers >= 0"),
+        (["--tome", "1.5"], "arguments: --tome must be comma-separated integers"),
+        (["--tome", "8,8"], "plan: 2 ToMe r values for 8 merging blocks"),
+        (["--tome", "8", "--keep", "0.5"], "arguments: --tome replaces --keep"),
+        (["--tome", "8", "--merge"], "plan: --tome cannot be combined with --merge"),
+        (["--tome", "8", "--layers", "9"], "plan: layer 9 is out of range"),
+        (["--tome", "8", "--precision", "fp16"], "arguments: --tome needs --precision fp32"),
+    ],
+)
+def test_bad_tome_inputs_exit_2_in_one_line(args: list[str], message: str, tmp_path: Path, capsys) -> None:
+    assert export_main(["digits_vit", *args, "--out", str(tmp_path / "x")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("colln: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"colln: error: {message}"), errors
+    assert not (tmp_path / "x").exists()
