@@ -143,3 +143,30 @@ def test_bad_tome_inputs_exit_2_in_one_line(args: list[str], message: str, tmp_p
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("colln: error:")]
     assert len(errors) == 1 and errors[0].startswith(f"colln: error: {message}"), errors
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["tome", "merge"])
+def test_finetune_trains_merged_models_and_records_their_plan(digits, method: str, tmp_path: Path) -> None:
+    from torch.utils.data import Subset
+
+    from colln.errors import PlanMismatchError
+    from colln.train import checkpoint as ckpt
+    from colln.train.datasets import DigitsDataset
+
+    merged = colln.tome(digits, 12) if method == "tome" else colln.prune(digits, keep=0.5, merge=True)
+    train = Subset(DigitsDataset("train", digits, augment=False), range(64))
+    result = colln.finetune(merged, train, teacher=digits, epochs=1, batch_size=32, lr=1e-3)
+    tuned, before = result.model.state_dict(), merged.state_dict()
+    assert not all(torch.equal(tuned[k], before[k]) for k in tuned)
+    assert colln.get_plan(result.model).to_dict() == colln.get_plan(merged).to_dict()
+    ckpt.save_weights(result.model, tmp_path / ckpt.WEIGHTS)
+    ckpt.write_record(tmp_path / ckpt.RECORD, {"plan": colln.get_plan(result.model).to_dict()})
+    weights = tmp_path / ckpt.WEIGHTS
+    same = colln.PruneConfig(keep=1.0, tome=12) if method == "tome" else colln.PruneConfig(keep=0.5, merge=True)
+    assert ckpt.check_recorded_plan(weights, same, force=False) is None
+    other = colln.PruneConfig(keep=1.0, tome=8) if method == "tome" else colln.PruneConfig(keep=0.5)
+    flags = (
+        "--tome 12 --layers 0,1,2,3,4,5,6,7" if method == "tome" else "--keep 0.5 --layers 2,4,6 --metric colln --norm 4 --merge"
+    )
+    with pytest.raises(PlanMismatchError, match=f"fine-tuned for {flags}, this export asks"):
+        ckpt.check_recorded_plan(weights, other, force=False)
