@@ -178,3 +178,51 @@ def test_merge_needs_attention_keys(digits) -> None:
         colln.prune(odd, keep=0.5, layers=(2,), merge=True)
     with pytest.raises(UnsupportedModelError, match="block 4 uses Identity"):
         colln.tome(odd, 4)
+
+
+def test_eval_compares_prune_merge_and_tome_in_one_interleaved_run(digits, tmp_path: Path) -> None:
+    from colln.data import load_labelled, preprocess
+    from colln.export.spec import ExportSpec
+    from colln.measure.sweep import SweepOptions, export_command
+
+    options = SweepOptions(
+        keeps=(0.5,),
+        layers=((1, 3),),
+        metrics=("colln",),
+        methods=("prune", "merge", "tome"),
+        tome_rs=(8, 12),
+        rounds=2,
+        warmup=0,
+    )
+    result = colln.evaluate(
+        ExportSpec("digits_vit", weights="bundled"), options, out=tmp_path / "ev", limit=60, target_speedup=0.01
+    )
+    rows = {r.key: r for r in result.sweep.rows}
+    assert sorted(rows) == ["colln-n4-keep0.5-L1.3", "colln-n4-keep0.5-L1.3-merge", "tome-r12", "tome-r8"]
+    data = load_labelled("digits", 10, limit=60)
+    x, y = preprocess(data.images, digits), torch.from_numpy(data.labels)
+    expected = {
+        "colln-n4-keep0.5-L1.3": colln.prune(digits, keep=0.5, layers=(1, 3)),
+        "colln-n4-keep0.5-L1.3-merge": colln.prune(digits, keep=0.5, layers=(1, 3), merge=True),
+        "tome-r8": colln.tome(digits, 8),
+        "tome-r12": colln.tome(digits, 12),
+    }
+    for key, model in expected.items():
+        with torch.no_grad():
+            assert rows[key].accuracy == pytest.approx(float((model(x).argmax(-1) == y).float().mean())), key
+        assert rows[key].latency.batch == 1 and rows[key].latency.p50_ms > 0  # timed in the same run
+    best = max(result.sweep.rows, key=lambda r: (r.accuracy, -r.latency.p50_ms))
+    assert result.sweep.pick["key"] == best.key  # the budget picks across methods
+    assert export_command(rows["tome-r8"], ExportSpec("digits_vit")) == "colln-export digits_vit --tome 8"
+    assert export_command(rows["colln-n4-keep0.5-L1.3-merge"], ExportSpec("digits_vit")).endswith("--merge")
+    md = (tmp_path / "ev" / "results.md").read_text()
+    assert "| Col-Ln + merge |" in md and "## ToMe at every block" in md and "r=12" in md
+    assert (tmp_path / "ev" / "accuracy_vs_latency.png").stat().st_size > 0
+
+
+def test_eval_refuses_an_unknown_method(tmp_path: Path, capsys) -> None:
+    from colln.app.eval_cli import main as eval_main
+
+    assert eval_main(["digits_vit", "--method", "prune,drop", "--out", str(tmp_path / "ev")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("colln: error:")]
+    assert len(errors) == 1 and "unknown method drop: choose from prune,merge,tome" in errors[0], errors
