@@ -170,3 +170,12 @@ def test_finetune_trains_merged_models_and_records_their_plan(digits, method: st
     )
     with pytest.raises(PlanMismatchError, match=f"fine-tuned for {flags}, this export asks"):
         ckpt.check_recorded_plan(weights, other, force=False)
+
+
+def test_a_merging_block_refuses_to_run_without_the_sizes(digits) -> None:
+    """timm's gradient checkpointing calls blocks one by one: the sizes would be lost, so it is refused."""
+    from colln.errors import UnsupportedModelError
+
+    merged = colln.tome(digits, 8)
+    with pytest.raises(UnsupportedModelError, match="leave timm's gradient checkpointing off"):
+        merged.blocks[3](torch.randn(1, 41, 64))

@@ -171,7 +171,24 @@ def _mlp(
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-class ProportionalBlock(nn.Module):
+class SizedForward:
+    """Blocks that take and return token sizes run through :class:`SizedBlocks` only: called alone
+    (e.g. by timm's gradient checkpointing, which iterates the blocks itself) they would lose the
+    sizes, so they refuse."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        raise UnsupportedModelError(
+            "a merging block runs inside the merged model's block sequence (token sizes pass between blocks): "
+            "call the model, and leave timm's gradient checkpointing off"
+        )
+
+
+class ProportionalBlock(SizedForward, nn.Module):
     """A timm ``Block`` after a merge: proportional attention (log size on the logits), no merging."""
 
     def __init__(
@@ -189,7 +206,7 @@ class ProportionalBlock(nn.Module):
         return _mlp(self.block, _attend(self.block, x, sizes)[0]), sizes
 
 
-class MergingBlock(PruningBlock):
+class MergingBlock(SizedForward, PruningBlock):
     """Col-Ln + merge: keeps ``k`` candidates by the metric, as :class:`PruningBlock`, and each
     dropped one joins its most similar kept token (key cosine), averaged by ``config.weight``
     (``size``, or ``score`` x size). Token sizes come in and go out (:class:`SizedBlocks`)."""
@@ -213,7 +230,7 @@ class MergingBlock(PruningBlock):
         return f"{super().extra_repr()}, merge_weight={self.config.weight}, prop_attn={self.config.prop_attn}"
 
 
-class ToMeBlock(PruningBlock):
+class ToMeBlock(SizedForward, PruningBlock):
     """ToMe: merges ``r`` tokens after the attention residual by bipartite soft matching on the
     head-mean keys (:func:`ops.bipartite_merge`), size-weighted; ``k`` is the candidates left."""
 
@@ -258,7 +275,7 @@ class SizedBlocks(nn.Sequential):
     ) -> torch.Tensor:
         sizes = None
         for blk in self:
-            if isinstance(blk, (MergingBlock, ToMeBlock, ProportionalBlock)):
+            if isinstance(blk, SizedForward):
                 x, sizes = blk.forward_sized(x, sizes)
             else:
                 x = blk(x)

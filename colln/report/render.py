@@ -104,7 +104,7 @@ def report_markdown(
     """A short human summary of report.json."""
     m, plan, f = report["model"], report["plan"], report["flops"]
     lines = [
-        f"# {m['name']}: {plan['metric']} keep plan",
+        f"# {m['name']}: {'ToMe' if plan.get('tome') is not None else plan['metric']} keep plan",
         "",
         f"- Plan: {plan['summary']}",
         f"- FLOPs: {f['pruned'] / 1e9:.3g} G of {f['full'] / 1e9:.3g} G per image (bound {f['bound']:.2f}x)",
