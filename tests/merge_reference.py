@@ -1,11 +1,70 @@
 """Plain per-image references for the merging tests, written from the papers (ToMe: Bolya et al.
 2023; Col-Ln + merge: colln's issue 20) with Python loops over tokens, sharing no code with
-``colln.models.ops``. For the bundled digits_vit (timm Attention without q/k norms, [CLS] pooling)."""
+``colln.models.ops``. For the bundled digits_vit (timm Attention without q/k norms, [CLS] pooling).
+Also the checks tests/test_merge.py and tests/test_tome.py share."""
 
 from __future__ import annotations
 
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
 import torch
 from torch import nn
+
+# fp32 validation's tie band: images with a choice this close are not compared with a reference.
+TIE = 1e-4
+
+
+def clear_images(
+    selections: list,
+    n: int,
+) -> np.ndarray:
+    """Images whose top-k boundaries (kept sets, ToMe's edge ranks) and merge destinations all have
+    margins above the tie band, from ``colln.record_selections``."""
+    from colln.models import ops
+
+    ok = np.ones(n, dtype=bool)
+    for s in selections:
+        rel = ops.boundary_margin(s.scores, s.indices.shape[1]) / s.scores.abs().amax(-1)
+        ok &= (rel > TIE).numpy() & (s.merge_margin > TIE).numpy()
+    return ok
+
+
+def graph_ops(
+    export_dir: Path,
+) -> Counter:
+    """Op types of an export's ONNX graph, after checking there is no Scatter of any kind."""
+    ops_used = Counter(n.op_type for n in onnx.load(str(export_dir / "model.onnx")).graph.node)
+    assert not [op for op in ops_used if op.startswith("Scatter")], ops_used
+    return ops_used
+
+
+def tensorrt_builds(
+    export_dir: Path,
+    tmp_path: Path,
+) -> bool:
+    """TensorRT (TensorRT-RTX on CPU machines) parses and builds a copy of the export."""
+    from colln.export.tensorrt import build_engine
+
+    work = shutil.copytree(export_dir, tmp_path / export_dir.name)
+    return build_engine(work, 1, 2, 4, timing_cache=tmp_path / "timing.cache").is_file()
+
+
+def export_error(
+    args: list[str],
+    tmp_path: Path,
+    capsys,
+) -> str:
+    """``colln-export digits_vit ARGS``: must exit 2 with one error line and write nothing; returns the line."""
+    from colln.app.export_cli import main
+
+    assert main(["digits_vit", *args, "--out", str(tmp_path / "x")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("colln: error:")]
+    assert len(errors) == 1 and not (tmp_path / "x").exists(), errors
+    return errors[0]
 
 
 def plain_attention(

@@ -6,35 +6,19 @@ build), the tie rule for merge choices and the bad inputs. digits_vit with its b
 from __future__ import annotations
 
 import json
-import shutil
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from merge_reference import plain_forward
+from merge_reference import clear_images, export_error, graph_ops, plain_forward, tensorrt_builds
 
 import colln
 from colln.app.export_cli import main as export_main
-from colln.data import validation_images
 from colln.errors import UnsupportedModelError
 from colln.models import ops
 from colln.models.registry import load_model
 from colln.verify.validate import TOLERANCES, _Reference, compare
-
-TIE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def digits() -> torch.nn.Module:
-    return load_model("digits_vit", "bundled").eval()
-
-
-@pytest.fixture(scope="module")
-def images(digits) -> torch.Tensor:
-    return torch.from_numpy(validation_images("digits_vit", digits, limit=24).images)
 
 
 def plain_merge(x, keys, kept, weights, sizes):
@@ -62,43 +46,41 @@ def test_merge_tokens_matches_a_plain_loop_with_sizes() -> None:
     torch.testing.assert_close(out_sizes.sum(-1), sizes.sum(-1))
 
 
-def _clear(selections, n: int) -> np.ndarray:
-    ok = np.ones(n, dtype=bool)
-    for s in selections:
-        rel = ops.boundary_margin(s.scores, s.indices.shape[1]) / s.scores.abs().amax(-1)
-        ok &= (rel > TIE).numpy() & (s.merge_margin > TIE).numpy()
-    return ok
-
-
 @pytest.mark.parametrize(("weight", "prop_attn"), [("size", True), ("score", True), ("size", False)])
-def test_merged_model_matches_a_plain_per_image_forward(digits, images, weight: str, prop_attn: bool) -> None:
-    merged = colln.prune(digits, keep=0.5, layers=(1, 3, 5), merge=True, merge_weight=weight, prop_attn=prop_attn)
+def test_merged_model_matches_a_plain_per_image_forward(
+    trained_digits_vit, digits_test_images, weight: str, prop_attn: bool
+) -> None:
+    merged = colln.prune(trained_digits_vit, keep=0.5, layers=(1, 3, 5), merge=True, merge_weight=weight, prop_attn=prop_attn)
     plan = colln.get_plan(merged)
     with torch.no_grad(), colln.record_selections(merged) as selections:
-        logits = merged(images)
-    clear = _clear(selections, len(images))
+        logits = merged(digits_test_images)
+    clear = clear_images(selections, len(digits_test_images))
     assert clear.sum() >= 8
     for b in np.flatnonzero(clear):
-        want = plain_forward(digits, images[b], merge=dict(plan.pruned_layers), weight=weight, prop_attn=prop_attn)
+        want = plain_forward(
+            trained_digits_vit, digits_test_images[b], merge=dict(plan.pruned_layers), weight=weight, prop_attn=prop_attn
+        )
         torch.testing.assert_close(logits[b], want, atol=2e-4, rtol=1e-4)
 
 
-def test_merge_keeps_the_pruned_selection_at_the_first_layer(digits, images) -> None:
+def test_merge_keeps_the_pruned_selection_at_the_first_layer(trained_digits_vit, digits_test_images) -> None:
     """Merging changes what later blocks see, not what the first pruning layer picks."""
     recorded = []
-    for model in (colln.prune(digits, keep=0.5, merge=True), colln.prune(digits, keep=0.5)):
+    for model in (colln.prune(trained_digits_vit, keep=0.5, merge=True), colln.prune(trained_digits_vit, keep=0.5)):
         with torch.no_grad(), colln.record_selections(model) as selections:
-            model(images)
+            model(digits_test_images)
         recorded.append(selections)
     assert len(recorded[0]) == len(recorded[1]) == 3
     assert torch.equal(recorded[0][0].indices, recorded[1][0].indices)
     assert not torch.equal(recorded[0][1].indices, recorded[1][1].indices)
 
 
-def test_keep_one_is_exactly_the_unpruned_model(digits, images) -> None:
+def test_keep_one_is_exactly_the_unpruned_model(trained_digits_vit, digits_test_images) -> None:
     with torch.no_grad():
-        assert torch.equal(colln.prune(digits, keep=1.0, merge=True)(images), digits(images))
-    assert "merged into the kept tokens by size" in str(colln.plan_for(digits, keep=0.5, merge=True))
+        assert torch.equal(
+            colln.prune(trained_digits_vit, keep=1.0, merge=True)(digits_test_images), trained_digits_vit(digits_test_images)
+        )
+    assert "merged into the kept tokens by size" in str(colln.plan_for(trained_digits_vit, keep=0.5, merge=True))
 
 
 def _reference(n: int, margins: np.ndarray) -> _Reference:
@@ -142,16 +124,12 @@ def test_export_validates_in_onnxruntime_with_observed_kept_sets(merge_export: P
 
 
 def test_graph_has_no_scatter(merge_export: Path) -> None:
-    ops_used = Counter(n.op_type for n in onnx.load(str(merge_export / "model.onnx")).graph.node)
-    assert not [op for op in ops_used if op.startswith("Scatter")], ops_used
+    ops_used = graph_ops(merge_export)
     assert ops_used["TopK"] == 3 and ops_used["ArgMax"] == 3  # one selection and one nearest-kept choice per layer
 
 
 def test_tensorrt_parses_and_builds_the_merged_graph(merge_export: Path, tmp_path: Path) -> None:
-    from colln.export.tensorrt import build_engine
-
-    work = shutil.copytree(merge_export, tmp_path / "merge07")
-    assert build_engine(work, 1, 2, 4, timing_cache=tmp_path / "timing.cache").is_file()
+    assert tensorrt_builds(merge_export, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -164,13 +142,10 @@ def test_tensorrt_parses_and_builds_the_merged_graph(merge_export: Path, tmp_pat
     ],
 )
 def test_bad_merge_inputs_exit_2_in_one_line(args: list[str], message: str, tmp_path: Path, capsys) -> None:
-    assert export_main(["digits_vit", *args, "--out", str(tmp_path / "x")]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("colln: error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"colln: error: {message}"), errors
-    assert not (tmp_path / "x").exists()
+    assert export_error(args, tmp_path, capsys).startswith(f"colln: error: {message}")
 
 
-def test_merge_needs_attention_keys(digits) -> None:
+def test_merge_needs_attention_keys(trained_digits_vit) -> None:
     """A block whose attention is not timm's has no keys colln can compare: refused in one line."""
     odd = load_model("digits_vit", "bundled")
     odd.blocks[4].attn = torch.nn.Identity()
@@ -180,7 +155,7 @@ def test_merge_needs_attention_keys(digits) -> None:
         colln.tome(odd, 4)
 
 
-def test_eval_compares_prune_merge_and_tome_in_one_interleaved_run(digits, tmp_path: Path) -> None:
+def test_eval_compares_prune_merge_and_tome_in_one_interleaved_run(trained_digits_vit, tmp_path: Path) -> None:
     from colln.data import load_labelled, preprocess
     from colln.export.spec import ExportSpec
     from colln.measure.sweep import SweepOptions, export_command
@@ -200,12 +175,12 @@ def test_eval_compares_prune_merge_and_tome_in_one_interleaved_run(digits, tmp_p
     rows = {r.key: r for r in result.sweep.rows}
     assert sorted(rows) == ["colln-n4-keep0.5-L1.3", "colln-n4-keep0.5-L1.3-merge", "tome-r12", "tome-r8"]
     data = load_labelled("digits", 10, limit=60)
-    x, y = preprocess(data.images, digits), torch.from_numpy(data.labels)
+    x, y = preprocess(data.images, trained_digits_vit), torch.from_numpy(data.labels)
     expected = {
-        "colln-n4-keep0.5-L1.3": colln.prune(digits, keep=0.5, layers=(1, 3)),
-        "colln-n4-keep0.5-L1.3-merge": colln.prune(digits, keep=0.5, layers=(1, 3), merge=True),
-        "tome-r8": colln.tome(digits, 8),
-        "tome-r12": colln.tome(digits, 12),
+        "colln-n4-keep0.5-L1.3": colln.prune(trained_digits_vit, keep=0.5, layers=(1, 3)),
+        "colln-n4-keep0.5-L1.3-merge": colln.prune(trained_digits_vit, keep=0.5, layers=(1, 3), merge=True),
+        "tome-r8": colln.tome(trained_digits_vit, 8),
+        "tome-r12": colln.tome(trained_digits_vit, 12),
     }
     for key, model in expected.items():
         with torch.no_grad():

@@ -6,34 +6,17 @@ parse and build) and the bad inputs. digits_vit with its bundled trained weights
 from __future__ import annotations
 
 import json
-import shutil
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from merge_reference import plain_forward, plain_tome
+from merge_reference import clear_images, export_error, graph_ops, plain_forward, plain_tome, tensorrt_builds
 
 import colln
 from colln.app.export_cli import main as export_main
-from colln.data import validation_images
 from colln.models import ops
 from colln.models.plan import KeepPlan
-from colln.models.registry import load_model
-
-TIE = 1e-4  # fp32 validation's tie band: images with a merge choice this close are not compared
-
-
-@pytest.fixture(scope="module")
-def digits() -> torch.nn.Module:
-    return load_model("digits_vit", "bundled").eval()
-
-
-@pytest.fixture(scope="module")
-def images(digits) -> torch.Tensor:
-    return torch.from_numpy(validation_images("digits_vit", digits, limit=24).images)
 
 
 @pytest.mark.parametrize("r", [1, 5, 12])
@@ -51,43 +34,35 @@ def test_bipartite_merge_matches_the_plain_loop(r: int) -> None:
     torch.testing.assert_close(out_sizes.sum(-1), sizes.sum(-1))
 
 
-def _clear(selections, n: int) -> np.ndarray:
-    """Images whose edge ranks and merge destinations all have margins above the tie band."""
-    ok = np.ones(n, dtype=bool)
-    for s in selections:
-        k = s.indices.shape[1]
-        rel = ops.boundary_margin(s.scores, k) / s.scores.abs().amax(-1)
-        ok &= (rel > TIE).numpy() & (s.merge_margin > TIE).numpy()
-    return ok
-
-
 @pytest.mark.parametrize("prop_attn", [True, False])
-def test_tome_model_matches_a_plain_per_image_forward(digits, images, prop_attn: bool) -> None:
-    merged = colln.tome(digits, 8, prop_attn=prop_attn)
+def test_tome_model_matches_a_plain_per_image_forward(trained_digits_vit, digits_test_images, prop_attn: bool) -> None:
+    merged = colln.tome(trained_digits_vit, 8, prop_attn=prop_attn)
     plan = colln.get_plan(merged)
     with torch.no_grad(), colln.record_selections(merged) as selections:
-        logits = merged(images)
-    clear = _clear(selections, len(images))
+        logits = merged(digits_test_images)
+    clear = clear_images(selections, len(digits_test_images))
     assert clear.sum() >= 12
     r = dict(zip(plan.layers, plan.merge_counts))
     for b in np.flatnonzero(clear):
-        want = plain_forward(digits, images[b], tome=r, prop_attn=prop_attn)
+        want = plain_forward(trained_digits_vit, digits_test_images[b], tome=r, prop_attn=prop_attn)
         torch.testing.assert_close(logits[b], want, atol=2e-4, rtol=1e-4)
 
 
-def test_r_zero_is_exactly_the_unpruned_model(digits, images) -> None:
+def test_r_zero_is_exactly_the_unpruned_model(trained_digits_vit, digits_test_images) -> None:
     with torch.no_grad():
-        assert torch.equal(colln.tome(digits, 0)(images), digits(images))
-        assert torch.equal(colln.tome(digits, [0] * 8, prop_attn=False)(images), digits(images))
+        assert torch.equal(colln.tome(trained_digits_vit, 0)(digits_test_images), trained_digits_vit(digits_test_images))
+        assert torch.equal(
+            colln.tome(trained_digits_vit, [0] * 8, prop_attn=False)(digits_test_images), trained_digits_vit(digits_test_images)
+        )
 
 
-def test_plan_clamps_r_to_half_the_candidates_and_round_trips(digits) -> None:
-    plan = colln.get_plan(colln.tome(digits, 40))
+def test_plan_clamps_r_to_half_the_candidates_and_round_trips(trained_digits_vit) -> None:
+    plan = colln.get_plan(colln.tome(trained_digits_vit, 40))
     assert plan.merge_counts == (32, 16, 8, 4, 2, 1, 0, 0)
     assert plan.tokens_in == (65, 33, 17, 9, 5, 3, 2, 2) and plan.tokens_out == 2
     assert "block 0: r=32 (clamped from 40)" in str(plan)
     assert KeepPlan.from_dict(json.loads(plan.to_json())).to_dict() == plan.to_dict()
-    per_block = colln.get_plan(colln.tome(digits, [4, 0, 8], layers=[1, 3, 5]))
+    per_block = colln.get_plan(colln.tome(trained_digits_vit, [4, 0, 8], layers=[1, 3, 5]))
     assert per_block.merge_counts == (4, 0, 8) and per_block.merge_layers == ((1, 4), (5, 8))
     assert per_block.tokens_in == (65, 65, 61, 61, 61, 61, 53, 53)
     # FLOPs follow the token counts: fewer tokens, smaller estimate.
@@ -110,8 +85,7 @@ def test_export_validates_in_onnxruntime_and_reports_the_plan(tome_export: Path)
 
 
 def test_graph_has_no_scatter_and_constant_topk(tome_export: Path) -> None:
-    ops_used = Counter(n.op_type for n in onnx.load(str(tome_export / "model.onnx")).graph.node)
-    assert not [op for op in ops_used if op.startswith("Scatter")], ops_used
+    ops_used = graph_ops(tome_export)
     # Per merging block a TopK ranking the edges and one putting the unmerged A tokens back in
     # order (none when every A token merges: blocks 6 and 7 here); every K a constant.
     report = json.loads((tome_export / "report.json").read_text())
@@ -120,10 +94,7 @@ def test_graph_has_no_scatter_and_constant_topk(tome_export: Path) -> None:
 
 
 def test_tensorrt_parses_and_builds_the_tome_graph(tome_export: Path, tmp_path: Path) -> None:
-    from colln.export.tensorrt import build_engine
-
-    work = shutil.copytree(tome_export, tmp_path / "tome8")
-    assert build_engine(work, 1, 2, 4, timing_cache=tmp_path / "timing.cache").is_file()
+    assert tensorrt_builds(tome_export, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -139,23 +110,20 @@ def test_tensorrt_parses_and_builds_the_tome_graph(tome_export: Path, tmp_path: 
     ],
 )
 def test_bad_tome_inputs_exit_2_in_one_line(args: list[str], message: str, tmp_path: Path, capsys) -> None:
-    assert export_main(["digits_vit", *args, "--out", str(tmp_path / "x")]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("colln: error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"colln: error: {message}"), errors
-    assert not (tmp_path / "x").exists()
+    assert export_error(args, tmp_path, capsys).startswith(f"colln: error: {message}")
 
 
 @pytest.mark.parametrize("method", ["tome", "merge"])
-def test_finetune_trains_merged_models_and_records_their_plan(digits, method: str, tmp_path: Path) -> None:
+def test_finetune_trains_merged_models_and_records_their_plan(trained_digits_vit, method: str, tmp_path: Path) -> None:
     from torch.utils.data import Subset
 
     from colln.errors import PlanMismatchError
     from colln.train import checkpoint as ckpt
     from colln.train.datasets import DigitsDataset
 
-    merged = colln.tome(digits, 12) if method == "tome" else colln.prune(digits, keep=0.5, merge=True)
-    train = Subset(DigitsDataset("train", digits, augment=False), range(64))
-    result = colln.finetune(merged, train, teacher=digits, epochs=1, batch_size=32, lr=1e-3)
+    merged = colln.tome(trained_digits_vit, 12) if method == "tome" else colln.prune(trained_digits_vit, keep=0.5, merge=True)
+    train = Subset(DigitsDataset("train", trained_digits_vit, augment=False), range(64))
+    result = colln.finetune(merged, train, teacher=trained_digits_vit, epochs=1, batch_size=32, lr=1e-3)
     tuned, before = result.model.state_dict(), merged.state_dict()
     assert not all(torch.equal(tuned[k], before[k]) for k in tuned)
     assert colln.get_plan(result.model).to_dict() == colln.get_plan(merged).to_dict()
@@ -172,10 +140,10 @@ def test_finetune_trains_merged_models_and_records_their_plan(digits, method: st
         ckpt.check_recorded_plan(weights, other, force=False)
 
 
-def test_a_merging_block_refuses_to_run_without_the_sizes(digits) -> None:
+def test_a_merging_block_refuses_to_run_without_the_sizes(trained_digits_vit) -> None:
     """timm's gradient checkpointing calls blocks one by one: the sizes would be lost, so it is refused."""
     from colln.errors import UnsupportedModelError
 
-    merged = colln.tome(digits, 8)
+    merged = colln.tome(trained_digits_vit, 8)
     with pytest.raises(UnsupportedModelError, match="leave timm's gradient checkpointing off"):
         merged.blocks[3](torch.randn(1, 41, 64))

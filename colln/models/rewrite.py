@@ -163,6 +163,18 @@ def _attend(
     return x + block.drop_path1(block.ls1(attn_out)), probs, keys
 
 
+def _attend_sized(
+    block: nn.Module,
+    x: torch.Tensor,
+    sizes: torch.Tensor | None,
+    prop_attn: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_attend` in a merging block: proportional attention when asked and a merge came
+    before (``sizes``), and the sizes returned (one patch per token before the first merge)."""
+    x, probs, keys = _attend(block, x, sizes if prop_attn else None)
+    return x, probs, keys, torch.ones_like(x[..., 0]) if sizes is None else sizes
+
+
 def _mlp(
     block: nn.Module,
     x: torch.Tensor,
@@ -217,8 +229,7 @@ class MergingBlock(SizedForward, PruningBlock):
         sizes: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         p, c = self.num_prefix, self.config
-        x, probs, keys = _attend(self.block, x, sizes if c.prop_attn else None)
-        sizes = torch.ones_like(x[..., 0]) if sizes is None else sizes
+        x, probs, keys, sizes = _attend_sized(self.block, x, sizes, c.prop_attn)
         indices, scores = ops.choose(ops.head_mean(probs), p, self.k, c)
         weights = sizes[:, p:] * (scores if c.weight == "score" else 1.0)
         merged, merged_sizes = ops.merge_tokens(x[:, p:], keys[:, p:], indices, weights, sizes[:, p:])
@@ -251,9 +262,8 @@ class ToMeBlock(SizedForward, PruningBlock):
         x: torch.Tensor,
         sizes: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        p, c = self.num_prefix, self.config
-        x, _, keys = _attend(self.block, x, sizes if c.prop_attn else None)
-        sizes = torch.ones_like(x[..., 0]) if sizes is None else sizes
+        p = self.num_prefix
+        x, _, keys, sizes = _attend_sized(self.block, x, sizes, self.config.prop_attn)
         metric = ops.head_mean_keys(keys, self.block.attn.num_heads)
         x, sizes, merged = ops.bipartite_merge(x, metric, sizes, self.r, p)
         if self._recorder is not None:
