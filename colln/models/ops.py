@@ -1,9 +1,11 @@
-"""Col-Ln token pruning as plain tensor functions (no timm import).
+"""Col-Ln token pruning and token merging (Col-Ln + merge, ToMe) as plain tensor functions (no
+timm import).
 
 Shapes: ``attn`` is softmax attention ``[B, H, N, N]`` (rows = queries, columns = keys),
 ``x`` is tokens ``[B, N, C]``, the first ``num_prefix`` tokens are prefix tokens ([CLS], registers,
 distillation) that are never candidates. Every ``k`` is a Python int so that exported graphs have
-TopK with a constant K and static shapes.
+TopK with a constant K and static shapes. Merges are dense 0/1 assignment matrices and MatMuls:
+no Scatter (TensorRT rejects, or miscomputes, ScatterElements with a reduction).
 """
 
 from __future__ import annotations
