@@ -201,3 +201,36 @@ def test_eval_refuses_an_unknown_method(tmp_path: Path, capsys) -> None:
     assert eval_main(["digits_vit", "--method", "prune,drop", "--out", str(tmp_path / "ev")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("colln: error:")]
     assert len(errors) == 1 and "unknown method drop: choose from prune,merge,tome" in errors[0], errors
+
+
+def test_eval_under_torchrun_gives_the_accuracies_of_one_process(tmp_path: Path) -> None:
+    """Two gloo processes each score every other image; the counts are summed and rank 0 alone
+    times and writes: the same accuracies and agreements as one process, an odd image count included."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["digits_vit", "--method", "prune,merge,tome", "--metric", "colln", "--keep", "0.5", "--layers", "1,3"]
+    args += ["--tome", "8", "--limit", "61", "--rounds", "2", "--warmup", "0"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "colln.app.eval_cli"]
+    proc = subprocess.run(
+        [*cmd, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1
+    one = subprocess.run(
+        [sys.executable, "-m", "colln.app.eval_cli", *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    results = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two")]
+    assert [r["num_images"] for r in results] == [61, 61]
+    for key in ("accuracy", "agreement"):
+        assert [row[key] for row in results[0]["rows"]] == [row[key] for row in results[1]["rows"]]
+        assert results[0]["baseline"][key] == results[1]["baseline"][key]
+    assert all(row["latency"]["p50_ms"] > 0 for row in results[1]["rows"])

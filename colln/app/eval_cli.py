@@ -2,6 +2,7 @@
 
 colln-eval digits_vit --schedule early --keep 0.3,0.5,0.7 --out evals/digits
 colln-eval vit_small --weights W.safetensors --data imagenet_val/ --latency-budget 12
+torchrun --nproc_per_node 4 -m colln.app.eval_cli vit_small --data imagenet_val/   # images sharded, rank 0 writes
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def main_args(
         latency_budget_ms=args.latency_budget,
         target_speedup=args.target_speedup,
     )
+    if result.sweep is None:  # torchrun: rank 0 reports
+        return 0
     print_eval(result.sweep)
     print(f"wrote {result.out}/{RESULTS_JSON}, {RESULTS_MD}, {KEEP_PLOT}, {PARETO_PLOT}")
     if result.no_fit is not None:

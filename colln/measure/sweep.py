@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from colln.data import Labelled, preprocess
@@ -30,6 +31,7 @@ from colln.models.config import PruneConfig
 from colln.models.plan import default_layers
 from colln.models.registry import default_weights
 from colln.models.rewrite import get_plan
+from colln.train.distributed import all_sum, process_group
 
 SCHEDULES = ("evit", "early")
 # Sweeps build one model per configuration: a TensorRT engine each would take minutes.
@@ -279,10 +281,14 @@ def sweep(
     data: Labelled,
     options: SweepOptions,
     unpruned: nn.Module | None = None,
-) -> Sweep:
+) -> Sweep | None:
     """Accuracy, agreement with the unpruned model and interleaved latency of every configuration,
     at every precision in ``options.precisions`` (the unpruned baseline is fp32; int8 graphs run on
-    ONNX Runtime and are calibrated on up to :data:`CALIBRATION_IMAGES` of the evaluated images)."""
+    ONNX Runtime and are calibrated on up to :data:`CALIBRATION_IMAGES` of the evaluated images).
+
+    Under ``torchrun`` every process scores its share of the images (every world-size-th one), the
+    counts are summed over the processes, and rank 0 alone times the configurations and returns
+    the sweep (the others return None)."""
     o = options
     backend, batch, latency_batch, precisions = o.backend, o.batch, o.latency_batch, o.precisions
     if latency_batch < 1 or batch < 1:
@@ -300,7 +306,11 @@ def sweep(
     calibration = images[np.linspace(0, len(images) - 1, min(len(images), CALIBRATION_IMAGES)).round().astype(int)]
     configs = configurations(base, o.keeps, layer_sets, o.metrics, o.norms, o.methods, o.tome_rs)
     specs = [base.unpruned(), *(replace(c, precision=p) for p in precisions for c in configs)]
-    with tempfile.TemporaryDirectory(prefix="colln-eval-") as scratch, contextlib.ExitStack() as stack:
+    with (
+        process_group(torch.device(o.device)) as ranks,
+        tempfile.TemporaryDirectory(prefix="colln-eval-") as scratch,
+        contextlib.ExitStack() as stack,
+    ):
         plans, active = [], {}
         for i, spec in enumerate(specs):
             if backend == "torch":
@@ -311,10 +321,16 @@ def sweep(
                 source.mkdir()
                 plans.append(export_into(spec, source, unpruned=unpruned, calibration=calibration).plan)
             active[str(i)] = stack.enter_context(open_runner(source, backend, o.device, o.threads))
-        preds = [run(active[str(i)], images, batch).argmax(-1) for i in range(len(specs))]
+        share = slice(ranks.rank, None, ranks.world_size)
+        preds = [run(active[str(i)], images[share], batch).argmax(-1) for i in range(len(specs))]
+        labels = data.labels[share]
+        counts = all_sum([float((p == labels).sum()) for p in preds] + [float((p == preds[0]).sum()) for p in preds], ranks)
+        if not ranks.is_main:
+            return None
         timed = measure(active, images.shape[1:], [latency_batch], o.rounds, o.warmup, baseline="0", sample=images)[latency_batch]
+    correct, agreeing = counts[: len(specs)], counts[len(specs) :]
     rows = []
-    for i, (spec, plan, pred) in enumerate(zip(specs, plans, preds)):
+    for i, (spec, plan) in enumerate(zip(specs, plans)):
         flops = plan.flops()
         rows.append(
             Row(
@@ -324,8 +340,8 @@ def sweep(
                 layers=plan.layers if i else (),
                 keep_counts=plan.keep_counts if i else (),
                 flops_ratio=flops.pruned / flops.full,
-                accuracy=float((pred == data.labels).mean()),
-                agreement=float((pred == preds[0]).mean()),
+                accuracy=correct[i] / len(images),
+                agreement=agreeing[i] / len(images),
                 latency=timed.stats[str(i)],
                 precision=spec.precision,
                 method=plan.method if i else "prune",
