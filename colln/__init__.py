@@ -11,7 +11,7 @@ from colln.errors import CollnError
 from colln.models.config import PruneConfig
 from colln.models.plan import KeepPlan, make_plan
 from colln.models.registry import load_model
-from colln.models.rewrite import get_plan, plan_for, prune, record_selections
+from colln.models.rewrite import get_plan, plan_for, prune, record_selections, tome
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "plan_for",
     "prune",
     "record_selections",
+    "tome",
     "validate_export",
 ]
 

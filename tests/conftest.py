@@ -29,3 +29,22 @@ def digits_export(
     argv = ["digits_vit", "--keep", "0.7", "--weights", digits_weights, "--out", str(out)]
     assert main([*argv, "--latency-batches", "1,4", "--latency-rounds", "5"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_digits_vit():
+    """digits_vit with its bundled trained weights, in eval mode (test_merge, test_tome: the merge
+    choices of random weights are near-ties)."""
+    from colln.models.registry import load_model
+
+    return load_model("digits_vit", "bundled").eval()
+
+
+@pytest.fixture(scope="session")
+def digits_test_images(trained_digits_vit):
+    """The first 24 digits test images, preprocessed ``[24, 3, 32, 32]``."""
+    import torch
+
+    from colln.data import validation_images
+
+    return torch.from_numpy(validation_images("digits_vit", trained_digits_vit, limit=24).images)

@@ -136,7 +136,7 @@ def test_merge_tokens_matches_a_plain_loop() -> None:
     torch.manual_seed(1)
     x, keys, scores = torch.randn(2, 12, 5), torch.randn(2, 12, 3), torch.rand(2, 12) + 0.1
     indices = torch.tensor([[3, 0, 7], [11, 5, 2]])
-    merged = ops.merge_tokens(x, keys, indices, scores)
+    merged = ops.merge_tokens(x, keys, indices, scores)[0]
     for b in range(2):
         torch.testing.assert_close(merged[b], plain_merge(x[b], keys[b], indices[b].tolist(), scores[b]), atol=1e-5, rtol=1e-5)
 
@@ -363,7 +363,7 @@ def test_bad_tokens_inputs_exit_2_in_one_line(args: list[str], message: str, tmp
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("option", [["--merge"], ["--order", "score"], ["--feature-layer", "-2"]])
+@pytest.mark.parametrize("option", [["--order", "score"], ["--feature-layer", "-2"]])
 def test_token_options_need_output_tokens(option: list[str], tmp_path: Path, capsys) -> None:
     assert export_main(["digits_vit", *option, "--out", str(tmp_path / "x")]) == 2
     assert "applies to output 'tokens' only" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from colln.errors import CollnError, UsageError
 from colln.files import PATH_ERRNOS, display
-from colln.models.config import METRICS, ORDERS, OUTPUTS, PruneConfig
+from colln.models.config import MERGE_WEIGHTS, METRICS, ORDERS, OUTPUTS, PruneConfig
 
 INTERRUPTED = 130
 # An unexpected error (a bug): not 1 (validation failed) nor 2 (bad input).
@@ -276,8 +276,33 @@ def add_prune_arguments(
     if schedule is None:
         p.add_argument(
             "--keep",
-            default=str(PruneConfig.keep),
-            help="keep rate in (0, 1], or one per pruning layer (0.8,0.7,0.6); 1.0 = unpruned baseline (default %(default)s)",
+            default=None,
+            help="keep rate in (0, 1], or one per pruning layer (0.8,0.7,0.6); 1.0 = unpruned baseline "
+            f"(default {PruneConfig.keep:g})",
+        )
+        p.add_argument(
+            "--tome",
+            default=None,
+            help="ToMe instead of pruning: merge R tokens at every block (bipartite soft matching), or one R per block "
+            "(8,8,4,...); --layers then names the merging blocks (default all); R above half a block's tokens is clamped",
+        )
+        p.add_argument(
+            "--merge",
+            action="store_true",
+            help="the tokens a pruning layer drops join their most similar kept token (key cosine) instead of vanishing; "
+            "--output tokens: PruMerge at the feature block",
+        )
+        p.add_argument(
+            "--merge-weight",
+            default=None,
+            choices=MERGE_WEIGHTS,
+            help="average merged tokens by size (default for logits) or by score x size (default for --output tokens)",
+        )
+        p.add_argument(
+            "--no-prop-attn",
+            dest="prop_attn",
+            action="store_false",
+            help="--merge / --tome: no proportional attention (log size on the attention logits) after a merge",
         )
         p.add_argument(
             "--layers", default=None, help="pruning blocks, e.g. 3,6,9 (default: EViT's 3,6,9 of 12, scaled to the depth)"
@@ -334,9 +359,6 @@ def add_prune_arguments(
         default=None,
         help="--output tokens: the block whose output is returned, negative from the end (default -2, LLaVA's)",
     )
-    p.add_argument(
-        "--merge", action="store_true", help="--output tokens: each kept token absorbs its most similar pruned ones (PruMerge)"
-    )
     p.add_argument("--order", default=None, choices=ORDERS, help="--output tokens: order of the tokens (default spatial)")
 
 
@@ -345,10 +367,19 @@ def prune_config(
 ) -> PruneConfig:
     """The PruneConfig of the arguments :func:`add_prune_arguments` defined (option dests are the
     field names; fields a command does not offer keep their defaults)."""
-    keep = parse_floats(args.keep, "--keep")
+    tome = None
+    if args.tome is not None:
+        if args.keep is not None:
+            raise UsageError("--tome replaces --keep: ToMe merges R tokens per block; give one of them")
+        tome = parse_ints(args.tome, "--tome", minimum=0)
+        tome = tome[0] if len(tome) == 1 else tome
+    keep = parse_floats(args.keep, "--keep") if args.keep is not None else ((1.0,) if tome is not None else (PruneConfig.keep,))
     layers = parse_ints(args.layers, "--layers") if args.layers is not None else None
-    others = [f.name for f in fields(PruneConfig) if f.name not in ("keep", "layers") and hasattr(args, f.name)]
-    return PruneConfig(keep=keep[0] if len(keep) == 1 else keep, layers=layers, **{name: getattr(args, name) for name in others})
+    named = ("keep", "layers", "tome")
+    others = [f.name for f in fields(PruneConfig) if f.name not in named and hasattr(args, f.name)]
+    return PruneConfig(
+        keep=keep[0] if len(keep) == 1 else keep, layers=layers, tome=tome, **{name: getattr(args, name) for name in others}
+    )
 
 
 def add_model_args(

@@ -2,6 +2,7 @@
 
 colln-eval digits_vit --schedule early --keep 0.3,0.5,0.7 --out evals/digits
 colln-eval vit_small --weights W.safetensors --data imagenet_val/ --latency-budget 12
+torchrun --nproc_per_node 4 -m colln.app.eval_cli vit_small --data imagenet_val/   # images sharded, rank 0 writes
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from colln.app.cli import (
     layer_choices,
     non_negative_int,
     parse_floats,
+    parse_ints,
     parse_metrics,
     positive_int,
 )
@@ -48,6 +50,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="evaluate this many images, spread evenly over the set")
     parser.add_argument("--keep", default="0.3,0.5,0.7,0.9", help="keep rates to sweep (default 0.3,0.5,0.7,0.9)")
     parser.add_argument("--metric", default=",".join(METRICS), help="metrics to compare (default colln,cls,correct)")
+    parser.add_argument(
+        "--method",
+        default="prune",
+        help="token reduction methods to compare, comma-separated: prune (the metric's top-k), merge (the same top-k, "
+        "dropped tokens merged into the kept ones), tome (ToMe at every block, r from --tome); default prune",
+    )
+    parser.add_argument("--tome", default="4,8,12,16", help="--method tome: the r values to sweep (default 4,8,12,16)")
     parser.add_argument(
         "--backend", default="torch", choices=EVAL_BACKENDS, help="run PyTorch or ONNX Runtime exports (default torch)"
     )
@@ -88,6 +97,8 @@ def run(
         keeps=parse_floats(args.keep, "--keep"),
         layers=tuple(layer_choices(args, default=DEFAULT_SCHEDULE)),
         metrics=parse_metrics(args.metric),
+        methods=tuple(m.strip() for m in args.method.split(",") if m.strip()),
+        tome_rs=parse_ints(args.tome, "--tome", minimum=0),
         norms=parse_floats(args.norm, "--norm"),
         precisions=tuple(p.strip() for p in args.precision.split(",")),
         backend=args.backend,
@@ -108,6 +119,8 @@ def run(
         latency_budget_ms=args.latency_budget,
         target_speedup=args.target_speedup,
     )
+    if result.sweep is None:  # torchrun: rank 0 reports
+        return 0
     print_eval(result.sweep)
     print(f"wrote {result.out}/{RESULTS_JSON}, {RESULTS_MD}, {KEEP_PLOT}, {PARETO_PLOT}")
     if result.no_fit is not None:

@@ -171,7 +171,9 @@ def run(
     if not main_rank:
         return 0
     acc = record["accuracy"]
-    plot_history({f"{record['model']} keep {args.keep}": record}, job.out / ckpt.LOSS_PLOT, title=_title(record))
+    plot_history(
+        {f"{record['model']} tokens {record['plan']['token_steps']}": record}, job.out / ckpt.LOSS_PLOT, title=_title(record)
+    )
     if acc["after"] is not None:
         before = f"{100 * acc['before']:.1f}% -> " if acc["before"] is not None else ""
         unpruned = f" (unpruned {100 * acc['unpruned_teacher']:.1f}%)" if acc["unpruned_teacher"] is not None else ""

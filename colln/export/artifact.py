@@ -30,11 +30,15 @@ def default_out_dir(
     spec: ExportSpec,
     root: Path = Path("exports"),
 ) -> Path:
-    keep = spec.pruning.keep
-    keep = "-".join(f"{k:g}" for k in keep) if isinstance(keep, tuple) else f"{keep:g}"
+    c = spec.pruning
     suffix = "" if spec.precision == "fp32" else f"-{spec.precision}"
-    tokens = "-tokens" if spec.pruning.output == "tokens" else ""
-    return root / f"{spec.model}-{spec.pruning.metric}{tokens}-keep{keep}{suffix}"
+    if c.tome is not None:
+        r = "-".join(map(str, c.tome)) if isinstance(c.tome, tuple) else str(c.tome)
+        return root / f"{spec.model}-tome{r}{suffix}"
+    keep = "-".join(f"{k:g}" for k in c.keep) if isinstance(c.keep, tuple) else f"{c.keep:g}"
+    tokens = "-tokens" if c.output == "tokens" else ""
+    merge = "-merge" if c.merge else ""
+    return root / f"{spec.model}-{c.metric}{tokens}-keep{keep}{merge}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -62,11 +66,10 @@ def export_into(
 
     if spec.precision not in PRECISIONS:
         raise UsageError(f"precision {spec.precision!r} is not supported: use {' or '.join(PRECISIONS)}")
-    if spec.pruning.merge and spec.precision != "fp32":
+    if (spec.pruning.merge or spec.pruning.tome is not None) and spec.precision != "fp32":
         # Measured on digits_vit: fp16 keys flip near-tied nearest-key assignments (token cosine down to 0.97).
-        raise UsageError(
-            f"--merge needs --precision fp32: in {spec.precision}, rounding flips which kept token absorbs a pruned one"
-        )
+        what = "--tome" if spec.pruning.tome is not None else "--merge"
+        raise UsageError(f"{what} needs --precision fp32: in {spec.precision}, rounding flips which token absorbs a merged one")
     unpruned = unpruned if unpruned is not None else spec.load_unpruned()
     pruned = spec.apply(unpruned)
     plan = get_plan(pruned)

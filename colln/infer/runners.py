@@ -311,7 +311,9 @@ def open_runner(
         return TorchRunner(spec.load_pruned(), device=device, threads=threads)
     if backend == "onnxruntime":
         if record_kept:
-            return kept_onnxruntime_runner(export_dir / ONNX_FILE, spec.keep_plan().pruned_layers, device, threads, split_batches)
+            return kept_onnxruntime_runner(
+                export_dir / ONNX_FILE, spec.keep_plan().kept_index_layers, device, threads, split_batches
+            )
         return onnxruntime_runner(export_dir / ONNX_FILE, device=device, threads=threads, split_batches=split_batches)
     return tensorrt_runner(export_dir)
 

@@ -14,6 +14,7 @@ from colln.files import atomic_dir, atomic_write
 from colln.measure.sweep import Sweep, SweepOptions, export_command, pick, sweep
 from colln.report.plots import plot_accuracy_vs_keep, plot_pareto
 from colln.report.render import eval_markdown
+from colln.train.distributed import env_ranks
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -26,7 +27,7 @@ class EvalResult:
     """A sweep written to ``out``; ``no_fit`` when a budget was asked for and nothing met it."""
 
     out: Path
-    sweep: Sweep
+    sweep: Sweep | None  # None on the ranks other than 0 under torchrun: they write nothing
     no_fit: NoFitError | None = None
 
 
@@ -50,6 +51,9 @@ def evaluate(
     labelled = load_labelled(data, unpruned, limit)
     out = Path(out) if out is not None else Path("evals") / f"{base.model}-{labelled.name}"
     no_fit = None
+    if not env_ranks().is_main:
+        sweep(base, labelled, options, unpruned)
+        return EvalResult(out=out, sweep=None)
     # Entered before the sweep: an existing --out fails at once, and a failed sweep leaves nothing.
     with atomic_dir(out, force=force, marker=RESULTS_JSON) as tmp:
         result = sweep(base, labelled, options, unpruned)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from colln.data import Labelled, preprocess
@@ -30,6 +31,7 @@ from colln.models.config import PruneConfig
 from colln.models.plan import default_layers
 from colln.models.registry import default_weights
 from colln.models.rewrite import get_plan
+from colln.train.distributed import all_sum, process_group
 
 SCHEDULES = ("evit", "early")
 # Sweeps build one model per configuration: a TensorRT engine each would take minutes.
@@ -42,7 +44,9 @@ KEEP_PLOT = "accuracy_vs_keep.png"
 PARETO_PLOT = "accuracy_vs_latency.png"
 # int8 rows are calibrated on this many of the evaluated images (spread evenly over the set).
 CALIBRATION_IMAGES = 256
-METRIC_LABELS = {"colln": "Col-Ln", "cls": "[CLS]", "correct": "[CLS]+Col-Ln rescue", "none": "unpruned"}
+METRIC_LABELS = {"colln": "Col-Ln", "cls": "[CLS]", "correct": "[CLS]+Col-Ln rescue", "none": "unpruned", "tome": "ToMe"}
+# prune: the metric's top-k; merge: the same top-k, the dropped tokens merged into the kept ones; tome: ToMe.
+METHODS = ("prune", "merge", "tome")
 
 
 def early_layers(
@@ -75,7 +79,8 @@ def resolve_layers(
 
 @dataclass(frozen=True)
 class Row:
-    """One measured configuration. ``metric`` is ``none`` for the unpruned model."""
+    """One measured configuration. ``metric`` is ``none`` for the unpruned model. ``method``: see
+    :data:`METHODS`; ToMe rows have ``r`` (merged per block) and keep 1.0 at every block."""
 
     metric: str
     norm: float
@@ -87,11 +92,21 @@ class Row:
     agreement: float
     latency: LatencyStats
     precision: str = "fp32"
+    method: str = "prune"
+    r: int | None = None
+
+    @property
+    def series_name(self) -> str:
+        """What a table row / plot line groups by: the metric, ``<metric>+merge``, or ``tome``."""
+        return {"prune": self.metric, "merge": f"{self.metric}+merge", "tome": "tome"}[self.method]
 
     @property
     def key(self) -> str:
         suffix = "" if self.precision == "fp32" else f"-{self.precision}"
-        return f"{self.metric}-n{self.norm:g}-keep{self.keep:g}-L{'.'.join(map(str, self.layers))}{suffix}"
+        if self.method == "tome":
+            return f"tome-r{self.r}{suffix}"
+        merge = "-merge" if self.method == "merge" else ""
+        return f"{self.metric}-n{self.norm:g}-keep{self.keep:g}-L{'.'.join(map(str, self.layers))}{merge}{suffix}"
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -134,16 +149,26 @@ class Sweep:
         return self.baseline.latency.p50_ms / row.latency.p50_ms
 
     @property
+    def keep_rows(self) -> tuple[Row, ...]:
+        """The rows with a keep schedule (pruned or merged): ToMe rows have r instead."""
+        return tuple(r for r in self.rows if r.method != "tome")
+
+    @property
+    def tome_rows(self) -> tuple[Row, ...]:
+        return tuple(r for r in self.rows if r.method == "tome")
+
+    @property
     def keeps(self) -> list[float]:
-        return sorted({r.keep for r in self.rows})
+        return sorted({r.keep for r in self.keep_rows})
 
     @property
     def layer_sets(self) -> list[tuple[int, ...]]:
-        return list(dict.fromkeys(r.layers for r in self.rows))
+        return list(dict.fromkeys(r.layers for r in self.keep_rows))
 
     def series(self) -> list[tuple[str, float, str]]:
-        """(metric, norm, precision) in sweep order: one table row / plot line each."""
-        return list(dict.fromkeys((r.metric, r.norm, r.precision) for r in self.rows))
+        """(series name, norm, precision) of the keep-schedule rows in sweep order: one table row /
+        plot line each (the name is :attr:`Row.series_name`)."""
+        return list(dict.fromkeys((r.series_name, r.norm, r.precision) for r in self.keep_rows))
 
     def find(
         self,
@@ -154,7 +179,7 @@ class Sweep:
         precision: str = "fp32",
     ) -> Row | None:
         wanted = (metric, norm, keep, layers, precision)
-        return next((r for r in self.rows if (r.metric, r.norm, r.keep, r.layers, r.precision) == wanted), None)
+        return next((r for r in self.keep_rows if (r.series_name, r.norm, r.keep, r.layers, r.precision) == wanted), None)
 
     def to_dict(self) -> dict:
         rows = [{**r.to_dict(), "speedup": self.speedup(r)} for r in self.rows]
@@ -194,31 +219,53 @@ def configurations(
     layer_sets: Sequence[tuple[int, ...]],
     metrics: Sequence[str],
     norms: Sequence[float],
+    methods: Sequence[str] = ("prune",),
+    tome_rs: Sequence[int] = (),
 ) -> list[ExportSpec]:
-    """One spec per (layers, metric, norm, keep). [CLS] attention has no norm order: it gets one
-    row (at the first norm) instead of identical copies."""
+    """One spec per (method, layers, metric, norm, keep) for ``prune`` and ``merge``, one per r for
+    ``tome`` (at every block). [CLS] attention has no norm order: it gets one row (at the first
+    norm) instead of identical copies."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UsageError(f"unknown method {','.join(unknown) or '(none)'}: choose from {','.join(METHODS)}")
     specs = []
-    for layers in layer_sets:
-        for metric in metrics:
-            for norm in norms[:1] if metric == "cls" else norms:
-                specs.extend(
-                    replace(
-                        base, pruning=replace(base.pruning, keep=float(k), layers=tuple(layers), metric=metric, norm=float(norm))
+    for method in (m for m in methods if m != "tome"):
+        for layers in layer_sets:
+            for metric in metrics:
+                for norm in norms[:1] if metric == "cls" else norms:
+                    specs.extend(
+                        replace(
+                            base,
+                            pruning=replace(
+                                base.pruning,
+                                keep=float(k),
+                                layers=tuple(layers),
+                                metric=metric,
+                                norm=float(norm),
+                                merge=method == "merge",
+                            ),
+                        )
+                        for k in keeps
                     )
-                    for k in keeps
-                )
+    if "tome" in methods:
+        if not tome_rs:
+            raise UsageError("--method tome needs the r values to sweep: give --tome, e.g. 4,8,12")
+        specs.extend(replace(base, pruning=replace(base.pruning, keep=1.0, layers=None, tome=int(r))) for r in tome_rs)
     return specs
 
 
 @dataclass(frozen=True)
 class SweepOptions:
-    """What a sweep varies (keep x layers x metric x norm x precision) and how it runs and times it.
-    ``layers`` holds layer sets and schedule names (``evit``, ``early``), resolved per model."""
+    """What a sweep varies (method x keep x layers x metric x norm x precision, and ToMe's r) and how
+    it runs and times it. ``layers`` holds layer sets and schedule names (``evit``, ``early``),
+    resolved per model; ``methods`` (:data:`METHODS`): ``tome`` adds one row per r in ``tome_rs``."""
 
     keeps: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
     layers: tuple[tuple[int, ...] | str, ...] = ("evit",)
     metrics: tuple[str, ...] = ("colln", "cls", "correct")
     norms: tuple[float, ...] = (4.0,)
+    methods: tuple[str, ...] = ("prune",)
+    tome_rs: tuple[int, ...] = (4, 8, 12, 16)
     precisions: tuple[str, ...] = ("fp32",)
     backend: str = "torch"
     batch: int = 64
@@ -234,10 +281,14 @@ def sweep(
     data: Labelled,
     options: SweepOptions,
     unpruned: nn.Module | None = None,
-) -> Sweep:
+) -> Sweep | None:
     """Accuracy, agreement with the unpruned model and interleaved latency of every configuration,
     at every precision in ``options.precisions`` (the unpruned baseline is fp32; int8 graphs run on
-    ONNX Runtime and are calibrated on up to :data:`CALIBRATION_IMAGES` of the evaluated images)."""
+    ONNX Runtime and are calibrated on up to :data:`CALIBRATION_IMAGES` of the evaluated images).
+
+    Under ``torchrun`` every process scores its share of the images (every world-size-th one), the
+    counts are summed over the processes, and rank 0 alone times the configurations and returns
+    the sweep (the others return None)."""
     o = options
     backend, batch, latency_batch, precisions = o.backend, o.batch, o.latency_batch, o.precisions
     if latency_batch < 1 or batch < 1:
@@ -253,9 +304,13 @@ def sweep(
     layer_sets = resolve_layers(o.layers, len(unpruned.blocks))
     images = preprocess(data.images, unpruned).numpy()
     calibration = images[np.linspace(0, len(images) - 1, min(len(images), CALIBRATION_IMAGES)).round().astype(int)]
-    configs = configurations(base, o.keeps, layer_sets, o.metrics, o.norms)
+    configs = configurations(base, o.keeps, layer_sets, o.metrics, o.norms, o.methods, o.tome_rs)
     specs = [base.unpruned(), *(replace(c, precision=p) for p in precisions for c in configs)]
-    with tempfile.TemporaryDirectory(prefix="colln-eval-") as scratch, contextlib.ExitStack() as stack:
+    with (
+        process_group(torch.device(o.device)) as ranks,
+        tempfile.TemporaryDirectory(prefix="colln-eval-") as scratch,
+        contextlib.ExitStack() as stack,
+    ):
         plans, active = [], {}
         for i, spec in enumerate(specs):
             if backend == "torch":
@@ -266,10 +321,16 @@ def sweep(
                 source.mkdir()
                 plans.append(export_into(spec, source, unpruned=unpruned, calibration=calibration).plan)
             active[str(i)] = stack.enter_context(open_runner(source, backend, o.device, o.threads))
-        preds = [run(active[str(i)], images, batch).argmax(-1) for i in range(len(specs))]
+        share = slice(ranks.rank, None, ranks.world_size)
+        preds = [run(active[str(i)], images[share], batch).argmax(-1) for i in range(len(specs))]
+        labels = data.labels[share]
+        counts = all_sum([float((p == labels).sum()) for p in preds] + [float((p == preds[0]).sum()) for p in preds], ranks)
+        if not ranks.is_main:
+            return None
         timed = measure(active, images.shape[1:], [latency_batch], o.rounds, o.warmup, baseline="0", sample=images)[latency_batch]
+    correct, agreeing = counts[: len(specs)], counts[len(specs) :]
     rows = []
-    for i, (spec, plan, pred) in enumerate(zip(specs, plans, preds)):
+    for i, (spec, plan) in enumerate(zip(specs, plans)):
         flops = plan.flops()
         rows.append(
             Row(
@@ -279,10 +340,12 @@ def sweep(
                 layers=plan.layers if i else (),
                 keep_counts=plan.keep_counts if i else (),
                 flops_ratio=flops.pruned / flops.full,
-                accuracy=float((pred == data.labels).mean()),
-                agreement=float((pred == preds[0]).mean()),
+                accuracy=correct[i] / len(images),
+                agreement=agreeing[i] / len(images),
                 latency=timed.stats[str(i)],
                 precision=spec.precision,
+                method=plan.method if i else "prune",
+                r=spec.pruning.tome if i else None,
             )
         )
     return Sweep(
@@ -326,10 +389,14 @@ def export_command(
     base: ExportSpec,
 ) -> str:
     """The ``colln-export`` call that builds ``row``'s configuration of the sweep over ``base``."""
-    args = [
-        "colln-export", base.model, "--keep", f"{row.keep:g}", "--layers", ",".join(map(str, row.layers)),
-        "--metric", row.metric, "--norm", f"{row.norm:g}",
-    ]  # fmt: skip
+    if row.method == "tome":
+        args = ["colln-export", base.model, "--tome", str(row.r)]
+    else:
+        args = [
+            "colln-export", base.model, "--keep", f"{row.keep:g}", "--layers", ",".join(map(str, row.layers)),
+            "--metric", row.metric, "--norm", f"{row.norm:g}",
+        ]  # fmt: skip
+        args += ["--merge"] if row.method == "merge" else []
     args += ["--weights", base.weights] if base.weights else []
     args += ["--img-size", str(base.img_size)] if base.img_size else []
     args += (

@@ -14,6 +14,8 @@ Output = Literal["logits", "tokens"]
 OUTPUTS: tuple[str, ...] = ("logits", "tokens")
 Order = Literal["spatial", "score"]
 ORDERS: tuple[str, ...] = ("spatial", "score")
+MergeWeight = Literal["size", "score"]
+MERGE_WEIGHTS: tuple[str, ...] = ("size", "score")
 DEFAULT_FEATURE_LAYER = -2  # LLaVA's mm_vision_select_layer: the output of block depth-2
 
 
@@ -32,7 +34,15 @@ class PruneConfig:
     the metric picks from that block's own attention, K = ``ceil(keep[-1] * num_patches)``. ``keep``
     then holds one rate per inner pruning layer (``layers``, default none) and, last, the final rate.
     ``merge``: each kept token absorbs its most similar pruned tokens (PruMerge). ``order``: of the
-    returned tokens (``None``: spatial). These three are for ``output="tokens"`` only.
+    returned tokens (``None``: spatial). ``feature_layer`` and ``order`` are for ``output="tokens"`` only.
+
+    Merging instead of dropping: ``merge`` with logits output makes each pruning layer's dropped
+    candidates join their most similar kept token (key cosine) inside the encoder; ``tome=r`` (one r
+    for every block of ``layers``, default all blocks, or one per layer) is ToMe's bipartite soft
+    matching, which merges r tokens per block (``keep`` must then stay 1.0). Merged tokens carry
+    sizes; ``merge_weight`` averages them by ``size`` or by ``score`` x size (``None``: score for
+    tokens output, PruMerge's, and size for logits); ``prop_attn`` adds log(size) to the attention
+    logits of the blocks after a merge (ToMe's proportional attention).
     """
 
     keep: float | tuple[float, ...] = 0.7
@@ -47,12 +57,17 @@ class PruneConfig:
     feature_layer: int | None = None
     merge: bool = False
     order: Order | None = None
+    tome: int | tuple[int, ...] | None = None
+    merge_weight: MergeWeight | None = None
+    prop_attn: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.keep, Sequence):
             object.__setattr__(self, "keep", tuple(self.keep))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if isinstance(self.tome, Sequence):
+            object.__setattr__(self, "tome", tuple(self.tome))
         rates = self.keep if isinstance(self.keep, tuple) else (self.keep,)
         if not rates:
             raise PlanError("keep is empty: give one rate, or one per pruning layer")
@@ -68,6 +83,43 @@ class PruneConfig:
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise PlanError(f"round_to {self.round_to!r} must be a positive integer")
         self._check_output()
+        self._check_merge()
+
+    @property
+    def merges(self) -> bool:
+        """Whether tokens are merged inside the encoder (sizes tracked): ToMe, or ``merge`` with logits."""
+        return self.tome is not None or (self.merge and self.output == "logits")
+
+    @property
+    def weight(self) -> str:
+        """The merge weighting in effect (``merge_weight`` resolved)."""
+        return self.merge_weight or ("score" if self.output == "tokens" else "size")
+
+    def _check_merge(self) -> None:
+        if self.merge_weight is not None and self.merge_weight not in MERGE_WEIGHTS:
+            raise PlanError(f"unknown merge weight {self.merge_weight!r}: choose one of {', '.join(MERGE_WEIGHTS)}")
+        if self.merge and self.fuse:
+            raise PlanError("--merge and --fuse both keep the pruned tokens' content: choose one")
+        if self.tome is None:
+            return
+        rs = self.tome if isinstance(self.tome, tuple) else (self.tome,)
+        bad = [r for r in rs if not isinstance(r, int) or isinstance(r, bool) or r < 0]
+        if not rs:
+            raise PlanError("ToMe r is empty: give one r, or one per merging block")
+        if bad:
+            raise PlanError(f"ToMe r {bad[0]!r} must be a non-negative integer (tokens merged per block)")
+        conflicts = [
+            name
+            for name, on in (
+                ("--keep", any(r != 1.0 for r in (self.keep if isinstance(self.keep, tuple) else (self.keep,)))),
+                ("--merge", self.merge),
+                ("--fuse", self.fuse),
+                ("--output tokens", self.output == "tokens"),
+            )
+            if on
+        ]
+        if conflicts:
+            raise PlanError(f"--tome cannot be combined with {conflicts[0]}: ToMe merges r tokens per block, give one of them")
 
     def _check_output(self) -> None:
         if self.output not in OUTPUTS:
@@ -79,7 +131,6 @@ class PruneConfig:
                 name
                 for name, on in (
                     ("feature_layer", self.feature_layer is not None),
-                    ("merge", self.merge),
                     ("order", self.order is not None),
                 )
                 if on
@@ -130,6 +181,7 @@ class PruneConfig:
         out = asdict(self)
         out["keep"] = list(self.keep) if isinstance(self.keep, tuple) else self.keep
         out["layers"] = list(self.layers) if self.layers is not None else None
+        out["tome"] = list(self.tome) if isinstance(self.tome, tuple) else self.tome
         return out
 
     @classmethod

@@ -1,9 +1,11 @@
-"""Col-Ln token pruning as plain tensor functions (no timm import).
+"""Col-Ln token pruning and token merging (Col-Ln + merge, ToMe) as plain tensor functions (no
+timm import).
 
 Shapes: ``attn`` is softmax attention ``[B, H, N, N]`` (rows = queries, columns = keys),
 ``x`` is tokens ``[B, N, C]``, the first ``num_prefix`` tokens are prefix tokens ([CLS], registers,
 distillation) that are never candidates. Every ``k`` is a Python int so that exported graphs have
-TopK with a constant K and static shapes.
+TopK with a constant K and static shapes. Merges are dense 0/1 assignment matrices and MatMuls:
+no Scatter (TensorRT rejects, or miscomputes, ScatterElements with a reduction).
 """
 
 from __future__ import annotations
@@ -164,6 +166,20 @@ def fused_token(
     return torch.einsum("bn,bnc->bc", pruned_weights, x[:, num_prefix:]).unsqueeze(1)
 
 
+def choose(
+    attn_mean: torch.Tensor,
+    num_prefix: int,
+    k: int,
+    config: PruneConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select`, then the picks in spatial order when ``config.spatial_order``."""
+    indices, scores = select(attn_mean, num_prefix, k, config)
+    if config.spatial_order:
+        # topk, not sort: sort exports as a TopK whose K is computed from the shape (TensorRT wants a constant).
+        indices = torch.topk(indices, k, dim=-1, largest=False).values
+    return indices, scores
+
+
 def prune_tokens(
     x: torch.Tensor,
     attn: torch.Tensor,
@@ -177,10 +193,7 @@ def prune_tokens(
     ``config.spatial_order``. ``indices`` index the candidates (``x[:, num_prefix:]``).
     """
     attn_mean = head_mean(attn)
-    indices, scores = select(attn_mean, num_prefix, k, config)
-    if config.spatial_order:
-        # topk, not sort: sort exports as a TopK whose K is computed from the shape (TensorRT wants a constant).
-        indices = torch.topk(indices, k, dim=-1, largest=False).values
+    indices, scores = choose(attn_mean, num_prefix, k, config)
     out = gather_tokens(x, indices, num_prefix)
     if config.fuse:
         out = torch.cat([out, fused_token(x, indices, fuse_weights(attn_mean, scores, num_prefix, config), num_prefix)], dim=1)
@@ -211,27 +224,141 @@ def order_by_patch_id(
     return indices.gather(-1, pos), sorted_ids
 
 
+def one_hot(
+    indices: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
+    """``[B, k]`` indices -> ``[B, k, n]`` float 0/1 rows. A comparison with a constant range, not a
+    Scatter: TensorRT refuses ScatterElements with a reduction, and the merges below only need
+    products with these rows."""
+    return (indices.unsqueeze(-1) == torch.arange(n, device=indices.device)).float()
+
+
 def merge_tokens(
     x: torch.Tensor,
     keys: torch.Tensor,
     indices: torch.Tensor,
-    scores: torch.Tensor,
-) -> torch.Tensor:
-    """PruMerge-style merge: every pruned candidate joins the kept token whose key is most similar
-    (cosine), and each kept token becomes the score-weighted mean of itself and the tokens it absorbed.
+    weights: torch.Tensor,
+    sizes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Col-Ln + merge (and PruMerge): every pruned candidate joins the kept token whose key is most
+    similar (cosine), and each kept token becomes the ``weights``-weighted mean of itself and the
+    tokens it absorbed.
 
     ``x`` [B, N, C] and ``keys`` [B, N, D] are the candidates' features and attention keys,
-    ``indices`` [B, k] the kept ones, ``scores`` [B, N] the metric's (positive) scores. Returns
-    [B, k, C] in the order of ``indices``. One dense assignment matrix: shapes stay static.
+    ``indices`` [B, k] the kept ones, ``weights`` [B, N] positive averaging weights (the metric's
+    scores for PruMerge, the sizes for a size-weighted mean), ``sizes`` [B, N] how many patches each
+    candidate already stands for (``None``: one each). Returns ``(merged [B, k, C], sizes [B, k])``
+    in the order of ``indices``. One dense assignment matrix and a MatMul: shapes stay static and
+    there is no Scatter in the graph.
     """
-    b, k = indices.shape
-    unit = torch.nn.functional.normalize(keys, dim=-1)
-    kept_keys = unit.gather(1, indices.unsqueeze(-1).expand(b, k, unit.shape[-1]))
-    nearest = (kept_keys @ unit.transpose(1, 2)).argmax(dim=1)  # [B, N]: the most similar kept token
-    kept = torch.zeros_like(scores).scatter(-1, indices, 1.0) > 0
+    n, k = x.shape[1], indices.shape[1]
+    kept_hot = one_hot(indices, n)  # [B, k, N]
+    nearest = _similarity_to_kept(keys, kept_hot).argmax(dim=1)  # [B, N]: the most similar kept token
     # A kept token belongs to itself (its own similarity ties with any duplicate key).
-    position = torch.zeros_like(scores, dtype=indices.dtype).scatter(-1, indices, torch.arange(k, device=x.device).expand(b, k))
-    owner = torch.where(kept, position, nearest)
-    assign = owner.unsqueeze(1) == torch.arange(k, device=x.device).view(1, k, 1)  # [B, k, N]
-    weights = assign.to(x.dtype) * scores.to(x.dtype).unsqueeze(1)
-    return (weights @ x) / weights.sum(dim=-1, keepdim=True)
+    pruned = 1.0 - kept_hot.sum(dim=1, keepdim=True)  # [B, 1, N]
+    assign = kept_hot + one_hot(nearest, k).transpose(1, 2) * pruned  # [B, k, N]
+    return _weighted_mean(assign.to(x.dtype), x, weights, sizes)
+
+
+def _similarity_to_kept(
+    keys: torch.Tensor,
+    kept_hot: torch.Tensor,
+) -> torch.Tensor:
+    """Cosine similarity of every candidate's key to each kept token's: ``[B, k, N]``."""
+    unit = torch.nn.functional.normalize(keys, dim=-1)
+    return (kept_hot.to(unit.dtype) @ unit) @ unit.transpose(1, 2)
+
+
+def _weighted_mean(
+    assign: torch.Tensor,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    sizes: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the 0/1 ``assign`` [B, M, N] as weighted means of ``x`` [B, N, C], and their sizes."""
+    w = assign * weights.to(x.dtype).unsqueeze(1)
+    merged = (w @ x) / w.sum(dim=-1, keepdim=True)
+    ones = torch.ones_like(weights) if sizes is None else sizes
+    return merged, (assign @ ones.to(x.dtype).unsqueeze(-1)).squeeze(-1)
+
+
+def merge_margin(
+    keys: torch.Tensor,
+    indices: torch.Tensor,
+) -> torch.Tensor:
+    """Per image, the smallest gap between a pruned candidate's best and second-best cosine
+    similarity to the kept tokens (``inf`` when nothing is pruned or one token is kept): a small
+    gap means the most-similar choice of :func:`merge_tokens` can flip between backends."""
+    n, k = keys.shape[1], indices.shape[1]
+    if k < 2 or k >= n:
+        return torch.full(keys.shape[:1], float("inf"))
+    kept_hot = one_hot(indices, n)
+    top2 = torch.topk(_similarity_to_kept(keys, kept_hot), 2, dim=1).values  # [B, 2, N]
+    gap = top2[:, 0] - top2[:, 1]
+    return gap.masked_fill(kept_hot.sum(dim=1) > 0, float("inf")).amin(dim=-1)
+
+
+def head_mean_keys(
+    keys: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """ToMe's similarity metric: keys ``[B, N, H * D]`` averaged over the heads -> ``[B, N, D]``."""
+    b, n, _ = keys.shape
+    return keys.reshape(b, n, num_heads, -1).mean(dim=2)
+
+
+def bipartite_edges(
+    metric: torch.Tensor,
+    num_prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite graph over the candidates: set A = candidates 0, 2, 4, ..., set B = 1, 3, ...
+    (prefix tokens are outside both and never merge). Returns, per A token, the cosine similarity of
+    its best edge ``[B, N_a]``, that edge's B token ``[B, N_a]``, and the gap to its second best
+    edge ``[B, N_a]`` (``inf`` with a single B token; for the tie rule)."""
+    unit = torch.nn.functional.normalize(metric[:, num_prefix:], dim=-1)
+    sim = unit[:, 0::2] @ unit[:, 1::2].transpose(1, 2)  # [B, N_a, N_b]
+    best, dst = sim.max(dim=-1)
+    if sim.shape[-1] < 2:
+        return best, dst, torch.full_like(best, float("inf"))
+    top2 = torch.topk(sim, 2, dim=-1).values
+    return best, dst, top2[..., 0] - top2[..., 1]
+
+
+def bipartite_merge(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    sizes: torch.Tensor,
+    r: int,
+    num_prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite soft matching (Bolya et al. 2023): the ``r`` A tokens whose best edges (see
+    :func:`bipartite_edges`) are the most similar merge into their B tokens; every merged token is
+    the size-weighted mean of what it absorbed. ``x`` [B, N, C], ``metric`` [B, N, D] (head-mean
+    keys), ``sizes`` [B, N] patches per token; ``0 < r <= N_a`` with ``N_a`` the A tokens.
+
+    Returns ``(tokens [B, N - r, C], sizes [B, N - r], merged [B, r])``: tokens are the prefix,
+    the unmerged A tokens in their order, then every B token in its order (ToMe's layout);
+    ``merged`` indexes the A tokens that merged. Edges ranked by a TopK of constant K, the merge a
+    0/1 assignment matrix and MatMuls: static shapes, no Scatter.
+    """
+    p = num_prefix
+    best, dst, _ = bipartite_edges(metric, p)
+    n_a, n_b = best.shape[-1], x.shape[1] - p - best.shape[-1]
+    ranked = torch.topk(best, n_a, dim=-1).indices
+    src = ranked[:, :r]
+    # The unmerged A tokens back in their order: a TopK (constant K) of their indices, not a Sort.
+    unmerged = torch.topk(ranked[:, r:], n_a - r, dim=-1, largest=False).values if r < n_a else ranked[:, :0]
+    merged_a = one_hot(src, n_a).sum(dim=1)  # [B, N_a]: 1 where an A token merges
+    into_b = one_hot(dst, n_b).transpose(1, 2) * merged_a.unsqueeze(1)  # [B, N_b, N_a]
+    cand, size = x[:, p:], sizes[:, p:]
+    a, b = cand[:, 0::2], cand[:, 1::2]
+    size_a, size_b = size[:, 0::2], size[:, 1::2]
+    # B rows: each B token plus the A tokens it absorbs, over the concatenation [A, B].
+    itself = torch.eye(n_b, dtype=into_b.dtype, device=x.device).expand(x.shape[0], n_b, n_b)
+    size_ab = torch.cat([size_a, size_b], dim=1)
+    merged_b, size_out_b = _weighted_mean(
+        torch.cat([into_b, itself], dim=-1).to(x.dtype), torch.cat([a, b], dim=1), size_ab, size_ab
+    )
+    tokens = torch.cat([x[:, :p], gather_tokens(a, unmerged, 0), merged_b], dim=1)
+    return tokens, torch.cat([sizes[:, :p], size_a.gather(-1, unmerged), size_out_b], dim=1), src

@@ -47,6 +47,11 @@ class KeepPlan:
     is ``k`` at ``layers[j]``: ``ceil(keep_rates[j] * (tokens_in - num_prefix))``, rounded up to a
     multiple of ``config.round_to`` and capped at the candidate count.
 
+    A ToMe plan (``config.tome``) merges at every block of ``layers``: ``merge_counts[j]`` is the r
+    merged there, the requested r clamped to half the candidates (ToMe's bipartite sets cannot
+    merge more), and ``keep_counts[j]`` the candidates left. Col-Ln + merge (``config.merge``) has
+    the counts of the pruning plan: the dropped tokens are merged, not gone.
+
     For ``output="tokens"`` only blocks ``0..feature_block`` run: ``layers`` are the inner pruning
     layers (all before ``feature_block``), and the final selection at ``feature_block`` keeps
     ``final_k = ceil(final_rate * num_patches)`` patch tokens (``tokens_out``). ``None`` for logits.
@@ -65,6 +70,31 @@ class KeepPlan:
     feature_block: int | None = None
     final_rate: float | None = None
     final_k: int | None = None
+    merge_counts: tuple[int, ...] = ()
+
+    @property
+    def method(self) -> str:
+        """``prune``, ``merge`` (Col-Ln + merge inside the encoder) or ``tome``."""
+        return "tome" if self.config.tome is not None else "merge" if self.config.merges else "prune"
+
+    @property
+    def requested_r(self) -> tuple[int, ...]:
+        """ToMe: the r asked for at each of ``layers`` (``merge_counts`` after clamping)."""
+        tome = self.config.tome
+        return () if tome is None else tome if isinstance(tome, tuple) else (tome,) * len(self.layers)
+
+    @property
+    def merge_layers(self) -> tuple[tuple[int, int], ...]:
+        """``(layer, n)`` of the layers that merge: ToMe's r, or Col-Ln + merge's k (its pruned layers)."""
+        if self.method == "tome":
+            return tuple((i, r) for i, r in zip(self.layers, self.merge_counts) if r > 0)
+        return self.pruned_layers if self.method == "merge" else ()
+
+    @property
+    def kept_index_layers(self) -> tuple[tuple[int, int], ...]:
+        """The layers whose graph TopKs give the kept candidates (validation reads them): the pruned
+        layers; none for ToMe, whose TopKs rank edges instead."""
+        return () if self.method == "tome" else self.pruned_layers
 
     @property
     def num_patches(self) -> int:
@@ -142,6 +172,7 @@ class KeepPlan:
             "final_rate": self.final_rate,
             "final_k": self.final_k,
             "dims": asdict(self.dims),
+            "merge_counts": list(self.merge_counts),
             "pruned_layers": [list(p) for p in self.pruned_layers],
             "token_steps": self.token_steps,
             "flops": self.flops().to_dict(),
@@ -155,7 +186,9 @@ class KeepPlan:
         rates = tuple(data["keep_rates"])
         final = data.get("final_rate")
         every = rates + (() if final is None else (final,))
-        config = PruneConfig.from_dict({**data, "keep": every[0] if len(set(every)) == 1 else every})
+        # A ToMe plan's keep rates describe what its merges left; its config keeps 1.0.
+        keep = 1.0 if data.get("tome") is not None else every[0] if len(set(every)) == 1 else every
+        config = PruneConfig.from_dict({**data, "keep": keep})
         return cls(
             config=replace(config, layers=tuple(data["layers"])),
             num_tokens=data["num_tokens"],
@@ -170,17 +203,28 @@ class KeepPlan:
             feature_block=data.get("feature_block"),
             final_rate=final,
             final_k=data.get("final_k"),
+            merge_counts=tuple(data.get("merge_counts", ())),
         )
 
     def __str__(self) -> str:
+        f = self.flops()
+        bound = f"FLOPs {f.pruned / 1e9:.3g}G of {f.full / 1e9:.3g}G, bound {f.bound:.2f}x"
+        if self.method == "tome":
+            merges = [
+                f"block {i}: r={r}" + (f" (clamped from {asked})" if r != asked else "")
+                for i, r, asked in zip(self.layers, self.merge_counts, self.requested_r)
+                if asked
+            ]
+            return (
+                f"KeepPlan(tome, tokens {self.token_steps}; {', '.join(merges) or 'no merging'}; "
+                f"prop_attn={self.config.prop_attn}; {bound})"
+            )
         where = ", ".join(f"block {i}: k={k}" for i, k in zip(self.layers, self.keep_counts)) or "no pruning"
+        if self.config.merges:
+            where += f"; merged into the kept tokens by {self.config.weight}, prop_attn={self.config.prop_attn}"
         if self.feature_block is not None:
             where += f"; tokens of block {self.feature_block}: {self.final_k} of {self.num_patches} patches"
-        f = self.flops()
-        return (
-            f"KeepPlan({self.config.metric}, tokens {self.token_steps}; {where}; fuse={self.config.fuse}; "
-            f"FLOPs {f.pruned / 1e9:.3g}G of {f.full / 1e9:.3g}G, bound {f.bound:.2f}x)"
-        )
+        return f"KeepPlan({self.config.metric}, tokens {self.token_steps}; {where}; fuse={self.config.fuse}; {bound})"
 
 
 def _block_macs(
@@ -209,6 +253,8 @@ def make_plan(
     depth = dims.depth
     if config.output == "tokens":
         return _tokens_plan(num_tokens, num_prefix, dims, config)
+    if config.tome is not None:
+        return _tome_plan(num_tokens, num_prefix, dims, config)
     layers = default_layers(depth) if config.layers is None else config.layers
     rates = config.rates(len(layers))
     _check_layers(layers, depth, num_tokens, num_prefix)
@@ -276,6 +322,43 @@ def _tokens_plan(
         feature_block=feature,
         final_rate=final_rate,
         final_k=final_k,
+    )
+
+
+def _tome_plan(
+    num_tokens: int,
+    num_prefix: int,
+    dims: ModelDims,
+    config: PruneConfig,
+) -> KeepPlan:
+    layers = tuple(range(dims.depth)) if config.layers is None else config.layers
+    _check_layers(layers, dims.depth, num_tokens, num_prefix)
+    asked = config.tome if isinstance(config.tome, tuple) else (config.tome,) * len(layers)
+    if len(asked) != len(layers):
+        raise PlanError(f"{len(asked)} ToMe r values for {len(layers)} merging blocks: give one r, or one per block")
+    tokens_in, counts, merged = [], [], []
+    n = num_tokens
+    for i in range(dims.depth):
+        tokens_in.append(n)
+        if i in layers:
+            cand = n - num_prefix
+            # Bipartite sets of ceil and floor half the candidates: at most the smaller can merge.
+            r = min(asked[layers.index(i)], cand // 2)
+            merged.append(r)
+            counts.append(cand - r)
+            n -= r
+    return KeepPlan(
+        config=config,
+        num_tokens=num_tokens,
+        num_prefix=num_prefix,
+        depth=dims.depth,
+        layers=tuple(layers),
+        keep_rates=tuple(k / (k + r) for k, r in zip(counts, merged)),
+        keep_counts=tuple(counts),
+        tokens_in=tuple(tokens_in),
+        tokens_out=n,
+        dims=dims,
+        merge_counts=tuple(merged),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,15 +63,20 @@ def attention_with_probs(
 def attention_parts(
     attn: nn.Module,
     x: torch.Tensor,
+    sizes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`attention_with_probs` plus the keys ``[B, N, H * head_dim]`` (after ``k_norm``; the
-    merge compares tokens by them)."""
+    merge compares tokens by them). ``sizes`` ``[B, N]``: ToMe's proportional attention, log(size)
+    added to every query's logit of each key (a merged token counts as the patches it stands for)."""
     b, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    probs = ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+    logits = ((q * attn.scale) @ k.transpose(-2, -1)).float()
+    if sizes is not None:
+        logits = logits + sizes.float().log()[:, None, None, :]
+    probs = logits.softmax(dim=-1)
     out = attn.attn_drop(probs.to(v.dtype)) @ v
     out = attn.norm(out.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim))
     if gate is not None:
@@ -81,11 +86,16 @@ def attention_parts(
 
 @dataclass(frozen=True)
 class Selection:
-    """What one pruning block chose for a batch: candidate indices ``[B, k]``, scores ``[B, N_cand]``."""
+    """What one pruning block chose for a batch: candidate indices ``[B, k]``, scores ``[B, N_cand]``.
+
+    A ToMe block records the A tokens it merged as ``indices`` ``[B, r]`` and every A token's best
+    edge similarity as ``scores``. Merging blocks also record ``merge_margin`` ``[B]``: the smallest
+    gap between a merged token's most similar destination and the next (see :func:`ops.merge_margin`)."""
 
     layer: int
     indices: torch.Tensor
     scores: torch.Tensor
+    merge_margin: torch.Tensor | None = None
 
 
 class PruningBlock(nn.Module):
@@ -122,24 +132,164 @@ class PruningBlock(nn.Module):
         x: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's output and the kept candidate indices ``[B, k]`` (a tokens model tracks patch ids by them)."""
-        b = self.block
-        attn_out, probs = attention_with_probs(b.attn, b.norm1(x))
-        x = x + b.drop_path1(b.ls1(attn_out))
+        x, probs, _ = _attend(self.block, x)
         x, indices, scores = ops.prune_tokens(x, probs, self.num_prefix, self.k, self.config)
         self._record(indices, scores)
-        return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x)))), indices
+        return _mlp(self.block, x), indices
 
     def _record(
         self,
         indices: torch.Tensor,
         scores: torch.Tensor,
+        merge_margin: Callable[[], torch.Tensor] | None = None,
     ) -> None:
+        """``merge_margin`` is computed only while recording: the exported graph stays without it."""
         if self._recorder is not None:
-            self._recorder.append(Selection(self.layer, indices, scores))
+            margin = merge_margin() if merge_margin is not None else None
+            self._recorder.append(Selection(self.layer, indices, scores, margin))
 
     def extra_repr(self) -> str:
         c = self.config
         return f"layer={self.layer}, k={self.k}, metric={c.metric}, norm={c.norm}, fuse={c.fuse}"
+
+
+def _attend(
+    block: nn.Module,
+    x: torch.Tensor,
+    sizes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm ``Block``'s attention residual through its own submodules: ``(x, probs, keys)``."""
+    attn_out, probs, keys = attention_parts(block.attn, block.norm1(x), sizes)
+    return x + block.drop_path1(block.ls1(attn_out)), probs, keys
+
+
+def _attend_sized(
+    block: nn.Module,
+    x: torch.Tensor,
+    sizes: torch.Tensor | None,
+    prop_attn: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_attend` in a merging block: proportional attention when asked and a merge came
+    before (``sizes``), and the sizes returned (one patch per token before the first merge)."""
+    x, probs, keys = _attend(block, x, sizes if prop_attn else None)
+    return x, probs, keys, torch.ones_like(x[..., 0]) if sizes is None else sizes
+
+
+def _mlp(
+    block: nn.Module,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """timm ``Block``'s MLP residual."""
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+class SizedForward:
+    """Blocks that take and return token sizes run through :class:`SizedBlocks` only: called alone
+    (e.g. by timm's gradient checkpointing, which iterates the blocks itself) they would lose the
+    sizes, so they refuse."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        raise UnsupportedModelError(
+            "a merging block runs inside the merged model's block sequence (token sizes pass between blocks): "
+            "call the model, and leave timm's gradient checkpointing off"
+        )
+
+
+class ProportionalBlock(SizedForward, nn.Module):
+    """A timm ``Block`` after a merge: proportional attention (log size on the logits), no merging."""
+
+    def __init__(
+        self,
+        block: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward_sized(
+        self,
+        x: torch.Tensor,
+        sizes: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _mlp(self.block, _attend(self.block, x, sizes)[0]), sizes
+
+
+class MergingBlock(SizedForward, PruningBlock):
+    """Col-Ln + merge: keeps ``k`` candidates by the metric, as :class:`PruningBlock`, and each
+    dropped one joins its most similar kept token (key cosine), averaged by ``config.weight``
+    (``size``, or ``score`` x size). Token sizes come in and go out (:class:`SizedBlocks`)."""
+
+    def forward_sized(
+        self,
+        x: torch.Tensor,
+        sizes: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        p, c = self.num_prefix, self.config
+        x, probs, keys, sizes = _attend_sized(self.block, x, sizes, c.prop_attn)
+        indices, scores = ops.choose(ops.head_mean(probs), p, self.k, c)
+        weights = sizes[:, p:] * (scores if c.weight == "score" else 1.0)
+        merged, merged_sizes = ops.merge_tokens(x[:, p:], keys[:, p:], indices, weights, sizes[:, p:])
+        self._record(indices, scores, lambda: ops.merge_margin(keys[:, p:], indices))
+        x = torch.cat([x[:, :p], merged], dim=1)
+        return _mlp(self.block, x), torch.cat([sizes[:, :p], merged_sizes], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, merge_weight={self.config.weight}, prop_attn={self.config.prop_attn}"
+
+
+class ToMeBlock(SizedForward, PruningBlock):
+    """ToMe: merges ``r`` tokens after the attention residual by bipartite soft matching on the
+    head-mean keys (:func:`ops.bipartite_merge`), size-weighted; ``k`` is the candidates left."""
+
+    def __init__(
+        self,
+        block: nn.Module,
+        layer: int,
+        num_prefix: int,
+        k: int,
+        r: int,
+        config: PruneConfig,
+    ) -> None:
+        super().__init__(block, layer=layer, num_prefix=num_prefix, k=k, config=config)
+        self.r = r
+
+    def forward_sized(
+        self,
+        x: torch.Tensor,
+        sizes: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.num_prefix
+        x, _, keys, sizes = _attend_sized(self.block, x, sizes, self.config.prop_attn)
+        metric = ops.head_mean_keys(keys, self.block.attn.num_heads)
+        x, sizes, merged = ops.bipartite_merge(x, metric, sizes, self.r, p)
+        if self._recorder is not None:
+            best, _, second_gap = ops.bipartite_edges(metric, p)
+            self._record(merged, best, lambda: second_gap.gather(-1, merged).amin(dim=-1))
+        return _mlp(self.block, x), sizes
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, r={self.r}, prop_attn={self.config.prop_attn}"
+
+
+class SizedBlocks(nn.Sequential):
+    """timm's block sequence for a merged model: token sizes (``[B, N]``, patches per token) thread
+    through the blocks that merge or attend proportionally; timm's own blocks run as they are."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+    ) -> torch.Tensor:
+        sizes = None
+        for blk in self:
+            if isinstance(blk, SizedForward):
+                x, sizes = blk.forward_sized(x, sizes)
+            else:
+                x = blk(x)
+        return x
 
 
 class FeatureBlock(PruningBlock):
@@ -154,19 +304,19 @@ class FeatureBlock(PruningBlock):
         x: torch.Tensor,
         ids: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, p, c = self.block, self.num_prefix, self.config
-        attn_out, probs, keys = attention_parts(b.attn, b.norm1(x))
-        x = x + b.drop_path1(b.ls1(attn_out))
+        p, c = self.num_prefix, self.config
+        x, probs, keys = _attend(self.block, x)
         indices, scores = ops.select(ops.head_mean(probs), p, self.k, c)
         kept_ids = ids.gather(-1, indices)
         if c.order != "score":
             indices, kept_ids = ops.order_by_patch_id(indices, kept_ids)
-        self._record(indices, scores)
         if c.merge:
-            x = x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
-            return ops.merge_tokens(x[:, p:], keys[:, p:], indices, scores), kept_ids
-        kept = ops.gather_tokens(x, indices, p)[:, p:]
-        return kept + b.drop_path2(b.ls2(b.mlp(b.norm2(kept)))), kept_ids
+            self._record(indices, scores, lambda: ops.merge_margin(keys[:, p:], indices))
+            x = _mlp(self.block, x)
+            weights = scores if c.weight == "score" else torch.ones_like(scores)
+            return ops.merge_tokens(x[:, p:], keys[:, p:], indices, weights)[0], kept_ids
+        self._record(indices, scores)
+        return _mlp(self.block, ops.gather_tokens(x, indices, p)[:, p:]), kept_ids
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, merge={self.config.merge}, order={self.config.order or 'spatial'}"
@@ -246,14 +396,15 @@ def check_supported(
 def _check_blocks(
     model: nn.Module,
     layers: Sequence[int],
+    what: str = "prune",
 ) -> None:
     _, block_cls, attn_cls = _timm_classes()
     for i in layers:
         blk = model.blocks[i]
         if type(blk) is not block_cls:
-            raise UnsupportedModelError(f"block {i} is a {type(blk).__name__}: only timm's pre-norm Block can prune")
+            raise UnsupportedModelError(f"block {i} is a {type(blk).__name__}: only timm's pre-norm Block can {what}")
         if type(blk.attn) is not attn_cls:
-            raise UnsupportedModelError(f"block {i} uses {type(blk.attn).__name__}: only timm's Attention can prune")
+            raise UnsupportedModelError(f"block {i} uses {type(blk.attn).__name__}: only timm's Attention can {what}")
 
 
 def model_dims(
@@ -310,6 +461,10 @@ def prune(
     """
     plan = plan_for(model, keep, **settings)
     pruned = copy.deepcopy(model)
+    if plan.config.merges:
+        _wrap_merging(pruned, plan)
+        pruned.colln_plan = plan
+        return pruned
     for layer, k in plan.selection_layers:
         wrapper = FeatureBlock if layer == plan.feature_block else PruningBlock
         pruned.blocks[layer] = wrapper(pruned.blocks[layer], layer=layer, num_prefix=plan.num_prefix, k=k, config=plan.config)
@@ -317,6 +472,47 @@ def prune(
         return TokenEncoder(pruned, plan)
     pruned.colln_plan = plan
     return pruned
+
+
+def tome(
+    model: nn.Module,
+    r: int | Sequence[int],
+    *,
+    layers: Sequence[int] | None = None,
+    prop_attn: bool = True,
+) -> nn.Module:
+    """A ToMe copy of a timm VisionTransformer (Bolya et al. 2023): ``r`` tokens merged at every
+    block of ``layers`` (default all) by bipartite soft matching, or one r per layer; an r above
+    half a block's candidates is clamped there (``colln_plan.merge_counts``). ``r=0`` everywhere is
+    exactly the unpruned model. ``prop_attn``: proportional attention after the first merge."""
+    return prune(model, PruneConfig(keep=1.0, tome=r if isinstance(r, int) else tuple(r), layers=layers, prop_attn=prop_attn))
+
+
+def _wrap_merging(
+    model: nn.Module,
+    plan: KeepPlan,
+) -> None:
+    """Wrap the merging blocks of ``plan`` (and, with proportional attention, every block after the
+    first merge) and thread token sizes through them; no merge at all leaves timm's blocks as they are."""
+    c, p = plan.config, plan.num_prefix
+    if plan.method == "tome":
+        merges = {i: (k, r) for i, k, r in zip(plan.layers, plan.keep_counts, plan.merge_counts) if r > 0}
+    else:
+        merges = {i: (k, 0) for i, k in plan.pruned_layers}
+    if not merges:
+        return
+    first = min(merges)
+    wrapped = [i for i in range(plan.depth) if i in merges or (c.prop_attn and i > first)]
+    _check_blocks(model, wrapped, "merge (its keys are compared, its logits take the sizes)")
+    blocks = list(model.blocks)
+    for i in wrapped:
+        if i not in merges:
+            blocks[i] = ProportionalBlock(blocks[i])
+        elif plan.method == "tome":
+            blocks[i] = ToMeBlock(blocks[i], layer=i, num_prefix=p, k=merges[i][0], r=merges[i][1], config=c)
+        else:
+            blocks[i] = MergingBlock(blocks[i], layer=i, num_prefix=p, k=merges[i][0], config=c)
+    model.blocks = SizedBlocks(*blocks)
 
 
 def get_plan(

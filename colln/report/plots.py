@@ -50,7 +50,9 @@ def plot_accuracy_vs_keep(
     norms = [n for _, n, _ in result.series()]
     for ax, layers in zip(axes[0], sets):
         for metric, norm, precision in result.series():
-            rows = [r for r in result.rows if (r.metric, r.norm, r.precision, r.layers) == (metric, norm, precision, layers)]
+            rows = [
+                r for r in result.keep_rows if (r.series_name, r.norm, r.precision, r.layers) == (metric, norm, precision, layers)
+            ]
             xs, ys = zip(*sorted((r.keep, 100 * r.accuracy) for r in rows))
             style = "-" if precision == "fp32" else ":"
             ax.plot(xs, ys, style, marker="o", label=series_label(metric, norm, norms, precision))
@@ -77,13 +79,17 @@ def plot_pareto(
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = dict(zip(result.layer_sets, "osD^v<>p"))
     annotate = len(result.layer_sets) == 1
-    for (metric, norm, precision), color in zip(result.series(), colors * 3):
+    # One colour per series (ToMe's: one per precision), each configuration a point.
+    series = result.series() + list(dict.fromkeys(("tome", r.norm, r.precision) for r in result.tome_rows))
+    for (metric, norm, precision), color in zip(series, colors * 3):
         ax.scatter([], [], color=color, label=series_label(metric, norm, norms, precision))
-        for r in (r for r in result.rows if (r.metric, r.norm, r.precision) == (metric, norm, precision)):
-            ax.scatter(r.latency.p50_ms, 100 * r.accuracy, color=color, marker=markers.get(r.layers, "o"))
-            if annotate:
+        for r in (r for r in result.rows if (r.series_name, r.norm, r.precision) == (metric, norm, precision)):
+            ax.scatter(
+                r.latency.p50_ms, 100 * r.accuracy, color=color, marker="X" if r.method == "tome" else markers.get(r.layers, "o")
+            )
+            if annotate or r.method == "tome":
                 ax.annotate(
-                    f"{r.keep:g}",
+                    f"r={r.r}" if r.method == "tome" else f"{r.keep:g}",
                     (r.latency.p50_ms, 100 * r.accuracy),
                     textcoords="offset points",
                     xytext=(4, 3),

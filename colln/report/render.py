@@ -28,10 +28,7 @@ def result_table(
     table.add_row(
         "model", f"{m['name']} ({m['weights']} weights, {m['params'] / 1e6:.2f}M params, input {tuple(m['input_size'])})"
     )
-    final = "" if plan.get("final_rate") is None else f", final keep {plan['final_rate']:g}"
-    table.add_row(
-        "plan", f"{plan['metric']} at blocks {plan['layers']}, keep {plan['keep_rates']}{final}, tokens {plan['token_steps']}"
-    )
+    table.add_row("plan", plan_line(plan))
     table.add_row("TopK K", ", ".join(str(k) for k in e["topk_k"]) or "none (unpruned)")
     table.add_row("FLOPs", f"{f['pruned'] / 1e9:.3g} G of {f['full'] / 1e9:.3g} G ({f['ratio']:.2f}x), bound {f['bound']:.2f}x")
     if report.get("tokens"):
@@ -107,7 +104,7 @@ def report_markdown(
     """A short human summary of report.json."""
     m, plan, f = report["model"], report["plan"], report["flops"]
     lines = [
-        f"# {m['name']}: {plan['metric']} keep plan",
+        f"# {m['name']}: {'ToMe' if plan.get('tome') is not None else plan['metric']} keep plan",
         "",
         f"- Plan: {plan['summary']}",
         f"- FLOPs: {f['pruned'] / 1e9:.3g} G of {f['full'] / 1e9:.3g} G per image (bound {f['bound']:.2f}x)",
@@ -188,6 +185,20 @@ def _error_text(
     return f"{max_err}, {mean} over all images, {cosine}"
 
 
+def plan_line(
+    plan: dict,
+) -> str:
+    """A report's plan in one line: where it prunes or merges, how much, the token counts."""
+    if plan.get("tome") is not None:
+        r = plan["merge_counts"]
+        return f"ToMe at blocks {plan['layers']}, r {r} (clamped to half the tokens), tokens {plan['token_steps']}"
+    final = "" if plan.get("final_rate") is None else f", final keep {plan['final_rate']:g}"
+    merge = ""
+    if plan.get("merge") and plan.get("feature_block") is None:
+        merge = f", dropped tokens merged by {plan.get('merge_weight') or 'size'}"
+    return f"{plan['metric']} at blocks {plan['layers']}, keep {plan['keep_rates']}{final}{merge}, tokens {plan['token_steps']}"
+
+
 def _layer_lines(
     v: dict,
 ) -> list[str]:
@@ -195,7 +206,8 @@ def _layer_lines(
     for layer in v["layers"]:
         kept = "" if layer["identical_fraction"] is None else f", identical kept sets {layer['identical_fraction']:.3f}"
         margin = "n/a" if layer["min_relative_margin"] is None else f"{layer['min_relative_margin']:.2g}"
-        lines.append(f"layer {layer['layer']} (k={layer['k']}): min relative margin {margin}{kept}")
+        merge = "" if layer.get("min_merge_margin") is None else f", min merge margin {layer['min_merge_margin']:.2g}"
+        lines.append(f"layer {layer['layer']} (k={layer['k']}): min relative margin {margin}{kept}{merge}")
     return lines
 
 
@@ -258,10 +270,12 @@ def series_label(
     norms: Sequence[float],
     precision: str = "fp32",
 ) -> str:
-    """``Col-Ln (n=4)`` when several norm orders were swept, else just the metric; `` int8`` for
+    """``Col-Ln (n=4)`` when several norm orders were swept, else just the metric; `` + merge`` for
+    a series name ``<metric>+merge`` (:attr:`colln.measure.sweep.Row.series_name`); `` int8`` for
     quantized rows."""
-    label = METRIC_LABELS.get(metric, metric)
-    label = f"{label} (n={norm:g})" if metric != "cls" and len(set(norms)) > 1 else label
+    base = metric.removesuffix("+merge")
+    label = METRIC_LABELS.get(base, base) + (" + merge" if base != metric else "")
+    label = f"{label} (n={norm:g})" if base not in ("cls", "tome") and len(set(norms)) > 1 else label
     return label if precision == "fp32" else f"{label} {precision}"
 
 
@@ -281,9 +295,31 @@ def table_cells(
         acc_rows.append([label, *(f"{100 * r.accuracy:.1f} ({100 * r.agreement:.1f})" if r else "-" for r in cells)])
         lat_rows.append([label, *(f"{r.latency.p50_ms:.3g} ({result.speedup(r):.2f}x)" if r else "-" for r in cells)])
     # The FLOPs ratio depends on keep and layers only, not on the metric: one row under the timings.
-    any_row = [next((r for r in result.rows if (r.keep, r.layers) == (k, layers)), None) for k in result.keeps]
+    any_row = [next((r for r in result.keep_rows if (r.keep, r.layers) == (k, layers)), None) for k in result.keeps]
     lat_rows.append(["FLOPs / unpruned", *(f"{r.flops_ratio:.2f}" if r else "-" for r in any_row)])
     return header, acc_rows, lat_rows
+
+
+def tome_cells(
+    result: Sweep,
+) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    """:func:`table_cells` for the ToMe rows: columns are r (merged at every block)."""
+    rows = sorted(result.tome_rows, key=lambda r: (r.precision, r.r))
+    header = ["ToMe", *(f"r={r.r}" + ("" if r.precision == "fp32" else f" {r.precision}") for r in rows)]
+    acc = [["top-1 (agreement)", *(f"{100 * r.accuracy:.1f} ({100 * r.agreement:.1f})" for r in rows)]]
+    lat = [
+        ["ms (speedup)", *(f"{r.latency.p50_ms:.3g} ({result.speedup(r):.2f}x)" for r in rows)],
+        ["FLOPs / unpruned", *(f"{r.flops_ratio:.2f}" for r in rows)],
+    ]
+    return header, acc, lat
+
+
+def _tables(
+    result: Sweep,
+) -> list[tuple[str, list[str], list[list[str]], list[list[str]]]]:
+    """(where, header, accuracy rows, latency rows): one per layer set, then ToMe's when swept."""
+    tables = [(f"pruning at blocks {', '.join(map(str, layers))}", *table_cells(result, layers)) for layers in result.layer_sets]
+    return tables + ([("ToMe at every block", *tome_cells(result))] if result.tome_rows else [])
 
 
 def _md_table(
@@ -311,10 +347,8 @@ def eval_markdown(
 ) -> str:
     """The results as markdown: per layer set, the accuracy table and the latency table."""
     parts = [f"# colln-eval: {result.model}", "", describe(result) + ".", ""]
-    for layers in result.layer_sets:
-        header, acc, lat = table_cells(result, layers)
-        where = ", ".join(map(str, layers))
-        parts += [f"## Pruning at blocks {where}", "", "Top-1 accuracy % (agreement with the unpruned model %):", ""]
+    for where, header, acc, lat in _tables(result):
+        parts += [f"## {where[:1].upper()}{where[1:]}", "", "Top-1 accuracy % (agreement with the unpruned model %):", ""]
         parts += [
             _md_table(header, acc),
             "",
@@ -338,12 +372,10 @@ def print_eval(
         # Piped output has no width to fit; rich would assume 80 columns and wrap every cell.
         console.width = max(console.width, 120)
     console.print(describe(result))
-    for layers in result.layer_sets:
-        header, acc, lat = table_cells(result, layers)
-        where = ", ".join(map(str, layers))
+    for where, header, acc, lat in _tables(result):
         for title, rows in (
-            (f"top-1 % (agreement %), pruning at blocks {where}", acc),
-            (f"median ms (speedup), blocks {where}", lat),
+            (f"top-1 % (agreement %), {where}", acc),
+            (f"median ms (speedup), {where.removeprefix('pruning at ')}", lat),
         ):
             table = Table(title=title)
             for i, h in enumerate(header):

@@ -113,7 +113,9 @@ def _resolved(
 ) -> PruneConfig:
     """``config`` with its layers and rates spelt out, and the settings its metric ignores at their
     defaults ([CLS] uses no norm, only ``correct`` a rescue ratio), so equal plans compare equal."""
-    layers = config.layers if config.layers is not None else default_layers(depth)
+    # ToMe merges at every block by default, pruning at EViT's.
+    every = tuple(range(depth)) if config.tome is not None else default_layers(depth)
+    layers = config.layers if config.layers is not None else every
     rates = config.rates(len(layers))
     return replace(
         config,
@@ -129,11 +131,12 @@ def plan_flags(
 ) -> str:
     """The colln-export / colln-finetune flags that give ``config`` (layers resolved)."""
     keep = config.keep if isinstance(config.keep, tuple) else (config.keep,)
-    flags = [
-        f"--keep {','.join(f'{r:g}' for r in keep)}",
-        f"--layers {','.join(map(str, config.layers or ()))}",
-        f"--metric {config.metric}",
-    ]
+    layers = f"--layers {','.join(map(str, config.layers or ()))}"
+    merging = [] if config.prop_attn else ["--no-prop-attn"]
+    if config.tome is not None:
+        tome = config.tome if isinstance(config.tome, tuple) else (config.tome,)
+        return " ".join([f"--tome {','.join(map(str, tome))}", layers, *merging])
+    flags = [f"--keep {','.join(f'{r:g}' for r in keep)}", layers, f"--metric {config.metric}"]
     if config.metric != "cls":
         flags.append(f"--norm {config.norm:g}")
     if config.metric == "correct":
@@ -144,6 +147,8 @@ def plan_flags(
         flags.append("--spatial-order")
     if config.round_to != 1:
         flags.append(f"--round-to {config.round_to}")
+    if config.merge:
+        flags += ["--merge", *([f"--merge-weight {config.merge_weight}"] if config.merge_weight else []), *merging]
     return " ".join(flags)
 
 

@@ -19,6 +19,15 @@ there on their activations legitimately differ (random-init ViTs are full of suc
 2. Where it cannot (TensorRT, PyTorch), images whose smallest relative boundary margin at any
    pruning layer is within ``tie_rtol`` are left out of the logit checks instead.
 
+Merging (``--merge``, ``--tome``) adds choices that can flip on float noise the same way: the
+kept token a dropped one joins (its most similar by key cosine) and, for ToMe, which edges merge
+(the r-th and (r+1)-th best edge similarity: the same boundary margin, with k = r) and each
+merged token's destination. PyTorch records, per image, the smallest gap between a merged
+token's best and second-best destination; images where that gap is within ``tie_rtol`` (cosine
+similarities lie in [-1, 1], so the gap is already relative) are reported and left out of the
+logit checks. ToMe's ranks are not observed in the graph: its edge margins go through rule 2.
+Every other difference between the backends is a mismatch.
+
 On the images that remain ("judged"), per image: cosine similarity of the logits >= ``min_cosine``,
 max absolute error <= ``logit_rtol * max(1, max |reference logit|)``, and the same top-1 class
 unless PyTorch's own top-1/top-2 gap is within that error tolerance. Defaults (:data:`TOLERANCES`):
@@ -43,7 +52,7 @@ check of step 1 is then the only evidence.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +100,9 @@ class LayerCheck:
     identical_fraction: float | None = None
     diverged_here: int | None = None
     explained: int | None = None
+    # Merging layers: the smallest gap between a merged token's best and second-best destination.
+    min_merge_margin: float | None = None
+    merge_tied_images: int | None = None
 
 
 @dataclass
@@ -166,12 +178,14 @@ def _finite(
 class Reference:
     """What the PyTorch reference computed on the validation images: its outputs (``logits``, or a
     tokens model's tokens), the unpruned model's logits (``None`` for tokens) and, per selection
-    layer, the kept indices and the scores they were picked by."""
+    layer, the kept indices and the scores they were picked by, and per merging layer the margins of
+    its merge choices (the tie rule for merges)."""
 
     logits: np.ndarray
     unpruned: np.ndarray | None
     kept: dict[int, np.ndarray]
     scores: dict[int, np.ndarray]
+    merge_margins: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def _error_fields(
@@ -230,19 +244,21 @@ def validate(
     base_runner = TorchRunner(unpruned, name="torch-unpruned")
     with record_selections(pruned) as selections:
         results = _run_all([ref_runner, base_runner, candidate], list(feeds(images.images, batch)))
-    layers = plan.pruned_layers
+    # ToMe: its selection is the r merged edges, ranked by their similarity (k = r).
+    layers = plan.merge_layers if plan.method == "tome" else plan.pruned_layers
     kept, scores = _recorded(selections, layers)
     ref = Reference(
         logits=results[ref_runner.name][OUTPUT_NAME],
         unpruned=results[base_runner.name][OUTPUT_NAME],
         kept=kept,
         scores=scores,
+        merge_margins=_merge_margins(selections),
     )
     outs = results[candidate.name]
     return compare(
         ref,
         outs[OUTPUT_NAME].astype(np.float32),
-        _observed_kept(outs, layers),
+        _observed_kept(outs, layers) if plan.kept_index_layers else None,
         layers,
         metric=plan.config.metric,
         fuse=plan.config.fuse,
@@ -265,6 +281,17 @@ def _recorded(
         kept.setdefault(s.layer, []).append(s.indices)
         scores.setdefault(s.layer, []).append(s.scores)
     return {i: torch.cat(kept[i]).numpy() for i, _ in layers}, {i: torch.cat(scores[i]).float().numpy() for i, _ in layers}
+
+
+def _merge_margins(
+    selections: Sequence[Selection],
+) -> dict[int, np.ndarray]:
+    """PyTorch's merge margins per merging layer, batches concatenated (layers that do not merge: none)."""
+    margins: dict[int, list[torch.Tensor]] = {}
+    for s in selections:
+        if s.merge_margin is not None:
+            margins.setdefault(s.layer, []).append(s.merge_margin)
+    return {i: torch.cat(m).float().numpy() for i, m in margins.items()}
 
 
 def _observed_kept(
@@ -306,7 +333,9 @@ def validate_tokens(
     layers = plan.selection_layers
     kept, scores = _recorded(selections, layers)
     ref_out, outs = results[ref_runner.name], results[candidate.name]
-    ref = Reference(logits=ref_out[TOKENS_NAME], unpruned=None, kept=kept, scores=scores)
+    ref = Reference(
+        logits=ref_out[TOKENS_NAME], unpruned=None, kept=kept, scores=scores, merge_margins=_merge_margins(selections)
+    )
     # Inner layers through the graph's TopK outputs; the final selection is the indices output itself.
     cand_kept = _observed_kept(outs, plan.pruned_layers)
     cand_ids = outs[INDICES_NAME].astype(np.int64)
@@ -493,7 +522,36 @@ def _judge_selections(
                 f"{int((~judged).sum())} of {n} images have a near-tied selection (relative margin <= {tol.tie_rtol:g}) "
                 f"and {backend}'s kept tokens are not observed (only ONNX Runtime reports them); left out of the logit checks"
             )
+    _judge_merges(ref.merge_margins, checks, judged, tol, warnings)
     return checks, judged, mismatches, warnings
+
+
+def _judge_merges(
+    margins: dict[int, np.ndarray],
+    checks: list[LayerCheck],
+    judged: np.ndarray,
+    tol: Tolerances,
+    warnings: list[str],
+) -> None:
+    """Leave out of the end-to-end checks the images whose merge choice is near-tied at some merging
+    layer (its margin within ``tie_rtol``: the backends may pick another destination); record the
+    margins in ``checks``. Updates ``judged``."""
+    if not margins:
+        return
+    tied = np.zeros_like(judged)
+    for c, check in enumerate(checks):
+        if check.layer in margins:
+            m = margins[check.layer]
+            near = m <= tol.tie_rtol
+            tied |= near
+            checks[c] = replace(check, min_merge_margin=float(m.min()), merge_tied_images=int(near.sum()))
+    left_out = int((tied & judged).sum())
+    judged &= ~tied
+    if left_out:
+        warnings.append(
+            f"{left_out} of {len(judged)} images have a near-tied merge choice (best and second-best destination within "
+            f"tie_rtol {tol.tie_rtol:g}); left out of the logit checks"
+        )
 
 
 def _kept_check(
