@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     base = load_model("digits_vit", "bundled").eval()
-    data = load_labelled("digits", 10)
+    data = load_labelled("digits", base)
     images, labels = preprocess(data.images, base), torch.from_numpy(data.labels)
     plans = [(float(k) / 10, layers) for layers in resolve_layers(LAYER_SETS, len(base.blocks)) for k in range(1, 10)]
     costs = {p: ratio(colln.prune(base, keep=p[0], layers=p[1])) for p in plans}

@@ -174,7 +174,7 @@ def test_eval_compares_prune_merge_and_tome_in_one_interleaved_run(trained_digit
     )
     rows = {r.key: r for r in result.sweep.rows}
     assert sorted(rows) == ["colln-n4-keep0.5-L1.3", "colln-n4-keep0.5-L1.3-merge", "tome-r12", "tome-r8"]
-    data = load_labelled("digits", 10, limit=60)
+    data = load_labelled("digits", trained_digits_vit, limit=60)
     x, y = preprocess(data.images, trained_digits_vit), torch.from_numpy(data.labels)
     expected = {
         "colln-n4-keep0.5-L1.3": colln.prune(trained_digits_vit, keep=0.5, layers=(1, 3)),
