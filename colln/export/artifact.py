@@ -66,7 +66,8 @@ def export_into(
     unpruned = unpruned if unpruned is not None else spec.load_unpruned()
     pruned = spec.apply(unpruned)
     plan = get_plan(pruned)
-    spec = replace(spec, plan=plan.to_dict())
+    # Artifacts for other runtimes are written (and recorded) after the graph, by their writers.
+    spec = replace(spec, plan=plan.to_dict(), artifacts={})
     input_size = tuple(data_config(unpruned)["input_size"])
     with explicit_attention(pruned):
         proto = export_onnx(

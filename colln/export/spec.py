@@ -7,6 +7,7 @@ Layout of an export directory (``exports/<model>-<metric>-keep<R>`` by default):
     export.json    ExportSpec (how to rebuild the model) + the keep plan + file names
     report.json    validation and latency report (colln-export), report.md its summary
     model.plan     TensorRT engine (optional, colln-build / --trt) with model.plan.json beside it
+    openvino/      OpenVINO IR, model.xml + model.bin (optional, colln-export --openvino)
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class ExportSpec:
     # A weights file is recorded by absolute path and content hash (filled in from ``weights``):
     # the reference rebuilt later, from any directory, is the one exported or a clear error.
     weights_sha256: str | None = None
+    # The artifacts written beside model.onnx for other runtimes, by runtime (e.g. ``openvino``:
+    # its IR files with their sha256 and the compile options; see colln.export.openvino).
+    artifacts: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.weights is None or self.weights in NAMED_WEIGHTS:

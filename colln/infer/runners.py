@@ -30,7 +30,7 @@ from colln.export.artifact import read_export
 from colln.export.spec import INDICES_NAME, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, TOKENS_NAME, file_sha256
 from colln.export.tensorrt import LABELS, PLAN_FILE, TrtFlavour, gpu_info, read_plan_metadata, trt_module
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 
 
 class TorchRunner(BaseRunner):
@@ -227,6 +227,92 @@ def kept_onnxruntime_runner(
     return onnxruntime_runner(proto, device=device, threads=threads, split_batches=split_batches)
 
 
+class OpenvinoRunner(BaseRunner):
+    """Runs an export's OpenVINO IR on the CPU (:mod:`colln.export.openvino`): compiled at
+    ``precision`` (None: the IR's own, from ``export.json``; an fp32 IR runs at fp32 or with
+    OpenVINO's bf16 hint) on ``threads`` inference threads (None: OpenVINO's default). ``kept``: TopK index
+    tensors to add as outputs, named like ONNX Runtime's kept outputs (``colln_kept_L<layer>_<j>``),
+    so that validation compares the tokens OpenVINO really kept."""
+
+    def __init__(
+        self,
+        export_dir: Path,
+        precision: str | None = None,
+        threads: int | None = None,
+        kept: dict[str, str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        from colln.export.openvino import read_ir
+
+        export_dir = Path(export_dir)
+        record = read_ir(export_dir)
+        self.precision = precision or record["precision"]
+        # One fp32 IR runs at fp32 or bf16 (a compile option); an int8 IR is int8 only.
+        if (self.precision == "int8") != (record["precision"] == "int8"):
+            raise UsageError(f"an OpenVINO {record['precision']} IR cannot run at {self.precision}")
+        super().__init__(name=name or f"openvino-{self.precision}", prefix="openvino-runner")
+        self._xml = export_dir / record["file"]
+        self.threads = threads
+        self._kept = kept or {}
+
+    def activate_impl(self) -> None:
+        from colln.export.openvino import compile_model, ov_module
+
+        model = ov_module().Core().read_model(str(self._xml))
+        added = model.add_outputs(list(self._kept)) if self._kept else []
+        self.compiled = compile_model(model, self.precision, self.threads)
+        names = [o.get_any_name() for o in model.outputs[: len(model.outputs) - len(added)]]
+        self._names = names + [self._kept[o.get_any_name()] for o in added]
+        self._request = self.compiled.create_infer_request()
+
+    @property
+    def inference_precision(self) -> str:
+        """What OpenVINO really runs (read back from the compiled model)."""
+        from colln.export.openvino import used_precision
+
+        return used_precision(self.compiled)
+
+    def get_input_metadata_impl(self) -> TensorMetadata:
+        shape = [d.get_length() if d.is_static else -1 for d in self.compiled.inputs[0].get_partial_shape()]
+        return TensorMetadata().add(INPUT_NAME, dtype=DataType.FLOAT32, shape=shape)
+
+    def infer_impl(
+        self,
+        feed_dict: dict[str, np.ndarray],
+    ) -> OrderedDict:
+        x = np.ascontiguousarray(feed_dict[INPUT_NAME], dtype=np.float32)
+        start = time.perf_counter()
+        results = self._request.infer({0: x})
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict((name, np.asarray(results[i])) for i, name in enumerate(self._names))
+
+    def deactivate_impl(self) -> None:
+        del self._request, self.compiled
+
+
+def openvino_runner(
+    export_dir: Path,
+    precision: str | None = None,
+    threads: int | None = None,
+    record_kept: bool = False,
+) -> OpenvinoRunner:
+    """An :class:`OpenvinoRunner` over ``export_dir``'s IR; with ``record_kept`` it also outputs
+    the kept indices of every pruning layer (the TopK index tensors of
+    :func:`colln.export.onnx.kept_index_nodes`, which keep their ONNX names in the IR)."""
+    from colln.export.onnx import KEPT_OUTPUT_PREFIX, kept_index_nodes
+
+    kept = None
+    if record_kept:
+        layers = read_export(export_dir).keep_plan().pruned_layers
+        proto = onnx.load(str(Path(export_dir) / ONNX_FILE), load_external_data=False)
+        kept = {
+            tensor: f"{KEPT_OUTPUT_PREFIX}{layer}_{j}"
+            for layer, tensors in kept_index_nodes(proto, layers).items()
+            for j, tensor in enumerate(tensors)
+        }
+    return OpenvinoRunner(export_dir, precision=precision, threads=threads, kept=kept)
+
+
 def check_plan(
     meta: dict,
     flavour: TrtFlavour,
@@ -282,9 +368,10 @@ def open_runner(
     """A runner for an export directory, or for an in-memory PyTorch model (backend ``torch`` only).
 
     ``torch``: the pruned PyTorch reference rebuilt from ``export.json``; ``onnxruntime``:
-    ``model.onnx``; ``tensorrt``: ``model.plan``. ``threads`` (None: the backend's default) reaches
-    torch and ONNX Runtime through the runner. ``record_kept``: ONNX Runtime also outputs the
-    tokens each pruning layer kept (for validation). ``split_batches``: ONNX Runtime on CPU runs a
+    ``model.onnx``; ``openvino``: ``openvino/model.xml`` at its recorded precision (CPU only);
+    ``tensorrt``: ``model.plan``. ``threads`` (None: the backend's default) reaches torch, ONNX
+    Runtime and OpenVINO through the runner. ``record_kept``: ONNX Runtime and OpenVINO also output
+    the tokens each pruning layer kept (for validation). ``split_batches``: ONNX Runtime on CPU runs a
     batch of at least as many images as threads as one slice per thread (:class:`SplitBatchOnnxrtRunner`)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -300,6 +387,10 @@ def open_runner(
         if record_kept:
             return kept_onnxruntime_runner(export_dir / ONNX_FILE, spec.keep_plan().pruned_layers, device, threads, split_batches)
         return onnxruntime_runner(export_dir / ONNX_FILE, device=device, threads=threads, split_batches=split_batches)
+    if backend == "openvino":
+        if device != "cpu":
+            raise UsageError(f"colln runs OpenVINO on the CPU only, not {device!r}: use --device cpu")
+        return openvino_runner(export_dir, threads=threads, record_kept=record_kept)
     return tensorrt_runner(export_dir)
 
 
