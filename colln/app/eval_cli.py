@@ -49,7 +49,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--keep", default="0.3,0.5,0.7,0.9", help="keep rates to sweep (default 0.3,0.5,0.7,0.9)")
     parser.add_argument("--metric", default=",".join(METRICS), help="metrics to compare (default colln,cls,correct)")
     parser.add_argument(
-        "--backend", default="torch", choices=EVAL_BACKENDS, help="run PyTorch or ONNX Runtime exports (default torch)"
+        "--backend", default="torch", choices=EVAL_BACKENDS, help="run PyTorch, ONNX Runtime or OpenVINO exports (default torch)"
     )
     parser.add_argument(
         "--precision",

@@ -69,13 +69,14 @@ def bench_export(
     for b, row in latency_rows(compared, spec.precision).items():
         results[b] = {**row, "bound": flops.bound, "efficiency": row["speedup"] / flops.bound}
     return {
-        "case": case_name(spec, backend, threads, device),
+        "case": case_name(spec, "+".join(runtimes) if runtimes else backend, threads, device),
         "export": str(export_dir),
         "unpruned_export": str(base_dir),
         "spec": {k: v for k, v in spec.to_dict().items() if k != "plan"},
         "plan": str(plan),
         "flops": flops.to_dict(),
         "backend": backend,
+        "runtimes": list(runtimes) or [backend],
         "device": device,
         "threads": threads,
         "split_batches": split_batches,
