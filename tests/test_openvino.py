@@ -14,6 +14,7 @@ import builtins
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +283,60 @@ def test_stack_times_both_runtimes_on_the_listed_files(fp32_export: Path, tmp_pa
             assert artifact["artifact"].endswith(IR_FILE)
             assert artifact["options"]["INFERENCE_PRECISION_HINT"] == ("bf16" if "bf16" in name else "f32")
     assert stack["artifacts"]["openvino:pruned-fp32"]["artifact"] == str(fp32_export / IR_FILE)
+    # ONNX Runtime's figures come from the listed model.ort.onnx, with no fusion left to do at load.
+    assert stack["artifacts"]["pruned-fp32"]["artifact"] == str(fp32_export / "model.ort.onnx")
+    assert "fusion at load" not in stack["artifacts"]["unpruned-fp32"]["options"]
+
+
+def test_colln_serve_answers_on_openvino(fp32_export: Path, tmp_path: Path) -> None:
+    """colln-serve --backend openvino: the python-backend model runs the IR behind the guard; its
+    logits are OpenVINO's own on the same images."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    pytest.importorskip("pytriton")
+    from serving_helpers import HOST, digit_images, free_ports, launch, stop, wait_ready
+
+    http, grpc, metrics = free_ports(3)
+    argv = [
+        str(Path(sys.executable).with_name("colln-serve")), str(fp32_export), "--backend", "openvino",
+        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-batch", "8",
+    ]  # fmt: skip
+    log = tmp_path / "serve.log"
+    proc = launch(argv, log)
+    try:
+        wait_ready(proc, f"{HOST}:{http}")
+        images = digit_images(8)
+        tensor = httpclient.InferInput("images", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
+        served = httpclient.InferenceServerClient(f"{HOST}:{http}").infer(fp32_export.name, [tensor]).as_numpy("logits")
+    except Exception:  # noqa: BLE001 - whatever went wrong, show the server's log
+        pytest.fail(f"colln-serve --backend openvino failed:\n{log.read_text()[-3000:]}")
+    finally:
+        stop(proc)
+    with open_runner(fp32_export, "openvino") as runner:
+        np.testing.assert_allclose(served, runner.infer({"images": images})["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_listed_onnxruntime_artifact_is_what_a_plain_session_runs(fp32_export: Path, tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from serving_helpers import digit_images
+
+    artifacts = read_export(fp32_export).artifacts
+    assert artifacts["onnx"] == {"file": "model.onnx"}
+    assert artifacts["onnxruntime"]["file"] == "model.ort.onnx"
+    assert artifacts["onnxruntime"]["options"] == {"session.force_spinning_stop": "1"}
+    # The attention fusion colln does for ONNX Runtime is in the file, not done at load.
+    ops = [n.op_type for n in onnx.load(str(fp32_export / "model.ort.onnx")).graph.node]
+    assert "MultiHeadAttention" in ops and "MultiHeadAttention" not in [
+        n.op_type for n in onnx.load(str(fp32_export / "model.onnx")).graph.node
+    ]
+    images = digit_images(8)
+    plain = ort.InferenceSession(str(fp32_export / "model.ort.onnx"), providers=["CPUExecutionProvider"])
+    with open_runner(fp32_export, "onnxruntime", threads=2) as runner:
+        ours = runner.infer({"images": images})["logits"]
+    np.testing.assert_allclose(plain.run(["logits"], {"images": images})[0], ours, rtol=1e-5, atol=1e-6)
+    copy = shutil.copytree(fp32_export, tmp_path / "copy", ignore=shutil.ignore_patterns("openvino"))
+    (copy / "model.ort.onnx").write_bytes((copy / "model.onnx").read_bytes())
+    with pytest.raises(ExportDirError, match=r"model\.ort\.onnx is missing or does not match export\.json"):
+        open_runner(copy, "onnxruntime")

@@ -26,7 +26,7 @@ from polygraphy.datatype import DataType
 from torch import nn
 
 from colln.errors import BackendUnavailableError, EngineError, UsageError
-from colln.export.artifact import read_export
+from colln.export.artifact import ORT_SESSION_OPTIONS, ort_artifact, read_export
 from colln.export.spec import INDICES_NAME, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, TOKENS_NAME, file_sha256
 from colln.export.tensorrt import LABELS, PLAN_FILE, TrtFlavour, gpu_info, read_plan_metadata, trt_module
 
@@ -89,12 +89,14 @@ def onnxruntime_runner(
     device: str = "cpu",
     threads: int | None = None,
     split_batches: bool = True,
+    fused: bool = False,
 ) -> BaseRunner:
     """polygraphy's ``OnnxrtRunner`` over an ONNX Runtime session (CUDA when onnxruntime-gpu is installed).
     ``model`` is a path or an in-memory graph (validation runs a copy with extra outputs). On CPU
     the session runs the graph's ONNX Runtime flavour (:func:`colln.export.ort_graph.for_onnxruntime`),
     and with ``split_batches`` a batch of at least as many images as threads runs as one slice per
-    thread (:class:`SplitBatchOnnxrtRunner`)."""
+    thread (:class:`SplitBatchOnnxrtRunner`). ``fused``: ``model`` is already that flavour (an
+    export's ``model.ort.onnx``) and is loaded as it is."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -116,10 +118,12 @@ def onnxruntime_runner(
         # serving several models alternate sessions; deit_small, batch 1, 2 threads, alternating
         # unpruned/pruned: 98/76 ms (ratio 1.28) with spinning, 52/36 ms (1.48) with this
         # (benchmarks/alternating_sessions.py). allow_spinning=0 also helps but made digits_vit 7x slower.
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        for key, value in ORT_SESSION_OPTIONS.items():
+            options.add_session_config_entry(key, value)
         # Errors only: ONNX Runtime warns about every constant its GELU fusion leaves unused.
         options.log_severity_level = 3
-        return ort.InferenceSession(session_model(model, fuse=not cuda), sess_options=options, providers=providers)
+        loaded = str(model) if fused else session_model(model, fuse=not cuda)
+        return ort.InferenceSession(loaded, sess_options=options, providers=providers)
 
     workers = threads or len(os.sched_getaffinity(0))
     if split_batches and not cuda and workers > 1:
@@ -386,6 +390,9 @@ def open_runner(
     if backend == "onnxruntime":
         if record_kept:
             return kept_onnxruntime_runner(export_dir / ONNX_FILE, spec.keep_plan().pruned_layers, device, threads, split_batches)
+        listed = ort_artifact(export_dir, spec) if not device.startswith("cuda") else None
+        if listed is not None:
+            return onnxruntime_runner(listed, device=device, threads=threads, split_batches=split_batches, fused=True)
         return onnxruntime_runner(export_dir / ONNX_FILE, device=device, threads=threads, split_batches=split_batches)
     if backend == "openvino":
         if device != "cpu":

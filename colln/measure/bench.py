@@ -15,7 +15,7 @@ from torch import nn
 
 from colln.data import ValImages
 from colln.errors import BaselineError, ExportDirError, UsageError, ValidationFailedError
-from colln.export.artifact import default_out_dir, read_export
+from colln.export.artifact import ORT_SESSION_OPTIONS, default_out_dir, read_export
 from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportSpec
 from colln.export.unpruned import cached_export, default_cache, unpruned_engine, unpruned_export
 from colln.infer.environment import environment
@@ -119,7 +119,18 @@ class Variant:
                 "artifact": str(self.directory / record["file"]),
                 "options": {**record["options"], "INFERENCE_PRECISION_HINT": HINTS[precision]},
             }
-        return {"runtime": self.backend, "artifact": str(self.directory / ONNX_FILE), "options": {}}
+        if self.backend != "onnxruntime":
+            return {"runtime": self.backend, "artifact": str(self.directory / ONNX_FILE), "options": {}}
+        listed = read_export(self.directory).artifacts.get("onnxruntime")
+        # What colln's ONNX Runtime runner does on top of a plain session (colln.infer.runners).
+        options = {**ORT_SESSION_OPTIONS, "batch slices": "one per thread on 2+ threads, unless --no-split-batches"}
+        if listed is None:
+            options["fusion at load"] = "colln.export.ort_graph.for_onnxruntime"
+        return {
+            "runtime": "onnxruntime",
+            "artifact": str(self.directory / (listed or {}).get("file", ONNX_FILE)),
+            "options": options,
+        }
 
 
 def measure_exports(
