@@ -340,3 +340,14 @@ def test_listed_onnxruntime_artifact_is_what_a_plain_session_runs(fp32_export: P
     (copy / "model.ort.onnx").write_bytes((copy / "model.onnx").read_bytes())
     with pytest.raises(ExportDirError, match=r"model\.ort\.onnx is missing or does not match export\.json"):
         open_runner(copy, "onnxruntime")
+
+
+def test_tokens_export_gets_an_ir_that_matches_pytorch(tmp_path: Path) -> None:
+    out = tmp_path / "tokens"
+    argv = ["digits_vit", "--keep", "0.7", "--output", "tokens", "--openvino", "--no-latency", "--val-limit", "40"]
+    assert export_main([*argv, "--out", str(out)]) == 0
+    checked = report(out)["openvino"]["validation"]
+    assert checked["passed"] and checked["output"] == "tokens" and checked["judged_images"] == 40
+    with open_runner(out, "openvino") as runner:
+        outputs = runner.infer({"images": validation_images("digits_vit", read_export(out).load_unpruned(), limit=2).images})
+    assert list(outputs) == ["tokens", "indices"] and outputs["tokens"].shape[:2] == outputs["indices"].shape == (2, 45)

@@ -248,13 +248,15 @@ class OpenvinoRunner(BaseRunner):
     ) -> None:
         from colln.export.openvino import read_ir
 
+        # polygraphy's __del__ needs the base initialised even when the IR is refused below.
+        super().__init__(name=name, prefix="openvino-runner")
         export_dir = Path(export_dir)
         record = read_ir(export_dir)
         self.precision = precision or record["precision"]
         # One fp32 IR runs at fp32 or bf16 (a compile option); an int8 IR is int8 only.
         if (self.precision == "int8") != (record["precision"] == "int8"):
             raise UsageError(f"an OpenVINO {record['precision']} IR cannot run at {self.precision}")
-        super().__init__(name=name or f"openvino-{self.precision}", prefix="openvino-runner")
+        self.name = name or f"openvino-{self.precision}"
         self._xml = export_dir / record["file"]
         self.threads = threads
         self._kept = kept or {}
