@@ -337,8 +337,16 @@ def test_listed_onnxruntime_artifact_is_what_a_plain_session_runs(fp32_export: P
         ours = runner.infer({"images": images})["logits"]
     np.testing.assert_allclose(plain.run(["logits"], {"images": images})[0], ours, rtol=1e-5, atol=1e-6)
     copy = shutil.copytree(fp32_export, tmp_path / "copy", ignore=shutil.ignore_patterns("openvino"))
+    fused = (copy / "model.ort.onnx").read_bytes()
     (copy / "model.ort.onnx").write_bytes((copy / "model.onnx").read_bytes())
     with pytest.raises(ExportDirError, match=r"model\.ort\.onnx is missing or does not match export\.json"):
+        open_runner(copy, "onnxruntime")
+    # A model.onnx re-saved behind colln's back (same plan metadata) no longer matches the fused file.
+    (copy / "model.ort.onnx").write_bytes(fused)
+    proto = onnx.load(str(copy / "model.onnx"))
+    proto.producer_version = "edited"
+    onnx.save(proto, str(copy / "model.onnx"))
+    with pytest.raises(ExportDirError, match=r"model\.onnx changed since model\.ort\.onnx was made from it"):
         open_runner(copy, "onnxruntime")
 
 

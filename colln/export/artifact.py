@@ -116,6 +116,7 @@ def write_ort_artifact(
         artifacts["onnxruntime"] = {
             "file": ORT_FILE,
             "sha256": file_sha256(directory / ORT_FILE),
+            "source_sha256": file_sha256(directory / ONNX_FILE),
             "options": dict(ORT_SESSION_OPTIONS),
         }
     return artifacts
@@ -133,6 +134,11 @@ def ort_artifact(
     path = Path(directory) / record["file"]
     if not path.is_file() or file_sha256(path) != record["sha256"]:
         raise ExportDirError(f"{path} is missing or does not match export.json: re-run colln-export with --force")
+    # The fused file is derived from model.onnx: a model.onnx changed since would not be what runs.
+    if file_sha256(Path(directory) / ONNX_FILE) != record.get("source_sha256"):
+        raise ExportDirError(
+            f"{Path(directory) / ONNX_FILE} changed since {record['file']} was made from it: re-run colln-export with --force"
+        )
     return path
 
 
