@@ -167,11 +167,12 @@ def quantize(
     from colln.export.quantize import check_calibration
 
     nncf = nncf_module()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
     shape = tuple(d.get_length() for d in list(model.inputs[0].get_partial_shape())[1:])
     images = check_calibration(calibration, shape)
     samples = [images[i : i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)]
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     quantized = nncf.quantize(
         model,
