@@ -32,7 +32,8 @@ def _digit_batch(count: int) -> np.ndarray:
 
 
 def test_export_dir_and_onnx_contract(digits_export: Path) -> None:
-    assert {p.name for p in digits_export.iterdir()} == {"model.onnx", "export.json", "report.json", "report.md"}
+    files = {p.name for p in digits_export.iterdir()}
+    assert files == {"model.onnx", "model.ort.onnx", "export.json", "report.json", "report.md"}
     proto = onnx.load(str(digits_export / "model.onnx"))
     onnx.checker.check_model(proto, full_check=True)
     (inp,), (out,) = proto.graph.input, proto.graph.output

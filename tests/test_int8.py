@@ -132,7 +132,7 @@ def test_report_holds_the_stack_and_the_classic_keys(int8_export):
     assert acc["accuracy"]["unpruned-fp32"] == report["validation"]["accuracy"]["unpruned"]
     assert acc["accuracy"]["pruned-fp32"] == report["validation"]["accuracy"]["torch"]
     assert acc["top1_agreement"]["unpruned-fp32"] == 1.0
-    assert "## int8 stack" in (int8_export / "report.md").read_text()
+    assert "## Variant stack" in (int8_export / "report.md").read_text()
 
 
 def test_colln_bench_times_the_stack(int8_export, tmp_path):

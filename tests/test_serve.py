@@ -55,6 +55,12 @@ def write_graph_export(
     model = helper.make_model(graph, opset_imports=opsets)
     model.metadata_props.extend(onnx.load(str(digits_export / "model.onnx"), load_external_data=False).metadata_props)
     onnx.save(model, directory / "model.onnx")
+    # The hand-made graph replaces the export's: drop the ONNX Runtime artifact made from the old one
+    # (an export without one has ONNX Runtime run model.onnx as it is).
+    (directory / "model.ort.onnx").unlink()
+    spec = json.loads((directory / "export.json").read_text())
+    del spec["artifacts"]["onnxruntime"]
+    (directory / "export.json").write_text(json.dumps(spec, indent=2) + "\n")
     return directory
 
 

@@ -24,6 +24,13 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="a colln-export output directory")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="runtime to time (default onnxruntime)")
+    p.add_argument(
+        "--runtimes",
+        default=None,
+        metavar="LIST",
+        help="time the variant stack (unpruned and pruned, fp32 / int8 / bf16 on OpenVINO) on these CPU runtimes in one "
+        "interleaved run, e.g. onnxruntime,openvino (an OpenVINO run needs the export's IR: colln-export --openvino)",
+    )
     p.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
     p.add_argument("--rounds", type=positive_int, default=50, help="timed rounds per batch size (default 50)")
     p.add_argument("--warmup", type=non_negative_int, default=10, help="untimed rounds first (default 10)")
@@ -83,6 +90,7 @@ def run(
         args.cache,
         args.device,
         split_batches=args.split_batches,
+        runtimes=tuple(r.strip() for r in args.runtimes.split(",")) if args.runtimes else (),
     )
     print_bench(report)
     if args.json:

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -50,6 +51,25 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+@contextlib.contextmanager
+def _quiet_nncf(
+    verbose: bool,
+) -> Iterator[None]:
+    """NNCF logs every op it leaves float at INFO, on its own handler: a command shows its warnings
+    only (--verbose: everything). A filter, since importing nncf resets its logger's level."""
+    logger = logging.getLogger("nncf")
+
+    def warnings_up(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+    if not verbose:
+        logger.addFilter(warnings_up)
+    try:
+        yield
+    finally:
+        logger.removeFilter(warnings_up)
+
+
 def run_main(
     main: Callable[[argparse.Namespace], int | None],
     parser: argparse.ArgumentParser,
@@ -62,7 +82,7 @@ def run_main(
     INTERNAL_ERROR anything else: one line naming a log file that holds the traceback."""
     verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
     try:
-        with interrupt_on_termination():
+        with interrupt_on_termination(), _quiet_nncf(verbose):
             args = parser.parse_args(argv)
             return int(main(args) or 0)
     except KeyboardInterrupt:

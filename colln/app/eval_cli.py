@@ -58,7 +58,7 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--tome", default="4,8,12,16", help="--method tome: the r values to sweep (default 4,8,12,16)")
     parser.add_argument(
-        "--backend", default="torch", choices=EVAL_BACKENDS, help="run PyTorch or ONNX Runtime exports (default torch)"
+        "--backend", default="torch", choices=EVAL_BACKENDS, help="run PyTorch, ONNX Runtime or OpenVINO exports (default torch)"
     )
     parser.add_argument(
         "--precision",

@@ -14,7 +14,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="a colln export directory (colln-export output)")
     parser.add_argument("repo", type=Path, metavar="REPO", help="Triton model repository; the model goes to REPO/NAME")
     parser.add_argument(
-        "--backend", choices=sorted(PLATFORMS), default="onnxruntime", help="model.onnx or model.plan (default onnxruntime)"
+        "--backend",
+        "--triton-backend",
+        dest="backend",
+        choices=sorted(PLATFORMS),
+        default="onnxruntime",
+        help="Triton backend: model.onnx, openvino/model.xml + .bin (colln-export --openvino) or model.plan "
+        "(default onnxruntime)",
     )
     parser.add_argument("--max-batch", type=positive_int, default=32, help="max_batch_size (default 32)")
     parser.add_argument("--name", default=None, help="model name (default: the export directory's name)")

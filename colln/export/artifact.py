@@ -12,7 +12,7 @@ from torch import nn
 
 from colln.errors import ExportDirError, UsageError
 from colln.export.onnx import export_onnx, read_metadata, save_checked
-from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportSpec
+from colln.export.spec import ONNX_FILE, ORT_FILE, SPEC_FILE, ExportSpec, file_sha256
 from colln.models.plan import KeepPlan
 from colln.models.rewrite import explicit_attention, get_plan
 
@@ -22,8 +22,8 @@ PLAN_METADATA = "colln.plan"
 SPEC_METADATA = "colln.spec"
 # Which graph export_into writes for the same spec; cached counterparts (colln.export.unpruned)
 # written by another revision are rebuilt. 2: timm's non-fused attention, GELU in ONNX Runtime's
-# fusable form.
-GRAPH_REVISION = 2
+# fusable form. 3: model.ort.onnx written beside model.onnx.
+GRAPH_REVISION = 3
 
 
 def default_out_dir(
@@ -73,7 +73,8 @@ def export_into(
     unpruned = unpruned if unpruned is not None else spec.load_unpruned()
     pruned = spec.apply(unpruned)
     plan = get_plan(pruned)
-    spec = replace(spec, plan=plan.to_dict())
+    # Artifacts for other runtimes are written (and recorded) after the graph, by their writers.
+    spec = replace(spec, plan=plan.to_dict(), artifacts={})
     input_size = tuple(data_config(unpruned)["input_size"])
     with explicit_attention(pruned):
         proto = export_onnx(
@@ -87,15 +88,65 @@ def export_into(
     if spec.precision == "fp16":
         from colln.export.precision import to_fp16
 
-        save_checked(to_fp16(proto), Path(directory) / ONNX_FILE)
+        proto = to_fp16(proto)
+        save_checked(proto, Path(directory) / ONNX_FILE)
     elif spec.precision == "int8":
         from colln.export.quantize import to_int8
 
         if calibration is None:
             calibration = validation_images(spec.model, unpruned).images
-        save_checked(to_int8(proto, calibration), Path(directory) / ONNX_FILE)
+        proto = to_int8(proto, calibration)
+        save_checked(proto, Path(directory) / ONNX_FILE)
+    spec = replace(spec, artifacts=write_ort_artifact(proto, Path(directory)))
     spec.write(directory)
     return Exported(directory=Path(directory), spec=spec, plan=plan, unpruned=unpruned, pruned=pruned)
+
+
+# What colln's ONNX Runtime CPU session sets beyond the defaults (colln.infer.runners.onnxruntime_runner).
+ORT_SESSION_OPTIONS = {"session.force_spinning_stop": "1"}
+
+
+def write_ort_artifact(
+    proto,
+    directory: Path,
+) -> dict:
+    """``artifacts`` of a fresh export: ``onnx`` (model.onnx, the portable graph) and, when the
+    fused graph fits in one file, ``onnxruntime`` (model.ort.onnx, with the attention fusion colln
+    applies for ONNX Runtime on CPU written out, its sha256 and session options)."""
+    from colln.export.onnx import MAX_SINGLE_FILE
+    from colln.export.ort_graph import for_onnxruntime
+
+    artifacts = {"onnx": {"file": ONNX_FILE}}
+    fused, _ = for_onnxruntime(proto)
+    if fused.ByteSize() <= MAX_SINGLE_FILE:
+        save_checked(fused, directory / ORT_FILE)
+        artifacts["onnxruntime"] = {
+            "file": ORT_FILE,
+            "sha256": file_sha256(directory / ORT_FILE),
+            "source_sha256": file_sha256(directory / ONNX_FILE),
+            "options": dict(ORT_SESSION_OPTIONS),
+        }
+    return artifacts
+
+
+def ort_artifact(
+    directory: Path,
+    spec: ExportSpec,
+) -> Path | None:
+    """The listed ONNX Runtime artifact of an export after checking its sha256, or None when the
+    export lists none (older exports, graphs over 2 GB): then ONNX Runtime fuses model.onnx at load."""
+    record = spec.artifacts.get("onnxruntime")
+    if record is None:
+        return None
+    path = Path(directory) / record["file"]
+    if not path.is_file() or file_sha256(path) != record["sha256"]:
+        raise ExportDirError(f"{path} is missing or does not match export.json: re-run colln-export with --force")
+    # The fused file is derived from model.onnx: a model.onnx changed since would not be what runs.
+    if file_sha256(Path(directory) / ONNX_FILE) != record.get("source_sha256"):
+        raise ExportDirError(
+            f"{Path(directory) / ONNX_FILE} changed since {record['file']} was made from it: re-run colln-export with --force"
+        )
+    return path
 
 
 def read_export(

@@ -4,9 +4,12 @@ Layout of an export directory (``exports/<model>-<metric>-keep<R>`` by default):
 
     model.onnx     the graph: input ``images`` [batch, 3, H, W] float32, output ``logits``, or for
                    ``output="tokens"`` ``tokens`` [batch, K, C] float32 and ``indices`` [batch, K] int64
-    export.json    ExportSpec (how to rebuild the model) + the keep plan + file names
+    model.ort.onnx model.onnx with ONNX Runtime's attention fusion applied (what ONNX Runtime on CPU runs)
+    export.json    ExportSpec (how to rebuild the model) + the keep plan + file names + ``artifacts``,
+                   the file each runtime runs, with its sha256 and the options it needs
     report.json    validation and latency report (colln-export), report.md its summary
     model.plan     TensorRT engine (optional, colln-build / --trt) with model.plan.json beside it
+    openvino/      OpenVINO IR, model.xml + model.bin (optional, colln-export --openvino)
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from colln.models.plan import KeepPlan
 
 SPEC_FILE = "export.json"
 ONNX_FILE = "model.onnx"
+# model.onnx with the fusions colln's ONNX Runtime runner applies (colln.export.ort_graph): what
+# ONNX Runtime on CPU runs and is timed on, loadable by a plain default session.
+ORT_FILE = "model.ort.onnx"
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 TOKENS_NAME = "tokens"
@@ -59,6 +65,9 @@ class ExportSpec:
     # A weights file is recorded by absolute path and content hash (filled in from ``weights``):
     # the reference rebuilt later, from any directory, is the one exported or a clear error.
     weights_sha256: str | None = None
+    # The artifacts written beside model.onnx for other runtimes, by runtime (e.g. ``openvino``:
+    # its IR files with their sha256 and the compile options; see colln.export.openvino).
+    artifacts: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.weights is None or self.weights in NAMED_WEIGHTS:

@@ -4,7 +4,8 @@
 
     <repo>/<name>/config.pbtxt      platform, max batch, dynamic batching, instance group, tensors
     <repo>/<name>/1/model.onnx      onnxruntime backend (platform onnxruntime_onnx), or
-    <repo>/<name>/1/model.plan      TensorRT backend (platform tensorrt_plan)
+    <repo>/<name>/1/model.plan      TensorRT backend (platform tensorrt_plan), or
+    <repo>/<name>/1/model.xml+.bin  OpenVINO backend (backend openvino; the export's checked IR)
 
 ``colln-triton EXPORT_DIR REPO`` (:mod:`colln.app.triton_cli`) and ``colln-export --triton-repo REPO`` call it. The same
 ``model_config`` text also describes colln's python-backend model (``colln.serve.server``).
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from colln.errors import TritonRepoError, UsageError
 from colln.export.artifact import read_export
+from colln.export.openvino import IR_FILE, WEIGHTS_FILE, read_ir
 from colln.export.spec import INPUT_NAME, ONNX_FILE
 from colln.export.tensorrt import ENGINE_FILE, read_engine_metadata
 from colln.files import atomic_dir
@@ -28,6 +30,9 @@ PLATFORMS = {
     # KIND_AUTO: on a GPU when the server has one (CUDA execution provider), else on CPU.
     "onnxruntime": ("onnxruntime_onnx", ONNX_FILE, "KIND_AUTO"),
     "tensorrt": ("tensorrt_plan", ENGINE_FILE, "KIND_GPU"),
+    # Triton's OpenVINO backend has no platform name: the config names the backend, and the
+    # backend loads 1/model.xml with 1/model.bin beside it.
+    "openvino": ("openvino", IR_FILE, "KIND_CPU"),
 }
 # Small enough not to add visible latency at low load, long enough to merge concurrent requests.
 QUEUE_DELAY_US = 500
@@ -169,22 +174,30 @@ def write_model_repository(
     export_dir = Path(export_dir)
     if backend not in PLATFORMS:
         raise UsageError(f"unknown Triton backend {backend!r}: choose one of {', '.join(PLATFORMS)}")
-    read_export(export_dir)
+    spec = read_export(export_dir)
     platform, model_file, kind = PLATFORMS[backend]
     source = export_dir / model_file
     if not source.is_file():
-        hint = f"build it with colln-build {export_dir}" if backend == "tensorrt" else "re-run colln-export"
-        raise TritonRepoError(f"{export_dir} has no {model_file} for the {backend} backend: {hint}")
+        hint = {"tensorrt": f"build it with colln-build {export_dir}", "openvino": "re-run colln-export with --openvino"}
+        raise TritonRepoError(
+            f"{export_dir} has no {model_file} for the {backend} backend: {hint.get(backend, 're-run colln-export')}"
+        )
     if backend == "tensorrt":
         check_plan_for_triton(export_dir, max_batch)
+    files = [model_file]
+    if backend == "openvino":
+        read_ir(export_dir, spec)  # an IR that no longer matches export.json is not deployed
+        files.append(WEIGHTS_FILE)
     name = name or model_name(export_dir)
     target = model_dir(repo, name)
     inputs, outputs = tensor_specs(export_dir)
-    config = model_config(name, ("platform", platform), inputs, outputs, max_batch, kind)
+    engine = ("backend", platform) if backend == "openvino" else ("platform", platform)
+    config = model_config(name, engine, inputs, outputs, max_batch, kind)
     with atomic_dir(target, force=True, marker=CONFIG_FILE, option="REPO") as tmp:
         (tmp / CONFIG_FILE).write_text(config)
         (tmp / "1").mkdir()
-        shutil.copy2(source, tmp / "1" / model_file)
+        for file in files:
+            shutil.copy2(export_dir / file, tmp / "1" / Path(file).name)
     return target
 
 

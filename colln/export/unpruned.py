@@ -50,6 +50,7 @@ def cache_key(
         if calibration is not None:
             int8["calibration"] = hashlib.sha1(np.ascontiguousarray(calibration, dtype=np.float32).tobytes()).hexdigest()
     key = {**spec.to_dict(), "graph": GRAPH_REVISION, **int8}
+    key.pop("artifacts")  # written after the graph; an IR is added to a cached export on use
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 

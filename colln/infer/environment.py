@@ -9,7 +9,7 @@ import platform
 import re
 from pathlib import Path
 
-PACKAGES = ("colln", "numpy", "torch", "timm", "onnx", "onnxruntime", "tensorrt", "tensorrt_rtx")
+PACKAGES = ("colln", "numpy", "torch", "timm", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt", "tensorrt_rtx")
 
 
 def machine_id() -> str:

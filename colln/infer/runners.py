@@ -27,11 +27,11 @@ from polygraphy.datatype import DataType
 from torch import nn
 
 from colln.errors import BackendUnavailableError, EngineError, UsageError
-from colln.export.artifact import read_export
+from colln.export.artifact import ORT_SESSION_OPTIONS, ort_artifact, read_export
 from colln.export.spec import INDICES_NAME, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, TOKENS_NAME, file_sha256
 from colln.export.tensorrt import ENGINE_FILE, LABELS, TrtFlavour, gpu_info, read_engine_metadata, trt_module
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 
 
 class TorchRunner(BaseRunner):
@@ -102,12 +102,14 @@ def onnxruntime_runner(
     device: str = "cpu",
     threads: int | None = None,
     split_batches: bool = True,
+    fused: bool = False,
 ) -> BaseRunner:
     """polygraphy's ``OnnxrtRunner`` over an ONNX Runtime session (CUDA when onnxruntime-gpu is installed).
     ``model`` is a path or an in-memory graph (validation runs a copy with extra outputs). On CPU
     the session runs the graph's ONNX Runtime flavour (:func:`colln.export.ort_graph.for_onnxruntime`),
     and with ``split_batches`` a batch of at least as many images as threads runs as one slice per
-    thread (:class:`SplitBatchOnnxrtRunner`)."""
+    thread (:class:`SplitBatchOnnxrtRunner`). ``fused``: ``model`` is already that flavour (an
+    export's ``model.ort.onnx``) and is loaded as it is."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -129,10 +131,12 @@ def onnxruntime_runner(
         # serving several models alternate sessions; deit_small, batch 1, 2 threads, alternating
         # unpruned/pruned: 98/76 ms (ratio 1.28) with spinning, 52/36 ms (1.48) with this
         # (benchmarks/alternating_sessions.py). allow_spinning=0 also helps but made digits_vit 7x slower.
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        for key, value in ORT_SESSION_OPTIONS.items():
+            options.add_session_config_entry(key, value)
         # Errors only: ONNX Runtime warns about every constant its GELU fusion leaves unused.
         options.log_severity_level = 3
-        return ort.InferenceSession(session_model(model, fuse=not cuda), sess_options=options, providers=providers)
+        loaded = str(model) if fused else session_model(model, fuse=not cuda)
+        return ort.InferenceSession(loaded, sess_options=options, providers=providers)
 
     workers = threads or len(os.sched_getaffinity(0))
     if split_batches and not cuda and workers > 1:
@@ -240,6 +244,94 @@ def kept_onnxruntime_runner(
     return onnxruntime_runner(proto, device=device, threads=threads, split_batches=split_batches)
 
 
+class OpenvinoRunner(BaseRunner):
+    """Runs an export's OpenVINO IR on the CPU (:mod:`colln.export.openvino`): compiled at
+    ``precision`` (None: the IR's own, from ``export.json``; an fp32 IR runs at fp32 or with
+    OpenVINO's bf16 hint) on ``threads`` inference threads (None: OpenVINO's default). ``kept``: TopK index
+    tensors to add as outputs, named like ONNX Runtime's kept outputs (``colln_kept_L<layer>_<j>``),
+    so that validation compares the tokens OpenVINO really kept."""
+
+    def __init__(
+        self,
+        export_dir: Path,
+        precision: str | None = None,
+        threads: int | None = None,
+        kept: dict[str, str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        from colln.export.openvino import read_ir
+
+        # polygraphy's __del__ needs the base initialised even when the IR is refused below.
+        super().__init__(name=name, prefix="openvino-runner")
+        export_dir = Path(export_dir)
+        record = read_ir(export_dir)
+        self.precision = precision or record["precision"]
+        # One fp32 IR runs at fp32 or bf16 (a compile option); an int8 IR is int8 only.
+        if (self.precision == "int8") != (record["precision"] == "int8"):
+            raise UsageError(f"an OpenVINO {record['precision']} IR cannot run at {self.precision}")
+        self.name = name or f"openvino-{self.precision}"
+        self._xml = export_dir / record["file"]
+        self.threads = threads
+        self._kept = kept or {}
+
+    def activate_impl(self) -> None:
+        from colln.export.openvino import compile_model, ov_module
+
+        model = ov_module().Core().read_model(str(self._xml))
+        added = model.add_outputs(list(self._kept)) if self._kept else []
+        self.compiled = compile_model(model, self.precision, self.threads)
+        names = [o.get_any_name() for o in model.outputs[: len(model.outputs) - len(added)]]
+        self._names = names + [self._kept[o.get_any_name()] for o in added]
+        self._request = self.compiled.create_infer_request()
+
+    @property
+    def inference_precision(self) -> str:
+        """What OpenVINO really runs (read back from the compiled model)."""
+        from colln.export.openvino import used_precision
+
+        return used_precision(self.compiled)
+
+    def get_input_metadata_impl(self) -> TensorMetadata:
+        shape = [d.get_length() if d.is_static else -1 for d in self.compiled.inputs[0].get_partial_shape()]
+        return TensorMetadata().add(INPUT_NAME, dtype=DataType.FLOAT32, shape=shape)
+
+    def infer_impl(
+        self,
+        feed_dict: dict[str, np.ndarray],
+    ) -> OrderedDict:
+        x = np.ascontiguousarray(feed_dict[INPUT_NAME], dtype=np.float32)
+        start = time.perf_counter()
+        results = self._request.infer({0: x})
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict((name, np.asarray(results[i])) for i, name in enumerate(self._names))
+
+    def deactivate_impl(self) -> None:
+        del self._request, self.compiled
+
+
+def openvino_runner(
+    export_dir: Path,
+    precision: str | None = None,
+    threads: int | None = None,
+    record_kept: bool = False,
+) -> OpenvinoRunner:
+    """An :class:`OpenvinoRunner` over ``export_dir``'s IR; with ``record_kept`` it also outputs
+    the kept indices of every pruning layer (the TopK index tensors of
+    :func:`colln.export.onnx.kept_index_nodes`, which keep their ONNX names in the IR)."""
+    from colln.export.onnx import KEPT_OUTPUT_PREFIX, kept_index_nodes
+
+    kept = None
+    if record_kept:
+        layers = read_export(export_dir).keep_plan().kept_index_layers
+        proto = onnx.load(str(Path(export_dir) / ONNX_FILE), load_external_data=False)
+        kept = {
+            tensor: f"{KEPT_OUTPUT_PREFIX}{layer}_{j}"
+            for layer, tensors in kept_index_nodes(proto, layers).items()
+            for j, tensor in enumerate(tensors)
+        }
+    return OpenvinoRunner(export_dir, precision=precision, threads=threads, kept=kept)
+
+
 def check_engine(
     meta: dict,
     flavour: TrtFlavour,
@@ -295,9 +387,10 @@ def open_runner(
     """A runner for an export directory, or for an in-memory PyTorch model (backend ``torch`` only).
 
     ``torch``: the pruned PyTorch reference rebuilt from ``export.json``; ``onnxruntime``:
-    ``model.onnx``; ``tensorrt``: ``model.plan``. ``threads`` (None: the backend's default) reaches
-    torch and ONNX Runtime through the runner. ``record_kept``: ONNX Runtime also outputs the
-    tokens each pruning layer kept (for validation). ``split_batches``: ONNX Runtime on CPU runs a
+    ``model.onnx``; ``openvino``: ``openvino/model.xml`` at its recorded precision (CPU only);
+    ``tensorrt``: ``model.plan``. ``threads`` (None: the backend's default) reaches torch, ONNX
+    Runtime and OpenVINO through the runner. ``record_kept``: ONNX Runtime and OpenVINO also output
+    the tokens each pruning layer kept (for validation). ``split_batches``: ONNX Runtime on CPU runs a
     batch of at least as many images as threads as one slice per thread (:class:`SplitBatchOnnxrtRunner`)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -314,7 +407,14 @@ def open_runner(
             return kept_onnxruntime_runner(
                 export_dir / ONNX_FILE, spec.keep_plan().kept_index_layers, device, threads, split_batches
             )
+        listed = ort_artifact(export_dir, spec) if not device.startswith("cuda") else None
+        if listed is not None:
+            return onnxruntime_runner(listed, device=device, threads=threads, split_batches=split_batches, fused=True)
         return onnxruntime_runner(export_dir / ONNX_FILE, device=device, threads=threads, split_batches=split_batches)
+    if backend == "openvino":
+        if device != "cpu":
+            raise UsageError(f"colln runs OpenVINO on the CPU only, not {device!r}: use --device cpu")
+        return openvino_runner(export_dir, threads=threads, record_kept=record_kept)
     return tensorrt_runner(export_dir)
 
 

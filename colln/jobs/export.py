@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
@@ -22,8 +22,8 @@ from colln.data import ValImages, validation_images
 from colln.errors import CalibrationError, DataError, UsageError
 from colln.export.artifact import default_out_dir, export_into
 from colln.export.quantize import RECIPE as INT8_RECIPE
-from colln.export.spec import SPEC_FILE, ExportSpec
-from colln.export.unpruned import default_cache, unpruned_export
+from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportSpec
+from colln.export.unpruned import cached_export, default_cache, unpruned_export
 from colln.files import atomic_dir
 from colln.infer.runners import open_runner
 from colln.infer.timing import Comparison
@@ -71,6 +71,30 @@ class LatencyOptions:
 
 
 @dataclass(frozen=True)
+class OpenvinoOptions:
+    """An OpenVINO IR beside ``model.onnx`` (:mod:`colln.export.openvino`), validated against
+    PyTorch like the ONNX graph and timed in the export's variant stack. ``precision``: ``fp32``,
+    ``bf16`` (an fp32 export) or ``int8`` (an int8 export: NNCF on the same calibration images);
+    ``None``: the export's."""
+
+    precision: str | None = None
+
+    def resolve(
+        self,
+        spec: ExportSpec,
+    ) -> str:
+        """The IR's precision for ``spec``; a UsageError when the two do not go together."""
+        precision = self.precision or spec.precision
+        allowed = {"fp32": ("fp32", "bf16"), "int8": ("int8",)}.get(spec.precision, ())
+        if precision not in allowed:
+            raise UsageError(
+                f"--openvino-precision {precision} does not go with --precision {spec.precision}: OpenVINO runs fp32 or bf16 "
+                "from an fp32 export and int8 from an int8 export"
+            )
+        return precision
+
+
+@dataclass(frozen=True)
 class EngineOptions:
     """A TensorRT engine with one batch profile (see :func:`colln.export.tensorrt.build_engine`)."""
 
@@ -99,10 +123,16 @@ class ExportResult:
     validation: ValidationReport | None
     extra: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # OpenVINO's validation against PyTorch (--openvino); None when not asked for or skipped.
+    openvino: ValidationReport | None = None
+
+    @property
+    def validations(self) -> list[ValidationReport]:
+        return [v for v in (self.validation, self.openvino) if v is not None]
 
     @property
     def passed(self) -> bool:
-        return self.validation is None or self.validation.passed
+        return all(v.passed for v in self.validations)
 
 
 def export_model(
@@ -117,6 +147,7 @@ def export_model(
     calibration: CalibrationOptions | None = None,
     progress: Progress = _quiet,
     lm_params: float = DEFAULT_LM_PARAMS,
+    openvino: OpenvinoOptions | None = None,
 ) -> ExportResult:
     """Prune and export ``spec`` into ``out`` (default ``exports/<model>-<metric>-keep<R>``), written
     in a temp dir renamed into place at the end: a failure leaves ``out`` as it was. ``None`` for
@@ -125,6 +156,8 @@ def export_model(
     feeds (the report gives the prefill FLOPs it saves). ``calibration`` applies to int8 only
     (``None``: the defaults of :class:`CalibrationOptions`); an int8 export is timed in its stack
     (unpruned and pruned, fp32 and int8, one interleaved run: the report's ``stack``).
+    ``openvino`` also writes, validates and times an OpenVINO IR (:class:`OpenvinoOptions`; the
+    stack then holds both runtimes; ``report["openvino"]``).
 
     Weights fine-tuned by ``colln-finetune`` carry their plan in ``finetune.json``: an export with
     another plan is refused, or with ``force`` made with a warning (in ``ExportResult.warnings``)."""
@@ -143,6 +176,15 @@ def export_model(
         # Without TensorRT, or with a bad profile, fail now rather than after the export.
         check_profile(engine.batch_min, engine.batch_opt, engine.batch_max)
         trt_module()
+    ov_precision = None
+    if openvino is not None:
+        from colln.export.openvino import nncf_module, ov_module
+
+        # Without the extra, or with a precision that does not fit, fail before anything is written.
+        ov_precision = openvino.resolve(spec)
+        ov_module()
+        if ov_precision == "int8":
+            nncf_module()
     out = Path(out) if out is not None else default_out_dir(spec)
     extra: list[tuple[str, str]] = []
     with atomic_dir(out, force, marker=SPEC_FILE) as tmp:
@@ -161,15 +203,36 @@ def export_model(
                 images = validation_images(spec.model, unpruned, validation.images, validation.limit)
                 runner = open_runner(tmp, "onnxruntime", record_kept=True)
                 checked = validate(exported.pruned, unpruned, runner, images, spec.precision, backend="onnxruntime")
+        ov_checked = ov_record = None
+        if openvino is not None:
+            from colln.export.openvino import write_ir
+
+            source = None
+            if ov_precision == "int8":
+                with progress("exporting the pruned fp32 counterpart (cached)"):
+                    source = cached_export(replace(exported.spec, precision="fp32", plan={}), default_cache(out), unpruned)
+            with progress(f"writing the OpenVINO IR ({ov_precision}" + (", NNCF calibrating)" if source else ")")):
+                exported = replace(
+                    exported,
+                    spec=write_ir(tmp, ov_precision, calib.images if calib else None, source / ONNX_FILE if source else None),
+                )
+                ov_record = exported.spec.artifacts["openvino"]
+            if validation is not None:
+                with progress("validating OpenVINO against PyTorch"):
+                    runner = open_runner(tmp, "openvino", record_kept=True)
+                    ov_checked = validate(exported.pruned, unpruned, runner, images, ov_precision, backend="openvino")
+        runtimes = ("onnxruntime", "openvino") if openvino is not None else ("onnxruntime",)
         timing = stack = None
-        if latency is not None and spec.precision == "int8":
+        if latency is not None and (spec.precision == "int8" or openvino is not None):
             # The unpruned int8 counterpart sees the same calibration set (the default one is cached as such).
             custom = calibration is not None and calibration != CalibrationOptions()
             with progress("exporting the fp32 and unpruned counterparts (cached)"):
-                exports = stack_exports(exported.spec, tmp, default_cache(out), unpruned, calib.images if custom else None)
-            with progress("timing the int8 stack (ONNX Runtime, interleaved)"):
-                timing, compared = _latency(exports, latency)
-                stack = stack_latency(compared, exported.plan.flops().bound)
+                exports = stack_exports(
+                    exported.spec, tmp, default_cache(out), unpruned, calib.images if custom else None, runtimes
+                )
+            with progress(f"timing the variant stack ({', '.join(runtimes)}, interleaved)"):
+                timing, compared = _latency(exports, latency, spec.precision)
+                stack = stack_latency(compared, exported.plan.flops().bound, exports)
             with progress("top-1 of every stack variant"):
                 images = images if images is not None else validation_images(spec.model, unpruned)
                 stack["accuracy"] = stack_accuracy(exports, images, latency.threads)
@@ -182,8 +245,13 @@ def export_model(
         if calib is not None:
             record = {"method": "minmax", "source": calib.source, "images": len(calib.images), "recipe": INT8_RECIPE}
         report = build_report(exported, checked, timing, lm_params, stack=stack, calibration=record)
+        if openvino is not None:
+            report["openvino"] = {
+                "artifact": ov_record,
+                "validation": ov_checked.to_dict() if ov_checked is not None else None,
+            }
         write_report(tmp, report)
-        passed = checked is None or checked.passed
+        passed = all(v is None or v.passed for v in (checked, ov_checked))
         if engine is not None and passed:
             from colln.export.tensorrt import build_engine
 
@@ -195,12 +263,13 @@ def export_model(
 
         model_dir = write_model_repository(out, triton.repo, backend=triton.backend, max_batch=triton.max_batch)
         extra.append(("Triton", f"{model_dir} ({triton.backend})"))
-    return ExportResult(out=out, report=report, validation=checked, extra=extra, warnings=warnings)
+    return ExportResult(out=out, report=report, validation=checked, extra=extra, warnings=warnings, openvino=ov_checked)
 
 
 def _latency(
-    exports: dict[str, Path],
+    exports: dict,
     options: LatencyOptions,
+    precision: str = "fp32",
 ) -> tuple[dict, dict[int, Comparison]]:
     """The report's latency section (pruned against unpruned; for an int8 stack, pruned int8
     against unpruned int8) from one interleaved ONNX Runtime run of ``exports``, and that run."""
@@ -210,7 +279,7 @@ def _latency(
         "backend": "onnxruntime-cpu",
         "threads": options.threads or "backend default",
         "warmup": warmup,
-        "batches": latency_rows(compared),
+        "batches": latency_rows(compared, precision),
     }
     return latency, compared
 

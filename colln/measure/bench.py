@@ -7,19 +7,20 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from polygraphy.backend.base import BaseRunner
 from torch import nn
 
 from colln.data import ValImages
-from colln.errors import RegressionFileError, ValidationFailedError
-from colln.export.artifact import default_out_dir, read_export
-from colln.export.spec import INPUT_NAME, ExportSpec
+from colln.errors import ExportDirError, RegressionFileError, UsageError, ValidationFailedError
+from colln.export.artifact import ORT_SESSION_OPTIONS, default_out_dir, read_export
+from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportSpec
 from colln.export.unpruned import cached_export, default_cache, unpruned_engine, unpruned_export
 from colln.infer.environment import environment
-from colln.infer.runners import open_runner, run
+from colln.infer.runners import open_runner, openvino_runner, run
 from colln.infer.timing import Comparison, LatencyStats, measure, paired_speedup
 
 RATIO_METRICS = ("speedup", "efficiency")
@@ -35,13 +36,16 @@ def bench_export(
     cache: Path | None = None,
     device: str = "cpu",
     split_batches: bool = True,
+    runtimes: Sequence[str] = (),
 ) -> dict:
     """Benchmark an export against its unpruned counterpart, interleaved, per batch size.
 
     Returns the JSON-ready report: per batch the latency stats of both, ``speedup`` (median of the
     paired per-round ratios, with its interquartile range), the keep plan's FLOPs ``bound`` and
     ``efficiency = speedup / bound``; plus the spec, plan and environment. ``threads=0`` leaves the
-    backend's own default; ``split_batches``: see :func:`colln.infer.runners.onnxruntime_runner`."""
+    backend's own default; ``split_batches``: see :func:`colln.infer.runners.onnxruntime_runner`.
+    ``runtimes`` (e.g. ``("onnxruntime", "openvino")``): time the export's variant stack on those
+    runtimes in the same run (:func:`stack_exports`; the report's ``stack``)."""
     export_dir = Path(export_dir)
     spec = read_export(export_dir)
     plan = spec.keep_plan()
@@ -50,35 +54,88 @@ def bench_export(
     base_dir = unpruned_export(spec, cache)
     if backend == "tensorrt":
         unpruned_engine(export_dir, base_dir)
+    if backend == "openvino":
+        _cached_ir(base_dir, unpruned_export(replace(spec, precision="fp32", plan={}), cache), None, None)
     load_before = os.getloadavg()
     # An int8 export on ONNX Runtime is timed in its stack: fp32 and int8, pruned and unpruned, one run.
-    stacked = spec.precision == "int8" and backend == "onnxruntime"
-    exports = stack_exports(spec, export_dir, cache) if stacked else {"unpruned": base_dir, "pruned": export_dir}
+    stacked = (spec.precision == "int8" and backend == "onnxruntime") or bool(runtimes)
+    if runtimes and backend != "onnxruntime":
+        raise UsageError(f"--runtimes compares CPU runtimes against ONNX Runtime: leave --backend at onnxruntime, not {backend}")
+    if stacked:
+        exports = stack_exports(spec, export_dir, cache, runtimes=runtimes or ("onnxruntime",))
+    else:
+        exports = {"unpruned": base_dir, "pruned": export_dir}
     compared = measure_exports(exports, batches, rounds, warmup, backend, device, threads or None, split_batches)
     results = {}
-    for b, row in latency_rows(compared).items():
+    for b, row in latency_rows(compared, spec.precision).items():
         results[b] = {**row, "bound": flops.bound, "efficiency": row["speedup"] / flops.bound}
     return {
-        "case": case_name(spec, backend, threads, device),
+        "case": case_name(spec, "+".join(runtimes) if runtimes else backend, threads, device),
         "export": str(export_dir),
         "unpruned_export": str(base_dir),
         "spec": {k: v for k, v in spec.to_dict().items() if k != "plan"},
         "plan": str(plan),
         "flops": flops.to_dict(),
         "backend": backend,
+        "runtimes": list(runtimes) or [backend],
         "device": device,
         "threads": threads,
         "split_batches": split_batches,
         "rounds": rounds,
         "warmup": warmup,
         "batches": results,
-        "stack": stack_latency(compared, flops.bound) if stacked else None,
+        "stack": stack_latency(compared, flops.bound, exports) if stacked else None,
         "environment": environment(backend, threads, load_before),
     }
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One entry of a variant stack: an export directory run on ``backend`` at ``precision``
+    (``None``: the export's own; OpenVINO runs an fp32 IR at ``bf16`` too)."""
+
+    directory: Path
+    backend: str = "onnxruntime"
+    precision: str | None = None
+
+    def open(
+        self,
+        device: str = "cpu",
+        threads: int | None = None,
+        split_batches: bool = True,
+    ) -> BaseRunner:
+        if self.backend == "openvino":
+            return openvino_runner(self.directory, precision=self.precision, threads=threads)
+        return open_runner(self.directory, self.backend, device, threads, split_batches=split_batches)
+
+    def describe(self) -> dict:
+        """The artifact and the options behind a figure (the report names them)."""
+        if self.backend == "openvino":
+            from colln.export.openvino import HINTS
+
+            record = read_export(self.directory).artifacts["openvino"]
+            precision = self.precision or record["precision"]
+            return {
+                "runtime": "openvino",
+                "artifact": str(self.directory / record["file"]),
+                "options": {**record["options"], "INFERENCE_PRECISION_HINT": HINTS[precision]},
+            }
+        if self.backend != "onnxruntime":
+            return {"runtime": self.backend, "artifact": str(self.directory / ONNX_FILE), "options": {}}
+        listed = read_export(self.directory).artifacts.get("onnxruntime")
+        # What colln's ONNX Runtime runner does on top of a plain session (colln.infer.runners).
+        options = {**ORT_SESSION_OPTIONS, "batch slices": "one per thread on 2+ threads, unless --no-split-batches"}
+        if listed is None:
+            options["fusion at load"] = "colln.export.ort_graph.for_onnxruntime"
+        return {
+            "runtime": "onnxruntime",
+            "artifact": str(self.directory / (listed or {}).get("file", ONNX_FILE)),
+            "options": options,
+        }
+
+
 def measure_exports(
-    exports: Mapping[str, Path],
+    exports: Mapping[str, Path | Variant],
     batches: Sequence[int],
     rounds: int | None,
     warmup: int,
@@ -87,12 +144,15 @@ def measure_exports(
     threads: int | None = None,
     split_batches: bool = True,
 ) -> dict[int, Comparison]:
-    """One interleaved run of ``exports`` (name -> export directory; the first is the baseline):
-    ``{"unpruned", "pruned"}``, or an int8 export's :data:`STACK`."""
+    """One interleaved run of ``exports`` (name -> export directory on ``backend``, or a
+    :class:`Variant`; the first is the baseline): ``{"unpruned", "pruned"}``, or a variant stack
+    (:func:`stack_exports`)."""
     with contextlib.ExitStack() as active:
         runners = {
-            name: active.enter_context(open_runner(d, backend, device, threads, split_batches=split_batches))
-            for name, d in exports.items()
+            name: active.enter_context(
+                (v if isinstance(v, Variant) else Variant(Path(v), backend)).open(device, threads, split_batches)
+            )
+            for name, v in exports.items()
         }
         chw = next(iter(runners.values())).get_input_metadata(use_numpy_dtypes=False)[INPUT_NAME].shape[1:]
         return measure(runners, chw, batches, rounds, warmup, baseline=next(iter(runners)))
@@ -100,13 +160,29 @@ def measure_exports(
 
 def latency_rows(
     compared: Mapping[int, Comparison],
+    precision: str = "int8",
 ) -> dict[str, dict]:
-    """Per batch size, pruned against unpruned (for an int8 stack: pruned int8 against unpruned int8)."""
-    return {str(b): stack_pair(c) if STACK[-1] in c.times else c.pair() for b, c in compared.items()}
+    """Per batch size, pruned against unpruned (for a stack: ONNX Runtime's pruned against
+    unpruned at the export's ``precision``)."""
+    return {str(b): c.pair() if "pruned" in c.times else stack_pair(c, precision) for b, c in compared.items()}
 
 
-# The int8 stack, in table order; speedups are over the first.
+# The int8 stack on ONNX Runtime, in table order; speedups are over the first. Other runtimes'
+# variants are named "<runtime>:<variant>" (see stack_exports).
 STACK = ("unpruned-fp32", "pruned-fp32", "unpruned-int8", "pruned-int8")
+RUNTIMES = ("onnxruntime", "openvino")
+# The precisions each runtime runs in a stack, given the export's (fp32 exports: fp32 only on ONNX Runtime).
+OPENVINO_PRECISIONS = {"fp32": ("fp32", "bf16"), "int8": ("fp32", "bf16", "int8")}
+
+
+def variant_name(
+    runtime: str,
+    kind: str,
+    precision: str,
+) -> str:
+    """``pruned-int8`` on ONNX Runtime (the baseline runtime), ``openvino:pruned-int8`` elsewhere."""
+    name = f"{kind}-{precision}"
+    return name if runtime == "onnxruntime" else f"{runtime}:{name}"
 
 
 def stack_exports(
@@ -115,29 +191,78 @@ def stack_exports(
     cache: Path,
     unpruned: nn.Module | None = None,
     calibration: np.ndarray | None = None,
-) -> dict[str, Path]:
-    """The four exports of an int8 export's stack (:data:`STACK`): its fp32 and int8 unpruned
-    baselines and its pruned fp32 counterpart come from (or go into) the unpruned-export ``cache``. The
-    unpruned int8 one is calibrated on ``calibration`` (``None``: the default images), which
-    should be what the pruned export was calibrated on."""
+    runtimes: Sequence[str] = ("onnxruntime",),
+) -> dict[str, Variant]:
+    """The variant stack of an export: unpruned and pruned, at fp32 and the export's precision, on
+    every runtime of ``runtimes`` (OpenVINO adds bf16; :data:`OPENVINO_PRECISIONS`), ONNX
+    Runtime's unpruned fp32 first (the baseline). The unpruned baselines and the pruned fp32
+    counterpart come from (or go into) the baseline ``cache``; so do their OpenVINO IRs, while the
+    export's own IR must be there (``colln-export --openvino``). The unpruned int8 graphs are
+    calibrated on ``calibration`` (``None``: the default images), which should be what the pruned
+    export was calibrated on. With ONNX Runtime only, an int8 export gives :data:`STACK`."""
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown or not runtimes:
+        raise UsageError(f"unknown runtime {', '.join(unknown) or '(none)'}: choose from {', '.join(RUNTIMES)}")
+    if "openvino" in runtimes and spec.precision not in OPENVINO_PRECISIONS:
+        raise UsageError(f"OpenVINO runs fp32, bf16 and int8 stacks, not {spec.precision}: export fp32 or int8")
     fp32 = replace(spec, precision="fp32", plan={})
-    return {
-        "unpruned-fp32": unpruned_export(fp32, cache, unpruned),
-        "pruned-fp32": cached_export(fp32, cache, unpruned),
-        "unpruned-int8": unpruned_export(spec, cache, unpruned, calibration),
-        "pruned-int8": Path(export_dir),
+    dirs = {
+        ("unpruned", "fp32"): unpruned_export(fp32, cache, unpruned),
+        ("pruned", "fp32"): Path(export_dir) if spec.precision == "fp32" else cached_export(fp32, cache, unpruned),
     }
+    if spec.precision != "fp32":
+        dirs["unpruned", spec.precision] = unpruned_export(spec, cache, unpruned, calibration)
+        dirs["pruned", spec.precision] = Path(export_dir)
+    variants: dict[str, Variant] = {}
+    for runtime in ("onnxruntime", *(r for r in runtimes if r != "onnxruntime")):
+        if runtime == "onnxruntime":
+            precisions = ("fp32",) if spec.precision == "fp32" else ("fp32", spec.precision)
+        else:
+            precisions = OPENVINO_PRECISIONS[spec.precision]
+        for precision in precisions:
+            for kind in ("unpruned", "pruned"):
+                directory = dirs[kind, "fp32" if precision == "bf16" else precision]
+                if runtime == "openvino" and directory != Path(export_dir):
+                    _cached_ir(directory, dirs[kind, "fp32"], unpruned, calibration)
+                variants[variant_name(runtime, kind, precision)] = Variant(directory, runtime, precision)
+    if "onnxruntime" not in runtimes:
+        # ONNX Runtime's unpruned fp32 stays, as the common baseline.
+        variants = {n: v for n, v in variants.items() if v.backend != "onnxruntime" or n == "unpruned-fp32"}
+    return variants
+
+
+def _cached_ir(
+    directory: Path,
+    fp32_dir: Path,
+    unpruned: nn.Module | None,
+    calibration: np.ndarray | None,
+) -> None:
+    """Give a cached export an OpenVINO IR at its precision (int8: NNCF on the fp32 counterpart's
+    graph, calibrated like the ONNX Runtime int8 graph beside it), unless it has a matching one."""
+    from colln.data import validation_images
+    from colln.export.openvino import read_ir, write_ir
+
+    spec = read_export(directory)
+    with contextlib.suppress(ExportDirError):
+        if (read_ir(directory, spec)["precision"] == "int8") == (spec.precision == "int8"):
+            return
+    images = calibration
+    if spec.precision == "int8" and images is None:
+        images = validation_images(spec.model, unpruned if unpruned is not None else spec.load_unpruned()).images
+    write_ir(directory, spec.precision, images, source=fp32_dir / ONNX_FILE)
 
 
 def stack_pair(
     comparison: Comparison,
+    precision: str = "int8",
 ) -> dict:
-    """The classic ``{unpruned, pruned, speedup, speedup_iqr}`` row of an int8 export: pruned int8
-    against unpruned int8, paired from the stack's run."""
-    speedup, q25, q75 = paired_speedup(comparison.times["unpruned-int8"], comparison.times["pruned-int8"])
+    """The classic ``{unpruned, pruned, speedup, speedup_iqr}`` row of a stacked export: pruned
+    against unpruned on ONNX Runtime at the export's ``precision``, paired from the stack's run."""
+    base, name = comparison.times[f"unpruned-{precision}"], comparison.times[f"pruned-{precision}"]
+    speedup, q25, q75 = paired_speedup(base, name)
     return {
-        "unpruned": comparison.stats["unpruned-int8"].to_dict(),
-        "pruned": comparison.stats["pruned-int8"].to_dict(),
+        "unpruned": comparison.stats[f"unpruned-{precision}"].to_dict(),
+        "pruned": comparison.stats[f"pruned-{precision}"].to_dict(),
         "speedup": speedup,
         "speedup_iqr": [q25, q75],
     }
@@ -146,32 +271,44 @@ def stack_pair(
 def stack_latency(
     compared: Mapping[int, Comparison],
     bound: float,
+    variants: Mapping[str, Variant] | None = None,
 ) -> dict:
     """``{"baseline", "variants", "flops_bound", "batches": {"<b>": {variant: LatencyStats + speedup,
-    speedup_iqr}}}``: every variant's paired speedup over unpruned fp32 from the same run."""
+    speedup_iqr, speedup_same_runtime}}, "artifacts": {variant: {runtime, artifact, options}}}``:
+    every variant's paired speedup over ONNX Runtime's unpruned fp32 from the same run, and over
+    the same runtime's unpruned variant at the same precision."""
     batches = {}
+    names: list[str] = []
     for b, c in compared.items():
-        base = c.times[STACK[0]]
+        names = list(c.times)
+        base = c.times[names[0]]
         rows = {}
-        for name in STACK:
+        for name in names:
             speedup, q25, q75 = paired_speedup(base, c.times[name])
-            rows[name] = {**LatencyStats.to_dict(c.stats[name]), "speedup": speedup, "speedup_iqr": [q25, q75]}
+            own = name.replace("pruned-", "unpruned-", 1) if "unpruned-" not in name else name
+            rows[name] = {
+                **LatencyStats.to_dict(c.stats[name]),
+                "speedup": speedup,
+                "speedup_iqr": [q25, q75],
+                "speedup_same_runtime": paired_speedup(c.times[own], c.times[name])[0] if own in c.times else None,
+            }
         batches[str(b)] = rows
-    return {"baseline": STACK[0], "variants": list(STACK), "flops_bound": bound, "batches": batches}
+    artifacts = {n: v.describe() for n, v in variants.items()} if variants else None
+    return {"baseline": names[0], "variants": names, "flops_bound": bound, "batches": batches, "artifacts": artifacts}
 
 
 def stack_accuracy(
-    exports: Mapping[str, Path],
+    exports: Mapping[str, Path | Variant],
     images: ValImages,
     threads: int | None = None,
 ) -> dict:
-    """Top-1 of every stack variant (ONNX Runtime) on ``images``: accuracy where labels exist, and
-    agreement with unpruned fp32 (``{"source", "images", "accuracy": {variant} | None, "top1_agreement"}``)."""
+    """Top-1 of every stack variant on ``images``: accuracy where labels exist, and agreement with
+    the first (ONNX Runtime unpruned fp32) (``{"source", "images", "accuracy": {variant} | None, "top1_agreement"}``)."""
     top1 = {}
-    for name, directory in exports.items():
-        with open_runner(directory, "onnxruntime", threads=threads) as runner:
+    for name, v in exports.items():
+        with (v if isinstance(v, Variant) else Variant(Path(v))).open(threads=threads) as runner:
             top1[name] = run(runner, images.images).argmax(1)
-    base = top1[STACK[0]]
+    base = next(iter(top1.values()))
     accuracy = None if images.labels is None else {n: float((t == images.labels).mean()) for n, t in top1.items()}
     return {
         "source": images.source,

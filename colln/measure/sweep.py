@@ -300,6 +300,8 @@ def sweep(
         raise UsageError(f"unknown precision {','.join(unknown) or '(none)'}: choose from {', '.join(PRECISIONS)}")
     if backend == "torch" and set(precisions) != {"fp32"}:
         raise UsageError(f"--precision {','.join(precisions)} needs --backend onnxruntime (PyTorch runs the fp32 model)")
+    if backend == "openvino" and not set(precisions) <= {"fp32", "int8"}:
+        raise UsageError(f"--backend openvino runs --precision fp32 or int8, not {','.join(precisions)}")
     unpruned = unpruned if unpruned is not None else base.load_unpruned()
     layer_sets = resolve_layers(o.layers, len(unpruned.blocks))
     images = preprocess(data.images, unpruned).numpy()
@@ -319,7 +321,14 @@ def sweep(
             else:
                 source = Path(scratch) / str(i)
                 source.mkdir()
-                plans.append(export_into(spec, source, unpruned=unpruned, calibration=calibration).plan)
+                if backend == "openvino":
+                    from colln.export.openvino import write_ir
+
+                    # OpenVINO's int8 is NNCF on the fp32 graph, calibrated on the same images.
+                    plans.append(export_into(replace(spec, precision="fp32"), source, unpruned=unpruned).plan)
+                    write_ir(source, spec.precision, calibration)
+                else:
+                    plans.append(export_into(spec, source, unpruned=unpruned, calibration=calibration).plan)
             active[str(i)] = stack.enter_context(open_runner(source, backend, o.device, o.threads))
         share = slice(ranks.rank, None, ranks.world_size)
         preds = [run(active[str(i)], images[share], batch).argmax(-1) for i in range(len(specs))]

@@ -33,10 +33,16 @@ report.json schema (``schema: 1``); ``null`` where a step was skipped::
         "warmup": int, "flops_bound": float,           # rounds: in each LatencyStats
         "batches": {"<batch>": {"pruned": LatencyStats, "unpruned": LatencyStats,
                                 "speedup": float, "speedup_iqr": [q25, q75]}}},
-      "stack": null | {                               # int8 exports: the stacked comparison
-        "baseline": "unpruned-fp32", "variants": ["unpruned-fp32", "pruned-fp32", "unpruned-int8", "pruned-int8"],
+      "openvino": absent | {                          # --openvino
+        "artifact": {"file": "openvino/model.xml", "precision", "inference_precision", "options", "sha256"},
+        "validation": null | {...as "validation", backend "openvino"...}},
+      "stack": null | {                               # int8 or --openvino exports: the variant stack
+        "baseline": "unpruned-fp32", "variants": ["unpruned-fp32", "pruned-fp32", "unpruned-int8", "pruned-int8",
+                                                  "openvino:unpruned-fp32", ...],   # "<runtime>:" off ONNX Runtime
         "flops_bound": float,
-        "batches": {"<batch>": {"<variant>": LatencyStats + "speedup", "speedup_iqr"}},   # over unpruned fp32, one run
+        "batches": {"<batch>": {"<variant>": LatencyStats + "speedup", "speedup_iqr",    # over unpruned fp32, one run
+                                "speedup_same_runtime"}},    # over that runtime's unpruned variant, same precision
+        "artifacts": {"<variant>": {"runtime", "artifact": path of the file timed, "options"}},
         "accuracy": {"source", "images", "accuracy": null | {"<variant>": float},
                      "top1_agreement": {"<variant>": float}}},                        # with unpruned fp32
       "versions": {"python", "colln", "torch", "timm", "onnx", "onnxruntime", ...},

@@ -40,6 +40,19 @@ def result_table(
         table.add_row("validation", f"{verdict}: {v['backend']} vs torch on {v['images']} images ({v['source']})")
         for line in validation_lines(v):
             table.add_row("", line)
+    ov = report.get("openvino")
+    if ov is not None:
+        a = ov["artifact"]
+        table.add_row(
+            "OpenVINO",
+            f"{out / a['file']} ({a['precision']}; OpenVINO ran {a['inference_precision']}, {_options(a['options'])})",
+        )
+        if ov["validation"] is not None:
+            w = ov["validation"]
+            verdict = "[green]passed[/]" if w["passed"] else "[red]FAILED[/]"
+            table.add_row("validation", f"{verdict}: {w['backend']} vs torch on {w['images']} images ({w['source']})")
+            for line in validation_lines(w):
+                table.add_row("", line)
     lat = report["latency"]
     if lat is not None:
         for b, r in lat["batches"].items():
@@ -49,7 +62,7 @@ def result_table(
                 f"speedup {r['speedup']:.2f}x (bound {lat['flops_bound']:.2f}x)",
             )
     for line in stack_lines(report.get("stack")):
-        table.add_row("int8 stack", line)
+        table.add_row("stack", line)
     for row in extra:
         table.add_row(*row)
     table.add_row("output", str(out))
@@ -59,7 +72,7 @@ def result_table(
 def stack_lines(
     stack: dict | None,
 ) -> list[str]:
-    """One line per batch size of the int8 stack: each variant's speedup over unpruned fp32."""
+    """One line per batch size of the variant stack: each variant's speedup over ONNX Runtime's unpruned fp32."""
     if not stack:
         return []
     lines = []
@@ -75,27 +88,39 @@ def stack_lines(
 def stack_markdown(
     stack: dict,
 ) -> list[str]:
-    """The int8 stack as a markdown table: one row per (batch, variant)."""
+    """The variant stack as a markdown table: one row per (batch, variant), then the artifact and
+    options behind each variant's figures."""
     acc = stack.get("accuracy") or {}
     accuracy, agreement = acc.get("accuracy") or {}, acc.get("top1_agreement") or {}
     lines = [
-        f"## int8 stack (speedup over {stack['baseline']}, one interleaved run; "
+        f"## Variant stack (speedup over {stack['baseline']}, one interleaved run; "
         f"FLOPs bound of pruning {stack['flops_bound']:.2f}x)",
         "",
-        "| batch | variant | p50 ms | p90 ms | p99 ms | images/s | speedup (IQR) | accuracy | top-1 agreement |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch | variant | p50 ms | p90 ms | p99 ms | images/s | speedup (IQR) | over own unpruned | accuracy | "
+        "top-1 agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b, rows in stack["batches"].items():
         for name, r in rows.items():
             a = f"{accuracy[name]:.4f}" if name in accuracy else "-"
             g = f"{agreement[name]:.3f}" if name in agreement else "-"
+            own = f"{r['speedup_same_runtime']:.2f}x" if r.get("speedup_same_runtime") is not None else "-"
             lines.append(
                 f"| {b} | {name} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['images_per_s']:.1f} | "
-                f"{r['speedup']:.2f}x ({r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f}) | {a} | {g} |"
+                f"{r['speedup']:.2f}x ({r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f}) | {own} | {a} | {g} |"
             )
     if acc:
         lines += ["", f"Top-1 on {acc['images']} images ({acc['source']}); agreement with {stack['baseline']}."]
+    if stack.get("artifacts"):
+        lines += ["", "Timed artifacts:", ""]
+        lines += [f"- {n}: `{a['artifact']}` ({a['runtime']}, {_options(a['options'])})" for n, a in stack["artifacts"].items()]
     return lines
+
+
+def _options(
+    options: dict,
+) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items()) or "default session options"
 
 
 def report_markdown(
@@ -124,6 +149,18 @@ def report_markdown(
         ]
         lines += [f"- {line}" for line in validation_lines(v)]
         lines += [f"- mismatch: {x}" for x in v["mismatches"]] + [f"- warning: {x}" for x in v["warnings"]]
+    ov = report.get("openvino")
+    if ov is not None:
+        a, w = ov["artifact"], ov["validation"]
+        lines += ["", f"## OpenVINO: `{a['file']}` ({a['precision']}; OpenVINO ran {a['inference_precision']})"]
+        if w is not None:
+            lines += [
+                "",
+                f"Validation: {'passed' if w['passed'] else 'FAILED'} ({w['backend']} vs torch, {w['images']} images)",
+                "",
+            ]
+            lines += [f"- {line}" for line in validation_lines(w)]
+            lines += [f"- mismatch: {x}" for x in w["mismatches"]] + [f"- warning: {x}" for x in w["warnings"]]
     lat = report["latency"]
     if lat is not None:
         lines += ["", f"## Latency ({lat['backend']}, threads: {lat['threads']}, pruned and unpruned interleaved)", ""]

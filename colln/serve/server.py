@@ -32,7 +32,7 @@ from colln.export.artifact import read_export
 from colln.export.spec import INPUT_NAME
 from colln.export.triton import CONFIG_FILE, PLATFORMS, check_plan_batches, model_config, model_dir, model_name, tensor_specs
 
-SERVE_BACKENDS = ("onnxruntime", "tensorrt")
+SERVE_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 # The python backend imports this file as <repo>/<name>/1/model.py.
 MODEL_PY = "from colln.serve.server import TritonPythonModel  # noqa: F401  (colln's python-backend model)\n"
 
@@ -134,6 +134,10 @@ def write_python_model(
         )
     if runner == "tensorrt":
         check_plan_batches(export_dir, max_batch)
+    if runner == "openvino":
+        from colln.export.openvino import read_ir
+
+        read_ir(export_dir)
     name = name or model_name(export_dir)
     inputs, outputs = tensor_specs(export_dir)
     target = model_dir(repo, name)

@@ -1,0 +1,297 @@
+"""OpenVINO IR of an export: the same pruned graph for OpenVINO's CPU runtime, at fp32, bf16 or int8.
+
+``openvino/model.xml`` + ``model.bin`` are converted from the validated ``model.onnx``
+(``ov.convert_model``; weights kept fp32 on disk, ``compress_to_fp16=False``). The precision is
+how OpenVINO runs it:
+
+- **fp32**: the IR compiled with ``INFERENCE_PRECISION_HINT=f32`` (OpenVINO's CPU plugin
+  otherwise runs bf16 on CPUs with AVX512-BF16/AMX);
+- **bf16**: the same fp32 IR compiled with the hint ``bf16``; what OpenVINO really used is read
+  back from the compiled model and recorded;
+- **int8**: NNCF post-training quantization of the fp32 graph (``nncf.quantize``, transformer
+  model type) on the calibration images, with the token selection kept float
+  (:func:`float_scope`), compiled with the hint ``f32`` for what stays float.
+
+The IR files and their sha256 are recorded in ``export.json`` (``artifacts["openvino"]``); every
+command that opens the IR refuses one that no longer matches (:func:`read_ir`). openvino and
+nncf are imported on use only (the ``openvino`` extra).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from colln.errors import BackendUnavailableError, CalibrationError, ExportDirError, ExportError
+from colln.export.spec import ONNX_FILE, ExportSpec, file_sha256
+
+IR_DIR = "openvino"
+IR_FILE = f"{IR_DIR}/model.xml"
+WEIGHTS_FILE = f"{IR_DIR}/model.bin"
+OV_PRECISIONS = ("fp32", "bf16", "int8")
+# OpenVINO's name for the precision colln asks for; int8 runs what NNCF left float in fp32.
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+# OpenVINO's element type names -> colln's precision names (what the compiled model reports).
+REPORTED = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+EXTRA = "pip install 'colln[openvino]'"
+# Graph ops a score never passes between its Softmax and its TopK (attention output does).
+PRODUCT_OPS = frozenset({"MatMul", "Convolution", "ScaledDotProductAttention"})
+LAYER_NORM_OPS = frozenset({"MVN"})
+# A shape carries no values: quantizing the input that a ShapeOf reads changes nothing downstream.
+SHAPE_OPS = frozenset({"ShapeOf"})
+CALIBRATION_BATCH = 1
+
+
+def ov_module():
+    """The ``openvino`` module; BackendUnavailableError naming the extra when it is not installed."""
+    try:
+        import openvino
+    except ImportError as exc:
+        raise BackendUnavailableError(f"OpenVINO is not installed: {EXTRA}") from exc
+    return openvino
+
+
+def nncf_module():
+    """The ``nncf`` module (int8); BackendUnavailableError naming the extra when it is not installed."""
+    try:
+        import nncf
+    except ImportError as exc:
+        raise BackendUnavailableError(f"NNCF (OpenVINO's int8 quantizer) is not installed: {EXTRA}") from exc
+    return nncf
+
+
+def _consumers(node) -> list:
+    return [t.get_node() for o in node.outputs() for t in o.get_target_inputs()]
+
+
+def _producers(node) -> list:
+    return [i.get_source_output().get_node() for i in node.inputs()]
+
+
+def _reach(starts: Iterable, step) -> dict:
+    """Nodes reachable from ``starts`` through ``step`` without passing a product, by friendly name."""
+    seen = {n.get_friendly_name(): n for n in starts}
+    todo = deque(seen.values())
+    while todo:
+        for j in step(todo.popleft()):
+            if j.get_friendly_name() not in seen and j.get_type_name() not in PRODUCT_OPS:
+                seen[j.get_friendly_name()] = j
+                todo.append(j)
+    return seen
+
+
+def selection_path(model) -> set[str]:
+    """Friendly names of the nodes on a path from a Softmax to a TopK without a product (the
+    Col-Ln score and the selection itself), plus the ``q·kᵀ`` MatMul feeding each such Softmax."""
+    ops = list(model.get_ordered_ops())
+    softmax = [n for n in ops if n.get_type_name() == "Softmax"]
+    topk = [n for n in ops if n.get_type_name() == "TopK"]
+    path = set(_reach(softmax, _consumers)) & set(_reach(topk, _producers))
+    scoring = [n for n in softmax if n.get_friendly_name() in path]
+    products = {
+        p.get_friendly_name()
+        for n in _reach(scoring, _producers).values()
+        for p in _producers(n)
+        if p.get_type_name() == "MatMul"
+    }
+    return path | products
+
+
+def attention_products(model) -> set[str]:
+    """Friendly names of the products of two activations (``q·kᵀ``, ``softmax·v``; OpenVINO fuses
+    the unpruned blocks' attention into ``ScaledDotProductAttention``)."""
+
+    def weight(node) -> bool:
+        # A weight reaches a product as a Constant, possibly through a Convert / Reshape / Transpose.
+        todo = [node]
+        while todo:
+            n = todo.pop()
+            if n.get_type_name() == "Constant":
+                return True
+            if n.get_type_name() in ("Convert", "Reshape", "Transpose", "FakeQuantize", "Multiply", "Subtract"):
+                todo.extend(_producers(n))
+        return False
+
+    return {
+        n.get_friendly_name()
+        for n in model.get_ordered_ops()
+        if n.get_type_name() == "ScaledDotProductAttention"
+        or (n.get_type_name() == "MatMul" and not any(weight(p) for p in _producers(n)))
+    }
+
+
+def float_scope(model) -> list[str]:
+    """What NNCF must leave float: the selection path (:func:`selection_path`), every LayerNorm
+    (``MVN``) and every attention product (:func:`attention_products`). NNCF's transformer default
+    otherwise quantizes both inputs of the ``q·kᵀ`` MatMul whose Softmax feeds the score (a
+    quantized ranking flips top-k choices), and the attention of the blocks before it, whose
+    output the score is computed from (digits_vit keep 0.7: 4 images kept tokens outside the tie
+    band, against none with attention float). The weight products are quantized, as in colln's
+    ONNX Runtime int8 graph."""
+    norms = {n.get_friendly_name() for n in model.get_ordered_ops() if n.get_type_name() in LAYER_NORM_OPS}
+    return sorted(selection_path(model) | norms | attention_products(model))
+
+
+def selection_crossings(model) -> list[str]:
+    """Where quantization reaches the float region: a FakeQuantize from which a selection-path node
+    or a LayerNorm is reached without passing another product. Empty for a correct int8 IR."""
+    guarded = set(float_scope(model))
+    found = []
+    for fq in (n for n in model.get_ordered_ops() if n.get_type_name() == "FakeQuantize"):
+        todo, seen = deque(_consumers(fq)), set()
+        while todo:
+            node = todo.popleft()
+            name = node.get_friendly_name()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in guarded:
+                found.append(f"{fq.get_friendly_name()} feeds {node.get_type_name()} {name}")
+                break
+            if node.get_type_name() not in PRODUCT_OPS | SHAPE_OPS:
+                todo.extend(_consumers(node))
+    return found
+
+
+def quantize(
+    model,
+    calibration: np.ndarray,
+):
+    """An NNCF int8 copy of the fp32 OpenVINO ``model``, calibrated on ``calibration`` (preprocessed
+    images ``[N, C, H, W]``, each its own sample), with :func:`float_scope` left float."""
+    from colln.export.quantize import check_calibration
+
+    nncf = nncf_module()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    shape = tuple(d.get_length() for d in list(model.inputs[0].get_partial_shape())[1:])
+    images = check_calibration(calibration, shape)
+    samples = [images[i : i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)]
+
+    quantized = nncf.quantize(
+        model,
+        nncf.Dataset(samples),
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(samples),
+        ignored_scope=nncf.IgnoredScope(names=float_scope(model), validate=False),
+        # Min/max over the whole set, as colln's ONNX Runtime int8 calibrates: NNCF's default (the
+        # mean of per-sample extremes) clips outliers, and digits_vit then kept tokens outside the
+        # tie band on 4 of 450 images at the last pruning layer (1 with min/max).
+        advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX),
+    )
+    crossings = selection_crossings(quantized)
+    if crossings:
+        raise CalibrationError(f"NNCF quantized the token selection ({crossings[0]}); please report this")
+    return quantized
+
+
+def convert(
+    onnx_path: Path,
+):
+    """``ov.convert_model`` of an ONNX file; an op OpenVINO cannot convert is one ExportError naming it."""
+    ov = ov_module()
+    try:
+        return ov.convert_model(str(onnx_path))
+    except Exception as exc:
+        raise ExportError(f"OpenVINO cannot convert {Path(onnx_path).name}: {_failure(exc)}", stage="openvino") from exc
+
+
+def _failure(
+    exc: Exception,
+) -> str:
+    """The line of an OpenVINO error that names the op (its messages are multi-line reports)."""
+    lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if re.search(r"operation|[Oo]p(eration)?s?\b|node", line)]
+    return (named[-1] if named else lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def compile_model(
+    model,
+    precision: str = "fp32",
+    threads: int | None = None,
+):
+    """``model`` (an ``ov.Model`` or an IR path) compiled for the CPU at ``precision``
+    (:data:`HINTS`) on ``threads`` inference threads (None: OpenVINO's default). A graph the CPU
+    plugin cannot compile is one ExportError naming the op."""
+    ov = ov_module()
+    config = {"INFERENCE_PRECISION_HINT": HINTS[precision]}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    try:
+        return ov.Core().compile_model(model if not isinstance(model, Path) else str(model), "CPU", config)
+    except Exception as exc:
+        raise ExportError(f"OpenVINO's CPU plugin cannot compile the graph: {_failure(exc)}", stage="openvino") from exc
+
+
+def used_precision(
+    compiled,
+) -> str:
+    """The inference precision the compiled model really runs (``fp32``, ``bf16``, ...)."""
+    value = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    name = value.split("'")[1] if "'" in value else value
+    aliases = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+    return REPORTED.get(aliases.get(name, name), name)
+
+
+def write_ir(
+    export_dir: Path,
+    precision: str = "fp32",
+    calibration: np.ndarray | None = None,
+    source: Path | None = None,
+) -> ExportSpec:
+    """Write ``export_dir/openvino/model.xml`` + ``.bin`` at ``precision`` (:data:`OV_PRECISIONS`)
+    from ``source`` (default: the export's ``model.onnx``; int8 needs an fp32 graph of the same
+    pruned model and ``calibration`` images), compile it once, and record the files, their sha256,
+    the compile options and the precision OpenVINO used in ``export.json``. Returns the updated spec."""
+    ov = ov_module()
+    export_dir = Path(export_dir)
+    spec = ExportSpec.read(export_dir)
+    if precision not in OV_PRECISIONS:
+        raise ExportError(f"OpenVINO precision {precision!r} is not supported: use {' or '.join(OV_PRECISIONS)}")
+    model = convert(source or export_dir / ONNX_FILE)
+    if precision == "int8":
+        if calibration is None:
+            raise CalibrationError("an OpenVINO int8 IR needs calibration images")
+        model = quantize(model, calibration)
+    (export_dir / IR_DIR).mkdir(exist_ok=True)
+    ov.save_model(model, str(export_dir / IR_FILE), compress_to_fp16=False)
+    compiled = compile_model(export_dir / IR_FILE, precision)
+    record = {
+        "file": IR_FILE,
+        "precision": precision,
+        "inference_precision": used_precision(compiled),
+        "options": {"INFERENCE_PRECISION_HINT": HINTS[precision]},
+        "sha256": {name: file_sha256(export_dir / name) for name in (IR_FILE, WEIGHTS_FILE)},
+    }
+    spec = replace(spec, artifacts={**spec.artifacts, "openvino": record})
+    spec.write(export_dir)
+    return spec
+
+
+def read_ir(
+    export_dir: Path,
+    spec: ExportSpec | None = None,
+) -> dict:
+    """``export.json``'s record of the OpenVINO IR, after checking that every IR file is there and
+    has the recorded sha256 (an IR replaced or edited behind colln's back is refused)."""
+    export_dir = Path(export_dir)
+    spec = spec if spec is not None else ExportSpec.read(export_dir)
+    record = spec.artifacts.get("openvino")
+    if record is None:
+        raise ExportDirError(f"{export_dir} has no OpenVINO IR: re-run colln-export with --openvino")
+    for name, digest in record.get("sha256", {}).items():
+        path = export_dir / name
+        if not path.is_file():
+            raise ExportDirError(f"{path} is missing: re-run colln-export with --openvino --force")
+        if file_sha256(path) != digest:
+            raise ExportDirError(
+                f"{path} does not match export.json (edited or replaced since the export): re-run colln-export "
+                "with --openvino --force"
+            )
+    return record

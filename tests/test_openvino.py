@@ -1,0 +1,361 @@
+"""OpenVINO as a backend: the IR colln-export --openvino writes (fp32, bf16, NNCF int8 with the
+selection float), its runner and validation, the manifest and its checks, Triton's OpenVINO entry,
+the stacked timing across runtimes and the bad inputs.
+
+References are independent of the code under test: the IR's ops are read back with OpenVINO's own
+API, kept sets and logits are compared with PyTorch by the shared validation rule, the Triton
+config is parsed with Triton's ModelConfig protobuf, and NNCF's default placement (no ignored
+scope) is shown to be caught by the same check that passes colln's IR.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ov = pytest.importorskip("openvino")
+nncf = pytest.importorskip("nncf")
+
+from google.protobuf import text_format  # noqa: E402
+from tritonclient.grpc import model_config_pb2  # noqa: E402
+
+from colln.app.export_cli import main as export_main  # noqa: E402
+from colln.app.validate_cli import main as validate_main  # noqa: E402
+from colln.data import validation_images  # noqa: E402
+from colln.errors import CalibrationError, ExportDirError, ExportError  # noqa: E402
+from colln.export.artifact import read_export  # noqa: E402
+from colln.export.openvino import (  # noqa: E402
+    IR_FILE,
+    WEIGHTS_FILE,
+    compile_model,
+    convert,
+    quantize,
+    selection_crossings,
+    selection_path,
+    write_ir,
+)
+from colln.export.spec import file_sha256  # noqa: E402
+from colln.export.triton import write_model_repository  # noqa: E402
+from colln.infer.runners import open_runner, openvino_runner  # noqa: E402
+from colln.measure.bench import bench_export  # noqa: E402
+from colln.verify.validate import validate  # noqa: E402
+
+DIGITS = ["digits_vit", "--keep", "0.7", "--weights", "bundled", "--no-latency"]
+
+
+@pytest.fixture(scope="module")
+def fp32_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ov") / "digits-fp32"
+    assert export_main([*DIGITS, "--openvino", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ov") / "digits-int8"
+    # --no-fail: the verdict is checked below from the report, with its numbers.
+    argv = [*DIGITS, "--precision", "int8", "--calib-limit", "100", "--openvino", "--no-fail", "--out", str(out)]
+    assert export_main(argv) == 0
+    return out
+
+
+def report(export_dir: Path) -> dict:
+    return json.loads((export_dir / "report.json").read_text())
+
+
+def test_fp32_ir_matches_pytorch_with_the_kept_sets_compared(fp32_export: Path) -> None:
+    ov_report = report(fp32_export)["openvino"]
+    checked = ov_report["validation"]
+    assert checked["passed"] and checked["backend"] == "openvino" and checked["images"] == 450
+    # The tie-aware rule ran on the tokens OpenVINO kept, not the margin fallback.
+    assert checked["kept_sets_observed"] and all(layer["identical_fraction"] is not None for layer in checked["layers"])
+    assert checked["accuracy"]["openvino"] == checked["accuracy"]["torch"]
+    assert checked["max_abs_error"] < 1e-4
+    assert ov_report["artifact"]["inference_precision"] == "fp32"
+
+
+def test_manifest_records_the_ir_and_its_hashes(fp32_export: Path) -> None:
+    record = read_export(fp32_export).artifacts["openvino"]
+    assert record["file"] == IR_FILE and record["options"] == {"INFERENCE_PRECISION_HINT": "f32"}
+    assert record["sha256"] == {name: file_sha256(fp32_export / name) for name in (IR_FILE, WEIGHTS_FILE)}
+    # The IR has the graph's input and output, and keeps the fp32 weights (no fp16 compression).
+    model = ov.Core().read_model(str(fp32_export / IR_FILE))
+    assert [o.get_any_name() for o in model.outputs] == ["logits"]
+    types = {str(n.get_element_type()) for n in model.get_ordered_ops() if n.get_type_name() == "Constant"}
+    assert {t for t in types if "float" in t or "f16" in t} == {"<Type: 'float32'>"}
+
+
+def _upstream_fake_quantize(node) -> list[str]:
+    """FakeQuantize nodes reached from ``node``'s inputs without passing a product (or a ShapeOf:
+    a shape carries no values)."""
+    found, todo, seen = [], [i.get_source_output().get_node() for i in node.inputs()], set()
+    while todo:
+        n = todo.pop()
+        if n.get_friendly_name() in seen:
+            continue
+        seen.add(n.get_friendly_name())
+        if n.get_type_name() == "FakeQuantize":
+            found.append(n.get_friendly_name())
+        elif n.get_type_name() not in ("MatMul", "Convolution", "Parameter", "Constant", "ShapeOf"):
+            todo.extend(i.get_source_output().get_node() for i in n.inputs())
+    return found
+
+
+def test_int8_ir_quantizes_weight_products_and_keeps_the_selection_float(int8_export: Path) -> None:
+    model = ov.Core().read_model(str(int8_export / IR_FILE))
+    ops = list(model.get_ordered_ops())
+    products = [n for n in ops if n.get_type_name() == "MatMul"]
+    # Weight MatMuls read an int8 weight (Constant i8 -> Convert) and a FakeQuantize'd activation.
+    quantized = [
+        n
+        for n in products
+        if any(
+            p.get_type_name() == "Constant" and str(p.get_element_type()) == "<Type: 'int8_t'>"
+            for i in n.inputs()
+            for p in _chain(i.get_source_output().get_node())
+        )
+    ]
+    assert len(quantized) >= 30, f"only {len(quantized)} MatMuls read int8 weights"
+    # Every TopK's score path and every scoring q·kᵀ MatMul (both inputs) is free of FakeQuantize.
+    on_path = [n for n in ops if n.get_friendly_name() in selection_path(model)]
+    scoring_products = [n for n in on_path if n.get_type_name() == "MatMul"]
+    assert len(scoring_products) == 3  # one q·kᵀ per pruning block
+    for node in on_path:
+        assert _upstream_fake_quantize(node) == [], f"{node.get_type_name()} {node.get_friendly_name()} reads a quantized tensor"
+    assert selection_crossings(model) == []
+    assert all(_upstream_fake_quantize(n) == [] for n in ops if n.get_type_name() in ("MVN", "Softmax"))
+
+
+def _chain(node) -> list:
+    """``node`` and what it reads through Convert / Subtract / Multiply / Reshape (a decompressed weight)."""
+    out, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        if n.get_type_name() in ("Convert", "Subtract", "Multiply", "Reshape", "Transpose"):
+            todo.extend(i.get_source_output().get_node() for i in n.inputs())
+    return out
+
+
+def test_nncf_default_placement_quantizes_the_selection(fp32_export: Path) -> None:
+    """Without colln's ignored scope NNCF puts FakeQuantize upstream of the TopKs: the check that
+    passes colln's IR catches it."""
+    model = convert(fp32_export / "model.onnx")
+    images = validation_images("digits_vit", read_export(fp32_export).load_unpruned(), limit=16).images
+    default = nncf.quantize(
+        model, nncf.Dataset([images[i : i + 1] for i in range(16)]), model_type=nncf.ModelType.TRANSFORMER, subset_size=16
+    )
+    crossings = selection_crossings(default)
+    assert crossings and any("MatMul" in c for c in crossings), crossings
+
+
+def test_int8_accuracy_close_to_fp32(fp32_export: Path, int8_export: Path) -> None:
+    fp32 = report(fp32_export)["openvino"]["validation"]["accuracy"]
+    int8 = report(int8_export)["openvino"]["validation"]
+    print(f"digits_vit keep 0.7: OpenVINO fp32 {fp32['openvino']:.4f}, int8 {int8['accuracy']['openvino']:.4f}; int8 verdict "
+          f"{'passed' if int8['passed'] else 'FAILED: ' + '; '.join(int8['mismatches'])}")  # fmt: skip
+    assert abs(int8["accuracy"]["openvino"] - fp32["openvino"]) <= 0.01
+    assert report(int8_export)["openvino"]["artifact"]["precision"] == "int8"
+
+
+def test_bf16_within_its_tolerance(fp32_export: Path) -> None:
+    spec = read_export(fp32_export)
+    unpruned = spec.load_unpruned()
+    images = validation_images(spec.model, unpruned, limit=150)
+    runner = openvino_runner(fp32_export, precision="bf16", record_kept=True)
+    checked = validate(spec.apply(unpruned), unpruned, runner, images, "bf16", backend="openvino")
+    assert checked.passed, checked.mismatches
+    assert abs(checked.accuracy["openvino"] - checked.accuracy["torch"]) <= 0.01
+    with openvino_runner(fp32_export, precision="bf16") as active:
+        capable = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        assert active.inference_precision == ("bf16" if capable else "fp32")
+
+
+def test_tampered_ir_is_refused_everywhere(fp32_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    copy = shutil.copytree(fp32_export, tmp_path / "copy")
+    data = bytearray((copy / WEIGHTS_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ExportDirError, match=r"does not match export\.json"):
+        open_runner(copy, "openvino")
+    with pytest.raises(ExportDirError, match=r"does not match export\.json"):
+        write_model_repository(copy, tmp_path / "repo", backend="openvino")
+    assert validate_main([str(copy), "--backend", "openvino"]) == 2
+    assert "model.bin does not match export.json" in capsys.readouterr().err
+    (copy / IR_FILE).unlink()
+    with pytest.raises(ExportDirError, match="missing"):
+        open_runner(copy, "openvino")
+
+
+def test_missing_extra_is_one_line_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name.split(".")[0] in ("openvino", "nncf"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    out = tmp_path / "never"
+    assert export_main([*DIGITS, "--no-validate", "--openvino", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["colln: error: backend: OpenVINO is not installed: pip install 'colln[openvino]'"]
+    assert not out.exists()
+
+
+def test_calibration_sets_that_cannot_calibrate(fp32_export: Path) -> None:
+    model = convert(fp32_export / "model.onnx")
+    with pytest.raises(CalibrationError, match="empty"):
+        quantize(model, np.zeros((0, 3, 32, 32), np.float32))
+    with pytest.raises(CalibrationError, match=r"\(3, 64, 64\) but the model takes \(3, 32, 32\)"):
+        quantize(model, np.zeros((4, 3, 64, 64), np.float32))
+
+
+def test_int8_accuracy_collapse_fails_validation_with_numbers(
+    fp32_export: Path, int8_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    copy = shutil.copytree(int8_export, tmp_path / "collapse")
+    spec = read_export(copy)
+    images = validation_images(spec.model, spec.load_unpruned(), limit=16).images
+    # Calibrated on images 1000x too bright: every activation range is 1000x too wide.
+    write_ir(copy, "int8", images * 1000.0, source=fp32_export / "model.onnx")
+    assert validate_main([str(copy), "--backend", "openvino", "--val-limit", "200"]) == 1
+    captured = capsys.readouterr()
+    assert "colln: error: validate: openvino disagrees with torch" in captured.err
+    lost = re.search(r"mismatch: accuracy (0\.\d+) vs torch (0\.\d+): ([\d.]+) points lost", " ".join(captured.err.split()))
+    assert lost is not None and float(lost[3]) > 1.0 and float(lost[1]) < float(lost[2])
+
+
+def test_a_graph_openvino_cannot_run_is_one_line_naming_the_op(fp32_export: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Bogus", ["x"], ["y"], domain="com.acme", name="my_bogus")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+    )
+    path = tmp_path / "bogus.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.acme", 1)]), path)
+    with pytest.raises(ExportError) as caught:
+        convert(path)
+    assert "com.acme.Bogus" in str(caught.value) and "\n" not in str(caught.value)
+    # What compiles gets the threads asked for.
+    compiled = compile_model(fp32_export / IR_FILE, "fp32", threads=1)
+    assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+
+
+def test_triton_openvino_entry_matches_the_schema(fp32_export: Path, tmp_path: Path) -> None:
+    model_dir = write_model_repository(fp32_export, tmp_path / "repo", backend="openvino", max_batch=8)
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.backend == "openvino" and not config.platform and config.max_batch_size == 8
+    assert [(t.name, list(t.dims)) for t in config.input] == [("images", [3, 32, 32])]
+    assert [(t.name, list(t.dims)) for t in config.output] == [("logits", [10])]
+    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+    for name in ("model.xml", "model.bin"):
+        assert (model_dir / "1" / name).read_bytes() == (fp32_export / "openvino" / name).read_bytes()
+
+
+def test_stack_times_both_runtimes_on_the_listed_files(fp32_export: Path, tmp_path: Path) -> None:
+    result = bench_export(
+        fp32_export, batches=(2,), rounds=3, warmup=1, threads=1, cache=tmp_path / "cache", runtimes=("onnxruntime", "openvino")
+    )
+    stack = result["stack"]
+    expected = ["unpruned-fp32", "pruned-fp32", "openvino:unpruned-fp32", "openvino:pruned-fp32"]
+    assert stack["variants"] == [*expected, "openvino:unpruned-bf16", "openvino:pruned-bf16"]
+    rows = stack["batches"]["2"]
+    # Paired speedups: the baseline over itself is exactly 1, and each variant over its own unpruned.
+    assert rows["unpruned-fp32"]["speedup"] == 1.0 and rows["openvino:unpruned-bf16"]["speedup_same_runtime"] == 1.0
+    for name, artifact in stack["artifacts"].items():
+        assert Path(artifact["artifact"]).is_file(), name
+        if name.startswith("openvino:"):
+            assert artifact["artifact"].endswith(IR_FILE)
+            assert artifact["options"]["INFERENCE_PRECISION_HINT"] == ("bf16" if "bf16" in name else "f32")
+    assert stack["artifacts"]["openvino:pruned-fp32"]["artifact"] == str(fp32_export / IR_FILE)
+    # ONNX Runtime's figures come from the listed model.ort.onnx, with no fusion left to do at load.
+    assert stack["artifacts"]["pruned-fp32"]["artifact"] == str(fp32_export / "model.ort.onnx")
+    assert "fusion at load" not in stack["artifacts"]["unpruned-fp32"]["options"]
+
+
+def test_colln_serve_answers_on_openvino(fp32_export: Path, tmp_path: Path) -> None:
+    """colln-serve --backend openvino: the python-backend model runs the IR behind the guard; its
+    logits are OpenVINO's own on the same images."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    pytest.importorskip("pytriton")
+    from serving_helpers import HOST, digit_images, free_ports, launch, stop, wait_ready
+
+    http, grpc, metrics = free_ports(3)
+    argv = [
+        str(Path(sys.executable).with_name("colln-serve")), str(fp32_export), "--backend", "openvino",
+        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-batch", "8",
+    ]  # fmt: skip
+    log = tmp_path / "serve.log"
+    proc = launch(argv, log)
+    try:
+        wait_ready(proc, f"{HOST}:{http}")
+        images = digit_images(8)
+        tensor = httpclient.InferInput("images", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
+        served = httpclient.InferenceServerClient(f"{HOST}:{http}").infer(fp32_export.name, [tensor]).as_numpy("logits")
+    except Exception:  # noqa: BLE001 - whatever went wrong, show the server's log
+        pytest.fail(f"colln-serve --backend openvino failed:\n{log.read_text()[-3000:]}")
+    finally:
+        stop(proc)
+    with open_runner(fp32_export, "openvino") as runner:
+        np.testing.assert_allclose(served, runner.infer({"images": images})["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_listed_onnxruntime_artifact_is_what_a_plain_session_runs(fp32_export: Path, tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from serving_helpers import digit_images
+
+    artifacts = read_export(fp32_export).artifacts
+    assert artifacts["onnx"] == {"file": "model.onnx"}
+    assert artifacts["onnxruntime"]["file"] == "model.ort.onnx"
+    assert artifacts["onnxruntime"]["options"] == {"session.force_spinning_stop": "1"}
+    # The attention fusion colln does for ONNX Runtime is in the file, not done at load.
+    ops = [n.op_type for n in onnx.load(str(fp32_export / "model.ort.onnx")).graph.node]
+    assert "MultiHeadAttention" in ops and "MultiHeadAttention" not in [
+        n.op_type for n in onnx.load(str(fp32_export / "model.onnx")).graph.node
+    ]
+    images = digit_images(8)
+    plain = ort.InferenceSession(str(fp32_export / "model.ort.onnx"), providers=["CPUExecutionProvider"])
+    with open_runner(fp32_export, "onnxruntime", threads=2) as runner:
+        ours = runner.infer({"images": images})["logits"]
+    np.testing.assert_allclose(plain.run(["logits"], {"images": images})[0], ours, rtol=1e-5, atol=1e-6)
+    copy = shutil.copytree(fp32_export, tmp_path / "copy", ignore=shutil.ignore_patterns("openvino"))
+    fused = (copy / "model.ort.onnx").read_bytes()
+    (copy / "model.ort.onnx").write_bytes((copy / "model.onnx").read_bytes())
+    with pytest.raises(ExportDirError, match=r"model\.ort\.onnx is missing or does not match export\.json"):
+        open_runner(copy, "onnxruntime")
+    # A model.onnx re-saved behind colln's back (same plan metadata) no longer matches the fused file.
+    (copy / "model.ort.onnx").write_bytes(fused)
+    proto = onnx.load(str(copy / "model.onnx"))
+    proto.producer_version = "edited"
+    onnx.save(proto, str(copy / "model.onnx"))
+    with pytest.raises(ExportDirError, match=r"model\.onnx changed since model\.ort\.onnx was made from it"):
+        open_runner(copy, "onnxruntime")
+
+
+def test_tokens_export_gets_an_ir_that_matches_pytorch(tmp_path: Path) -> None:
+    out = tmp_path / "tokens"
+    argv = ["digits_vit", "--keep", "0.7", "--output", "tokens", "--openvino", "--no-latency", "--val-limit", "40"]
+    assert export_main([*argv, "--out", str(out)]) == 0
+    checked = report(out)["openvino"]["validation"]
+    assert checked["passed"] and checked["output"] == "tokens" and checked["judged_images"] == 40
+    with open_runner(out, "openvino") as runner:
+        outputs = runner.infer({"images": validation_images("digits_vit", read_export(out).load_unpruned(), limit=2).images})
+    assert list(outputs) == ["tokens", "indices"] and outputs["tokens"].shape[:2] == outputs["indices"].shape == (2, 45)
