@@ -85,7 +85,32 @@ def test_sweep_accuracy_matches_direct_prune(digits_run, digits_model, digits_te
             # 64 patches halved three times, k = ceil(0.5 * candidates).
             assert row["keep_counts"] == [32, 16, 8]
             assert row["flops_ratio"] < 1.0
-        assert row["speedup"] == pytest.approx(result["baseline"]["latency"]["p50_ms"] / row["latency"]["p50_ms"])
+        assert row["speedup_iqr"][0] <= row["speedup"] <= row["speedup_iqr"][1]
+
+
+def test_speedup_is_the_median_of_paired_per_round_ratios(monkeypatch, tmp_path):
+    """The statistic colln-bench and colln-export report: with per-round times whose ratio of p50s (1.0)
+    differs from the median of the per-round ratios (1.5), the sweep reports the latter."""
+    from colln.infer import timing
+
+    crafted = {"0": np.array([1.0, 2.0, 3.0]), "1": np.array([3.0, 1.0, 2.0])}
+
+    def measure(runners, input_shape, batches, rounds, warmup, baseline, sample):
+        assert sorted(runners) == sorted(crafted) and baseline == "0"
+        times = {name: crafted[name] * 1e-3 for name in runners}
+        stats = {name: LatencyStats.from_times(t, batches[0]) for name, t in times.items()}
+        return {batches[0]: timing.Comparison(batches[0], stats, {"1": timing.paired_speedup(times["0"], times["1"])}, times)}
+
+    monkeypatch.setattr(ev, "measure", measure)
+    options = ev.SweepOptions(keeps=(0.5,), layers=((0, 2, 4),), metrics=("colln",), rounds=3, warmup=0)
+    result = ev.sweep(
+        ExportSpec("digits_vit", weights=WEIGHTS), load_labelled("digits", load_model("digits_vit", WEIGHTS), 20), options
+    )
+    (row,) = result.rows
+    ratios = crafted["0"] / crafted["1"]
+    assert result.speedup(row) == pytest.approx(float(np.median(ratios))) == pytest.approx(1.5)
+    assert row.latency.p50_ms == pytest.approx(result.baseline.latency.p50_ms)  # the old statistic would say 1.0x
+    assert ev.Sweep.from_dict(result.to_dict()).speedup(ev.Sweep.from_dict(result.to_dict()).rows[0]) == pytest.approx(1.5)
 
 
 def test_outputs_are_readable(digits_run):

@@ -46,6 +46,11 @@ def test_export_dir_and_onnx_contract(digits_export: Path) -> None:
     plan = json.loads(read_metadata(digits_export / "model.onnx")["colln.plan"])
     assert plan == ExportSpec.read(digits_export).plan
     assert plan["layers"] == [2, 4, 6] and plan["keep_counts"] == [45, 32, 23]
+    # The artifact manifest is written after the graph: a fresh export opens (read_export compares
+    # every graph-determined field, and the manifest is not one of them).
+    from colln.export.artifact import read_export
+
+    assert set(read_export(digits_export).artifacts) == {"onnx", "onnxruntime"}
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])

@@ -91,6 +91,10 @@ class Row:
     accuracy: float
     agreement: float
     latency: LatencyStats
+    # Over the unpruned baseline timed in the same run: the median of the per-round ratios and its
+    # interquartile range (the statistic colln-bench and colln-export report); 1.0 for the baseline.
+    speedup: float = 1.0
+    speedup_iqr: tuple[float, float] = (1.0, 1.0)
     precision: str = "fp32"
     method: str = "prune"
     r: int | None = None
@@ -112,6 +116,7 @@ class Row:
         out = asdict(self)
         out["layers"], out["keep_counts"] = list(self.layers), list(self.keep_counts)
         out["latency"] = self.latency.to_dict()
+        out["speedup_iqr"] = list(self.speedup_iqr)
         return out
 
     @classmethod
@@ -120,7 +125,8 @@ class Row:
         data: dict,
     ) -> Row:
         return cls(
-            **{k: v for k, v in data.items() if k not in ("layers", "keep_counts", "latency", "speedup")},
+            **{k: v for k, v in data.items() if k not in ("layers", "keep_counts", "latency", "speedup_iqr")},
+            speedup_iqr=tuple(data.get("speedup_iqr", (1.0, 1.0))),
             layers=tuple(data["layers"]),
             keep_counts=tuple(data["keep_counts"]),
             latency=LatencyStats(**data["latency"]),
@@ -145,8 +151,8 @@ class Sweep:
         self,
         row: Row,
     ) -> float:
-        """Unpruned median latency / this row's median latency (same run, same load)."""
-        return self.baseline.latency.p50_ms / row.latency.p50_ms
+        """Over the unpruned baseline: the median of the per-round latency ratios of the same run."""
+        return row.speedup
 
     @property
     def keep_rows(self) -> tuple[Row, ...]:
@@ -182,7 +188,7 @@ class Sweep:
         return next((r for r in self.keep_rows if (r.series_name, r.norm, r.keep, r.layers, r.precision) == wanted), None)
 
     def to_dict(self) -> dict:
-        rows = [{**r.to_dict(), "speedup": self.speedup(r)} for r in self.rows]
+        rows = [r.to_dict() for r in self.rows]
         return {
             "model": self.model,
             "weights": self.weights,
@@ -352,6 +358,8 @@ def sweep(
                 accuracy=correct[i] / len(images),
                 agreement=agreeing[i] / len(images),
                 latency=timed.stats[str(i)],
+                speedup=timed.speedups[str(i)][0] if i else 1.0,
+                speedup_iqr=timed.speedups[str(i)][1:] if i else (1.0, 1.0),
                 precision=spec.precision,
                 method=plan.method if i else "prune",
                 r=spec.pruning.tome if i else None,
