@@ -4,6 +4,10 @@ per option set the pruned speedup (paired, with IQR), its efficiency (speedup / 
 unpruned latency relative to ONNX Runtime's defaults.
 
     python benchmarks/session_options.py UNPRUNED_EXPORT PRUNED_EXPORT [--threads 0] [--batch 1,8] [--rounds 12]
+        [--variants default,...] [--artifact onnxruntime|onnx]
+
+Each session opens the file export.json lists for ONNX Runtime (model.ort.onnx) unless
+``--artifact onnx``; ``--variants default`` is a plain default ``InferenceSession`` on it.
 
 Caveat found with it: all option sets live in one process, so a spinning option changes what the
 *other* sessions see (the default sessions' spinning pools compete with every session timed after
@@ -33,6 +37,17 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+def artifact(
+    export: Path,
+    which: str,
+) -> Path:
+    """``model.onnx`` (``onnx``) or the file the manifest lists for ONNX Runtime (``onnxruntime``:
+    model.ort.onnx, what colln ships and times)."""
+    if which == "onnx":
+        return export / ONNX_FILE
+    return export / read_export(export).artifacts.get("onnxruntime", {}).get("file", ONNX_FILE)
+
+
 def session(
     path: Path,
     threads: int,
@@ -47,7 +62,7 @@ def session(
             options.add_session_config_entry(key, value)
         if level is not None:
             options.graph_optimization_level = level
-        return ort.InferenceSession(str(path / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     return make
 
@@ -60,15 +75,21 @@ def main() -> None:
     p.add_argument("--batch", default="1,8")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--artifact", choices=("onnxruntime", "onnx"), default="onnxruntime", help="the manifest's ORT file, or model.onnx"
+    )
     args = p.parse_args()
     bound = read_export(args.pruned).keep_plan().flops().bound
     names = args.variants.split(",")
     runners = {}
     for v in names:
         for kind, path in (("unpruned", args.unpruned), ("pruned", args.pruned)):
-            runners[f"{v}-{kind}"] = OnnxrtRunner(session(path, args.threads, **VARIANTS[v]), name=f"{v}-{kind}")
+            runners[f"{v}-{kind}"] = OnnxrtRunner(
+                session(artifact(path, args.artifact), args.threads, **VARIANTS[v]), name=f"{v}-{kind}"
+            )
     for runner in runners.values():
         runner.activate()
+    print("files:", artifact(args.unpruned, args.artifact), artifact(args.pruned, args.artifact))
     print("load before", os.getloadavg())
     graph_input = onnx.load(str(args.pruned / ONNX_FILE), load_external_data=False).graph.input[0]
     shape = [d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]]
