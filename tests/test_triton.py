@@ -55,7 +55,8 @@ def test_onnx_repository_matches_triton_schema_and_export(digits_export: Path, t
     # The deployable artifact export.json lists for ONNX Runtime (the attention fusion written out).
     listed = json.loads((digits_export / "export.json").read_text())["artifacts"]["onnxruntime"]["file"]
     assert listed == "model.ort.onnx"
-    assert (model_dir / "1" / "model.onnx").read_bytes() == (digits_export / listed).read_bytes()
+    shipped = (model_dir / "1" / "model.onnx").read_bytes()
+    assert shipped == (digits_export / listed).read_bytes() and shipped != (digits_export / "model.onnx").read_bytes()
     config = parse_config(model_dir / "config.pbtxt")
     assert config.name == model_dir.name
     assert config.platform == "onnxruntime_onnx"
@@ -74,7 +75,8 @@ def test_onnxruntime_instances_run_the_listed_artifact_as_colln_bench_slices(dig
     """--instances 2: two CPU instances of one intra-op thread, requests batched and run side by
     side. Run here as the config tells Triton's onnxruntime backend (a plain session per instance
     with the config's thread count, nothing else), two requests at once: the logits are colln's
-    runner's on the same images (its SplitBatchOnnxrtRunner on 2 threads runs one slice per thread)."""
+    runner's on the same images (its SplitBatchOnnxrtRunner on 2 threads runs one slice per thread),
+    and the portable model.onnx's."""
     assert main([str(digits_export), str(tmp_path / "repo"), "--instances", "2", "--name", "digits"]) == 0
     model_dir = tmp_path / "repo" / "digits"
     config = parse_config(model_dir / "config.pbtxt")
@@ -98,6 +100,8 @@ def test_onnxruntime_instances_run_the_listed_artifact_as_colln_bench_slices(dig
     with runner:
         reference = runner.infer({"images": images})["logits"]
     np.testing.assert_allclose(np.concatenate(served), reference, rtol=1e-5, atol=1e-5)
+    plain = ort.InferenceSession(str(digits_export / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(np.concatenate(served), plain.run(["logits"], {"images": images})[0], rtol=1e-4, atol=1e-5)
 
 
 def test_onnxruntime_entry_of_an_export_without_the_artifact_ships_model_onnx(digits_export: Path, tmp_path: Path) -> None:
