@@ -2,7 +2,7 @@
 # GPU image: build model.plan on this GPU with the image's TensorRT version (plans only load on
 # the TensorRT version and GPU that built them), write the Triton model repository, and serve it
 # with the image's tritonserver behind colln-serve's guard and supervisor.
-# COLLN_BACKEND=onnxruntime serves model.onnx with Triton's onnxruntime backend instead (no build).
+# COLLN_BACKEND=onnxruntime serves model.onnx with Triton's onnxruntime backend on the GPU instead (no build).
 set -eu
 export_dir=${COLLN_EXPORT:-/opt/colln/export}
 repo=${COLLN_REPO:-/opt/colln/models}
@@ -33,7 +33,12 @@ PY
         colln-build "$export_dir" --batch-min 1 --batch-opt $((max_batch < 8 ? max_batch : 8)) --batch-max "$max_batch"
     fi
 fi
-colln-triton "$export_dir" "$repo" --backend "$backend" --max-batch "$max_batch" --name "$name"
+# ONNX Runtime on this image's GPU: the plain model.onnx (the fused model.ort.onnx is ONNX Runtime's CPU flavour).
+device=
+if [ "$backend" = onnxruntime ]; then
+    device=cuda
+fi
+colln-triton "$export_dir" "$repo" --backend "$backend" --max-batch "$max_batch" --name "$name" ${device:+--device "$device"}
 # colln-serve in front: its guard checks every request before Triton allocates for it (Triton's own
 # HTTP JSON parsing reserves the declared shape first), its supervisor restarts Triton when it or a
 # probe inference fails. Triton itself listens on private loopback ports only.

@@ -533,7 +533,7 @@ def test_startup_errors_are_one_line(digits_export: Path, tmp_path: Path, capsys
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("colln: error: export-dir:")
     assert main([str(digits_export), "--backend", "tensorrt"]) == 2
-    assert "no model.plan for --backend tensorrt" in capsys.readouterr().err
+    assert "no model.plan for the tensorrt backend" in capsys.readouterr().err
     # Refused before Triton starts: inside Triton the model would never become ready.
     unloadable = write_unloadable_export(digits_export, tmp_path / "unloadable")
     assert main([str(unloadable), "--http-port", str(free_ports(1)[0])]) == 2

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from colln.app.cli import ArgumentParser, entry_point, positive_int
-from colln.export.triton import PLATFORMS, write_model_repository
+from colln.export.triton import DEVICES, PLATFORMS, write_model_repository
 
 
 def build_parser() -> ArgumentParser:
@@ -19,18 +19,41 @@ def build_parser() -> ArgumentParser:
         dest="backend",
         choices=sorted(PLATFORMS),
         default="onnxruntime",
-        help="Triton backend: model.onnx, openvino/model.xml + .bin (colln-export --openvino) or model.plan "
-        "(default onnxruntime)",
+        help="Triton backend: model.ort.onnx (model.onnx on cuda or for older exports), openvino/model.xml + .bin "
+        "(colln-export --openvino) or model.plan (default onnxruntime)",
     )
     parser.add_argument("--max-batch", type=positive_int, default=32, help="max_batch_size (default 32)")
     parser.add_argument("--name", default=None, help="model name (default: the export directory's name)")
+    parser.add_argument(
+        "--instances",
+        type=positive_int,
+        default=1,
+        help="instance_group count; onnxruntime on the CPU: that many one-thread instances, what colln-bench --threads N "
+        "times (default 1, colln-bench's default)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=sorted({d for devices in DEVICES.values() for d in devices}),
+        default=None,
+        help="where the backend runs: onnxruntime cpu (model.ort.onnx, default) or cuda (the plain model.onnx); "
+        "tensorrt cuda, openvino cpu",
+    )
     return parser
 
 
 def run(
     args: argparse.Namespace,
 ) -> int:
-    print(write_model_repository(args.export_dir, args.repo, backend=args.backend, max_batch=args.max_batch, name=args.name))
+    entry = write_model_repository(
+        args.export_dir,
+        args.repo,
+        backend=args.backend,
+        max_batch=args.max_batch,
+        name=args.name,
+        instances=args.instances,
+        device=args.device,
+    )
+    print(entry)
     return 0
 
 

@@ -4,8 +4,8 @@ as separate ops, fused into its ``com.microsoft.MultiHeadAttention``.
 The exported ``model.onnx`` stays plain ONNX (TensorRT parses it). :func:`for_onnxruntime` is
 applied where colln opens an ONNX Runtime CPU session (:func:`colln.infer.runners.session_model`),
 so validation, timing and colln-serve all run it; unpruned baselines too, so speedups compare like
-with like. colln-triton's repositories keep the plain graph (they may be served on a GPU, where
-the fused op has not been tried).
+with like. colln-triton's onnxruntime entries ship it on the CPU (the export's ``model.ort.onnx``)
+and the plain graph on a GPU, where the fused op has not been tried.
 
 Why: ONNX Runtime runs a block's plain attention as a dozen ops (slices of the packed q/k/v,
 transposes into heads and back, two products, softmax), and its transposes run on one thread.

@@ -1,14 +1,18 @@
-"""Triton model repositories for colln exports.
+"""Triton model repository entries for colln exports: one writer for every backend.
 
-``write_model_repository`` lays an export out the way a stock Triton Inference Server loads it::
+``write_model_repository`` lays an export out the way a Triton Inference Server loads it::
 
-    <repo>/<name>/config.pbtxt      platform, max batch, dynamic batching, instance group, tensors
-    <repo>/<name>/1/model.onnx      onnxruntime backend (platform onnxruntime_onnx), or
+    <repo>/<name>/config.pbtxt      engine, max batch, dynamic batching, instance group, tensors, parameters
+    <repo>/<name>/1/model.onnx      onnxruntime backend (platform onnxruntime_onnx): on the CPU the
+                                    export's listed ONNX Runtime artifact (model.ort.onnx), else model.onnx
     <repo>/<name>/1/model.plan      TensorRT backend (platform tensorrt_plan), or
-    <repo>/<name>/1/model.xml+.bin  OpenVINO backend (backend openvino; the export's checked IR)
+    <repo>/<name>/1/model.xml+.bin  OpenVINO backend (backend openvino; the export's checked IR), or
+    <repo>/<name>/1/model.py        python backend: colln's model (:mod:`colln.serve.triton_model`),
+                                    running the export where it is through a colln runner (colln-serve)
 
-``colln-triton EXPORT_DIR REPO`` (:mod:`colln.app.triton_cli`) and ``colln-export --triton-repo REPO`` call it. The same
-``model_config`` text also describes colln's python-backend model (``colln.serve.server``).
+``colln-triton EXPORT_DIR REPO`` (:mod:`colln.app.triton_cli`), ``colln-export --triton-repo REPO`` and
+``colln-serve`` (:mod:`colln.serve.server`, python entries) call it: one set of checks and errors
+for every backend.
 """
 
 from __future__ import annotations
@@ -19,21 +23,30 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from colln.errors import TritonRepoError, UsageError
-from colln.export.artifact import read_export
+from colln.export.artifact import ort_artifact, read_export
 from colln.export.openvino import IR_FILE, WEIGHTS_FILE, read_ir
-from colln.export.spec import INPUT_NAME, ONNX_FILE
+from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportSpec
 from colln.export.tensorrt import ENGINE_FILE, read_engine_metadata
 from colln.files import atomic_dir
 
-# backend choice -> (Triton platform, model file in the version directory, default instance kind)
+# Triton's own backends for an export: backend -> (the config line that names it, the export's model file).
 PLATFORMS = {
-    # KIND_AUTO: on a GPU when the server has one (CUDA execution provider), else on CPU.
-    "onnxruntime": ("onnxruntime_onnx", ONNX_FILE, "KIND_AUTO"),
-    "tensorrt": ("tensorrt_plan", ENGINE_FILE, "KIND_GPU"),
+    "onnxruntime": (("platform", "onnxruntime_onnx"), ONNX_FILE),
+    "tensorrt": (("platform", "tensorrt_plan"), ENGINE_FILE),
     # Triton's OpenVINO backend has no platform name: the config names the backend, and the
     # backend loads 1/model.xml with 1/model.bin beside it.
-    "openvino": ("openvino", IR_FILE, "KIND_CPU"),
+    "openvino": (("backend", "openvino"), IR_FILE),
 }
+# The devices each runtime's entry may name, its default first.
+DEVICES = {"onnxruntime": ("cpu", "cuda"), "tensorrt": ("cuda",), "openvino": ("cpu",)}
+# colln's python-backend model (colln-serve): its instances run the export through a colln runner.
+PYTHON = "python"
+MODEL_PY = "from colln.serve.triton_model import TritonPythonModel  # noqa: F401  (colln's python-backend model)\n"
+# Session options an ONNX Runtime artifact may record that need no carrying into Triton's config
+# (its onnxruntime backend takes a fixed set of parameters, no free session config entries):
+# force_spinning_stop stops intra-op workers spinning after a run, and an instance with one
+# intra-op thread has no workers.
+_ORT_OPTIONS_MOOT_ON_ONE_THREAD = frozenset({"session.force_spinning_stop"})
 # Small enough not to add visible latency at low load, long enough to merge concurrent requests.
 QUEUE_DELAY_US = 500
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
@@ -167,38 +180,101 @@ def write_model_repository(
     backend: str = "onnxruntime",
     max_batch: int = 32,
     name: str | None = None,
+    instances: int = 1,
+    device: str | None = None,
+    runner: str | None = None,
 ) -> Path:
-    """Write ``<repo>/<name>`` (config.pbtxt + 1/model.onnx or 1/model.plan) for ``export_dir`` and
-    return that model directory. ``name`` defaults to the export directory's name. An existing
-    ``<repo>/<name>`` is replaced atomically: it is derived from the export, like the plan."""
+    """Write ``<repo>/<name>`` (``config.pbtxt`` + ``1/`` with what ``backend`` loads) for
+    ``export_dir`` and return that model directory. ``name`` defaults to the export directory's
+    name. An existing ``<repo>/<name>`` is replaced atomically: it is derived from the export.
+
+    ``backend``: one of :data:`PLATFORMS` (the export's files are copied into ``1/``), or
+    ``"python"``: colln's python-backend model, whose instances run the export in place through
+    ``runner`` (one of :data:`PLATFORMS`; ``1/model.py`` only). Either way the files that runtime
+    needs are checked the same way, with the same errors. ``instances``: the instance group's
+    count. ``device``: where the runtime runs (:data:`DEVICES`; default CPU, TensorRT on CUDA).
+    An onnxruntime entry on the CPU serves the export's listed ONNX Runtime artifact (checked
+    against its sha256; ``model.onnx`` for exports without one) with one intra-op thread per
+    instance: ``instances`` single-thread sessions side by side, as colln-bench ``--threads N``
+    times N slices of a batch."""
     export_dir = Path(export_dir)
-    if backend not in PLATFORMS:
-        raise UsageError(f"unknown Triton backend {backend!r}: choose one of {', '.join(PLATFORMS)}")
+    if backend != PYTHON and backend not in PLATFORMS:
+        raise UsageError(f"unknown Triton backend {backend!r}: choose one of {', '.join([*PLATFORMS, PYTHON])}")
+    if backend != PYTHON and runner is not None:
+        raise UsageError(f"a runner is for the python backend only; the {backend} backend is its own runtime")
+    runtime = runner if backend == PYTHON else backend
+    if runtime not in PLATFORMS:
+        raise UsageError(f"unknown runner {runtime!r} for the python backend: choose one of {', '.join(PLATFORMS)}")
+    if backend == PYTHON and device is not None:
+        raise UsageError(f"the python backend runs its {runtime} runner on {DEVICES[runtime][0]}: give no device")
+    device = device or DEVICES[runtime][0]
+    if device not in DEVICES[runtime]:
+        raise UsageError(f"the {runtime} backend runs on {' or '.join(DEVICES[runtime])}, not {device!r}")
     spec = read_export(export_dir)
-    platform, model_file, kind = PLATFORMS[backend]
-    source = export_dir / model_file
-    if not source.is_file():
-        hint = {"tensorrt": f"build it with colln-build {export_dir}", "openvino": "re-run colln-export with --openvino"}
-        raise TritonRepoError(
-            f"{export_dir} has no {model_file} for the {backend} backend: {hint.get(backend, 're-run colln-export')}"
-        )
-    if backend == "tensorrt":
-        check_plan_for_triton(export_dir, max_batch)
-    files = [model_file]
-    if backend == "openvino":
-        read_ir(export_dir, spec)  # an IR that no longer matches export.json is not deployed
-        files.append(WEIGHTS_FILE)
+    files = deployed_files(export_dir, spec, runtime, device, max_batch, native=backend != PYTHON)
     name = name or model_name(export_dir)
     target = model_dir(repo, name)
     inputs, outputs = tensor_specs(export_dir)
-    engine = ("backend", platform) if backend == "openvino" else ("platform", platform)
-    config = model_config(name, engine, inputs, outputs, max_batch, kind)
+    kind = "KIND_GPU" if device == "cuda" else "KIND_CPU"
+    if backend == PYTHON:
+        engine, parameters = ("backend", PYTHON), {"export_dir": str(export_dir.resolve()), "runner": runtime}
+    else:
+        engine, parameters = PLATFORMS[backend][0], {}
+        if backend == "onnxruntime" and device == "cpu":
+            parameters["intra_op_thread_count"] = "1"
+    config = model_config(name, engine, inputs, outputs, max_batch, kind, instances, parameters)
     with atomic_dir(target, force=True, marker=CONFIG_FILE, option="REPO") as tmp:
         (tmp / CONFIG_FILE).write_text(config)
         (tmp / "1").mkdir()
-        for file in files:
-            shutil.copy2(export_dir / file, tmp / "1" / Path(file).name)
+        if backend == PYTHON:
+            (tmp / "1" / "model.py").write_text(MODEL_PY)
+        else:
+            for dest, source in files.items():
+                shutil.copy2(source, tmp / "1" / dest)
     return target
+
+
+def deployed_files(
+    export_dir: Path,
+    spec: ExportSpec,
+    runtime: str,
+    device: str,
+    max_batch: int,
+    native: bool = True,
+) -> dict[str, Path]:
+    """``{name in 1/: file of the export}`` that ``runtime`` runs on ``device``, after the checks
+    every entry gets: the file is there, a plan covers batches 1..max_batch, an IR or ONNX Runtime
+    artifact matches export.json. ``native``: Triton's own backend loads the file (not colln's
+    runner inside the python backend), so a plan must also be full TensorRT and the ONNX Runtime
+    artifact's session options must be ones the entry can do without."""
+    model_file = PLATFORMS[runtime][1]
+    if not (export_dir / model_file).is_file():
+        hint = {"tensorrt": f"build it with colln-build {export_dir}", "openvino": "re-run colln-export with --openvino"}
+        raise TritonRepoError(
+            f"{export_dir} has no {model_file} for the {runtime} backend: {hint.get(runtime, 're-run colln-export')}"
+        )
+    if runtime == "tensorrt":
+        if native:
+            check_plan_for_triton(export_dir, max_batch)
+        else:  # colln's runner loads TensorRT-RTX plans too
+            check_plan_batches(export_dir, max_batch)
+        return {ENGINE_FILE: export_dir / ENGINE_FILE}
+    if runtime == "openvino":
+        read_ir(export_dir, spec)  # an IR that no longer matches export.json is not deployed
+        return {Path(f).name: export_dir / f for f in (IR_FILE, WEIGHTS_FILE)}
+    # The fused graph is ONNX Runtime's CPU flavour (colln.export.ort_graph): a GPU gets the plain one.
+    listed = ort_artifact(export_dir, spec) if device == "cpu" else None
+    if listed is None:
+        return {ONNX_FILE: export_dir / ONNX_FILE}
+    if not native:  # colln's runner opens the artifact with its options itself
+        return {ONNX_FILE: listed}
+    options = set(spec.artifacts["onnxruntime"].get("options", {})) - _ORT_OPTIONS_MOOT_ON_ONE_THREAD
+    if options:
+        raise TritonRepoError(
+            f"{listed.name} needs session options {', '.join(sorted(options))}, which Triton's onnxruntime backend "
+            "cannot set: serve it with colln-serve"
+        )
+    return {ONNX_FILE: listed}
 
 
 def check_plan_batches(

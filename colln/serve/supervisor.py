@@ -1,6 +1,6 @@
 """colln-serve's supervisor: Triton (PyTriton's bundled ``tritonserver``) on private loopback ports,
 behind the guard (:mod:`colln.serve.guard`) on the public ones, restarted whenever it or a model
-worker fails. Kept apart from :mod:`colln.serve.server`, which Triton's python-backend stubs import."""
+worker fails. Kept apart from :mod:`colln.serve.triton_model`, which Triton's python-backend stubs import."""
 
 from __future__ import annotations
 
