@@ -384,9 +384,12 @@ async def _supervise(
         if stopping.is_set():
             return
         if why is not None:
+            # Killed by a signal while starting is a crash (seen: gRPC's epoll failing right after
+            # the fork), not Triton refusing the repository: worth a retry even on the first start.
+            crashed = (supervisor.triton.proc.returncode or 0) < 0 if supervisor.triton.proc is not None else False
             supervisor.triton.stop()
             failed_starts += 1
-            if first or failed_starts >= MAX_FAILED_STARTS:
+            if (first and not crashed) or failed_starts >= MAX_FAILED_STARTS:
                 raise ServeError(f"{why}: Triton's log above says why")
             log(f"{why}; retrying ({failed_starts} of {MAX_FAILED_STARTS})")
             await asyncio.sleep(min(2.0**failed_starts, 30.0))
