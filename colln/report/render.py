@@ -293,11 +293,11 @@ def print_bench(
 
         console.print(Markdown("\n".join(stack_markdown(report["stack"]))))
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    rounds = ", ".join(f"b={b}: {r['pruned']['rounds']}" for b, r in report["batches"].items())
+    rounds = ", ".join(f"b={b} {r['pruned']['rounds']}" for b, r in report["batches"].items())
     load = " -> ".join(f"{x[0]:.2f}" for x in (env["loadavg_before"], env["loadavg_after"]) if x)
     console.print(
         f"{report['backend']} on {report['device']}, {Timing.from_dict(report).describe()} "
-        f"(timed {rounds}), interleaved | "
+        f"(rounds timed: {rounds}), interleaved | "
         f"machine {env['machine']} ({env['cpu']}, {env['cpus']} cpus, load {load}) | {versions}",
         highlight=False,
     )
