@@ -15,21 +15,23 @@ import contextlib
 import sys
 from pathlib import Path
 
-from colln.app.cli import add_timing_arguments, parse_ints, timing_options
+from colln.app.cli import parse_ints
 from colln.export.spec import INPUT_NAME
 from colln.infer.runners import open_runner
-from colln.infer.timing import measure
+from colln.infer.timing import Timing, measure
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("exports", nargs="+", type=Path)
     p.add_argument("--batch", default="1,8")
+    # Formulations are compared on one thread, over many rounds.
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=Timing.warmup)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backend", default="onnxruntime")
-    add_timing_arguments(p)
-    p.set_defaults(rounds=40, threads=1)  # formulations are compared on one thread, many rounds
     args = p.parse_args(argv)
-    timing = timing_options(args)
+    timing = Timing(rounds=args.rounds, warmup=args.warmup, threads=args.threads)
     names = [d.name for d in args.exports]
     with contextlib.ExitStack() as stack:
         runners = {

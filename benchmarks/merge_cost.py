@@ -17,12 +17,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from colln.app.cli import add_timing_arguments, parse_ints, timing_options
+from colln.app.cli import parse_ints
 from colln.data import data_config
 from colln.export.artifact import export_into
 from colln.export.spec import ExportSpec
 from colln.infer.runners import open_runner
-from colln.infer.timing import measure, paired_speedup
+from colln.infer.timing import Timing, measure, paired_speedup
 from colln.models.config import PruneConfig
 
 
@@ -33,11 +33,12 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.7)
     parser.add_argument("--tome", default="8,13")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="the figures in docs/merging.md are 1-thread ones")
+    parser.add_argument("--rounds", type=int, default=None, help="default: as many as fit in ~20 s")
+    parser.add_argument("--warmup", type=int, default=Timing.warmup)
     parser.add_argument("--json", type=Path, default=None)
-    add_timing_arguments(parser)
-    parser.set_defaults(threads=1)  # the figures in docs/merging.md are 1-thread ones
     args = parser.parse_args()
-    timing = timing_options(args)
+    timing = Timing(rounds=args.rounds, warmup=args.warmup, threads=args.threads)
     base = ExportSpec(args.model, weights=args.weights)
     configs = {
         "unpruned": PruneConfig(keep=1.0),

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import colln
-from colln.app.cli import add_timing_arguments, timing_options
 from colln.export.spec import ExportSpec
+from colln.infer.timing import Timing
 from colln.jobs.export import LatencyOptions, ValidationOptions, export_model
 from colln.models.config import PruneConfig
 
@@ -35,9 +35,10 @@ CASES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="a ViT-L/336 round takes ~20 s on 2 vCPUs")
+    parser.add_argument("--warmup", type=int, default=Timing.warmup)
     parser.add_argument("--val-limit", type=int, default=2)
-    add_timing_arguments(parser)
-    parser.set_defaults(rounds=5)  # a ViT-L/336 round takes ~20 s on 2 vCPUs
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--lm-params", type=float, default=7e9)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vlm_clip_l336.json"))
@@ -53,7 +54,7 @@ def main() -> None:
             Path("exports") / f"{MODEL}-tokens-{name}",
             force=True,
             validation=ValidationOptions(limit=args.val_limit),
-            latency=LatencyOptions(batches=(1,), timing=timing_options(args)),
+            latency=LatencyOptions(batches=(1,), timing=Timing(rounds=args.rounds, warmup=args.warmup, threads=args.threads)),
             lm_params=args.lm_params,
         )
         r = result.report
