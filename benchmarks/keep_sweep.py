@@ -19,6 +19,7 @@ from colln.app.cli import parse_floats, parse_ints
 from colln.export.artifact import default_out_dir, export_into
 from colln.export.spec import SPEC_FILE, ExportSpec
 from colln.files import atomic_dir
+from colln.infer.timing import Timing
 from colln.measure.bench import bench_export
 from colln.models.config import PruneConfig
 
@@ -40,7 +41,7 @@ def sweep(
         if not out.exists():
             with atomic_dir(out, marker=SPEC_FILE) as tmp:
                 export_into(spec, tmp)
-        report = bench_export(out, batches=(batch,), rounds=rounds, warmup=warmup, threads=threads)
+        report = bench_export(out, batches=(batch,), timing=Timing(rounds=rounds, warmup=warmup, threads=threads))
         r = report["batches"][str(batch)]
         print(f"keep {keep}: speedup {r['speedup']:.3f} (IQR {r['speedup_iqr'][0]:.3f}-{r['speedup_iqr'][1]:.3f}), "
               f"bound {r['bound']:.3f}, efficiency {r['efficiency']:.3f}", flush=True)  # fmt: skip

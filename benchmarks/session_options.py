@@ -26,7 +26,7 @@ from polygraphy.backend.onnxrt import OnnxrtRunner
 
 from colln.export.artifact import read_export
 from colln.export.spec import ONNX_FILE
-from colln.infer.timing import measure, paired_speedup
+from colln.infer.timing import Timing, measure, paired_speedup
 
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -94,7 +94,7 @@ def main() -> None:
     graph_input = onnx.load(str(args.pruned / ONNX_FILE), load_external_data=False).graph.input[0]
     shape = [d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]]
     batches = [int(b) for b in args.batch.split(",")]
-    compared = measure(runners, shape, batches, args.rounds, 2, baseline=f"{names[0]}-unpruned")
+    compared = measure(runners, shape, batches, Timing(rounds=args.rounds, warmup=2), baseline=f"{names[0]}-unpruned")
     for b, c in compared.items():
         for v in names:
             s, q25, q75 = paired_speedup(c.times[f"{v}-unpruned"], c.times[f"{v}-pruned"])

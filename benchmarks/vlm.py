@@ -2,13 +2,14 @@
 cut at block -2, returning K = 192 of 576 patch tokens, timed against the unpruned tower cut at the
 same block (all 576 tokens), interleaved, batch 1, ONNX Runtime CPU.
 
-    PYTHONPATH=. python benchmarks/vlm.py [--rounds 5] [--val-limit 2] [--out benchmarks/results/vlm_clip_l336.json]
+    PYTHONPATH=. python benchmarks/vlm.py [--rounds 5] [--warmup N] [--threads N] [--val-limit 2]
+        [--out benchmarks/results/vlm_clip_l336.json]
 
 Two exports through ``colln.export_model`` (the ~1.2 GB graphs go under ``exports/``, ignored by git):
 the final selection alone (``--keep 0.3333``: K = 192, the encoder runs 23 full blocks), and the same
 with inner pruning at three early blocks (``--keep 0.7,0.7,0.7,0.3333 --layers 2,4,6``:
-577 -> 404 -> 283 -> 199 tokens, then 192). Bounded: ``--rounds`` timing rounds after one warm-up
-and ``--val-limit`` photos for the ONNX Runtime vs PyTorch check (random weights: near-ties expected).
+577 -> 404 -> 283 -> 199 tokens, then 192). Bounded: ``--rounds`` timing rounds after colln-export's
+warm-up (``--warmup``) and ``--val-limit`` photos for the ONNX Runtime vs PyTorch check (random weights: near-ties expected).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import colln
 from colln.export.spec import ExportSpec
+from colln.infer.timing import Timing
 from colln.jobs.export import LatencyOptions, ValidationOptions, export_model
 from colln.models.config import PruneConfig
 
@@ -33,7 +35,8 @@ CASES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="a ViT-L/336 round takes ~20 s on 2 vCPUs")
+    parser.add_argument("--warmup", type=int, default=Timing.warmup)
     parser.add_argument("--val-limit", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--lm-params", type=float, default=7e9)
@@ -51,7 +54,7 @@ def main() -> None:
             Path("exports") / f"{MODEL}-tokens-{name}",
             force=True,
             validation=ValidationOptions(limit=args.val_limit),
-            latency=LatencyOptions(batches=(1,), rounds=args.rounds, threads=args.threads),
+            latency=LatencyOptions(batches=(1,), timing=Timing(rounds=args.rounds, warmup=args.warmup, threads=args.threads)),
             lm_params=args.lm_params,
         )
         r = result.report

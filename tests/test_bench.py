@@ -17,10 +17,11 @@ from polygraphy.datatype import DataType
 from speed_checks import assert_plausible_speedup
 
 from colln.app.bench_cli import main
+from colln.errors import UsageError
 from colln.export.artifact import read_export
 from colln.export.spec import INPUT_NAME, ExportSpec
 from colln.export.unpruned import unpruned_export
-from colln.infer.timing import LatencyStats, interleaved_times, measure, paired_speedup
+from colln.infer.timing import LatencyStats, Timing, interleaved_times, measure, paired_speedup
 from colln.models.config import PruneConfig
 
 
@@ -68,13 +69,69 @@ def test_interleaving_runs_every_runner_once_per_round_after_warmup() -> None:
     assert len({tuple(log[3 * r : 3 * r + 3]) for r in range(warmup, rounds + warmup)}) > 1
 
 
+def test_auto_rounds_fit_the_budget_and_the_first_call_warms_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rounds=None: as many rounds as fit in the budget, judged from one untimed call of every runner
+    (the first warm-up round), clipped to 5..50."""
+    from colln.infer import timing
+
+    def tenth_of_a_second(runner: BaseRunner, feed: dict) -> float:
+        runner.infer(feed)
+        return 0.1
+
+    monkeypatch.setattr(timing, "timed_infer", tenth_of_a_second)
+    for budget_s, rounds in ((1.5, 7), (0.01, timing.MIN_ROUNDS), (100.0, timing.MAX_ROUNDS)):
+        log: list[str] = []
+        runners = {n: ScriptedRunner(n, [1.0] * 100, log) for n in ("a", "b")}
+        with runners["a"], runners["b"]:
+            compared = measure(runners, (3, 2, 2), [2], Timing(warmup=3, budget_s=budget_s), baseline="a")[2]
+        assert compared.stats["b"].rounds == rounds, budget_s
+        assert log.count("a") == log.count("b") == 1 + 2 + rounds  # the first call, 2 more warm-up rounds, timed
+
+
+def test_timing_checks_its_values_and_reads_older_reports() -> None:
+    assert Timing(threads=0) == Timing() and Timing().threads is None  # 0: the command line's "runtime default"
+    for bad in ({"rounds": 0}, {"warmup": -1}, {"threads": -1}, {"budget_s": 0.0}):
+        with pytest.raises(UsageError):
+            Timing(**bad)
+    timing = Timing(rounds=30, warmup=3, threads=1, split_batches=False)
+    assert Timing.from_dict({"timing": timing.to_dict()}) == timing
+    # colln-bench reports before "timing" (threads 0: the default), report.json's latency ("backend default").
+    assert Timing.from_dict({"rounds": 30, "warmup": 3, "threads": 1}) == Timing(rounds=30, warmup=3, threads=1)
+    assert Timing.from_dict({"rounds": 9, "warmup": 2, "threads": 0, "split_batches": False}) == Timing(9, 2, None, False)
+    assert Timing.from_dict({"threads": "backend default", "warmup": 3}) == Timing(warmup=3)
+
+
+def test_export_bench_and_eval_share_one_set_of_timing_options() -> None:
+    """The same options, help and defaults on the three commands, read back as the same Timing;
+    colln-export's --latency-rounds keeps working as --rounds."""
+    from colln.app import bench_cli, eval_cli, export_cli
+    from colln.app.cli import timing_options
+
+    export = export_cli.build_parser()
+    parsers = [(export, "digits_vit"), (bench_cli.build_parser(), "EXPORT"), (eval_cli.build_parser(), "digits_vit")]
+
+    def timing_actions(parser: object) -> dict:
+        fields = ("rounds", "warmup", "threads", "split_batches")
+        return {a.dest: (a.option_strings[0], a.help, a.default, a.type, a.const) for a in parser._actions if a.dest in fields}
+
+    first, *others = (timing_actions(p) for p, _ in parsers)
+    assert len(first) == 4 and all(o == first for o in others)
+    for parser, positional in parsers:
+        assert timing_options(parser.parse_args([positional])) == Timing()
+        argv = [positional, "--rounds", "3", "--warmup", "0", "--threads", "2", "--no-split-batches"]
+        assert timing_options(parser.parse_args(argv)) == Timing(rounds=3, warmup=0, threads=2, split_batches=False)
+    assert timing_options(export.parse_args(["digits_vit", "--latency-rounds", "7", "--threads", "0"])) == Timing(rounds=7)
+    with pytest.raises(UsageError):
+        export.parse_args(["digits_vit", "--threads", "-1"])
+
+
 def test_latency_stats_match_plain_percentiles() -> None:
     log: list[str] = []
     script = [float(v) for v in np.random.default_rng(1).permutation(np.arange(1, 102))]  # 1..101 "ns" -> scaled below
     runner = ScriptedRunner("x", [0.0, *script], log)
     feed = {INPUT_NAME: np.zeros((8, 3, 2, 2), np.float32)}
     with runner:
-        stats = measure({"x": runner}, feed[INPUT_NAME].shape[1:], [8], rounds=101, warmup=1, baseline="x")[8].stats["x"]
+        stats = measure({"x": runner}, feed[INPUT_NAME].shape[1:], [8], Timing(rounds=101, warmup=1), baseline="x")[8].stats["x"]
     ms = np.sort(np.array(script)) * 1e-6  # the runner reports value * 1e-9 s
     # 101 sorted samples: the p-th percentile is exactly the element at index p (linear interpolation).
     assert stats.p50_ms == pytest.approx(ms[50])
@@ -123,7 +180,7 @@ def test_real_runners_interleaved(export_dir: Path) -> None:
     from colln.infer.runners import open_runner
 
     with open_runner(export_dir, "onnxruntime", threads=1) as ort, open_runner(export_dir, "torch") as torch_runner:
-        compared = measure({"ort": ort, "torch": torch_runner}, (3, 32, 32), [2], rounds=5, warmup=1, baseline="torch")[2]
+        compared = measure({"ort": ort, "torch": torch_runner}, (3, 32, 32), [2], Timing(rounds=5, warmup=1), baseline="torch")[2]
     assert set(compared.speedups) == {"ort"}
     # The statistic from the per-round times by plain numpy: median and quartiles of torch / ort.
     ratios = compared.times["torch"] / compared.times["ort"]
@@ -152,8 +209,10 @@ def test_json_report_keys_and_bound(report: tuple[dict, Path], export_dir: Path)
         assert r["bound"] == pytest.approx(plan.flops().full / plan.flops().pruned)
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["bound"])
         assert r["pruned"]["batch"] == int(batch)
-    assert data["threads"] == 1 and data["environment"]["versions"]["onnxruntime"]
-    assert data["case"] == "digits_vit-colln-keep0.7@onnxruntime-t1"
+    # The timing given (rounds, warm-up) and the defaults taken (the runtime's own threads), in one field.
+    assert data["timing"] == Timing(rounds=5, warmup=1).to_dict() and data["timing"]["threads"] is None
+    assert data["threads"] == 0 and data["environment"]["versions"]["onnxruntime"]
+    assert data["case"] == "digits_vit-colln-keep0.7@onnxruntime-t0"
 
 
 def test_unpruned_counterpart_is_cached_keep1(report: tuple[dict, Path], export_dir: Path) -> None:
@@ -194,7 +253,40 @@ def test_baseline_without_this_case_is_an_error(
     other = out / "other.json"
     other.write_text(json.dumps({"machine": "x", "cases": []}))
     assert main([str(export_dir), "--batch", "1", "--rounds", "1", "--warmup", "0", "--baseline", str(other)]) == 2
-    assert "has no entry for digits_vit-colln-keep0.7@onnxruntime-t1" in capsys.readouterr().err
+    assert "has no entry for digits_vit-colln-keep0.7@onnxruntime-t0" in capsys.readouterr().err
+
+
+def test_baseline_check_times_like_the_recorded_case(export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A regression file of 1-thread cases (benchmarks/baselines) checked without --threads: timed at
+    1 thread with the case's rounds and warm-up (the default thread count would change the ratios)."""
+    recorded = tmp_path / "t1.json"
+    argv = [str(export_dir), "--batch", "2", "--cache", str(tmp_path / "cache")]
+    assert main([*argv, "--rounds", "3", "--warmup", "1", "--threads", "1", "--save-baseline", str(recorded)]) == 0
+    (case,) = json.loads(recorded.read_text())["cases"]
+    assert case["case"].endswith("@onnxruntime-t1") and case["timing"]["threads"] == 1
+    argv += ["--tolerance", "0.99"]  # the timing is under test here, not the load of the machine
+    assert main([*argv, "--baseline", str(recorded), "--json", str(tmp_path / "check.json")]) == 0
+    checked = json.loads((tmp_path / "check.json").read_text())
+    assert checked["case"] == case["case"] and checked["timing"] == case["timing"]
+    assert checked["batches"]["2"]["pruned"]["rounds"] == 3
+    # An option given wins over the recorded case's: 4 rounds, still at the case's thread count.
+    assert main([*argv, "--rounds", "4", "--baseline", str(recorded), "--json", str(tmp_path / "check4.json")]) == 0
+    checked = json.loads((tmp_path / "check4.json").read_text())
+    assert checked["timing"] == {**case["timing"], "rounds": 4} and checked["case"] == case["case"]
+    # Another thread count asked for: no such case, like with like or nothing.
+    capsys.readouterr()
+    assert main([*argv, "--threads", "0", "--baseline", str(recorded)]) == 2
+    assert "has no entry for digits_vit-colln-keep0.7@onnxruntime-t0" in capsys.readouterr().err
+
+
+def test_checked_in_regression_file_names_its_timing() -> None:
+    """Every case of benchmarks/baselines reads back as the timing it was measured with (cases
+    recorded before the "timing" field included), and its name says that thread count."""
+    for path in (Path(__file__).resolve().parents[1] / "benchmarks" / "baselines").glob("*.json"):
+        for case in json.loads(path.read_text())["cases"]:
+            timing = Timing.from_dict(case)
+            assert (timing.rounds, timing.warmup, timing.threads or 0) == (case["rounds"], case["warmup"], case["threads"])
+            assert case["case"].endswith(f"@{case['backend']}-t{timing.threads or 0}")
 
 
 def test_bad_arguments_exit_2(export_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -242,7 +334,7 @@ def test_torch_backend_on_cpu_names_its_case(export_dir: Path, tmp_path: Path) -
         == 0
     )
     data = json.loads((tmp_path / "t.json").read_text())
-    assert data["device"] == "cpu" and data["case"] == "digits_vit-colln-keep0.7@torch-t1"
+    assert data["device"] == "cpu" and data["case"] == "digits_vit-colln-keep0.7@torch-t0"
     assert_plausible_speedup(data["batches"]["2"], data["flops"]["bound"])
 
 
@@ -268,7 +360,7 @@ def test_torch_backend_on_cuda(export_dir: Path, tmp_path: Path) -> None:
     ]
     assert main(argv) == 0
     data = json.loads((tmp_path / "t.json").read_text())
-    assert data["case"].endswith("@torch-t1-cuda")
+    assert data["case"].endswith("@torch-t0-cuda")
     for r in data["batches"].values():
         assert_plausible_speedup(r, data["flops"]["bound"])
 

@@ -17,7 +17,7 @@ from colln.app import eval_cli
 from colln.data import load_labelled, preprocess, skimage_photos
 from colln.errors import DataError
 from colln.export.spec import ExportSpec
-from colln.infer.timing import LatencyStats
+from colln.infer.timing import LatencyStats, Timing
 from colln.jobs.evaluate import KEEP_PLOT, PARETO_PLOT, RESULTS_JSON, RESULTS_MD
 from colln.measure import sweep as ev
 from colln.models import digits
@@ -54,6 +54,15 @@ def digits_run(tmp_path_factory) -> tuple[dict, str]:
     argv += ["--metric", ",".join(METRICS), "--batch", "512", "--rounds", "3", "--warmup", "1", "--out", str(out)]
     assert eval_cli.main(argv) == 0
     return json.loads((out / RESULTS_JSON).read_text()), str(out)
+
+
+def test_results_record_the_timing(digits_run):
+    """--rounds 3 --warmup 1 given, the runtime's threads by default: recorded as colln-bench records them."""
+    result, out = digits_run
+    assert result["timing"] == Timing(rounds=3, warmup=1).to_dict()
+    assert result["baseline"]["latency"]["rounds"] == 3
+    assert ev.Sweep.from_dict(result).timing == Timing(rounds=3, warmup=1)
+    assert "rounds 3, warm-up 1, threads runtime default" in Path(out, RESULTS_MD).read_text()
 
 
 def test_schedules_scale_the_paper_blocks():
@@ -95,14 +104,15 @@ def test_speedup_is_the_median_of_paired_per_round_ratios(monkeypatch, tmp_path)
 
     crafted = {"0": np.array([1.0, 2.0, 3.0]), "1": np.array([3.0, 1.0, 2.0])}
 
-    def measure(runners, input_shape, batches, rounds, warmup, baseline, sample):
+    def measure(runners, input_shape, batches, how, baseline, sample):
+        assert how == Timing(rounds=3, warmup=0)
         assert sorted(runners) == sorted(crafted) and baseline == "0"
         times = {name: crafted[name] * 1e-3 for name in runners}
         stats = {name: LatencyStats.from_times(t, batches[0]) for name, t in times.items()}
         return {batches[0]: timing.Comparison(batches[0], stats, {"1": timing.paired_speedup(times["0"], times["1"])}, times)}
 
     monkeypatch.setattr(ev, "measure", measure)
-    options = ev.SweepOptions(keeps=(0.5,), layers=((0, 2, 4),), metrics=("colln",), rounds=3, warmup=0)
+    options = ev.SweepOptions(keeps=(0.5,), layers=((0, 2, 4),), metrics=("colln",), timing=Timing(rounds=3, warmup=0))
     result = ev.sweep(
         ExportSpec("digits_vit", weights=WEIGHTS), load_labelled("digits", load_model("digits_vit", WEIGHTS), 20), options
     )
@@ -110,6 +120,7 @@ def test_speedup_is_the_median_of_paired_per_round_ratios(monkeypatch, tmp_path)
     ratios = crafted["0"] / crafted["1"]
     assert result.speedup(row) == pytest.approx(float(np.median(ratios))) == pytest.approx(1.5)
     assert row.latency.p50_ms == pytest.approx(result.baseline.latency.p50_ms)  # the old statistic would say 1.0x
+    assert ev.pick(result, target_speedup=1.4) == row  # --target-speedup reads the same statistic
     assert ev.Sweep.from_dict(result.to_dict()).speedup(ev.Sweep.from_dict(result.to_dict()).rows[0]) == pytest.approx(1.5)
 
 

@@ -21,6 +21,7 @@ from colln.app.export_cli import main
 from colln.data import preprocess
 from colln.export.onnx import read_metadata, topk_constants
 from colln.export.spec import ExportSpec
+from colln.infer.timing import Timing
 from colln.models import digits
 
 REPORT_KEYS = {"schema", "created", "model", "export", "plan", "flops", "validation", "latency", "versions", "environment"}
@@ -74,6 +75,10 @@ def test_report_json(digits_export: Path) -> None:
     assert f["bound"] == pytest.approx(f["full"] / f["pruned"]) and f["bound"] > 1.3
     lat = report["latency"]
     assert set(lat["batches"]) == {"1", "4"} and lat["flops_bound"] == f["bound"]
+    # --latency-rounds 5 (the older name of --rounds) and the defaults of the rest, as colln-bench records them.
+    assert lat["timing"] == Timing(rounds=5).to_dict() and lat["timing"]["warmup"] == Timing.warmup
+    assert (lat["threads"], lat["warmup"]) == ("backend default", Timing.warmup)
+    assert "rounds 5, warm-up 5, threads runtime default" in (digits_export / "report.md").read_text()
     for entry in lat["batches"].values():
         assert entry["pruned"]["rounds"] == 5 and entry["pruned"]["p90_ms"] >= entry["pruned"]["p50_ms"] > 0
         assert_plausible_speedup(entry, lat["flops_bound"])

@@ -158,6 +158,7 @@ def test_merge_needs_attention_keys(trained_digits_vit) -> None:
 def test_eval_compares_prune_merge_and_tome_in_one_interleaved_run(trained_digits_vit, tmp_path: Path) -> None:
     from colln.data import load_labelled, preprocess
     from colln.export.spec import ExportSpec
+    from colln.infer.timing import Timing
     from colln.measure.sweep import SweepOptions, export_command
 
     options = SweepOptions(
@@ -166,8 +167,7 @@ def test_eval_compares_prune_merge_and_tome_in_one_interleaved_run(trained_digit
         metrics=("colln",),
         methods=("prune", "merge", "tome"),
         tome_rs=(8, 12),
-        rounds=2,
-        warmup=0,
+        timing=Timing(rounds=2, warmup=0),
     )
     result = colln.evaluate(
         ExportSpec("digits_vit", weights="bundled"), options, out=tmp_path / "ev", limit=60, target_speedup=0.01

@@ -44,6 +44,7 @@ from colln.export.openvino import (  # noqa: E402
 from colln.export.spec import file_sha256  # noqa: E402
 from colln.export.triton import write_model_repository  # noqa: E402
 from colln.infer.runners import open_runner, openvino_runner  # noqa: E402
+from colln.infer.timing import Timing  # noqa: E402
 from colln.measure.bench import bench_export  # noqa: E402
 from colln.verify.validate import validate  # noqa: E402
 
@@ -268,9 +269,8 @@ def test_triton_openvino_entry_matches_the_schema(fp32_export: Path, tmp_path: P
 
 
 def test_stack_times_both_runtimes_on_the_listed_files(fp32_export: Path, tmp_path: Path) -> None:
-    result = bench_export(
-        fp32_export, batches=(2,), rounds=3, warmup=1, threads=1, cache=tmp_path / "cache", runtimes=("onnxruntime", "openvino")
-    )
+    timing, runtimes = Timing(rounds=3, warmup=1, threads=1), ("onnxruntime", "openvino")
+    result = bench_export(fp32_export, batches=(2,), timing=timing, cache=tmp_path / "cache", runtimes=runtimes)
     stack = result["stack"]
     expected = ["unpruned-fp32", "pruned-fp32", "openvino:unpruned-fp32", "openvino:pruned-fp32"]
     assert stack["variants"] == [*expected, "openvino:unpruned-bf16", "openvino:pruned-bf16"]

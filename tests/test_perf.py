@@ -17,6 +17,7 @@ from colln.export.artifact import export_into
 from colln.export.spec import ExportSpec
 from colln.files import atomic_dir
 from colln.infer.environment import machine_id
+from colln.infer.timing import Timing
 from colln.measure.bench import bench_export, regressions
 
 pytestmark = pytest.mark.perf
@@ -41,9 +42,7 @@ def test_no_latency_regression(case: dict, tmp_path: Path) -> None:
         export,
         backend=case["backend"],
         batches=[int(b) for b in case["batches"]],
-        rounds=case["rounds"],
-        warmup=case["warmup"],
-        threads=case["threads"],
+        timing=Timing.from_dict(case),
         cache=tmp_path / "cache",
     )
     found = regressions(report, case, tolerance)

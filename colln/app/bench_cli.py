@@ -8,11 +8,11 @@ import argparse
 import json
 from pathlib import Path
 
-from colln.app.cli import ArgumentParser, entry_point, non_negative_int, parse_ints, positive_int
+from colln.app.cli import ArgumentParser, add_timing_arguments, entry_point, parse_ints, timing_options
 from colln.errors import RegressionFileError, UsageError
 from colln.files import atomic_write
 from colln.infer.runners import BACKENDS
-from colln.measure.bench import bench_export, check_regressions, merge_case
+from colln.measure.bench import bench_export, check_regressions, merge_case, recorded_timing
 from colln.report.render import print_bench
 
 
@@ -32,19 +32,9 @@ def build_parser() -> ArgumentParser:
         "interleaved run, e.g. onnxruntime,openvino (an OpenVINO run needs the export's IR: colln-export --openvino)",
     )
     p.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
-    p.add_argument("--rounds", type=positive_int, default=50, help="timed rounds per batch size (default 50)")
-    p.add_argument("--warmup", type=non_negative_int, default=10, help="untimed rounds first (default 10)")
+    add_timing_arguments(p)
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="device for the torch and onnxruntime backends (default cpu)"
-    )
-    p.add_argument(
-        "--threads", type=int, default=1, help="intra-op threads, pinned for stable numbers; 0 = backend default (default 1)"
-    )
-    p.add_argument(
-        "--no-split-batches",
-        dest="split_batches",
-        action="store_false",
-        help="with 2+ threads, run every batch on the session's threads instead of one slice of the batch per thread",
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full report as JSON")
     # The option names stay; in the code this file is the regression file ("baseline" is the unpruned model).
@@ -53,7 +43,8 @@ def build_parser() -> ArgumentParser:
         dest="regression_file",
         type=Path,
         metavar="FILE",
-        help="fail (exit 1) if speedup or efficiency fell below those recorded in FILE (by --save-baseline)",
+        help="fail (exit 1) if speedup or efficiency fell below those recorded in FILE (by --save-baseline); timed like "
+        "the recorded case where --threads, --rounds, --warmup, --no-split-batches are not given",
     )
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative drop below the recorded (default 0.10)")
     p.add_argument(
@@ -77,20 +68,13 @@ def run(
         raise UsageError(f"--batch sizes must be >= 1, got {args.batch!r}")
     if not 0.0 <= args.tolerance < 1.0:
         raise UsageError(f"--tolerance must be in [0, 1), e.g. 0.1 for 10%, got {args.tolerance}")
-    if args.threads < 0:
-        raise UsageError(f"--threads must be >= 0 (0 = backend default), got {args.threads}")
+    runtimes = tuple(r.strip() for r in args.runtimes.split(",")) if args.runtimes else ()
     recorded = _read_json(args.regression_file) if args.regression_file else None
+    like = None
+    if recorded is not None:
+        like = recorded_timing(recorded, args.regression_file, args.export_dir, args.backend, runtimes, args.device, args.threads)
     report = bench_export(
-        args.export_dir,
-        args.backend,
-        batches,
-        args.rounds,
-        args.warmup,
-        args.threads,
-        args.cache,
-        args.device,
-        split_batches=args.split_batches,
-        runtimes=tuple(r.strip() for r in args.runtimes.split(",")) if args.runtimes else (),
+        args.export_dir, args.backend, batches, timing_options(args, like), args.cache, args.device, runtimes=runtimes
     )
     print_bench(report)
     if args.json:

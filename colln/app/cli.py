@@ -21,11 +21,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from colln.errors import CollnError, UsageError
 from colln.files import PATH_ERRNOS, display
+from colln.infer.timing import MAX_ROUNDS, MIN_ROUNDS, Timing
 from colln.models.config import MERGE_WEIGHTS, METRICS, ORDERS, OUTPUTS, PruneConfig
 
 INTERRUPTED = 130
@@ -434,3 +435,59 @@ def parse_metrics(
     if bad or not metrics:
         raise UsageError(f"unknown metric {bad[0] if bad else text!r}: choose from {','.join(METRICS)}")
     return metrics
+
+
+def add_timing_arguments(
+    p: argparse.ArgumentParser,
+    rounds_aliases: Sequence[str] = (),
+) -> None:
+    """The timing options of every command that times (colln-export, colln-bench, colln-eval): one
+    per :class:`Timing` field, with its defaults (read back by :func:`timing_options`).
+    ``rounds_aliases``: older names of ``--rounds`` that keep working (colln-export's ``--latency-rounds``)."""
+    d = Timing()
+    p.add_argument(
+        "--rounds",
+        *rounds_aliases,
+        dest="rounds",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="timed rounds per batch size, every variant once per round in a shuffled order "
+        f"(default: as many as fit in ~{d.budget_s:g} s per batch size, {MIN_ROUNDS}..{MAX_ROUNDS})",
+    )
+    p.add_argument(
+        "--warmup",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help=f"untimed rounds of every variant first, per batch size (default {d.warmup}: OpenVINO compiles on its first "
+        "call, ONNX Runtime grows its memory arena over the first calls at a batch size)",
+    )
+    p.add_argument(
+        "--threads",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="intra-op threads of every runtime; 0 = the runtime's default (default: the runtime's default, as deployed; "
+        "1 gives figures that do not depend on the core count)",
+    )
+    p.add_argument(
+        "--no-split-batches",
+        dest="split_batches",
+        action="store_const",
+        const=False,
+        default=None,
+        help="with 2+ threads on ONNX Runtime CPU, run every batch on the session's threads instead of one slice of "
+        "the batch per thread",
+    )
+
+
+def timing_options(
+    args: argparse.Namespace,
+    like: Timing | None = None,
+) -> Timing:
+    """The :class:`Timing` of the options :func:`add_timing_arguments` defined: those given on the
+    command line, the others from ``like`` (colln-bench ``--baseline``: the recorded case's), else
+    :class:`Timing`'s defaults."""
+    given = {name: getattr(args, name) for name in ("rounds", "warmup", "threads", "split_batches")}
+    return replace(like or Timing(), **{name: value for name, value in given.items() if value is not None})

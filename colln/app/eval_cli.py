@@ -13,13 +13,14 @@ from pathlib import Path
 from colln.app.cli import (
     ArgumentParser,
     add_model_args,
+    add_timing_arguments,
     entry_point,
     layer_choices,
-    non_negative_int,
     parse_floats,
     parse_ints,
     parse_metrics,
     positive_int,
+    timing_options,
 )
 from colln.export.spec import ExportSpec
 from colln.jobs.evaluate import KEEP_PLOT, PARETO_PLOT, RESULTS_JSON, RESULTS_MD, evaluate
@@ -68,12 +69,8 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--batch", type=positive_int, default=64, help="batch size for accuracy (default 64)")
     parser.add_argument("--latency-batch", type=positive_int, default=1, help="batch size for latency (default 1)")
-    parser.add_argument("--rounds", type=positive_int, default=20, help="timed rounds per configuration (default 20)")
-    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed warm-up rounds (default 3)")
+    add_timing_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="intra-op threads of ONNX Runtime / PyTorch (default: their own)"
-    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument(
         "--latency-budget",
@@ -104,9 +101,7 @@ def run(
         backend=args.backend,
         batch=args.batch,
         latency_batch=args.latency_batch,
-        rounds=args.rounds,
-        warmup=args.warmup,
-        threads=args.threads,
+        timing=timing_options(args),
         device=args.device,
     )
     result = evaluate(

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from colln.app.build_cli import add_engine_arguments
-from colln.app.cli import ArgumentParser, add_prune_arguments, entry_point, parse_ints, positive_int, prune_config
+from colln.app.cli import (
+    ArgumentParser,
+    add_prune_arguments,
+    add_timing_arguments,
+    entry_point,
+    parse_ints,
+    prune_config,
+    timing_options,
+)
 from colln.errors import UsageError
 from colln.export.artifact import PRECISIONS
 from colln.export.spec import DEFAULT_OPSET, ExportSpec
@@ -81,13 +89,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--val-limit", type=int, default=None, help="validate on the first N images only (default: all)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--latency-batches", default="1,8", help="batch sizes to time (default 1,8)")
-    p.add_argument(
-        "--latency-rounds",
-        type=positive_int,
-        default=None,
-        help="interleaved timing rounds per batch size (default: as many as fit in ~20 s, 5..50)",
-    )
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for timing (default: its own)")
+    add_timing_arguments(p, rounds_aliases=("--latency-rounds",))
     p.add_argument(
         "--openvino",
         action="store_true",
@@ -135,9 +137,7 @@ def run(
     latency = None
     if not args.no_latency:
         latency = LatencyOptions(
-            batches=parse_ints(args.latency_batches, "--latency-batches", minimum=1),
-            rounds=args.latency_rounds,
-            threads=args.threads,
+            batches=parse_ints(args.latency_batches, "--latency-batches", minimum=1), timing=timing_options(args)
         )
     engine = EngineOptions(args.batch_min, args.batch_opt, args.batch_max, args.timing_cache) if args.trt else None
     triton = TritonOptions(args.triton_repo, args.triton_backend, args.batch_max) if args.triton_repo is not None else None

@@ -2,7 +2,8 @@
 interleaved round by round after a warm-up, so machine load drifts hit all of them alike and their
 ratios (speedups) are stable even when absolute milliseconds are not.
 
-:func:`measure` is the one measurement colln-export, colln-bench and colln-eval share.
+:func:`measure` is the one measurement colln-export, colln-bench and colln-eval share, and
+:class:`Timing` its one configuration (rounds, warm-up, threads), with one set of defaults.
 """
 
 from __future__ import annotations
@@ -20,6 +21,66 @@ from colln.export.spec import INPUT_NAME
 
 BUDGET_S = 20.0
 MIN_ROUNDS, MAX_ROUNDS = 5, 50
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How colln-export, colln-bench and colln-eval time their variants: one set of defaults.
+
+    ``rounds``: timed rounds per batch size, every variant once per round in a shuffled order;
+    ``None``: as many as fit in ``budget_s`` (``MIN_ROUNDS`` to ``MAX_ROUNDS``), so a command
+    finishes in bounded time whatever the model (a ViT-B round at batch 8 takes seconds on a CPU).
+    ``warmup``: untimed rounds first, per batch size: OpenVINO compiles on its first call (about 10x
+    a steady one) and ONNX Runtime grows its memory arena over the first calls at a new batch size
+    (up to 1.5x for two or three calls); 5 covers both with a margin.
+    ``threads``: intra-op threads of every runtime; ``None`` (or 0): the runtime's default, what a
+    deployment runs with (the physical cores); 1 gives figures that do not depend on the core
+    count (the regression file's cases and docs/benchmarks.md are 1-thread figures).
+    ``split_batches``: see :func:`colln.infer.runners.onnxruntime_runner`.
+    """
+
+    rounds: int | None = None
+    warmup: int = 5
+    threads: int | None = None
+    split_batches: bool = True
+    budget_s: float = BUDGET_S
+
+    def __post_init__(self) -> None:
+        if (self.rounds is not None and self.rounds < 1) or self.warmup < 0:
+            raise UsageError(f"rounds must be >= 1 and warmup >= 0, got rounds={self.rounds}, warmup={self.warmup}")
+        if self.threads is not None and self.threads < 0:
+            raise UsageError(f"threads must be >= 0 (0 = the runtime's default), got {self.threads}")
+        if self.budget_s <= 0:
+            raise UsageError(f"the timing budget must be positive, got {self.budget_s} s")
+        # 0 is the command line's spelling of the runtime's default: one value for it.
+        object.__setattr__(self, "threads", self.threads or None)
+
+    def to_dict(self) -> dict:
+        """The ``timing`` field of report.json, colln-bench's report and results.json."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: dict,
+    ) -> Timing:
+        """A report's ``timing``, or the top-level ``rounds`` / ``warmup`` / ``threads`` of a
+        colln-bench report written before it had one (threads 0: the runtime's default)."""
+        if "timing" in data:
+            return cls(**data["timing"])
+        threads = data.get("threads")
+        return cls(
+            rounds=data.get("rounds"),
+            warmup=data.get("warmup", cls.warmup),
+            threads=threads if isinstance(threads, int) else None,
+            split_batches=data.get("split_batches", cls.split_batches),
+        )
+
+    def describe(self) -> str:
+        """``rounds auto (5..50 in ~20 s per batch), warm-up 5, threads runtime default``."""
+        rounds = self.rounds or f"auto ({MIN_ROUNDS}..{MAX_ROUNDS} in ~{self.budget_s:g} s per batch)"
+        split = "" if self.split_batches else ", no batch split"
+        return f"rounds {rounds}, warm-up {self.warmup}, threads {self.threads or 'runtime default'}{split}"
 
 
 @dataclass(frozen=True)
@@ -138,19 +199,20 @@ def measure(
     runners: Mapping[str, BaseRunner],
     input_shape: Sequence[int],
     batches: Sequence[int],
-    rounds: int | None = None,
-    warmup: int = 3,
+    timing: Timing | None = None,
     baseline: str = "unpruned",
     sample: np.ndarray | None = None,
-    budget_s: float = BUDGET_S,
 ) -> dict[int, Comparison]:
-    """Time every (active) runner interleaved, per batch size, and pair each with ``baseline``.
+    """Time every (active) runner interleaved, per batch size, and pair each with ``baseline``,
+    as ``timing`` says (``None``: :class:`Timing`'s defaults; its threads are the runners' own,
+    set when they were opened).
 
     The feed is ``sample`` (real images, tiled to the batch size) or standard-normal noise of
     ``input_shape``: ViT latency does not depend on pixel values. ``rounds=None`` picks, per batch
-    size, as many rounds as fit in ``budget_s`` (5 to 50), judged from one untimed call of each
-    runner (which counts as the first warm-up round): a ViT-B round at batch 8 takes seconds on a CPU.
+    size, as many rounds as fit in the budget, judged from one untimed call of each runner (which
+    counts as the first warm-up round).
     """
+    timing = timing if timing is not None else Timing()
     if baseline not in runners:
         raise UsageError(f"no {baseline!r} runner to compare against (have {', '.join(runners)})")
     if min(batches, default=0) < 1:
@@ -163,10 +225,10 @@ def measure(
         else:
             images = rng.standard_normal((b, *input_shape), dtype=np.float32)
         feed = {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)}
-        n, extra_warmup = rounds, warmup
-        if rounds is None:
+        n, extra_warmup = timing.rounds, timing.warmup
+        if n is None:
             first = sum(timed_infer(r, feed) for r in runners.values())
-            n, extra_warmup = int(np.clip(budget_s / first, MIN_ROUNDS, MAX_ROUNDS)), max(warmup - 1, 0)
+            n, extra_warmup = int(np.clip(timing.budget_s / first, MIN_ROUNDS, MAX_ROUNDS)), max(timing.warmup - 1, 0)
         times = interleaved_times(runners, feed, n, extra_warmup)
         out[b] = Comparison(
             batch=b,

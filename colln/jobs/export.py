@@ -26,8 +26,8 @@ from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportSpec
 from colln.export.unpruned import cached_export, default_cache, unpruned_export
 from colln.files import atomic_dir
 from colln.infer.runners import open_runner
-from colln.infer.timing import Comparison
-from colln.measure.bench import latency_rows, measure_exports, stack_accuracy, stack_exports, stack_latency
+from colln.infer.timing import Timing
+from colln.measure.bench import stack_accuracy, stack_exports, time_variants
 from colln.models.registry import default_weights, resolve_name
 from colln.report.export_report import DEFAULT_LM_PARAMS, build_report, write_report
 from colln.train.checkpoint import check_recorded_plan
@@ -62,12 +62,12 @@ class CalibrationOptions:
 
 @dataclass(frozen=True)
 class LatencyOptions:
-    """Pruned against unpruned ONNX Runtime, interleaved. ``rounds=None``: as many as fit in about
-    20 s per batch size; ``threads=None``: ONNX Runtime's default."""
+    """Pruned against unpruned ONNX Runtime (or the variant stack), interleaved, at ``batches``,
+    timed as ``timing`` says (:class:`colln.infer.timing.Timing`: colln-bench's and colln-eval's
+    defaults too)."""
 
     batches: Sequence[int] = (1, 8)
-    rounds: int | None = None
-    threads: int | None = None
+    timing: Timing = field(default_factory=Timing)
 
 
 @dataclass(frozen=True)
@@ -231,16 +231,15 @@ def export_model(
                     exported.spec, tmp, default_cache(out), unpruned, calib.images if custom else None, runtimes
                 )
             with progress(f"timing the variant stack ({', '.join(runtimes)}, interleaved)"):
-                timing, compared = _latency(exports, latency, spec.precision)
-                stack = stack_latency(compared, exported.plan.flops().bound, exports)
+                timing, stack = _latency(exports, latency, exported.plan.flops().bound, spec.precision)
             with progress("top-1 of every stack variant"):
                 images = images if images is not None else validation_images(spec.model, unpruned)
-                stack["accuracy"] = stack_accuracy(exports, images, latency.threads)
+                stack["accuracy"] = stack_accuracy(exports, images, latency.timing.threads)
         elif latency is not None:
             with progress("exporting the unpruned baseline (cached)"):
                 base_dir = unpruned_export(exported.spec, default_cache(out), unpruned)
             with progress("timing pruned vs unpruned (ONNX Runtime, interleaved)"):
-                timing, _ = _latency({"unpruned": base_dir, "pruned": tmp}, latency)
+                timing, _ = _latency({"unpruned": base_dir, "pruned": tmp}, latency, exported.plan.flops().bound)
         record = None
         if calib is not None:
             record = {"method": "minmax", "source": calib.source, "images": len(calib.images), "recipe": INT8_RECIPE}
@@ -269,19 +268,22 @@ def export_model(
 def _latency(
     exports: dict,
     options: LatencyOptions,
+    bound: float,
     precision: str = "fp32",
-) -> tuple[dict, dict[int, Comparison]]:
+) -> tuple[dict, dict | None]:
     """The report's latency section (pruned against unpruned; for an int8 stack, pruned int8
-    against unpruned int8) from one interleaved ONNX Runtime run of ``exports``, and that run."""
-    warmup = 3
-    compared = measure_exports(exports, options.batches, options.rounds, warmup, threads=options.threads)
+    against unpruned int8) and its ``stack`` (``None`` for a pair), from one interleaved ONNX
+    Runtime run of ``exports``: :func:`colln.measure.bench.time_variants`, as colln-bench times."""
+    timed = time_variants(exports, options.batches, options.timing, bound, precision)
     latency = {
         "backend": "onnxruntime-cpu",
-        "threads": options.threads or "backend default",
-        "warmup": warmup,
-        "batches": latency_rows(compared, precision),
+        "timing": options.timing.to_dict(),
+        # The timing's fields as reports before "timing" had them.
+        "threads": options.timing.threads or "backend default",
+        "warmup": options.timing.warmup,
+        "batches": timed.rows,
     }
-    return latency, compared
+    return latency, timed.stack
 
 
 def _calibration_images(

@@ -21,7 +21,7 @@ from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportSpec
 from colln.export.unpruned import cached_export, default_cache, unpruned_engine, unpruned_export
 from colln.infer.environment import environment
 from colln.infer.runners import open_runner, openvino_runner, run
-from colln.infer.timing import Comparison, LatencyStats, measure, paired_speedup
+from colln.infer.timing import Comparison, LatencyStats, Timing, measure, paired_speedup
 
 RATIO_METRICS = ("speedup", "efficiency")
 
@@ -30,22 +30,21 @@ def bench_export(
     export_dir: Path,
     backend: str = "onnxruntime",
     batches: Sequence[int] = (1, 8, 32),
-    rounds: int = 50,
-    warmup: int = 10,
-    threads: int = 1,
+    timing: Timing | None = None,
     cache: Path | None = None,
     device: str = "cpu",
-    split_batches: bool = True,
     runtimes: Sequence[str] = (),
 ) -> dict:
-    """Benchmark an export against its unpruned counterpart, interleaved, per batch size.
+    """Benchmark an export against its unpruned counterpart, interleaved, per batch size, as
+    ``timing`` says (``None``: :class:`colln.infer.timing.Timing`'s defaults, colln-export's and
+    colln-eval's too).
 
     Returns the JSON-ready report: per batch the latency stats of both, ``speedup`` (median of the
     paired per-round ratios, with its interquartile range), the keep plan's FLOPs ``bound`` and
-    ``efficiency = speedup / bound``; plus the spec, plan and environment. ``threads=0`` leaves the
-    backend's own default; ``split_batches``: see :func:`colln.infer.runners.onnxruntime_runner`.
+    ``efficiency = speedup / bound``; plus the spec, plan, ``timing`` and environment.
     ``runtimes`` (e.g. ``("onnxruntime", "openvino")``): time the export's variant stack on those
     runtimes in the same run (:func:`stack_exports`; the report's ``stack``)."""
+    timing = timing if timing is not None else Timing()
     export_dir = Path(export_dir)
     spec = read_export(export_dir)
     plan = spec.keep_plan()
@@ -64,13 +63,11 @@ def bench_export(
     if stacked:
         exports = stack_exports(spec, export_dir, cache, runtimes=runtimes or ("onnxruntime",))
     else:
-        exports = {"unpruned": base_dir, "pruned": export_dir}
-    compared = measure_exports(exports, batches, rounds, warmup, backend, device, threads or None, split_batches)
-    results = {}
-    for b, row in latency_rows(compared, spec.precision).items():
-        results[b] = {**row, "bound": flops.bound, "efficiency": row["speedup"] / flops.bound}
+        exports = {"unpruned": Variant(base_dir, backend), "pruned": Variant(export_dir, backend)}
+    timed = time_variants(exports, batches, timing, flops.bound, spec.precision, device)
+    results = {b: {**row, "bound": flops.bound, "efficiency": row["speedup"] / flops.bound} for b, row in timed.rows.items()}
     return {
-        "case": case_name(spec, "+".join(runtimes) if runtimes else backend, threads, device),
+        "case": case_name(spec, runtime_label(backend, runtimes), timing.threads, device),
         "export": str(export_dir),
         "unpruned_export": str(base_dir),
         "spec": {k: v for k, v in spec.to_dict().items() if k != "plan"},
@@ -79,14 +76,24 @@ def bench_export(
         "backend": backend,
         "runtimes": list(runtimes) or [backend],
         "device": device,
-        "threads": threads,
-        "split_batches": split_batches,
-        "rounds": rounds,
-        "warmup": warmup,
+        "timing": timing.to_dict(),
+        # The timing's fields as reports before "timing" had them (threads 0: the runtime's default).
+        "threads": timing.threads or 0,
+        "split_batches": timing.split_batches,
+        "rounds": timing.rounds,
+        "warmup": timing.warmup,
         "batches": results,
-        "stack": stack_latency(compared, flops.bound, exports) if stacked else None,
-        "environment": environment(backend, threads, load_before),
+        "stack": timed.stack,
+        "environment": environment(backend, timing.threads, load_before),
     }
+
+
+def runtime_label(
+    backend: str,
+    runtimes: Sequence[str] = (),
+) -> str:
+    """What a case name says was timed: ``onnxruntime+openvino`` for a stack across runtimes, else the backend."""
+    return "+".join(runtimes) if runtimes else backend
 
 
 @dataclass(frozen=True)
@@ -137,25 +144,47 @@ class Variant:
 def measure_exports(
     exports: Mapping[str, Path | Variant],
     batches: Sequence[int],
-    rounds: int | None,
-    warmup: int,
-    backend: str = "onnxruntime",
+    timing: Timing | None = None,
     device: str = "cpu",
-    threads: int | None = None,
-    split_batches: bool = True,
 ) -> dict[int, Comparison]:
-    """One interleaved run of ``exports`` (name -> export directory on ``backend``, or a
+    """One interleaved run of ``exports`` (name -> export directory on ONNX Runtime, or a
     :class:`Variant`; the first is the baseline): ``{"unpruned", "pruned"}``, or a variant stack
-    (:func:`stack_exports`)."""
+    (:func:`stack_exports`), opened with ``timing``'s threads and batch splitting."""
+    timing = timing if timing is not None else Timing()
     with contextlib.ExitStack() as active:
         runners = {
             name: active.enter_context(
-                (v if isinstance(v, Variant) else Variant(Path(v), backend)).open(device, threads, split_batches)
+                (v if isinstance(v, Variant) else Variant(Path(v))).open(device, timing.threads, timing.split_batches)
             )
             for name, v in exports.items()
         }
         chw = next(iter(runners.values())).get_input_metadata(use_numpy_dtypes=False)[INPUT_NAME].shape[1:]
-        return measure(runners, chw, batches, rounds, warmup, baseline=next(iter(runners)))
+        return measure(runners, chw, batches, timing, baseline=next(iter(runners)))
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One interleaved run of an export's variants, as colln-export and colln-bench report it:
+    ``rows`` (per batch size, pruned against unpruned: :func:`latency_rows`) and ``stack`` (every
+    variant of a stack: :func:`stack_latency`; ``None`` for a pair)."""
+
+    rows: dict[str, dict]
+    stack: dict | None
+
+
+def time_variants(
+    exports: Mapping[str, Path | Variant],
+    batches: Sequence[int],
+    timing: Timing | None,
+    bound: float,
+    precision: str = "fp32",
+    device: str = "cpu",
+) -> Timed:
+    """Time ``exports`` (``{"unpruned", "pruned"}`` or a variant stack) in one interleaved run
+    (:func:`measure_exports`) and pair them; ``bound``: the keep plan's FLOPs bound."""
+    compared = measure_exports(exports, batches, timing, device)
+    stack = None if "pruned" in exports else stack_latency(compared, bound, exports)
+    return Timed(rows=latency_rows(compared, precision), stack=stack)
 
 
 def latency_rows(
@@ -321,15 +350,45 @@ def stack_accuracy(
 def case_name(
     spec: ExportSpec,
     backend: str,
-    threads: int,
+    threads: int | None,
     device: str = "cpu",
 ) -> str:
     """Readable name of what was measured, e.g. ``vit_base-colln-keep0.7-L3,6,9@onnxruntime-t1``
-    (``...@torch-t1-cuda`` off the CPU)."""
+    (``...@torch-t1-cuda`` off the CPU; ``-t0``: the runtime's default thread count)."""
     layers = "" if spec.pruning.layers is None else "-L" + ",".join(str(i) for i in spec.pruning.layers)
     rounding = "" if spec.pruning.round_to == 1 else f"-r{spec.pruning.round_to}"
     where = "" if device == "cpu" else f"-{device}"
-    return f"{default_out_dir(spec).name}{layers}{rounding}@{backend}-t{threads}{where}"
+    return f"{default_out_dir(spec).name}{layers}{rounding}@{backend}-t{threads or 0}{where}"
+
+
+def recorded_timing(
+    recorded: dict,
+    source: Path,
+    export_dir: Path,
+    backend: str = "onnxruntime",
+    runtimes: Sequence[str] = (),
+    device: str = "cpu",
+    threads: int | None = None,
+) -> Timing:
+    """The timing of the regression file's case for this export, so that a check compares like
+    with like (the thread count changes the ratios; the cases name theirs). ``threads``: the
+    thread count asked for (0: the runtime's default), ``None`` when not asked: the case at the
+    default's thread count if recorded, else the first recorded (the 1-thread cases of
+    ``benchmarks/baselines``). RegressionFileError, before anything is timed, when ``recorded``
+    (read from ``source``) has no such case."""
+    spec = read_export(Path(export_dir))
+    label = runtime_label(backend, runtimes)
+    found: dict[int | None, Timing] = {}
+    for case in recorded.get("cases", [recorded]):
+        timing = Timing.from_dict(case)
+        if case.get("case") == case_name(spec, label, timing.threads, device):
+            found.setdefault(timing.threads, timing)
+    wanted = Timing().threads if threads is None else (threads or None)
+    timing = found.get(wanted, next(iter(found.values()), None) if threads is None else None)
+    if timing is None:
+        name = case_name(spec, label, wanted, device)
+        raise RegressionFileError(f"{source} has no entry for {name}: record one with --save-baseline {source}")
+    return timing
 
 
 def find_case(

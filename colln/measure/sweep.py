@@ -26,7 +26,7 @@ from colln.errors import NoFitError, UsageError
 from colln.export.artifact import PRECISIONS, export_into
 from colln.export.spec import ExportSpec
 from colln.infer.runners import BACKENDS, open_runner, run
-from colln.infer.timing import LatencyStats, measure
+from colln.infer.timing import LatencyStats, Timing, measure
 from colln.models.config import PruneConfig
 from colln.models.plan import default_layers
 from colln.models.registry import default_weights
@@ -146,6 +146,8 @@ class Sweep:
     baseline: Row
     rows: tuple[Row, ...]
     pick: dict | None = field(default=None)
+    # How the rows were timed (None: a results.json written before it was recorded).
+    timing: Timing | None = None
 
     def speedup(
         self,
@@ -199,6 +201,7 @@ class Sweep:
             "baseline": self.baseline.to_dict(),
             "rows": rows,
             "pick": self.pick,
+            "timing": self.timing.to_dict() if self.timing is not None else None,
         }
 
     @classmethod
@@ -216,6 +219,7 @@ class Sweep:
             baseline=Row.from_dict(data["baseline"]),
             rows=tuple(Row.from_dict(r) for r in data["rows"]),
             pick=data.get("pick"),
+            timing=Timing(**data["timing"]) if data.get("timing") else None,
         )
 
 
@@ -264,7 +268,10 @@ def configurations(
 class SweepOptions:
     """What a sweep varies (method x keep x layers x metric x norm x precision, and ToMe's r) and how
     it runs and times it. ``layers`` holds layer sets and schedule names (``evit``, ``early``),
-    resolved per model; ``methods`` (:data:`METHODS`): ``tome`` adds one row per r in ``tome_rs``."""
+    resolved per model; ``methods`` (:data:`METHODS`): ``tome`` adds one row per r in ``tome_rs``.
+    ``timing``: every configuration and the unpruned model interleaved at ``latency_batch``
+    (:class:`colln.infer.timing.Timing`: colln-export's and colln-bench's defaults too); its
+    threads also run the accuracy pass."""
 
     keeps: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
     layers: tuple[tuple[int, ...] | str, ...] = ("evit",)
@@ -276,9 +283,7 @@ class SweepOptions:
     backend: str = "torch"
     batch: int = 64
     latency_batch: int = 1
-    rounds: int = 20
-    warmup: int = 3
-    threads: int | None = None
+    timing: Timing = field(default_factory=Timing)
     device: str = "cpu"
 
 
@@ -335,14 +340,16 @@ def sweep(
                     write_ir(source, spec.precision, calibration)
                 else:
                     plans.append(export_into(spec, source, unpruned=unpruned, calibration=calibration).plan)
-            active[str(i)] = stack.enter_context(open_runner(source, backend, o.device, o.threads))
+            active[str(i)] = stack.enter_context(
+                open_runner(source, backend, o.device, o.timing.threads, split_batches=o.timing.split_batches)
+            )
         share = slice(ranks.rank, None, ranks.world_size)
         preds = [run(active[str(i)], images[share], batch).argmax(-1) for i in range(len(specs))]
         labels = data.labels[share]
         counts = all_sum([float((p == labels).sum()) for p in preds] + [float((p == preds[0]).sum()) for p in preds], ranks)
         if not ranks.is_main:
             return None
-        timed = measure(active, images.shape[1:], [latency_batch], o.rounds, o.warmup, baseline="0", sample=images)[latency_batch]
+        timed = measure(active, images.shape[1:], [latency_batch], o.timing, baseline="0", sample=images)[latency_batch]
     correct, agreeing = counts[: len(specs)], counts[len(specs) :]
     rows = []
     for i, (spec, plan) in enumerate(zip(specs, plans)):
@@ -374,6 +381,7 @@ def sweep(
         device=o.device,
         baseline=rows[0],
         rows=tuple(rows[1:]),
+        timing=o.timing,
     )
 
 

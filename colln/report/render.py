@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from colln.infer.timing import Timing
 from colln.measure.sweep import METRIC_LABELS, Sweep
 
 if TYPE_CHECKING:
@@ -163,7 +164,7 @@ def report_markdown(
             lines += [f"- mismatch: {x}" for x in w["mismatches"]] + [f"- warning: {x}" for x in w["warnings"]]
     lat = report["latency"]
     if lat is not None:
-        lines += ["", f"## Latency ({lat['backend']}, threads: {lat['threads']}, pruned and unpruned interleaved)", ""]
+        lines += ["", f"## Latency ({lat['backend']}, {Timing.from_dict(lat).describe()}, pruned and unpruned interleaved)", ""]
         lines += [
             "| batch | rounds | pruned p50 ms | unpruned p50 ms | pruned p90 ms | unpruned p90 ms | speedup | FLOPs bound |"
         ]
@@ -292,11 +293,12 @@ def print_bench(
 
         console.print(Markdown("\n".join(stack_markdown(report["stack"]))))
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    rounds = ", ".join(f"b={b} {r['pruned']['rounds']}" for b, r in report["batches"].items())
     load = " -> ".join(f"{x[0]:.2f}" for x in (env["loadavg_before"], env["loadavg_after"]) if x)
     console.print(
-        f"{report['backend']} on {report['device']}, threads {env['threads']}, "
-        f"{report['rounds']} rounds after {report['warmup']} warm-up, "
-        f"interleaved | machine {env['machine']} ({env['cpu']}, {env['cpus']} cpus, load {load}) | {versions}",
+        f"{report['backend']} on {report['device']}, {Timing.from_dict(report).describe()} "
+        f"(rounds timed: {rounds}), interleaved | "
+        f"machine {env['machine']} ({env['cpu']}, {env['cpus']} cpus, load {load}) | {versions}",
         highlight=False,
     )
 
@@ -372,10 +374,12 @@ def describe(
 ) -> str:
     """One line naming what was measured."""
     base = result.baseline
+    timed = f"; timed {base.latency.rounds} rounds ({result.timing.describe()})" if result.timing is not None else ""
     return (
         f"{result.model} ({result.weights} weights) on {result.num_images} {result.data} images, "
         f"{result.backend} on {result.device}; "
         f"unpruned top-1 {100 * base.accuracy:.1f}%, {base.latency.p50_ms:.3g} ms median at batch {base.latency.batch}"
+        f"{timed}"
     )
 
 
@@ -389,7 +393,8 @@ def eval_markdown(
         parts += [
             _md_table(header, acc),
             "",
-            f"Median latency ms at batch {result.baseline.latency.batch} (speedup over unpruned):",
+            f"Median latency ms at batch {result.baseline.latency.batch} (speedup over unpruned: the median of the paired "
+            "per-round ratios):",
             "",
         ]
         parts += [_md_table(header, lat), ""]
