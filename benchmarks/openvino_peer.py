@@ -38,7 +38,7 @@ from colln.export.openvino import CALIBRATION_BATCH, convert, nncf_module, ov_mo
 from colln.export.spec import ONNX_FILE
 from colln.export.unpruned import cached_export, default_cache, unpruned_export
 from colln.infer.runners import open_runner
-from colln.infer.timing import measure, paired_speedup
+from colln.infer.timing import Timing, measure, paired_speedup
 
 
 class CompiledModel:
@@ -107,7 +107,11 @@ def main() -> None:
         ran = {name: used_precision(r.compiled) for name, r in runners.items() if hasattr(r, "compiled")}
         batches = parse_ints(args.batch, "--batch")
         compared = measure(
-            runners, tuple(data_config(unpruned)["input_size"]), batches, args.rounds, args.warmup, baseline="ort:unpruned-fp32"
+            runners,
+            tuple(data_config(unpruned)["input_size"]),
+            batches,
+            Timing(rounds=args.rounds, warmup=args.warmup),
+            baseline="ort:unpruned-fp32",
         )
     print(
         f"{spec.model}, threads {args.threads or 'default'}, {args.rounds} interleaved rounds; "

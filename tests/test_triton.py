@@ -12,6 +12,7 @@ entry's file is run here the way its config tells Triton's onnxruntime backend t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -66,8 +67,10 @@ def test_onnx_repository_matches_triton_schema_and_export(digits_export: Path, t
     assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("logits", model_config_pb2.TYPE_FP32, out_dims)]
     assert config.HasField("dynamic_batching")
     assert 0 < config.dynamic_batching.max_queue_delay_microseconds <= 10_000
-    # The listed artifact is ONNX Runtime's CPU flavour: CPU instances of one intra-op thread each.
-    assert [(g.count, g.kind) for g in config.instance_group] == [(1, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
+    # The listed artifact is ONNX Runtime's CPU flavour: CPU instances of one intra-op thread each,
+    # by default one per CPU (colln-bench's default threads, one batch slice each).
+    cpus = len(os.sched_getaffinity(0))
+    assert [(g.count, g.kind) for g in config.instance_group] == [(cpus, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
     assert {k: v.string_value for k, v in config.parameters.items()} == {ONE_THREAD: "1"}
 
 

@@ -27,9 +27,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--instances",
         type=positive_int,
-        default=1,
+        default=None,
         help="instance_group count; onnxruntime on the CPU: that many one-thread instances, what colln-bench --threads N "
-        "times (default 1, colln-bench's default)",
+        "times (default: onnxruntime on the CPU one per CPU here, colln-bench's default threads; otherwise 1)",
     )
     parser.add_argument(
         "--device",

@@ -17,6 +17,7 @@ for every backend.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -180,7 +181,7 @@ def write_model_repository(
     backend: str = "onnxruntime",
     max_batch: int = 32,
     name: str | None = None,
-    instances: int = 1,
+    instances: int | None = None,
     device: str | None = None,
     runner: str | None = None,
 ) -> Path:
@@ -192,7 +193,9 @@ def write_model_repository(
     ``"python"``: colln's python-backend model, whose instances run the export in place through
     ``runner`` (one of :data:`PLATFORMS`; ``1/model.py`` only). Either way the files that runtime
     needs are checked the same way, with the same errors. ``instances``: the instance group's
-    count. ``device``: where the runtime runs (:data:`DEVICES`; default CPU, TensorRT on CUDA).
+    count (``None``: one per CPU this process may use for an onnxruntime entry on the CPU, the
+    slices colln-bench times at its default thread count on this machine; 1 otherwise).
+    ``device``: where the runtime runs (:data:`DEVICES`; default CPU, TensorRT on CUDA).
     An onnxruntime entry on the CPU serves the export's listed ONNX Runtime artifact (checked
     against its sha256; ``model.onnx`` for exports without one) with one intra-op thread per
     instance: ``instances`` single-thread sessions side by side, as colln-bench ``--threads N``
@@ -216,6 +219,8 @@ def write_model_repository(
     target = model_dir(repo, name)
     inputs, outputs = tensor_specs(export_dir)
     kind = "KIND_GPU" if device == "cuda" else "KIND_CPU"
+    if instances is None:
+        instances = len(os.sched_getaffinity(0)) if (backend, device) == ("onnxruntime", "cpu") else 1
     if backend == PYTHON:
         engine, parameters = ("backend", PYTHON), {"export_dir": str(export_dir.resolve()), "runner": runtime}
     else:
