@@ -289,6 +289,18 @@ def test_checked_in_regression_file_names_its_timing() -> None:
             assert case["case"].endswith(f"@{case['backend']}-t{timing.threads or 0}")
 
 
+def test_checked_in_regression_specs_read_back_their_prune_settings() -> None:
+    """The baseline cases record the spec in the older flat layout (keep, layers, ... at the top):
+    they read back as that plan, not as the default PruneConfig."""
+    for path in (Path(__file__).resolve().parents[1] / "benchmarks" / "baselines").glob("*.json"):
+        for case in json.loads(path.read_text())["cases"]:
+            flat = case["spec"]
+            pruning = ExportSpec.from_dict(flat).pruning
+            assert (pruning.keep, list(pruning.layers), pruning.metric) == (flat["keep"], flat["layers"], flat["metric"])
+    odd = ExportSpec.from_dict({"model": "digits_vit", "keep": 0.5, "layers": [1, 3]}).pruning
+    assert (odd.keep, odd.layers) == (0.5, (1, 3)) and odd != PruneConfig()
+
+
 def test_bad_arguments_exit_2(export_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main([str(export_dir), "--batch", "0"]) == 2
     assert main([str(export_dir), "--tolerance", "1.5"]) == 2

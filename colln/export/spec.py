@@ -127,7 +127,9 @@ class ExportSpec:
         data: dict,
     ) -> ExportSpec:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        known["pruning"] = PruneConfig.from_dict(data.get("pruning", {}))
+        # Older records (the checked-in latency baselines) keep the prune settings at the top level:
+        # read them, not the defaults.
+        known["pruning"] = PruneConfig.from_dict(data.get("pruning", data))
         return cls(**known)
 
     def write(
