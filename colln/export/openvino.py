@@ -257,8 +257,9 @@ def write_ir(
 ) -> ExportSpec:
     """Write ``export_dir/openvino/model.xml`` + ``.bin`` at ``precision`` (:data:`OV_PRECISIONS`)
     from ``source`` (default: the export's ``model.onnx``; int8 and int8-bf16 need an fp32 graph of
-    the same pruned model and ``calibration`` images), compile it once, and record the files, their sha256,
-    the compile options and the precision OpenVINO used in ``export.json``. Returns the updated spec."""
+    the same pruned model and ``calibration`` images), compile it once, and record the files, their
+    sha256, the compile options and the precision OpenVINO used in ``export.json``. Returns the
+    updated spec."""
     ov = ov_module()
     export_dir = Path(export_dir)
     spec = ExportSpec.read(export_dir)

@@ -200,8 +200,8 @@ def stack_exports(
     runtimes: Sequence[str] = ("onnxruntime",),
 ) -> dict[str, Variant]:
     """The variant stack of an export: unpruned and pruned, at fp32 and the export's precision, on
-    every runtime of ``runtimes`` (OpenVINO adds bf16 and int8-bf16; :data:`OPENVINO_PRECISIONS`), ONNX
-    Runtime's unpruned fp32 first (the baseline). The unpruned baselines and the pruned fp32
+    every runtime of ``runtimes`` (OpenVINO adds bf16 and int8-bf16: :data:`OPENVINO_PRECISIONS`),
+    ONNX Runtime's unpruned fp32 first (the baseline). The unpruned baselines and the pruned fp32
     counterpart come from (or go into) the baseline ``cache``; so do their OpenVINO IRs, while the
     export's own IR must be there (``colln-export --openvino``). The unpruned int8 graphs are
     calibrated on ``calibration`` (``None``: the default images), which should be what the pruned
