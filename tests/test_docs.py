@@ -156,7 +156,9 @@ def test_tolerance_table_matches_the_code() -> None:
     from colln.verify.validate import TOLERANCES
 
     page = (DOCS / "reference" / "tolerances.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| (\w+) \| ([\d.e-]+) \| ([\d.e-]+) · max\(1, max\\\|ref\\\|\) \| ([\d.e-]+) \| ([^|]*)\|$", page, re.M)
+    rows = re.findall(
+        r"^\| ([\w-]+) \| ([\d.e-]+) \| ([\d.e-]+) · max\(1, max\\\|ref\\\|\) \| ([\d.e-]+) \| ([^|]*)\|$", page, re.M
+    )
     documented = {
         precision: (float(cosine), float(rtol), float(tie), float(drop.split()[0]) / 100 if drop.strip() else None)
         for precision, cosine, rtol, tie, drop in rows

@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from tritonclient.grpc import model_config_pb2  # noqa: E402
 from colln.app.export_cli import main as export_main  # noqa: E402
 from colln.app.validate_cli import main as validate_main  # noqa: E402
 from colln.data import validation_images  # noqa: E402
-from colln.errors import CalibrationError, ExportDirError, ExportError  # noqa: E402
+from colln.errors import CalibrationError, ExportDirError, ExportError, UsageError  # noqa: E402
 from colln.export.artifact import read_export  # noqa: E402
 from colln.export.openvino import (  # noqa: E402
     IR_FILE,
@@ -43,10 +44,12 @@ from colln.export.openvino import (  # noqa: E402
 )
 from colln.export.spec import file_sha256  # noqa: E402
 from colln.export.triton import write_model_repository  # noqa: E402
-from colln.infer.runners import open_runner, openvino_runner  # noqa: E402
+from colln.export.unpruned import cached_export, default_cache  # noqa: E402
+from colln.infer.runners import open_runner, openvino_runner, run  # noqa: E402
 from colln.infer.timing import Timing  # noqa: E402
-from colln.measure.bench import bench_export  # noqa: E402
-from colln.verify.validate import validate  # noqa: E402
+from colln.measure import bench  # noqa: E402
+from colln.measure.bench import Variant, bench_export, stack_exports  # noqa: E402
+from colln.verify.validate import TOLERANCES, validate, validate_export  # noqa: E402
 
 DIGITS = ["digits_vit", "--keep", "0.7", "--weights", "bundled", "--no-latency"]
 
@@ -65,6 +68,22 @@ def int8_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     argv = [*DIGITS, "--precision", "int8", "--calib-limit", "100", "--openvino", "--no-fail", "--out", str(out)]
     assert export_main(argv) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def int8_bf16_export(int8_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The int8 export with its IR rewritten at int8-bf16 as colln-export writes it (NNCF on the
+    cached fp32 counterpart, calibrated on the same 100 images): one NNCF run, no new export."""
+    copy = shutil.copytree(int8_export, tmp_path_factory.mktemp("ov") / "digits-int8-bf16")
+    spec = read_export(copy)
+    images = validation_images(spec.model, spec.load_unpruned(), limit=100).images
+    source = cached_export(replace(spec, precision="fp32", plan={}), default_cache(int8_export))
+    write_ir(copy, "int8-bf16", images, source=source / "model.onnx")
+    return copy
+
+
+def bf16_capable() -> bool:
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def report(export_dir: Path) -> dict:
@@ -175,8 +194,78 @@ def test_bf16_within_its_tolerance(fp32_export: Path) -> None:
     assert checked.passed, checked.mismatches
     assert abs(checked.accuracy["openvino"] - checked.accuracy["torch"]) <= 0.01
     with openvino_runner(fp32_export, precision="bf16") as active:
-        capable = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        assert active.inference_precision == ("bf16" if capable else "fp32")
+        assert active.inference_precision == ("bf16" if bf16_capable() else "fp32")
+
+
+def test_int8_bf16_is_the_int8_ir_at_the_bf16_hint(int8_export: Path, int8_bf16_export: Path) -> None:
+    record = read_export(int8_bf16_export).artifacts["openvino"]
+    assert record["precision"] == "int8-bf16" and record["options"] == {"INFERENCE_PRECISION_HINT": "bf16"}
+    # What OpenVINO really ran: bf16 where the CPU has it, fp32 (and the record says so) where not.
+    assert record["inference_precision"] == ("bf16" if bf16_capable() else "fp32")
+    # The same IR as the int8 export's (the hint is a compile option only): the same weights file,
+    # byte for byte, and the same graph up to the node names OpenVINO numbers per process.
+    int8_record = read_export(int8_export).artifacts["openvino"]
+    assert record["sha256"][WEIGHTS_FILE] == int8_record["sha256"][WEIGHTS_FILE]
+    graphs = [re.sub(r"_\d+\b", "_N", (d / IR_FILE).read_text()) for d in (int8_bf16_export, int8_export)]
+    assert graphs[0] == graphs[1]
+    assert int8_record["precision"] == "int8" and int8_record["options"] == {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def test_openvino_precision_must_fit_the_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "never"
+    assert export_main([*DIGITS, "--openvino", "--openvino-precision", "int8-bf16", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--openvino-precision int8-bf16 does not go with --precision fp32" in err and not out.exists()
+    argv = [*DIGITS, "--precision", "int8", "--openvino", "--openvino-precision", "bf16", "--out", str(out)]
+    assert export_main(argv) == 2
+    assert "int8 or int8-bf16 from an int8 export" in " ".join(capsys.readouterr().err.split()) and not out.exists()
+
+
+def test_an_int8_ir_runs_at_either_hint_and_nothing_else(fp32_export: Path, int8_bf16_export: Path) -> None:
+    for precision in ("fp32", "bf16"):
+        with pytest.raises(UsageError, match=f"an OpenVINO int8 IR cannot run at {precision}: run it at int8 or int8-bf16"):
+            openvino_runner(int8_bf16_export, precision=precision)
+    with pytest.raises(UsageError, match="an OpenVINO fp32 IR cannot run at int8-bf16: run it at fp32 or bf16"):
+        openvino_runner(fp32_export, precision="int8-bf16")
+    with pytest.raises(UsageError, match="cannot run at fp16"):
+        openvino_runner(int8_bf16_export, precision="fp16")
+    images = validation_images("digits_vit", read_export(int8_bf16_export).load_unpruned(), limit=32).images
+    # No precision: the recorded one (what colln-validate, colln-bench and colln-serve run).
+    with open_runner(int8_bf16_export, "openvino") as default, openvino_runner(int8_bf16_export, precision="int8") as f32:
+        assert (default.precision, f32.precision) == ("int8-bf16", "int8")
+        assert str(f32.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
+        assert f32.inference_precision == "fp32"
+        assert default.inference_precision == ("bf16" if bf16_capable() else "fp32")
+        ours, theirs = run(default, images), run(f32, images)
+    # The float parts really ran at another precision where the CPU has bf16 (the same numbers where not).
+    assert (np.abs(ours - theirs).max() > 0) == bf16_capable()
+
+
+def test_int8_bf16_validation_on_digits(int8_export: Path, int8_bf16_export: Path) -> None:
+    """colln-validate's path: the IR at its recorded precision, judged with int8's limits, on the
+    first 150 test images; beside it the same IR at the f32 hint on the same images, and int8's
+    verdict on all 450 from the int8 export's report."""
+    spec = read_export(int8_bf16_export)
+    unpruned = spec.load_unpruned()
+    checked = validate_export(int8_bf16_export, "openvino", pruned=spec.apply(unpruned), unpruned=unpruned, limit=150)
+    tol = TOLERANCES["int8-bf16"]
+    assert checked.precision == "int8-bf16" and checked.tolerances == tol
+    assert (tol.min_cosine, tol.logit_rtol, tol.tie_rtol, tol.max_accuracy_drop) == (0.99, 0.1, 1e-2, 0.01)
+    assert checked.kept_sets_observed and checked.judged_images > 0
+    # The accuracy gate holds: NNCF's int8 with its float parts at bf16 loses no accuracy.
+    assert abs(checked.accuracy["openvino"] - checked.accuracy["torch"]) <= tol.max_accuracy_drop
+    assert not [m for m in checked.mismatches if m.startswith("accuracy")]
+    images = validation_images(spec.model, unpruned, limit=150)
+    with openvino_runner(int8_bf16_export, precision="int8") as f32:
+        at_f32 = float((run(f32, images.images).argmax(1) == images.labels).mean())
+    int8 = report(int8_export)["openvino"]["validation"]
+    print(f"digits_vit keep 0.7, OpenVINO int8-bf16 on 150 images: accuracy {checked.accuracy['openvino']:.4f} (torch "
+          f"{checked.accuracy['torch']:.4f}, int8 at the f32 hint {at_f32:.4f}), judged {checked.judged_images}, min cosine "
+          f"judged {checked.min_cosine_judged:.4f}, max |err| judged {checked.max_abs_error_judged:.3f}: "
+          f"{'passed' if checked.passed else 'FAILED: ' + '; '.join(checked.mismatches)}; int8 (f32 hint) on 450 images: "
+          f"{'passed' if int8['passed'] else 'FAILED: ' + '; '.join(int8['mismatches'])}")  # fmt: skip
+    # The two hints of one IR classify alike (they differ only in the float parts' rounding).
+    assert abs(checked.accuracy["openvino"] - at_f32) <= 0.01
 
 
 def test_tampered_ir_is_refused_everywhere(fp32_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -286,6 +375,47 @@ def test_stack_times_both_runtimes_on_the_listed_files(fp32_export: Path, tmp_pa
     # ONNX Runtime's figures come from the listed model.ort.onnx, with no fusion left to do at load.
     assert stack["artifacts"]["pruned-fp32"]["artifact"] == str(fp32_export / "model.ort.onnx")
     assert "fusion at load" not in stack["artifacts"]["unpruned-fp32"]["options"]
+
+
+def test_int8_stack_times_the_int8_ir_at_both_hints(
+    fp32_export: Path, int8_export: Path, int8_bf16_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The OpenVINO half of an int8 stack: the cached unpruned int8 IR and the export's own, each
+    at int8 and int8-bf16. The cached counterparts are stood in for by the fixtures (fp32_export:
+    an fp32 export with its IR; int8_export: an int8 one) rather than exported again."""
+    stand_ins = {"fp32": fp32_export, "int8": int8_export}
+    monkeypatch.setattr(bench, "unpruned_export", lambda spec, *_, **__: stand_ins[spec.precision])
+    monkeypatch.setattr(bench, "cached_export", lambda spec, *_, **__: stand_ins[spec.precision])
+    variants = stack_exports(
+        read_export(int8_bf16_export), int8_bf16_export, Path("unused"), runtimes=("onnxruntime", "openvino")
+    )
+    ov_names = [n for n in variants if n.startswith("openvino:")]
+    assert ov_names == [f"openvino:{kind}-{p}" for p in ("fp32", "bf16", "int8", "int8-bf16") for kind in ("unpruned", "pruned")]
+    assert variants["openvino:pruned-int8-bf16"] == Variant(int8_bf16_export, "openvino", "int8-bf16")
+    assert variants["openvino:unpruned-int8-bf16"] == Variant(int8_export, "openvino", "int8-bf16")
+    assert variants["openvino:pruned-int8"] == Variant(int8_bf16_export, "openvino", "int8")
+    for name in ov_names:
+        described = variants[name].describe()
+        assert described["artifact"] == str(variants[name].directory / IR_FILE)
+        assert described["options"]["INFERENCE_PRECISION_HINT"] == ("bf16" if name.endswith("bf16") else "f32"), name
+    # colln-bench --backend openvino: the unpruned IR runs at the export's recorded hint too (what
+    # would be timed is caught on its way in; the runners' hints are checked above).
+    timed = {}
+
+    class Caught(Exception):
+        pass
+
+    def catch(exports, *_, **__):
+        timed.update(exports)
+        raise Caught
+
+    monkeypatch.setattr(bench, "measure_exports", catch)
+    with pytest.raises(Caught):
+        bench_export(int8_bf16_export, backend="openvino", batches=(1,), cache=Path("unused"))
+    assert timed == {
+        "unpruned": Variant(int8_export, "openvino", "int8-bf16"),
+        "pruned": Variant(int8_bf16_export, "openvino", "int8-bf16"),
+    }
 
 
 def test_colln_serve_answers_on_openvino(fp32_export: Path, tmp_path: Path) -> None:

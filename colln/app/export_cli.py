@@ -25,6 +25,7 @@ from colln.app.cli import (
 )
 from colln.errors import UsageError
 from colln.export.artifact import PRECISIONS
+from colln.export.openvino import OV_PRECISIONS
 from colln.export.spec import DEFAULT_OPSET, ExportSpec
 from colln.jobs.export import (
     CalibrationOptions,
@@ -99,9 +100,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--openvino-precision",
         default=None,
-        choices=("fp32", "bf16", "int8"),
-        help="--openvino: fp32 or bf16 (OpenVINO's inference precision hint) for an fp32 export, int8 (NNCF, the token "
-        "selection kept float) for an int8 one (default: the export's --precision)",
+        choices=OV_PRECISIONS,
+        help="--openvino: fp32 or bf16 (OpenVINO's inference precision hint) for an fp32 export; int8 (NNCF, the token "
+        "selection kept float, run at the f32 hint) or int8-bf16 (the same IR, what NNCF left float at the bf16 hint: "
+        "OpenVINO's own default on CPUs with bf16) for an int8 one (default: the export's --precision)",
     )
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (model.plan)")
     add_engine_arguments(p)

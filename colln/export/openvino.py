@@ -10,7 +10,13 @@ how OpenVINO runs it:
   back from the compiled model and recorded;
 - **int8**: NNCF post-training quantization of the fp32 graph (``nncf.quantize``, transformer
   model type) on the calibration images, with the token selection kept float
-  (:func:`float_scope`), compiled with the hint ``f32`` for what stays float.
+  (:func:`float_scope`), compiled with the hint ``f32`` for what stays float;
+- **int8-bf16**: the same int8 IR compiled with the hint ``bf16``: what NNCF left float (the
+  selection, attention, LayerNorm) runs bf16 where the CPU has it. It is OpenVINO's own default on
+  such CPUs, what a user who passes no config gets.
+
+``export.json`` records the precision asked for (as for bf16, the run precision, not the file's:
+an fp32 IR recorded as ``bf16``, an int8 IR as ``int8-bf16``), the hint, and what OpenVINO used.
 
 The IR files and their sha256 are recorded in ``export.json`` (``artifacts["openvino"]``); every
 command that opens the IR refuses one that no longer matches (:func:`read_ir`). openvino and
@@ -33,9 +39,13 @@ from colln.export.spec import ONNX_FILE, ExportSpec, file_sha256
 IR_DIR = "openvino"
 IR_FILE = f"{IR_DIR}/model.xml"
 WEIGHTS_FILE = f"{IR_DIR}/model.bin"
-OV_PRECISIONS = ("fp32", "bf16", "int8")
-# OpenVINO's name for the precision colln asks for; int8 runs what NNCF left float in fp32.
-HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+OV_PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16")
+# OpenVINO's name for the precision colln asks for; int8 runs what NNCF left float in fp32,
+# int8-bf16 in bf16 (OpenVINO's default on CPUs with bf16).
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8-bf16": "bf16"}
+# The IR each precision runs (the export's precision): one fp32 IR runs at fp32 or bf16, one NNCF
+# int8 IR at int8 or int8-bf16 (the hint is a compile option, the IR the same).
+IR_PRECISION = {"fp32": "fp32", "bf16": "fp32", "int8": "int8", "int8-bf16": "int8"}
 # OpenVINO's element type names -> colln's precision names (what the compiled model reports).
 REPORTED = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 EXTRA = "pip install 'colln[openvino]'"
@@ -246,16 +256,17 @@ def write_ir(
     source: Path | None = None,
 ) -> ExportSpec:
     """Write ``export_dir/openvino/model.xml`` + ``.bin`` at ``precision`` (:data:`OV_PRECISIONS`)
-    from ``source`` (default: the export's ``model.onnx``; int8 needs an fp32 graph of the same
-    pruned model and ``calibration`` images), compile it once, and record the files, their sha256,
-    the compile options and the precision OpenVINO used in ``export.json``. Returns the updated spec."""
+    from ``source`` (default: the export's ``model.onnx``; int8 and int8-bf16 need an fp32 graph of
+    the same pruned model and ``calibration`` images), compile it once, and record the files, their
+    sha256, the compile options and the precision OpenVINO used in ``export.json``. Returns the
+    updated spec."""
     ov = ov_module()
     export_dir = Path(export_dir)
     spec = ExportSpec.read(export_dir)
     if precision not in OV_PRECISIONS:
-        raise ExportError(f"OpenVINO precision {precision!r} is not supported: use {' or '.join(OV_PRECISIONS)}")
+        raise ExportError(f"OpenVINO precision {precision!r} is not supported: use {', '.join(OV_PRECISIONS)}")
     model = convert(source or export_dir / ONNX_FILE)
-    if precision == "int8":
+    if IR_PRECISION[precision] == "int8":
         if calibration is None:
             raise CalibrationError("an OpenVINO int8 IR needs calibration images")
         model = quantize(model, calibration)

@@ -246,10 +246,11 @@ def kept_onnxruntime_runner(
 
 class OpenvinoRunner(BaseRunner):
     """Runs an export's OpenVINO IR on the CPU (:mod:`colln.export.openvino`): compiled at
-    ``precision`` (None: the IR's own, from ``export.json``; an fp32 IR runs at fp32 or with
-    OpenVINO's bf16 hint) on ``threads`` inference threads (None: OpenVINO's default). ``kept``: TopK index
-    tensors to add as outputs, named like ONNX Runtime's kept outputs (``colln_kept_L<layer>_<j>``),
-    so that validation compares the tokens OpenVINO really kept."""
+    ``precision`` (None: the IR's own, from ``export.json``; an fp32 IR runs at fp32 or bf16, an
+    int8 IR at int8 or int8-bf16: OpenVINO's f32 or bf16 hint) on ``threads`` inference threads
+    (None: OpenVINO's default). ``kept``: TopK index tensors to add as outputs, named like ONNX
+    Runtime's kept outputs (``colln_kept_L<layer>_<j>``), so that validation compares the tokens
+    OpenVINO really kept."""
 
     def __init__(
         self,
@@ -259,16 +260,19 @@ class OpenvinoRunner(BaseRunner):
         kept: dict[str, str] | None = None,
         name: str | None = None,
     ) -> None:
-        from colln.export.openvino import read_ir
+        from colln.export.openvino import IR_PRECISION, read_ir
 
         # polygraphy's __del__ needs the base initialised even when the IR is refused below.
         super().__init__(name=name, prefix="openvino-runner")
         export_dir = Path(export_dir)
         record = read_ir(export_dir)
         self.precision = precision or record["precision"]
-        # One fp32 IR runs at fp32 or bf16 (a compile option); an int8 IR is int8 only.
-        if (self.precision == "int8") != (record["precision"] == "int8"):
-            raise UsageError(f"an OpenVINO {record['precision']} IR cannot run at {self.precision}")
+        # The hint is a compile option: an fp32 IR runs at fp32 or bf16, an NNCF int8 IR at int8 or
+        # int8-bf16 (what it left float at f32 or bf16); nothing else.
+        ir = IR_PRECISION[record["precision"]]
+        if IR_PRECISION.get(self.precision) != ir:
+            allowed = " or ".join(p for p, kind in IR_PRECISION.items() if kind == ir)
+            raise UsageError(f"an OpenVINO {ir} IR cannot run at {self.precision}: run it at {allowed}")
         self.name = name or f"openvino-{self.precision}"
         self._xml = export_dir / record["file"]
         self.threads = threads

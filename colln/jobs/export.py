@@ -74,8 +74,8 @@ class LatencyOptions:
 class OpenvinoOptions:
     """An OpenVINO IR beside ``model.onnx`` (:mod:`colln.export.openvino`), validated against
     PyTorch like the ONNX graph and timed in the export's variant stack. ``precision``: ``fp32``,
-    ``bf16`` (an fp32 export) or ``int8`` (an int8 export: NNCF on the same calibration images);
-    ``None``: the export's."""
+    ``bf16`` (an fp32 export), ``int8`` or ``int8-bf16`` (an int8 export: NNCF on the same
+    calibration images, what it left float run at OpenVINO's f32 or bf16 hint); ``None``: the export's."""
 
     precision: str | None = None
 
@@ -84,12 +84,13 @@ class OpenvinoOptions:
         spec: ExportSpec,
     ) -> str:
         """The IR's precision for ``spec``; a UsageError when the two do not go together."""
+        from colln.export.openvino import IR_PRECISION
+
         precision = self.precision or spec.precision
-        allowed = {"fp32": ("fp32", "bf16"), "int8": ("int8",)}.get(spec.precision, ())
-        if precision not in allowed:
+        if IR_PRECISION.get(precision) != spec.precision:
             raise UsageError(
                 f"--openvino-precision {precision} does not go with --precision {spec.precision}: OpenVINO runs fp32 or bf16 "
-                "from an fp32 export and int8 from an int8 export"
+                "from an fp32 export and int8 or int8-bf16 from an int8 export"
             )
         return precision
 
@@ -183,7 +184,7 @@ def export_model(
         # Without the extra, or with a precision that does not fit, fail before anything is written.
         ov_precision = openvino.resolve(spec)
         ov_module()
-        if ov_precision == "int8":
+        if spec.precision == "int8":
             nncf_module()
     out = Path(out) if out is not None else default_out_dir(spec)
     extra: list[tuple[str, str]] = []
@@ -208,7 +209,7 @@ def export_model(
             from colln.export.openvino import write_ir
 
             source = None
-            if ov_precision == "int8":
+            if spec.precision == "int8":
                 with progress("exporting the pruned fp32 counterpart (cached)"):
                     source = cached_export(replace(exported.spec, precision="fp32", plan={}), default_cache(out), unpruned)
             with progress(f"writing the OpenVINO IR ({ov_precision}" + (", NNCF calibrating)" if source else ")")):

@@ -62,6 +62,12 @@ def bench_export(
         raise UsageError(f"--runtimes compares CPU runtimes against ONNX Runtime: leave --backend at onnxruntime, not {backend}")
     if stacked:
         exports = stack_exports(spec, export_dir, cache, runtimes=runtimes or ("onnxruntime",))
+    elif backend == "openvino":
+        from colln.export.openvino import read_ir
+
+        # Both at the export's own precision hint (bf16, int8-bf16), not the one the cached IR records.
+        precision = read_ir(export_dir, spec)["precision"]
+        exports = {"unpruned": Variant(base_dir, backend, precision), "pruned": Variant(export_dir, backend, precision)}
     else:
         exports = {"unpruned": Variant(base_dir, backend), "pruned": Variant(export_dir, backend)}
     timed = time_variants(exports, batches, timing, flops.bound, spec.precision, device)
@@ -99,7 +105,7 @@ def runtime_label(
 @dataclass(frozen=True)
 class Variant:
     """One entry of a variant stack: an export directory run on ``backend`` at ``precision``
-    (``None``: the export's own; OpenVINO runs an fp32 IR at ``bf16`` too)."""
+    (``None``: the export's own; OpenVINO runs an fp32 IR at ``bf16`` too, an int8 IR at ``int8-bf16``)."""
 
     directory: Path
     backend: str = "onnxruntime"
@@ -201,7 +207,7 @@ def latency_rows(
 STACK = ("unpruned-fp32", "pruned-fp32", "unpruned-int8", "pruned-int8")
 RUNTIMES = ("onnxruntime", "openvino")
 # The precisions each runtime runs in a stack, given the export's (fp32 exports: fp32 only on ONNX Runtime).
-OPENVINO_PRECISIONS = {"fp32": ("fp32", "bf16"), "int8": ("fp32", "bf16", "int8")}
+OPENVINO_PRECISIONS = {"fp32": ("fp32", "bf16"), "int8": ("fp32", "bf16", "int8", "int8-bf16")}
 
 
 def variant_name(
@@ -223,12 +229,14 @@ def stack_exports(
     runtimes: Sequence[str] = ("onnxruntime",),
 ) -> dict[str, Variant]:
     """The variant stack of an export: unpruned and pruned, at fp32 and the export's precision, on
-    every runtime of ``runtimes`` (OpenVINO adds bf16; :data:`OPENVINO_PRECISIONS`), ONNX
-    Runtime's unpruned fp32 first (the baseline). The unpruned baselines and the pruned fp32
+    every runtime of ``runtimes`` (OpenVINO adds bf16 and int8-bf16: :data:`OPENVINO_PRECISIONS`),
+    ONNX Runtime's unpruned fp32 first (the baseline). The unpruned baselines and the pruned fp32
     counterpart come from (or go into) the baseline ``cache``; so do their OpenVINO IRs, while the
     export's own IR must be there (``colln-export --openvino``). The unpruned int8 graphs are
     calibrated on ``calibration`` (``None``: the default images), which should be what the pruned
     export was calibrated on. With ONNX Runtime only, an int8 export gives :data:`STACK`."""
+    from colln.export.openvino import IR_PRECISION
+
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown or not runtimes:
         raise UsageError(f"unknown runtime {', '.join(unknown) or '(none)'}: choose from {', '.join(RUNTIMES)}")
@@ -250,7 +258,7 @@ def stack_exports(
             precisions = OPENVINO_PRECISIONS[spec.precision]
         for precision in precisions:
             for kind in ("unpruned", "pruned"):
-                directory = dirs[kind, "fp32" if precision == "bf16" else precision]
+                directory = dirs[kind, IR_PRECISION.get(precision, precision)]
                 if runtime == "openvino" and directory != Path(export_dir):
                     _cached_ir(directory, dirs[kind, "fp32"], unpruned, calibration)
                 variants[variant_name(runtime, kind, precision)] = Variant(directory, runtime, precision)
@@ -269,11 +277,11 @@ def _cached_ir(
     """Give a cached export an OpenVINO IR at its precision (int8: NNCF on the fp32 counterpart's
     graph, calibrated like the ONNX Runtime int8 graph beside it), unless it has a matching one."""
     from colln.data import validation_images
-    from colln.export.openvino import read_ir, write_ir
+    from colln.export.openvino import IR_PRECISION, read_ir, write_ir
 
     spec = read_export(directory)
     with contextlib.suppress(ExportDirError):
-        if (read_ir(directory, spec)["precision"] == "int8") == (spec.precision == "int8"):
+        if IR_PRECISION[read_ir(directory, spec)["precision"]] == spec.precision:
             return
     images = calibration
     if spec.precision == "int8" and images is None:

@@ -37,6 +37,7 @@ unless PyTorch's own top-1/top-2 gap is within that error tolerance. Defaults (:
     fp16       0.995       5e-2        1e-2      -
     bf16       0.995       5e-2        1e-2      -      (OpenVINO's bf16 hint)
     int8       0.99        1e-1        1e-2      0.01
+    int8-bf16  0.99        1e-1        1e-2      0.01   (OpenVINO's int8 IR at the bf16 hint)
 
 fp32 backends differ from PyTorch by ~1e-6 relative, so fp32 limits leave ~100x headroom; the
 fp16 graph rounds activations to 11 bits, hence looser limits and a wider tie band. int8 limits
@@ -87,6 +88,10 @@ TOLERANCES = {
     # judged min cosine 0.99975, max |logit error| 1.3 of ~25 (within fp16's limits).
     "bf16": Tolerances(min_cosine=0.995, logit_rtol=5e-2, tie_rtol=1e-2),
     "int8": Tolerances(min_cosine=0.99, logit_rtol=1e-1, tie_rtol=1e-2, max_accuracy_drop=0.01),
+    # OpenVINO's int8 IR with what NNCF left float at the bf16 hint: int8's limits. digits_vit keep
+    # 0.7 fails them about as int8 at the f32 hint does (450 images: 1 image outside the tie band,
+    # 2 below cosine 0.99, 11 above the logit limit, against 2, 2 and 8), same accuracy (90.67%).
+    "int8-bf16": Tolerances(min_cosine=0.99, logit_rtol=1e-1, tie_rtol=1e-2, max_accuracy_drop=0.01),
 }
 
 
@@ -228,7 +233,9 @@ def validate_export(
     pruned = pruned if pruned is not None else spec.apply(unpruned)
     images = validation_images(spec.model, unpruned, val_images, limit)
     candidate = open_runner(export_dir, backend, device, record_kept=True)
-    return validate(pruned, unpruned, candidate, images, spec.precision, backend=backend, batch=batch)
+    # OpenVINO runs the IR at its recorded precision (bf16, int8-bf16: judged by their own limits).
+    precision = candidate.precision if backend == "openvino" else spec.precision
+    return validate(pruned, unpruned, candidate, images, precision, backend=backend, batch=batch)
 
 
 def validate(
