@@ -150,7 +150,7 @@ def model_class_names(
     # A stale list (a hub config's 1000 names on a re-headed model) describes another head.
     if names and len(names) == num_classes:
         return list(names)
-    if cfg.get("architecture") == digits.NAME and num_classes == digits.NUM_CLASSES:
+    if cfg.get("architecture") in digits.NAMES and num_classes == digits.NUM_CLASSES:
         return [str(i) for i in range(digits.NUM_CLASSES)]
     subset = infer_imagenet_subset(model)
     return list(ImageNetInfo(subset).label_names()) if subset else None
@@ -315,7 +315,7 @@ def validation_images(
             labels, source = np.asarray([label for _, label in files], dtype=np.int64), f"{directory} (labelled by folder)"
         else:
             photos, source = load_images(Path(directory), limit), str(directory)
-    elif model_name == digits.NAME:
+    elif model_name in digits.NAMES:
         split = digits.load_split("test")
         photos, labels, source = split.images[:limit], split.labels[:limit], "digits test split"
     else:

@@ -5,7 +5,7 @@ import math
 import pytest
 import timm
 import torch
-from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 
 import colln
 from colln.errors import PlanError, UnsupportedModelError
@@ -218,7 +218,7 @@ def test_record_selections_reports_each_pruning_layer() -> None:
 def test_refusals_are_one_clear_line() -> None:
     cls_free = make("no_cls_gap")
     cases = [
-        (lambda: colln.prune(torch.nn.Linear(3, 3)), UnsupportedModelError, "not a timm VisionTransformer"),
+        (lambda: colln.prune(torch.nn.Linear(3, 3)), UnsupportedModelError, "Linear is not a model family colln runs"),
         (lambda: colln.prune(cls_free, metric="cls"), UnsupportedModelError, "needs a [CLS] token"),
         (lambda: colln.prune(cls_free, metric="correct"), UnsupportedModelError, "needs a [CLS] token"),
         (lambda: colln.prune(make("cls"), layers=(2, 6)), PlanError, "out of range"),
@@ -226,14 +226,14 @@ def test_refusals_are_one_clear_line() -> None:
         (lambda: colln.prune(make("cls"), keep=1.2), PlanError, "outside (0, 1]"),
         (lambda: colln.prune(colln.prune(make("cls"))), UnsupportedModelError, "already pruned"),
         (
-            lambda: colln.prune(VisionTransformer(**SMALL, img_size=32, patch_size=8, block_fn=ResPostBlock)),
+            lambda: colln.prune(VisionTransformer(**SMALL, img_size=32, patch_size=8, block_fn=ParallelScalingBlock)),
             UnsupportedModelError,
-            "ResPostBlock",
+            "block 0 is a ParallelScalingBlock: its attention and MLP read the same input",
         ),
         (
-            lambda: colln.prune(VisionTransformer(**SMALL, img_size=32, patch_size=8, dynamic_img_size=True)),
+            lambda: colln.prune(VisionTransformer(**SMALL, img_size=32, patch_size=8, attn_layer="diff")),
             UnsupportedModelError,
-            "dynamic_img_size",
+            "block 0 uses DiffAttention, whose attention probabilities colln cannot read",
         ),
         (lambda: colln.prune(timm.create_model("resnet18")), UnsupportedModelError, "ResNet is not"),
     ]

@@ -24,7 +24,7 @@ def test_bipartite_merge_matches_the_plain_loop(r: int) -> None:
     torch.manual_seed(r)
     x, metric = torch.randn(3, 26, 8), torch.randn(3, 26, 5)
     sizes = torch.randint(1, 4, (3, 26)).float()
-    tokens, out_sizes, merged = ops.bipartite_merge(x, metric, sizes, r, num_prefix=1)
+    tokens, out_sizes, merged, _ = ops.bipartite_merge(x, metric, sizes, r, num_prefix=1)
     assert tokens.shape == (3, 26 - r, 8) and merged.shape == (3, r)
     for b in range(3):
         want, want_sizes = plain_tome(x[b], metric[b], sizes[b], r, 1)

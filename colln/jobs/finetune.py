@@ -69,7 +69,7 @@ def run_job(
         raise UsageError(
             "--distill with --num-classes: the unpruned teacher's head does not fit the new classes; use --no-distill"
         )
-    is_digits = canonical == digits.NAME
+    is_digits = canonical in digits.NAMES
     data = job.data or (DIGITS if is_digits else None)
     if data is None:
         raise UsageError(f"--data DIR is required for {canonical} (an ImageFolder directory: DIR/<class>/<image>)")
@@ -187,7 +187,7 @@ def _record(
     return {
         "model": canonical,
         "complete": True,
-        "weights": job.weights or ("bundled" if canonical == digits.NAME else "pretrained"),
+        "weights": job.weights or ("bundled" if canonical in digits.NAMES else "pretrained"),
         "num_classes": model.num_classes,
         "class_names": model_class_names(model),
         "plan": plan.to_dict(),

@@ -10,8 +10,8 @@ from colln.errors import PlanError
 
 Metric = Literal["colln", "cls", "correct"]
 METRICS: tuple[str, ...] = ("colln", "cls", "correct")
-Output = Literal["logits", "tokens"]
-OUTPUTS: tuple[str, ...] = ("logits", "tokens")
+Output = Literal["logits", "tokens", "dense"]
+OUTPUTS: tuple[str, ...] = ("logits", "tokens", "dense")
 Order = Literal["spatial", "score"]
 ORDERS: tuple[str, ...] = ("spatial", "score")
 MergeWeight = Literal["size", "score"]
@@ -28,6 +28,9 @@ class PruneConfig:
     order ``norm``), ``cls`` ([CLS] attention) or ``correct`` ([CLS] with a Col-Ln ``rescue`` share).
     ``fuse``: EViT's fused token. ``spatial_order``: kept tokens in image order. ``round_to``: keep
     counts rounded up to a multiple of it. Invalid values raise :class:`PlanError` at construction.
+
+    ``output="dense"`` (dense prediction): the model returns ``[B, num_patches, C]`` on the full patch
+    grid, each pruned patch with the features it had when it was dropped (the plan is the logits one).
 
     ``output="tokens"`` (vision towers of VLMs): the model returns ``(tokens [B, K, C], indices [B, K])``,
     the features of block ``feature_layer`` (negative: from the end; ``None``: -2) at the K patch tokens
@@ -88,7 +91,7 @@ class PruneConfig:
     @property
     def merges(self) -> bool:
         """Whether tokens are merged inside the encoder (sizes tracked): ToMe, or ``merge`` with logits."""
-        return self.tome is not None or (self.merge and self.output == "logits")
+        return self.tome is not None or (self.merge and self.output != "tokens")
 
     @property
     def weight(self) -> str:
@@ -126,7 +129,7 @@ class PruneConfig:
             raise PlanError(f"unknown output {self.output!r}: choose one of {', '.join(OUTPUTS)}")
         if self.order is not None and self.order not in ORDERS:
             raise PlanError(f"unknown order {self.order!r}: choose one of {', '.join(ORDERS)}")
-        if self.output == "logits":
+        if self.output != "tokens":
             extra = [
                 name
                 for name, on in (
@@ -137,6 +140,10 @@ class PruneConfig:
             ]
             if extra:
                 raise PlanError(f"{extra[0]} applies to output 'tokens' only: add --output tokens")
+            if self.output == "dense" and self.fuse:
+                raise PlanError(
+                    "--fuse does not apply to output 'dense': a fused token is no patch and has no place on the grid; use --merge"
+                )
             return
         if self.feature_layer is not None and (not isinstance(self.feature_layer, int) or isinstance(self.feature_layer, bool)):
             raise PlanError(f"feature layer {self.feature_layer!r} must be a block index, e.g. -2 (the penultimate block)")

@@ -1,6 +1,8 @@
-"""``digits_vit``: a small timm ViT trained on scikit-learn's digits (real handwritten images that
-install offline). The weights ship in the package; ``python -m colln.train.digits`` rebuilds
-them deterministically.
+"""``digits_vit`` and ``digits_eva``: small timm models trained on scikit-learn's digits (real
+handwritten images that install offline). ``digits_vit`` is a timm VisionTransformer;
+``digits_eva`` a timm Eva with rotary positions (EVA-02's kind: separate q/k/v, SwiGLU with its
+norm, LayerScale, a register token), for the RoPE families. The weights ship in the package;
+``python -m colln.train.digits [--model NAME]`` rebuilds them deterministically.
 
 The 8x8 digits become 32x32 RGB images (grey replicated) and go through the same timm eval transform
 as any other model, taken from the model's data config.
@@ -17,6 +19,8 @@ import numpy as np
 from PIL import Image
 
 NAME = "digits_vit"
+EVA_NAME = "digits_eva"
+NAMES = (NAME, EVA_NAME)
 IMG_SIZE = 32
 PATCH_SIZE = 4
 NUM_CLASSES = 10
@@ -35,35 +39,46 @@ PRETRAINED_CFG = {
 }
 
 
-def weights_path() -> Path:
-    return Path(str(resources.files("colln.models") / "weights" / f"{NAME}.safetensors"))
+def weights_path(
+    name: str = NAME,
+) -> Path:
+    return Path(str(resources.files("colln.models") / "weights" / f"{name}.safetensors"))
 
 
-def card() -> dict:
+def card(
+    name: str = NAME,
+) -> dict:
     """The bundled weights' card: training settings and measured test accuracy."""
-    return json.loads(weights_path().with_suffix(".json").read_text())
+    return json.loads(weights_path(name).with_suffix(".json").read_text())
 
 
 def create_model(
     img_size: int | None = None,
+    name: str = NAME,
 ):
-    """The digits_vit architecture with random weights (timm VisionTransformer, 8 blocks, 64 dims)."""
-    from timm.models.vision_transformer import VisionTransformer
+    """A bundled architecture with random weights: ``digits_vit`` (timm VisionTransformer, 8 blocks,
+    64 dims) or ``digits_eva`` (timm Eva, the same size, rotary positions)."""
+    size = img_size or IMG_SIZE
+    common = dict(img_size=size, patch_size=PATCH_SIZE, num_classes=NUM_CLASSES, embed_dim=64, depth=8, num_heads=4)
+    if name == EVA_NAME:
+        from timm.models.eva import Eva
 
-    model = VisionTransformer(
-        img_size=img_size or IMG_SIZE,
-        patch_size=PATCH_SIZE,
-        num_classes=NUM_CLASSES,
-        embed_dim=64,
-        depth=8,
-        num_heads=4,
-        mlp_ratio=4.0,
-        qkv_bias=True,
-    )
-    cfg = dict(PRETRAINED_CFG)
-    if img_size:
-        cfg["input_size"] = (3, img_size, img_size)
-    model.pretrained_cfg = cfg
+        model = Eva(
+            **common,
+            mlp_ratio=4 * 2 / 3,
+            qkv_fused=False,
+            swiglu_mlp=True,
+            scale_mlp=True,
+            init_values=0.1,
+            num_reg_tokens=1,
+            use_rot_pos_emb=True,
+            ref_feat_shape=(IMG_SIZE // PATCH_SIZE, IMG_SIZE // PATCH_SIZE),
+        )
+    else:
+        from timm.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(**common, mlp_ratio=4.0, qkv_bias=True)
+    model.pretrained_cfg = {**PRETRAINED_CFG, "input_size": (3, size, size), "architecture": name}
     return model
 
 

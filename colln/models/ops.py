@@ -129,6 +129,26 @@ def gather_tokens(
     return torch.cat([x[:, :num_prefix], kept], dim=1)
 
 
+def complement(
+    indices: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
+    """The ``n - k`` positions of ``[0, n)`` that ``indices`` ``[B, k]`` (distinct) do not hold, in
+    ascending order: a 0/1 mask and a TopK of constant K, no Scatter."""
+    taken = one_hot(indices, n).sum(dim=1)
+    # Untaken positions score above every taken one; among them the lower position ranks first.
+    rank = (1.0 - taken) * n - torch.arange(n, device=indices.device)
+    return torch.topk(rank, n - indices.shape[-1], dim=-1).indices
+
+
+def order_by_id(
+    ids: torch.Tensor,
+) -> torch.Tensor:
+    """Where each id of ``0..n-1`` stands in ``ids`` ``[B, n]`` (a permutation): the inverse
+    permutation, as a TopK of constant K (a Sort's K would come from the shape)."""
+    return torch.topk(ids, ids.shape[-1], dim=-1, largest=False).indices
+
+
 def fuse_weights(
     attn_mean: torch.Tensor,
     scores: torch.Tensor,
@@ -337,7 +357,8 @@ def bipartite_merge(
     the size-weighted mean of what it absorbed. ``x`` [B, N, C], ``metric`` [B, N, D] (head-mean
     keys), ``sizes`` [B, N] patches per token; ``0 < r <= N_a`` with ``N_a`` the A tokens.
 
-    Returns ``(tokens [B, N - r, C], sizes [B, N - r], merged [B, r])``: tokens are the prefix,
+    Returns ``(tokens [B, N - r, C], sizes [B, N - r], merged [B, r], order [B, N - r - prefix])``:
+    ``order`` is the input candidate each output candidate continues; tokens are the prefix,
     the unmerged A tokens in their order, then every B token in its order (ToMe's layout);
     ``merged`` indexes the A tokens that merged. Edges ranked by a TopK of constant K, the merge a
     0/1 assignment matrix and MatMuls: static shapes, no Scatter.
@@ -361,4 +382,6 @@ def bipartite_merge(
         torch.cat([into_b, itself], dim=-1).to(x.dtype), torch.cat([a, b], dim=1), size_ab, size_ab
     )
     tokens = torch.cat([x[:, :p], gather_tokens(a, unmerged, 0), merged_b], dim=1)
-    return tokens, torch.cat([sizes[:, :p], size_a.gather(-1, unmerged), size_out_b], dim=1), src
+    # Each output candidate continues an input candidate: A token u was candidate 2u, B token j 2j+1.
+    order = torch.cat([2 * unmerged, 2 * torch.arange(n_b, device=x.device).expand(x.shape[0], n_b) + 1], dim=1)
+    return tokens, torch.cat([sizes[:, :p], size_a.gather(-1, unmerged), size_out_b], dim=1), src, order

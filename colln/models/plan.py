@@ -39,6 +39,18 @@ class FlopsEstimate:
 
 
 @dataclass(frozen=True)
+class BlockOp:
+    """What one block does to the tokens: ``prune`` (keep ``count`` candidates), ``merge`` (keep
+    ``count``, merge the rest into them), ``tome`` (merge ``count`` = r by bipartite matching) or
+    ``select`` (a tokens model's final pick of ``count`` patches at its feature block). Blocks
+    without an operation pass the tokens through."""
+
+    layer: int
+    kind: str
+    count: int
+
+
+@dataclass(frozen=True)
 class KeepPlan:
     """Immutable description of where and how much a ViT is pruned: its :class:`PruneConfig`
     resolved against one model.
@@ -76,6 +88,17 @@ class KeepPlan:
     def method(self) -> str:
         """``prune``, ``merge`` (Col-Ln + merge inside the encoder) or ``tome``."""
         return "tome" if self.config.tome is not None else "merge" if self.config.merges else "prune"
+
+    @property
+    def operations(self) -> tuple[BlockOp, ...]:
+        """Every block that changes the tokens, in block order: what the rewrite installs."""
+        if self.method == "tome":
+            ops = [BlockOp(i, "tome", r) for i, r in zip(self.layers, self.merge_counts) if r > 0]
+        else:
+            ops = [BlockOp(i, self.method, k) for i, k in self.pruned_layers]
+        if self.feature_block is not None and self.final_k != self.num_patches:
+            ops.append(BlockOp(self.feature_block, "select", self.final_k))
+        return tuple(ops)
 
     @property
     def requested_r(self) -> tuple[int, ...]:

@@ -1,5 +1,5 @@
-"""Model loading: timm names, short aliases, the bundled ``digits_vit``; weights pretrained, random,
-or a local file."""
+"""Model loading: timm names, short aliases, the bundled ``digits_vit`` and ``digits_eva``; weights
+pretrained, random, or a local file."""
 
 from __future__ import annotations
 
@@ -39,12 +39,12 @@ def resolve_name(
     """Alias or timm name -> canonical name; unknown names suggest close ones."""
     import timm
 
-    if name == digits.NAME:
+    if name in digits.NAMES:
         return name
     canonical = ALIASES.get(name, name)
     if timm.is_model(canonical):
         return canonical
-    known = [digits.NAME, *ALIASES, *timm.list_models("vit_*"), *timm.list_models("deit*")]
+    known = [*digits.NAMES, *ALIASES, *timm.list_models("vit_*"), *timm.list_models("deit*")]
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models('vit_*')`"
     raise ModelNotFoundError(f"unknown model {name!r}{hint}")
@@ -53,8 +53,8 @@ def resolve_name(
 def default_weights(
     name: str,
 ) -> str:
-    """``bundled`` for digits_vit, ``pretrained`` for timm models."""
-    return "bundled" if resolve_name(name) == digits.NAME else "pretrained"
+    """``bundled`` for the digits models, ``pretrained`` for timm models."""
+    return "bundled" if resolve_name(name) in digits.NAMES else "pretrained"
 
 
 def load_model(
@@ -85,7 +85,7 @@ def load_model(
     if weights not in ("random", "pretrained", "bundled"):
         load_weights(model, Path(weights))
     elif weights == "bundled":
-        load_weights(model, digits.weights_path())
+        load_weights(model, digits.weights_path(canonical))
     return model.eval()
 
 
@@ -94,12 +94,14 @@ def _create(
     weights: str,
     img_size: int | None,
 ) -> nn.Module:
-    if canonical == digits.NAME:
+    if canonical in digits.NAMES:
         if weights == "pretrained":
-            raise WeightsError("digits_vit has no hub weights: use --weights bundled (the default), random, or a file")
-        return digits.create_model(img_size)
+            raise WeightsError(f"{canonical} has no hub weights: use --weights bundled (the default), random, or a file")
+        return digits.create_model(img_size, name=canonical)
     if weights == "bundled":
-        raise WeightsError(f"only digits_vit has bundled weights; for {canonical} use pretrained, random, or a file")
+        raise WeightsError(
+            f"only {' and '.join(digits.NAMES)} have bundled weights; for {canonical} use pretrained, random, or a file"
+        )
     if weights == "pretrained":
         return _create_pretrained(canonical, img_size)
     return _create_timm(canonical, img_size, pretrained=False)
@@ -267,8 +269,10 @@ def load_weights(
     """Load a local checkpoint strictly; pos-embed resampling and conversions via timm's filter. A
     checkpoint whose head has another number of classes re-heads the model to fit it; the class
     names stored with it (:func:`stored_class_names`) become the model's."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    import sys
 
+    # Each timm family converts checkpoints with the filter of its own module (Eva's is not ViT's).
+    checkpoint_filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", lambda state, model: state)
     state = read_state_dict(path)
     names = stored_class_names(path)
     head = state.get("head.weight")

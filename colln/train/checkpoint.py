@@ -30,15 +30,20 @@ RECORD = "finetune.json"
 CHECKPOINT = "checkpoint.pt"
 LOSS_PLOT = "loss.png"
 
-# A pruning block keeps timm's block as ``.block``: blocks.2.block.attn... -> blocks.2.attn...
-_WRAPPED = re.compile(r"^(blocks\.\d+\.)block\.")
+# A pruning block keeps timm's block as ``.block`` and a ReducedViT the model as ``.vit``:
+# [vit.]blocks.2.block.attn... -> blocks.2.attn...
+_WRAPPED = re.compile(r"^(?:vit\.)?(blocks\.\d+\.)(?:block\.)?")
 
 
 def unpruned_state_dict(
     model: nn.Module,
 ) -> dict[str, torch.Tensor]:
     """The pruned model's parameters under the unpruned model's keys (pruning adds none)."""
-    return {_WRAPPED.sub(r"\1", k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return {_unwrapped(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _unwrapped(key: str) -> str:
+    return _WRAPPED.sub(r"\1", key) if _WRAPPED.match(key) else key.removeprefix("vit.")
 
 
 def save_weights(

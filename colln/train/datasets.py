@@ -108,8 +108,8 @@ def open_dataset(
     if isinstance(source, Dataset):
         return source
     if str(source) == DIGITS:
-        if getattr(model, "pretrained_cfg", {}).get("architecture") != digits.NAME:
-            raise DataError("'digits' data only fits digits_vit: give an ImageFolder directory with --data DIR")
+        if getattr(model, "pretrained_cfg", {}).get("architecture") not in digits.NAMES:
+            raise DataError("'digits' data only fits the digits models: give an ImageFolder directory with --data DIR")
         return DigitsDataset("train" if training else "test", model, augment=training)
     from timm.data import create_transform
 

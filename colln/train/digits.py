@@ -1,7 +1,7 @@
-"""Train the bundled ``digits_vit`` deterministically: ``python -m colln.train.digits``.
+"""Train a bundled digits model deterministically: ``python -m colln.train.digits [--model NAME]``.
 
-Writes ``colln/models/weights/digits_vit.safetensors`` (fp16, well under 2 MB) and its card
-``digits_vit.json`` with the settings and the test accuracy of the weights as stored.
+Writes ``colln/models/weights/NAME.safetensors`` (fp16, well under 2 MB) and its card
+``NAME.json`` with the settings and the test accuracy of the weights as stored.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def accuracy(
 def train(
     out_dir: Path,
     epochs: int = EPOCHS,
+    name: str = digits.NAME,
 ) -> dict:
     """Train, write the weights and card into ``out_dir``, return the card."""
     was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
@@ -71,7 +72,7 @@ def train(
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     try:
-        return _train(out_dir, epochs)
+        return _train(out_dir, epochs, name)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(threads)
@@ -80,12 +81,13 @@ def train(
 def _train(
     out_dir: Path,
     epochs: int,
+    name: str,
 ) -> dict:
     from safetensors.torch import save_file
 
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
-    model = digits.create_model()
+    model = digits.create_model(name=name)
     train_split, test_split = digits.load_split("train"), digits.load_split("test")
     x_train = preprocess(train_split.images, model)
     y_train = torch.from_numpy(train_split.labels)
@@ -115,12 +117,12 @@ def _train(
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / f"{digits.NAME}.safetensors"
+    weights = out_dir / f"{name}.safetensors"
     save_file(state, str(weights))
     # The card reports the accuracy of the weights as stored (fp16 round trip), evaluated in fp32.
     model.load_state_dict({k: v.float() for k, v in state.items()})
     card = {
-        "name": digits.NAME,
+        "name": name,
         "dataset": "sklearn.datasets.load_digits",
         "split": {"test_fraction": digits.TEST_FRACTION, "seed": digits.SPLIT_SEED, "stratified": True},
         "train_images": len(x_train),
@@ -142,8 +144,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=digits.weights_path().parent)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--model", choices=digits.NAMES, default=digits.NAME)
     args = parser.parse_args()
-    print(json.dumps(train(args.out, args.epochs), indent=2))
+    print(json.dumps(train(args.out, args.epochs, args.model), indent=2))
 
 
 if __name__ == "__main__":
