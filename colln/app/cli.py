@@ -371,8 +371,9 @@ def add_prune_arguments(
         "--output",
         default=PruneConfig.output,
         choices=OUTPUTS,
-        help="logits (default), or tokens: a VLM vision tower returning the kept patch tokens and their patch ids; "
-        "--keep is then the final rate (K = ceil(R * patches)), after one rate per --layers block if any",
+        help="logits (default); tokens: a VLM vision tower returning the kept patch tokens and their patch ids "
+        "(--keep is then the final rate, K = ceil(R * patches), after one rate per --layers block if any); "
+        "dense: features on the full patch grid, each pruned patch with the features it had when dropped",
     )
     p.add_argument(
         "--feature-layer",

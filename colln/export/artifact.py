@@ -36,7 +36,7 @@ def default_out_dir(
         r = "-".join(map(str, c.tome)) if isinstance(c.tome, tuple) else str(c.tome)
         return root / f"{spec.model}-tome{r}{suffix}"
     keep = "-".join(f"{k:g}" for k in c.keep) if isinstance(c.keep, tuple) else f"{c.keep:g}"
-    tokens = "-tokens" if c.output == "tokens" else ""
+    tokens = "" if c.output == "logits" else f"-{c.output}"
     merge = "-merge" if c.merge else ""
     return root / f"{spec.model}-{c.metric}{tokens}-keep{keep}{merge}{suffix}"
 

@@ -3,7 +3,8 @@
 Layout of an export directory (``exports/<model>-<metric>-keep<R>`` by default)::
 
     model.onnx     the graph: input ``images`` [batch, 3, H, W] float32, output ``logits``, or for
-                   ``output="tokens"`` ``tokens`` [batch, K, C] float32 and ``indices`` [batch, K] int64
+                   ``output="tokens"`` ``tokens`` [batch, K, C] float32 and ``indices`` [batch, K] int64,
+                   for ``output="dense"`` ``features`` [batch, patches, C] float32
     model.ort.onnx model.onnx with ONNX Runtime's attention fusion applied (what ONNX Runtime on CPU runs)
     export.json    ExportSpec (how to rebuild the model) + the keep plan + file names + ``artifacts``,
                    the file each runtime runs, with its sha256 and the options it needs
@@ -34,6 +35,7 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 TOKENS_NAME = "tokens"
 INDICES_NAME = "indices"
+FEATURES_NAME = "features"
 DEFAULT_OPSET = 18
 # --weights values that name weights rather than a file.
 NAMED_WEIGHTS = ("pretrained", "random", "bundled")
@@ -155,5 +157,5 @@ class ExportSpec:
 def output_names(
     config: PruneConfig,
 ) -> tuple[str, ...]:
-    """The graph's outputs for ``config``: ``logits``, or ``tokens`` and ``indices``."""
-    return (TOKENS_NAME, INDICES_NAME) if config.output == "tokens" else (OUTPUT_NAME,)
+    """The graph's outputs for ``config``: ``logits``, ``tokens`` and ``indices``, or ``features``."""
+    return {"tokens": (TOKENS_NAME, INDICES_NAME), "dense": (FEATURES_NAME,)}.get(config.output, (OUTPUT_NAME,))

@@ -28,7 +28,7 @@ from torch import nn
 
 from colln.errors import BackendUnavailableError, EngineError, UsageError
 from colln.export.artifact import ORT_SESSION_OPTIONS, ort_artifact, read_export
-from colln.export.spec import INDICES_NAME, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, TOKENS_NAME, file_sha256
+from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, file_sha256, output_names
 from colln.export.tensorrt import ENGINE_FILE, LABELS, TrtFlavour, gpu_info, read_engine_metadata, trt_module
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
@@ -73,10 +73,12 @@ class TorchRunner(BaseRunner):
                 if self.device.startswith("cuda"):
                     torch.cuda.synchronize()
             self.inference_time = time.perf_counter() - start
-        if isinstance(y, tuple):  # a tokens model (colln.models.rewrite.TokenEncoder)
-            tokens, indices = y
-            return OrderedDict([(TOKENS_NAME, tokens.float().cpu().numpy()), (INDICES_NAME, indices.cpu().numpy())])
-        return OrderedDict([(OUTPUT_NAME, y.float().cpu().numpy())])
+        plan = getattr(self.model, "colln_plan", None)
+        names = output_names(plan.config) if plan is not None else (OUTPUT_NAME,)
+        ys = y if isinstance(y, tuple) else (y,)
+        return OrderedDict(
+            (name, t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()) for name, t in zip(names, ys)
+        )
 
     def deactivate_impl(self) -> None:
         del self.model

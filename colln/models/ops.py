@@ -129,16 +129,21 @@ def gather_tokens(
     return torch.cat([x[:, :num_prefix], kept], dim=1)
 
 
-def complement(
-    indices: torch.Tensor,
-    n: int,
-) -> torch.Tensor:
-    """The ``n - k`` positions of ``[0, n)`` that ``indices`` ``[B, k]`` (distinct) do not hold, in
-    ascending order: a 0/1 mask and a TopK of constant K, no Scatter."""
-    taken = one_hot(indices, n).sum(dim=1)
-    # Untaken positions score above every taken one; among them the lower position ranks first.
-    rank = (1.0 - taken) * n - torch.arange(n, device=indices.device)
-    return torch.topk(rank, n - indices.shape[-1], dim=-1).indices
+def dropped(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    order: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates of ``x`` ``[B, N, C]`` (patch ids ``ids`` ``[B, N]``) that ``order`` ``[B, k]``
+    does not continue, in candidate order: ``([B, N - k, C], [B, N - k])``. Each dropped candidate's
+    slot is a running count (CumSum), its row a one-hot MatMul: no TopK (validation reads a graph's
+    TopKs as its selections) and no Scatter."""
+    n, k = x.shape[1], order.shape[1]
+    gone = 1.0 - one_hot(order, n).sum(dim=1)  # [B, N]: 1 where dropped
+    slot = torch.cumsum(gone, dim=-1) - 1.0
+    pick = (slot.unsqueeze(1) == torch.arange(n - k, device=x.device).unsqueeze(-1)).to(x.dtype) * gone.unsqueeze(1).to(x.dtype)
+    # Patch ids are below 2**24: exact through a float product.
+    return pick @ x, (pick @ ids.to(x.dtype).unsqueeze(-1)).squeeze(-1).round().long()
 
 
 def order_by_id(

@@ -63,8 +63,7 @@ class TokenState:
         them, and with ids the others are kept as dropped features."""
         ids, dropped = self.ids, self.dropped
         if ids is not None:
-            gone = ops.complement(order, ids.shape[-1])
-            dropped = (*dropped, (ops.gather_tokens(before[:, num_prefix:], gone, 0), ids.gather(-1, gone)))
+            dropped = (*dropped, ops.dropped(before[:, num_prefix:], ids, order))
             ids = ids.gather(-1, order)
         positions = None if self.positions is None else self.positions.follow(order)
         return TokenState(x, positions, sizes if sizes is not None else self.sizes, ids, dropped)

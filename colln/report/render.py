@@ -196,8 +196,9 @@ def validation_lines(
     """The validation numbers as short lines (report.md and the CLI table share them)."""
     judged = f"{v['judged_images']}/{v['images']} images judged"
     errors = _error_text(v)
-    if v.get("output") == "tokens":
-        return [f"tokens ({judged}; cosine of the lowest row): {errors}", *_layer_lines(v)]
+    if v.get("output") in ("tokens", "dense"):
+        what = "tokens" if v["output"] == "tokens" else "dense features"
+        return [f"{what} ({judged}; cosine of the lowest row): {errors}", *_layer_lines(v)]
     lines = [f"top-1 agreement {v['top1_agreement']:.4f} ({judged})", f"logits: {errors}"]
     lines += _layer_lines(v)
     agree = ", ".join(f"{k} {x:.3f}" for k, x in v["unpruned_top1_agreement"].items())

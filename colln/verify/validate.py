@@ -249,7 +249,7 @@ def validate(
 ) -> ValidationReport:
     """Run ``candidate``, the pruned and the unpruned PyTorch model on ``images`` and compare."""
     plan = get_plan(pruned)
-    if plan.feature_block is not None:
+    if plan.config.output != "logits":
         return validate_tokens(pruned, candidate, images, precision, backend, batch)
     ref_runner = TorchRunner(pruned, name="torch")
     base_runner = TorchRunner(unpruned, name="torch-unpruned")
@@ -329,39 +329,41 @@ def validate_tokens(
     backend: str | None = None,
     batch: int = 32,
 ) -> ValidationReport:
-    """:func:`validate` for a tokens model: kept patch-id sets by the tie rule (the inner layers
-    through the graph's TopK outputs where observed, the final one through the ``indices`` output),
-    then on the judged images the tokens, row by row in patch-id order: max |error| within
-    ``logit_rtol * max(1, max |reference|)`` and every row's cosine >= ``min_cosine``."""
-    from colln.export.spec import INDICES_NAME, TOKENS_NAME
+    """:func:`validate` for a tokens or dense model: kept patch-id sets by the tie rule (the inner
+    layers through the graph's TopK outputs where observed, a tokens model's final one through its
+    ``indices`` output), then on the judged images the features, row by row in patch-id order (a
+    dense model's rows are the patch grid): max |error| within ``logit_rtol * max(1, max |reference|)``
+    and every row's cosine >= ``min_cosine``."""
+    from colln.export.spec import FEATURES_NAME, INDICES_NAME, TOKENS_NAME
 
     plan = get_plan(pruned)
+    dense = plan.config.output == "dense"
     tol = TOLERANCES[precision]
     backend = backend or candidate.name
     ref_runner = TorchRunner(pruned, name="torch")
     with record_selections(pruned) as selections:
         results = _run_all([ref_runner, candidate], list(feeds(images.images, batch)))
-    layers = plan.selection_layers
+    layers = plan.merge_layers if plan.method == "tome" else plan.selection_layers
     kept, scores = _recorded(selections, layers)
     ref_out, outs = results[ref_runner.name], results[candidate.name]
-    ref = Reference(
-        logits=ref_out[TOKENS_NAME], unpruned=None, kept=kept, scores=scores, merge_margins=_merge_margins(selections)
-    )
+    name = FEATURES_NAME if dense else TOKENS_NAME
+    ref = Reference(logits=ref_out[name], unpruned=None, kept=kept, scores=scores, merge_margins=_merge_margins(selections))
     # Inner layers through the graph's TopK outputs; the final selection is the indices output itself.
-    cand_kept = _observed_kept(outs, plan.pruned_layers)
-    cand_ids = outs[INDICES_NAME].astype(np.int64)
+    cand_kept = _observed_kept(outs, plan.pruned_layers) if plan.kept_index_layers else None
+    grid = np.tile(np.arange(plan.num_patches), (len(ref.logits), 1))
+    cand_ids = grid if dense else outs[INDICES_NAME].astype(np.int64)
     final = {plan.feature_block: cand_ids} if len(layers) > len(plan.pruned_layers) else {}
     n = len(cand_ids)
     checks, judged, mismatches, warnings = _judge_selections(
         ref, cand_kept, layers, plan.config.metric, False, tol, n, backend, cand_patch_ids=final
     )
-    ref_ids = ref_out[INDICES_NAME]
+    ref_ids = grid if dense else ref_out[INDICES_NAME]
     differ = (np.sort(ref_ids, axis=1) != np.sort(cand_ids, axis=1)).sum(axis=1)
     same_ids = differ == 0
     _collect(mismatches, judged & ~same_ids, differ, "kept patch ids that differ despite clear score margins")
     # Rows compared by patch id: score order may swap tied kept tokens without changing the set.
     ref_tok = np.take_along_axis(ref.logits, np.argsort(ref_ids, axis=1)[..., None], axis=1)
-    cand_tok = np.take_along_axis(outs[TOKENS_NAME].astype(np.float32), np.argsort(cand_ids, axis=1)[..., None], axis=1)
+    cand_tok = np.take_along_axis(outs[name].astype(np.float32), np.argsort(cand_ids, axis=1)[..., None], axis=1)
     err = np.abs(cand_tok - ref_tok).reshape(n, -1)
     cos = _cosine(cand_tok.reshape(-1, cand_tok.shape[-1]), ref_tok.reshape(-1, ref_tok.shape[-1])).reshape(n, -1).min(axis=1)
     limit = tol.logit_rtol * np.maximum(1.0, np.abs(ref_tok).reshape(n, -1).max(axis=1))
@@ -386,7 +388,7 @@ def validate_tokens(
         accuracy=None,
         mismatches=mismatches,
         warnings=warnings,
-        output="tokens",
+        output=plan.config.output,
     )
 
 
