@@ -29,6 +29,7 @@ from colln.export.tensorrt import (
     FAILED_LOG_FILE,
     build_engine,
     gpu_info,
+    polygraphy_trt,
     trt_module,
 )
 from colln.infer import runners
@@ -94,10 +95,10 @@ def _network(
     onnx_path: Path,
 ):
     """The TensorRT network of ``onnx_path``, parsed by polygraphy (strongly typed)."""
-    trt_module()  # first, as colln does: it points polygraphy's TensorRT backend at TensorRT-RTX
-    from polygraphy.backend.trt import NetworkFromOnnxPath
+    with polygraphy_trt():  # as colln does: polygraphy's TensorRT backend pointed at TensorRT-RTX
+        from polygraphy.backend.trt import NetworkFromOnnxPath
 
-    return NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
+        return NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
 
 
 def test_falls_back_to_tensorrt_rtx_without_tensorrt():
@@ -110,8 +111,11 @@ def test_falls_back_to_tensorrt_rtx_without_tensorrt():
         pytest.skip("full TensorRT is installed, so it is the one used")
     from polygraphy import config
 
-    assert trt_module().name == "tensorrt_rtx"
-    assert config.USE_TENSORRT_RTX
+    before = config.USE_TENSORRT_RTX
+    assert trt_module().name == "tensorrt_rtx" and before == config.USE_TENSORRT_RTX
+    with polygraphy_trt() as flavour:
+        assert flavour.name == "tensorrt_rtx" and config.USE_TENSORRT_RTX
+    assert before == config.USE_TENSORRT_RTX  # on only while colln uses it
 
 
 def test_pruned_graph_parses_with_static_token_counts(fp32_export):
