@@ -487,7 +487,11 @@ class _Trainer:
         model.eval()
         shard = list(range(self.ranks.rank, len(self.val_set), self.ranks.world_size))
         loss_sum = correct = 0.0
-        for x, y in DataLoader(self.val_set, batch_size=256, sampler=shard, num_workers=self.recipe.workers):
+        # A generator of its own: a loader without one draws its workers' seed from torch's global one.
+        loader = DataLoader(
+            self.val_set, batch_size=256, sampler=shard, num_workers=self.recipe.workers, generator=torch.Generator()
+        )
+        for x, y in loader:
             x, y = x.to(self.device), y.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits = model(x).float()
