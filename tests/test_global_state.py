@@ -1,7 +1,8 @@
 """No hidden global state: importing colln sets nothing process-wide; fine-tuning, the loss plot and
 a TensorRT build leave the global random generators, the matplotlib backend, the environment,
-polygraphy's TensorRT-RTX switch and the root logger as they found them; the quantizer leaves
-logging alone, and a runner's thread count holds only during its own inference calls."""
+polygraphy's TensorRT-RTX switch (on only while colln uses TensorRT) and the root logger as they
+found them; the quantizer leaves logging alone, and a runner's thread count holds only during its
+own inference calls."""
 
 from __future__ import annotations
 
@@ -46,12 +47,12 @@ from polygraphy import config
 rtx_after_import = config.USE_TENSORRT_RTX
 converted = None
 if sys.argv[1] == "rtx":
-    from colln.export.tensorrt import trt_module
+    from colln.export.tensorrt import polygraphy_trt
     from polygraphy.datatype import DataType
-    flavour = trt_module()
-    converted = [flavour.name, str(DataType.from_dtype(flavour.module.float32, "tensorrt"))]
+    with polygraphy_trt() as flavour:
+        converted = [flavour.name, str(DataType.from_dtype(flavour.module.float32, "tensorrt"))]
 print(json.dumps({"before": before, "after": after, "modules": modules, "rtx_after_import": rtx_after_import,
-                  "converted": converted, "environ_at_end": dict(os.environ)}))
+                  "converted": converted, "environ_at_end": dict(os.environ), "rtx_at_end": config.USE_TENSORRT_RTX}))
 """
 
 
@@ -70,11 +71,12 @@ def test_importing_every_module_sets_no_process_state() -> None:
     assert [level for name, level in after["loggers"].items() if name.startswith("colln")] == [0] * sum(
         name.startswith("colln") for name in after["loggers"]
     )
-    # Nothing chose polygraphy's TensorRT on import; the first use of TensorRT does, and its dtypes convert.
+    # Nothing chose polygraphy's TensorRT on import; a use of TensorRT does, its dtypes convert, and
+    # polygraphy's switch is back as it was after it.
     assert seen["rtx_after_import"] is False
     if rtx_only:
         assert seen["converted"] == ["tensorrt_rtx", "float32"]
-        assert seen["environ_at_end"] == before["environ"]
+        assert seen["environ_at_end"] == before["environ"] and seen["rtx_at_end"] is False
 
 
 class _ThreadProbe(torch.nn.Module):
