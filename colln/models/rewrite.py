@@ -88,8 +88,9 @@ def attention_parts(
 class Selection:
     """What one pruning block chose for a batch: candidate indices ``[B, k]``, scores ``[B, N_cand]``.
 
-    A ToMe block records the A tokens it merged as ``indices`` ``[B, r]`` and every A token's best
-    edge similarity as ``scores``. Merging blocks also record ``merge_margin`` ``[B]``: the smallest
+    A ToMe block records the A candidates it merged as ``indices`` ``[B, r]`` (into the non-prefix
+    tokens of set A, see :func:`ops.bipartite_edges`) and every A candidate's best edge similarity
+    as ``scores``. Merging blocks also record ``merge_margin`` ``[B]``: the smallest
     gap between a merged token's most similar destination and the next (see :func:`ops.merge_margin`)."""
 
     layer: int
@@ -265,7 +266,7 @@ class ToMeBlock(SizedForward, PruningBlock):
         p = self.num_prefix
         x, _, keys, sizes = _attend_sized(self.block, x, sizes, self.config.prop_attn)
         metric = ops.head_mean_keys(keys, self.block.attn.num_heads)
-        x, sizes, merged = ops.bipartite_merge(x, metric, sizes, self.r, p)
+        x, sizes, merged, _ = ops.bipartite_merge(x, metric, sizes, self.r, p)
         if self._recorder is not None:
             best, _, second_gap = ops.bipartite_edges(metric, p)
             self._record(merged, best, lambda: second_gap.gather(-1, merged).amin(dim=-1))
