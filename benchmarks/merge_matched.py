@@ -2,6 +2,7 @@
 Runtime latency, training-free (``sweep``) and after 10 epochs of colln-finetune (``finetune``).
 
     PYTHONPATH=. python benchmarks/merge_matched.py sweep --json benchmarks/results/merge_matched_digits.json
+    PYTHONPATH=. python benchmarks/merge_matched.py rescore --json benchmarks/results/merge_matched_digits.json
     PYTHONPATH=. python benchmarks/merge_matched.py finetune --sweep-json benchmarks/results/merge_matched_digits.json \\
         --runs /tmp/colln-merge-ft --json benchmarks/results/merge_finetune_digits.json
 
@@ -14,10 +15,15 @@ for each ToMe point (r at every block), each other method's most accurate config
 median latency at that batch size is at most ToMe's, from the same run. The budgets are the ToMe
 points nearest FLOPs 0.4 and 0.25.
 
+``rescore``: a sweep's configurations exported and scored again, its latencies kept (for a change
+to what a method computes that leaves its graph's shape and cost alone); refused when a
+configuration's token counts changed.
+
 ``finetune``: ``colln-finetune digits_vit`` (10 epochs, default recipe, seed 0, one thread each,
 two at a time) of the unpruned model and of every configuration the sweep matched at a budget
 (Col-Ln prune, Col-Ln + merge, ToMe; either batch size); top-1 on the test split after the last
-epoch, from each run's finetune.json (a run already finished in ``--runs`` is reused).
+epoch, from each run's finetune.json (a run already finished in ``--runs`` is reused, and with
+``--reuse REPORT`` every run of that earlier report not finished in ``--runs``).
 """
 
 from __future__ import annotations
@@ -104,11 +110,9 @@ def matched(rows: list[dict], batch: str) -> list[dict]:
     return out
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def sweep_specs() -> tuple[list[ExportSpec], object]:
+    """The unpruned spec, every keep-schedule configuration, then ToMe's; and the unpruned model."""
     base = ExportSpec("digits_vit", weights="bundled")
-    unpruned = base.load_unpruned()
-    data = load_labelled("digits", unpruned)
-    images = preprocess(data.images, unpruned).numpy()
     specs = [
         base.unpruned(),
         *(
@@ -119,33 +123,47 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         ),
         *configurations(base, (), (), (), (), ("tome",), TOME_RS),
     ]
-    rows = []
+    return specs, base.load_unpruned()
+
+
+def export_and_score(
+    specs: list[ExportSpec], unpruned, images, labels, scratch: str, stack: contextlib.ExitStack, args: argparse.Namespace
+) -> tuple[list[dict], dict]:
+    """Export every configuration to ONNX Runtime and score it on the test images: (rows, runners by index)."""
+    rows, runners = [], {}
+    for i, spec in enumerate(specs):
+        out = Path(scratch) / str(i)
+        out.mkdir()
+        wait_quiet(args.quiet_flag)
+        plan = export_into(spec, out, unpruned=unpruned).plan
+        runner = stack.enter_context(open_runner(out, "onnxruntime", threads=args.threads))
+        method, text, flags = describe(spec) if i else ("none", "unpruned", ["--keep", "1.0"])
+        c = spec.pruning
+        layers = ".".join(map(str, c.layers or ()))
+        key = {"none": "unpruned", "tome": f"tome-r{c.tome}"}.get(method, f"{c.metric}-{method}-keep{c.keep:g}-L{layers}")
+        flops = plan.flops()
+        rows.append(
+            {
+                "key": key,
+                "method": method,
+                "metric": spec.pruning.metric,
+                "plan": text,
+                "flags": flags,
+                "token_steps": list(plan.tokens_in),
+                "flops_ratio": flops.pruned / flops.full,
+                "accuracy": float((run(runner, images, 64).argmax(-1) == labels).mean()),
+            }
+        )
+        runners[str(i)] = runner
+    return rows, runners
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    specs, unpruned = sweep_specs()
+    data = load_labelled("digits", unpruned)
+    images = preprocess(data.images, unpruned).numpy()
     with tempfile.TemporaryDirectory(prefix="colln-merge-matched-") as scratch, contextlib.ExitStack() as stack:
-        runners = {}
-        for i, spec in enumerate(specs):
-            out = Path(scratch) / str(i)
-            out.mkdir()
-            wait_quiet(args.quiet_flag)
-            plan = export_into(spec, out, unpruned=unpruned).plan
-            runner = stack.enter_context(open_runner(out, "onnxruntime", threads=args.threads))
-            method, text, flags = describe(spec) if i else ("none", "unpruned", ["--keep", "1.0"])
-            c = spec.pruning
-            layers = ".".join(map(str, c.layers or ()))
-            key = {"none": "unpruned", "tome": f"tome-r{c.tome}"}.get(method, f"{c.metric}-{method}-keep{c.keep:g}-L{layers}")
-            flops = plan.flops()
-            rows.append(
-                {
-                    "key": key,
-                    "method": method,
-                    "metric": spec.pruning.metric,
-                    "plan": text,
-                    "flags": flags,
-                    "token_steps": list(plan.tokens_in),
-                    "flops_ratio": flops.pruned / flops.full,
-                    "accuracy": float((run(runner, images, 64).argmax(-1) == data.labels).mean()),
-                }
-            )
-            runners[str(i)] = runner
+        rows, runners = export_and_score(specs, unpruned, images, data.labels, scratch, stack, args)
         with quiet(args.quiet_flag):
             load_before = os.getloadavg()
             timing = Timing(rounds=args.rounds, warmup=args.warmup)
@@ -176,6 +194,30 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print_matched(str(b), report)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def cmd_rescore(args: argparse.Namespace) -> None:
+    """Export and score every configuration again and rewrite the sweep's accuracies and matches,
+    keeping its latencies (the timing needs a quiet machine; a change to a method's math, such as
+    ToMe's partition, changes what it computes but not the shape or cost of its graph)."""
+    report = json.loads(args.json.read_text())
+    specs, unpruned = sweep_specs()
+    data = load_labelled("digits", unpruned)
+    images = preprocess(data.images, unpruned).numpy()
+    with tempfile.TemporaryDirectory(prefix="colln-merge-matched-") as scratch, contextlib.ExitStack() as stack:
+        rows = export_and_score(specs, unpruned, images, data.labels, scratch, stack, args)[0]
+    old = {r["key"]: r for r in report["rows"]}
+    if sorted(old) != sorted(r["key"] for r in rows):
+        raise SystemExit(f"{args.json} has other configurations than this sweep: run the sweep instead")
+    for row in rows:
+        if old[row["key"]]["token_steps"] != row["token_steps"]:
+            raise SystemExit(f"{row['key']}: token counts changed, its latency no longer applies: run the sweep instead")
+        old[row["key"]]["accuracy"] = row["accuracy"]
+    report["matched"] = {b: matched(report["rows"], b) for b in report["matched"]}
+    report["accuracy_rescored"] = "accuracies re-scored without re-timing; latencies from the original sweep"
+    for b in report["matched"]:
+        print_matched(b, report)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def print_matched(batch: str, report: dict) -> None:
@@ -228,8 +270,16 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                 runs.setdefault(key, by_key[key]["flags"])
                 chosen.append({"batch": int(batch), "flops_target": float(target), "series": name, "key": key})
     args.runs.mkdir(parents=True, exist_ok=True)
+    # Runs of an earlier report are taken from it unless finished again in --runs (re-run only what changed).
+    earlier = {r["name"]: r for r in json.loads(args.reuse.read_text())["runs"]} if args.reuse else {}
+
+    def one(name: str, flags: list[str]) -> dict:
+        if name in earlier and not (args.runs / name / "finetune.json").exists():
+            return earlier[name]
+        return finetune_one(name, flags, args.runs, args.seed)
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda item: finetune_one(item[0], item[1], args.runs, args.seed), runs.items()))
+        results = list(pool.map(lambda item: one(*item), runs.items()))
     done = {r["name"]: r for r in results}
     baseline = done["unpruned"]["after"]
     print(f"\nfine-tuned unpruned baseline {100 * baseline:.1f}%")
@@ -254,14 +304,19 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--quiet-flag", type=Path, default=None, help="a shared machine's quiet flag, held while timing")
     s.add_argument("--json", type=Path, default=None)
+    s = sub.add_parser("rescore", help="re-score a sweep's configurations, keeping its latencies")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--quiet-flag", type=Path, default=None, help="a shared machine's quiet flag (waited for, not held)")
+    s.add_argument("--json", type=Path, required=True, help="the sweep's report, rewritten in place")
     f = sub.add_parser("finetune", help="fine-tune the matched configurations and the unpruned model")
     f.add_argument("--sweep-json", type=Path, required=True)
     f.add_argument("--runs", type=Path, default=Path("/tmp/colln-merge-ft"))
     f.add_argument("--json", type=Path, required=True)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--jobs", type=int, default=2, help="fine-tunes at a time (one thread each)")
+    f.add_argument("--reuse", type=Path, default=None, help="an earlier finetune report: its runs are not trained again")
     args = parser.parse_args()
-    {"sweep": cmd_sweep, "finetune": cmd_finetune}[args.command](args)
+    {"sweep": cmd_sweep, "rescore": cmd_rescore, "finetune": cmd_finetune}[args.command](args)
 
 
 if __name__ == "__main__":

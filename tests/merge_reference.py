@@ -5,6 +5,7 @@ Also the checks tests/test_merge.py and tests/test_tome.py share."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -67,6 +68,42 @@ def export_error(
     return errors[0]
 
 
+def digits_variant(
+    trained: nn.Module,
+    class_token: bool,
+    reg_tokens: int,
+) -> nn.Module:
+    """The trained digits_vit's blocks and head in a timm ViT with another prefix: without [CLS]
+    (average pooling, no prefix) or with register tokens after [CLS]. Patch positions keep their
+    trained embeddings, [CLS] gets its own folded in; registers are small random tokens. Not a good
+    classifier, but its merge choices are as clear as the trained model's."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(
+        img_size=32,
+        patch_size=4,
+        num_classes=10,
+        embed_dim=64,
+        depth=8,
+        num_heads=4,
+        qkv_bias=True,
+        class_token=class_token,
+        reg_tokens=reg_tokens,
+        global_pool="token" if class_token else "avg",
+        fc_norm=False,
+        no_embed_class=True,
+    )
+    state = {k: v for k, v in trained.state_dict().items() if k not in ("cls_token", "pos_embed")}
+    state["pos_embed"] = trained.pos_embed[:, 1:]
+    if class_token:
+        state["cls_token"] = trained.cls_token + trained.pos_embed[:, :1]
+    if reg_tokens:
+        state["reg_token"] = torch.randn(1, reg_tokens, 64, generator=torch.Generator().manual_seed(0))
+    model.load_state_dict(state)
+    model.pretrained_cfg = trained.pretrained_cfg
+    return model.eval()
+
+
 def plain_attention(
     attn: nn.Module,
     x: torch.Tensor,
@@ -108,26 +145,36 @@ def plain_tome(
     sizes: torch.Tensor,
     r: int,
     num_prefix: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ToMe's bipartite soft matching on one image: candidates alternate into A and B, each A token
-    keeps its most similar B token (cosine of ``metric``), the r A tokens with the most similar edges
-    merge into theirs, merged tokens are size-weighted means. Layout: prefix, unmerged A, all B."""
-    cand = list(range(num_prefix, x.shape[0]))
-    a_set, b_set = cand[0::2], cand[1::2]
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """ToMe's bipartite soft matching on one image, from the official ``bipartite_soft_matching``'s
+    rules: ALL tokens alternate into A (0, 2, 4, ...) and B (1, 3, ...); prefix tokens are
+    protected (similarity -inf as a source and as a destination); r is clamped to
+    (N - protected) // 2; each A token keeps its most cosine-similar B token, A tokens are ranked
+    by that similarity and the first r merge (size-weighted means). The unmerged A tokens keep the
+    ranking's order, sorted back into sequence order when there is a prefix. Layout: prefix
+    tokens in front in their order (colln's rule for more than one; the official one for [CLS]),
+    unmerged A, then all B. Returns (tokens, sizes, the input token each output candidate
+    continues, as an index into the candidates)."""
+    n, p = x.shape[0], num_prefix
+    r = min(r, (n - p) // 2)
+    a_set, b_set = list(range(0, n, 2)), list(range(1, n, 2))
     best = {}
     for a in a_set:
-        sims = [_cos(metric[a], metric[b]) for b in b_set]
+        sims = [-math.inf if a < p or b < p else _cos(metric[a], metric[b]) for b in b_set]
         j = max(range(len(b_set)), key=lambda t: sims[t])
         best[a] = (sims[j], b_set[j])
-    merged = sorted(a_set, key=lambda a: -best[a][0])[:r]
-    rows = [x[i] for i in range(num_prefix)] + [x[a] for a in a_set if a not in merged]
-    out_sizes = [float(sizes[i]) for i in range(num_prefix)] + [float(sizes[a]) for a in a_set if a not in merged]
-    for b in b_set:
-        group = [b] + [a for a in merged if best[a][1] == b]
+    ranked = sorted(a_set, key=lambda a: -best[a][0])
+    merged, unmerged = ranked[:r], ranked[r:]
+    if p:
+        unmerged = sorted(unmerged)
+    kept = list(range(p)) + [a for a in unmerged if a >= p] + [b for b in b_set if b >= p]
+    rows, out_sizes = [], []
+    for t in kept:
+        group = [t] + [a for a in merged if best[a][1] == t]
         weights = [float(sizes[g]) for g in group]
         rows.append(_mean(x, group, weights))
         out_sizes.append(sum(weights))
-    return torch.stack(rows), torch.tensor(out_sizes)
+    return torch.stack(rows), torch.tensor(out_sizes), [t - p for t in kept[p:]]
 
 
 def plain_colln_merge(
@@ -181,8 +228,8 @@ def plain_forward(
         out, probs, keys = plain_attention(blk.attn, blk.norm1(x), sizes if prop_attn else torch.ones(x.shape[0]))
         x = x + out
         if tome and tome.get(i):
-            x, sizes = plain_tome(x, keys.mean(dim=1), sizes, tome[i], p)
+            x, sizes, _ = plain_tome(x, keys.mean(dim=1), sizes, tome[i], p)
         elif merge and i in merge:
             x, sizes = plain_colln_merge(x, keys, probs, sizes, merge[i], p, weight)
         x = x + blk.mlp(blk.norm2(x))
-    return model.head(model.norm(x)[0])
+    return model.forward_head(model.norm(x)[None])[0]

@@ -21,6 +21,7 @@ from colln.errors import UsageError
 from colln.export.artifact import read_export
 from colln.export.spec import INPUT_NAME, ExportSpec
 from colln.export.unpruned import unpruned_export
+from colln.infer.environment import cpu_flags
 from colln.infer.timing import LatencyStats, Timing, interleaved_times, measure, paired_speedup
 from colln.models.config import PruneConfig
 
@@ -212,6 +213,7 @@ def test_json_report_keys_and_bound(report: tuple[dict, Path], export_dir: Path)
     # The timing given (rounds, warm-up) and the defaults taken (the runtime's own threads), in one field.
     assert data["timing"] == Timing(rounds=5, warmup=1).to_dict() and data["timing"]["threads"] is None
     assert data["threads"] == 0 and data["environment"]["versions"]["onnxruntime"]
+    assert data["environment"]["cpu_flags"] == cpu_flags()  # what the figures need of the CPU
     assert data["case"] == "digits_vit-colln-keep0.7@onnxruntime-t0"
 
 

@@ -15,12 +15,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from safetensors.torch import save_file
-from speed_checks import assert_plausible_speedup
+from speed_checks import assert_latency_stats, assert_plausible_speedup
 
 from colln.app.export_cli import main
 from colln.data import preprocess
 from colln.export.onnx import read_metadata, topk_constants
 from colln.export.spec import ExportSpec
+from colln.infer.environment import cpu_flags, cpu_model, describe_cpu_flags
 from colln.infer.timing import Timing
 from colln.models import digits
 
@@ -79,11 +80,18 @@ def test_report_json(digits_export: Path) -> None:
     assert lat["timing"] == Timing(rounds=5).to_dict() and lat["timing"]["warmup"] == Timing.warmup
     assert (lat["threads"], lat["warmup"]) == ("backend default", Timing.warmup)
     assert "rounds 5, warm-up 5, threads runtime default" in (digits_export / "report.md").read_text()
-    for entry in lat["batches"].values():
-        assert entry["pruned"]["rounds"] == 5 and entry["pruned"]["p90_ms"] >= entry["pruned"]["p50_ms"] > 0
+    for batch, entry in lat["batches"].items():
+        assert_latency_stats(entry["pruned"], batch=int(batch), rounds=5)
+        assert_latency_stats(entry["unpruned"], batch=int(batch), rounds=5)
         assert_plausible_speedup(entry, lat["flops_bound"])
     assert {"torch", "timm", "onnx", "onnxruntime"} <= set(report["versions"])
     assert "## Validation: passed" in (digits_export / "report.md").read_text()
+    # The CPU features the figures depend on, beside the CPU's name.
+    env = report["environment"]
+    assert env["cpu_flags"] == cpu_flags() and env["cpu"] == cpu_model()
+    assert (
+        f"({env['cpu']}, {describe_cpu_flags(env['cpu_flags'])}, {env['cpus']} cpus)" in (digits_export / "report.md").read_text()
+    )
 
 
 def test_keep_one_is_the_unpruned_model(tmp_path: Path, digits_weights: str) -> None:

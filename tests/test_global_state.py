@@ -1,6 +1,8 @@
-"""No hidden global state: importing colln sets nothing process-wide, polygraphy's TensorRT-RTX
-switch is set where TensorRT is first used, the quantizer leaves logging alone, and a runner's
-thread count holds only during its own inference calls."""
+"""No hidden global state: importing colln sets nothing process-wide; fine-tuning, the loss plot and
+a TensorRT build leave the global random generators, the matplotlib backend, the environment,
+polygraphy's TensorRT-RTX switch (on only while colln uses TensorRT) and the root logger as they
+found them; the quantizer leaves logging alone, and a runner's thread count holds only during its
+own inference calls."""
 
 from __future__ import annotations
 
@@ -8,12 +10,14 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import onnx
 import torch
+from png_checks import drawn_png
 
 from colln.data import validation_images
 from colln.export.quantize import to_int8
@@ -43,12 +47,12 @@ from polygraphy import config
 rtx_after_import = config.USE_TENSORRT_RTX
 converted = None
 if sys.argv[1] == "rtx":
-    from colln.export.tensorrt import trt_module
+    from colln.export.tensorrt import polygraphy_trt
     from polygraphy.datatype import DataType
-    flavour = trt_module()
-    converted = [flavour.name, str(DataType.from_dtype(flavour.module.float32, "tensorrt"))]
+    with polygraphy_trt() as flavour:
+        converted = [flavour.name, str(DataType.from_dtype(flavour.module.float32, "tensorrt"))]
 print(json.dumps({"before": before, "after": after, "modules": modules, "rtx_after_import": rtx_after_import,
-                  "converted": converted, "environ_at_end": dict(os.environ)}))
+                  "converted": converted, "environ_at_end": dict(os.environ), "rtx_at_end": config.USE_TENSORRT_RTX}))
 """
 
 
@@ -67,11 +71,12 @@ def test_importing_every_module_sets_no_process_state() -> None:
     assert [level for name, level in after["loggers"].items() if name.startswith("colln")] == [0] * sum(
         name.startswith("colln") for name in after["loggers"]
     )
-    # Nothing chose polygraphy's TensorRT on import; the first use of TensorRT does, and its dtypes convert.
+    # Nothing chose polygraphy's TensorRT on import; a use of TensorRT does, its dtypes convert, and
+    # polygraphy's switch is back as it was after it.
     assert seen["rtx_after_import"] is False
     if rtx_only:
         assert seen["converted"] == ["tensorrt_rtx", "float32"]
-        assert seen["environ_at_end"] == before["environ"]
+        assert seen["environ_at_end"] == before["environ"] and seen["rtx_at_end"] is False
 
 
 class _ThreadProbe(torch.nn.Module):
@@ -137,3 +142,84 @@ def test_quantizer_leaves_logging_alone(digits_export: Path) -> None:
     assert [r.getMessage() for r in records if "onnxruntime" in Path(r.pathname).parts and r.levelno < logging.ERROR] == []
     state = (logging.root.manager.disable, other.disabled, other.propagate, other.getEffectiveLevel())
     assert "a warning of someone else's" in [r.getMessage() for r in records], state
+
+
+# Runs in a fresh interpreter: a caller with its own random state and matplotlib backend calls each
+# public entry point; the process state after each is compared with the state before the first.
+ENTRY_POINTS = """
+import hashlib, json, logging, os, pickle, random, sys
+from dataclasses import asdict
+from pathlib import Path
+import matplotlib
+matplotlib.use("svg")  # the caller's choice, which a library must not switch
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+def seed(value):
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value)
+
+def digest(obj):
+    return hashlib.sha256(pickle.dumps(obj)).hexdigest()
+
+def state():
+    from polygraphy import config
+    root = logging.getLogger()
+    return {"torch": digest(torch.get_rng_state().numpy()), "python": digest(random.getstate()),
+            "numpy": digest(np.random.get_state()), "backend": matplotlib.get_backend(),
+            "pyplot": "matplotlib.pyplot" in sys.modules, "environ": dict(os.environ),
+            "root": [root.level, [repr(h) for h in root.handlers], len(root.filters)],
+            "polygraphy_rtx": config.USE_TENSORRT_RTX}
+
+import colln
+from colln.report.loss_plot import plot_history
+from colln.train.datasets import DigitsDataset
+
+out, export = Path(sys.argv[1]), sys.argv[2]
+pruned = colln.prune(colln.load_model("digits_vit"), keep=0.7)  # a timm model draws its initial weights
+train = Subset(DigitsDataset("train", pruned, augment=True), range(64))
+val = Subset(DigitsDataset("test", pruned, augment=False), range(64))
+seed(1234)  # the caller's own random state
+seen = {"before": state()}
+tuned = colln.finetune(pruned, train, val=val, epochs=1, batch_size=32, seed=5)
+seen["finetune"] = state()
+# Another global state before a second run: the run draws from its own generators only.
+seed(99)
+again = colln.finetune(pruned, train, val=val, epochs=1, batch_size=32, seed=5)
+seed(1234)
+seen["same_model"] = all(torch.equal(a, b) for a, b in zip(tuned.model.state_dict().values(), again.model.state_dict().values()))
+record = {"history": [asdict(h) for h in tuned.history], "accuracy": {"before": tuned.initial_val_acc}}
+plot_history({"keep 0.7": record}, out / "loss.png", title="digits_vit")
+seen["loss_plot"] = state()
+if export != "-":
+    from colln.export.tensorrt import build_engine
+    build_engine(Path(export), 1, 1, 1, timing_cache=out / "timing.cache")
+    seen["build_engine"] = state()
+print(json.dumps(seen))
+"""
+
+
+def test_public_entry_points_leave_the_process_state_alone(digits_export: Path, tmp_path: Path) -> None:
+    export = "-"
+    if importlib.util.find_spec("tensorrt") is not None or importlib.util.find_spec("tensorrt_rtx") is not None:
+        from colln.export.tensorrt import gpu_info, trt_module
+
+        if trt_module().name == "tensorrt_rtx" or gpu_info() is not None:  # a build this machine can run
+            export = str(tmp_path / "export")
+            shutil.copytree(digits_export, export)
+    env = {k: v for k, v in os.environ.items() if k not in ("POLYGRAPHY_USE_TENSORRT_RTX", "MPLBACKEND")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-c", ENTRY_POINTS, str(tmp_path), export]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    before = seen.pop("before")
+    assert before["backend"] == "svg" and not before["pyplot"] and before["polygraphy_rtx"] is False
+    assert seen.pop("same_model") is True
+    assert list(seen) == ["finetune", "loss_plot"] + (["build_engine"] if export != "-" else [])
+    for entry, after in seen.items():
+        changed = sorted(key for key in before if after[key] != before[key])
+        assert changed == [], f"{entry} changed {changed}"
+    drawn_png(tmp_path / "loss.png", (504, 378))  # one panel: 5.6 x 4.2 inches at 90 dpi

@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from png_checks import PARETO_SIZE, drawn_png
+from speed_checks import assert_latency_stats
 from torch import nn
 
 from colln.app.export_cli import main as export_main
@@ -121,7 +123,7 @@ def test_report_holds_the_stack_and_the_classic_keys(int8_export):
     rows = stack["batches"]["1"]
     assert list(rows) == list(STACK)
     for row in rows.values():
-        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] and row["images_per_s"] > 0 and row["rounds"] == 3
+        assert_latency_stats(row, batch=1, rounds=3)
     assert rows["unpruned-fp32"]["speedup"] == 1.0
     # The classic pair is pruned int8 against unpruned int8, from the same run.
     classic = report["latency"]["batches"]["1"]
@@ -148,12 +150,13 @@ def test_colln_bench_times_the_stack(int8_export, tmp_path):
 
 def test_tensorrt_rtx_parses_the_int8_graph_strongly_typed(int8_export):
     pytest.importorskip("tensorrt_rtx")
-    from colln.export.tensorrt import trt_module
+    from colln.export.tensorrt import polygraphy_trt
 
-    trt = trt_module().module  # first, as colln does: it points polygraphy's TensorRT backend at TensorRT-RTX
-    from polygraphy.backend.trt import NetworkFromOnnxPath
+    with polygraphy_trt() as flavour:  # as colln does: polygraphy's TensorRT backend pointed at TensorRT-RTX
+        from polygraphy.backend.trt import NetworkFromOnnxPath
 
-    _, network, _ = NetworkFromOnnxPath(str(int8_export / ONNX_FILE), strongly_typed=True)()
+        _, network, _ = NetworkFromOnnxPath(str(int8_export / ONNX_FILE), strongly_typed=True)()
+    trt = flavour.module
     layers = [network.get_layer(i) for i in range(network.num_layers)]
     quantize = [layer for layer in layers if layer.type == trt.LayerType.QUANTIZE]
     assert quantize and all(layer.get_output(0).dtype == trt.int8 for layer in quantize)
@@ -227,7 +230,7 @@ def test_colln_eval_adds_int8_rows(tmp_path):
     assert abs(int8.accuracy - fp32.accuracy) <= 0.03  # 90 images: one image is 1.1 points
     assert "Col-Ln int8" in (out / "results.md").read_text()
     assert export_command(int8, ExportSpec("digits_vit")).endswith("--precision int8")
-    assert (out / "accuracy_vs_latency.png").stat().st_size > 0
+    drawn_png(out / "accuracy_vs_latency.png", PARETO_SIZE)
 
 
 def test_colln_eval_int8_needs_onnxruntime(tmp_path, capsys):

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from merge_reference import clear_images, export_error, graph_ops, plain_forward, tensorrt_builds
+from png_checks import PARETO_SIZE, drawn_png
+from speed_checks import assert_latency_stats
 
 import colln
 from colln.app.export_cli import main as export_main
@@ -185,14 +187,14 @@ def test_eval_compares_prune_merge_and_tome_in_one_interleaved_run(trained_digit
     for key, model in expected.items():
         with torch.no_grad():
             assert rows[key].accuracy == pytest.approx(float((model(x).argmax(-1) == y).float().mean())), key
-        assert rows[key].latency.batch == 1 and rows[key].latency.p50_ms > 0  # timed in the same run
+        assert_latency_stats(rows[key].latency.to_dict(), batch=1, rounds=2)  # timed in the same run
     best = max(result.sweep.rows, key=lambda r: (r.accuracy, -r.latency.p50_ms))
     assert result.sweep.pick["key"] == best.key  # the budget picks across methods
     assert export_command(rows["tome-r8"], ExportSpec("digits_vit")) == "colln-export digits_vit --tome 8"
     assert export_command(rows["colln-n4-keep0.5-L1.3-merge"], ExportSpec("digits_vit")).endswith("--merge")
     md = (tmp_path / "ev" / "results.md").read_text()
     assert "| Col-Ln + merge |" in md and "## ToMe at every block" in md and "r=12" in md
-    assert (tmp_path / "ev" / "accuracy_vs_latency.png").stat().st_size > 0
+    drawn_png(tmp_path / "ev" / "accuracy_vs_latency.png", PARETO_SIZE)
 
 
 def test_eval_refuses_an_unknown_method(tmp_path: Path, capsys) -> None:
@@ -233,4 +235,5 @@ def test_eval_under_torchrun_gives_the_accuracies_of_one_process(tmp_path: Path)
     for key in ("accuracy", "agreement"):
         assert [row[key] for row in results[0]["rows"]] == [row[key] for row in results[1]["rows"]]
         assert results[0]["baseline"][key] == results[1]["baseline"][key]
-    assert all(row["latency"]["p50_ms"] > 0 for row in results[1]["rows"])
+    for row in results[1]["rows"]:
+        assert_latency_stats(row["latency"], batch=1, rounds=2)

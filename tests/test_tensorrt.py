@@ -28,7 +28,9 @@ from colln.export.tensorrt import (
     ENGINE_META_FILE,
     FAILED_LOG_FILE,
     build_engine,
+    engine_runner,
     gpu_info,
+    polygraphy_trt,
     trt_module,
 )
 from colln.infer import runners
@@ -94,10 +96,10 @@ def _network(
     onnx_path: Path,
 ):
     """The TensorRT network of ``onnx_path``, parsed by polygraphy (strongly typed)."""
-    trt_module()  # first, as colln does: it points polygraphy's TensorRT backend at TensorRT-RTX
-    from polygraphy.backend.trt import NetworkFromOnnxPath
+    with polygraphy_trt():  # as colln does: polygraphy's TensorRT backend pointed at TensorRT-RTX
+        from polygraphy.backend.trt import NetworkFromOnnxPath
 
-    return NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
+        return NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
 
 
 def test_falls_back_to_tensorrt_rtx_without_tensorrt():
@@ -110,8 +112,35 @@ def test_falls_back_to_tensorrt_rtx_without_tensorrt():
         pytest.skip("full TensorRT is installed, so it is the one used")
     from polygraphy import config
 
-    assert trt_module().name == "tensorrt_rtx"
-    assert config.USE_TENSORRT_RTX
+    before = config.USE_TENSORRT_RTX
+    assert trt_module().name == "tensorrt_rtx" and before == config.USE_TENSORRT_RTX
+    with polygraphy_trt() as flavour:
+        assert flavour.name == "tensorrt_rtx" and config.USE_TENSORRT_RTX
+    assert before == config.USE_TENSORRT_RTX  # on only while colln uses it
+
+
+def test_engine_runner_points_polygraphy_at_tensorrt_rtx_only_inside_its_calls(tmp_path, monkeypatch):
+    """polygraphy's runner reads its switch in activate, infer and deactivate (which API a TensorRT
+    version has): each call sees it on, the caller sees it as it was (runs without a GPU: the
+    runner's own calls are replaced by probes of the switch)."""
+    if trt_module().name != "tensorrt_rtx":
+        pytest.skip("the switch is TensorRT-RTX's; full TensorRT is in use")
+    from polygraphy import config
+
+    before = config.USE_TENSORRT_RTX
+    runner = engine_runner(tmp_path / ENGINE_FILE, "probe", trt_module())
+    from polygraphy.backend.trt import TrtRunner
+
+    seen = []
+    for name in ("activate_impl", "deactivate_impl"):
+        monkeypatch.setattr(TrtRunner, name, lambda self, name=name: seen.append((name, config.USE_TENSORRT_RTX)))
+    monkeypatch.setattr(TrtRunner, "infer_impl", lambda self, feed, **kw: seen.append(("infer_impl", config.USE_TENSORRT_RTX)))
+    runner.activate_impl()
+    assert before == config.USE_TENSORRT_RTX
+    runner.infer_impl({}, copy_outputs_to_host=True)
+    runner.deactivate_impl()
+    assert seen == [("activate_impl", True), ("infer_impl", True), ("deactivate_impl", True)]
+    assert before == config.USE_TENSORRT_RTX
 
 
 def test_pruned_graph_parses_with_static_token_counts(fp32_export):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from merge_reference import clear_images, export_error, graph_ops, plain_forward, plain_tome, tensorrt_builds
+from merge_reference import clear_images, digits_variant, export_error, graph_ops, plain_forward, plain_tome, tensorrt_builds
 
 import colln
 from colln.app.export_cli import main as export_main
@@ -19,32 +19,63 @@ from colln.models import ops
 from colln.models.plan import KeepPlan
 
 
-@pytest.mark.parametrize("r", [1, 5, 12])
-def test_bipartite_merge_matches_the_plain_loop(r: int) -> None:
+@pytest.mark.parametrize("num_prefix", [0, 1, 2, 3])
+@pytest.mark.parametrize("r", [1, 5, 13])
+def test_bipartite_merge_matches_the_plain_loop(r: int, num_prefix: int) -> None:
+    """num_prefix 0: unmerged A tokens in similarity order; 1 ([CLS]): the official layout; 2, 3
+    (distillation or register tokens): colln's rule, every prefix token protected and in front."""
     torch.manual_seed(r)
-    x, metric = torch.randn(3, 26, 8), torch.randn(3, 26, 5)
-    sizes = torch.randint(1, 4, (3, 26)).float()
-    tokens, out_sizes, merged, _ = ops.bipartite_merge(x, metric, sizes, r, num_prefix=1)
-    assert tokens.shape == (3, 26 - r, 8) and merged.shape == (3, r)
+    n = 26 + num_prefix
+    r = min(r, (n - num_prefix) // 2)
+    x, metric = torch.randn(3, n, 8), torch.randn(3, n, 5)
+    sizes = torch.randint(1, 4, (3, n)).float()
+    tokens, out_sizes, merged, order = ops.bipartite_merge(x, metric, sizes, r, num_prefix=num_prefix)
+    assert tokens.shape == (3, n - r, 8) and merged.shape == (3, r) and order.shape == (3, n - r - num_prefix)
     for b in range(3):
-        want, want_sizes = plain_tome(x[b], metric[b], sizes[b], r, 1)
+        want, want_sizes, want_order = plain_tome(x[b], metric[b], sizes[b], r, num_prefix)
         torch.testing.assert_close(tokens[b], want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out_sizes[b], want_sizes)
+        assert order[b].tolist() == want_order
     # Sizes are conserved: every patch is still counted once.
     torch.testing.assert_close(out_sizes.sum(-1), sizes.sum(-1))
 
 
+def test_bipartite_merge_alternates_the_sets_over_the_whole_sequence() -> None:
+    """The official partition by hand: [CLS] c0 c1 c2 c3 splits into A = [CLS], c1, c3 and B = c0, c2
+    (the first patch in B). c3 equals c0, so r = 1 merges c3 into c0: [CLS], c1, (c0 + c3) / 2, c2."""
+    metric = torch.tensor([[[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [0, 1, 0]]])
+    x = torch.arange(5.0).reshape(1, 5, 1)
+    tokens, sizes, merged, order = ops.bipartite_merge(x, metric, torch.ones(1, 5), 1, num_prefix=1)
+    assert tokens.flatten().tolist() == [0.0, 2.0, 2.5, 3.0] and sizes.tolist() == [[1.0, 1.0, 2.0, 1.0]]
+    # merged indexes the A candidates (c1, c3); order the candidates each output continues.
+    assert merged.tolist() == [[1]] and order.tolist() == [[1, 0, 2]]
+
+
 @pytest.mark.parametrize("prop_attn", [True, False])
 def test_tome_model_matches_a_plain_per_image_forward(trained_digits_vit, digits_test_images, prop_attn: bool) -> None:
-    merged = colln.tome(trained_digits_vit, 8, prop_attn=prop_attn)
+    _check_against_plain_forward(trained_digits_vit, digits_test_images, prop_attn=prop_attn)
+
+
+@pytest.mark.parametrize(("class_token", "reg_tokens"), [(False, 0), (True, 2)])
+def test_tome_model_without_prefix_or_with_registers_matches_the_plain_forward(
+    trained_digits_vit, digits_test_images, class_token: bool, reg_tokens: int
+) -> None:
+    """No prefix (unmerged A tokens in similarity order) and [CLS] + 2 registers (all protected, in front)."""
+    model = digits_variant(trained_digits_vit, class_token=class_token, reg_tokens=reg_tokens)
+    assert model.num_prefix_tokens == int(class_token) + reg_tokens
+    _check_against_plain_forward(model, digits_test_images[:12], prop_attn=True)
+
+
+def _check_against_plain_forward(model, images, prop_attn: bool) -> None:
+    merged = colln.tome(model, 8, prop_attn=prop_attn)
     plan = colln.get_plan(merged)
     with torch.no_grad(), colln.record_selections(merged) as selections:
-        logits = merged(digits_test_images)
-    clear = clear_images(selections, len(digits_test_images))
-    assert clear.sum() >= 12
+        logits = merged(images)
+    clear = clear_images(selections, len(images))
+    assert clear.sum() >= len(images) // 3
     r = dict(zip(plan.layers, plan.merge_counts))
     for b in np.flatnonzero(clear):
-        want = plain_forward(trained_digits_vit, digits_test_images[b], tome=r, prop_attn=prop_attn)
+        want = plain_forward(model, images[b], tome=r, prop_attn=prop_attn)
         torch.testing.assert_close(logits[b], want, atol=2e-4, rtol=1e-4)
 
 

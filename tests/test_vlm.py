@@ -314,7 +314,7 @@ def test_serve_returns_tokens_and_indices(tokens_export: Path, tmp_path: Path) -
 
 def test_tensorrt_parses_and_builds_the_tokens_graph(tokens_export: Path, tmp_path: Path) -> None:
     pytest.importorskip("polygraphy")
-    from colln.export.tensorrt import ENGINE_FILE, ENGINE_META_FILE, build_engine, trt_module
+    from colln.export.tensorrt import ENGINE_FILE, ENGINE_META_FILE, build_engine, polygraphy_trt, trt_module
 
     try:
         flavour = trt_module()
@@ -322,9 +322,10 @@ def test_tensorrt_parses_and_builds_the_tokens_graph(tokens_export: Path, tmp_pa
         pytest.skip("no TensorRT installed")
     import shutil
 
-    from polygraphy.backend.trt import NetworkFromOnnxPath
+    with polygraphy_trt():
+        from polygraphy.backend.trt import NetworkFromOnnxPath
 
-    _, network, _ = NetworkFromOnnxPath(str(tokens_export / "model.onnx"), strongly_typed=True)()
+        _, network, _ = NetworkFromOnnxPath(str(tokens_export / "model.onnx"), strongly_typed=True)()
     outputs = [network.get_output(i) for i in range(network.num_outputs)]
     # Static token counts: K = 32 after the TopKs (inner k = 45, final 32, its spatial sort 32).
     assert [(t.name, tuple(t.shape)) for t in outputs] == [("tokens", (-1, 32, 64)), ("indices", (-1, 32))]

@@ -6,9 +6,11 @@ fp32, or the fp16 graph of ``--precision fp16``; TensorRT 11 has no weak typing)
 built it, for which GPU, precision, profile, keep plan) and ``model.plan.log`` (the builder log).
 
 Full TensorRT is used when importable; otherwise TensorRT-RTX, whose builder runs without a GPU.
-Which one polygraphy drives is fixed when its TensorRT backend is first imported: ``trt_module``
-(which every use of that backend calls first) points polygraphy at TensorRT-RTX then, when that is
-the only one installed and POLYGRAPHY_USE_TENSORRT_RTX does not say otherwise.
+polygraphy drives the one its ``config.USE_TENSORRT_RTX`` names, read when its TensorRT backend is
+imported and again in its loaders and runners: ``polygraphy_trt`` (around every use of that
+backend, and inside each call of :func:`engine_runner`'s runner) turns it on while colln uses
+TensorRT-RTX, when that is the only one installed and POLYGRAPHY_USE_TENSORRT_RTX does not say
+otherwise, and back off after: a caller's own polygraphy keeps its choice.
 
 Running an engine (and refusing a foreign one) is the runtime's job: ``colln.infer.runners``.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import importlib
 import importlib.util
 import json
@@ -30,10 +33,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from colln.errors import BackendUnavailableError, EngineError, ExportDirError, UsageError
 from colln.export.spec import INPUT_NAME, ONNX_FILE, file_sha256
 from colln.files import atomic_write, check_writable_dir, path_problem
+
+if TYPE_CHECKING:
+    from polygraphy.backend.base import BaseRunner
 
 # The serialized TensorRT engine: TensorRT calls it a plan, colln keeps that word for the KeepPlan
 # (the file names stay TensorRT's).
@@ -59,47 +66,116 @@ class TrtFlavour:
 
 
 def trt_module() -> TrtFlavour:
-    """The TensorRT flavour in use (``tensorrt`` when importable, else ``tensorrt_rtx``). Call it
-    before importing ``polygraphy.backend.trt``."""
+    """The TensorRT flavour in use (``tensorrt`` when importable, else ``tensorrt_rtx``); polygraphy's
+    switch is left as it was (use :func:`polygraphy_trt` around polygraphy's TensorRT backend)."""
+    with polygraphy_trt() as flavour:
+        return flavour
+
+
+@contextlib.contextmanager
+def polygraphy_trt() -> Iterator[TrtFlavour]:
+    """polygraphy pointed at the TensorRT flavour in use while the block runs (import and call
+    ``polygraphy.backend.trt`` inside it); its switch as it was after, so a caller's own polygraphy
+    keeps its choice."""
     from polygraphy import config
 
-    _prefer_tensorrt_rtx(config)
-    name = "tensorrt_rtx" if config.USE_TENSORRT_RTX else "tensorrt"
-    try:
-        module = importlib.import_module(name)
-    except (ImportError, OSError) as exc:
-        if name == "tensorrt" and importlib.util.find_spec("tensorrt_rtx") is not None:
-            # Something imported polygraphy's TensorRT backend for full TensorRT before colln could choose.
-            raise BackendUnavailableError(
-                "polygraphy's TensorRT backend was imported for full TensorRT, which is not installed: "
-                "set POLYGRAPHY_USE_TENSORRT_RTX=1 to use TensorRT-RTX"
-            ) from exc
-        raise BackendUnavailableError(f"TensorRT is not installed ({name} cannot be imported): {INSTALL_HINT}") from exc
-    return TrtFlavour(name=name, version=module.__version__, module=module)
+    rtx = config.USE_TENSORRT_RTX or _prefer_tensorrt_rtx()
+    with _polygraphy_switch(rtx):
+        name = "tensorrt_rtx" if rtx else "tensorrt"
+        try:
+            module = importlib.import_module(name)
+        except (ImportError, OSError) as exc:
+            if name == "tensorrt" and importlib.util.find_spec("tensorrt_rtx") is not None:
+                # Something imported polygraphy's TensorRT backend for full TensorRT before colln could choose.
+                raise BackendUnavailableError(
+                    "polygraphy's TensorRT backend was imported for full TensorRT, which is not installed: "
+                    "set POLYGRAPHY_USE_TENSORRT_RTX=1 to use TensorRT-RTX"
+                ) from exc
+            raise BackendUnavailableError(f"TensorRT is not installed ({name} cannot be imported): {INSTALL_HINT}") from exc
+        yield TrtFlavour(name=name, version=module.__version__, module=module)
 
 
-def _prefer_tensorrt_rtx(
-    config: ModuleType,
-) -> None:
-    """Point polygraphy at TensorRT-RTX when that is the only TensorRT installed and neither the
+def _prefer_tensorrt_rtx() -> bool:
+    """Whether to point polygraphy at TensorRT-RTX: it is the only TensorRT installed and neither the
     environment (POLYGRAPHY_USE_TENSORRT_RTX) nor an earlier import of polygraphy's TensorRT backend
-    has chosen. polygraphy's own switch is set, not the environment, here at the point of use."""
-    if (
-        config.USE_TENSORRT_RTX
-        or "POLYGRAPHY_USE_TENSORRT_RTX" in os.environ
-        or "polygraphy.backend.trt" in sys.modules
-        or importlib.util.find_spec("tensorrt") is not None
-        or importlib.util.find_spec("tensorrt_rtx") is None
-    ):
-        return
-    config.USE_TENSORRT_RTX = True
-    datatypes = sys.modules.get("polygraphy.datatype.tensorrt")
-    if datatypes is not None:
-        # polygraphy's dtype conversions (imported by every polygraphy runner) bound the TensorRT
-        # module when they were imported, before the switch: rebind it, or no TensorRT-RTX dtype converts.
-        from polygraphy.mod.trt_importer import lazy_import_trt
+    for full TensorRT has chosen."""
+    loader = sys.modules.get("polygraphy.backend.trt.loader")
+    return not (
+        "POLYGRAPHY_USE_TENSORRT_RTX" in os.environ
+        or (loader is not None and not loader.trt.is_installed())  # bound to the absent full TensorRT
+        or not _only_tensorrt_rtx_installed()
+    )
 
-        datatypes.trt = lazy_import_trt()
+
+@functools.cache
+def _only_tensorrt_rtx_installed() -> bool:
+    return importlib.util.find_spec("tensorrt") is None and importlib.util.find_spec("tensorrt_rtx") is not None
+
+
+@functools.cache
+def _tensorrt_rtx_lazy_module() -> ModuleType:
+    """polygraphy's lazy TensorRT-RTX module (made once: it logs the module when first resolved)."""
+    from polygraphy import config
+    from polygraphy.mod.trt_importer import lazy_import_trt
+
+    saved, config.USE_TENSORRT_RTX = config.USE_TENSORRT_RTX, True
+    try:
+        return lazy_import_trt()
+    finally:
+        config.USE_TENSORRT_RTX = saved
+
+
+@contextlib.contextmanager
+def _polygraphy_switch(
+    rtx: bool,
+) -> Iterator[None]:
+    """polygraphy's TensorRT-RTX switch on for the block when ``rtx``; both it and the TensorRT
+    module of polygraphy's dtype conversions as they were after."""
+    from polygraphy import config
+
+    if not rtx or config.USE_TENSORRT_RTX:
+        yield
+        return
+    # polygraphy's dtype conversions (imported by every polygraphy runner) bound the TensorRT module
+    # when they were imported, before the switch: rebind it, or no TensorRT-RTX dtype converts.
+    datatypes = sys.modules.get("polygraphy.datatype.tensorrt")
+    saved = datatypes.trt if datatypes is not None else None
+    config.USE_TENSORRT_RTX = True
+    if datatypes is not None:
+        datatypes.trt = _tensorrt_rtx_lazy_module()
+    try:
+        yield
+    finally:
+        config.USE_TENSORRT_RTX = False
+        if datatypes is not None:
+            datatypes.trt = saved
+
+
+def engine_runner(
+    engine_path: Path,
+    name: str,
+    flavour: TrtFlavour,
+) -> BaseRunner:
+    """polygraphy's ``TrtRunner`` over a serialized engine, each of its calls (activate, infer,
+    deactivate) made with polygraphy's switch pointed at ``flavour``, which polygraphy reads there."""
+    rtx = flavour.name == "tensorrt_rtx"
+    with _polygraphy_switch(rtx):
+        from polygraphy.backend.trt import EngineFromPath, TrtRunner
+
+    class ScopedTrtRunner(TrtRunner):
+        def activate_impl(self) -> None:
+            with _polygraphy_switch(rtx):
+                super().activate_impl()
+
+        def infer_impl(self, feed_dict: dict, *args: Any, **kwargs: Any) -> dict:
+            with _polygraphy_switch(rtx):
+                return super().infer_impl(feed_dict, *args, **kwargs)
+
+        def deactivate_impl(self) -> None:
+            with _polygraphy_switch(rtx):
+                super().deactivate_impl()
+
+    return ScopedTrtRunner(EngineFromPath(str(engine_path)), name=name)
 
 
 def gpu_info() -> dict | None:
@@ -197,7 +273,7 @@ def build_engine(
     log_tmp = export_dir / f".{ENGINE_LOG_FILE}.tmp-{os.getpid()}"
     start = time.perf_counter()
     try:
-        with _polygraphy_log(log_tmp):
+        with _polygraphy_log(log_tmp), polygraphy_trt():
             engine_bytes, network_io, input_shape = _build(flavour, gpu, onnx_path, (batch_min, batch_opt, batch_max), cache)
     except PolygraphyException as exc:
         failed_log = export_dir / FAILED_LOG_FILE

@@ -29,7 +29,15 @@ from torch import nn
 from colln.errors import BackendUnavailableError, EngineError, UsageError
 from colln.export.artifact import ORT_SESSION_OPTIONS, ort_artifact, read_export
 from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, file_sha256, output_names
-from colln.export.tensorrt import ENGINE_FILE, LABELS, TrtFlavour, gpu_info, read_engine_metadata, trt_module
+from colln.export.tensorrt import (
+    ENGINE_FILE,
+    LABELS,
+    TrtFlavour,
+    engine_runner,
+    gpu_info,
+    read_engine_metadata,
+    trt_module,
+)
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 
@@ -377,9 +385,7 @@ def tensorrt_runner(
             f"model.plan was built from another {ONNX_FILE} than the one in {export_dir}: run colln-build {export_dir}"
         )
     check_engine(meta, flavour, gpu_info())
-    from polygraphy.backend.trt import EngineFromPath, TrtRunner
-
-    return TrtRunner(EngineFromPath(str(export_dir / ENGINE_FILE)), name=f"tensorrt-{meta['precision']}")
+    return engine_runner(export_dir / ENGINE_FILE, f"tensorrt-{meta['precision']}", flavour)
 
 
 def open_runner(

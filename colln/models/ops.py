@@ -333,16 +333,29 @@ def head_mean_keys(
     return keys.reshape(b, n, num_heads, -1).mean(dim=2)
 
 
+def _bipartite_sets(
+    num_prefix: int,
+) -> tuple[int, int]:
+    """Where ToMe's sets A and B start among the candidates (``x[:, num_prefix:]``) when the
+    whole sequence, prefix included, alternates A, B, A, ... from token 0 (the official
+    ``bipartite_soft_matching``): after an odd prefix ([CLS]) the first candidate is in B. Prefix
+    tokens are in the sets but protected (never a source or a destination), so only the candidates'
+    share of each set is matched: A = candidates ``a0, a0 + 2, ...``, B = ``b0, b0 + 2, ...``."""
+    a0 = num_prefix % 2
+    return a0, 1 - a0
+
+
 def bipartite_edges(
     metric: torch.Tensor,
     num_prefix: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ToMe's bipartite graph over the candidates: set A = candidates 0, 2, 4, ..., set B = 1, 3, ...
-    (prefix tokens are outside both and never merge). Returns, per A token, the cosine similarity of
-    its best edge ``[B, N_a]``, that edge's B token ``[B, N_a]``, and the gap to its second best
-    edge ``[B, N_a]`` (``inf`` with a single B token; for the tie rule)."""
+    """ToMe's bipartite graph (see :func:`_bipartite_sets`) between the candidates of set A and of
+    set B. Returns, per A candidate in sequence order, the cosine similarity of its best edge
+    ``[B, N_a]``, that edge's B candidate ``[B, N_a]`` (index into the B candidates), and the gap to
+    its second best edge ``[B, N_a]`` (``inf`` with a single B candidate; for the tie rule)."""
+    a0, b0 = _bipartite_sets(num_prefix)
     unit = torch.nn.functional.normalize(metric[:, num_prefix:], dim=-1)
-    sim = unit[:, 0::2] @ unit[:, 1::2].transpose(1, 2)  # [B, N_a, N_b]
+    sim = unit[:, a0::2] @ unit[:, b0::2].transpose(1, 2)  # [B, N_a, N_b]
     best, dst = sim.max(dim=-1)
     if sim.shape[-1] < 2:
         return best, dst, torch.full_like(best, float("inf"))
@@ -356,37 +369,44 @@ def bipartite_merge(
     sizes: torch.Tensor,
     r: int,
     num_prefix: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ToMe's bipartite soft matching (Bolya et al. 2023): the ``r`` A tokens whose best edges (see
-    :func:`bipartite_edges`) are the most similar merge into their B tokens; every merged token is
-    the size-weighted mean of what it absorbed. ``x`` [B, N, C], ``metric`` [B, N, D] (head-mean
-    keys), ``sizes`` [B, N] patches per token; ``0 < r <= N_a`` with ``N_a`` the A tokens.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite soft matching (Bolya et al. 2023, the official ``bipartite_soft_matching``):
+    the ``r`` A candidates whose best edges (see :func:`bipartite_edges`) are the most similar merge
+    into their B candidates; every merged token is the size-weighted mean of what it absorbed.
+    ``x`` [B, N, C], ``metric`` [B, N, D] (head-mean keys), ``sizes`` [B, N] patches per token;
+    ``0 < r <= N_a`` with ``N_a`` the A candidates (the official clamp, ``(N - num_prefix) // 2``,
+    never exceeds it).
 
-    Returns ``(tokens [B, N - r, C], sizes [B, N - r], merged [B, r], order [B, N - r - prefix])``:
-    ``order`` is the input candidate each output candidate continues; tokens are the prefix,
-    the unmerged A tokens in their order, then every B token in its order (ToMe's layout);
-    ``merged`` indexes the A tokens that merged. Edges ranked by a TopK of constant K, the merge a
-    0/1 assignment matrix and MatMuls: static shapes, no Scatter.
+    Returns ``(tokens [B, N - r, C], sizes [B, N - r], merged [B, r], order [B, N - r - num_prefix])``.
+    Tokens are the prefix (protected, in front in its order), the unmerged A candidates, then every
+    B candidate in its order (ToMe's layout). The unmerged A candidates come in sequence order when
+    there is a prefix (the official code sorts them so [CLS] stays first) and by best-edge
+    similarity, descending, without one (the official order; it decides the next block's sets).
+    ``merged`` indexes the A candidates that merged, ``order`` the candidate (``x[:, num_prefix:]``)
+    each output candidate continues (a B candidate continues itself, merged or not). Edges ranked by
+    a TopK of constant K, the merge a 0/1 assignment matrix and MatMuls: static shapes, no Scatter.
     """
     p = num_prefix
+    a0, b0 = _bipartite_sets(p)
     best, dst, _ = bipartite_edges(metric, p)
     n_a, n_b = best.shape[-1], x.shape[1] - p - best.shape[-1]
     ranked = torch.topk(best, n_a, dim=-1).indices
-    src = ranked[:, :r]
-    # The unmerged A tokens back in their order: a TopK (constant K) of their indices, not a Sort.
-    unmerged = torch.topk(ranked[:, r:], n_a - r, dim=-1, largest=False).values if r < n_a else ranked[:, :0]
-    merged_a = one_hot(src, n_a).sum(dim=1)  # [B, N_a]: 1 where an A token merges
+    src, unmerged = ranked[:, :r], ranked[:, r:]
+    if p and r < n_a:
+        # Back in sequence order: a TopK (constant K) of their indices, not a Sort.
+        unmerged = torch.topk(unmerged, n_a - r, dim=-1, largest=False).values
+    merged_a = one_hot(src, n_a).sum(dim=1)  # [B, N_a]: 1 where an A candidate merges
     into_b = one_hot(dst, n_b).transpose(1, 2) * merged_a.unsqueeze(1)  # [B, N_b, N_a]
     cand, size = x[:, p:], sizes[:, p:]
-    a, b = cand[:, 0::2], cand[:, 1::2]
-    size_a, size_b = size[:, 0::2], size[:, 1::2]
-    # B rows: each B token plus the A tokens it absorbs, over the concatenation [A, B].
+    a, b = cand[:, a0::2], cand[:, b0::2]
+    size_a, size_b = size[:, a0::2], size[:, b0::2]
+    # B rows: each B candidate plus the A candidates it absorbs, over the concatenation [A, B].
     itself = torch.eye(n_b, dtype=into_b.dtype, device=x.device).expand(x.shape[0], n_b, n_b)
     size_ab = torch.cat([size_a, size_b], dim=1)
     merged_b, size_out_b = _weighted_mean(
         torch.cat([into_b, itself], dim=-1).to(x.dtype), torch.cat([a, b], dim=1), size_ab, size_ab
     )
     tokens = torch.cat([x[:, :p], gather_tokens(a, unmerged, 0), merged_b], dim=1)
-    # Each output candidate continues an input candidate: A token u was candidate 2u, B token j 2j+1.
-    order = torch.cat([2 * unmerged, 2 * torch.arange(n_b, device=x.device).expand(x.shape[0], n_b) + 1], dim=1)
+    b_order = (b0 + 2 * torch.arange(n_b, device=x.device)).expand(x.shape[0], n_b)
+    order = torch.cat([a0 + 2 * unmerged, b_order], dim=1)
     return tokens, torch.cat([sizes[:, :p], size_a.gather(-1, unmerged), size_out_b], dim=1), src, order

@@ -73,8 +73,9 @@ class TokenState:
 class Selection:
     """What one pruning block chose for a batch: candidate indices ``[B, k]``, scores ``[B, N_cand]``.
 
-    A ToMe block records the A tokens it merged as ``indices`` ``[B, r]`` and every A token's best
-    edge similarity as ``scores``. Merging blocks also record ``merge_margin`` ``[B]``: the smallest
+    A ToMe block records the A candidates it merged as ``indices`` ``[B, r]`` (into the non-prefix
+    tokens of set A, see :func:`ops.bipartite_edges`) and every A candidate's best edge similarity
+    as ``scores``. Merging blocks also record ``merge_margin`` ``[B]``: the smallest
     gap between a merged token's most similar destination and the next (see :func:`ops.merge_margin`)."""
 
     layer: int

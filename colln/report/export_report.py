@@ -46,7 +46,7 @@ report.json schema (``schema: 1``); ``null`` where a step was skipped::
         "accuracy": {"source", "images", "accuracy": null | {"<variant>": float},
                      "top1_agreement": {"<variant>": float}}},                        # with unpruned fp32
       "versions": {"python", "colln", "torch", "timm", "onnx", "onnxruntime", ...},
-      "environment": {"machine", "cpu", "cpus", "platform", "loadavg": [1, 5, 15 min]}
+      "environment": {"machine", "cpu", "cpu_flags": null | {"<flag>": bool}, "cpus", "platform", "loadavg": [1, 5, 15 min]}
     }
 
 LatencyStats is ``{"batch", "rounds", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "images_per_s"}``.
@@ -125,7 +125,10 @@ def build_report(
         "latency": latency,
         "stack": stack,
         "versions": env.pop("versions"),
-        "environment": {**{k: env[k] for k in ("machine", "cpu", "cpus", "platform")}, "loadavg": env["loadavg_after"]},
+        "environment": {
+            **{k: env[k] for k in ("machine", "cpu", "cpu_flags", "cpus", "platform")},
+            "loadavg": env["loadavg_after"],
+        },
     }
 
 

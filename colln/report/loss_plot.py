@@ -1,5 +1,5 @@
 """``loss.png``: training loss and validation accuracy per epoch, of one fine-tuning run or of
-several side by side (matplotlib, Agg; written atomically)."""
+several side by side (a matplotlib Figure on the Agg canvas; written atomically)."""
 
 from __future__ import annotations
 
@@ -25,13 +25,15 @@ def plot_panels(
     """Panels side by side (``title -> {label -> finetune.json record}``): training loss (solid, left
     axis) and validation top-1 (dashed, right axis, epoch 0 = before fine-tuning), per epoch. A
     label keeps its colour across panels."""
+    # A Figure on its own Agg canvas: no pyplot, so the caller's backend and figure list are untouched.
     import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.2), dpi=90, squeeze=False)
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(5.6 * len(panels), 4.2), dpi=90)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     colors: dict[str, str] = {}
     for loss_ax, (title, runs) in zip(axes[0], panels.items()):
         acc_ax = loss_ax.twinx()
@@ -65,5 +67,4 @@ def plot_panels(
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     atomic_write(path, buf.getvalue())

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from colln.infer.environment import describe_cpu_flags
 from colln.infer.timing import Timing
 from colln.measure.sweep import METRIC_LABELS, Sweep
 
@@ -176,6 +177,8 @@ def report_markdown(
             )
     if report.get("stack"):
         lines += ["", *stack_markdown(report["stack"])]
+    env = report["environment"]
+    lines += ["", f"Machine: {env['machine']} ({env['cpu']}, {describe_cpu_flags(env.get('cpu_flags'))}, {env['cpus']} cpus)"]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
 
@@ -299,7 +302,8 @@ def print_bench(
     console.print(
         f"{report['backend']} on {report['device']}, {Timing.from_dict(report).describe()} "
         f"(rounds timed: {rounds}), interleaved | "
-        f"machine {env['machine']} ({env['cpu']}, {env['cpus']} cpus, load {load}) | {versions}",
+        f"machine {env['machine']} ({env['cpu']}, {describe_cpu_flags(env.get('cpu_flags'))}, {env['cpus']} cpus, "
+        f"load {load}) | {versions}",
         highlight=False,
     )
 

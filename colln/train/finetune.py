@@ -243,6 +243,69 @@ def weights_sha256(
     return digest.hexdigest()
 
 
+class _RunRandom:
+    """The random state of one rank's fine-tuning epoch (torch's, Python's and, on CUDA, the GPU's
+    generator: what timm's augmentations, dropout and drop path draw from), swapped in only while
+    the run draws, so the caller's global generators are left as they were."""
+
+    def __init__(
+        self,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        # The states torch.manual_seed / random.seed would give, without touching the global generators.
+        self.torch = torch.Generator().manual_seed(seed).get_state()
+        self.python = random.Random(seed).getstate()
+        self.device = device
+        self.cuda = torch.Generator(device=device).manual_seed(seed).get_state() if device.type == "cuda" else None
+
+    @classmethod
+    def restored(
+        cls,
+        saved: dict,
+        device: torch.device,
+    ) -> _RunRandom:
+        """The state a mid-epoch checkpoint saved (the GPU's generator is not saved: seeded afresh)."""
+        run = cls(0, device)
+        run.torch, run.python = saved["torch"], saved["python"]
+        return run
+
+    def state(self) -> dict:
+        """What a mid-epoch checkpoint keeps."""
+        return {"torch": self.torch, "python": self.python}
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """The run's state in the global generators for the block; the caller's back after it."""
+        cuda = [self.device.index or 0] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=cuda):
+            outer = random.getstate()
+            torch.set_rng_state(self.torch)
+            random.setstate(self.python)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            try:
+                yield
+            finally:
+                self.torch, self.python = torch.get_rng_state(), random.getstate()
+                if self.cuda is not None:
+                    self.cuda = torch.cuda.get_rng_state(self.device)
+                random.setstate(outer)
+
+    def draws(
+        self,
+        loader: DataLoader,
+    ) -> Iterator[Any]:
+        """``loader``'s batches, each fetched (and augmented, in this process) inside :meth:`scope`."""
+        batches = iter(loader)
+        while True:
+            with self.scope():
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+
+
 class _Trainer:
     """The training state of one process and the loop over it."""
 
@@ -335,16 +398,11 @@ class _Trainer:
         r = self.recipe
         # Seeded per epoch and rank: a resumed epoch draws the augmentations an unbroken run would.
         epoch_seed = r.seed * 1_000_003 + epoch * self.ranks.world_size + self.ranks.rank
-        if rng is None:
-            torch.manual_seed(epoch_seed)
-            random.seed(epoch_seed)
-        else:
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
+        run_random = _RunRandom(epoch_seed, self.device) if rng is None else _RunRandom.restored(rng, self.device)
         self.sampler.set_epoch(epoch)
         indices = list(self.sampler)[skip * r.batch_size :]
-        # Its own generator: the loader's seed draw must not move the global state the augmentations
-        # use, or a loader made mid-epoch (on resume) would shift them by one draw.
+        # Its own generator: the loader's seed draw must not move the state the augmentations use,
+        # or a loader made mid-epoch (on resume) would shift them by one draw.
         loader = DataLoader(
             self.train_set,
             batch_size=r.batch_size,
@@ -357,15 +415,16 @@ class _Trainer:
             reporter.start_epoch(epoch, r.epochs, self.steps_per_epoch, skip)
         self.net.train()
         t0 = time.perf_counter() - sums[3]
-        for step, (x, y) in enumerate(loader, start=skip):
-            loss_sum, correct = self._step(x, y, epoch, step)
+        for step, (x, y) in enumerate(run_random.draws(loader), start=skip):
+            with run_random.scope():  # dropout and drop path
+                loss_sum, correct = self._step(x, y, epoch, step)
             sums = [sums[0] + loss_sum, sums[1] + correct, sums[2] + len(y), 0.0]
             if reporter is not None:
                 reporter.step(loss_sum / len(y), correct / len(y), sums[2] * self.ranks.world_size / (time.perf_counter() - t0))
             if any_rank(stop.is_set(), self.ranks):
                 partial = [*all_sum(sums[:3], self.ranks), time.perf_counter() - t0]
                 # Every rank's random state, so that each resumes drawing the augmentations it would have.
-                rngs = gather_to_main({"torch": torch.get_rng_state(), "python": random.getstate()}, self.ranks)
+                rngs = gather_to_main(run_random.state(), self.ranks)
                 self._save(epoch, step + 1, partial, rngs)
                 raise KeyboardInterrupt
         loss_sum, correct, count = all_sum(sums[:3], self.ranks)
@@ -428,7 +487,11 @@ class _Trainer:
         model.eval()
         shard = list(range(self.ranks.rank, len(self.val_set), self.ranks.world_size))
         loss_sum = correct = 0.0
-        for x, y in DataLoader(self.val_set, batch_size=256, sampler=shard, num_workers=self.recipe.workers):
+        # A generator of its own: a loader without one draws its workers' seed from torch's global one.
+        loader = DataLoader(
+            self.val_set, batch_size=256, sampler=shard, num_workers=self.recipe.workers, generator=torch.Generator()
+        )
+        for x, y in loader:
             x, y = x.to(self.device), y.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits = model(x).float()
