@@ -349,7 +349,8 @@ def validate_tokens(
     name = FEATURES_NAME if dense else TOKENS_NAME
     ref = Reference(logits=ref_out[name], unpruned=None, kept=kept, scores=scores, merge_margins=_merge_margins(selections))
     # Inner layers through the graph's TopK outputs; the final selection is the indices output itself.
-    cand_kept = _observed_kept(outs, plan.pruned_layers) if plan.kept_index_layers else None
+    # ToMe's TopKs rank edges, not kept tokens: nothing to observe.
+    cand_kept = None if plan.method == "tome" else _observed_kept(outs, plan.pruned_layers)
     grid = np.tile(np.arange(plan.num_patches), (len(ref.logits), 1))
     cand_ids = grid if dense else outs[INDICES_NAME].astype(np.int64)
     final = {plan.feature_block: cand_ids} if len(layers) > len(plan.pruned_layers) else {}

@@ -1,0 +1,64 @@
+"""Which timm models colln runs: every model of the ViT modules, built on the meta device (no
+weights, milliseconds each), accepted or refused with its one-line reason.
+``python -m colln.models.coverage`` prints the table of docs/reference/models.md."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from colln.errors import CollnError
+
+# The timm modules of global-attention ViT backbones (the VLM towers are listed separately).
+BACKBONE_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "eva", "naflexvit")
+TOWER_MODULES = ("qwen3_vit", "gemma4_vit", "deepseek_vit")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    module: str
+    model: str
+    accepted: bool
+    reason: str = ""
+
+
+def verdicts(
+    modules: tuple[str, ...] = BACKBONE_MODULES,
+) -> Iterator[Verdict]:
+    """Each model of ``modules`` with keep 0.7 at its quarter-depth blocks (EViT's 3, 6, 9 of 12).
+    A model colln cannot build a plan for is refused with its reason; anything else raised is a
+    bug and propagates."""
+    import timm
+    import torch
+
+    from colln.models.rewrite import plan_for
+
+    for module in modules:
+        for name in timm.list_models(module=module):
+            with torch.device("meta"):
+                model = timm.create_model(name)
+            try:
+                plan_for(model, keep=0.7)
+            except CollnError as exc:
+                yield Verdict(module, name, False, str(exc))
+            else:
+                yield Verdict(module, name, True)
+
+
+def markdown(
+    found: list[Verdict],
+) -> str:
+    """The coverage table (module, models, accepted) and the refused models with their reasons."""
+    lines = ["| timm module | models | accepted |", "|---|---|---|"]
+    for module in dict.fromkeys(v.module for v in found):
+        mine = [v for v in found if v.module == module]
+        lines.append(f"| {module} | {len(mine)} | {sum(v.accepted for v in mine)} |")
+    refused = [v for v in found if not v.accepted]
+    if refused:
+        lines += ["", "| refused model | why |", "|---|---|"]
+        lines += [f"| `{v.model}` | {v.reason} |" for v in refused]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown(list(verdicts(BACKBONE_MODULES + TOWER_MODULES))))
