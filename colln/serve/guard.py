@@ -476,3 +476,17 @@ def _forwardable(
 ) -> tuple:
     """Client metadata worth passing on (gRPC's own pseudo-headers are not)."""
     return tuple((k, v) for k, v in context.invocation_metadata() or () if not k.startswith(":") and k != "user-agent")
+
+
+def probe_request(
+    limits: ModelLimits,
+) -> tuple[bytes, dict[str, str]]:
+    """A binary-tensor infer request of zeros, batch 1, for every input of the model."""
+    inputs, data = [], b""
+    for name, (datatype, dims) in limits.inputs.items():
+        shape = [1, *dims] if limits.max_batch else list(dims)
+        size = int(np.prod(shape)) * DTYPE_BYTES[datatype]
+        inputs.append({"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": size}})
+        data += bytes(size)
+    header = json.dumps({"inputs": inputs}).encode()
+    return header + data, {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
