@@ -86,7 +86,7 @@ import json, sys
 import colln
 import colln.serve.health
 code = colln.serve.health.main([sys.argv[1]])
-heavy = sorted(m for m in ("torch", "onnx", "onnxruntime", "timm", "openvino", "tensorrt") if m in sys.modules)
+heavy = [m for m in ("torch", "onnx", "onnxruntime", "timm", "openvino", "tensorrt", "numpy", "aiohttp") if m in sys.modules]
 from colln import PruneConfig, prune
 print(json.dumps({"code": code, "heavy": heavy, "prune": prune.__module__, "config": PruneConfig.__module__,
                   "all": colln.__all__, "dir": dir(colln)}))
