@@ -14,7 +14,7 @@
 #   NETWORK     host: run with --network host, serving on 127.0.0.1 (for a daemon without a bridge);
 #               default: publish the ports on 127.0.0.1 only
 #   PYTHON      a Python with numpy and onnxruntime (default python3): computes the reference
-# Needs docker and curl. Prints one line per step with its time; exit 0 only if every check passed.
+# Needs docker. Prints one line per step with its time; exit 0 only if every check passed.
 set -eu
 
 image=${IMAGE:-colln-serve-cpu}
