@@ -7,6 +7,10 @@
 # Package indexes are build arguments (pip reads them from the environment of the RUN):
 #   PIP_INDEX_URL        first index; defaults to PyTorch's CPU wheel index (torch without CUDA)
 #   PIP_EXTRA_INDEX_URL  also searched; defaults to PyPI (everything else)
+#   NVIDIA_PIP_INDEX_URL also searched; defaults to NVIDIA's own index, for TensorRT's libraries
+#                        (PyPI's tensorrt, tensorrt-cu12 and tensorrt-cu12-libs are source stubs
+#                        that fetch from NVIDIA's index: here pip searches it itself, and the
+#                        stubs' own nested pip is switched off, so every download is from these three)
 #   e.g. docker build --build-arg PIP_INDEX_URL=<mirror of the CPU torch index> ...
 # No constraints.txt here: it pins CPython 3.11 wheels (onnxruntime 1.32, scikit-image 0.26, ...)
 # and this image's Python is 3.10, so pip resolves the pyproject ranges for it.
@@ -15,10 +19,13 @@ FROM nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3
 
 ARG PIP_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_EXTRA_INDEX_URL=https://pypi.org/simple
+ARG NVIDIA_PIP_INDEX_URL=https://pypi.nvidia.com
 ARG TENSORRT_VERSION=10.5.0
 ARG MODEL=digits_vit
 ARG KEEP=0.7
-ENV COLLN_EXPORT=/opt/colln/export \
+# The served model's name: the export directory's name (default colln-export's own name for it).
+ARG NAME=${MODEL}-colln-keep${KEEP}
+ENV COLLN_EXPORT=/opt/colln/exports/${NAME} \
     COLLN_REPO=/opt/colln/models \
     COLLN_BACKEND=tensorrt \
     COLLN_MAX_BATCH=32 \
@@ -29,7 +36,8 @@ COPY pyproject.toml README.md ./
 COPY colln ./colln
 # CPU PyTorch: torch is only needed to export the ONNX graph here; TensorRT runs the model.
 # The export happens at build time (no GPU needed); the engine build cannot.
-RUN python3 -m pip install --no-cache-dir \
+RUN PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL} ${NVIDIA_PIP_INDEX_URL}" NVIDIA_TENSORRT_DISABLE_INTERNAL_PIP=1 \
+    python3 -m pip install --no-cache-dir \
         "colln[cpu,trt,guard] @ file:///opt/colln/src" "tensorrt==${TENSORRT_VERSION}" \
     && colln-export "${MODEL}" --keep "${KEEP}" --out "${COLLN_EXPORT}"
 

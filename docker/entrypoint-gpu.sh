@@ -3,12 +3,12 @@
 # the TensorRT version and GPU that built them), write the Triton model repository, and serve it
 # with the image's tritonserver behind colln-serve's guard and supervisor.
 # COLLN_BACKEND=onnxruntime serves model.onnx with Triton's onnxruntime backend on the GPU instead (no build).
+# The model is named after the export directory (the image's build arg NAME), as in the CPU image.
 set -eu
-export_dir=${COLLN_EXPORT:-/opt/colln/export}
+export_dir=${COLLN_EXPORT:?the export directory to serve}
 repo=${COLLN_REPO:-/opt/colln/models}
 backend=${COLLN_BACKEND:-tensorrt}
 max_batch=${COLLN_MAX_BATCH:-32}
-name=${COLLN_MODEL_NAME:-colln}
 
 if [ "$backend" = tensorrt ]; then
     # The pip TensorRT that builds the plan must be the libnvinfer that Triton's backend loads.
@@ -38,7 +38,7 @@ device=
 if [ "$backend" = onnxruntime ]; then
     device=cuda
 fi
-colln-triton "$export_dir" "$repo" --backend "$backend" --max-batch "$max_batch" --name "$name" ${device:+--device "$device"}
+colln-triton "$export_dir" "$repo" --backend "$backend" --max-batch "$max_batch" ${device:+--device "$device"}
 # colln-serve in front: its guard checks every request before Triton allocates for it (Triton's own
 # HTTP JSON parsing reserves the declared shape first), its supervisor restarts Triton when it or a
 # probe inference fails. Triton itself listens on private loopback ports only.

@@ -1,5 +1,6 @@
 """The Docker images without a Docker engine: hadolint on both Dockerfiles, and the entrypoint and
-healthcheck scripts run directly on this machine (the way the images run them)."""
+healthcheck scripts run directly on this machine (the way the images run them). A real build and
+run of the CPU image is ``docker/smoke.sh`` (needs a Docker engine; recorded in docs/serving.md)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,32 @@ import tritonclient.http as httpclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from colln.export.artifact import default_out_dir
+from colln.export.spec import ExportSpec
+from colln.export.triton import model_name
+from colln.models.config import PruneConfig
 from serving_helpers import HOST, digit_images, free_ports, launch, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = [ROOT / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"]
 BIN = str(Path(sys.executable).parent)
+
+
+def build_args(
+    text: str,
+) -> dict[str, str]:
+    """A Dockerfile's ARG defaults, each with the ARGs above it substituted (as Docker does)."""
+    args: dict[str, str] = {}
+    for name, value in re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.MULTILINE):
+        args[name] = substitute(value, args)
+    return args
+
+
+def substitute(
+    value: str,
+    args: dict[str, str],
+) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], value)
 
 
 def script_env(
@@ -58,9 +80,7 @@ def test_images_run_as_non_root_with_healthcheck_and_pinned_base(dockerfile: Pat
     users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
     assert users and users[-1] not in ("root", "0"), "the last USER must be an unprivileged one"
     assert re.search(r"^HEALTHCHECK .*CMD \[\"/opt/colln/bin/healthcheck.sh\"\]", text, re.MULTILINE)
-    base = re.search(r"^FROM\s+(\S+)", text, re.MULTILINE).group(1)
-    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.MULTILINE))
-    base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+    base = substitute(re.search(r"^FROM\s+(\S+)", text, re.MULTILINE).group(1), build_args(text))
     assert re.search(r":\d+\.\d+", base) and not base.endswith(":latest"), f"base image {base} is not pinned"
     for source in re.findall(r"^COPY (docker/\S+(?: docker/\S+)*) ", text, re.MULTILINE)[0].split():
         assert os.access(ROOT / source, os.X_OK), f"{source} must be executable"
@@ -76,6 +96,48 @@ def test_package_indexes_are_documented_build_args(dockerfile: Path) -> None:
     assert "index-url" not in text, "pip reads the indexes from the build arguments, not from a flag"
     literal = [line for line in text.splitlines() if re.search(r"https?://", line) and not line.startswith("ARG ")]
     assert literal == [], "URLs only as build-argument defaults"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_images_serve_the_model_the_readme_calls(dockerfile: Path) -> None:
+    """One naming rule for both images: the model is served under the export directory's name,
+    colln-export's default name for MODEL at KEEP, which the README's client example calls."""
+    text = dockerfile.read_text()
+    args = build_args(text)
+    export = Path(substitute(re.search(r"^ENV COLLN_EXPORT=(\S+)", text, re.MULTILINE).group(1), args))
+    assert re.search(r'colln-export "\$\{MODEL\}" --keep "\$\{KEEP\}" --out "\$\{COLLN_EXPORT\}"', text)
+    spec = ExportSpec(args["MODEL"], pruning=PruneConfig(keep=float(args["KEEP"])))
+    assert model_name(export) == export.name == default_out_dir(spec).name
+    readme = (ROOT / "README.md").read_text()
+    example = readme[readme.index("docker run --shm-size=256m") :]
+    assert re.search(r'client\.infer\("([^"]+)"', example).group(1) == export.name
+
+
+def test_gpu_image_installs_tensorrt_from_a_documented_index() -> None:
+    """PyPI's tensorrt, tensorrt-cu12 and tensorrt-cu12-libs are source stubs that download from
+    NVIDIA's index: pip must search that index itself (a documented build argument), with the stubs'
+    own nested pip, which would bypass every build argument, switched off."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^#\s+NVIDIA_PIP_INDEX_URL\s", text, re.MULTILINE)
+    stage = text[text.rindex("\nFROM ") :]
+    assert re.search(r"^ARG NVIDIA_PIP_INDEX_URL=https://\S+$", stage, re.MULTILINE)
+    install = next(line for line in stage.replace("\\\n", " ").splitlines() if '"tensorrt==' in line)
+    assert 'PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL} ${NVIDIA_PIP_INDEX_URL}"' in install
+    assert "NVIDIA_TENSORRT_DISABLE_INTERNAL_PIP=1" in install
+
+
+def test_smoke_script_keeps_its_traffic_on_loopback() -> None:
+    script = ROOT / "docker" / "smoke.sh"
+    assert os.access(script, os.X_OK)
+    subprocess.run(["sh", "-n", str(script)], check=True, timeout=30)
+    text = script.read_text()
+    assert "0.0.0.0" not in text
+    published = re.findall(r"-p (\S+)", text)
+    assert published and all(p.startswith("127.0.0.1:") for p in published)
+    assert "-e COLLN_HOST=127.0.0.1" in text  # with --network host the server binds loopback only
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    hosts = re.findall(r"https?://([^:/\s\"']+)", code)
+    assert hosts and set(hosts) == {"127.0.0.1"}
 
 
 def _in_build_context(
@@ -186,15 +248,15 @@ def test_gpu_entrypoint_writes_the_repository_and_serves_it_behind_the_guard(dig
 
     assert result.returncode == 2, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0] == str(repo / "colln")
+    assert lines[0] == str(repo / digits_export.name)  # the export directory's name, as in the CPU image
     triton = next(line.split() for line in result.stderr.splitlines() if line.startswith(f"--model-repository={repo}"))
     assert "--http-address=127.0.0.1" in triton and "--grpc-address=127.0.0.1" in triton
     assert f"--metrics-port={metrics}" in triton and "--strict-readiness=true" in triton
     assert not {f"--http-port={http}", f"--grpc-port={grpc}"} & set(triton)  # those are the guard's
     assert result.stderr.strip().splitlines()[-1].startswith("colln: error: serve: Triton exited with code 0 while starting")
-    config = text_format.Parse((repo / "colln" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    assert (config.name, config.platform, config.max_batch_size) == ("colln", "onnxruntime_onnx", 16)
-    assert (repo / "colln" / "1" / "model.onnx").read_bytes() == (digits_export / "model.onnx").read_bytes()
+    config = text_format.Parse((repo / digits_export.name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (config.name, config.platform, config.max_batch_size) == (digits_export.name, "onnxruntime_onnx", 16)
+    assert (repo / digits_export.name / "1" / "model.onnx").read_bytes() == (digits_export / "model.onnx").read_bytes()
 
 
 def test_gpu_entrypoint_refuses_to_start_without_matching_tensorrt(digits_export: Path, tmp_path: Path) -> None:

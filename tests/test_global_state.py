@@ -1,5 +1,6 @@
-"""No hidden global state: importing colln sets nothing process-wide; fine-tuning, the loss plot and
-a TensorRT build leave the global random generators, the matplotlib backend, the environment,
+"""No hidden global state: importing colln sets nothing process-wide and imports nothing heavy (the
+Docker health probe runs under a 5 s timeout); fine-tuning, the loss plot, a TensorRT build and a
+public entry point leave the global random generators, the matplotlib backend, the environment,
 polygraphy's TensorRT-RTX switch (on only while colln uses TensorRT) and the root logger as they
 found them; the quantizer leaves logging alone, and a runner's thread count holds only during its
 own inference calls."""
@@ -13,9 +14,11 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import onnx
+import pytest
 import torch
 from png_checks import drawn_png
 
@@ -23,6 +26,8 @@ from colln.data import validation_images
 from colln.export.quantize import to_int8
 from colln.export.spec import ONNX_FILE, ExportSpec
 from colln.infer.runners import TorchRunner
+from colln.serve.supervisor import TritonProcess
+from serving_helpers import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +82,65 @@ def test_importing_every_module_sets_no_process_state() -> None:
     if rtx_only:
         assert seen["converted"] == ["tensorrt_rtx", "float32"]
         assert seen["environ_at_end"] == before["environ"] and seen["rtx_at_end"] is False
+
+
+# Runs in a fresh interpreter: `import colln` and the Docker health probe's whole import path and run
+# (against a port nothing listens on), then which heavy libraries they loaded; then the lazy names.
+PROBE = """
+import json, sys
+import colln
+import colln.serve.health
+code = colln.serve.health.main([sys.argv[1]])
+heavy = [m for m in ("torch", "onnx", "onnxruntime", "timm", "openvino", "tensorrt", "numpy", "aiohttp") if m in sys.modules]
+from colln import PruneConfig, prune
+print(json.dumps({"code": code, "heavy": heavy, "prune": prune.__module__, "config": PruneConfig.__module__,
+                  "all": colln.__all__, "dir": dir(colln)}))
+"""
+
+
+def test_import_colln_and_the_health_probe_load_nothing_heavy() -> None:
+    (closed,) = free_ports(1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", PROBE, f"http://127.0.0.1:{closed}"]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, check=True)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["heavy"] == []
+    assert seen["code"] == 1 and "unhealthy" in result.stderr  # it ran: nothing listens there
+    # Every public name still resolves, from its own module, and dir() lists them all.
+    assert (seen["prune"], seen["config"]) == ("colln.models.rewrite", "colln.models.config")
+    assert set(seen["all"]) <= set(seen["dir"])
+    import colln
+
+    assert all(getattr(colln, name).__name__ == name for name in colln.__all__)
+
+
+# Runs in a fresh interpreter: the environment before and after colln-serve refuses an empty model
+# repository (one cheap run of a public entry point that starts no server).
+SERVE_EMPTY = """
+import json, os, sys
+before = dict(os.environ)
+from colln.app.serve_cli import main
+code = main(["--repository", sys.argv[1]])
+print(json.dumps({"code": code, "before": before, "after": dict(os.environ)}))
+"""
+
+
+def test_serve_entry_point_leaves_the_environment_alone(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    env["PYTHONPATH"] = str(ROOT)
+    argv = [sys.executable, "-c", SERVE_EMPTY, str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=True)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["code"] == 2 and "holds no model" in result.stderr
+    assert seen["after"] == seen["before"]
+
+
+def test_triton_alone_gets_this_interpreters_library_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/elsewhere")
+    before = dict(os.environ)
+    triton = TritonProcess(tmp_path, tmp_path, 1, 2, ("127.0.0.1", 3), binary="tritonserver")
+    assert triton.env == {**before, "LD_LIBRARY_PATH": os.pathsep.join([sysconfig.get_config_var("LIBDIR"), "/elsewhere"])}
+    assert dict(os.environ) == before
 
 
 class _ThreadProbe(torch.nn.Module):

@@ -94,16 +94,17 @@ def _reference(n: int, margins: np.ndarray) -> Reference:
 
 
 def test_tie_rule_excludes_near_tied_merge_choices_only() -> None:
-    n = 6
-    margins = np.array([0.3, 5e-5, 0.2, 0.1, 0.0, 0.4], dtype=np.float32)
+    # Six images ten times over: a pass needs at least 30 judged (colln.verify.validate.required_judged).
+    n = 60
+    margins = np.tile(np.array([0.3, 5e-5, 0.2, 0.1, 0.0, 0.4], dtype=np.float32), 10)
     ref = _reference(n, margins)
     cand = ref.logits.copy()
-    cand[1] += 3.0  # images 1 and 4: a near-tied destination may legitimately differ
-    cand[4] -= 2.0
+    cand[1::6] += 3.0  # images 1 and 4 of each six: a near-tied destination may legitimately differ
+    cand[4::6] -= 2.0
     args = dict(metric="colln", fuse=False, tolerances=TOLERANCES["fp32"], labels=None, backend="ort", precision="fp32")
     report = compare(ref, cand, {2: ref.kept[2]}, [(2, 4)], source="test", **args)
-    assert report.passed and report.judged_images == 4
-    assert report.layers[0].merge_tied_images == 2 and report.layers[0].min_merge_margin == 0.0
+    assert report.passed and report.judged_images == 40
+    assert report.layers[0].merge_tied_images == 20 and report.layers[0].min_merge_margin == 0.0
     assert any("near-tied merge choice" in w for w in report.warnings)
     cand[3] += 1.0  # a clear merge margin: the difference is a mismatch
     failed = compare(ref, cand, {2: ref.kept[2]}, [(2, 4)], source="test", **args)

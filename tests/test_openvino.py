@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import re
 import shutil
 import sys
@@ -489,3 +490,73 @@ def test_tokens_export_gets_an_ir_that_matches_pytorch(tmp_path: Path) -> None:
     with open_runner(out, "openvino") as runner:
         outputs = runner.infer({"images": validation_images("digits_vit", read_export(out).load_unpruned(), limit=2).images})
     assert list(outputs) == ["tokens", "indices"] and outputs["tokens"].shape[:2] == outputs["indices"].shape == (2, 45)
+
+
+def test_validation_judges_the_ir_as_deployed(fp32_export: Path, tmp_path: Path) -> None:
+    """At the bf16 hint the IR with the TopK outputs added compiles to another graph (digits_vit:
+    image 83 classified differently): the verdict and accuracy are of the IR as deployed, here
+    against a plain OpenVINO compile of the same file at the same hint."""
+    if not bf16_capable():
+        pytest.skip("the bf16 hint runs fp32 on this CPU: both compiles are the same graph")
+    copy = shutil.copytree(fp32_export, tmp_path / "bf16")
+    write_ir(copy, "bf16")
+    spec = read_export(copy)
+    unpruned = spec.load_unpruned()
+    images = validation_images(spec.model, unpruned, limit=100)
+    checked = validate_export(copy, "openvino", pruned=spec.apply(unpruned), unpruned=unpruned, limit=100)
+    plain = ov.Core().compile_model(str(copy / IR_FILE), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    logits = np.concatenate([plain({0: images.images[i : i + 32]})[0] for i in range(0, 100, 32)])
+    assert checked.precision == "bf16" and checked.kept_sets_observed
+    assert checked.accuracy["openvino"] == float((logits.argmax(1) == images.labels).mean())
+
+
+@pytest.mark.parametrize("merging", [["--tome", "8"], ["--keep", "0.7", "--merge"]], ids=["tome", "merge"])
+def test_merged_exports_refuse_the_bf16_hint(tmp_path: Path, capsys: pytest.CaptureFixture, merging: list[str]) -> None:
+    """bf16 rounding flips near-tied merge choices (digits_vit --tome 8: every image near-tied, none
+    judgeable): refused up front like --precision fp16/int8 with merging."""
+    out = tmp_path / "never"
+    argv = ["digits_vit", *merging, "--openvino", "--openvino-precision", "bf16", "--no-latency", "--out", str(out)]
+    assert export_main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    what = "--tome" if merging[0] == "--tome" else "--merge"
+    assert f"{what} needs --openvino-precision fp32: at bf16, rounding flips" in err and not out.exists()
+
+
+def _edit_manifest(export_dir: Path, **fields) -> None:
+    spec = read_export(export_dir)
+    spec = replace(spec, artifacts={**spec.artifacts, "openvino": {**spec.artifacts["openvino"], **fields}})
+    spec.write(export_dir)
+
+
+def test_every_manifest_field_is_checked_against_its_file(
+    fp32_export: Path, int8_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A hand-edited export.json is refused (exit 2, one line) wherever the IR is opened: an unknown
+    precision, one that does not fit the IR, a file outside the export, an IR swapped in with its
+    hashes re-recorded."""
+    cases = {
+        "fp64": ({"precision": "fp64"}, "artifacts.openvino.precision is 'fp64', not one of fp32, bf16, int8, int8-bf16"),
+        "int8": ({"precision": "int8"}, "artifacts.openvino.precision int8 runs an int8 IR, but this is a fp32 export"),
+        # Another export's IR, by a relative path from this one (colln-bench timed it as this export's).
+        "elsewhere": ({"file": os.path.relpath(int8_export / IR_FILE, tmp_path / "elsewhere")}, "points outside"),
+        "absolute": ({"file": str(fp32_export / IR_FILE)}, "not a file inside the export"),
+        "unhashed": ({"sha256": {IR_FILE: file_sha256(fp32_export / IR_FILE)}}, "sha256 has no hash of openvino/model.bin"),
+        "hint": ({"options": {"INFERENCE_PRECISION_HINT": "bf16"}}, "options are not precision fp32's"),
+    }
+    for name, (fields, expected) in cases.items():
+        copy = shutil.copytree(fp32_export, tmp_path / name, ignore=shutil.ignore_patterns(".colln-cache"))
+        _edit_manifest(copy, **fields)
+        with pytest.raises(ExportDirError, match=re.escape(expected)):
+            open_runner(copy, "openvino")
+        with pytest.raises(ExportDirError, match=re.escape(expected)):
+            write_model_repository(copy, tmp_path / f"repo-{name}", backend="openvino")
+        assert validate_main([str(copy), "--backend", "openvino", "--val-limit", "8"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("colln: error: export-dir:") and expected in " ".join(err.split()) and "Traceback" not in err
+    # An int8 export's IR replaced by an fp32 one, the manifest re-hashed to it: the IR itself says fp32.
+    swapped = shutil.copytree(int8_export, tmp_path / "swapped", ignore=shutil.ignore_patterns(".colln-cache"))
+    for name in (IR_FILE, WEIGHTS_FILE):
+        shutil.copyfile(fp32_export / name, swapped / name)
+    _edit_manifest(swapped, sha256={name: file_sha256(swapped / name) for name in (IR_FILE, WEIGHTS_FILE)})
+    with pytest.raises(ExportDirError, match=r"model\.xml is an fp32 IR but export\.json records precision int8"):
+        open_runner(swapped, "openvino")

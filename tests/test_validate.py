@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,13 @@ from onnx import numpy_helper
 
 from colln.app.validate_cli import main
 from colln.data import ValImages, validation_images
-from colln.errors import ExportError
-from colln.export.artifact import export_into
+from colln.errors import ExportError, ValidationFailedError
+from colln.export.artifact import export_into, write_ort_artifact
 from colln.export.onnx import with_kept_outputs
-from colln.export.spec import ExportSpec
+from colln.export.spec import ExportSpec, file_sha256
 from colln.infer.runners import open_runner
 from colln.models.config import PruneConfig
-from colln.verify.validate import TOLERANCES, Reference, compare, validate
+from colln.verify.validate import TOLERANCES, Reference, compare, required_judged, validate
 
 
 def test_onnxruntime_backend_passes(digits_export: Path, tmp_path: Path, capsys) -> None:
@@ -39,11 +40,14 @@ def test_torch_backend_matches_itself(digits_export: Path, tmp_path: Path) -> No
 
 
 def _doctored(export: Path, tmp_path: Path, edit) -> Path:
+    """A copy of ``export`` with ``edit`` made to its graph, and model.ort.onnx and the manifest
+    rewritten from it as colln-export writes them: a consistent export that computes the wrong thing."""
     out = tmp_path / "doctored"
     shutil.copytree(export, out)
     proto = onnx.load(str(out / "model.onnx"))
     edit(proto)
     onnx.save(proto, str(out / "model.onnx"))
+    replace(ExportSpec.read(out), artifacts=write_ort_artifact(proto, out)).write(out)
     return out
 
 
@@ -122,7 +126,9 @@ def test_tie_rule_on_hand_made_scores() -> None:
     layer = report.layers[0]
     assert (layer.diverged_here, layer.explained, report.judged_images) == (2, 1, 0)
     assert layer.mean_overlap == pytest.approx(2 / 3)
-    assert len(report.mismatches) == 1 and "image 1" in report.mismatches[0] and "tie band" in report.mismatches[0]
+    assert "image 1" in report.mismatches[0] and "tie band" in report.mismatches[0]
+    # Neither image judged: too few, besides.
+    assert len(report.mismatches) == 2 and report.mismatches[1].startswith("too few images judged end to end: 0 of 2")
     assert layer.min_margin == pytest.approx(0.0) and layer.tied_images == 1
     # Only the explained divergence is called a near-tie; the other one is the mismatch above.
     assert report.warnings == [
@@ -141,7 +147,9 @@ def test_margin_rule_without_kept_sets() -> None:
     ref = _reference(scores, 3, logits)
     wild_on_tie = np.array([[0.0, 5.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32)
     report = _compare(ref, wild_on_tie, None, 3)
-    assert report.passed and report.judged_images == 1 and report.top1_agreement == 0.5
+    # One of two images judged: the tied one is no failure, but too little was judged to pass.
+    assert report.judged_images == 1 and report.top1_agreement == 0.5
+    assert [m.split(";")[0] for m in report.mismatches] == ["too few images judged end to end: 1 of 2, at least 2 needed"]
     assert report.warnings == [
         "1 of 2 images have a near-tied selection (relative margin <= 0.0001) and cand's kept tokens are not observed "
         "(only ONNX Runtime reports them); left out of the logit checks"
@@ -151,7 +159,7 @@ def test_margin_rule_without_kept_sets() -> None:
     # Plain formulas: max |error| 0.1 > 1e-3 * max(1, 2); cosine of (0,2,1) and (0,2,1.1).
     cos = (4 + 1.1) / (np.sqrt(5) * np.sqrt(4 + 1.21))
     assert report.max_abs_error == pytest.approx(4.0) and report.min_cosine_judged == pytest.approx(cos)
-    assert len(report.mismatches) == 2 and all("image 1" in m for m in report.mismatches)
+    assert len(report.mismatches) == 3 and all("image 1" in m for m in report.mismatches[:2])
 
 
 @pytest.mark.parametrize(
@@ -237,9 +245,71 @@ def test_the_table_shows_the_cosine_the_verdict_used() -> None:
     scores = np.array([[0.9, 0.8, 0.5, 0.5, 0.1, 0.0], [0.9, 0.8, 0.7, 0.3, 0.2, 0.1]], dtype=np.float32)
     logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32)
     report = _compare(_reference(scores, 3, logits), np.array([[0.0, 5.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32), None, 3)
-    assert report.passed and report.min_cosine < 0.5 and report.min_cosine_judged == pytest.approx(1.0)
+    assert report.judged_images == 1 and report.min_cosine < 0.5 and report.min_cosine_judged == pytest.approx(1.0)
     (line,) = [line for line in validation_lines(report.to_dict()) if line.startswith("logits:")]
     assert f"min cosine 1.000000 judged ({report.min_cosine:.6f} over all images)" in line, line
     judged_all = _compare(_reference(scores[1:], 3, logits[1:]), logits[1:].copy(), None, 3).to_dict()
     (line,) = [line for line in validation_lines(judged_all) if line.startswith("logits:")]
     assert line.endswith("min cosine 1.000000"), line
+
+
+def test_too_few_judged_images_fail_with_their_own_message() -> None:
+    """Images left out as near-ties are no evidence: a validation that judged fewer than half of its
+    images, or fewer than 30, fails, saying so (not that the backend disagrees)."""
+    assert [required_judged(n) for n in (1, 8, 30, 40, 60, 61, 450)] == [1, 8, 30, 30, 30, 31, 225]
+    n, k = 40, 3
+    # Every image has an exact tie at the k-th score (tokens 2 and 3).
+    scores = np.tile(np.array([0.9, 0.8, 0.5, 0.5, 0.1, 0.0], dtype=np.float32), (n, 1))
+    logits = np.random.default_rng(0).normal(size=(n, 10)).astype(np.float32)
+    ref = _reference(scores, k, logits)
+
+    def swapped(count: int) -> np.ndarray:
+        """The candidate's picks: token 3 for its exact tie 2 on the first ``count`` images."""
+        cand = ref.kept[0].copy()
+        cand[:count] = [0, 1, 3]
+        return cand
+
+    enough = _compare(ref, logits.copy(), {0: swapped(10)}, k)
+    assert enough.passed and enough.judged_images == 30 and enough.judged_required == 30
+    report = _compare(ref, logits.copy(), {0: swapped(25)}, k)
+    assert report.judged_images == 15 and not report.passed and report.to_dict()["passed"] is False
+    assert report.to_dict()["judged_required"] == 30
+    assert report.mismatches == [
+        "too few images judged end to end: 15 of 40, at least 30 needed; the others were left out of the logit checks "
+        "(see the warnings and mismatches): validate on more images, or at a precision with fewer near-ties"
+    ]
+    with pytest.raises(ValidationFailedError, match=r"^cand could not be validated against torch: too few images judged"):
+        report.raise_if_failed()
+    # Nothing judged: a failure too, blaming random weights only where the weights are random.
+    args = ([(0, k)], "colln", False, TOLERANCES["fp32"], None, "cand", "fp32", "test")
+    none = compare(ref, logits.copy(), {0: swapped(n)}, *args)
+    assert none.judged_images == 0 and none.mismatches[0].startswith("too few images judged end to end: 0 of 40")
+    assert not any("random" in m for m in none.mismatches + none.warnings)
+    random = compare(ref, logits.copy(), {0: swapped(n)}, *args, random_weights=True)
+    assert random.mismatches[0].endswith(
+        "random weights attend almost uniformly, so their selections are near-ties: validate trained weights"
+    )
+
+
+def test_onnxruntime_validation_runs_the_listed_ort_file(digits_export: Path, tmp_path: Path, capsys) -> None:
+    """model.ort.onnx is what ONNX Runtime runs (colln-bench, colln-serve, Triton): validation runs it
+    too, refused when it no longer matches export.json, and judged when it does."""
+    copy = shutil.copytree(digits_export, tmp_path / "copy")
+    ort_file = copy / "model.ort.onnx"
+    proto = onnx.load(str(ort_file))
+    (init,) = [t for t in proto.graph.initializer if t.name == "head.weight"]
+    init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+    onnx.save(proto, str(ort_file))
+    assert main([str(copy), "--val-limit", "32"]) == 2
+    assert "model.ort.onnx is missing or does not match export.json" in capsys.readouterr().err
+    # The manifest re-hashed to the negated head: it is what runs, and validation judges it.
+    spec = ExportSpec.read(copy)
+    listed = {**spec.artifacts["onnxruntime"], "sha256": file_sha256(ort_file)}
+    replace(spec, artifacts={**spec.artifacts, "onnxruntime": listed}).write(copy)
+    assert main([str(copy), "--val-limit", "32", "--json", str(tmp_path / "v.json")]) == 1
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["accuracy"]["onnxruntime"] < 0.2 < v["accuracy"]["torch"]
+    assert any("max |logit error| above the tolerance" in m for m in v["mismatches"]), v["mismatches"]
+    ort_file.unlink()
+    assert main([str(copy), "--val-limit", "32"]) == 2
+    assert "model.ort.onnx is missing" in capsys.readouterr().err

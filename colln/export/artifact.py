@@ -12,7 +12,7 @@ from torch import nn
 
 from colln.errors import ExportDirError, UsageError
 from colln.export.onnx import export_onnx, read_metadata, save_checked
-from colln.export.spec import ONNX_FILE, ORT_FILE, SPEC_FILE, ExportSpec, file_sha256
+from colln.export.spec import ONNX_FILE, ORT_FILE, SPEC_FILE, ExportSpec, file_sha256, listed_file
 from colln.models.plan import KeepPlan
 from colln.models.rewrite import explicit_attention, get_plan
 
@@ -138,8 +138,12 @@ def ort_artifact(
     record = spec.artifacts.get("onnxruntime")
     if record is None:
         return None
-    path = Path(directory) / record["file"]
-    if not path.is_file() or file_sha256(path) != record["sha256"]:
+    if not isinstance(record, dict):
+        raise ExportDirError(
+            f"{Path(directory) / SPEC_FILE}: artifacts.onnxruntime is not a record: re-run colln-export with --force"
+        )
+    path = listed_file(directory, record.get("file"), "artifacts.onnxruntime.file")
+    if not path.is_file() or file_sha256(path) != record.get("sha256"):
         raise ExportDirError(f"{path} is missing or does not match export.json: re-run colln-export with --force")
     # The fused file is derived from model.onnx: a model.onnx changed since would not be what runs.
     if file_sha256(Path(directory) / ONNX_FILE) != record.get("source_sha256"):

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from colln.errors import BackendUnavailableError, CalibrationError, ExportDirError, ExportError
-from colln.export.spec import ONNX_FILE, ExportSpec, file_sha256
+from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportSpec, file_sha256, listed_file
 
 IR_DIR = "openvino"
 IR_FILE = f"{IR_DIR}/model.xml"
@@ -289,20 +289,62 @@ def read_ir(
     export_dir: Path,
     spec: ExportSpec | None = None,
 ) -> dict:
-    """``export.json``'s record of the OpenVINO IR, after checking that every IR file is there and
-    has the recorded sha256 (an IR replaced or edited behind colln's back is refused)."""
+    """``export.json``'s record of the OpenVINO IR, after checking every field against the files it
+    names: ``file`` and every hashed file lie inside the export, the IR and its weights are both
+    hashed and match their sha256, ``precision`` is one of :data:`OV_PRECISIONS` and runs the IR of
+    the export's own precision, the IR is quantized (NNCF's FakeQuantize) exactly when that
+    precision is int8, and ``options`` hold its hint. An IR replaced, edited or pointed elsewhere
+    behind colln's back is refused (ExportDirError), never run under another export's name."""
     export_dir = Path(export_dir)
     spec = spec if spec is not None else ExportSpec.read(export_dir)
     record = spec.artifacts.get("openvino")
     if record is None:
         raise ExportDirError(f"{export_dir} has no OpenVINO IR: re-run colln-export with --openvino")
-    for name, digest in record.get("sha256", {}).items():
-        path = export_dir / name
+    where, redo = export_dir / SPEC_FILE, "re-run colln-export with --openvino --force"
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), dict):
+        raise ExportDirError(f"{where}: artifacts.openvino is not a record with the IR's sha256: {redo}")
+    xml = listed_file(export_dir, record.get("file"), "artifacts.openvino.file")
+    hashes = record["sha256"]
+    for name in (record["file"], str(Path(record["file"]).with_suffix(".bin"))):
+        if name not in hashes:
+            raise ExportDirError(f"{where}: artifacts.openvino.sha256 has no hash of {name}: {redo}")
+    for name, digest in hashes.items():
+        path = listed_file(export_dir, name, "a file in artifacts.openvino.sha256")
         if not path.is_file():
-            raise ExportDirError(f"{path} is missing: re-run colln-export with --openvino --force")
+            raise ExportDirError(f"{path} is missing: {redo}")
         if file_sha256(path) != digest:
-            raise ExportDirError(
-                f"{path} does not match export.json (edited or replaced since the export): re-run colln-export "
-                "with --openvino --force"
-            )
+            raise ExportDirError(f"{path} does not match export.json (edited or replaced since the export): {redo}")
+    precision = record.get("precision")
+    if precision not in OV_PRECISIONS:
+        raise ExportDirError(
+            f"{where}: artifacts.openvino.precision is {precision!r}, not one of {', '.join(OV_PRECISIONS)}: {redo}"
+        )
+    if IR_PRECISION[precision] != spec.precision:
+        raise ExportDirError(
+            f"{where}: artifacts.openvino.precision {precision} runs an {IR_PRECISION[precision]} IR, but this is a "
+            f"{spec.precision} export: {redo}"
+        )
+    quantized = _quantized(xml)
+    if quantized != (IR_PRECISION[precision] == "int8"):
+        raise ExportDirError(
+            f"{xml} is {'an int8' if quantized else 'an fp32'} IR but export.json records precision {precision}: {redo}"
+        )
+    if record.get("options") != {"INFERENCE_PRECISION_HINT": HINTS[precision]}:
+        raise ExportDirError(
+            f"{where}: artifacts.openvino.options are not precision {precision}'s "
+            f"{{'INFERENCE_PRECISION_HINT': {HINTS[precision]!r}}}: {redo}"
+        )
     return record
+
+
+def _quantized(
+    xml: Path,
+) -> bool:
+    """Whether an IR holds NNCF's quantization (FakeQuantize layers), read from the XML alone."""
+    from xml.etree import ElementTree
+
+    try:
+        layers = ElementTree.parse(xml).getroot().iter("layer")
+        return any(layer.get("type") == "FakeQuantize" for layer in layers)
+    except ElementTree.ParseError as exc:
+        raise ExportDirError(f"{xml} is not a readable OpenVINO IR ({exc}): re-run colln-export with --openvino --force") from exc

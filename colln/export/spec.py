@@ -51,6 +51,27 @@ def file_sha256(
     return digest.hexdigest()
 
 
+def listed_file(
+    directory: Path,
+    name: object,
+    field_name: str,
+) -> Path:
+    """The file an ``export.json`` field (``field_name``, e.g. ``artifacts.openvino.file``) names,
+    refused unless it is a relative path inside the export ``directory``: a manifest edited to point
+    at another export's file would otherwise be run, timed or served as this one."""
+    directory = Path(directory)
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise ExportDirError(
+            f"{directory / SPEC_FILE}: {field_name} is {name!r}, not a file inside the export: re-run colln-export with --force"
+        )
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise ExportDirError(
+            f"{directory / SPEC_FILE}: {field_name} {name!r} points outside {directory}: re-run colln-export with --force"
+        )
+    return path
+
+
 @dataclass(frozen=True)
 class ExportSpec:
     """Everything needed to rebuild the pruned PyTorch model of an export: the model, its weights

@@ -18,7 +18,7 @@ report.json schema (``schema: 1``); ``null`` where a step was skipped::
       "validation": null | {                          # colln.verify.validate.ValidationReport
         "backend", "reference": "torch", "precision", "images", "source", "passed",
         "tolerances": {"min_cosine", "logit_rtol", "tie_rtol"[, "max_accuracy_drop": int8 only]},
-        "kept_sets_observed", "judged_images",
+        "kept_sets_observed", "judged_images", "judged_required",
         "top1_agreement", "top1_agreement_judged", "max_abs_error", "mean_abs_error",
         "min_cosine", "mean_cosine", "min_cosine_judged", "max_abs_error_judged",   # *_judged: the
                                                       # judged images only; the others: all images

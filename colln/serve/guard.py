@@ -24,13 +24,11 @@ inference per model, not only Triton's word.
 
 from __future__ import annotations
 
-import asyncio
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-
-import numpy as np
 
 # Triton datatype -> bytes per element (BYTES has no fixed size and is not served by colln models).
 DTYPE_BYTES = {
@@ -120,7 +118,7 @@ class ModelLimits:
 
     def max_request_bytes(self) -> int:
         """The largest valid JSON request body: every input at max batch, as JSON text."""
-        values = sum(max(self.max_batch, 1) * int(np.prod(dims)) for _, dims in self.inputs.values())
+        values = sum(max(self.max_batch, 1) * math.prod(dims) for _, dims in self.inputs.values())
         return values * JSON_CHARS_PER_VALUE + HEADER_ALLOWANCE
 
     def check(
@@ -146,7 +144,7 @@ class ModelLimits:
             raise RequestRefused(f"input {name!r}: shape {list(shape)} does not match {expected}")
         if self.max_batch and not 1 <= shape[0] <= self.max_batch:
             raise RequestRefused(f"input {name!r}: batch {shape[0]} is outside 1..{self.max_batch} (the server's --max-batch)")
-        return int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES.get(want_type, 1)
+        return math.prod(shape) * DTYPE_BYTES.get(want_type, 1)
 
 
 def count_json_values(
@@ -303,6 +301,8 @@ class Guard:
         self,
         request,
     ):
+        import asyncio  # here, not at the top: the health probe imports this module and none of the server
+
         from aiohttp import ClientError, web
 
         path = request.path
@@ -476,3 +476,17 @@ def _forwardable(
 ) -> tuple:
     """Client metadata worth passing on (gRPC's own pseudo-headers are not)."""
     return tuple((k, v) for k, v in context.invocation_metadata() or () if not k.startswith(":") and k != "user-agent")
+
+
+def probe_request(
+    limits: ModelLimits,
+) -> tuple[bytes, dict[str, str]]:
+    """A binary-tensor infer request of zeros, batch 1, for every input of the model."""
+    inputs, data = [], b""
+    for name, (datatype, dims) in limits.inputs.items():
+        shape = [1, *dims] if limits.max_batch else list(dims)
+        size = math.prod(shape) * DTYPE_BYTES[datatype]
+        inputs.append({"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": size}})
+        data += bytes(size)
+    header = json.dumps({"inputs": inputs}).encode()
+    return header + data, {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}

@@ -1,6 +1,6 @@
 """``python -m colln.serve.health [URL]``: the Docker images' HEALTHCHECK. Healthy (exit 0) only if
 the server says ready and every ready model answers the same probe inference the supervisor sends
-(:func:`colln.serve.supervisor.probe_request`): a server whose model worker died still answers
+(:func:`colln.serve.guard.probe_request`): a server whose model worker died still answers
 ``/v2/health/ready`` on a stock Triton; the inference does not."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import sys
 import urllib.request
 from collections.abc import Sequence
 
-from colln.serve.guard import ModelLimits
-from colln.serve.supervisor import probe_request
+from colln.serve.guard import ModelLimits, probe_request
 
 TIMEOUT_S = 4.0
 

@@ -17,8 +17,6 @@ traceback goes to the server log).
 from __future__ import annotations
 
 import asyncio
-import os
-import sysconfig
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,15 +26,6 @@ from colln.export.triton import PLATFORMS, PYTHON, model_name, write_model_repos
 
 # The python backend runs any runtime's colln runner.
 SERVE_BACKENDS = tuple(sorted(PLATFORMS))
-
-
-def stub_environment() -> None:
-    """Let Triton's python-backend stub load this interpreter's libpython, not another one on the
-    system (a mismatched one fails inside the stdlib). The stub inherits our environment."""
-    libdir = sysconfig.get_config_var("LIBDIR")
-    paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-    if libdir and libdir not in paths:
-        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *paths])
 
 
 def preflight(
@@ -90,7 +79,6 @@ def serve(
             raise BackendUnavailableError("PyTriton is not installed: pip install 'colln[serve]'") from exc
     from colln.serve.supervisor import log, remove_stale_shm, run
 
-    stub_environment()
     remove_stale_shm()
     with tempfile.TemporaryDirectory(prefix="colln-serve-") as workdir:
         if repository is None:

@@ -6,22 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 
 from colln.errors import ServeError
-from colln.serve.guard import DTYPE_BYTES, Guard, ModelLimits
+from colln.serve.guard import Guard, ModelLimits, probe_request
 
 # How often the supervisor looks at Triton's processes, and runs a real inference per model.
 WATCH_INTERVAL_S = 0.25
@@ -133,7 +132,7 @@ class TritonProcess:
     ) -> None:
         """``binary``: a stock ``tritonserver`` with its own backends (the GPU image); default
         PyTriton's bundled one, given the python backend stub of this interpreter."""
-        self.env = dict(os.environ)
+        self.env = stub_environment(os.environ)
         if binary is None:
             from pytriton.triton import TRITONSERVER_DIST_DIR
             from pytriton.utils.distribution import get_libs_path, get_stub_path
@@ -207,6 +206,21 @@ class TritonProcess:
             os.killpg(group, signal.SIGKILL)  # stubs that outlived their server
         self.proc = None
         remove_shm(self.shm_prefix)
+
+
+def stub_environment(
+    environ: Mapping[str, str],
+) -> dict[str, str]:
+    """Triton's environment: ``environ`` with this interpreter's libpython directory first on
+    ``LD_LIBRARY_PATH``, so that the python-backend stub loads this libpython, not another one on the
+    system (a mismatched one fails inside the stdlib). Only the child gets it: colln-serve's own
+    environment stays as it was."""
+    env = dict(environ)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    paths = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    if libdir and libdir not in paths:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *paths])
+    return env
 
 
 def _die_with_parent() -> None:
@@ -317,20 +331,6 @@ class Supervisor:
                     return failure
                 next_probe = time.monotonic() + PROBE_INTERVAL_S
         return None
-
-
-def probe_request(
-    limits: ModelLimits,
-) -> tuple[bytes, dict[str, str]]:
-    """A binary-tensor infer request of zeros, batch 1, for every input of the model."""
-    inputs, data = [], b""
-    for name, (datatype, dims) in limits.inputs.items():
-        shape = [1, *dims] if limits.max_batch else list(dims)
-        size = int(np.prod(shape)) * DTYPE_BYTES[datatype]
-        inputs.append({"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": size}})
-        data += bytes(size)
-    header = json.dumps({"inputs": inputs}).encode()
-    return header + data, {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
 
 
 async def run(
