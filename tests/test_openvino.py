@@ -489,3 +489,28 @@ def test_tokens_export_gets_an_ir_that_matches_pytorch(tmp_path: Path) -> None:
     with open_runner(out, "openvino") as runner:
         outputs = runner.infer({"images": validation_images("digits_vit", read_export(out).load_unpruned(), limit=2).images})
     assert list(outputs) == ["tokens", "indices"] and outputs["tokens"].shape[:2] == outputs["indices"].shape == (2, 45)
+
+
+def test_bench_on_openvino_alone_pairs_openvinos_own_variants(fp32_export: Path, tmp_path: Path, capsys) -> None:
+    """``--runtimes openvino``: the stack keeps ONNX Runtime's unpruned fp32 as its common baseline,
+    and the rows pair OpenVINO's pruned against OpenVINO's unpruned (no ONNX Runtime pruned variant
+    to pair); a runtime listed twice is refused in one line, before anything is exported."""
+    from colln.app.bench_cli import main as bench_main
+
+    out = tmp_path / "r.json"
+    argv = [str(fp32_export), "--batch", "2", "--rounds", "3", "--warmup", "1", "--threads", "1", "--cache", str(tmp_path)]
+    assert bench_main([*argv, "--runtimes", "openvino", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["case"].endswith("@openvino-t1")
+    row, stack = result["batches"]["2"], result["stack"]["batches"]["2"]
+    assert stack["unpruned-fp32"]["speedup"] == 1.0 and "pruned-fp32" not in stack
+    ratios = ("speedup", "speedup_iqr", "speedup_same_runtime")
+    for kind in ("unpruned", "pruned"):
+        assert row[kind] == {k: v for k, v in stack[f"openvino:{kind}-fp32"].items() if k not in ratios}
+    assert row["speedup"] == stack["openvino:pruned-fp32"]["speedup_same_runtime"]
+    capsys.readouterr()
+    for runtimes in ("openvino,openvino", "onnxruntime,openvino,onnxruntime"):
+        assert bench_main([*argv, "--runtimes", runtimes, "--cache", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("colln: error: arguments: runtimes are listed once each") and "listed twice" in err, err
+    assert not (tmp_path / "never").exists()

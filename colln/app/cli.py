@@ -490,4 +490,13 @@ def timing_options(
     command line, the others from ``like`` (colln-bench ``--baseline``: the recorded case's), else
     :class:`Timing`'s defaults."""
     given = {name: getattr(args, name) for name in ("rounds", "warmup", "threads", "split_batches")}
-    return replace(like or Timing(), **{name: value for name, value in given.items() if value is not None})
+    timing = replace(like or Timing(), **{name: value for name, value in given.items() if value is not None})
+    # More threads than CPUs only oversubscribes them: the figures would measure the scheduler.
+    cpus = len(os.sched_getaffinity(0))
+    if timing.threads is not None and timing.threads > cpus:
+        source = "--threads" if args.threads is not None else "the recorded case's thread count"
+        raise UsageError(
+            f"{source} {timing.threads} is more than the {cpus} CPUs this process may use: give --threads {cpus} or "
+            "fewer (0: the runtime's default)"
+        )
+    return timing
