@@ -20,6 +20,7 @@ import shutil
 import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,6 +176,45 @@ def _locked(
     finally:
         os.close(fd)  # releases the lock
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Run native code that calls back into Python (PyTorch's exporter) with SIGINT, SIGTERM and
+    SIGHUP held: one arriving meanwhile acts (its handler runs: colln's raise KeyboardInterrupt) when
+    the block ends. Raised inside such a callback, the exception crosses C++ frames that cannot pass
+    it on and the process aborts (``terminate called after throwing an instance of 'python_error'``,
+    exit 134, the temp output left behind). A second signal acts at once. The main thread only (the
+    one Python runs signal handlers in); signals ignored or handled outside Python stay as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {sig: handler for sig in _SWAP_SIGNALS if (handler := signal.getsignal(sig)) not in (None, signal.SIG_IGN)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def hold(
+        signum: int,
+        frame: object,
+    ) -> None:
+        if held:  # asked twice: act now
+            held.clear()
+            restore()
+            signal.raise_signal(signum)
+            return
+        held.append(signum)
+
+    for sig in previous:
+        signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        restore()
+        if held:
+            signal.raise_signal(held[0])
 
 
 @contextlib.contextmanager

@@ -504,3 +504,25 @@ def test_an_implausible_speedup_is_a_failed_measurement(
         f"colln: error: timing: batch 1: pruned measured a speedup of 995.000, outside what a keep plan with a FLOPs "
         f"bound of {bound:.2f} can give (0.05 to {10 * bound:.3g}): the timing failed"
     ), captured.err
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_anything_is_allocated(
+    export_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Against the memory left (ulimit -v, a container's limit, the machine's free memory): per
+    image at least its pixels, the residual stream and its norm, the MLP's hidden activations and
+    one head's attention, in fp32 (digits_vit: 3x32x32 pixels, 65 tokens of 64, MLP 256 wide)."""
+    from colln.measure import bench
+
+    def never(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("exported before the batch was checked")
+
+    per_image = 4 * (3 * 32 * 32 + 65 * (2 * 64 + 256) + 65 * 65)
+    monkeypatch.setattr(bench, "available_memory", lambda: 2**30)
+    monkeypatch.setattr(bench, "unpruned_export", never)
+    assert main([str(export_dir), "--batch", "1,100000"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"colln: error: memory: batch 100000 needs at least {100000 * per_image / 2**30:.1f} GiB for its activations, and "
+        f"this process can allocate 1.0 GiB: give --batch sizes of at most {2**30 // per_image}, or free memory (or raise "
+        "the limit: ulimit -v, the container's memory)"
+    )

@@ -514,3 +514,34 @@ def test_bench_on_openvino_alone_pairs_openvinos_own_variants(fp32_export: Path,
         err = capsys.readouterr().err.strip()
         assert err.startswith("colln: error: arguments: runtimes are listed once each") and "listed twice" in err, err
     assert not (tmp_path / "never").exists()
+
+
+def test_a_full_disk_while_writing_the_ir_is_one_line_saying_what_to_do(
+    fp32_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """OpenVINO's writer fails with a C++ stream error and no errno (``basic_ios::clear: iostream
+    error``, as on a real full tmpfs): exit 2 saying the disk is full where it is, else what to
+    check; never an internal error."""
+    import shutil as shutil_module
+
+    from colln.app.cli import ArgumentParser, run_main
+
+    copy = shutil.copytree(fp32_export, tmp_path / "copy")
+
+    def full(model: object, path: str, compress_to_fp16: bool = True) -> None:
+        Path(path).write_bytes(b"<?xml")  # what was written before the disk filled up
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(ov, "save_model", full)
+    real_usage = shutil_module.disk_usage
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: real_usage(path)._replace(free=4096))
+    assert run_main(lambda args: write_ir(copy, "fp32"), ArgumentParser(prog="colln-test"), []) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"colln: error: output: cannot write {copy / 'openvino'} (the disk is full): free some space and run it again"
+    )
+    monkeypatch.setattr(shutil_module, "disk_usage", real_usage)  # room left: not a full disk, say what to check
+    assert run_main(lambda args: write_ir(copy, "fp32"), ArgumentParser(prog="colln-test"), []) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"colln: error: openvino: OpenVINO could not write its IR to {copy / 'openvino'} (basic_ios::clear: iostream "
+        "error): check that the disk has room and the directory is writable, or choose another --out"
+    )

@@ -430,3 +430,62 @@ def test_every_command_module_has_one_shape() -> None:
         assert isinstance(module.build_parser(), ArgumentParser) and module.build_parser().prog == script
         assert list(inspect.signature(module.run).parameters) == ["args"], script
         assert inspect.signature(module.run).return_annotation in (int, "int"), script
+
+
+def test_out_of_memory_is_exit_2_saying_what_to_do(capsys) -> None:
+    """A real failed allocation (numpy's MemoryError), and a runtime's own words for one behind a
+    colln error (OpenVINO's compile: ``std::bad_alloc``): one line, exit 2, not "please report it"."""
+
+    def allocate(args: object) -> int:
+        np.empty(2**62, dtype=np.uint8)
+        return 0
+
+    def compile_fails(args: object) -> int:
+        try:
+            raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:112:\nstd::bad_alloc")
+        except RuntimeError as exc:
+            raise ExportDirError("OpenVINO's CPU plugin cannot compile the graph: std::bad_alloc") from exc
+
+    fix = (
+        "run it with smaller batches (or a smaller model), or free memory or raise the limit (ulimit -v, the container's memory)"
+    )
+    assert run_main(allocate, ArgumentParser(prog="colln-test"), []) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("colln: error: memory: out of memory (Unable to allocate 4.00 EiB") and err.endswith(fix), err
+    assert run_main(compile_fails, ArgumentParser(prog="colln-test"), []) == 2
+    assert capsys.readouterr().err.strip() == f"colln: error: memory: out of memory (std::bad_alloc): {fix}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT], ids=["SIGHUP", "SIGTERM", "SIGINT"])
+def test_an_interrupt_during_the_onnx_export_acts_when_the_exporter_returns(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sig: int
+) -> None:
+    """torch.export calls Python from C++: a KeyboardInterrupt raised inside it can abort the
+    process (``terminate called after throwing an instance of 'python_error'``, exit 134, a temp
+    dir left; once in ~20 SIGHUPs). The signal acts when the exporter returns, as the CLI handles it
+    (KeyboardInterrupt: exit 130, temp output removed); a second one acts at once."""
+    from colln.app.cli import interrupt_on_termination
+    from colln.export.onnx import export_onnx
+
+    reached: list[str] = []
+
+    def exporter(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), sig)
+        reached.append("after the signal")  # a callback the C++ side runs on
+        return None
+
+    monkeypatch.setattr(torch.onnx, "export", exporter)
+    with interrupt_on_termination(), pytest.raises(KeyboardInterrupt):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "model.onnx", (3, 8, 8))
+    assert reached == ["after the signal"]
+
+    def insisted(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), sig)
+        reached.append("after the second signal")
+
+    monkeypatch.setattr(torch.onnx, "export", insisted)
+    with interrupt_on_termination(), pytest.raises(KeyboardInterrupt):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "model.onnx", (3, 8, 8))
+    assert reached == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back

@@ -78,8 +78,8 @@ def run_main(
 ) -> int:
     """Parse ``argv`` and run ``main``: the one place exit codes and error lines are made.
 
-    0 ok; 1 validation failed (export written); 2 a CollnError or a path that cannot be used (one
-    line); 130 interrupted (SIGINT, SIGTERM, SIGHUP: temp output removed on the way out);
+    0 ok; 1 validation failed (export written); 2 a CollnError, a path that cannot be used or out
+    of memory (one line); 130 interrupted (SIGINT, SIGTERM, SIGHUP: temp output removed on the way out);
     INTERNAL_ERROR anything else: one line naming a log file that holds the traceback."""
     verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
     try:
@@ -91,6 +91,8 @@ def run_main(
     except CollnError as exc:
         if _interrupted(exc):
             return interrupted()
+        if _out_of_memory(exc):
+            return out_of_memory(verbose)
         if verbose:
             traceback.print_exc()
         say_once(f"colln: error: {exc.stage}: {exc}")
@@ -98,6 +100,8 @@ def run_main(
     except Exception as exc:  # noqa: BLE001 - the one place an unexpected error becomes an exit code
         if _interrupted(exc):
             return interrupted()
+        if _out_of_memory(exc):
+            return out_of_memory(verbose)
         if not isinstance(exc, OSError) or exc.errno not in PATH_ERRNOS:
             return internal_error(parser.prog, verbose)
         if verbose:
@@ -168,6 +172,43 @@ def _interrupted(
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+# How the runtimes say an allocation failed: ONNX Runtime's arena, C++'s operator new (OpenVINO,
+# TensorRT), PyTorch's allocators.
+_NO_MEMORY = re.compile(r"Failed to allocate memory|(std::)?bad_alloc|can't alloc|out of memory", re.IGNORECASE)
+
+
+def _out_of_memory(
+    exc: BaseException,
+) -> BaseException | None:
+    """The allocation failure behind ``exc`` (a MemoryError, or a runtime's own error saying so),
+    itself or a cause; ``None`` if there is none."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MemoryError) or _NO_MEMORY.search(str(exc)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def out_of_memory(
+    verbose: bool,
+) -> int:
+    """Out of memory is what the machine allows, not a bug: one line saying what to do, exit 2."""
+    if verbose:
+        traceback.print_exc()
+    cause = _out_of_memory(sys.exc_info()[1])
+    said = _NO_MEMORY.search(str(cause))
+    # From the runtime's own words on (ONNX Runtime's lines start with a source path and a signature).
+    what = str(cause)[said.start() :] if said else str(cause).strip() or type(cause).__name__
+    what = what.strip().splitlines()[0]
+    say_once(
+        f"colln: error: memory: out of memory ({what[:200]}): run it with smaller batches (or a smaller model), or "
+        "free memory or raise the limit (ulimit -v, the container's memory)"
+    )
+    return 2
 
 
 def internal_error(

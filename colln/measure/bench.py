@@ -21,7 +21,7 @@ from colln.errors import ExportDirError, MeasurementError, RegressionFileError, 
 from colln.export.artifact import ORT_SESSION_OPTIONS, default_out_dir, read_export
 from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportSpec
 from colln.export.unpruned import cached_export, default_cache, unpruned_engine, unpruned_export
-from colln.infer.environment import environment
+from colln.infer.environment import available_memory, environment
 from colln.infer.runners import open_runner, openvino_runner, run
 from colln.infer.timing import (
     PLAUSIBLE_SPEEDUP,
@@ -32,6 +32,7 @@ from colln.infer.timing import (
     paired_speedup,
     plausible_speedup,
 )
+from colln.models.plan import KeepPlan
 
 RATIO_METRICS = ("speedup", "efficiency")
 
@@ -63,6 +64,7 @@ def bench_export(
     export_dir = Path(export_dir)
     spec = read_export(export_dir)
     plan = spec.keep_plan()
+    check_batches_fit(batches, plan)
     flops = plan.flops()
     cache = cache if cache is not None else default_cache(export_dir)
     base_dir = unpruned_export(spec, cache)
@@ -115,6 +117,36 @@ def runtime_label(
 ) -> str:
     """What a case name says was timed: ``onnxruntime+openvino`` for a stack across runtimes, else the backend."""
     return "+".join(runtimes) if runtimes else backend
+
+
+def image_bytes(
+    plan: KeepPlan,
+) -> int:
+    """What one image of a batch takes at least while the unpruned graph runs, in fp32: its pixels,
+    and inside one block the residual stream and its norm, the MLP's hidden activations and one
+    head's attention matrix (a lower bound: runtimes keep more alive)."""
+    d, n = plan.dims, plan.num_tokens
+    pixels = d.patch_macs // d.attn_dim  # the patch embedding's MACs are D per input value
+    hidden = d.mlp_macs // (2 * d.attn_dim)  # fc1 and fc2: D x hidden each
+    return 4 * (pixels + n * (2 * d.attn_dim + hidden) + n * n)
+
+
+def check_batches_fit(
+    batches: Sequence[int],
+    plan: KeepPlan,
+) -> None:
+    """UsageError before anything is allocated when the largest batch cannot fit in the memory this
+    process has left (:func:`colln.infer.environment.available_memory`), by :func:`image_bytes`."""
+    free, per_image = available_memory(), image_bytes(plan)
+    if free is None or max(batches) * per_image <= free:
+        return
+    gib = 2**30
+    raise UsageError(
+        f"batch {max(batches)} needs at least {max(batches) * per_image / gib:.1f} GiB for its activations, and this "
+        f"process can allocate {free / gib:.1f} GiB: give --batch sizes of at most {free // per_image}, or free memory "
+        "(or raise the limit: ulimit -v, the container's memory)",
+        stage="memory",
+    )
 
 
 @dataclass(frozen=True)
