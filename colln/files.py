@@ -48,6 +48,14 @@ def path_problem(
 ) -> UsageError:
     """``exc`` as colln's one line: what went wrong with ``path`` and ``fix``."""
     what = PATH_ERRNOS.get(exc.errno, exc.strerror or type(exc).__name__)
+    path = Path(path)
+    # What mkdir / mkdtemp's errno leaves unsaid: a file where a directory should be (EEXIST from
+    # mkdir -p), a directory that takes no new files (/proc says ENOENT).
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if exc.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTDIR) and existing is not None and not existing.is_dir():
+        what = f"{display(existing)} is a file, not a directory"
+    elif exc.errno == errno.ENOENT and existing == path:
+        what = "it exists, and new files cannot be created in it"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free some space and run it again"
     return UsageError(f"cannot write {display(path)} ({what}): {fix}", stage="output")
@@ -137,12 +145,12 @@ def check_replaceable(
     cwd = Path.cwd().resolve()
     if out.resolve() == cwd or out.resolve() in cwd.parents:
         raise OutputExistsError(
-            f"{display(out)} is the current directory or holds it: --force never replaces it; choose another {option}"
+            f"{display(out)} is the current directory or holds it: colln never replaces it; choose another {option}"
         )
     if not (out / marker).is_file() and any(out.iterdir()):
         raise OutputExistsError(
-            f"{display(out)} is not empty and has no {marker}, so colln did not write it: --force replaces only "
-            f"colln's own output or an empty directory; choose another {option}"
+            f"{display(out)} is not empty and has no {marker}, so colln did not write it: colln replaces only its own "
+            f"output or an empty directory; choose another {option}"
         )
     if not _removable(out):
         code = errno.EROFS if os.statvfs(out).f_flag & os.ST_RDONLY else errno.EACCES

@@ -435,6 +435,7 @@ def prune_config(
             raise UsageError("--tome replaces --keep: ToMe merges R tokens per block; give one of them")
         tome = parse_ints(args.tome, "--tome", minimum=0)
         tome = tome[0] if len(tome) == 1 else tome
+    _refuse_unused_options(args)
     keep = parse_floats(args.keep, "--keep") if args.keep is not None else ((1.0,) if tome is not None else (PruneConfig.keep,))
     layers = parse_ints(args.layers, "--layers") if args.layers is not None else None
     named = ("keep", "layers", "tome")
@@ -442,6 +443,32 @@ def prune_config(
     return PruneConfig(
         keep=keep[0] if len(keep) == 1 else keep, layers=layers, tome=tome, **{name: getattr(args, name) for name in others}
     )
+
+
+def _refuse_unused_options(
+    args: argparse.Namespace,
+) -> None:
+    """UsageError for an option given where it changes nothing (a user believes it took effect):
+    the merge settings without a merge, pruning's settings with ToMe (which scores no tokens)."""
+    tome = args.tome is not None
+    unused = [
+        message
+        for message, given in (
+            ("--merge-weight does nothing without --merge: add --merge, or leave it out",
+             args.merge_weight is not None and not args.merge),
+            ("--no-prop-attn does nothing without --merge or --tome: leave it out",
+             not args.prop_attn and not (args.merge or tome)),
+            (f"--metric {args.metric} does nothing with --tome (ToMe matches keys, it scores no tokens): leave it out",
+             tome and args.metric != PruneConfig.metric),
+            ("--round-to does nothing with --tome (ToMe merges r tokens, it has no keep counts): leave it out",
+             tome and args.round_to != PruneConfig.round_to),
+            ("--spatial-order does nothing with --tome (ToMe's merged tokens have no score order): leave it out",
+             tome and args.spatial_order),
+        )
+        if given
+    ]  # fmt: skip
+    if unused:
+        raise UsageError(unused[0])
 
 
 def add_model_args(
