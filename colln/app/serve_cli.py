@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
-from colln.app.cli import ArgumentParser, entry_point, positive_int
+from colln.app.cli import ArgumentParser, entry_point, interrupted, positive_int
 from colln.report.export_report import REPORT_JSON
 from colln.serve.server import SERVE_BACKENDS, serve
 
@@ -72,7 +73,7 @@ def run(
         warning = failed_validation(export, args.backend)
         if warning:
             print(f"colln-serve: {warning}", file=sys.stderr, flush=True)
-    serve(
+    stopped_by = serve(
         args.exports,
         host=args.host,
         http_port=args.http_port,
@@ -84,7 +85,9 @@ def run(
         repository=args.repository,
         tritonserver=args.tritonserver,
     )
-    return 0
+    # Ctrl-C is an interrupt like any command's (130); SIGTERM and SIGHUP (docker stop, a service
+    # manager) are how a server is asked to stop: done, 0.
+    return interrupted() if stopped_by == signal.SIGINT else 0
 
 
 main = entry_point(build_parser, run)
