@@ -489,7 +489,7 @@ def check_regression_file(
     """``recorded`` (the parsed JSON of the regression file ``source``) when colln-bench can check
     against it, else RegressionFileError naming the first thing wrong, before anything is timed: an
     object with a list of ``cases`` (or a single colln-bench report), each with its ``case`` name, a
-    readable timing and, per batch size, a finite positive ``speedup`` and ``efficiency``."""
+    readable timing and, per batch size, a finite ``speedup`` and ``efficiency`` >= 0."""
 
     def wrong(what: str) -> RegressionFileError:
         return RegressionFileError(f"{source} {what}, so it is no regression file: regenerate it with --save-baseline")
@@ -514,8 +514,8 @@ def check_regression_file(
             for metric in RATIO_METRICS:
                 value = row.get(metric) if isinstance(row, dict) else None
                 number = isinstance(value, (int, float)) and not isinstance(value, bool)
-                if not number or not math.isfinite(value) or value <= 0:
-                    raise wrong(f"{where} batch {batch} has {metric} {json.dumps(value)}, not a positive number")
+                if not number or not math.isfinite(value) or value < 0:
+                    raise wrong(f"{where} batch {batch} has {metric} {json.dumps(value)}, not a number >= 0")
     return recorded
 
 
