@@ -106,6 +106,13 @@ class RegressionFileError(CollnError):
     stage = "baseline"
 
 
+class MeasurementError(CollnError):
+    """A timing gave figures no machine can (a speedup outside the plausible range): the measurement
+    failed, there is no result."""
+
+    stage = "timing"
+
+
 class NoFitError(CollnError):
     """No configuration of a sweep meets the latency budget or speedup target."""
 

@@ -20,6 +20,7 @@ import shutil
 import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,14 @@ def path_problem(
 ) -> UsageError:
     """``exc`` as colln's one line: what went wrong with ``path`` and ``fix``."""
     what = PATH_ERRNOS.get(exc.errno, exc.strerror or type(exc).__name__)
+    path = Path(path)
+    # What mkdir / mkdtemp's errno leaves unsaid: a file where a directory should be (EEXIST from
+    # mkdir -p), a directory that takes no new files (/proc says ENOENT).
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if exc.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTDIR) and existing is not None and not existing.is_dir():
+        what = f"{display(existing)} is a file, not a directory"
+    elif exc.errno == errno.ENOENT and existing == path:
+        what = "it exists, and new files cannot be created in it"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free some space and run it again"
     return UsageError(f"cannot write {display(path)} ({what}): {fix}", stage="output")
@@ -136,12 +145,12 @@ def check_replaceable(
     cwd = Path.cwd().resolve()
     if out.resolve() == cwd or out.resolve() in cwd.parents:
         raise OutputExistsError(
-            f"{display(out)} is the current directory or holds it: --force never replaces it; choose another {option}"
+            f"{display(out)} is the current directory or holds it: colln never replaces it; choose another {option}"
         )
     if not (out / marker).is_file() and any(out.iterdir()):
         raise OutputExistsError(
-            f"{display(out)} is not empty and has no {marker}, so colln did not write it: --force replaces only "
-            f"colln's own output or an empty directory; choose another {option}"
+            f"{display(out)} is not empty and has no {marker}, so colln did not write it: colln replaces only its own "
+            f"output or an empty directory; choose another {option}"
         )
     if not _removable(out):
         code = errno.EROFS if os.statvfs(out).f_flag & os.ST_RDONLY else errno.EACCES
@@ -175,6 +184,45 @@ def _locked(
     finally:
         os.close(fd)  # releases the lock
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Run native code that calls back into Python (PyTorch's exporter) with SIGINT, SIGTERM and
+    SIGHUP held: one arriving meanwhile acts (its handler runs: colln's raise KeyboardInterrupt) when
+    the block ends. Raised inside such a callback, the exception crosses C++ frames that cannot pass
+    it on and the process aborts (``terminate called after throwing an instance of 'python_error'``,
+    exit 134, the temp output left behind). A second signal acts at once. The main thread only (the
+    one Python runs signal handlers in); signals ignored or handled outside Python stay as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {sig: handler for sig in _SWAP_SIGNALS if (handler := signal.getsignal(sig)) not in (None, signal.SIG_IGN)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def hold(
+        signum: int,
+        frame: object,
+    ) -> None:
+        if held:  # asked twice: act now
+            held.clear()
+            restore()
+            signal.raise_signal(signum)
+            return
+        held.append(signum)
+
+    for sig in previous:
+        signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        restore()
+        if held:
+            signal.raise_signal(held[0])
 
 
 @contextlib.contextmanager

@@ -428,3 +428,103 @@ def test_cache_entries_follow_the_graph_revision(export_dir: Path, monkeypatch: 
     before = [baseline.cache_key(s) for s in specs]
     monkeypatch.setattr(baseline, "GRAPH_REVISION", baseline.GRAPH_REVISION + 1)
     assert all(baseline.cache_key(s) != key for s, key in zip(specs, before, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        ("[1, 2, 3]", "holds a JSON list"),
+        ('{"cases": "x"}', '"cases": "x"'),
+        ('{"cases": [{"case": "c", "timing": {"rounds": 3}}]}', "case c has no batches"),
+        ('{"cases": [{"case": "c", "batches": {"1": {"speedup": "fast", "efficiency": 1}}}]}', 'speedup "fast"'),
+        ('{"cases": [{"case": "c", "batches": {"1": {"speedup": NaN, "efficiency": 1}}}]}', "speedup NaN"),
+        ('{"cases": [{"case": "c", "batches": {"1": null}}]}', "batch 1 has speedup null"),
+        ('{"cases": [{"case": "c", "timing": {"rounds": "x"}, "batches": {"1": {"speedup": 1, "efficiency": 1}}}]}', "timing"),
+    ],
+    ids=["list", "cases-string", "no-batches", "speedup-string", "speedup-nan", "batch-null", "bad-timing"],
+)
+@pytest.mark.parametrize("option", ["--baseline", "--save-baseline"])
+def test_a_malformed_regression_file_is_refused_before_timing(
+    export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, content: str, said: str,
+    option: str,
+) -> None:  # fmt: skip
+    """Exit 2 naming what is wrong, before anything is timed: not exit 3 after the run, and never
+    "no regression" against a NaN or a missing entry."""
+    from colln.app import bench_cli
+
+    def never(*args: object, **kwargs: object) -> dict:
+        raise AssertionError("timed before the regression file was checked")
+
+    monkeypatch.setattr(bench_cli, "bench_export", never)
+    path = tmp_path / "regression.json"
+    path.write_text(content)
+    assert main([str(export_dir), "--batch", "1", option, str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"colln: error: baseline: {path}") and said in err and "--save-baseline" in err, err
+
+
+def test_a_nan_speedup_is_a_regression() -> None:
+    recorded = {"case": "c", "batches": {"1": {"speedup": 1.2, "efficiency": 0.8}}}
+    now = {"batches": {"1": {"speedup": float("nan"), "efficiency": 0.9}}}
+    from colln.measure.bench import regressions
+
+    (found,) = regressions(now, recorded, 0.1)
+    assert found.startswith("batch 1 speedup nan")
+
+
+def test_threads_beyond_the_cpus_are_refused(export_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    assert main([str(export_dir), "--batch", "1", "--rounds", "1", "--warmup", "0", "--threads", str(cpus + 1)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"colln: error: arguments: --threads {cpus + 1} is more than the {cpus} CPUs this process may use: give "
+        f"--threads {cpus} or fewer (0: the runtime's default)"
+    )
+
+
+def test_an_implausible_speedup_is_a_failed_measurement(
+    export_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A speedup no keep plan can give (995x at a bound of 1.5: an oversubscribed machine) is no
+    result: exit 2 naming it, nothing printed or written as a result."""
+    from colln.measure import bench
+
+    def oversubscribed(exports: dict, batches: list, timing: Timing, device: str) -> dict:
+        times = {"unpruned": np.full(5, 0.995), "pruned": np.full(5, 0.001)}
+        stats = {name: LatencyStats.from_times(t, 1) for name, t in times.items()}
+        return {1: bench.Comparison(batch=1, stats=stats, speedups={"pruned": paired_speedup(*times.values())}, times=times)}
+
+    monkeypatch.setattr(bench, "measure_exports", oversubscribed)
+    out = tmp_path / "r.json"
+    assert main([str(export_dir), "--batch", "1", "--cache", str(export_dir.parent / ".colln-cache"), "--json", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "speedup" not in captured.out and not out.exists()
+    bound = ExportSpec.read(export_dir).keep_plan().flops().bound
+    assert captured.err.startswith(
+        f"colln: error: timing: batch 1: pruned measured a speedup of 995.000, outside what a keep plan with a FLOPs "
+        f"bound of {bound:.2f} can give (0.05 to {10 * bound:.3g}): the timing failed"
+    ), captured.err
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_anything_is_allocated(
+    export_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Against the memory left (ulimit -v, a container's limit, the machine's free memory): per
+    image at least its pixels, the residual stream and its norm, the MLP's hidden activations and
+    one head's attention, in fp32 (digits_vit: 3x32x32 pixels, 65 tokens of 64, MLP 256 wide)."""
+    from colln.measure import bench
+
+    def never(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("exported before the batch was checked")
+
+    per_image = 4 * (3 * 32 * 32 + 65 * (2 * 64 + 256) + 65 * 65)
+    monkeypatch.setattr(bench, "available_memory", lambda: 2**30)
+    monkeypatch.setattr(bench, "unpruned_export", never)
+    assert main([str(export_dir), "--batch", "1,100000"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"colln: error: memory: batch 100000 needs at least {100000 * per_image / 2**30:.1f} GiB for its activations, and "
+        f"this process can allocate 1.0 GiB: give --batch sizes of at most {2**30 // per_image}, or free memory (or raise "
+        "the limit: ulimit -v, the container's memory)"
+    )

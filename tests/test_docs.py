@@ -201,3 +201,18 @@ def test_option_checker_finds_an_undocumented_option(tmp_path: Path) -> None:
     other.write_text("# Another command\n\n--keep --keep-all --backend torch onnxruntime\n")
     everything = ["--keep", "--keep-all", "--backend", "--backend torch", "--backend onnxruntime"]
     assert undocumented("colln-demo", parser, [other]) == everything  # that page is not about colln-demo
+
+
+@pytest.mark.parametrize("name", ["colln-bench", "colln-validate"])
+def test_reference_pages_name_every_option_and_backend(name: str) -> None:
+    """The command's own reference page, not just some page naming the command, lists each of its
+    options and every --backend choice (OpenVINO's was missing)."""
+    parser = commands()[name]
+    page = (DOCS / "reference" / f"{name}.md").read_text(encoding="utf-8")
+    table = set(re.findall(r"^\| `([^`]*)`", page, re.M))
+    for action in parser._actions:
+        if action.option_strings and action.help != argparse.SUPPRESS and "-h" not in action.option_strings:
+            assert any(action.option_strings[0] in cell for cell in table), (name, action.option_strings[0])
+        if "--backend" in action.option_strings:
+            (cell,) = (c for c in table if "--backend" in c)
+            assert sorted(cell.split(" ", 1)[1].split("|")) == sorted(action.choices), cell

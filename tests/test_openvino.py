@@ -560,3 +560,59 @@ def test_every_manifest_field_is_checked_against_its_file(
     _edit_manifest(swapped, sha256={name: file_sha256(swapped / name) for name in (IR_FILE, WEIGHTS_FILE)})
     with pytest.raises(ExportDirError, match=r"model\.xml is an fp32 IR but export\.json records precision int8"):
         open_runner(swapped, "openvino")
+
+
+def test_bench_on_openvino_alone_pairs_openvinos_own_variants(fp32_export: Path, tmp_path: Path, capsys) -> None:
+    """``--runtimes openvino``: the stack keeps ONNX Runtime's unpruned fp32 as its common baseline,
+    and the rows pair OpenVINO's pruned against OpenVINO's unpruned (no ONNX Runtime pruned variant
+    to pair); a runtime listed twice is refused in one line, before anything is exported."""
+    from colln.app.bench_cli import main as bench_main
+
+    out = tmp_path / "r.json"
+    argv = [str(fp32_export), "--batch", "2", "--rounds", "3", "--warmup", "1", "--threads", "1", "--cache", str(tmp_path)]
+    assert bench_main([*argv, "--runtimes", "openvino", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["case"].endswith("@openvino-t1")
+    row, stack = result["batches"]["2"], result["stack"]["batches"]["2"]
+    assert stack["unpruned-fp32"]["speedup"] == 1.0 and "pruned-fp32" not in stack
+    ratios = ("speedup", "speedup_iqr", "speedup_same_runtime")
+    for kind in ("unpruned", "pruned"):
+        assert row[kind] == {k: v for k, v in stack[f"openvino:{kind}-fp32"].items() if k not in ratios}
+    assert row["speedup"] == stack["openvino:pruned-fp32"]["speedup_same_runtime"]
+    capsys.readouterr()
+    for runtimes in ("openvino,openvino", "onnxruntime,openvino,onnxruntime"):
+        assert bench_main([*argv, "--runtimes", runtimes, "--cache", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("colln: error: arguments: runtimes are listed once each") and "listed twice" in err, err
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_full_disk_while_writing_the_ir_is_one_line_saying_what_to_do(
+    fp32_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """OpenVINO's writer fails with a C++ stream error and no errno (``basic_ios::clear: iostream
+    error``, as on a real full tmpfs): exit 2 saying the disk is full where it is, else what to
+    check; never an internal error."""
+    import shutil as shutil_module
+
+    from colln.app.cli import ArgumentParser, run_main
+
+    copy = shutil.copytree(fp32_export, tmp_path / "copy")
+
+    def full(model: object, path: str, compress_to_fp16: bool = True) -> None:
+        Path(path).write_bytes(b"<?xml")  # what was written before the disk filled up
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(ov, "save_model", full)
+    real_usage = shutil_module.disk_usage
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: real_usage(path)._replace(free=4096))
+    assert run_main(lambda args: write_ir(copy, "fp32"), ArgumentParser(prog="colln-test"), []) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"colln: error: output: cannot write {copy / 'openvino'} (the disk is full): free some space and run it again"
+    )
+    monkeypatch.setattr(shutil_module, "disk_usage", real_usage)  # room left: not a full disk, say what to check
+    assert run_main(lambda args: write_ir(copy, "fp32"), ArgumentParser(prog="colln-test"), []) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"colln: error: openvino: OpenVINO could not write its IR to {copy / 'openvino'} (basic_ios::clear: iostream "
+        "error): check that the disk has room and the directory is writable, or choose another --out"
+    )

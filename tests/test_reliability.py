@@ -430,3 +430,128 @@ def test_every_command_module_has_one_shape() -> None:
         assert isinstance(module.build_parser(), ArgumentParser) and module.build_parser().prog == script
         assert list(inspect.signature(module.run).parameters) == ["args"], script
         assert inspect.signature(module.run).return_annotation in (int, "int"), script
+
+
+def test_out_of_memory_is_exit_2_saying_what_to_do(capsys) -> None:
+    """A real failed allocation (numpy's MemoryError), and a runtime's own words for one behind a
+    colln error (OpenVINO's compile: ``std::bad_alloc``): one line, exit 2, not "please report it"."""
+
+    def allocate(args: object) -> int:
+        np.empty(2**62, dtype=np.uint8)
+        return 0
+
+    def compile_fails(args: object) -> int:
+        try:
+            raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:112:\nstd::bad_alloc")
+        except RuntimeError as exc:
+            raise ExportDirError("OpenVINO's CPU plugin cannot compile the graph: std::bad_alloc") from exc
+
+    fix = (
+        "run it with smaller batches (or a smaller model), or free memory or raise the limit (ulimit -v, the container's memory)"
+    )
+    assert run_main(allocate, ArgumentParser(prog="colln-test"), []) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("colln: error: memory: out of memory (Unable to allocate 4.00 EiB") and err.endswith(fix), err
+    assert run_main(compile_fails, ArgumentParser(prog="colln-test"), []) == 2
+    assert capsys.readouterr().err.strip() == f"colln: error: memory: out of memory (std::bad_alloc): {fix}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT], ids=["SIGHUP", "SIGTERM", "SIGINT"])
+def test_an_interrupt_during_the_onnx_export_acts_when_the_exporter_returns(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sig: int
+) -> None:
+    """torch.export calls Python from C++: a KeyboardInterrupt raised inside it can abort the
+    process (``terminate called after throwing an instance of 'python_error'``, exit 134, a temp
+    dir left; once in ~20 SIGHUPs). The signal acts when the exporter returns, as the CLI handles it
+    (KeyboardInterrupt: exit 130, temp output removed); a second one acts at once."""
+    from colln.app.cli import interrupt_on_termination
+    from colln.export.onnx import export_onnx
+
+    reached: list[str] = []
+
+    def exporter(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), sig)
+        reached.append("after the signal")  # a callback the C++ side runs on
+        return None
+
+    monkeypatch.setattr(torch.onnx, "export", exporter)
+    with interrupt_on_termination(), pytest.raises(KeyboardInterrupt):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "model.onnx", (3, 8, 8))
+    assert reached == ["after the signal"]
+
+    def insisted(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), sig)
+        reached.append("after the second signal")
+
+    monkeypatch.setattr(torch.onnx, "export", insisted)
+    with interrupt_on_termination(), pytest.raises(KeyboardInterrupt):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "model.onnx", (3, 8, 8))
+    assert reached == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--merge-weight", "size"], "--merge-weight does nothing without --merge: add --merge, or leave it out"),
+        (["--no-prop-attn"], "--no-prop-attn does nothing without --merge or --tome: leave it out"),
+        (["--tome", "8", "--metric", "cls"], "--metric cls does nothing with --tome (ToMe matches keys, it scores no tokens)"),
+        (["--tome", "8", "--round-to", "8"], "--round-to does nothing with --tome"),
+        (["--tome", "8", "--spatial-order"], "--spatial-order does nothing with --tome"),
+        (["--precision", "fp16", "--openvino"], "--openvino takes an fp32 or int8 export, not --precision fp16"),
+    ],
+    ids=["merge-weight", "no-prop-attn", "tome-metric", "tome-round-to", "tome-spatial-order", "fp16-openvino"],
+)
+def test_options_that_would_do_nothing_are_refused_in_one_line(tmp_path: Path, capsys, argv: list[str], said: str) -> None:
+    out = tmp_path / "e"
+    assert export_cli.main(["digits_vit", *argv, "--no-validate", "--no-latency", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"colln: error: arguments: {said}"), err
+    assert "--openvino-precision fp16" not in err[0] and not out.exists()
+
+
+def test_an_unusable_out_gets_its_real_reason(tmp_path: Path, capsys) -> None:
+    (tmp_path / "afile").write_text("x")
+    for out, reason in (
+        (tmp_path / "afile" / "sub", f"cannot write {tmp_path / 'afile'} ({tmp_path / 'afile'} is a file, not a directory)"),
+        (tmp_path / "afile" / "a" / "b", f"({tmp_path / 'afile'} is a file, not a directory)"),
+        (Path("/proc/x"), "cannot write /proc (it exists, and new files cannot be created in it)"),
+    ):
+        assert export_cli.main(["digits_vit", "--no-validate", "--no-latency", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("colln: error: output: ") and reason in err, err
+
+
+def test_colln_triton_suggests_no_option_it_lacks(digits_export: Path, tmp_path: Path, capsys) -> None:
+    repo = tmp_path / "repo"
+    (repo / "notes").mkdir(parents=True)
+    (repo / "notes" / "todo.txt").write_text("keep me")
+    assert triton_cli.main([str(digits_export), str(repo), "--name", "notes"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no config.pbtxt, so colln did not write it" in err and "choose another REPO" in err
+    assert "--force" not in err and "--force" not in triton_cli.build_parser().format_help()
+
+
+def test_tome_plans_say_clamped_only_where_r_was_clamped(trained_digits_vit) -> None:
+    """digits_vit: 65 tokens; r 4 at its 8 blocks leaves 37 at the last (18 pairs: no clamp), r 8
+    leaves 9 entering block 7, whose 8 candidates merge at most 4."""
+    from colln.models.config import PruneConfig
+    from colln.models.rewrite import plan_for
+    from colln.report.render import plan_line
+
+    assert "clamped" not in plan_line(plan_for(trained_digits_vit, PruneConfig(keep=1.0, tome=4)).to_dict())
+    line = plan_line(plan_for(trained_digits_vit, PruneConfig(keep=1.0, tome=8)).to_dict())
+    assert "r [8, 8, 8, 8, 8, 8, 8, 4] (clamped to half the tokens at blocks [7])" in line, line
+
+
+def test_colln_serve_warns_of_an_export_that_failed_validation(digits_export: Path, tmp_path: Path) -> None:
+    export = shutil.copytree(digits_export, tmp_path / "export")
+    assert serve_cli.failed_validation(export, "onnxruntime") is None  # passed
+    report = json.loads((export / "report.json").read_text())
+    report["validation"]["passed"] = False
+    (export / "report.json").write_text(json.dumps(report))
+    assert serve_cli.failed_validation(export, "onnxruntime") == (
+        f"warning: {export} failed its onnxruntime validation against PyTorch ({export / 'report.json'}): serving it anyway"
+    )
+    assert serve_cli.failed_validation(export, "openvino") is None  # no OpenVINO validation in this export

@@ -593,3 +593,25 @@ def test_sigterm_stops_server_cleanly(server: dict) -> None:
     for port in server["ports"]:
         with pytest.raises(ConnectionRefusedError):  # nothing listens any more: Triton exited too
             socket.create_connection((HOST, port), timeout=5).close()
+
+
+def test_ctrl_c_exits_130_and_an_export_that_failed_validation_is_served_with_a_warning(
+    digits_export: Path, tmp_path: Path
+) -> None:
+    """SIGINT is an interrupt like any command's: exit 130 after a clean stop (SIGTERM, a server's
+    ordinary stop, stays 0). An export whose report says it failed validation (colln-export
+    --no-fail) is served, with a warning naming the failed validation."""
+    export = shutil.copytree(digits_export, tmp_path / "failed")
+    report = json.loads((export / "report.json").read_text())
+    report["validation"]["passed"] = False
+    (export / "report.json").write_text(json.dumps(report))
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path / "serve.log"
+    argv = [str(Path(sys.executable).with_name("colln-serve")), str(export), "--http-port", str(http),
+            "--grpc-port", str(grpc), "--metrics-port", str(metrics)]  # fmt: skip
+    proc = launch(argv, log)
+    wait_ready(proc, f"{HOST}:{http}")
+    assert stop(proc, signal.SIGINT, timeout=150) == 130, log.read_text()[-2000:]
+    text = log.read_text()
+    assert f"colln-serve: warning: {export} failed its onnxruntime validation against PyTorch" in text
+    assert "colln-serve: stopped" in text and text.strip().splitlines()[-1] == "colln: error: interrupted"

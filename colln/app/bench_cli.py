@@ -12,7 +12,14 @@ from colln.app.cli import ArgumentParser, add_timing_arguments, entry_point, par
 from colln.errors import RegressionFileError, UsageError
 from colln.files import atomic_write
 from colln.infer.runners import BACKENDS
-from colln.measure.bench import bench_export, check_regressions, merge_case, recorded_timing
+from colln.measure.bench import (
+    bench_export,
+    check_regression_file,
+    check_regressions,
+    check_runtimes,
+    merge_case,
+    recorded_timing,
+)
 from colln.report.render import print_bench
 
 
@@ -69,7 +76,13 @@ def run(
     if not 0.0 <= args.tolerance < 1.0:
         raise UsageError(f"--tolerance must be in [0, 1), e.g. 0.1 for 10%, got {args.tolerance}")
     runtimes = tuple(r.strip() for r in args.runtimes.split(",")) if args.runtimes else ()
-    recorded = _read_json(args.regression_file) if args.regression_file else None
+    if runtimes:
+        check_runtimes(runtimes)
+    # Both files are read and checked before the timing run, not after it.
+    recorded = _read_regression_file(args.regression_file) if args.regression_file else None
+    previous = {}
+    if args.save_regression_file and args.save_regression_file.exists():
+        previous = _read_regression_file(args.save_regression_file)
     like = None
     if recorded is not None:
         like = recorded_timing(recorded, args.regression_file, args.export_dir, args.backend, runtimes, args.device, args.threads)
@@ -80,7 +93,6 @@ def run(
     if args.json:
         atomic_write(args.json, json.dumps(report, indent=2) + "\n")
     if args.save_regression_file:
-        previous = _read_json(args.save_regression_file) if args.save_regression_file.exists() else {}
         atomic_write(args.save_regression_file, json.dumps(merge_case(previous, report), indent=2) + "\n")
     if recorded is not None:
         check_regressions(report, recorded, args.regression_file, args.tolerance)
@@ -88,9 +100,9 @@ def run(
     return 0
 
 
-def _read_json(path: Path) -> dict:
+def _read_regression_file(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        return check_regression_file(json.loads(Path(path).read_text()), path)
     except OSError as exc:
         raise RegressionFileError(f"cannot read {path} ({exc.strerror}): give an existing JSON file") from exc
     except ValueError as exc:

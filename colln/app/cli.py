@@ -78,8 +78,8 @@ def run_main(
 ) -> int:
     """Parse ``argv`` and run ``main``: the one place exit codes and error lines are made.
 
-    0 ok; 1 validation failed (export written); 2 a CollnError or a path that cannot be used (one
-    line); 130 interrupted (SIGINT, SIGTERM, SIGHUP: temp output removed on the way out);
+    0 ok; 1 validation failed (export written); 2 a CollnError, a path that cannot be used or out
+    of memory (one line); 130 interrupted (SIGINT, SIGTERM, SIGHUP: temp output removed on the way out);
     INTERNAL_ERROR anything else: one line naming a log file that holds the traceback."""
     verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
     try:
@@ -91,6 +91,8 @@ def run_main(
     except CollnError as exc:
         if _interrupted(exc):
             return interrupted()
+        if _out_of_memory(exc):
+            return out_of_memory(verbose)
         if verbose:
             traceback.print_exc()
         say_once(f"colln: error: {exc.stage}: {exc}")
@@ -98,6 +100,8 @@ def run_main(
     except Exception as exc:  # noqa: BLE001 - the one place an unexpected error becomes an exit code
         if _interrupted(exc):
             return interrupted()
+        if _out_of_memory(exc):
+            return out_of_memory(verbose)
         if not isinstance(exc, OSError) or exc.errno not in PATH_ERRNOS:
             return internal_error(parser.prog, verbose)
         if verbose:
@@ -168,6 +172,43 @@ def _interrupted(
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+# How the runtimes say an allocation failed: ONNX Runtime's arena, C++'s operator new (OpenVINO,
+# TensorRT), PyTorch's allocators.
+_NO_MEMORY = re.compile(r"Failed to allocate memory|(std::)?bad_alloc|can't alloc|out of memory", re.IGNORECASE)
+
+
+def _out_of_memory(
+    exc: BaseException,
+) -> BaseException | None:
+    """The allocation failure behind ``exc`` (a MemoryError, or a runtime's own error saying so),
+    itself or a cause; ``None`` if there is none."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MemoryError) or _NO_MEMORY.search(str(exc)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def out_of_memory(
+    verbose: bool,
+) -> int:
+    """Out of memory is what the machine allows, not a bug: one line saying what to do, exit 2."""
+    if verbose:
+        traceback.print_exc()
+    cause = _out_of_memory(sys.exc_info()[1])
+    said = _NO_MEMORY.search(str(cause))
+    # From the runtime's own words on (ONNX Runtime's lines start with a source path and a signature).
+    what = str(cause)[said.start() :] if said else str(cause).strip() or type(cause).__name__
+    what = what.strip().splitlines()[0]
+    say_once(
+        f"colln: error: memory: out of memory ({what[:200]}): run it with smaller batches (or a smaller model), or "
+        "free memory or raise the limit (ulimit -v, the container's memory)"
+    )
+    return 2
 
 
 def internal_error(
@@ -395,6 +436,7 @@ def prune_config(
             raise UsageError("--tome replaces --keep: ToMe merges R tokens per block; give one of them")
         tome = parse_ints(args.tome, "--tome", minimum=0)
         tome = tome[0] if len(tome) == 1 else tome
+    _refuse_unused_options(args)
     keep = parse_floats(args.keep, "--keep") if args.keep is not None else ((1.0,) if tome is not None else (PruneConfig.keep,))
     layers = parse_ints(args.layers, "--layers") if args.layers is not None else None
     named = ("keep", "layers", "tome")
@@ -402,6 +444,32 @@ def prune_config(
     return PruneConfig(
         keep=keep[0] if len(keep) == 1 else keep, layers=layers, tome=tome, **{name: getattr(args, name) for name in others}
     )
+
+
+def _refuse_unused_options(
+    args: argparse.Namespace,
+) -> None:
+    """UsageError for an option given where it changes nothing (a user believes it took effect):
+    the merge settings without a merge, pruning's settings with ToMe (which scores no tokens)."""
+    tome = args.tome is not None
+    unused = [
+        message
+        for message, given in (
+            ("--merge-weight does nothing without --merge: add --merge, or leave it out",
+             args.merge_weight is not None and not args.merge),
+            ("--no-prop-attn does nothing without --merge or --tome: leave it out",
+             not args.prop_attn and not (args.merge or tome)),
+            (f"--metric {args.metric} does nothing with --tome (ToMe matches keys, it scores no tokens): leave it out",
+             tome and args.metric != PruneConfig.metric),
+            ("--round-to does nothing with --tome (ToMe merges r tokens, it has no keep counts): leave it out",
+             tome and args.round_to != PruneConfig.round_to),
+            ("--spatial-order does nothing with --tome (ToMe's merged tokens have no score order): leave it out",
+             tome and args.spatial_order),
+        )
+        if given
+    ]  # fmt: skip
+    if unused:
+        raise UsageError(unused[0])
 
 
 def add_model_args(
@@ -491,4 +559,13 @@ def timing_options(
     command line, the others from ``like`` (colln-bench ``--baseline``: the recorded case's), else
     :class:`Timing`'s defaults."""
     given = {name: getattr(args, name) for name in ("rounds", "warmup", "threads", "split_batches")}
-    return replace(like or Timing(), **{name: value for name, value in given.items() if value is not None})
+    timing = replace(like or Timing(), **{name: value for name, value in given.items() if value is not None})
+    # More threads than CPUs only oversubscribes them: the figures would measure the scheduler.
+    cpus = len(os.sched_getaffinity(0))
+    if timing.threads is not None and timing.threads > cpus:
+        source = "--threads" if args.threads is not None else "the recorded case's thread count"
+        raise UsageError(
+            f"{source} {timing.threads} is more than the {cpus} CPUs this process may use: give --threads {cpus} or "
+            "fewer (0: the runtime's default)"
+        )
+    return timing

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import signal
+import sys
 from pathlib import Path
 
-from colln.app.cli import ArgumentParser, entry_point, positive_int
+from colln.app.cli import ArgumentParser, entry_point, interrupted, positive_int
+from colln.report.export_report import REPORT_JSON
 from colln.serve.server import SERVE_BACKENDS, serve
 
 
@@ -43,10 +47,33 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def failed_validation(
+    export_dir: Path,
+    backend: str,
+) -> str | None:
+    """The warning for an export whose report says it failed the validation of the runtime served
+    (colln-export --no-fail writes such exports), else ``None``."""
+    try:
+        report = json.loads((Path(export_dir) / REPORT_JSON).read_text())
+        checked = (report.get("openvino") or {}).get("validation") if backend == "openvino" else report.get("validation")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(checked, dict) or checked.get("passed") is not False:
+        return None
+    return (
+        f"warning: {export_dir} failed its {checked.get('backend', backend)} validation against PyTorch "
+        f"({Path(export_dir) / REPORT_JSON}): serving it anyway"
+    )
+
+
 def run(
     args: argparse.Namespace,
 ) -> int:
-    serve(
+    for export in args.exports:
+        warning = failed_validation(export, args.backend)
+        if warning:
+            print(f"colln-serve: {warning}", file=sys.stderr, flush=True)
+    stopped_by = serve(
         args.exports,
         host=args.host,
         http_port=args.http_port,
@@ -58,7 +85,9 @@ def run(
         repository=args.repository,
         tritonserver=args.tritonserver,
     )
-    return 0
+    # Ctrl-C is an interrupt like any command's (130); SIGTERM and SIGHUP (docker stop, a service
+    # manager) are how a server is asked to stop: done, 0.
+    return interrupted() if stopped_by == signal.SIGINT else 0
 
 
 main = entry_point(build_parser, run)

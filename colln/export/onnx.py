@@ -20,6 +20,7 @@ from torch import nn
 
 from colln.errors import ExportError
 from colln.export.spec import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
+from colln.files import interrupts_held
 
 MIN_OPSET, MAX_OPSET = 17, 22
 MAX_SINGLE_FILE = 1_900_000_000  # protobuf's 2 GB limit, with room for the graph itself
@@ -49,7 +50,8 @@ def export_onnx(
     first_arg = next(iter(_forward_params(model)))
     log = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        # interrupts_held: torch.export runs Python callbacks from C++, where an interrupt can abort the process.
+        with interrupts_held(), warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model.eval(),

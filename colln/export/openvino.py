@@ -25,7 +25,10 @@ nncf are imported on use only (the ``openvino`` extra).
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import shutil
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import replace
@@ -33,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from colln.errors import BackendUnavailableError, CalibrationError, ExportDirError, ExportError
+from colln.errors import BackendUnavailableError, CalibrationError, CollnError, ExportDirError, ExportError
 from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportSpec, file_sha256, listed_file
+from colln.files import display, path_problem
 
 IR_DIR = "openvino"
 IR_FILE = f"{IR_DIR}/model.xml"
@@ -271,7 +275,10 @@ def write_ir(
             raise CalibrationError("an OpenVINO int8 IR needs calibration images")
         model = quantize(model, calibration)
     (export_dir / IR_DIR).mkdir(exist_ok=True)
-    ov.save_model(model, str(export_dir / IR_FILE), compress_to_fp16=False)
+    try:
+        ov.save_model(model, str(export_dir / IR_FILE), compress_to_fp16=False)
+    except RuntimeError as exc:
+        raise _write_failure(exc, export_dir / IR_DIR, source or export_dir / ONNX_FILE) from exc
     compiled = compile_model(export_dir / IR_FILE, precision)
     record = {
         "file": IR_FILE,
@@ -283,6 +290,23 @@ def write_ir(
     spec = replace(spec, artifacts={**spec.artifacts, "openvino": record})
     spec.write(export_dir)
     return spec
+
+
+def _write_failure(
+    exc: RuntimeError,
+    directory: Path,
+    source: Path,
+) -> CollnError:
+    """What ``ov.save_model`` failing means: its C++ stream error (``basic_ios::clear: iostream
+    error``) carries no errno, so a disk with less room left than the source graph's size (about
+    the IR's) is taken as full."""
+    if shutil.disk_usage(directory).free < Path(source).stat().st_size:
+        return path_problem(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), directory, "")
+    return ExportError(
+        f"OpenVINO could not write its IR to {display(directory)} ({_failure(exc)}): check that the disk has room and "
+        "the directory is writable, or choose another --out",
+        stage="openvino",
+    )
 
 
 def read_ir(

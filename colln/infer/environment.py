@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import resource
 from pathlib import Path
 
 PACKAGES = ("colln", "numpy", "torch", "timm", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt", "tensorrt_rtx")
@@ -90,3 +91,24 @@ def environment(
         "loadavg_before": list(load_before) if load_before else None,
         "loadavg_after": list(os.getloadavg()),
     }
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate, the least of what the machine has free
+    (``MemAvailable``), the address-space limit left (``ulimit -v``) and the cgroup's limit left
+    (a container's); ``None`` when none of them can be read."""
+    found = []
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        found.append(int(meminfo["MemAvailable"].split()[0]) * 1024)
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
+            status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+            found.append(limit - int(status["VmSize"].split()[0]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        cgroup = Path("/sys/fs/cgroup")
+        most = (cgroup / "memory.max").read_text().strip()
+        if most != "max":
+            found.append(int(most) - int((cgroup / "memory.current").read_text()))
+    return max(min(found), 0) if found else None

@@ -86,6 +86,11 @@ class OpenvinoOptions:
         from colln.export.openvino import IR_PRECISION
 
         precision = self.precision or spec.precision
+        if self.precision is None and precision not in IR_PRECISION:
+            raise UsageError(
+                f"--openvino takes an fp32 or int8 export, not --precision {precision}: export fp32 (with "
+                "--openvino-precision bf16 for 16-bit on OpenVINO) or int8"
+            )
         if IR_PRECISION.get(precision) != spec.precision:
             raise UsageError(
                 f"--openvino-precision {precision} does not go with --precision {spec.precision}: OpenVINO runs fp32 or bf16 "

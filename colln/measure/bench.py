@@ -5,6 +5,8 @@ file (the ratios recorded earlier: colln-bench ``--save-baseline`` / ``--baselin
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -15,13 +17,22 @@ from polygraphy.backend.base import BaseRunner
 from torch import nn
 
 from colln.data import ValImages
-from colln.errors import ExportDirError, RegressionFileError, UsageError, ValidationFailedError
+from colln.errors import ExportDirError, MeasurementError, RegressionFileError, UsageError, ValidationFailedError
 from colln.export.artifact import ORT_SESSION_OPTIONS, default_out_dir, read_export
 from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportSpec
 from colln.export.unpruned import cached_export, default_cache, unpruned_engine, unpruned_export
-from colln.infer.environment import environment
+from colln.infer.environment import available_memory, environment
 from colln.infer.runners import open_runner, openvino_runner, run
-from colln.infer.timing import Comparison, LatencyStats, Timing, measure, paired_speedup
+from colln.infer.timing import (
+    PLAUSIBLE_SPEEDUP,
+    Comparison,
+    LatencyStats,
+    Timing,
+    measure,
+    paired_speedup,
+    plausible_speedup,
+)
+from colln.models.plan import KeepPlan
 
 RATIO_METRICS = ("speedup", "efficiency")
 
@@ -45,9 +56,15 @@ def bench_export(
     ``runtimes`` (e.g. ``("onnxruntime", "openvino")``): time the export's variant stack on those
     runtimes in the same run (:func:`stack_exports`; the report's ``stack``)."""
     timing = timing if timing is not None else Timing()
+    runtimes = tuple(runtimes)
+    if runtimes:
+        check_runtimes(runtimes)
+    if runtimes and backend != "onnxruntime":
+        raise UsageError(f"--runtimes compares CPU runtimes against ONNX Runtime: leave --backend at onnxruntime, not {backend}")
     export_dir = Path(export_dir)
     spec = read_export(export_dir)
     plan = spec.keep_plan()
+    check_batches_fit(batches, plan)
     flops = plan.flops()
     cache = cache if cache is not None else default_cache(export_dir)
     base_dir = unpruned_export(spec, cache)
@@ -58,8 +75,6 @@ def bench_export(
     load_before = os.getloadavg()
     # An int8 export on ONNX Runtime is timed in its stack: fp32 and int8, pruned and unpruned, one run.
     stacked = (spec.precision == "int8" and backend == "onnxruntime") or bool(runtimes)
-    if runtimes and backend != "onnxruntime":
-        raise UsageError(f"--runtimes compares CPU runtimes against ONNX Runtime: leave --backend at onnxruntime, not {backend}")
     if stacked:
         exports = stack_exports(spec, export_dir, cache, runtimes=runtimes or ("onnxruntime",))
     elif backend == "openvino":
@@ -70,7 +85,9 @@ def bench_export(
         exports = {"unpruned": Variant(base_dir, backend, precision), "pruned": Variant(export_dir, backend, precision)}
     else:
         exports = {"unpruned": Variant(base_dir, backend), "pruned": Variant(export_dir, backend)}
-    timed = time_variants(exports, batches, timing, flops.bound, spec.precision, device)
+    paired = runtimes[0] if runtimes and "onnxruntime" not in runtimes else "onnxruntime"
+    timed = time_variants(exports, batches, timing, flops.bound, spec.precision, device, paired)
+    check_plausible(timed, flops.bound)
     results = {b: {**row, "bound": flops.bound, "efficiency": row["speedup"] / flops.bound} for b, row in timed.rows.items()}
     return {
         "case": case_name(spec, runtime_label(backend, runtimes), timing.threads, device),
@@ -100,6 +117,36 @@ def runtime_label(
 ) -> str:
     """What a case name says was timed: ``onnxruntime+openvino`` for a stack across runtimes, else the backend."""
     return "+".join(runtimes) if runtimes else backend
+
+
+def image_bytes(
+    plan: KeepPlan,
+) -> int:
+    """What one image of a batch takes at least while the unpruned graph runs, in fp32: its pixels,
+    and inside one block the residual stream and its norm, the MLP's hidden activations and one
+    head's attention matrix (a lower bound: runtimes keep more alive)."""
+    d, n = plan.dims, plan.num_tokens
+    pixels = d.patch_macs // d.attn_dim  # the patch embedding's MACs are D per input value
+    hidden = d.mlp_macs // (2 * d.attn_dim)  # fc1 and fc2: D x hidden each
+    return 4 * (pixels + n * (2 * d.attn_dim + hidden) + n * n)
+
+
+def check_batches_fit(
+    batches: Sequence[int],
+    plan: KeepPlan,
+) -> None:
+    """UsageError before anything is allocated when the largest batch cannot fit in the memory this
+    process has left (:func:`colln.infer.environment.available_memory`), by :func:`image_bytes`."""
+    free, per_image = available_memory(), image_bytes(plan)
+    if free is None or max(batches) * per_image <= free:
+        return
+    gib = 2**30
+    raise UsageError(
+        f"batch {max(batches)} needs at least {max(batches) * per_image / gib:.1f} GiB for its activations, and this "
+        f"process can allocate {free / gib:.1f} GiB: give --batch sizes of at most {free // per_image}, or free memory "
+        "(or raise the limit: ulimit -v, the container's memory)",
+        stage="memory",
+    )
 
 
 @dataclass(frozen=True)
@@ -185,21 +232,44 @@ def time_variants(
     bound: float,
     precision: str = "fp32",
     device: str = "cpu",
+    runtime: str = "onnxruntime",
 ) -> Timed:
     """Time ``exports`` (``{"unpruned", "pruned"}`` or a variant stack) in one interleaved run
-    (:func:`measure_exports`) and pair them; ``bound``: the keep plan's FLOPs bound."""
+    (:func:`measure_exports`) and pair them; ``bound``: the keep plan's FLOPs bound; ``runtime``:
+    whose pruned and unpruned variants of a stack make the rows (:func:`latency_rows`)."""
     compared = measure_exports(exports, batches, timing, device)
     stack = None if "pruned" in exports else stack_latency(compared, bound, exports)
-    return Timed(rows=latency_rows(compared, precision), stack=stack)
+    return Timed(rows=latency_rows(compared, precision, runtime), stack=stack)
+
+
+def check_plausible(
+    timed: Timed,
+    bound: float,
+) -> None:
+    """MeasurementError naming the first speedup of ``timed`` outside :data:`PLAUSIBLE_SPEEDUP` for
+    the FLOPs ``bound``: such a figure is a failed measurement, not a result."""
+    speedups = [(b, "pruned", row["speedup"]) for b, row in timed.rows.items()]
+    for b, rows in (timed.stack or {}).get("batches", {}).items():
+        speedups += [(b, name, row["speedup"]) for name, row in rows.items()]
+    for b, name, speedup in speedups:
+        if not plausible_speedup(speedup, bound):
+            lowest, multiple = PLAUSIBLE_SPEEDUP
+            load, cpus = os.getloadavg()[0], len(os.sched_getaffinity(0))
+            raise MeasurementError(
+                f"batch {b}: {name} measured a speedup of {speedup:.3f}, outside what a keep plan with a FLOPs bound of "
+                f"{bound:.2f} can give ({lowest:g} to {multiple * bound:.3g}): the timing failed (load average "
+                f"{load:.1f} on {cpus} CPUs); run it again on a quieter machine, with fewer --threads or more --rounds"
+            )
 
 
 def latency_rows(
     compared: Mapping[int, Comparison],
     precision: str = "int8",
+    runtime: str = "onnxruntime",
 ) -> dict[str, dict]:
-    """Per batch size, pruned against unpruned (for a stack: ONNX Runtime's pruned against
+    """Per batch size, pruned against unpruned (for a stack: ``runtime``'s pruned against
     unpruned at the export's ``precision``)."""
-    return {str(b): c.pair() if "pruned" in c.times else stack_pair(c, precision) for b, c in compared.items()}
+    return {str(b): c.pair() if "pruned" in c.times else stack_pair(c, precision, runtime) for b, c in compared.items()}
 
 
 # The int8 stack on ONNX Runtime, in table order; speedups are over the first. Other runtimes'
@@ -237,9 +307,7 @@ def stack_exports(
     export was calibrated on. With ONNX Runtime only, an int8 export gives :data:`STACK`."""
     from colln.export.openvino import IR_PRECISION
 
-    unknown = [r for r in runtimes if r not in RUNTIMES]
-    if unknown or not runtimes:
-        raise UsageError(f"unknown runtime {', '.join(unknown) or '(none)'}: choose from {', '.join(RUNTIMES)}")
+    check_runtimes(runtimes)
     if "openvino" in runtimes and spec.precision not in OPENVINO_PRECISIONS:
         raise UsageError(f"OpenVINO runs fp32, bf16 and int8 stacks, not {spec.precision}: export fp32 or int8")
     fp32 = replace(spec, precision="fp32", plan={})
@@ -268,6 +336,20 @@ def stack_exports(
     return variants
 
 
+def check_runtimes(
+    runtimes: Sequence[str],
+) -> None:
+    """UsageError unless ``runtimes`` names known runtimes (:data:`RUNTIMES`), each once."""
+    unknown = [repr(r) for r in runtimes if r not in RUNTIMES]
+    if unknown or not runtimes:
+        raise UsageError(f"unknown runtime {', '.join(unknown) or '(none)'}: choose from {', '.join(RUNTIMES)}")
+    twice = sorted({r for r in runtimes if runtimes.count(r) > 1})
+    if twice:
+        raise UsageError(
+            f"runtimes are listed once each, {', '.join(twice)} is listed twice: give {','.join(dict.fromkeys(runtimes))}"
+        )
+
+
 def _cached_ir(
     directory: Path,
     fp32_dir: Path,
@@ -292,14 +374,15 @@ def _cached_ir(
 def stack_pair(
     comparison: Comparison,
     precision: str = "int8",
+    runtime: str = "onnxruntime",
 ) -> dict:
     """The classic ``{unpruned, pruned, speedup, speedup_iqr}`` row of a stacked export: pruned
-    against unpruned on ONNX Runtime at the export's ``precision``, paired from the stack's run."""
-    base, name = comparison.times[f"unpruned-{precision}"], comparison.times[f"pruned-{precision}"]
-    speedup, q25, q75 = paired_speedup(base, name)
+    against unpruned on ``runtime`` at the export's ``precision``, paired from the stack's run."""
+    unpruned, pruned = (variant_name(runtime, kind, precision) for kind in ("unpruned", "pruned"))
+    speedup, q25, q75 = paired_speedup(comparison.times[unpruned], comparison.times[pruned])
     return {
-        "unpruned": comparison.stats[f"unpruned-{precision}"].to_dict(),
-        "pruned": comparison.stats[f"pruned-{precision}"].to_dict(),
+        "unpruned": comparison.stats[unpruned].to_dict(),
+        "pruned": comparison.stats[pruned].to_dict(),
         "speedup": speedup,
         "speedup_iqr": [q25, q75],
     }
@@ -399,6 +482,43 @@ def recorded_timing(
     return timing
 
 
+def check_regression_file(
+    recorded: object,
+    source: Path,
+) -> dict:
+    """``recorded`` (the parsed JSON of the regression file ``source``) when colln-bench can check
+    against it, else RegressionFileError naming the first thing wrong, before anything is timed: an
+    object with a list of ``cases`` (or a single colln-bench report), each with its ``case`` name, a
+    readable timing and, per batch size, a finite ``speedup`` and ``efficiency`` >= 0."""
+
+    def wrong(what: str) -> RegressionFileError:
+        return RegressionFileError(f"{source} {what}, so it is no regression file: regenerate it with --save-baseline")
+
+    if not isinstance(recorded, dict):
+        raise wrong(f"holds a JSON {type(recorded).__name__}, not an object with cases")
+    cases = recorded.get("cases", [recorded])
+    if not isinstance(cases, list):
+        raise wrong(f'has "cases": {json.dumps(cases)[:40]}, not a list of cases')
+    for i, case in enumerate(cases):
+        if not isinstance(case, dict) or not isinstance(case.get("case"), str):
+            raise wrong(f"has a case {i + 1} without a case name")
+        where = f"case {case['case']}"
+        try:
+            Timing.from_dict(case)
+        except (TypeError, ValueError, UsageError) as exc:
+            raise wrong(f"{where} has an unreadable timing ({exc})") from exc
+        batches = case.get("batches")
+        if not isinstance(batches, dict) or not batches:
+            raise wrong(f"{where} has no batches")
+        for batch, row in batches.items():
+            for metric in RATIO_METRICS:
+                value = row.get(metric) if isinstance(row, dict) else None
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if not number or not math.isfinite(value) or value < 0:
+                    raise wrong(f"{where} batch {batch} has {metric} {json.dumps(value)}, not a number >= 0")
+    return recorded
+
+
 def find_case(
     recorded: dict,
     report: dict,
@@ -423,7 +543,7 @@ def regressions(
             continue
         for metric in RATIO_METRICS:
             floor = then[metric] * (1.0 - tolerance)
-            if now[metric] < floor:
+            if not now[metric] >= floor:  # a NaN is never "no regression"
                 found.append(
                     f"batch {batch} {metric} {now[metric]:.3f} < {floor:.3f} (recorded {then[metric]:.3f} - {tolerance:.0%})"
                 )

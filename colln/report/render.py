@@ -232,8 +232,11 @@ def plan_line(
 ) -> str:
     """A report's plan in one line: where it prunes or merges, how much, the token counts."""
     if plan.get("tome") is not None:
-        r = plan["merge_counts"]
-        return f"ToMe at blocks {plan['layers']}, r {r} (clamped to half the tokens), tokens {plan['token_steps']}"
+        r, asked = plan["merge_counts"], plan["tome"]
+        asked = asked if isinstance(asked, list) else [asked] * len(r)
+        where = [i for i, n, a in zip(plan["layers"], r, asked) if n != a]
+        clamped = f" (clamped to half the tokens at blocks {where})" if where else ""
+        return f"ToMe at blocks {plan['layers']}, r {r}{clamped}, tokens {plan['token_steps']}"
     final = "" if plan.get("final_rate") is None else f", final keep {plan['final_rate']:g}"
     merge = ""
     if plan.get("merge") and plan.get("feature_block") is None:

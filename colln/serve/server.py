@@ -17,6 +17,7 @@ traceback goes to the server log).
 from __future__ import annotations
 
 import asyncio
+import signal
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,9 +61,10 @@ def serve(
     instances: int = 1,
     repository: Path | None = None,
     tritonserver: str | None = None,
-) -> None:
+) -> signal.Signals | None:
     """Serve ``exports`` (one Triton model each, named after its directory) until SIGINT/SIGTERM/SIGHUP,
-    behind the guard (:mod:`colln.serve.guard`) and under the supervisor (restart on any failure).
+    behind the guard (:mod:`colln.serve.guard`) and under the supervisor (restart on any failure);
+    returns the signal that stopped it.
 
     ``repository`` instead: serve an existing model repository (``colln-triton``'s) as it is, with
     ``tritonserver`` (a stock Triton binary with its backends: the GPU image)."""
@@ -94,8 +96,9 @@ def serve(
             if not names:
                 raise ServeError(f"{repository} holds no model (no NAME/config.pbtxt): write one with colln-triton")
         check_ports(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
-        asyncio.run(run(repo, Path(workdir), names, host, http_port, grpc_port, metrics_port, tritonserver))
+        stopped_by = asyncio.run(run(repo, Path(workdir), names, host, http_port, grpc_port, metrics_port, tritonserver))
     log("stopped")
+    return stopped_by
 
 
 def check_ports(

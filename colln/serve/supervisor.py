@@ -342,8 +342,9 @@ async def run(
     grpc_port: int,
     metrics_port: int,
     tritonserver: str | None = None,
-) -> None:
-    """Serve the models ``names`` of ``repo`` until SIGINT/SIGTERM/SIGHUP (see the module docstring)."""
+) -> signal.Signals | None:
+    """Serve the models ``names`` of ``repo`` until SIGINT/SIGTERM/SIGHUP (see the module docstring);
+    returns the signal that stopped it."""
     private_http, private_grpc = private_ports(2, public=(http_port, grpc_port, metrics_port))
     triton = TritonProcess(repo, workdir, private_http, private_grpc, (host, metrics_port), tritonserver)
     supervisor = Supervisor(triton, private_http, names)
@@ -351,9 +352,15 @@ async def run(
     # aiohttp's body cap must be known before Triton reports the configs: the largest valid request.
     max_body = max(ModelLimits.from_config(_config_of(repo / name)).max_request_bytes() for name in names)
     stopping = asyncio.Event()
+    received: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        received.append(sig)
+        stopping.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, stop, sig)
     try:
         for start, port, option in ((guard.start_http, http_port, "--http-port"), (guard.start_grpc, grpc_port, "--grpc-port")):
             try:
@@ -367,6 +374,7 @@ async def run(
         # The guard first: its keep-alive connections would hold Triton's exit for its whole timeout.
         await guard.stop()
         triton.stop()
+    return received[0] if received else None
 
 
 async def _supervise(
