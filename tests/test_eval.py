@@ -2,10 +2,10 @@
 colln.prune + the model directly on the same images, the budget pick redone by hand from the JSON."""
 
 import json
+import logging
 import math
 import os
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -412,6 +412,7 @@ def test_tome_alone_writes_the_results_and_skips_the_keep_plot(monkeypatch, tmp_
     written, accuracy_vs_keep.png is skipped with a warning, exit 0 (was exit 3, nothing written)."""
     from colln.jobs import evaluate
 
+    caplog.set_level(logging.WARNING, logger=evaluate.__name__)  # whatever level earlier tests left on the root
     monkeypatch.setattr(evaluate, "sweep", lambda *args: _crafted(TOME_ROWS))
     out = tmp_path / "tome"
     assert eval_cli.main(["digits_vit", "--method", "tome", "--tome", "8", "--limit", "10", "--out", str(out)]) == 0
@@ -430,6 +431,7 @@ def test_a_plot_that_fails_is_skipped_with_a_warning(monkeypatch, tmp_path, capl
     def fails(result, path):
         raise RuntimeError("no font")
 
+    caplog.set_level(logging.WARNING, logger=evaluate.__name__)
     monkeypatch.setattr(evaluate, "sweep", lambda *args: _crafted(KEEP_ROWS))
     monkeypatch.setattr(evaluate, "plot_pareto", fails)
     out = tmp_path / "eval"
@@ -471,22 +473,31 @@ print(matplotlib.get_backend(), len(plt.get_fignums()))
 
 def _torchrun(
     args: list[str],
-    tmp: Path,
+    tmp_path: Path,
     timeout: float = 300,
 ) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node 2 ARGS`` with TMPDIR ``tmp``; on a time-out the
-    whole process group (torchrun and its workers) is killed, so a hang fails the test, bounded."""
+    """``torchrun --standalone --nproc_per_node 2 ARGS`` with TMPDIR ``tmp_path/tmp``, bounded: on a
+    time-out torchrun is stopped (it SIGKILLs workers that ignore its SIGTERM) and the test fails.
+    Output goes to files: a worker left behind would hold a pipe open and block the test."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)}
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "tmp")}
     env.pop("OMP_NUM_THREADS", None)  # torchrun's own: 1 thread per worker
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"torchrun {' '.join(args)} still running after {timeout} s")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    with open(tmp_path / "torchrun.out", "w+") as out, open(tmp_path / "torchrun.err", "w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            pytest.fail(f"torchrun {' '.join(args)} still running after {timeout} s")
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
 def test_torchrun_with_a_rank_that_gets_no_image(digits_test, digits_model, tmp_path):
@@ -495,10 +506,9 @@ def test_torchrun_with_a_rank_that_gets_no_image(digits_test, digits_model, tmp_
     torchrun gave PyTorch, and leaves no temp directory."""
     (tmp_path / "data" / str(digits_test.labels[1])).mkdir(parents=True)
     digits_test.images[1].save(tmp_path / "data" / str(digits_test.labels[1]) / "1.png")
-    (tmp_path / "tmp").mkdir()
     out = tmp_path / "ev"
     args = ["-m", "colln.app.eval_cli", "digits_vit", "--data", str(tmp_path / "data"), "--keep", "0.5", "--layers", "1,3"]
-    proc = _torchrun([*args, "--metric", "colln", "--rounds", "2", "--warmup", "0", "--out", str(out)], tmp_path / "tmp")
+    proc = _torchrun([*args, "--metric", "colln", "--rounds", "2", "--warmup", "0", "--out", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1
     result = json.loads((out / RESULTS_JSON).read_text())
