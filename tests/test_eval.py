@@ -2,9 +2,12 @@
 colln.prune + the model directly on the same images, the budget pick redone by hand from the JSON."""
 
 import json
+import logging
 import math
 import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from colln.measure import sweep as ev
 from colln.models import digits
 from colln.models.config import PruneConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "bundled"
 KEEPS = (0.5, 1.0)
 METRICS = ("colln", "cls", "correct")
@@ -375,3 +379,208 @@ def test_cuda_device_matches_cpu_accuracy(digits_run, tmp_path):
     for a, b in zip(cpu["rows"], gpu["rows"]):
         assert (a["metric"], a["keep"]) == (b["metric"], b["keep"])
         assert abs(a["accuracy"] - b["accuracy"]) <= 2 / cpu["num_images"]
+
+
+# --- issue 26: torchrun with an empty share, ToMe alone, the OpenVINO commands; issue 28: no backend switch ---
+
+
+def _row(
+    accuracy: float,
+    p50_ms: float,
+    **fields,
+) -> ev.Row:
+    """A measured row as the sweep would make it (accuracy, median latency and what differs)."""
+    latency = LatencyStats(1, 3, p50_ms, p50_ms, p50_ms, p50_ms, 1e3 / p50_ms)
+    defaults = {"metric": "colln", "norm": 4.0, "keep": 0.5, "layers": (1, 3), "keep_counts": (32, 16), "flops_ratio": 0.5}
+    return ev.Row(**{**defaults, **fields}, accuracy=accuracy, agreement=accuracy, latency=latency)
+
+
+def _crafted(
+    rows: list[ev.Row],
+    backend: str = "torch",
+) -> ev.Sweep:
+    baseline = _row(0.96, 4.0, metric="none", keep=1.0, layers=(), keep_counts=(), flops_ratio=1.0)
+    return ev.Sweep("digits_vit", "bundled", "digits", 10, backend, "cpu", baseline, tuple(rows), timing=Timing(rounds=3))
+
+
+TOME_ROWS = [_row(0.95, 3.0, keep=1.0, layers=(), keep_counts=(), method="tome", r=8)]
+KEEP_ROWS = [_row(0.9, 2.0), _row(0.94, 3.0, keep=0.7)]
+
+
+def test_tome_alone_writes_the_results_and_skips_the_keep_plot(monkeypatch, tmp_path, caplog, capsys):
+    """--method tome alone has no keep rate to draw against: the results and the Pareto plot are
+    written, accuracy_vs_keep.png is skipped with a warning, exit 0 (was exit 3, nothing written)."""
+    from colln.jobs import evaluate
+
+    caplog.set_level(logging.WARNING, logger=evaluate.__name__)  # whatever level earlier tests left on the root
+    monkeypatch.setattr(evaluate, "sweep", lambda *args: _crafted(TOME_ROWS))
+    out = tmp_path / "tome"
+    assert eval_cli.main(["digits_vit", "--method", "tome", "--tome", "8", "--limit", "10", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([RESULTS_JSON, RESULTS_MD, PARETO_PLOT])
+    assert ev.Sweep.from_dict(json.loads((out / RESULTS_JSON).read_text())).rows == tuple(TOME_ROWS)
+    with Image.open(out / PARETO_PLOT) as img:
+        assert img.format == "PNG"
+    assert f"wrote {out}/{RESULTS_JSON}, {RESULTS_MD}, {PARETO_PLOT}\n" in capsys.readouterr().out
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.getMessage().startswith(f"{KEEP_PLOT} not drawn: the sweep has no keep schedule")
+
+
+def test_a_plot_that_fails_is_skipped_with_a_warning(monkeypatch, tmp_path, caplog):
+    from colln.jobs import evaluate
+
+    def fails(result, path):
+        raise RuntimeError("no font")
+
+    caplog.set_level(logging.WARNING, logger=evaluate.__name__)
+    monkeypatch.setattr(evaluate, "sweep", lambda *args: _crafted(KEEP_ROWS))
+    monkeypatch.setattr(evaluate, "plot_pareto", fails)
+    out = tmp_path / "eval"
+    assert eval_cli.main(["digits_vit", "--keep", "0.5,0.7", "--metric", "colln", "--limit", "10", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([RESULTS_JSON, RESULTS_MD, KEEP_PLOT])
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [f"{PARETO_PLOT} not drawn: no font"]
+
+
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    """A notebook user's backend (here svg, with pyplot open) is the same after colln draws its
+    figures, and pyplot holds none of them."""
+    (tmp_path / "sweep.json").write_text(json.dumps(_crafted(KEEP_ROWS + TOME_ROWS).to_dict()))
+    script = """
+import json, sys
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+import numpy as np
+from colln.measure.sweep import Sweep
+from colln.report import plots, viz
+out = sys.argv[1]
+result = Sweep.from_dict(json.load(open(out + "/sweep.json")))
+plots.plot_accuracy_vs_keep(result, out + "/keep.png")
+plots.plot_pareto(result, out + "/pareto.png")
+view = viz.MetricView("colln", [(1, np.arange(8))], 3)
+plots.kept_figure(np.zeros((32, 32, 3), np.uint8), [view], (4, 4), "t", out + "/kept.png")
+print(matplotlib.get_backend(), len(plt.get_fignums()))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["svg", "0"]
+    for name in ("keep.png", "pareto.png", "kept.png"):
+        with Image.open(tmp_path / name) as img:
+            assert img.format == "PNG"
+
+
+def _torchrun(
+    args: list[str],
+    tmp_path: Path,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 ARGS`` with TMPDIR ``tmp_path/tmp``, bounded: on a
+    time-out torchrun is stopped (it SIGKILLs workers that ignore its SIGTERM) and the test fails.
+    Output goes to files: a worker left behind would hold a pipe open and block the test."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path / "tmp")}
+    env.pop("OMP_NUM_THREADS", None)  # torchrun's own: 1 thread per worker
+    with open(tmp_path / "torchrun.out", "w+") as out, open(tmp_path / "torchrun.err", "w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            pytest.fail(f"torchrun {' '.join(args)} still running after {timeout} s")
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+def test_torchrun_with_a_rank_that_gets_no_image(digits_test, digits_model, tmp_path):
+    """One image, two processes: rank 1's share is empty. The run finishes as one process would
+    (was: both ranks waiting forever in a futex, a temp directory left), records the one thread
+    torchrun gave PyTorch, and leaves no temp directory."""
+    (tmp_path / "data" / str(digits_test.labels[1])).mkdir(parents=True)
+    digits_test.images[1].save(tmp_path / "data" / str(digits_test.labels[1]) / "1.png")
+    out = tmp_path / "ev"
+    args = ["-m", "colln.app.eval_cli", "digits_vit", "--data", str(tmp_path / "data"), "--keep", "0.5", "--layers", "1,3"]
+    proc = _torchrun([*args, "--metric", "colln", "--rounds", "2", "--warmup", "0", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1
+    result = json.loads((out / RESULTS_JSON).read_text())
+    x = preprocess([digits_test.images[1]], digits_model)
+    assert result["num_images"] == 1
+    assert result["baseline"]["accuracy"] == float(_predict(digits_model, x)[0] == digits_test.labels[1])
+    (row,) = result["rows"]
+    pruned = prune(digits_model, keep=0.5, layers=(1, 3), metric="colln")
+    assert row["accuracy"] == float(_predict(pruned, x)[0] == digits_test.labels[1])
+    assert result["timing"]["threads"] == 1
+    assert "threads 1)" in (out / RESULTS_MD).read_text()
+    assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("colln")] == []  # torchrun's own stay
+
+
+def test_a_collective_times_out_and_the_failing_rank_reports_its_own_error(tmp_path):
+    """Rank 1 fails before the sum rank 0 waits in: rank 0 gives up after the group's timeout
+    instead of hanging, and rank 1's error is the one it reports (not the barrier's time-out)."""
+    script = tmp_path / "mismatch.py"
+    script.write_text(
+        """
+from datetime import timedelta
+import torch
+from colln.train.distributed import all_sum, process_group
+with process_group(torch.device("cpu"), timeout=timedelta(seconds=3)) as ranks:
+    if ranks.rank == 1:
+        raise ValueError("rank 1 fails")
+    all_sum([1.0], ranks)
+"""
+    )
+    proc = _torchrun([str(script)], tmp_path, timeout=120)
+    assert proc.returncode == 1
+    assert "[rank1]: ValueError: rank 1 fails" in proc.stderr
+    assert "[rank0]: RuntimeError:" in proc.stderr and "Timed out waiting 3000ms" in proc.stderr
+
+
+def test_openvino_pick_prints_the_export_that_builds_the_ir(monkeypatch, tmp_path, capsys):
+    """An OpenVINO sweep's "reproduce with" command builds the IR it timed (--openvino, at the row's
+    precision), in flags colln-export takes."""
+    from colln.app import export_cli
+    from colln.jobs import evaluate
+
+    rows = [*KEEP_ROWS, _row(0.95, 1.0, keep=0.7, precision="int8")]
+    monkeypatch.setattr(evaluate, "sweep", lambda *args: _crafted(rows, backend="openvino"))
+    out = tmp_path / "ov"
+    argv = ["digits_vit", "--backend", "openvino", "--precision", "fp32,int8", "--keep", "0.5,0.7", "--metric", "colln"]
+    assert eval_cli.main([*argv, "--limit", "10", "--latency-budget", "1e9", "--out", str(out)]) == 0
+    command = "colln-export digits_vit --keep 0.7 --layers 1,3 --metric colln --norm 4 --precision int8 --openvino"
+    assert json.loads((out / RESULTS_JSON).read_text())["pick"]["command"] == command
+    assert capsys.readouterr().out.endswith(f"reproduce with:\n{command}\n")
+    args = export_cli.build_parser().parse_args(shlex.split(command)[1:])
+    assert (args.openvino, args.precision, args.openvino_precision) == (True, "int8", None)
+    assert ev.export_command(rows[0], ExportSpec("digits_vit"), backend="openvino").endswith("--norm 4 --openvino")
+    assert "--openvino" not in ev.export_command(rows[0], ExportSpec("digits_vit"), backend="onnxruntime")
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_merging_below_fp32_is_refused_as_colln_export_refuses_it(backend, tmp_path, capsys):
+    """One rule: what colln-export refuses (--merge / --tome at int8) colln-eval refuses on every
+    backend, in one line before anything is built (the OpenVINO path, exporting fp32 graphs, ran it)."""
+    out = tmp_path / "x"
+    argv = ["digits_vit", "--backend", backend, "--precision", "fp32,int8", "--keep", "0.5", "--metric", "colln"]
+    assert eval_cli.main([*argv, "--method", "merge", "--limit", "4", "--rounds", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("colln: error: arguments: --merge needs --precision fp32: in int8,") and "\n" not in err
+    assert not out.exists()
+
+
+def test_the_reference_page_names_every_option_and_backend():
+    """docs/reference/colln-eval.md itself (not another page naming the command) lists every option,
+    and the --backend row every backend colln-eval runs."""
+    page = (ROOT / "docs" / "reference" / "colln-eval.md").read_text(encoding="utf-8")
+    options = {o for action in eval_cli.build_parser()._actions for o in action.option_strings if o.startswith("--")} - {"--help"}
+    assert sorted(o for o in options if f"`{o}" not in page) == []
+    (backend_row,) = [line for line in page.splitlines() if line.startswith("| `--backend")]
+    assert [b for b in ev.EVAL_BACKENDS if b not in backend_row] == []

@@ -23,7 +23,7 @@ from colln.app.cli import (
     timing_options,
 )
 from colln.export.spec import ExportSpec
-from colln.jobs.evaluate import KEEP_PLOT, PARETO_PLOT, RESULTS_JSON, RESULTS_MD, evaluate
+from colln.jobs.evaluate import evaluate
 from colln.measure.sweep import EVAL_BACKENDS, SweepOptions
 from colln.models.config import METRICS, PruneConfig
 from colln.report.render import print_eval
@@ -117,7 +117,7 @@ def run(
     if result.sweep is None:  # torchrun: rank 0 reports
         return 0
     print_eval(result.sweep)
-    print(f"wrote {result.out}/{RESULTS_JSON}, {RESULTS_MD}, {KEEP_PLOT}, {PARETO_PLOT}")
+    print(f"wrote {result.out}/{', '.join(result.files)}")
     if result.no_fit is not None:
         raise result.no_fit
     if result.sweep.pick:

@@ -52,6 +52,17 @@ class Exported:
     pruned: nn.Module
 
 
+def check_merge_precision(
+    spec: ExportSpec,
+) -> None:
+    """Refuse a merging configuration (``--merge``, ``--tome``) at any precision but fp32, whatever
+    runtime would run it (an OpenVINO int8 IR is quantized from the fp32 graph, and is refused too)."""
+    if (spec.pruning.merge or spec.pruning.tome is not None) and spec.precision != "fp32":
+        # Measured on digits_vit: fp16 keys flip near-tied nearest-key assignments (token cosine down to 0.97).
+        what = "--tome" if spec.pruning.tome is not None else "--merge"
+        raise UsageError(f"{what} needs --precision fp32: in {spec.precision}, rounding flips which token absorbs a merged one")
+
+
 def export_into(
     spec: ExportSpec,
     directory: Path,
@@ -66,10 +77,7 @@ def export_into(
 
     if spec.precision not in PRECISIONS:
         raise UsageError(f"precision {spec.precision!r} is not supported: use {' or '.join(PRECISIONS)}")
-    if (spec.pruning.merge or spec.pruning.tome is not None) and spec.precision != "fp32":
-        # Measured on digits_vit: fp16 keys flip near-tied nearest-key assignments (token cosine down to 0.97).
-        what = "--tome" if spec.pruning.tome is not None else "--merge"
-        raise UsageError(f"{what} needs --precision fp32: in {spec.precision}, rounding flips which token absorbs a merged one")
+    check_merge_precision(spec)
     unpruned = unpruned if unpruned is not None else spec.load_unpruned()
     pruned = spec.apply(unpruned)
     plan = get_plan(pruned)

@@ -4,6 +4,7 @@ results.json, results.md and the plots (the job behind ``colln-eval``)."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +22,8 @@ RESULTS_MD = "results.md"
 KEEP_PLOT = "accuracy_vs_keep.png"
 PARETO_PLOT = "accuracy_vs_latency.png"
 
+_logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -29,6 +32,7 @@ class EvalResult:
     out: Path
     sweep: Sweep | None  # None on the ranks other than 0 under torchrun: they write nothing
     no_fit: NoFitError | None = None
+    files: tuple[str, ...] = ()  # what was written into ``out`` (a plot that could not be drawn is not)
 
 
 def evaluate(
@@ -44,7 +48,9 @@ def evaluate(
 ) -> EvalResult:
     """Sweep ``options`` over ``base`` on labelled ``data`` (``digits`` or an ImageFolder, the first
     ``limit`` images spread evenly), pick within a budget when one is given, and write results.json,
-    results.md and the two plots into ``out`` (default ``evals/<model>-<data>``), whole or not at all.
+    results.md and the two plots into ``out`` (default ``evals/<model>-<data>``), whole or not at all
+    (a plot that cannot be drawn, such as accuracy against keep rate for ToMe alone, is left out
+    with a warning).
     ``None`` options: :class:`SweepOptions`' defaults."""
     options = options if options is not None else SweepOptions()
     unpruned = base.load_unpruned()
@@ -61,13 +67,20 @@ def evaluate(
             try:
                 best = pick(result, latency_budget_ms, target_speedup)
                 why = f"best top-1 ({100 * best.accuracy:.1f}%) at {best.latency.p50_ms:.3g} ms, {result.speedup(best):.2f}x"
-                result = replace(
-                    result, pick={"key": best.key, "row": best.to_dict(), "command": export_command(best, base), "why": why}
-                )
+                command = export_command(best, base, backend=result.backend)
+                result = replace(result, pick={"key": best.key, "row": best.to_dict(), "command": command, "why": why})
             except NoFitError as exc:
                 no_fit = exc
         atomic_write(tmp / RESULTS_JSON, json.dumps(result.to_dict(), indent=2) + "\n")
         atomic_write(tmp / RESULTS_MD, eval_markdown(result))
-        plot_accuracy_vs_keep(result, tmp / KEEP_PLOT)
-        plot_pareto(result, tmp / PARETO_PLOT)
-    return EvalResult(out=out, sweep=result, no_fit=no_fit)
+        files = [RESULTS_JSON, RESULTS_MD]
+        for name, plot in ((KEEP_PLOT, plot_accuracy_vs_keep), (PARETO_PLOT, plot_pareto)):
+            try:
+                plot(result, tmp / name)
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a figure is a by-product: the results stand without it
+                _logger.warning("%s not drawn: %s", name, exc)
+            else:
+                files.append(name)
+    return EvalResult(out=out, sweep=result, no_fit=no_fit, files=tuple(files))

@@ -15,6 +15,7 @@ import shlex
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from torch import nn
 
 from colln.data import Labelled, preprocess
 from colln.errors import NoFitError, UsageError
-from colln.export.artifact import PRECISIONS, export_into
+from colln.export.artifact import PRECISIONS, check_merge_precision, export_into
 from colln.export.spec import ExportSpec
 from colln.infer.runners import BACKENDS, open_runner, run
 from colln.infer.timing import LatencyStats, Timing, measure
@@ -31,7 +32,7 @@ from colln.models.config import PruneConfig
 from colln.models.plan import default_layers
 from colln.models.registry import default_weights
 from colln.models.rewrite import get_plan
-from colln.train.distributed import all_sum, process_group
+from colln.train.distributed import all_sum, env_ranks, process_group
 
 SCHEDULES = ("evit", "early")
 # Sweeps build one model per configuration: a TensorRT engine each would take minutes.
@@ -47,6 +48,9 @@ CALIBRATION_IMAGES = 256
 METRIC_LABELS = {"colln": "Col-Ln", "cls": "[CLS]", "correct": "[CLS]+Col-Ln rescue", "none": "unpruned", "tome": "ToMe"}
 # prune: the metric's top-k; merge: the same top-k, the dropped tokens merged into the kept ones; tome: ToMe.
 METHODS = ("prune", "merge", "tome")
+# Under torchrun: how long a rank waits in a collective for the others (the ranks meet once, after
+# each has built every configuration, then leave together) before it fails instead of hanging.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
 def early_layers(
@@ -297,9 +301,9 @@ def sweep(
     at every precision in ``options.precisions`` (the unpruned baseline is fp32; int8 graphs run on
     ONNX Runtime and are calibrated on up to :data:`CALIBRATION_IMAGES` of the evaluated images).
 
-    Under ``torchrun`` every process scores its share of the images (every world-size-th one), the
-    counts are summed over the processes, and rank 0 alone times the configurations and returns
-    the sweep (the others return None)."""
+    Under ``torchrun`` every process scores its share of the images (every world-size-th one; a
+    share may be empty), the counts are summed over the processes, and rank 0 alone times the
+    configurations and returns the sweep (the others return None)."""
     o = options
     backend, batch, latency_batch, precisions = o.backend, o.batch, o.latency_batch, o.precisions
     if latency_batch < 1 or batch < 1:
@@ -319,11 +323,13 @@ def sweep(
     calibration = images[np.linspace(0, len(images) - 1, min(len(images), CALIBRATION_IMAGES)).round().astype(int)]
     configs = configurations(base, o.keeps, layer_sets, o.metrics, o.norms, o.methods, o.tome_rs)
     specs = [base.unpruned(), *(replace(c, precision=p) for p in precisions for c in configs)]
-    with (
-        process_group(torch.device(o.device)) as ranks,
-        tempfile.TemporaryDirectory(prefix="colln-eval-") as scratch,
-        contextlib.ExitStack() as stack,
-    ):
+    for spec in specs:
+        check_merge_precision(spec)  # before any is built: the OpenVINO path exports fp32 graphs
+    timing = o.timing
+    if backend == "torch" and timing.threads is None and env_ranks().world_size > 1:
+        # torchrun gives its workers OMP_NUM_THREADS (1 unless set): what PyTorch runs with, recorded.
+        timing = replace(timing, threads=torch.get_num_threads())
+    with tempfile.TemporaryDirectory(prefix="colln-eval-") as scratch, contextlib.ExitStack() as stack:
         plans, active = [], {}
         for i, spec in enumerate(specs):
             if backend == "torch":
@@ -341,15 +347,19 @@ def sweep(
                 else:
                     plans.append(export_into(spec, source, unpruned=unpruned, calibration=calibration).plan)
             active[str(i)] = stack.enter_context(
-                open_runner(source, backend, o.device, o.timing.threads, split_batches=o.timing.split_batches)
+                open_runner(source, backend, o.device, timing.threads, split_batches=timing.split_batches)
             )
-        share = slice(ranks.rank, None, ranks.world_size)
-        preds = [run(active[str(i)], images[share], batch).argmax(-1) for i in range(len(specs))]
-        labels = data.labels[share]
-        counts = all_sum([float((p == labels).sum()) for p in preds] + [float((p == preds[0]).sum()) for p in preds], ranks)
+        # The group lives for the one sum: the other ranks leave at once, not after rank 0's timing.
+        with process_group(torch.device(o.device), timeout=COLLECTIVE_TIMEOUT) as ranks:
+            share = slice(ranks.rank, None, ranks.world_size)
+            shard, labels = images[share], data.labels[share]
+            # More ranks than images leaves some a share of none: they add zero counts.
+            nothing = np.zeros(0, dtype=np.int64)
+            preds = [run(active[str(i)], shard, batch).argmax(-1) if len(shard) else nothing for i in range(len(specs))]
+            counts = all_sum([float((p == labels).sum()) for p in preds] + [float((p == preds[0]).sum()) for p in preds], ranks)
         if not ranks.is_main:
             return None
-        timed = measure(active, images.shape[1:], [latency_batch], o.timing, baseline="0", sample=images)[latency_batch]
+        timed = measure(active, images.shape[1:], [latency_batch], timing, baseline="0", sample=images)[latency_batch]
     correct, agreeing = counts[: len(specs)], counts[len(specs) :]
     rows = []
     for i, (spec, plan) in enumerate(zip(specs, plans)):
@@ -381,7 +391,7 @@ def sweep(
         device=o.device,
         baseline=rows[0],
         rows=tuple(rows[1:]),
-        timing=o.timing,
+        timing=timing,
     )
 
 
@@ -412,8 +422,11 @@ def pick(
 def export_command(
     row: Row,
     base: ExportSpec,
+    *,
+    backend: str | None = None,
 ) -> str:
-    """The ``colln-export`` call that builds ``row``'s configuration of the sweep over ``base``."""
+    """The ``colln-export`` call that builds ``row``'s configuration of the sweep over ``base``, as
+    ``backend`` ran it (``openvino``: with the IR, at the row's precision; None: ``torch``)."""
     if row.method == "tome":
         args = ["colln-export", base.model, "--tome", str(row.r)]
     else:
@@ -429,6 +442,8 @@ def export_command(
     )
     args += ["--fuse"] if base.pruning.fuse else []
     args += ["--precision", row.precision] if row.precision != "fp32" else []
+    # The IR's precision is the export's by default: fp32 or (NNCF) int8, as the sweep ran it.
+    args += ["--openvino"] if backend == "openvino" else []
     return shlex.join(args)
 
 

@@ -1,9 +1,12 @@
-"""matplotlib figures: the evaluation plots and the kept-patch figure (colln-viz). Written atomically."""
+"""matplotlib figures: the evaluation plots and the kept-patch figure (colln-viz). Drawn on Agg
+canvases of their own (no backend switched), written atomically."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,30 +15,31 @@ from colln.measure.sweep import METRIC_LABELS, Sweep, pareto_front
 from colln.report.render import series_label
 from colln.report.viz import MetricView, overlay
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _pyplot():
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def figure(
+    **kwargs: object,
+) -> Figure:
+    """A matplotlib Figure on its own Agg canvas: nothing process-wide is switched (no
+    ``matplotlib.use``, no pyplot and its open-figure registry)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    return plt
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def save(
-    fig: object,
+    fig: Figure,
     path: Path,
     dpi: int = 110,
 ) -> None:
-    """Save a figure whole or not at all, then close it."""
-    import io
-
-    plt = _pyplot()
+    """Save a figure as PNG, whole or not at all."""
     buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format="png", dpi=dpi)
-    finally:
-        plt.close(fig)
+    fig.savefig(buffer, format="png", dpi=dpi)
     atomic_write(path, buffer.getvalue())
 
 
@@ -44,9 +48,11 @@ def plot_accuracy_vs_keep(
     path: Path,
 ) -> None:
     """One panel per layer set: accuracy against keep rate, one line per metric, unpruned dashed."""
-    plt = _pyplot()
     sets = result.layer_sets
-    fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.2), squeeze=False, sharey=True)
+    if not sets:
+        raise ValueError("the sweep has no keep schedule (--method tome alone): nothing to draw against the keep rate")
+    fig = figure(figsize=(5.2 * len(sets), 4.2))
+    axes = fig.subplots(1, len(sets), squeeze=False, sharey=True)
     norms = [n for _, n, _ in result.series()]
     for ax, layers in zip(axes[0], sets):
         for metric, norm, precision in result.series():
@@ -73,10 +79,12 @@ def plot_pareto(
 ) -> None:
     """Accuracy against measured median latency: every configuration, the unpruned point, and the
     Pareto front through them."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    from matplotlib import rcParams
+
+    fig = figure(figsize=(7.5, 5))
+    ax = fig.subplots()
     norms = [n for _, n, _ in result.series()]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
     markers = dict(zip(result.layer_sets, "osD^v<>p"))
     annotate = len(result.layer_sets) == 1
     # One colour per series (ToMe's: one per precision), each configuration a point.
@@ -122,9 +130,9 @@ def kept_figure(
     dpi: int = 100,
 ) -> None:
     """Rows: metrics; columns: the input, then each pruning block. Written atomically to ``out``."""
-    plt = _pyplot()
     cols = 1 + max(len(v.kept) for v in views)
-    fig, axes = plt.subplots(len(views), cols, figsize=(2.6 * cols, 2.75 * len(views) + 0.6), squeeze=False)
+    fig = figure(figsize=(2.6 * cols, 2.75 * len(views) + 0.6))
+    axes = fig.subplots(len(views), cols, squeeze=False)
     total = grid[0] * grid[1]
     for row, v in zip(axes, views):
         row[0].imshow(img, interpolation="nearest")

@@ -10,6 +10,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -38,21 +39,32 @@ def env_ranks() -> Ranks:
 @contextlib.contextmanager
 def process_group(
     device: torch.device,
+    *,
+    timeout: timedelta | None = None,
 ) -> Iterator[Ranks]:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU) for the duration; a group the
-    caller already set up is used and left alone."""
+    caller already set up is used and left alone. ``timeout``: how long any collective (the
+    rendezvous included) waits for the other ranks before it raises; None: torch's default
+    (30 minutes on gloo, 10 on nccl)."""
     ranks = env_ranks()
     own = ranks.world_size > 1 and not dist.is_initialized()
     if own:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    # Without the barrier before tear-down, a rank that leaves while another still talks aborts
+    # ("terminate called without an active exception") about one run in four on gloo.
     try:
         yield ranks
-    finally:
+    except BaseException:
         if own:
-            # Without the barrier, a rank that tears down while another still talks aborts
-            # ("terminate called without an active exception") about one run in four on gloo.
-            dist.barrier()
+            # The others may wait in another collective, which the barrier does not match: it then
+            # waits out the timeout, and the error that brought this rank here is the one to report.
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
             dist.destroy_process_group()
+        raise
+    if own:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_sum(
