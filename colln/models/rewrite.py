@@ -301,6 +301,7 @@ class ReducedViT(nn.Module):
         self.num_prefix = plan.num_prefix
         self.num_patches = plan.num_patches
         self.output = plan.config.output
+        self.selects = any(op.kind == "select" for op in plan.operations)
         # timm's data config (input size, mean/std) reads it: preprocessing stays the model's own.
         self.pretrained_cfg = getattr(vit, "pretrained_cfg", {})
         self.colln_plan = plan
@@ -316,8 +317,8 @@ class ReducedViT(nn.Module):
         state = self.adapter.blocks(self.vit).run(TokenState(x, positions, ids=ids))
         p = self.num_prefix
         if self.output == "tokens":
-            # A final selection leaves only the kept tokens; keep 1.0 leaves every patch, prefix first.
-            return (state.x, state.ids) if state.x.shape[1] == state.ids.shape[1] else (state.x[:, p:], state.ids)
+            # A final selection (FeatureBlock) leaves only the kept tokens; keep 1.0 leaves every token.
+            return (state.x, state.ids) if self.selects else (state.x[:, p:], state.ids)
         if self.output == "dense":
             feats = torch.cat([*(f for f, _ in state.dropped), state.x[:, p:]], dim=1)
             ids = torch.cat([*(i for _, i in state.dropped), state.ids], dim=1)
