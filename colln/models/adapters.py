@@ -342,6 +342,9 @@ class ModelAdapter:
     def blocks(self, model: nn.Module) -> nn.Module:
         return model.blocks
 
+    def set_blocks(self, model: nn.Module, blocks: nn.Module) -> None:
+        model.blocks = blocks
+
     def has_positions(self, model: nn.Module) -> bool:
         """Whether patch tokens carry rotary positions that must follow them."""
         return getattr(model, "rope", None) is not None
@@ -471,6 +474,9 @@ class TowerModel(ModelAdapter):
 
     def blocks(self, model):
         return self.encoder(model).blocks
+
+    def set_blocks(self, model, blocks):
+        self.encoder(model).blocks = blocks
 
     def num_prefix(self, model):
         return 0

@@ -423,9 +423,9 @@ def prune(
         else:
             blocks[op.layer] = step[op.kind](blk, layer=op.layer, num_prefix=p, k=op.count, config=c, group=plan.dims.group)
     if in_place and not c.merges:
-        pruned.blocks = nn.Sequential(*blocks)
+        adapter.set_blocks(pruned, nn.Sequential(*blocks))
     else:
-        pruned.blocks = ThreadedBlocks(*blocks, prop_attn=c.merges and c.prop_attn)
+        adapter.set_blocks(pruned, ThreadedBlocks(*blocks, prop_attn=c.merges and c.prop_attn))
     if in_place:
         pruned.colln_plan = plan
         return pruned
