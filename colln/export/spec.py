@@ -35,6 +35,8 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 TOKENS_NAME = "tokens"
 INDICES_NAME = "indices"
+# A VLM tower's tokens output also gives each token's (row, col) on its token grid.
+POSITIONS_NAME = "positions"
 FEATURES_NAME = "features"
 DEFAULT_OPSET = 18
 # --weights values that name weights rather than a file.
@@ -103,7 +105,7 @@ class ExportSpec:
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return output_names(self.pruning)
+        return output_names(self.pruning, self.plan)
 
     def load_unpruned(self) -> nn.Module:
         from colln.models.registry import load_model
@@ -177,6 +179,13 @@ class ExportSpec:
 
 def output_names(
     config: PruneConfig,
+    plan: KeepPlan | dict | None = None,
 ) -> tuple[str, ...]:
-    """The graph's outputs for ``config``: ``logits``, ``tokens`` and ``indices``, or ``features``."""
-    return {"tokens": (TOKENS_NAME, INDICES_NAME), "dense": (FEATURES_NAME,)}.get(config.output, (OUTPUT_NAME,))
+    """The graph's outputs for ``config``: ``logits``, ``tokens`` and ``indices`` (and ``positions``
+    for a VLM tower: its ``plan``'s dims have a token grid), or ``features``."""
+    if config.output == "tokens":
+        if isinstance(plan, dict):
+            plan = KeepPlan.from_dict(plan) if plan else None
+        tower = plan is not None and plan.dims.token_grid is not None
+        return (TOKENS_NAME, INDICES_NAME, *((POSITIONS_NAME,) if tower else ()))
+    return {"dense": (FEATURES_NAME,)}.get(config.output, (OUTPUT_NAME,))

@@ -82,7 +82,7 @@ class TorchRunner(BaseRunner):
                     torch.cuda.synchronize()
             self.inference_time = time.perf_counter() - start
         plan = getattr(self.model, "colln_plan", None)
-        names = output_names(plan.config) if plan is not None else (OUTPUT_NAME,)
+        names = output_names(plan.config, plan) if plan is not None else (OUTPUT_NAME,)
         ys = y if isinstance(y, tuple) else (y,)
         return OrderedDict(
             (name, t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()) for name, t in zip(names, ys)

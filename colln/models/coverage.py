@@ -25,12 +25,15 @@ class Verdict:
 def verdicts(
     modules: tuple[str, ...] = BACKBONE_MODULES,
 ) -> Iterator[Verdict]:
-    """Each model of ``modules`` with keep 0.7 at its quarter-depth blocks (EViT's 3, 6, 9 of 12).
-    A model colln cannot build a plan for is refused with its reason; anything else raised is a
-    bug and propagates."""
+    """Each model of ``modules`` with keep 0.7 at its quarter-depth blocks (EViT's 3, 6, 9 of 12);
+    the VLM towers with ``--output tokens`` (what they are for), that inner pruning and a final
+    selection of 0.3 of the tower's output tokens. A model colln cannot build a plan for is refused
+    with its reason; anything else raised is a bug and propagates."""
     import timm
     import torch
 
+    from colln.models.adapters import model_adapter
+    from colln.models.plan import default_layers
     from colln.models.rewrite import plan_for
 
     for module in modules:
@@ -38,7 +41,11 @@ def verdicts(
             with torch.device("meta"):
                 model = timm.create_model(name)
             try:
-                plan_for(model, keep=0.7)
+                settings: dict = {"keep": 0.7}
+                if module in TOWER_MODULES:
+                    layers = default_layers(len(model_adapter(model).blocks(model)))
+                    settings = {"keep": (0.7,) * len(layers) + (0.3,), "layers": layers, "output": "tokens"}
+                plan_for(model, **settings)
             except CollnError as exc:
                 yield Verdict(module, name, False, str(exc))
             else:

@@ -93,22 +93,49 @@ def rescue_indices(
     return torch.cat([by_cls, topk_indices(masked, r)], dim=-1)
 
 
+def group_scores(
+    scores: torch.Tensor,
+    group: int,
+) -> torch.Tensor:
+    """A VLM tower's groups (the k x k patches its projector joins, ``group`` = k*k consecutive
+    candidates each): each group's score is the sum of its patches'. ``[B, N] -> [B, N / group]``."""
+    if group == 1:
+        return scores
+    b, n = scores.shape
+    return scores.reshape(b, n // group, group).sum(dim=-1)
+
+
+def group_members(
+    indices: torch.Tensor,
+    group: int,
+) -> torch.Tensor:
+    """The candidates of the groups at ``indices`` ``[B, k]``, each group's ``group`` consecutive
+    candidates in their order: ``[B, k * group]`` (an Add of a constant range: no Scatter)."""
+    if group == 1:
+        return indices
+    b, k = indices.shape
+    inside = torch.arange(group, device=indices.device)
+    return (indices.unsqueeze(-1) * group + inside).reshape(b, k * group)
+
+
 def select(
     attn_mean: torch.Tensor,
     num_prefix: int,
     k: int,
     config: PruneConfig,
+    group: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick ``k`` candidates. Returns ``(indices [B, k] into the candidates, scores [B, N - num_prefix])``.
 
     The returned scores are the metric's own (the Col-Ln norm for ``colln`` and ``correct``, the
     [CLS] row for ``cls``): validation takes its boundary margin from them; :func:`fuse_weights`
-    turns them into the fused token's weights.
+    turns them into the fused token's weights. With ``group`` > 1 (a VLM tower's projector groups)
+    ``k``, the indices and the scores are of groups (:func:`group_scores`).
     """
     if config.metric == "cls":
-        scores = cls_score(attn_mean, num_prefix)
+        scores = group_scores(cls_score(attn_mean, num_prefix), group)
         return topk_indices(scores, k), scores
-    scores = colln_score(attn_mean, num_prefix, config.norm, root=True)
+    scores = group_scores(colln_score(attn_mean, num_prefix, config.norm, root=True), group)
     if config.metric == "colln":
         return topk_indices(scores, k), scores
     return rescue_indices(cls_score(attn_mean, num_prefix), scores, k, config.rescue), scores
@@ -196,9 +223,10 @@ def choose(
     num_prefix: int,
     k: int,
     config: PruneConfig,
+    group: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select`, then the picks in spatial order when ``config.spatial_order``."""
-    indices, scores = select(attn_mean, num_prefix, k, config)
+    indices, scores = select(attn_mean, num_prefix, k, config, group)
     if config.spatial_order:
         # topk, not sort: sort exports as a TopK whose K is computed from the shape (TensorRT wants a constant).
         indices = torch.topk(indices, k, dim=-1, largest=False).values
@@ -211,15 +239,17 @@ def prune_tokens(
     num_prefix: int,
     k: int,
     config: PruneConfig,
+    group: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pruning step with ``config``'s metric, fusion and order. Returns ``(tokens, indices, scores)``.
 
     ``tokens`` is ``[prefix, kept..., (fused)]``; kept tokens come in score order unless
-    ``config.spatial_order``. ``indices`` index the candidates (``x[:, num_prefix:]``).
+    ``config.spatial_order``. ``indices`` index the candidates (``x[:, num_prefix:]``); with
+    ``group`` > 1, ``k`` whole groups are kept and ``indices`` and ``scores`` are of groups.
     """
     attn_mean = head_mean(attn)
-    indices, scores = choose(attn_mean, num_prefix, k, config)
-    out = gather_tokens(x, indices, num_prefix)
+    indices, scores = choose(attn_mean, num_prefix, k, config, group)
+    out = gather_tokens(x, group_members(indices, group), num_prefix)
     if config.fuse:
         out = torch.cat([out, fused_token(x, indices, fuse_weights(attn_mean, scores, num_prefix, config), num_prefix)], dim=1)
     return out, indices, scores

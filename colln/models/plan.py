@@ -20,6 +20,15 @@ class ModelDims:
     mlp_macs: int  # per token
     patch_macs: int  # per image
     head_macs: int  # per image
+    # VLM towers with a k x k projector: the plan counts groups of ``group`` = k*k patches (the LM's
+    # tokens) and the per-token dims above are per group; ``token_grid`` is the grid of the output
+    # tokens (a tower's ``positions`` output is (row, col) on it), ``None`` for other models.
+    group: int = 1
+    token_grid: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_grid is not None:
+            object.__setattr__(self, "token_grid", tuple(self.token_grid))  # JSON gives a list
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,7 @@ class PruningBlock(nn.Module):
         num_prefix: int,
         k: int,
         config: PruneConfig,
+        group: int = 1,
     ) -> None:
         super().__init__()
         self.block = block
@@ -102,6 +103,8 @@ class PruningBlock(nn.Module):
         self.num_prefix = num_prefix
         self.k = k
         self.config = config
+        # A VLM tower's projector groups (patches per group): k, picks and scores are of groups.
+        self.group = group
         self._probe = Probe(block_adapter(block, layer), block)
         self._recorder: list[Selection] | None = None
 
@@ -121,9 +124,9 @@ class PruningBlock(nn.Module):
     ) -> TokenState:
         p = self.num_prefix
         att = self._probe.attend(self.block, state.x, state.rope(self.layer), state.bias(self.config.prop_attn))
-        x, indices, scores = ops.prune_tokens(att.x, att.probs, p, self.k, self.config)
+        x, indices, scores = ops.prune_tokens(att.x, att.probs, p, self.k, self.config, self.group)
         self._record(indices, scores)
-        return state.after(self._mlp(x), indices, att.x, p)
+        return state.after(self._mlp(x), ops.group_members(indices, self.group), att.x, p)
 
     def _mlp(
         self,
@@ -234,8 +237,10 @@ class FeatureBlock(PruningBlock):
     ) -> TokenState:
         p, c = self.num_prefix, self.config
         att = self._probe.attend(self.block, state.x, state.rope(self.layer), None)
-        indices, scores = ops.select(ops.head_mean(att.probs), p, self.k, c)
-        kept_ids = state.ids.gather(-1, indices)
+        g = self.group
+        indices, scores = ops.select(ops.head_mean(att.probs), p, self.k, c, g)
+        # A group's place is its first patch's.
+        kept_ids = state.ids.gather(-1, indices * g if g > 1 else indices)
         if c.order != "score":
             indices, kept_ids = ops.order_by_patch_id(indices, kept_ids)
         if c.merge:
@@ -244,7 +249,9 @@ class FeatureBlock(PruningBlock):
             weights = scores if c.weight == "score" else torch.ones_like(scores)
             return TokenState(ops.merge_tokens(x[:, p:], att.keys[:, p:], indices, weights)[0], ids=kept_ids)
         self._record(indices, scores)
-        return TokenState(self._mlp(ops.gather_tokens(att.x, indices, p)[:, p:]), ids=kept_ids)
+        members = ops.group_members(indices, g)
+        ids = kept_ids if g == 1 else state.ids.gather(-1, members)
+        return TokenState(self._mlp(ops.gather_tokens(att.x, members, p)[:, p:]), ids=ids)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, merge={self.config.merge}, order={self.config.order or 'spatial'}"
@@ -309,16 +316,18 @@ class ReducedViT(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         x, positions = self.adapter.embed(self.vit, images)
         ids = None
-        if self.output != "logits":
-            ids = torch.arange(self.num_patches, device=x.device).unsqueeze(0).expand(x.shape[0], -1)
-        state = self.adapter.blocks(self.vit).run(TokenState(x, positions, ids=ids))
         p = self.num_prefix
+        if self.output != "logits":
+            # Each patch token's place in the embedding's order (a tower's groups count as one patch each in the plan).
+            ids = torch.arange(x.shape[1] - p, device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+        state = self.adapter.blocks(self.vit).run(TokenState(x, positions, ids=ids))
         if self.output == "tokens":
             # A final selection (FeatureBlock) leaves only the kept tokens; keep 1.0 leaves every token.
-            return (state.x, state.ids) if self.selects else (state.x[:, p:], state.ids)
+            x = state.x if self.selects else state.x[:, p:]
+            return self.adapter.tokens(self.vit, x, state.ids)
         if self.output == "dense":
             feats = torch.cat([*(f for f, _ in state.dropped), state.x[:, p:]], dim=1)
             ids = torch.cat([*(i for _, i in state.dropped), state.ids], dim=1)
@@ -334,7 +343,7 @@ def check_supported(
     adapter = model_adapter(model)
     if any(isinstance(m, (PruningBlock, ReducedViT)) for m in model.modules()):
         raise UnsupportedModelError("this model is already pruned: call colln.prune on the original model")
-    adapter.check(model, config.output)
+    adapter.check(model, config)
     if config.metric in ("cls", "correct") and not adapter.has_cls(model):
         raise UnsupportedModelError(f"metric {config.metric!r} needs a [CLS] token and this model has none; use metric 'colln'")
     if config.fuse and (adapter.has_positions(model) or config.output == "dense"):
@@ -353,6 +362,8 @@ def plan_for(
     config = PruneConfig.of(keep, **settings)
     check_supported(model, config)
     adapter = model_adapter(model)
+    if config.output == "tokens" and config.feature_layer is None and adapter.feature_layer is not None:
+        config = replace(config, feature_layer=adapter.feature_layer)
     num_prefix = adapter.num_prefix(model)
     grid = adapter.grid(model)
     plan = make_plan(grid[0] * grid[1] + num_prefix, num_prefix, adapter.dims(model), config)
@@ -411,11 +422,11 @@ def prune(
         if op.kind == "tome":
             blocks[op.layer] = ToMeBlock(blk, layer=op.layer, num_prefix=p, k=plan.k_at(op.layer), r=op.count, config=c)
         else:
-            blocks[op.layer] = step[op.kind](blk, layer=op.layer, num_prefix=p, k=op.count, config=c)
+            blocks[op.layer] = step[op.kind](blk, layer=op.layer, num_prefix=p, k=op.count, config=c, group=plan.dims.group)
     if in_place and not c.merges:
-        pruned.blocks = nn.Sequential(*blocks)
+        adapter.set_blocks(pruned, nn.Sequential(*blocks))
     else:
-        pruned.blocks = ThreadedBlocks(*blocks, prop_attn=c.merges and c.prop_attn)
+        adapter.set_blocks(pruned, ThreadedBlocks(*blocks, prop_attn=c.merges and c.prop_attn))
     if in_place:
         pruned.colln_plan = plan
         return pruned
