@@ -206,6 +206,17 @@ def test_eval_refuses_an_unknown_method(tmp_path: Path, capsys) -> None:
     assert len(errors) == 1 and "unknown method drop: choose from prune,merge,tome" in errors[0], errors
 
 
+def test_eval_refuses_tome_r_without_the_tome_method(tmp_path: Path, capsys) -> None:
+    """--tome does nothing unless ToMe is swept: refused in one line, nothing written."""
+    from colln.app.eval_cli import main as eval_main
+
+    out = tmp_path / "ev"
+    assert eval_main(["digits_vit", "--method", "prune", "--tome", "8", "--out", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("colln: error:")]
+    assert len(errors) == 1 and "--tome sets ToMe's r values and does nothing without --method tome" in errors[0], errors
+    assert not out.exists()
+
+
 def test_eval_under_torchrun_gives_the_accuracies_of_one_process(tmp_path: Path) -> None:
     """Two gloo processes each score every other image; the counts are summed and rank 0 alone
     times and writes: the same accuracies and agreements as one process, an odd image count included."""

@@ -22,6 +22,7 @@ from colln.app.cli import (
     positive_int,
     timing_options,
 )
+from colln.errors import UsageError
 from colln.export.spec import ExportSpec
 from colln.jobs.evaluate import evaluate
 from colln.measure.sweep import EVAL_BACKENDS, SweepOptions
@@ -57,7 +58,7 @@ def build_parser() -> ArgumentParser:
         help="token reduction methods to compare, comma-separated: prune (the metric's top-k), merge (the same top-k, "
         "dropped tokens merged into the kept ones), tome (ToMe at every block, r from --tome); default prune",
     )
-    parser.add_argument("--tome", default="4,8,12,16", help="--method tome: the r values to sweep (default 4,8,12,16)")
+    parser.add_argument("--tome", default=None, help="--method tome: the r values to sweep (default 4,8,12,16)")
     parser.add_argument(
         "--backend", default="torch", choices=EVAL_BACKENDS, help="run PyTorch, ONNX Runtime or OpenVINO exports (default torch)"
     )
@@ -90,12 +91,15 @@ def build_parser() -> ArgumentParser:
 def run(
     args: argparse.Namespace,
 ) -> int:
+    methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
+    if args.tome is not None and "tome" not in methods:
+        raise UsageError("--tome sets ToMe's r values and does nothing without --method tome: add tome to --method")
     options = SweepOptions(
         keeps=parse_floats(args.keep, "--keep"),
         layers=tuple(layer_choices(args, default=DEFAULT_SCHEDULE)),
         metrics=parse_metrics(args.metric),
-        methods=tuple(m.strip() for m in args.method.split(",") if m.strip()),
-        tome_rs=parse_ints(args.tome, "--tome", minimum=0),
+        methods=methods,
+        tome_rs=parse_ints(args.tome or "4,8,12,16", "--tome", minimum=0),
         norms=parse_floats(args.norm, "--norm"),
         precisions=tuple(p.strip() for p in args.precision.split(",")),
         backend=args.backend,
