@@ -2,6 +2,9 @@
 
     python benchmarks/compare.py REF_EXPORT OTHER_EXPORT [...] [--batch 1,8] [--rounds 40] [--warmup N] [--threads 1]
         [--backend onnxruntime]
+As ``benchmarks/run_all.sh pruning`` runs it (results/<model>-colln-vs-cls.txt), per model:
+    python benchmarks/compare.py $EXPORTS/deit_small-cls-keep0.7 $EXPORTS/deit_small-colln-keep0.7 \\
+        --batch 1,8 --rounds 30 --warmup 3 --threads 1 | tee benchmarks/results/deit_small-colln-vs-cls.txt
 
 For each batch size: every export's p50 latency and its paired speedup over the first one (median
 of per-round ratios, with the interquartile range). Used to decide between formulations (ops.py

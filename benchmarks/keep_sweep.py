@@ -1,8 +1,10 @@
 """Speedup vs keep rate against the FLOPs bound: export one model at several keep rates, time each
 against the (cached) unpruned model with colln-bench, and plot.
 
-    python benchmarks/keep_sweep.py deit_small --keep 0.5,0.6,0.7,0.8,0.9 --batch 8 --rounds 20 \
-        --exports /tmp/sweep --json benchmarks/results/keep_sweep_deit_small.json --plot docs/benchmarks/speedup_vs_keep.png
+    python benchmarks/keep_sweep.py deit_small --keep 0.5,0.6,0.7,0.8,0.9 --batch 8 --rounds 30 --warmup 3 \\
+        --exports /tmp/colln-bench --json benchmarks/results/keep_sweep_deit_small.json \\
+        --plot docs/benchmarks/speedup_vs_keep.png
+(as ``benchmarks/run_all.sh pruning`` runs it).
 
 Exports go to ``--exports`` (large for vit_base: keep them out of the repo); timing weights are
 random (latency does not depend on them).

@@ -4,6 +4,9 @@ Col-Ln + merge at the same keep plan, ToMe at each r).
 
     PYTHONPATH=. python benchmarks/merge_cost.py [--model digits_vit] [--weights W] [--keep 0.7] [--tome 8,13]
         [--batch 8] [--threads 1] [--rounds N] [--warmup N] [--json FILE]
+``benchmarks/run_all.sh merging`` runs it as docs/merging.md says, e.g.
+    PYTHONPATH=. python benchmarks/merge_cost.py --model vit_base --weights random --tome 8,13 --batch 8 --threads 1 \\
+        --rounds 15 --json benchmarks/results/merge_cost_vit_base.json
 
 Speedups are the median of the paired per-round ratios over the unpruned graph (colln-bench's
 statistic), with their interquartile range.

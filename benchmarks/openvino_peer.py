@@ -17,6 +17,9 @@ calibrated on the same images. Run benchmarks/openvino_stack.sh first (it builds
 the cached counterparts this reads):
 
     PYTHONPATH=. python benchmarks/openvino_peer.py EXPORT [--batch 1,8] [--threads 0] [--rounds 10] [--json FILE]
+As ``benchmarks/run_all.sh openvino`` runs it, for m in deit_small vit_base and t in 0 1:
+    PYTHONPATH=. python benchmarks/openvino_peer.py /tmp/colln-bench/$m-colln-keep0.7-int8-openvino --threads $t \\
+        --json benchmarks/results/openvino-peer-$m-t$t.json
 """
 
 from __future__ import annotations

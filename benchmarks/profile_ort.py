@@ -1,6 +1,11 @@
 """Where the time goes in an export on ONNX Runtime CPU: per-op-type totals from ORT's profiler.
 
     python benchmarks/profile_ort.py EXPORT_DIR [EXPORT_DIR ...] [--batch 8] [--runs 5] [--threads 1] [--out FILE.md]
+As ``benchmarks/run_all.sh`` runs it (sections pruning and int8):
+    python benchmarks/profile_ort.py /tmp/colln-bench/deit_small-cls-keep0.7 /tmp/colln-bench/deit_small-colln-keep0.7 \\
+        --batch 8 --runs 10 --out benchmarks/results/profile_deit_small_b8.md
+    python benchmarks/profile_ort.py /tmp/colln-bench/deit_small-colln-keep0.7-int8 --batch 8 \\
+        --out benchmarks/results/profile_deit_small_int8_b8.md
 
 Each export is profiled in its own session (profiling perturbs timing, so compare the shares, not
 the milliseconds, and never mix these runs into colln-bench numbers). The table groups node time

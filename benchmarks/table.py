@@ -1,6 +1,7 @@
 """Markdown results table from colln-bench JSON reports (``--json``), for docs/benchmarks.md.
 
-python benchmarks/table.py benchmarks/results/*.json
+    python benchmarks/table.py benchmarks/results/*-colln-keep0.7*.json > benchmarks/results/table.md
+(as ``benchmarks/run_all.sh pruning`` runs it).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ same block (all 576 tokens), interleaved, batch 1, ONNX Runtime CPU.
 
     PYTHONPATH=. python benchmarks/vlm.py [--rounds 5] [--warmup N] [--threads N] [--val-limit 2]
         [--out benchmarks/results/vlm_clip_l336.json]
+As ``benchmarks/run_all.sh vlm`` runs it: ``PYTHONPATH=. python benchmarks/vlm.py --rounds 5 --val-limit 2``.
 
 Two exports through ``colln.export_model`` (the ~1.2 GB graphs go under ``exports/``, ignored by git):
 the final selection alone (``--keep 0.3333``: K = 192, the encoder runs 23 full blocks), and the same

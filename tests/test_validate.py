@@ -246,9 +246,9 @@ def test_the_table_shows_the_cosine_the_verdict_used() -> None:
     logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32)
     report = _compare(_reference(scores, 3, logits), np.array([[0.0, 5.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32), None, 3)
     assert report.judged_images == 1 and report.min_cosine < 0.5 and report.min_cosine_judged == pytest.approx(1.0)
-    (line,) = [line for line in validation_lines(report.to_dict()) if line.startswith("logits:")]
+    (line,) = [line for line in validation_lines(report) if line.startswith("logits:")]
     assert f"min cosine 1.000000 judged ({report.min_cosine:.6f} over all images)" in line, line
-    judged_all = _compare(_reference(scores[1:], 3, logits[1:]), logits[1:].copy(), None, 3).to_dict()
+    judged_all = _compare(_reference(scores[1:], 3, logits[1:]), logits[1:].copy(), None, 3)
     (line,) = [line for line in validation_lines(judged_all) if line.startswith("logits:")]
     assert line.endswith("min cosine 1.000000"), line
 

@@ -39,6 +39,7 @@ from colln.jobs.export import (
 )
 from colln.report.export_report import DEFAULT_LM_PARAMS, REPORT_JSON
 from colln.report.render import result_table
+from colln.report.schema import ExportReport
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -165,7 +166,7 @@ def run(
             lm_params=args.lm_params,
             openvino=openvino,
         )
-    Console().print(result_table(result.report, result.out, result.extra))
+    Console().print(result_table(ExportReport.from_dict(result.report), result.out, result.extra))
     for line in result.warnings:
         console.print(f"[yellow]{line}[/]")
     for checked in result.validations:

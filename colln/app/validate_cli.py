@@ -50,7 +50,7 @@ def run(
     table.add_column()
     verdict = "[green]passed[/]" if report.passed else "[red]FAILED[/]"
     table.add_row("validation", f"{verdict}: {report.backend} vs torch on {report.images} images ({report.source})")
-    for line in validation_lines(report.to_dict()):
+    for line in validation_lines(report):
         table.add_row("", line)
     Console().print(table)
     for line in report.warnings:

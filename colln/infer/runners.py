@@ -140,7 +140,8 @@ def onnxruntime_runner(
         # session's idle pool keeps a core busy while the next session runs. Interleaved timing and
         # serving several models alternate sessions; deit_small, batch 1, 2 threads, alternating
         # unpruned/pruned: 98/76 ms (ratio 1.28) with spinning, 52/36 ms (1.48) with this
-        # (benchmarks/alternating_sessions.py). allow_spinning=0 also helps but made digits_vit 7x slower.
+        # (docs/benchmarks.md#batch-1-at-the-default-thread-count). allow_spinning=0 also helps but made
+        # digits_vit 7x slower.
         for key, value in ORT_SESSION_OPTIONS.items():
             options.add_session_config_entry(key, value)
         # Errors only: ONNX Runtime warns about every constant its GELU fusion leaves unused.
@@ -161,10 +162,10 @@ class SplitBatchOnnxrtRunner(OnnxrtRunner):
 
     Why: ONNX Runtime splits each op across its threads, so every op's output crosses between
     cores. A cloud VM's vCPUs can sit on different dies of the host, for seconds to minutes at a
-    time; then each crossing costs about 350 ns instead of 130 (a cache-line round trip,
-    ``benchmarks/vcpu_rtt.c``), and an int8 graph, with little arithmetic per byte, ran no faster
-    on 2 threads than on 1. Slices share nothing while they run: deit_small, batch 8, 2 vCPUs,
-    pruned int8 102-134 ms in either placement, against 105-137 ms split by op (benchmarks/README.md).
+    time; then each crossing costs about 350 ns instead of 130 (a cache-line round trip, see
+    docs/benchmarks.md#the-vms-two-speeds-two-vcpu-placements), and an int8 graph, with little
+    arithmetic per byte, ran no faster on 2 threads than on 1. Slices share nothing while they run: deit_small, batch 8, 2 vCPUs,
+    pruned int8 102-134 ms in either placement, against 105-137 ms split by op (docs/benchmarks.md).
     Each image is computed alone either way, so the outputs are the same. The cost is a second copy
     of the session's prepacked weights."""
 

@@ -29,6 +29,7 @@ from colln.infer.timing import Timing
 from colln.measure.bench import stack_accuracy, stack_exports, time_variants
 from colln.models.registry import default_weights, resolve_name
 from colln.report.export_report import DEFAULT_LM_PARAMS, build_report, write_report
+from colln.report.schema import Calibration, Latency, Openvino, OpenvinoArtifact, Stack, StackAccuracy
 from colln.train.checkpoint import check_recorded_plan
 from colln.verify.validate import ValidationReport, validate_backend
 
@@ -243,7 +244,7 @@ def export_model(
                 timing, stack = _latency(exports, latency, exported.plan.flops().bound, spec.precision)
             with progress("top-1 of every stack variant"):
                 images = images if images is not None else validation_images(spec.model, unpruned)
-                stack["accuracy"] = stack_accuracy(exports, images, latency.timing.threads)
+                stack = replace(stack, accuracy=StackAccuracy.from_dict(stack_accuracy(exports, images, latency.timing.threads)))
         elif latency is not None:
             with progress("exporting the unpruned baseline (cached)"):
                 base_dir = unpruned_export(exported.spec, default_cache(out), unpruned)
@@ -251,13 +252,11 @@ def export_model(
                 timing, _ = _latency({"unpruned": base_dir, "pruned": tmp}, latency, exported.plan.flops().bound)
         record = None
         if calib is not None:
-            record = {"method": "minmax", "source": calib.source, "images": len(calib.images), "recipe": INT8_RECIPE}
-        report = build_report(exported, checked, timing, lm_params, stack=stack, calibration=record)
+            record = Calibration(method="minmax", source=calib.source, images=len(calib.images), recipe=INT8_RECIPE)
+        ov_section = None
         if openvino is not None:
-            report["openvino"] = {
-                "artifact": ov_record,
-                "validation": ov_checked.to_dict() if ov_checked is not None else None,
-            }
+            ov_section = Openvino(artifact=OpenvinoArtifact.from_dict(ov_record), validation=ov_checked)
+        report = build_report(exported, checked, timing, lm_params, stack=stack, calibration=record, openvino=ov_section)
         write_report(tmp, report)
         passed = all(v is None or v.passed for v in (checked, ov_checked))
         if engine is not None and passed:
@@ -271,7 +270,7 @@ def export_model(
 
         model_dir = write_model_repository(out, triton.repo, backend=triton.backend, max_batch=triton.max_batch)
         extra.append(("Triton", f"{model_dir} ({triton.backend})"))
-    return ExportResult(out=out, report=report, validation=checked, extra=extra, warnings=warnings, openvino=ov_checked)
+    return ExportResult(out=out, report=report.to_dict(), validation=checked, extra=extra, warnings=warnings, openvino=ov_checked)
 
 
 def _latency(
@@ -279,20 +278,13 @@ def _latency(
     options: LatencyOptions,
     bound: float,
     precision: str = "fp32",
-) -> tuple[dict, dict | None]:
+) -> tuple[Latency, Stack | None]:
     """The report's latency section (pruned against unpruned; for an int8 stack, pruned int8
     against unpruned int8) and its ``stack`` (``None`` for a pair), from one interleaved ONNX
     Runtime run of ``exports``: :func:`colln.measure.bench.time_variants`, as colln-bench times."""
     timed = time_variants(exports, options.batches, options.timing, bound, precision)
-    latency = {
-        "backend": "onnxruntime-cpu",
-        "timing": options.timing.to_dict(),
-        # The timing's fields as reports before "timing" had them.
-        "threads": options.timing.threads or "backend default",
-        "warmup": options.timing.warmup,
-        "batches": timed.rows,
-    }
-    return latency, timed.stack
+    stack = Stack.from_dict(timed.stack) if timed.stack is not None else None
+    return Latency.of(options.timing, timed.rows, bound), stack
 
 
 def _calibration_images(

@@ -3,6 +3,7 @@ benchmarks and evaluation sweeps. Nothing here computes a number."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,60 +11,50 @@ from typing import TYPE_CHECKING
 from colln.infer.environment import describe_cpu_flags
 from colln.infer.timing import Timing
 from colln.measure.sweep import METRIC_LABELS, Sweep
+from colln.report.schema import ExportReport, Stack, Tokens
+from colln.verify.validate import ValidationReport
 
 if TYPE_CHECKING:
     from rich.table import Table
 
 
 def result_table(
-    report: dict,
+    report: ExportReport,
     out: Path,
     extra: Sequence[tuple[str, str]] = (),
 ) -> Table:
     """The result as a two-column rich table."""
     from rich.table import Table
 
-    m, e, plan, f = report["model"], report["export"], report["plan"], report["flops"]
-    table = Table(title=f"colln-export {m['name']}", show_header=False, title_justify="left")
+    m, e, f = report.model, report.export, report.flops
+    table = Table(title=f"colln-export {m.name}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row(
-        "model", f"{m['name']} ({m['weights']} weights, {m['params'] / 1e6:.2f}M params, input {tuple(m['input_size'])})"
-    )
-    table.add_row("plan", plan_line(plan))
-    table.add_row("TopK K", ", ".join(str(k) for k in e["topk_k"]) or "none (unpruned)")
-    table.add_row("FLOPs", f"{f['pruned'] / 1e9:.3g} G of {f['full'] / 1e9:.3g} G ({f['ratio']:.2f}x), bound {f['bound']:.2f}x")
-    if report.get("tokens"):
-        table.add_row("tokens", tokens_line(report["tokens"]))
-    table.add_row("ONNX", f"{out / e['onnx']} ({e['onnx_bytes'] / 1e6:.1f} MB, opset {e['opset']}, {e['precision']})")
-    v = report["validation"]
-    if v is not None:
-        verdict = "[green]passed[/]" if v["passed"] else "[red]FAILED[/]"
-        table.add_row("validation", f"{verdict}: {v['backend']} vs torch on {v['images']} images ({v['source']})")
-        for line in validation_lines(v):
-            table.add_row("", line)
-    ov = report.get("openvino")
+    table.add_row("model", f"{m.name} ({m.weights} weights, {m.params / 1e6:.2f}M params, input {tuple(m.input_size)})")
+    table.add_row("plan", plan_line(report.plan))
+    table.add_row("TopK K", ", ".join(str(k) for k in e.topk_k) or "none (unpruned)")
+    table.add_row("FLOPs", f"{f.pruned / 1e9:.3g} G of {f.full / 1e9:.3g} G ({f.ratio:.2f}x), bound {f.bound:.2f}x")
+    if report.tokens is not None:
+        table.add_row("tokens", tokens_line(report.tokens))
+    table.add_row("ONNX", f"{out / e.onnx} ({e.onnx_bytes / 1e6:.1f} MB, opset {e.opset}, {e.precision})")
+    _validation_rows(table, report.validation)
+    ov = report.openvino
     if ov is not None:
-        a = ov["artifact"]
+        a = ov.artifact
         table.add_row(
             "OpenVINO",
-            f"{out / a['file']} ({a['precision']}; OpenVINO ran {a['inference_precision']}, {_options(a['options'])})",
+            f"{out / a.file} ({a.precision}; OpenVINO ran {a.inference_precision}, {_options(a.options)})",
         )
-        if ov["validation"] is not None:
-            w = ov["validation"]
-            verdict = "[green]passed[/]" if w["passed"] else "[red]FAILED[/]"
-            table.add_row("validation", f"{verdict}: {w['backend']} vs torch on {w['images']} images ({w['source']})")
-            for line in validation_lines(w):
-                table.add_row("", line)
-    lat = report["latency"]
+        _validation_rows(table, ov.validation)
+    lat = report.latency
     if lat is not None:
-        for b, r in lat["batches"].items():
+        for b, r in lat.batches.items():
             table.add_row(
                 f"latency b={b}",
-                f"pruned {r['pruned']['p50_ms']:.2f} ms / unpruned {r['unpruned']['p50_ms']:.2f} ms (p50), "
-                f"speedup {r['speedup']:.2f}x (bound {lat['flops_bound']:.2f}x)",
+                f"pruned {r.pruned.p50_ms:.2f} ms / unpruned {r.unpruned.p50_ms:.2f} ms (p50), "
+                f"speedup {r.speedup:.2f}x (bound {lat.flops_bound:.2f}x)",
             )
-    for line in stack_lines(report.get("stack")):
+    for line in stack_lines(report.stack):
         table.add_row("stack", line)
     for row in extra:
         table.add_row(*row)
@@ -71,51 +62,62 @@ def result_table(
     return table
 
 
+def _validation_rows(
+    table: Table,
+    v: ValidationReport | None,
+) -> None:
+    if v is None:
+        return
+    verdict = "[green]passed[/]" if v.passed else "[red]FAILED[/]"
+    table.add_row("validation", f"{verdict}: {v.backend} vs torch on {v.images} images ({v.source})")
+    for line in validation_lines(v):
+        table.add_row("", line)
+
+
 def stack_lines(
-    stack: dict | None,
+    stack: Stack | None,
 ) -> list[str]:
     """One line per batch size of the variant stack: each variant's speedup over ONNX Runtime's unpruned fp32."""
-    if not stack:
+    if stack is None:
         return []
     lines = []
-    for b, rows in stack["batches"].items():
-        cells = ", ".join(f"{name} {r['speedup']:.2f}x" for name, r in rows.items() if name != stack["baseline"])
-        lines.append(f"b={b}: {cells} (over {stack['baseline']} {rows[stack['baseline']]['p50_ms']:.1f} ms)")
-    acc = stack.get("accuracy") or {}
-    if acc.get("accuracy"):
-        lines.append("accuracy: " + ", ".join(f"{n} {x:.4f}" for n, x in acc["accuracy"].items()))
+    for b, rows in stack.batches.items():
+        cells = ", ".join(f"{name} {r.speedup:.2f}x" for name, r in rows.items() if name != stack.baseline)
+        lines.append(f"b={b}: {cells} (over {stack.baseline} {rows[stack.baseline].p50_ms:.1f} ms)")
+    if stack.accuracy is not None and stack.accuracy.accuracy:
+        lines.append("accuracy: " + ", ".join(f"{n} {x:.4f}" for n, x in stack.accuracy.accuracy.items()))
     return lines
 
 
 def stack_markdown(
-    stack: dict,
+    stack: Stack,
 ) -> list[str]:
     """The variant stack as a markdown table: one row per (batch, variant), then the artifact and
     options behind each variant's figures."""
-    acc = stack.get("accuracy") or {}
-    accuracy, agreement = acc.get("accuracy") or {}, acc.get("top1_agreement") or {}
+    acc = stack.accuracy
+    accuracy = (acc.accuracy or {}) if acc is not None else {}
+    agreement = acc.top1_agreement if acc is not None else {}
     lines = [
-        f"## Variant stack (speedup over {stack['baseline']}, one interleaved run; "
-        f"FLOPs bound of pruning {stack['flops_bound']:.2f}x)",
+        f"## Variant stack (speedup over {stack.baseline}, one interleaved run; FLOPs bound of pruning {stack.flops_bound:.2f}x)",
         "",
         "| batch | variant | p50 ms | p90 ms | p99 ms | images/s | speedup (IQR) | over own unpruned | accuracy | "
         "top-1 agreement |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for b, rows in stack["batches"].items():
+    for b, rows in stack.batches.items():
         for name, r in rows.items():
             a = f"{accuracy[name]:.4f}" if name in accuracy else "-"
             g = f"{agreement[name]:.3f}" if name in agreement else "-"
-            own = f"{r['speedup_same_runtime']:.2f}x" if r.get("speedup_same_runtime") is not None else "-"
+            own = f"{r.speedup_same_runtime:.2f}x" if r.speedup_same_runtime is not None else "-"
             lines.append(
-                f"| {b} | {name} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['images_per_s']:.1f} | "
-                f"{r['speedup']:.2f}x ({r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f}) | {own} | {a} | {g} |"
+                f"| {b} | {name} | {r.p50_ms:.2f} | {r.p90_ms:.2f} | {r.p99_ms:.2f} | {r.images_per_s:.1f} | "
+                f"{r.speedup:.2f}x ({r.speedup_iqr[0]:.2f}-{r.speedup_iqr[1]:.2f}) | {own} | {a} | {g} |"
             )
-    if acc:
-        lines += ["", f"Top-1 on {acc['images']} images ({acc['source']}); agreement with {stack['baseline']}."]
-    if stack.get("artifacts"):
+    if acc is not None:
+        lines += ["", f"Top-1 on {acc.images} images ({acc.source}); agreement with {stack.baseline}."]
+    if stack.artifacts:
         lines += ["", "Timed artifacts:", ""]
-        lines += [f"- {n}: `{a['artifact']}` ({a['runtime']}, {_options(a['options'])})" for n, a in stack["artifacts"].items()]
+        lines += [f"- {n}: `{a.artifact}` ({a.runtime}, {_options(a.options)})" for n, a in stack.artifacts.items()]
     return lines
 
 
@@ -125,105 +127,105 @@ def _options(
     return ", ".join(f"{k}={v}" for k, v in options.items()) or "default session options"
 
 
+def _validation_markdown(
+    v: ValidationReport,
+) -> list[str]:
+    lines = [f"- {line}" for line in validation_lines(v)]
+    return lines + [f"- mismatch: {x}" for x in v.mismatches] + [f"- warning: {x}" for x in v.warnings]
+
+
 def report_markdown(
-    report: dict,
+    report: ExportReport,
 ) -> str:
     """A short human summary of report.json."""
-    m, plan, f = report["model"], report["plan"], report["flops"]
+    m, plan, f, e = report.model, report.plan, report.flops, report.export
     lines = [
-        f"# {m['name']}: {'ToMe' if plan.get('tome') is not None else plan['metric']} keep plan",
+        f"# {m.name}: {'ToMe' if plan.get('tome') is not None else plan['metric']} keep plan",
         "",
         f"- Plan: {plan['summary']}",
-        f"- FLOPs: {f['pruned'] / 1e9:.3g} G of {f['full'] / 1e9:.3g} G per image (bound {f['bound']:.2f}x)",
-        f"- ONNX: `{report['export']['onnx']}`, opset {report['export']['opset']}, {report['export']['precision']}, "
-        f"TopK K = {report['export']['topk_k']}",
-        f"- Weights: {m['weights']}",
+        f"- FLOPs: {f.pruned / 1e9:.3g} G of {f.full / 1e9:.3g} G per image (bound {f.bound:.2f}x)",
+        f"- ONNX: `{e.onnx}`, opset {e.opset}, {e.precision}, TopK K = {e.topk_k}",
+        f"- Weights: {m.weights}",
     ]
-    if report.get("tokens"):
-        lines.append(f"- Tokens: {tokens_line(report['tokens'])}")
-    v = report["validation"]
+    if report.tokens is not None:
+        lines.append(f"- Tokens: {tokens_line(report.tokens)}")
+    v = report.validation
     if v is not None:
         lines += [
             "",
-            f"## Validation: {'passed' if v['passed'] else 'FAILED'} "
-            f"({v['backend']} vs torch, {v['images']} images, {v['source']})",
+            f"## Validation: {'passed' if v.passed else 'FAILED'} ({v.backend} vs torch, {v.images} images, {v.source})",
             "",
+            *_validation_markdown(v),
         ]
-        lines += [f"- {line}" for line in validation_lines(v)]
-        lines += [f"- mismatch: {x}" for x in v["mismatches"]] + [f"- warning: {x}" for x in v["warnings"]]
-    ov = report.get("openvino")
+    ov = report.openvino
     if ov is not None:
-        a, w = ov["artifact"], ov["validation"]
-        lines += ["", f"## OpenVINO: `{a['file']}` ({a['precision']}; OpenVINO ran {a['inference_precision']})"]
+        a, w = ov.artifact, ov.validation
+        lines += ["", f"## OpenVINO: `{a.file}` ({a.precision}; OpenVINO ran {a.inference_precision})"]
         if w is not None:
             lines += [
                 "",
-                f"Validation: {'passed' if w['passed'] else 'FAILED'} ({w['backend']} vs torch, {w['images']} images)",
+                f"Validation: {'passed' if w.passed else 'FAILED'} ({w.backend} vs torch, {w.images} images)",
                 "",
+                *_validation_markdown(w),
             ]
-            lines += [f"- {line}" for line in validation_lines(w)]
-            lines += [f"- mismatch: {x}" for x in w["mismatches"]] + [f"- warning: {x}" for x in w["warnings"]]
-    lat = report["latency"]
+    lat = report.latency
     if lat is not None:
-        lines += ["", f"## Latency ({lat['backend']}, {Timing.from_dict(lat).describe()}, pruned and unpruned interleaved)", ""]
+        lines += ["", f"## Latency ({lat.backend}, {lat.timing.describe()}, pruned and unpruned interleaved)", ""]
         lines += [
             "| batch | rounds | pruned p50 ms | unpruned p50 ms | pruned p90 ms | unpruned p90 ms | speedup | FLOPs bound |"
         ]
         lines += ["|---|---|---|---|---|---|---|---|"]
-        for b, r in lat["batches"].items():
+        for b, r in lat.batches.items():
             lines.append(
-                f"| {b} | {r['pruned']['rounds']} | {r['pruned']['p50_ms']:.2f} | {r['unpruned']['p50_ms']:.2f} | "
-                f"{r['pruned']['p90_ms']:.2f} | {r['unpruned']['p90_ms']:.2f} | {r['speedup']:.2f}x | {lat['flops_bound']:.2f}x |"
+                f"| {b} | {r.pruned.rounds} | {r.pruned.p50_ms:.2f} | {r.unpruned.p50_ms:.2f} | "
+                f"{r.pruned.p90_ms:.2f} | {r.unpruned.p90_ms:.2f} | {r.speedup:.2f}x | {lat.flops_bound:.2f}x |"
             )
-    if report.get("stack"):
-        lines += ["", *stack_markdown(report["stack"])]
-    env = report["environment"]
-    lines += ["", f"Machine: {env['machine']} ({env['cpu']}, {describe_cpu_flags(env.get('cpu_flags'))}, {env['cpus']} cpus)"]
-    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    if report.stack is not None:
+        lines += ["", *stack_markdown(report.stack)]
+    env = report.environment
+    lines += ["", f"Machine: {env.machine} ({env.cpu}, {describe_cpu_flags(env.cpu_flags)}, {env.cpus} cpus)"]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()), ""]
     return "\n".join(lines)
 
 
 def tokens_line(
-    t: dict,
+    t: Tokens,
 ) -> str:
     """A tokens export's reduction and what it saves a language model."""
     return (
-        f"block {t['feature_block']} features, {t['reduction']} patch tokens; LM prefill saved "
-        f"{t['lm_prefill_flops_saved'] / 1e12:.3g} TFLOPs/image for {t['lm_params'] / 1e9:g}B params"
+        f"block {t.feature_block} features, {t.reduction} patch tokens; LM prefill saved "
+        f"{t.lm_prefill_flops_saved / 1e12:.3g} TFLOPs/image for {t.lm_params / 1e9:g}B params"
     )
 
 
 def validation_lines(
-    v: dict,
+    v: ValidationReport,
 ) -> list[str]:
     """The validation numbers as short lines (report.md and the CLI table share them)."""
-    judged = f"{v['judged_images']}/{v['images']} images judged"
+    judged = f"{v.judged_images}/{v.images} images judged"
     errors = _error_text(v)
-    if v.get("output") in ("tokens", "dense"):
-        what = "tokens" if v["output"] == "tokens" else "dense features"
+    if v.output in ("tokens", "dense"):
+        what = "tokens" if v.output == "tokens" else "dense features"
         return [f"{what} ({judged}; cosine of the lowest row): {errors}", *_layer_lines(v)]
-    lines = [f"top-1 agreement {v['top1_agreement']:.4f} ({judged})", f"logits: {errors}"]
+    lines = [f"top-1 agreement {v.top1_agreement:.4f} ({judged})", f"logits: {errors}"]
     lines += _layer_lines(v)
-    agree = ", ".join(f"{k} {x:.3f}" for k, x in v["unpruned_top1_agreement"].items())
+    agree = ", ".join(f"{k} {x:.3f}" for k, x in v.unpruned_top1_agreement.items())
     lines.append(f"top-1 agreement with the unpruned model: {agree}")
-    if v["accuracy"]:
-        lines.append("accuracy: " + ", ".join(f"{k} {x:.4f}" for k, x in v["accuracy"].items()))
+    if v.accuracy:
+        lines.append("accuracy: " + ", ".join(f"{k} {x:.4f}" for k, x in v.accuracy.items()))
     return lines
 
 
 def _error_text(
-    v: dict,
+    v: ValidationReport,
 ) -> str:
     """Errors and cosine as the verdict used them: on the judged images, the all-image values beside
     them when images were left out (a near-tie makes those large by construction)."""
-    mean = f"mean |err| {_g(v['mean_abs_error'])}"
-    if v["judged_images"] == v["images"]:
-        return f"max |err| {_g(v['max_abs_error'])}, {mean}, min cosine {_g6(v['min_cosine'])}"
-    if "max_abs_error_judged" in v:
-        max_err = f"max |err| {_g(v['max_abs_error_judged'])} judged ({_g(v['max_abs_error'])} over all images)"
-    else:  # a report written before max_abs_error_judged existed
-        max_err = f"max |err| {_g(v['max_abs_error'])} over all images"
-    cosine = f"min cosine {_g6(v['min_cosine_judged'])} judged ({_g6(v['min_cosine'])} over all images)"
+    mean = f"mean |err| {_g(v.mean_abs_error)}"
+    if v.judged_images == v.images:
+        return f"max |err| {_g(v.max_abs_error)}, {mean}, min cosine {_g6(v.min_cosine)}"
+    max_err = f"max |err| {_g(v.max_abs_error_judged)} judged ({_g(v.max_abs_error)} over all images)"
+    cosine = f"min cosine {_g6(v.min_cosine_judged)} judged ({_g6(v.min_cosine)} over all images)"
     return f"{max_err}, {mean} over all images, {cosine}"
 
 
@@ -245,27 +247,34 @@ def plan_line(
 
 
 def _layer_lines(
-    v: dict,
+    v: ValidationReport,
 ) -> list[str]:
     lines = []
-    for layer in v["layers"]:
-        kept = "" if layer["identical_fraction"] is None else f", identical kept sets {layer['identical_fraction']:.3f}"
-        margin = "n/a" if layer["min_relative_margin"] is None else f"{layer['min_relative_margin']:.2g}"
-        merge = "" if layer.get("min_merge_margin") is None else f", min merge margin {layer['min_merge_margin']:.2g}"
-        lines.append(f"layer {layer['layer']} (k={layer['k']}): min relative margin {margin}{kept}{merge}")
+    for layer in v.layers:
+        kept = "" if layer.identical_fraction is None else f", identical kept sets {layer.identical_fraction:.3f}"
+        margin = "n/a" if _missing(layer.min_relative_margin) else f"{layer.min_relative_margin:.2g}"
+        merge = "" if _missing(layer.min_merge_margin) else f", min merge margin {layer.min_merge_margin:.2g}"
+        lines.append(f"layer {layer.layer} (k={layer.k}): min relative margin {margin}{kept}{merge}")
     return lines
+
+
+def _missing(
+    x: float | None,
+) -> bool:
+    """No number to show: not measured, or infinite (a layer that prunes nothing; report.json has null)."""
+    return x is None or not math.isfinite(x)
 
 
 def _g(
     x: float | None,
 ) -> str:
-    return "n/a" if x is None else f"{x:.3g}"
+    return "n/a" if _missing(x) else f"{x:.3g}"
 
 
 def _g6(
     x: float | None,
 ) -> str:
-    return "n/a" if x is None else f"{x:.6f}"
+    return "n/a" if _missing(x) else f"{x:.6f}"
 
 
 def print_bench(
@@ -295,10 +304,10 @@ def print_bench(
     # CI logs are not terminals (rich would assume 80 columns and wrap every cell).
     console = Console(width=max(Console().width, 150))
     console.print(table)
-    if report.get("stack"):
+    if report.get("stack") is not None:
         from rich.markdown import Markdown
 
-        console.print(Markdown("\n".join(stack_markdown(report["stack"]))))
+        console.print(Markdown("\n".join(stack_markdown(Stack.from_dict(report["stack"])))))
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     rounds = ", ".join(f"b={b} {r['pruned']['rounds']}" for b, r in report["batches"].items())
     load = " -> ".join(f"{x[0]:.2f}" for x in (env["loadavg_before"], env["loadavg_after"]) if x)
