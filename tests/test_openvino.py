@@ -246,12 +246,13 @@ def test_an_int8_ir_runs_at_either_hint_and_nothing_else(fp32_export: Path, int8
 
 
 def test_int8_bf16_validation_on_digits(int8_export: Path, int8_bf16_export: Path) -> None:
-    """colln-validate's path: the IR at its recorded precision, judged with int8's limits, on the
-    first 150 test images; beside it the same IR at the f32 hint on the same images, and int8's
-    verdict on all 450 from the int8 export's report."""
+    """colln-validate's path: the IR at its recorded precision, judged by the int8 rule, on the 450
+    test images as colln-export validates it (on the first 150, 73 are judged: fewer than half);
+    beside it the same IR at the f32 hint on the same images, and int8's verdict from the int8
+    export's report."""
     spec = read_export(int8_bf16_export)
     unpruned = spec.load_unpruned()
-    checked = validate_export(int8_bf16_export, "openvino", pruned=spec.apply(unpruned), unpruned=unpruned, limit=150)
+    checked = validate_export(int8_bf16_export, "openvino", pruned=spec.apply(unpruned), unpruned=unpruned)
     tol = TOLERANCES["int8-bf16"]
     assert checked.precision == "int8-bf16" and checked.tolerances == tol == TOLERANCES["int8"]
     assert checked.passed, checked.mismatches
@@ -259,11 +260,11 @@ def test_int8_bf16_validation_on_digits(int8_export: Path, int8_bf16_export: Pat
     # The accuracy gate holds: NNCF's int8 with its float parts at bf16 loses no accuracy.
     assert checked.accuracy["torch"] - checked.accuracy["openvino"] <= tol.max_accuracy_drop
     assert not [m for m in checked.mismatches if m.startswith("accuracy")]
-    images = validation_images(spec.model, unpruned, limit=150)
+    images = validation_images(spec.model, unpruned)
     with openvino_runner(int8_bf16_export, precision="int8") as f32:
         at_f32 = float((run(f32, images.images).argmax(1) == images.labels).mean())
     int8 = report(int8_export)["openvino"]["validation"]
-    print(f"digits_vit keep 0.7, OpenVINO int8-bf16 on 150 images: accuracy {checked.accuracy['openvino']:.4f} (torch "
+    print(f"digits_vit keep 0.7, OpenVINO int8-bf16 on 450 images: accuracy {checked.accuracy['openvino']:.4f} (torch "
           f"{checked.accuracy['torch']:.4f}, int8 at the f32 hint {at_f32:.4f}), judged {checked.judged_images}, min cosine "
           f"judged {checked.min_cosine_judged:.4f}, max |err| judged {checked.max_abs_error_judged:.3f}: "
           f"{'passed' if checked.passed else 'FAILED: ' + '; '.join(checked.mismatches)}; int8 (f32 hint) on 450 images: "
@@ -597,31 +598,23 @@ def _swap_fc1(proto) -> None:
     fc1[0].raw_data, fc1[-1].raw_data = last, first
 
 
-def _k_40(proto) -> None:
-    """The first TopK keeps 40 tokens where the plan says 45."""
-    from onnx import numpy_helper
-
-    topk = next(n for n in proto.graph.node if n.op_type == "TopK")
-    init = next(t for t in proto.graph.initializer if t.name == topk.input[1])
-    assert numpy_helper.to_array(init).tolist() == [45]
-    init.CopyFrom(numpy_helper.from_array(np.array([40], np.int64), init.name))
-
-
-@pytest.mark.parametrize("damage", ["selection quantized", "swapped weights", "wrong K", "another plan"])
+@pytest.mark.parametrize("damage", ["selection quantized", "swapped weights", "another plan"])
 def test_a_wrong_int8_ir_fails_the_int8_rule(
     fp32_export: Path, int8_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture, damage: str
 ) -> None:
     """The int8 rule still fails what is wrong, each IR written into the int8 export as colln-export
     writes one (manifest re-hashed, the ONNX graph untouched): NNCF's default placement (the selection
-    quantized), swapped fc1 weights, a TopK keeping 40 of 45, the IR of the keep 0.5 plan."""
+    quantized), swapped fc1 weights, the IR of the keep 0.5 plan (another K at every layer). An ONNX
+    graph with a wrong K is refused before validation (tests/test_int8.py); its IR does not run (the
+    reshapes after the TopK hold the plan's K)."""
     import onnx
 
     copy = shutil.copytree(int8_export, tmp_path / "copy", ignore=shutil.ignore_patterns(".colln-cache"))
     images = validation_images("digits_vit", read_export(copy).load_unpruned(), limit=32).images
     source = fp32_export / "model.onnx"
-    if damage in ("swapped weights", "wrong K"):
+    if damage == "swapped weights":
         proto = onnx.load(str(source))
-        (_swap_fc1 if damage == "swapped weights" else _k_40)(proto)
+        _swap_fc1(proto)
         source = tmp_path / "damaged.onnx"
         onnx.save(proto, str(source))
     elif damage == "another plan":
@@ -643,7 +636,6 @@ def test_a_wrong_int8_ir_fails_the_int8_rule(
     expected = {
         "selection quantized": r"the int8 graph quantizes the token selection: .* feeds",
         "swapped weights": r"top-1 agreement with torch 0\.[0-8]",
-        "wrong K": r"layer 2: mean kept-set overlap with torch 0\.[0-9]+, below 0\.95",
         "another plan": r"layer \d: mean kept-set overlap with torch 0\.[0-9]+, below 0\.95",
     }[damage]
     assert any(re.match(expected, m) for m in mismatches), mismatches
