@@ -163,8 +163,25 @@ def test_tolerance_table_matches_the_code() -> None:
         precision: (float(cosine), float(rtol), float(tie), float(drop.split()[0]) / 100 if drop.strip() else None)
         for precision, cosine, rtol, tie, drop in rows
     }
-    actual = {p: (t.min_cosine, t.logit_rtol, t.tie_rtol, t.max_accuracy_drop) for p, t in TOLERANCES.items()}
+    actual = {
+        p: (t.min_cosine, t.logit_rtol, t.tie_rtol, t.max_accuracy_drop) for p, t in TOLERANCES.items() if not t.statistical
+    }
     assert documented == actual
+    # The int8 rule's table: one limit (or a median / p99 pair) per check, in the code's order.
+    rule = page[page.index("## The int8 rule") :]
+    cells = re.findall(r"^\| [^|]*(?:\\\|[^|]*)*\| [^|]* \| ([^|]+) \|$", rule[: rule.index("\n\n", rule.index("| check"))], re.M)
+    numbers = [float(x) for cell in cells for x in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?", cell)]
+    int8 = TOLERANCES["int8"]
+    assert TOLERANCES["int8-bf16"] == int8 and int8.statistical
+    assert numbers == [
+        int8.min_top1_agreement,
+        100 * int8.max_accuracy_drop,
+        int8.min_mean_overlap,
+        int8.median_logit_rtol,
+        int8.p99_logit_rtol,
+        int8.median_cosine_gap,
+        int8.p99_cosine_gap,
+    ]
 
 
 # The checkers themselves, on pages that are wrong on purpose.

@@ -89,6 +89,15 @@ def build_parser() -> ArgumentParser:
         help="directory of validation images (default: skimage photos; digits test split for digits_vit)",
     )
     p.add_argument("--val-limit", type=int, default=None, help="validate on the first N images only (default: all)")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="int8, with labelled validation images: the most top-1 accuracy int8 may lose against the fp32 pruned model, "
+        "in points (default 0.5): validation fails beyond it, and OpenVINO's int8 IR is quantized with NNCF's accuracy "
+        "control (what it ranks worst stays float until the drop holds)",
+    )
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--latency-batches", default="1,8", help="batch sizes to time (default 1,8)")
     add_timing_arguments(p, rounds_aliases=("--latency-rounds",))
@@ -151,13 +160,16 @@ def run(
         raise UsageError("--triton-backend openvino serves the OpenVINO IR: add --openvino")
     calibrated = args.calib_images is not None or args.calib_limit is not None
     calibration = CalibrationOptions(args.calib_images, args.calib_limit) if calibrated else None
+    drop = args.max_accuracy_drop / 100 if args.max_accuracy_drop is not None else None
+    if drop is not None and args.no_validate:
+        raise UsageError("--max-accuracy-drop is judged on the validation images: drop --no-validate")
     console = Console(stderr=True)
     with _progress(console) as step:
         result = export_model(
             spec,
             args.out,
             force=args.force,
-            validation=None if args.no_validate else ValidationOptions(args.val_images, args.val_limit),
+            validation=None if args.no_validate else ValidationOptions(args.val_images, args.val_limit, drop),
             latency=latency,
             engine=engine,
             triton=triton,

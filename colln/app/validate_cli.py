@@ -26,6 +26,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--val-limit", type=int, default=None, help="validate on the first N images only")
     p.add_argument("--batch", type=int, default=32, help="inference batch size (default 32)")
     p.add_argument("--json", type=Path, default=None, help="also write the validation report to this file")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="int8 with labelled images: the most top-1 accuracy int8 may lose against the fp32 pruned model, in points "
+        "(default 0.5)",
+    )
     p.add_argument("--no-fail", action="store_true", help="report mismatches but exit 0")
     return p
 
@@ -38,10 +46,19 @@ def run(
 
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    if args.max_accuracy_drop is not None and not 0 <= args.max_accuracy_drop < 100:
+        raise UsageError(f"--max-accuracy-drop is in points, from 0 to 100, got {args.max_accuracy_drop:g}")
+    drop = args.max_accuracy_drop / 100 if args.max_accuracy_drop is not None else None
     console = Console(stderr=True)
     with console.status(f"validating {args.backend} against torch"):
         report = validate_export(
-            args.export_dir, args.backend, args.val_images, device=args.device, batch=args.batch, limit=args.val_limit
+            args.export_dir,
+            args.backend,
+            args.val_images,
+            device=args.device,
+            batch=args.batch,
+            limit=args.val_limit,
+            max_accuracy_drop=drop,
         )
     if args.json is not None:
         atomic_write(args.json, json.dumps(report.to_dict(), indent=2) + "\n")

@@ -172,13 +172,45 @@ def selection_crossings(model) -> list[str]:
     return found
 
 
+def _quantized_input(node) -> bool:
+    """Whether a FakeQuantize feeds ``node`` directly or through weight plumbing (Convert, Reshape, ...)."""
+    todo = _producers(node)
+    while todo:
+        n = todo.pop()
+        if n.get_type_name() == "FakeQuantize":
+            return True
+        if n.get_type_name() in ("Convert", "Reshape", "Transpose", "Multiply", "Subtract"):
+            todo.extend(_producers(n))
+    return False
+
+
+def float_products(model) -> list[str]:
+    """Friendly names of the products outside :func:`float_scope` (qkv, proj, fc1, fc2, the head)
+    that no FakeQuantize feeds: what stayed float in an int8 IR beyond colln's recipe (none in the
+    recipe itself; the ones NNCF's accuracy control reverted)."""
+    recipe = set(float_scope(model))
+    return sorted(
+        n.get_friendly_name()
+        for n in model.get_ordered_ops()
+        if n.get_type_name() == "MatMul" and n.get_friendly_name() not in recipe and not _quantized_input(n)
+    )
+
+
 def quantize(
     model,
     calibration: np.ndarray,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    max_accuracy_drop: float | None = None,
 ):
     """An NNCF int8 copy of the fp32 OpenVINO ``model``, calibrated on ``calibration`` (preprocessed
-    images ``[N, C, H, W]``, each its own sample), with :func:`float_scope` left float."""
-    from colln.export.quantize import check_calibration
+    images ``[N, C, H, W]``, each its own sample), with :func:`float_scope` left float.
+
+    ``validation`` (labelled images ``(images, labels)``): NNCF's accuracy control
+    (``nncf.quantize_with_accuracy_control``) measures the top-1 accuracy of the fp32 and the int8
+    model on them and, while int8 loses more than ``max_accuracy_drop`` (a fraction, absolute;
+    None: :data:`DEFAULT_MAX_ACCURACY_DROP`), reverts to float the quantized ops NNCF ranks as
+    hurting most (by the change of the model's outputs); :func:`float_products` lists them after."""
+    from colln.export.quantize import DEFAULT_MAX_ACCURACY_DROP, check_calibration
 
     nncf = nncf_module()
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
@@ -187,18 +219,37 @@ def quantize(
     shape = tuple(d.get_length() for d in list(model.inputs[0].get_partial_shape())[1:])
     images = check_calibration(calibration, shape)
     samples = [images[i : i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)]
+    common = {
+        "model_type": nncf.ModelType.TRANSFORMER,
+        "subset_size": len(samples),
+        "ignored_scope": nncf.IgnoredScope(names=float_scope(model), validate=False),
+    }
+    # Min/max over the whole set, as colln's ONNX Runtime int8 calibrates: NNCF's default (the mean
+    # of per-sample extremes) clips outliers, and digits_vit then kept tokens outside the tie band on
+    # 4 of 450 images at the last pruning layer (1 with min/max).
+    advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
+    if validation is None:
+        quantized = nncf.quantize(model, nncf.Dataset(samples), advanced_parameters=advanced, **common)
+    else:
+        val_images, labels = validation
+        val_images = check_calibration(val_images, shape)
+        items = list(zip(val_images[:, None], np.asarray(labels), strict=True))
 
-    quantized = nncf.quantize(
-        model,
-        nncf.Dataset(samples),
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(samples),
-        ignored_scope=nncf.IgnoredScope(names=float_scope(model), validate=False),
-        # Min/max over the whole set, as colln's ONNX Runtime int8 calibrates: NNCF's default (the
-        # mean of per-sample extremes) clips outliers, and digits_vit then kept tokens outside the
-        # tie band on 4 of 450 images at the last pruning layer (1 with min/max).
-        advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX),
-    )
+        def top1(compiled, data) -> tuple[float, None]:
+            # None per item: NNCF then ranks the ops to revert by how much each changes the outputs.
+            hits = [int(np.asarray(compiled(x)[0]).argmax()) == int(y) for x, y in data]
+            return float(np.mean(hits)), None
+
+        quantized = nncf.quantize_with_accuracy_control(
+            model,
+            nncf.Dataset(samples),
+            nncf.Dataset(items, lambda item: item[0]),
+            top1,
+            max_drop=DEFAULT_MAX_ACCURACY_DROP if max_accuracy_drop is None else float(max_accuracy_drop),
+            drop_type=nncf.DropType.ABSOLUTE,
+            advanced_quantization_parameters=advanced,
+            **common,
+        )
     crossings = selection_crossings(quantized)
     if crossings:
         raise CalibrationError(f"NNCF quantized the token selection ({crossings[0]}); please report this")
@@ -258,12 +309,16 @@ def write_ir(
     precision: str = "fp32",
     calibration: np.ndarray | None = None,
     source: Path | None = None,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    max_accuracy_drop: float | None = None,
 ) -> ExportSpec:
     """Write ``export_dir/openvino/model.xml`` + ``.bin`` at ``precision`` (:data:`OV_PRECISIONS`)
     from ``source`` (default: the export's ``model.onnx``; int8 and int8-bf16 need an fp32 graph of
-    the same pruned model and ``calibration`` images), compile it once, and record the files, their
-    sha256, the compile options and the precision OpenVINO used in ``export.json``. Returns the
-    updated spec."""
+    the same pruned model and ``calibration`` images; with labelled ``validation`` images, NNCF's
+    accuracy control holds the top-1 drop within ``max_accuracy_drop``, see :func:`quantize`),
+    compile it once, and record the files, their sha256, the compile options, the precision
+    OpenVINO used and, for int8, the accuracy control and what stayed float in ``export.json``.
+    Returns the updated spec."""
     ov = ov_module()
     export_dir = Path(export_dir)
     spec = ExportSpec.read(export_dir)
@@ -273,7 +328,7 @@ def write_ir(
     if IR_PRECISION[precision] == "int8":
         if calibration is None:
             raise CalibrationError("an OpenVINO int8 IR needs calibration images")
-        model = quantize(model, calibration)
+        model = quantize(model, calibration, validation, max_accuracy_drop)
     (export_dir / IR_DIR).mkdir(exist_ok=True)
     try:
         ov.save_model(model, str(export_dir / IR_FILE), compress_to_fp16=False)
@@ -287,6 +342,16 @@ def write_ir(
         "options": {"INFERENCE_PRECISION_HINT": HINTS[precision]},
         "sha256": {name: file_sha256(export_dir / name) for name in (IR_FILE, WEIGHTS_FILE)},
     }
+    if IR_PRECISION[precision] == "int8":
+        from colln.export.quantize import DEFAULT_MAX_ACCURACY_DROP
+
+        drop = DEFAULT_MAX_ACCURACY_DROP if max_accuracy_drop is None else float(max_accuracy_drop)
+        record["accuracy_control"] = (
+            {"method": "nncf.quantize_with_accuracy_control", "metric": "top-1", "images": len(validation[1]), "max_drop": drop}
+            if validation is not None
+            else None
+        )
+        record["float_products"] = float_products(model)
     spec = replace(spec, artifacts={**spec.artifacts, "openvino": record})
     spec.write(export_dir)
     return spec

@@ -45,6 +45,9 @@ QUANTIZED_OPS = ("MatMul", "Gemm")
 RECIPE = 2
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 CALIBRATION_BATCH = 16
+# The most top-1 accuracy (a fraction, absolute) an int8 export may lose against the fp32 pruned
+# model where labels exist: validation's accuracy gate and NNCF's accuracy control (--max-accuracy-drop).
+DEFAULT_MAX_ACCURACY_DROP = 0.005
 
 
 def weight_products(

@@ -45,10 +45,14 @@ def _quiet(text: str) -> Iterator[None]:
 @dataclass(frozen=True)
 class ValidationOptions:
     """ONNX Runtime against the pruned PyTorch model on ``images`` (``None``: the model's default
-    set, see :func:`colln.data.validation_images`), the first ``limit`` of them."""
+    set, see :func:`colln.data.validation_images`), the first ``limit`` of them. ``max_accuracy_drop``
+    (int8, where the images have labels): the most top-1 accuracy (a fraction) int8 may lose against
+    the fp32 pruned model, the validation's gate and NNCF's accuracy control for an OpenVINO int8 IR
+    (None: :data:`colln.export.quantize.DEFAULT_MAX_ACCURACY_DROP`)."""
 
     images: Path | None = None
     limit: int | None = None
+    max_accuracy_drop: float | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,11 @@ def export_model(
         raise UsageError(f"calibration images apply to --precision int8 only, not {spec.precision}")
     if calibration is not None and calibration.limit is not None and calibration.limit < 1:
         raise UsageError(f"--calib-limit must be >= 1, got {calibration.limit}")
+    drop = validation.max_accuracy_drop if validation is not None else None
+    if drop is not None and (spec.precision != "int8" or not 0 <= drop < 1):
+        raise UsageError(
+            f"--max-accuracy-drop applies to --precision int8 only, from 0 to 100 points (got {100 * drop:g} at {spec.precision})"
+        )
     warnings = []
     if spec.weights is not None and Path(spec.weights).is_file():
         mismatch = check_recorded_plan(Path(spec.weights), spec.pruning, force=force)
@@ -213,7 +222,7 @@ def export_model(
         if validation is not None:
             with progress("validating ONNX Runtime against PyTorch"):
                 images = validation_images(spec.model, unpruned, validation.images, validation.limit)
-                checked = validate_backend(tmp, "onnxruntime", exported.pruned, unpruned, images)
+                checked = validate_backend(tmp, "onnxruntime", exported.pruned, unpruned, images, max_accuracy_drop=drop)
         ov_checked = ov_record = None
         if openvino is not None:
             from colln.export.openvino import write_ir
@@ -222,15 +231,25 @@ def export_model(
             if spec.precision == "int8":
                 with progress("exporting the pruned fp32 counterpart (cached)"):
                     source = cached_export(replace(exported.spec, precision="fp32", plan={}), default_cache(out), unpruned)
-            with progress(f"writing the OpenVINO IR ({ov_precision}" + (", NNCF calibrating)" if source else ")")):
+            # Labelled validation images: NNCF's accuracy control holds int8's drop (today's recipe without labels).
+            labelled = (images.images, images.labels) if source and images is not None and images.labels is not None else None
+            what = ", NNCF with accuracy control)" if labelled else ", NNCF calibrating)" if source else ")"
+            with progress(f"writing the OpenVINO IR ({ov_precision}{what}"):
                 exported = replace(
                     exported,
-                    spec=write_ir(tmp, ov_precision, calib.images if calib else None, source / ONNX_FILE if source else None),
+                    spec=write_ir(
+                        tmp,
+                        ov_precision,
+                        calib.images if calib else None,
+                        source / ONNX_FILE if source else None,
+                        validation=labelled,
+                        max_accuracy_drop=drop,
+                    ),
                 )
                 ov_record = exported.spec.artifacts["openvino"]
             if validation is not None:
                 with progress("validating OpenVINO against PyTorch"):
-                    ov_checked = validate_backend(tmp, "openvino", exported.pruned, unpruned, images)
+                    ov_checked = validate_backend(tmp, "openvino", exported.pruned, unpruned, images, max_accuracy_drop=drop)
         runtimes = ("onnxruntime", "openvino") if openvino is not None else ("onnxruntime",)
         timing = stack = None
         if latency is not None and (spec.precision == "int8" or openvino is not None):

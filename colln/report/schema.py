@@ -197,6 +197,16 @@ class OpenvinoArtifact(Section):
     inference_precision: str = field(metadata=_doc("the precision OpenVINO ran it at"))
     options: dict[str, Any] = field(metadata=_doc("the compile options (`INFERENCE_PRECISION_HINT`)"))
     sha256: dict[str, str] = field(metadata=_doc("of each IR file"))
+    accuracy_control: dict[str, Any] | None = field(
+        default=None,
+        metadata=_doc(
+            "int8 with labelled validation images: NNCF's accuracy control (`method`, `metric`, `images`, `max_drop`)",
+            omit_none=True,
+        ),
+    )
+    float_products: list[str] | None = field(
+        default=None, metadata=_doc("int8: the matrix products left in float beyond the recipe", omit_none=True)
+    )
 
 
 @dataclass(frozen=True)
@@ -321,11 +331,19 @@ FOREIGN_DOCS = {
     (ValidationReport, "output"): '`"logits"`, `"tokens"` or `"dense"`',
     (ValidationReport, "judged_required"): "the fewest judged images a pass needs (fewer: a failure)",
     (ValidationReport, "warnings"): "what did not fail the check but may matter",
+    (ValidationReport, "error_quantiles"): "int8: median / p99 / max of the relative logit error and of 1 - cosine, "
+    "over the judged and over all images",
     (ValidationReport, "passed"): "no mismatches",
     (Tolerances, "min_cosine"): "the lowest cosine a judged image may have",
     (Tolerances, "logit_rtol"): "the largest error, relative to max(1, the reference's largest magnitude)",
     (Tolerances, "tie_rtol"): "the relative margin below which an image is a near-tie, not judged",
     (Tolerances, "max_accuracy_drop"): "int8 only (absent otherwise)",
+    (Tolerances, "min_top1_agreement"): "int8: the lowest top-1 agreement with PyTorch over all images",
+    (Tolerances, "min_mean_overlap"): "int8: the lowest mean kept-set overlap of a pruning layer over all images",
+    (Tolerances, "median_logit_rtol"): "int8: the largest median relative logit error, judged images",
+    (Tolerances, "p99_logit_rtol"): "int8: the largest 99th percentile of that error (set: the int8 rule applies)",
+    (Tolerances, "median_cosine_gap"): "int8: the largest median of 1 - cosine, judged images",
+    (Tolerances, "p99_cosine_gap"): "int8: the largest 99th percentile of 1 - cosine, judged images",
     (LayerCheck, "layer"): "the block",
     (LayerCheck, "k"): "tokens kept there",
     (LayerCheck, "min_margin"): "smallest score gap between the k-th and the (k+1)-th token; null: nothing pruned",
@@ -338,6 +356,8 @@ FOREIGN_DOCS = {
     (LayerCheck, "explained"): "of those, how many a near-tie explains",
     (LayerCheck, "min_merge_margin"): "merging: smallest gap between a merged token's best and second-best destination",
     (LayerCheck, "merge_tied_images"): "merging: images with a near-tie there",
+    (LayerCheck, "mean_overlap_all"): "int8: mean kept-set overlap over all images",
+    (LayerCheck, "outside_band"): "int8: images that kept tokens outside PyTorch's tie band",
     (LatencyStats, "batch"): "images per call",
     (LatencyStats, "rounds"): "timed rounds; by default as many as fit in about 20 s per batch size (5..50)",
     (LatencyStats, "p50_ms"): "median ms per call",
