@@ -14,6 +14,7 @@ from colln.app.cli import ArgumentParser, add_model_args, entry_point, layer_cho
 from colln.data import open_image, preprocess
 from colln.errors import UsageError
 from colln.measure.sweep import resolve_layers
+from colln.models.adapters import model_adapter
 from colln.models.config import PruneConfig
 from colln.models.registry import default_weights, load_model
 from colln.report.plots import kept_figure
@@ -47,7 +48,8 @@ def run(
         raise UsageError("colln-viz draws one norm order: give --norm N (e.g. 4)")
     metrics = parse_metrics(args.metric)
     model = load_model(args.model, args.weights, args.img_size)
-    sets = resolve_layers(layer_choices(args, default=DEFAULT_SCHEDULE), len(model.blocks))
+    family = model_adapter(model)
+    sets = resolve_layers(layer_choices(args, default=DEFAULT_SCHEDULE), len(family.blocks(model)))
     if len(sets) != 1:
         raise UsageError("colln-viz draws one set of pruning blocks: give one --layers or one --schedule")
     x = preprocess([open_image(args.image)], model)
@@ -56,7 +58,7 @@ def run(
         view(model, x, PruneConfig(keep=keep_arg, layers=sets[0], metric=m, norm=norms[0], rescue=args.rescue, fuse=args.fuse))
         for m in metrics
     ]
-    grid = tuple(model.patch_embed.grid_size)
+    grid = family.grid(model)
     weights = args.weights or default_weights(args.model)
     note = " (RANDOM weights: selections are not meaningful)" if weights == "random" else f" ({weights} weights)"
     title = f"{args.model}{note}, keep {args.keep} at blocks {','.join(map(str, sets[0]))}; dimmed patches are dropped"

@@ -63,11 +63,12 @@ def view(
     pruned = prune(model, config)
     with record_selections(pruned) as selections, torch.inference_mode():
         logits = pruned(x)
-    kept = dict(kept_patches(selections, model.patch_embed.num_patches))
+    plan = get_plan(pruned)
+    kept = dict(kept_patches(selections, plan.num_patches))
     # Blocks whose keep count is every candidate are not wrapped and record nothing: all kept there.
-    last = np.arange(model.patch_embed.num_patches)
+    last = np.arange(plan.num_patches)
     ordered = []
-    for layer in get_plan(pruned).layers:
+    for layer in plan.layers:
         last = kept.get(layer, last)
         ordered.append((layer, last))
     return MetricView(metric=config.metric, kept=ordered, predicted=int(logits.argmax(-1)[0]))
