@@ -147,7 +147,9 @@ def test_signals_exit_130_and_leave_the_old_export(digits_export: Path, tmp_path
     proc = _start_export(out, log)
     _wait_for_temp(proc, tmp_path, "export", settle=2.0 if at_onnx_step else 0.5)
     proc.send_signal(sig)
-    assert proc.wait(60) == 130, log.read_text()[-2000:]
+    # A signal during the ONNX exporter's native call acts when the exporter returns (colln.files.
+    # interrupts_held): on a loaded machine that alone can take a minute.
+    assert proc.wait(300) == 130, log.read_text()[-2000:]
     assert log.read_text().strip().splitlines()[-1] == "colln: error: interrupted"  # no colour codes, no traceback
     if at_onnx_step:
         assert "done pruning and exporting" not in log.read_text(), "the signal came after the ONNX step"
