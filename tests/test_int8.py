@@ -313,7 +313,7 @@ def test_the_unpruned_int8_counterpart_is_calibrated_on_the_same_images(tmp_path
         image.save(calib / f"{i}.png")
     out = tmp_path / "exports" / "x"
     argv = ["digits_vit", "--keep", "0.7", "--precision", "int8", "--out", str(out), "--calib-images", str(calib)]
-    assert export_main([*argv, "--val-limit", "32", "--latency-batches", "1", "--latency-rounds", "1"]) == 0
+    assert export_main([*argv, "--val-limit", "64", "--latency-batches", "1", "--latency-rounds", "1"]) == 0
 
     def first_scale(export_dir: Path) -> float:
         graph = _graph(export_dir)

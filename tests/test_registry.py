@@ -184,8 +184,10 @@ def test_pretrained_weights_go_through_the_proxy(tmp_path: Path) -> None:
 def test_digits_weights_sources() -> None:
     with pytest.raises(WeightsError, match="no hub weights"):
         registry.load_model("digits_vit", weights="pretrained")
-    with pytest.raises(WeightsError, match="only digits_vit has bundled"):
+    with pytest.raises(WeightsError, match="only digits_vit and digits_eva have bundled"):
         registry.load_model("vit_tiny", weights="bundled")
+    with pytest.raises(WeightsError, match="digits_eva has no hub weights"):
+        registry.load_model("digits_eva", weights="pretrained")
     random_model = registry.load_model("digits_vit", weights="random")
     assert random_model.patch_embed.num_patches == 64
 
