@@ -72,7 +72,9 @@ def train(
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     try:
-        return _train(out_dir, epochs, name)
+        # The training seeds torch's generator: forked, so the caller's random stream is untouched.
+        with torch.random.fork_rng(devices=[]):
+            return _train(out_dir, epochs, name)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(threads)
