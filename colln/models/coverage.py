@@ -52,6 +52,21 @@ def verdicts(
                 yield Verdict(module, name, True)
 
 
+def undocumented(
+    found: list[Verdict],
+    page: str,
+) -> list[str]:
+    """What ``page`` (a docs page holding :func:`markdown`'s tables) does not say of ``found``: a
+    module's counts row or a refused model's row with its reason."""
+    missing = [f"| `{v.model}` | {v.reason} |" for v in found if not v.accepted and f"| `{v.model}` | {v.reason} |" not in page]
+    for module in dict.fromkeys(v.module for v in found):
+        mine = [v for v in found if v.module == module]
+        row = f"| {module} | {len(mine)} | {sum(v.accepted for v in mine)} |"
+        if row not in page.splitlines():
+            missing.append(row)
+    return missing
+
+
 def markdown(
     found: list[Verdict],
 ) -> str:
