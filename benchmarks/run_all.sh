@@ -62,6 +62,7 @@ openvino() {
 
 families() {
   ROUNDS=20 benchmarks/families.sh
+  python benchmarks/table.py --stack "$RESULTS"/families-*.json > "$RESULTS/families.md"
 }
 
 finetune() {

@@ -1,7 +1,10 @@
-"""Markdown results table from colln-bench JSON reports (``--json``), for docs/benchmarks.md.
+"""Markdown results tables from colln-bench JSON reports (``--json``), for docs/benchmarks.md.
 
     python benchmarks/table.py benchmarks/results/*-colln-keep0.7*.json > benchmarks/results/table.md
-(as ``benchmarks/run_all.sh pruning`` runs it).
+(as ``benchmarks/run_all.sh pruning`` runs it); a stacked report (``--runtimes``) gives one row per
+runtime and precision, pruned over the same runtime's unpruned:
+    python benchmarks/table.py --stack benchmarks/results/families-*.json > benchmarks/results/families.md
+(as ``benchmarks/run_all.sh families`` runs it).
 """
 
 from __future__ import annotations
@@ -34,8 +37,43 @@ HEADER = (
 )
 
 
+STACK_HEADER = (
+    "| model | tokens | batch | runtime:precision | unpruned p50 ms | pruned p50 ms | speedup (IQR) | bound | efficiency |"
+    "\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def stack_rows(report: dict) -> list[str]:
+    """Pruned over the same runtime's unpruned at the same precision, one row per pair of the stack."""
+    stack, spec = report["stack"], report["spec"]
+    size = spec.get("img_size")
+    model = spec["model"] + (f" @{size}px" if size else "")
+    steps = report["plan"].split("tokens ", 1)[1].split(";", 1)[0]
+    bound = stack["flops_bound"]
+    out = []
+    for batch, rows in stack["batches"].items():
+        for name, row in rows.items():
+            if "unpruned-" in name:
+                continue
+            own = rows[name.replace("pruned-", "unpruned-", 1)]
+            ratio = row["speedup_same_runtime"]
+            iqr = row.get("speedup_same_runtime_iqr")
+            spread = f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else ""
+            variant = name.replace("pruned-", "") if ":" in name else f"onnxruntime:{name.replace('pruned-', '')}"
+            out.append(
+                f"| {model} | {steps} | {batch} | {variant} | {own['p50_ms']:.1f} | {row['p50_ms']:.1f} "
+                f"| **{ratio:.2f}x**{spread} | {bound:.2f}x | **{ratio / bound:.2f}** |"
+            )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--stack"]:
+        reports = [json.loads(Path(p).read_text()) for p in args[1:]]
+        print("\n".join([STACK_HEADER] + [line for r in reports for line in stack_rows(r)]))
+        return 0
+    paths = [Path(p) for p in args]
     reports = []
     for path in paths:
         data = json.loads(path.read_text())

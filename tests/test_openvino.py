@@ -579,10 +579,11 @@ def test_bench_on_openvino_alone_pairs_openvinos_own_variants(fp32_export: Path,
     assert result["case"].endswith("@openvino-t1")
     row, stack = result["batches"]["2"], result["stack"]["batches"]["2"]
     assert stack["unpruned-fp32"]["speedup"] == 1.0 and "pruned-fp32" not in stack
-    ratios = ("speedup", "speedup_iqr", "speedup_same_runtime")
+    ratios = ("speedup", "speedup_iqr", "speedup_same_runtime", "speedup_same_runtime_iqr")
     for kind in ("unpruned", "pruned"):
         assert row[kind] == {k: v for k, v in stack[f"openvino:{kind}-fp32"].items() if k not in ratios}
-    assert row["speedup"] == stack["openvino:pruned-fp32"]["speedup_same_runtime"]
+    pruned = stack["openvino:pruned-fp32"]
+    assert (row["speedup"], row["speedup_iqr"]) == (pruned["speedup_same_runtime"], pruned["speedup_same_runtime_iqr"])
     capsys.readouterr()
     for runtimes in ("openvino,openvino", "onnxruntime,openvino,onnxruntime"):
         assert bench_main([*argv, "--runtimes", runtimes, "--cache", str(tmp_path / "never")]) == 2

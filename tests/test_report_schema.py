@@ -53,7 +53,17 @@ def test_a_stack_without_accuracy_leaves_the_key_out() -> None:
         "baseline": "unpruned-fp32",
         "variants": ["unpruned-fp32"],
         "flops_bound": 1.5,
-        "batches": {"1": {"unpruned-fp32": {**row, "speedup": 1.0, "speedup_iqr": [1.0, 1.0], "speedup_same_runtime": 1.0}}},
+        "batches": {
+            "1": {
+                "unpruned-fp32": {
+                    **row,
+                    "speedup": 1.0,
+                    "speedup_iqr": [1.0, 1.0],
+                    "speedup_same_runtime": 1.0,
+                    "speedup_same_runtime_iqr": [1.0, 1.0],
+                }
+            }
+        },
         "artifacts": None,
     }
     stack = Stack.from_dict(data)

@@ -394,7 +394,7 @@ def stack_latency(
     variants: Mapping[str, Variant] | None = None,
 ) -> dict:
     """``{"baseline", "variants", "flops_bound", "batches": {"<b>": {variant: LatencyStats + speedup,
-    speedup_iqr, speedup_same_runtime}}, "artifacts": {variant: {runtime, artifact, options}}}``:
+    speedup_iqr, speedup_same_runtime, speedup_same_runtime_iqr}}, "artifacts": {variant: {runtime, artifact, options}}}``:
     every variant's paired speedup over ONNX Runtime's unpruned fp32 from the same run, and over
     the same runtime's unpruned variant at the same precision."""
     batches = {}
@@ -406,11 +406,13 @@ def stack_latency(
         for name in names:
             speedup, q25, q75 = paired_speedup(base, c.times[name])
             own = name.replace("pruned-", "unpruned-", 1) if "unpruned-" not in name else name
+            same = paired_speedup(c.times[own], c.times[name]) if own in c.times else None
             rows[name] = {
                 **LatencyStats.to_dict(c.stats[name]),
                 "speedup": speedup,
                 "speedup_iqr": [q25, q75],
-                "speedup_same_runtime": paired_speedup(c.times[own], c.times[name])[0] if own in c.times else None,
+                "speedup_same_runtime": None if same is None else same[0],
+                "speedup_same_runtime_iqr": None if same is None else list(same[1:]),
             }
         batches[str(b)] = rows
     artifacts = {n: v.describe() for n, v in variants.items()} if variants else None

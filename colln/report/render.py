@@ -108,7 +108,9 @@ def stack_markdown(
         for name, r in rows.items():
             a = f"{accuracy[name]:.4f}" if name in accuracy else "-"
             g = f"{agreement[name]:.3f}" if name in agreement else "-"
-            own = f"{r.speedup_same_runtime:.2f}x" if r.speedup_same_runtime is not None else "-"
+            own = "-" if r.speedup_same_runtime is None else f"{r.speedup_same_runtime:.2f}x"
+            if r.speedup_same_runtime_iqr is not None:
+                own += f" ({r.speedup_same_runtime_iqr[0]:.2f}-{r.speedup_same_runtime_iqr[1]:.2f})"
             lines.append(
                 f"| {b} | {name} | {r.p50_ms:.2f} | {r.p90_ms:.2f} | {r.p99_ms:.2f} | {r.images_per_s:.1f} | "
                 f"{r.speedup:.2f}x ({r.speedup_iqr[0]:.2f}-{r.speedup_iqr[1]:.2f}) | {own} | {a} | {g} |"

@@ -226,6 +226,7 @@ class StackRow(Section, LatencyStats):
     speedup_same_runtime: float | None = field(
         default=None, metadata=_doc("over the same runtime's unpruned variant at the same precision")
     )
+    speedup_same_runtime_iqr: list[float] | None = field(default=None, metadata=_doc("its 25th and 75th percentiles"))
 
 
 @dataclass(frozen=True)
