@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import colln
 from colln.errors import PlanError
 from colln.models.config import PruneConfig
-from colln.models.plan import KeepPlan, ModelDims, default_layers, make_plan
+from colln.models.plan import BlockOp, KeepPlan, ModelDims, default_layers, make_plan
 
 VIT_B = ModelDims(depth=12, attn_dim=768, attn_linear_macs=4 * 768 * 768, mlp_macs=2 * 768 * 3072, patch_macs=0, head_macs=0)
 
@@ -133,3 +133,131 @@ def test_flops_estimate_matches_torch_flop_counter() -> None:
     assert estimate.full == 2 * (196 * 16 * 16 * 3 * dim + 12 * block + dim * 1000)
     # The paper: about 0.65x the FLOPs of the full model for keep 0.7 at 3, 6, 9.
     assert estimate.pruned / estimate.full == pytest.approx(0.65, abs=0.02)
+
+
+# ViT-B/16 at 224 with its patch embedding and 1000-class head, for FLOPs that count them too.
+VIT_B_HEADED = ModelDims(
+    depth=12,
+    attn_dim=768,
+    attn_linear_macs=4 * 768 * 768,
+    mlp_macs=2 * 768 * 3072,
+    patch_macs=196 * 3 * 16 * 16 * 768,
+    head_macs=768 * 1000,
+)
+
+
+def _hand_flops(
+    blocks: list[tuple[int, int]],
+    head: bool,
+) -> int:
+    """Multiply-adds x 2 written out: per block, attention on the ``n_in`` tokens entering it
+    (qkv + proj, q @ k^T and attn @ v), the MLP on the ``n_mlp`` it keeps; patch embedding, head."""
+    d = VIT_B_HEADED
+    macs = d.patch_macs + (d.head_macs if head else 0)
+    for n_in, n_mlp in blocks:
+        macs += n_in * 4 * 768 * 768 + 2 * n_in * n_in * 768 + n_mlp * 2 * 768 * 3072
+    return 2 * macs
+
+
+# (config, tokens entering and MLP tokens of every block run, whether the head runs, and the
+# pruned FLOPs the plan gave before its operations drove the count: make_plan(197, 1,
+# VIT_B_HEADED, config).flops().pruned at commit 14bd773).
+FLOPS_CASES = [
+    (
+        PruneConfig(keep=0.7, layers=(3, 6, 9)),
+        [(197, 197)] * 3 + [(197, 139)] + [(139, 139)] * 2 + [(139, 98)] + [(98, 98)] * 2 + [(98, 69)] + [(69, 69)] * 2,
+        True,
+        22970502144,
+    ),
+    (  # merge: the counts of pruning, the dropped tokens merged into the kept
+        PruneConfig(keep=0.7, layers=(3, 6, 9), merge=True),
+        [(197, 197)] * 3 + [(197, 139)] + [(139, 139)] * 2 + [(139, 98)] + [(98, 98)] * 2 + [(98, 69)] + [(69, 69)] * 2,
+        True,
+        22970502144,
+    ),
+    (  # fuse: one more token after each pruning layer (k 138, 98, 70)
+        PruneConfig(keep=0.7, layers=(3, 6, 9), fuse=True),
+        [(197, 197)] * 3 + [(197, 140)] + [(140, 140)] * 2 + [(140, 100)] + [(100, 100)] * 2 + [(100, 72)] + [(72, 72)] * 2,
+        True,
+        23219970048,
+    ),
+    (  # ToMe r=8 at every block: 8 fewer tokens after each
+        PruneConfig(keep=1.0, tome=8),
+        [(197 - 8 * i, 189 - 8 * i) for i in range(12)],
+        True,
+        26207846400,
+    ),
+    (  # ToMe clamped: r 60 at blocks 0, 5, 11 (11 has 76 candidates: r 38), 0 at block 1
+        PruneConfig(keep=1.0, tome=(60, 0, 60, 60), layers=(0, 1, 5, 11)),
+        [(197, 137)] + [(137, 137)] * 4 + [(137, 77)] + [(77, 77)] * 5 + [(77, 39)],
+        True,
+        18283831296,
+    ),
+    (  # tokens: prune 0.7 at block 3, select 98 of 196 at block 10 (the default feature layer -2), no head
+        PruneConfig(keep=(0.7, 0.5), layers=(3,), output="tokens"),
+        [(197, 197)] * 3 + [(197, 139)] + [(139, 139)] * 6 + [(139, 98)],
+        False,
+        25117615104,
+    ),
+    (  # tokens with merge: the feature block's MLP runs on every token (merging needs their features)
+        PruneConfig(keep=(0.7, 0.5), layers=(3,), output="tokens", merge=True),
+        [(197, 197)] * 3 + [(197, 139)] + [(139, 139)] * 7,
+        False,
+        25504539648,
+    ),
+    (  # tokens keeping every patch: no operation at all
+        PruneConfig(keep=1.0, output="tokens"),
+        [(197, 197)] * 11,
+        False,
+        32218211328,
+    ),
+]
+
+
+@pytest.mark.parametrize("config,blocks,head,recorded", FLOPS_CASES)
+def test_flops_follow_the_operations(config: PruneConfig, blocks: list, head: bool, recorded: int) -> None:
+    plan = make_plan(197, 1, VIT_B_HEADED, config)
+    flops = plan.flops()
+    assert flops.pruned == _hand_flops(blocks, head) == recorded
+    assert flops.full == _hand_flops([(197, 197)] * len(blocks), head)
+    assert plan.tokens_in == tuple(n for n, _ in blocks)
+
+
+def test_the_views_filter_the_operations() -> None:
+    prune = make_plan(197, 1, VIT_B, PruneConfig(keep=(0.7, 1.0, 0.5), layers=(3, 6, 9)))
+    assert prune.operations == (BlockOp(3, "prune", 138), BlockOp(9, "prune", 69))  # keep 1.0 at 6: no operation
+    assert prune.pruned_layers == prune.kept_index_layers == prune.selection_layers == ((3, 138), (9, 69))
+    assert prune.merge_layers == ()
+    merge = make_plan(197, 1, VIT_B, PruneConfig(keep=0.7, layers=(3,), merge=True))
+    assert merge.operations == (BlockOp(3, "merge", 138),)
+    assert merge.merge_layers == merge.kept_index_layers == merge.selection_layers == merge.pruned_layers == ((3, 138),)
+    tome = make_plan(197, 1, VIT_B, PruneConfig(keep=1.0, tome=(8, 0, 4), layers=(1, 2, 5)))
+    assert tome.operations == (BlockOp(1, "tome", 8), BlockOp(5, "tome", 4))
+    assert tome.merge_layers == tome.selection_layers == ((1, 8), (5, 4))
+    assert tome.kept_index_layers == () and tome.pruned_layers == ((1, 188), (5, 184))
+    tokens = make_plan(197, 1, VIT_B, PruneConfig(keep=(0.7, 0.5), layers=(3,), output="tokens"))
+    assert tokens.operations == (BlockOp(3, "prune", 138), BlockOp(10, "select", 98))
+    assert tokens.pruned_layers == tokens.kept_index_layers == ((3, 138),)
+    assert tokens.selection_layers == ((3, 138), (10, 98))
+    assert make_plan(197, 1, VIT_B, PruneConfig(keep=1.0, output="tokens")).operations == ()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PruneConfig(keep=0.7, layers=(3, 6, 9), fuse=True),
+        PruneConfig(keep=0.7, layers=(3, 6, 9), merge=True),
+        PruneConfig(keep=1.0, tome=(60, 0, 60, 60), layers=(0, 1, 5, 11)),
+        PruneConfig(keep=(0.7, 0.5), layers=(3,), output="tokens"),
+        PruneConfig(keep=1.0, output="tokens"),
+    ],
+)
+def test_plan_json_lists_the_operations_and_older_json_still_loads(config: PruneConfig) -> None:
+    plan = make_plan(197, 1, VIT_B, config)
+    data = json.loads(plan.to_json())
+    assert data["operations"] == [[op.layer, op.kind, op.count] for op in plan.operations]
+    loaded = KeepPlan.from_dict(data)
+    assert loaded.operations == plan.operations
+    # export.json written before plans listed their operations: the same operations from the counts.
+    del data["operations"]
+    assert KeepPlan.from_dict(data) == loaded

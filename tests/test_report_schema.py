@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from colln.report.render import report_markdown
-from colln.report.schema import ExportReport, Stack, schema_markdown
+from colln.report.render import operation_lines, report_markdown
+from colln.report.schema import ExportReport, Operation, Stack, schema_markdown
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "report-json.md"
 
@@ -69,3 +69,28 @@ def test_a_stack_without_accuracy_leaves_the_key_out() -> None:
     stack = Stack.from_dict(data)
     assert stack.accuracy is None and stack.batches["1"]["unpruned-fp32"].p50_ms == 2.0
     assert stack.to_dict() == data
+
+
+def test_the_report_lists_the_plan_operations(digits_export: Path) -> None:
+    """report.json's operations are the plan's (keep 0.7 prunes at every one of its layers), and
+    report.md has one line per operation."""
+    data = json.loads((digits_export / "report.json").read_text())
+    plan = data["plan"]
+    assert data["operations"] == [
+        {"layer": i, "kind": "prune", "count": k} for i, k in zip(plan["layers"], plan["keep_counts"], strict=True)
+    ]
+    assert plan["operations"] == [[i, "prune", k] for i, k in zip(plan["layers"], plan["keep_counts"], strict=True)]
+    md = (digits_export / "report.md").read_text()
+    assert "\n".join(f"  - block {i}: prune, keep {k}" for i, k in zip(plan["layers"], plan["keep_counts"])) in md
+
+
+def test_one_line_per_operation() -> None:
+    ops = [Operation(layer=3, kind="prune", count=96), Operation(layer=5, kind="tome", count=8)]
+    ops += [Operation(layer=7, kind="merge", count=40), Operation(layer=10, kind="select", count=60)]
+    assert operation_lines(ops) == [
+        "block 3: prune, keep 96",
+        "block 5: tome, merge 8",
+        "block 7: merge, keep 40",
+        "block 10: select 60",
+    ]
+    assert operation_lines([]) == ["none: every block passes the tokens through"]

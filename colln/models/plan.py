@@ -58,6 +58,10 @@ class BlockOp:
     kind: str
     count: int
 
+    def to_list(self) -> list[int | str]:
+        """``[layer, kind, count]``, as a plan's JSON lists it."""
+        return [self.layer, self.kind, self.count]
+
 
 @dataclass(frozen=True)
 class KeepPlan:
@@ -76,6 +80,9 @@ class KeepPlan:
     For ``output="tokens"`` only blocks ``0..feature_block`` run: ``layers`` are the inner pruning
     layers (all before ``feature_block``), and the final selection at ``feature_block`` keeps
     ``final_k = ceil(final_rate * num_patches)`` patch tokens (``tokens_out``). ``None`` for logits.
+
+    ``operations`` is what the model does, block by block (see :class:`BlockOp`): the rewrite, the
+    FLOPs, validation and the report go by it; the per-layer views below are filters of it.
     """
 
     config: PruneConfig
@@ -88,6 +95,7 @@ class KeepPlan:
     tokens_in: tuple[int, ...]
     tokens_out: int
     dims: ModelDims
+    operations: tuple[BlockOp, ...]
     feature_block: int | None = None
     final_rate: float | None = None
     final_k: int | None = None
@@ -99,34 +107,29 @@ class KeepPlan:
         return "tome" if self.config.tome is not None else "merge" if self.config.merges else "prune"
 
     @property
-    def operations(self) -> tuple[BlockOp, ...]:
-        """Every block that changes the tokens, in block order: what the rewrite installs."""
-        if self.method == "tome":
-            ops = [BlockOp(i, "tome", r) for i, r in zip(self.layers, self.merge_counts) if r > 0]
-        else:
-            ops = [BlockOp(i, self.method, k) for i, k in self.pruned_layers]
-        if self.feature_block is not None and self.final_k != self.num_patches:
-            ops.append(BlockOp(self.feature_block, "select", self.final_k))
-        return tuple(ops)
-
-    @property
     def requested_r(self) -> tuple[int, ...]:
         """ToMe: the r asked for at each of ``layers`` (``merge_counts`` after clamping)."""
         tome = self.config.tome
         return () if tome is None else tome if isinstance(tome, tuple) else (tome,) * len(self.layers)
 
+    def _counts(
+        self,
+        *kinds: str,
+    ) -> tuple[tuple[int, int], ...]:
+        """``(layer, count)`` of the operations of ``kinds``, in block order."""
+        return tuple((op.layer, op.count) for op in self.operations if op.kind in kinds)
+
     @property
     def merge_layers(self) -> tuple[tuple[int, int], ...]:
-        """``(layer, n)`` of the layers that merge: ToMe's r, or Col-Ln + merge's k (its pruned layers)."""
-        if self.method == "tome":
-            return tuple((i, r) for i, r in zip(self.layers, self.merge_counts) if r > 0)
-        return self.pruned_layers if self.method == "merge" else ()
+        """``(layer, n)`` of the layers that merge: ToMe's r, or Col-Ln + merge's k."""
+        return self._counts("merge", "tome")
 
     @property
     def kept_index_layers(self) -> tuple[tuple[int, int], ...]:
-        """The layers whose graph TopKs give the kept candidates (validation reads them): the pruned
-        layers; none for ToMe, whose TopKs rank edges instead."""
-        return () if self.method == "tome" else self.pruned_layers
+        """``(layer, k)`` of the layers whose graph TopKs give the kept candidates (validation reads
+        them): prune and merge; not ToMe, whose TopKs rank edges, nor select, whose pick is the
+        tokens model's ``indices`` output."""
+        return self._counts("prune", "merge")
 
     @property
     def num_patches(self) -> int:
@@ -154,16 +157,15 @@ class KeepPlan:
 
     @property
     def pruned_layers(self) -> tuple[tuple[int, int], ...]:
-        """``(layer, k)`` of the layers that really prune (``k`` below the candidate count)."""
-        return tuple((i, k) for i, k in zip(self.layers, self.keep_counts) if k < self.tokens_in[i] - self.num_prefix)
+        """``(layer, k)`` of the encoder layers that really drop candidates (``k`` below the candidate
+        count; ToMe's ``k`` is what its r merges leave): every operation but the final select."""
+        return tuple((op.layer, self.k_at(op.layer)) for op in self.operations if op.kind != "select")
 
     @property
     def selection_layers(self) -> tuple[tuple[int, int], ...]:
-        """``(layer, k)`` of every selection the model makes: :attr:`pruned_layers`, then for tokens
-        the final one at the feature block (absent when it keeps every patch: nothing is selected)."""
-        if self.feature_block is None or self.final_k == self.num_patches:
-            return self.pruned_layers
-        return (*self.pruned_layers, (self.feature_block, self.final_k))
+        """``(layer, n)`` of every selection the model makes, ``n`` the K of its TopK: the k kept
+        (prune, merge, a tokens model's final select) or ToMe's r merged edges."""
+        return self._counts("prune", "merge", "tome", "select")
 
     @property
     def token_steps(self) -> str:
@@ -179,16 +181,30 @@ class KeepPlan:
         head = d.head_macs if self.feature_block is None else 0
         full = d.patch_macs + head + self.blocks_run * _block_macs(self.num_tokens, self.num_tokens, d)
         pruned = d.patch_macs + head
-        for i, n_in in enumerate(self.tokens_in):
-            # The feature block's MLP runs on every token without a selection (keep 1.0) or with merge.
-            whole = i == self.feature_block and (self.config.merge or self.final_k == self.num_patches)
-            n_out = n_in if whole else self.tokens_after(i)
-            pruned += _block_macs(n_in, n_out, d)
+        ops = {op.layer: op for op in self.operations}
+        n = self.num_tokens
+        for i in range(self.blocks_run):
+            n_out = self._tokens_left(ops[i], n) if i in ops else n
+            pruned += _block_macs(n, n_out, d)
+            n = n_out
         return FlopsEstimate(full=2 * full, pruned=2 * pruned)
+
+    def _tokens_left(
+        self,
+        op: BlockOp,
+        n: int,
+    ) -> int:
+        """Tokens a block with ``op`` leaves of the ``n`` entering it, which its MLP runs on (the steps
+        select before the MLP); a select that merges needs every token's features first."""
+        if op.kind == "tome":
+            return n - op.count
+        if op.kind == "select":
+            return n if self.config.merge else op.count
+        return self.num_prefix + op.count + (1 if self.config.fuse else 0)
 
     def to_dict(self) -> dict:
         """Flat JSON: the config's settings (``layers`` and ``keep_rates`` resolved), the counts, the
-        FLOPs, the pruning layers and the token steps."""
+        operations (``[layer, kind, count]``), the FLOPs, the pruning layers and the token steps."""
         settings = {k: v for k, v in self.config.to_dict().items() if k not in ("keep", "layers")}
         return {
             **settings,
@@ -205,6 +221,7 @@ class KeepPlan:
             "final_k": self.final_k,
             "dims": asdict(self.dims),
             "merge_counts": list(self.merge_counts),
+            "operations": [op.to_list() for op in self.operations],
             "pruned_layers": [list(p) for p in self.pruned_layers],
             "token_steps": self.token_steps,
             "flops": self.flops().to_dict(),
@@ -221,6 +238,7 @@ class KeepPlan:
         # A ToMe plan's keep rates describe what its merges left; its config keeps 1.0.
         keep = 1.0 if data.get("tome") is not None else every[0] if len(set(every)) == 1 else every
         config = PruneConfig.from_dict({**data, "keep": keep})
+        ops = data.get("operations")
         return cls(
             config=replace(config, layers=tuple(data["layers"])),
             num_tokens=data["num_tokens"],
@@ -232,6 +250,7 @@ class KeepPlan:
             tokens_in=tuple(data["tokens_in"]),
             tokens_out=data["tokens_out"],
             dims=ModelDims(**data["dims"]),
+            operations=_listed_operations(data, config) if ops is None else tuple(BlockOp(*op) for op in ops),
             feature_block=data.get("feature_block"),
             final_rate=final,
             final_k=data.get("final_k"),
@@ -257,6 +276,24 @@ class KeepPlan:
         if self.feature_block is not None:
             where += f"; tokens of block {self.feature_block}: {self.final_k} of {self.num_patches} patches"
         return f"KeepPlan({self.config.metric}, tokens {self.token_steps}; {where}; fuse={self.config.fuse}; {bound})"
+
+
+def _listed_operations(
+    data: dict,
+    config: PruneConfig,
+) -> tuple[BlockOp, ...]:
+    """The operations of a plan JSON written before plans listed them (export.json of older
+    exports), from its counts: the blocks that change the tokens, as the plan builders list them."""
+    p = data["num_prefix"]
+    if config.tome is not None:
+        ops = [BlockOp(i, "tome", r) for i, r in zip(data["layers"], data["merge_counts"]) if r > 0]
+    else:
+        kind = "merge" if config.merges else "prune"
+        ops = [BlockOp(i, kind, k) for i, k in zip(data["layers"], data["keep_counts"]) if k < data["tokens_in"][i] - p]
+    final = data.get("final_k")
+    if data.get("feature_block") is not None and final < data["num_tokens"] - p:
+        ops.append(BlockOp(data["feature_block"], "select", final))
+    return tuple(ops)
 
 
 def _block_macs(
@@ -290,7 +327,7 @@ def make_plan(
     layers = default_layers(depth) if config.layers is None else config.layers
     rates = config.rates(len(layers))
     _check_layers(layers, depth, num_tokens, num_prefix)
-    tokens_in, counts, n = _prune_counts(num_tokens, num_prefix, depth, layers, rates, config)
+    tokens_in, counts, ops, n = _prune_counts(num_tokens, num_prefix, depth, layers, rates, config)
     return KeepPlan(
         config=config,
         num_tokens=num_tokens,
@@ -302,6 +339,7 @@ def make_plan(
         tokens_in=tuple(tokens_in),
         tokens_out=n,
         dims=dims,
+        operations=tuple(ops),
     )
 
 
@@ -332,7 +370,7 @@ def _tokens_plan(
             f"pruning layer {late[0]} is at or after the feature layer (block {feature}): inner pruning layers must precede it"
         )
     *rates, final_rate = config.rates(len(layers) + 1)
-    tokens_in, counts, n = _prune_counts(num_tokens, num_prefix, feature + 1, layers, tuple(rates), config)
+    tokens_in, counts, ops, n = _prune_counts(num_tokens, num_prefix, feature + 1, layers, tuple(rates), config)
     patches = num_tokens - num_prefix
     final_k = _keep_count(final_rate, patches, config.round_to)
     if final_k > n - num_prefix:
@@ -340,6 +378,8 @@ def _tokens_plan(
             f"the final selection keeps {final_k} of {patches} patches but only {n - num_prefix} survive the inner pruning: "
             "lower the final keep rate (the last of --keep) or prune less inside"
         )
+    # Keeping every patch selects nothing: the feature block passes its tokens through.
+    select = [BlockOp(feature, "select", final_k)] if final_k < patches else []
     return KeepPlan(
         config=config,
         num_tokens=num_tokens,
@@ -351,6 +391,7 @@ def _tokens_plan(
         tokens_in=tuple(tokens_in),
         tokens_out=final_k,
         dims=dims,
+        operations=(*ops, *select),
         feature_block=feature,
         final_rate=final_rate,
         final_k=final_k,
@@ -368,7 +409,7 @@ def _tome_plan(
     asked = config.tome if isinstance(config.tome, tuple) else (config.tome,) * len(layers)
     if len(asked) != len(layers):
         raise PlanError(f"{len(asked)} ToMe r values for {len(layers)} merging blocks: give one r, or one per block")
-    tokens_in, counts, merged = [], [], []
+    tokens_in, counts, merged, ops = [], [], [], []
     n = num_tokens
     for i in range(dims.depth):
         tokens_in.append(n)
@@ -378,6 +419,7 @@ def _tome_plan(
             r = min(asked[layers.index(i)], cand // 2)
             merged.append(r)
             counts.append(cand - r)
+            ops += [BlockOp(i, "tome", r)] if r else []
             n -= r
     return KeepPlan(
         config=config,
@@ -390,6 +432,7 @@ def _tome_plan(
         tokens_in=tuple(tokens_in),
         tokens_out=n,
         dims=dims,
+        operations=tuple(ops),
         merge_counts=tuple(merged),
     )
 
@@ -426,10 +469,14 @@ def _prune_counts(
     layers: tuple[int, ...],
     rates: tuple[float, ...],
     config: PruneConfig,
-) -> tuple[list[int], list[int], int]:
-    """Tokens entering each of the first ``blocks`` blocks, k per pruning layer, tokens leaving."""
+) -> tuple[list[int], list[int], list[BlockOp], int]:
+    """Tokens entering each of the first ``blocks`` blocks, k per pruning layer, the operations of
+    the layers that drop candidates (k below their count: the others pass the tokens through),
+    tokens leaving."""
     tokens_in: list[int] = []
     counts: list[int] = []
+    ops: list[BlockOp] = []
+    kind = "merge" if config.merges else "prune"
     n = num_tokens
     for i in range(blocks):
         tokens_in.append(n)
@@ -437,5 +484,7 @@ def _prune_counts(
             cand = n - num_prefix
             k = _keep_count(rates[layers.index(i)], cand, config.round_to)
             counts.append(k)
+            if k < cand:
+                ops.append(BlockOp(i, kind, k))
             n = num_prefix + k + (1 if config.fuse and k < cand else 0)
-    return tokens_in, counts, n
+    return tokens_in, counts, ops, n

@@ -26,6 +26,7 @@ from colln.report.schema import (
     Latency,
     Model,
     Openvino,
+    Operation,
     Stack,
     Tokens,
 )
@@ -76,6 +77,7 @@ def build_report(
             calibration=calibration,
         ),
         plan={**plan.to_dict(), "summary": str(plan)},
+        operations=[Operation(layer=op.layer, kind=op.kind, count=op.count) for op in plan.operations],
         flops=Flops.from_dict(plan.flops().to_dict()),
         tokens=tokens_summary(plan, lm_params),
         validation=validation,

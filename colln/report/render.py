@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from colln.infer.environment import describe_cpu_flags
 from colln.infer.timing import Timing
 from colln.measure.sweep import METRIC_LABELS, Sweep
-from colln.report.schema import ExportReport, Stack, Tokens
+from colln.report.schema import ExportReport, Operation, Stack, Tokens
 from colln.verify.validate import ValidationReport
 
 if TYPE_CHECKING:
@@ -32,6 +32,8 @@ def result_table(
     table.add_column()
     table.add_row("model", f"{m.name} ({m.weights} weights, {m.params / 1e6:.2f}M params, input {tuple(m.input_size)})")
     table.add_row("plan", plan_line(report.plan))
+    for i, line in enumerate(operation_lines(report.operations)):
+        table.add_row("" if i else "operations", line)
     table.add_row("TopK K", ", ".join(str(k) for k in e.topk_k) or "none (unpruned)")
     table.add_row("FLOPs", f"{f.pruned / 1e9:.3g} G of {f.full / 1e9:.3g} G ({f.ratio:.2f}x), bound {f.bound:.2f}x")
     if report.tokens is not None:
@@ -145,6 +147,7 @@ def report_markdown(
         f"# {m.name}: {'ToMe' if plan.get('tome') is not None else plan['metric']} keep plan",
         "",
         f"- Plan: {plan['summary']}",
+        *operations_markdown(report.operations),
         f"- FLOPs: {f.pruned / 1e9:.3g} G of {f.full / 1e9:.3g} G per image (bound {f.bound:.2f}x)",
         f"- ONNX: `{e.onnx}`, opset {e.opset}, {e.precision}, TopK K = {e.topk_k}",
         f"- Weights: {m.weights}",
@@ -246,6 +249,31 @@ def plan_line(
     if plan.get("merge") and plan.get("feature_block") is None:
         merge = f", dropped tokens merged by {plan.get('merge_weight') or 'size'}"
     return f"{plan['metric']} at blocks {plan['layers']}, keep {plan['keep_rates']}{final}{merge}, tokens {plan['token_steps']}"
+
+
+# What a line calls each kind of operation's count; a select's needs no name ("select 60").
+_COUNT_NAMES = {"prune": "keep", "merge": "keep", "tome": "merge"}
+
+
+def operation_lines(
+    operations: Sequence[Operation],
+) -> list[str]:
+    """One line per operation of a plan (``block 3: prune, keep 96``, ``block 5: tome, merge 8``,
+    ``block 10: select 60``), or one saying there is none."""
+    lines = []
+    for op in operations:
+        name = _COUNT_NAMES.get(op.kind)
+        lines.append(f"block {op.layer}: {op.kind}" + (f", {name} {op.count}" if name else f" {op.count}"))
+    return lines or ["none: every block passes the tokens through"]
+
+
+def operations_markdown(
+    operations: Sequence[Operation],
+) -> list[str]:
+    """report.md's operation lines: a nested list under one item."""
+    if not operations:
+        return [f"- Operations: {operation_lines(operations)[0]}"]
+    return ["- Operations (the other blocks pass the tokens through):", *(f"  - {line}" for line in operation_lines(operations))]
 
 
 def _layer_lines(

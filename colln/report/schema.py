@@ -138,6 +138,22 @@ class Flops(Section):
 
 
 @dataclass(frozen=True)
+class Operation(Section):
+    """What one block of the pruned model does to the tokens (`colln.models.plan.BlockOp`); the
+    blocks without one pass the tokens through."""
+
+    layer: int = field(metadata=_doc("the block"))
+    kind: str = field(
+        metadata=_doc(
+            '`"prune"` (keep `count` candidates), `"merge"` (keep `count`, merge the rest into them), '
+            '`"tome"` (merge `count` = r tokens by bipartite matching) or `"select"` (a tokens export\'s final '
+            "pick of `count` patch tokens)"
+        )
+    )
+    count: int = field(metadata=_doc("the k kept, or ToMe's r merged"))
+
+
+@dataclass(frozen=True)
 class Tokens(Section):
     """What a tokens export (`--output tokens`) hands a language model, per image."""
 
@@ -294,8 +310,11 @@ class ExportReport(Section):
     plan: dict[str, Any] = field(
         metadata=_doc(
             "the keep plan as export.json records it (`KeepPlan.to_dict()`: layers, keep_rates, keep_counts, "
-            'tokens_in, tokens_out, metric, norm, ..., flops), and `"summary"`: `str(plan)`'
+            'tokens_in, tokens_out, operations, metric, norm, ..., flops), and `"summary"`: `str(plan)`'
         )
+    )
+    operations: list[Operation] = field(
+        metadata=_doc("the plan's operations, in block order (empty: no block changes the tokens)")
     )
     flops: Flops = field(metadata=_doc(""))
     tokens: Tokens | None = field(metadata=_doc("`--output tokens` only"))

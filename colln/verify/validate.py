@@ -78,6 +78,7 @@ from colln.export.quantize import DEFAULT_MAX_ACCURACY_DROP
 from colln.export.spec import OUTPUT_NAME
 from colln.infer.runners import TorchRunner, feeds, open_runner
 from colln.models import ops
+from colln.models.plan import KeepPlan
 from colln.models.rewrite import Selection, get_plan, record_selections
 
 # A pass needs evidence from the images themselves (see :func:`required_judged`): at least half of
@@ -415,8 +416,7 @@ def validate(
     runners = [ref_runner, base_runner, candidate, *([observer] if observer is not None else [])]
     with record_selections(pruned) as selections:
         results = _run_all(runners, list(feeds(images.images, batch)))
-    # ToMe: its selection is the r merged edges, ranked by their similarity (k = r).
-    layers = plan.merge_layers if plan.method == "tome" else plan.pruned_layers
+    layers, topk_kept, _ = _checked(plan)
     kept, scores = _recorded(selections, layers)
     ref = Reference(
         logits=results[ref_runner.name][OUTPUT_NAME],
@@ -434,7 +434,7 @@ def validate(
     return compare(
         ref,
         logits,
-        _observed_kept(seen, layers) if plan.kept_index_layers else None,
+        _observed_kept(seen, topk_kept) if topk_kept else None,
         layers,
         metric=plan.config.metric,
         fuse=plan.config.fuse,
@@ -446,6 +446,17 @@ def validate(
         unobserved=unobserved,
         random_weights=random_weights,
     )
+
+
+def _checked(
+    plan: KeepPlan,
+) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """What validation checks of the plan's operations, by kind: PyTorch's selection margin at every
+    one (``(layer, n)``, n its TopK's K: k kept, ToMe's r merged edges); the candidate's kept set
+    where its graph reports it: prune and merge through their TopK outputs (``(layer, k)``, read
+    with :func:`colln.export.onnx.with_kept_outputs`), a tokens model's select through its
+    ``indices`` output (its layers); ToMe's TopKs rank edges, not kept tokens: nothing to read."""
+    return plan.selection_layers, plan.kept_index_layers, tuple(op.layer for op in plan.operations if op.kind == "select")
 
 
 def _differ(
@@ -528,15 +539,14 @@ def validate_tokens(
     runners = [ref_runner, candidate, *([observer] if observer is not None else [])]
     with record_selections(pruned) as selections:
         results = _run_all(runners, list(feeds(images.images, batch)))
-    layers = plan.merge_layers if plan.method == "tome" else plan.selection_layers
+    layers, topk_kept, selects = _checked(plan)
     kept, scores = _recorded(selections, layers)
     ref_out, outs = results[ref_runner.name], results[candidate.name]
     seen = results[observer.name] if observer is not None else outs
     name = FEATURES_NAME if dense else TOKENS_NAME
     ref = Reference(logits=ref_out[name], unpruned=None, kept=kept, scores=scores, merge_margins=_merge_margins(selections))
     # Inner layers through the graph's TopK outputs; the final selection is the indices output itself.
-    # ToMe's TopKs rank edges, not kept tokens: nothing to observe.
-    cand_kept = None if plan.method == "tome" else _observed_kept(seen, plan.pruned_layers)
+    cand_kept = _observed_kept(seen, topk_kept)
     # A dense model's rows are the patch grid itself.
     grid = np.tile(np.arange(plan.num_patches), (len(ref.logits), 1))
     cand_ids = grid if dense else outs[INDICES_NAME].astype(np.int64)
@@ -551,7 +561,7 @@ def validate_tokens(
         unobserved = (np.sort(seen_ids, axis=1) != np.sort(cand_ids, axis=1)).any(axis=1) | _differ(
             cand_tok, seen_tok, ref_tok, tol
         )
-    final = {plan.feature_block: cand_ids} if len(layers) > len(plan.pruned_layers) else {}
+    final = dict.fromkeys(selects, cand_ids)
     n = len(cand_ids)
     checks, judged, mismatches, warnings = _judge_selections(
         ref, cand_kept, layers, plan.config.metric, False, tol, n, backend, cand_patch_ids=final, unobserved=unobserved
