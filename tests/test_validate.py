@@ -141,7 +141,8 @@ def test_tie_rule_on_hand_made_scores() -> None:
 
 
 def test_margin_rule_without_kept_sets() -> None:
-    """A backend that cannot report kept tokens: tied images are left out, the others judged."""
+    """A backend that cannot report kept tokens: a tied image whose outputs differ is left out (a
+    flipped choice may explain it), one whose outputs agree anyway is judged; the others judged."""
     scores = np.array([[0.9, 0.8, 0.5, 0.5, 0.1, 0.0], [0.9, 0.8, 0.7, 0.3, 0.2, 0.1]], dtype=np.float32)
     logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32)
     ref = _reference(scores, 3, logits)
@@ -150,10 +151,22 @@ def test_margin_rule_without_kept_sets() -> None:
     # One of two images judged: the tied one is no failure, but too little was judged to pass.
     assert report.judged_images == 1 and report.top1_agreement == 0.5
     assert [m.split(";")[0] for m in report.mismatches] == ["too few images judged end to end: 1 of 2, at least 2 needed"]
-    assert report.warnings == [
+    tie_warning = (
         "1 of 2 images have a near-tied selection (relative margin <= 0.0001) and cand's kept tokens are not observed "
-        "(only ONNX Runtime reports them); left out of the logit checks"
+        "(only ONNX Runtime reports them); left out of the logit checks unless their outputs agree anyway"
+    )
+    assert report.warnings == [tie_warning]
+    # The tied image within the tolerances (1e-3 * max(1, 3) = 3e-3 here): judged, so both are.
+    close_on_tie = logits + np.array([[2e-3, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+    report = _compare(ref, close_on_tie, None, 3)
+    assert report.passed and report.judged_images == 2 and report.max_abs_error_judged == pytest.approx(2e-3, rel=1e-4)
+    assert report.warnings == [
+        tie_warning,
+        "1 of those images with a near-tied choice agree with torch within the tolerances anyway: judged",
     ]
+    # Just outside them: left out again.
+    report = _compare(ref, logits + np.array([[4e-3, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32), None, 3)
+    assert report.judged_images == 1 and not report.passed
     off = np.array([[0.0, 5.0, 0.0], [0.0, 2.0, 1.1]], dtype=np.float32)
     report = _compare(ref, off, None, 3)
     # Plain formulas: max |error| 0.1 > 1e-3 * max(1, 2); cosine of (0,2,1) and (0,2,1.1).

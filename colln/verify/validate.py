@@ -563,7 +563,7 @@ def validate_tokens(
         )
     final = dict.fromkeys(selects, cand_ids)
     n = len(cand_ids)
-    checks, judged, mismatches, warnings = _judge_selections(
+    checks, judged, tied, mismatches, warnings = _judge_selections(
         ref, cand_kept, layers, plan.config.metric, False, tol, n, backend, cand_patch_ids=final, unobserved=unobserved
     )
     differ = (np.sort(ref_ids, axis=1) != np.sort(cand_ids, axis=1)).sum(axis=1)
@@ -572,6 +572,7 @@ def validate_tokens(
     err = np.abs(cand_tok - ref_tok).reshape(n, -1)
     cos = _cosine(cand_tok.reshape(-1, cand_tok.shape[-1]), ref_tok.reshape(-1, ref_tok.shape[-1])).reshape(n, -1).min(axis=1)
     limit = tol.logit_rtol * np.maximum(1.0, np.abs(ref_tok).reshape(n, -1).max(axis=1))
+    judged = _agreeing_ties(judged, tied & same_ids, (cos >= tol.min_cosine) & (err.max(axis=1) <= limit), warnings)
     judged &= same_ids
     _collect(mismatches, judged & (cos < tol.min_cosine), cos, f"token cosine similarity below {tol.min_cosine:g}", low=True)
     _collect(mismatches, judged & (err.max(axis=1) > limit), err.max(axis=1), "max |token error| above the tolerance")
@@ -646,7 +647,7 @@ def compare(
     outputs (see :func:`_differ`); there near-tied selections are left out as where none is observed."""
     n = len(logits)
     tol = tolerances
-    checks, judged, mismatches, warnings = _judge_selections(
+    checks, judged, tied, mismatches, warnings = _judge_selections(
         ref, cand_kept, layers, metric, fuse, tol, n, backend, unobserved=unobserved
     )
     err = np.abs(logits - ref.logits)
@@ -654,6 +655,8 @@ def compare(
     scale = np.maximum(1.0, np.abs(ref.logits).max(axis=1))
     limit = tol.logit_rtol * scale
     top1 = logits.argmax(1) == ref.logits.argmax(1)
+    if not tol.statistical:
+        judged = _agreeing_ties(judged, tied, (cos >= tol.min_cosine) & (err.max(axis=1) <= limit), warnings)
     quantiles = error_quantiles(err.max(axis=1) / scale, 1.0 - cos, judged)
     if tol.statistical:
         _judge_statistics(quantiles, float(top1.mean()), tol, mismatches)
@@ -757,14 +760,16 @@ def _judge_selections(
     backend: str,
     cand_patch_ids: dict[int, np.ndarray] | None = None,
     unobserved: np.ndarray | None = None,
-) -> tuple[list[LayerCheck], np.ndarray, list[str], list[str]]:
+) -> tuple[list[LayerCheck], np.ndarray, np.ndarray, list[str], list[str]]:
     """Per selection layer: PyTorch's margins and, when the candidate reports its picks, kept-set
-    agreement by the tie rule. Returns the layer checks, the images left to judge end to end, and
-    the mismatches and warnings so far. ``cand_patch_ids``: layers whose candidate picks are patch
+    agreement by the tie rule. Returns the layer checks, the images left to judge end to end, the
+    images left out only because a choice the candidate does not report is near-tied (see
+    :func:`_agreeing_ties`), and the mismatches and warnings so far. ``cand_patch_ids``: layers whose candidate picks are patch
     ids already (a tokens model's ``indices`` output) rather than indices into the candidates.
     ``unobserved``: images whose reported picks may not be the deployed graph's (:func:`_differ`):
     the margin rule applies to them too."""
     cand_patch_ids = cand_patch_ids or {}
+    tied = np.zeros(n, dtype=bool)
     mismatches: list[str] = []
     warnings: list[str] = []
     rel_margins = {}
@@ -810,21 +815,24 @@ def _judge_selections(
             near = np.any([rel_margins[i] <= tol.tie_rtol for i, _ in layers], axis=0)
             left_out = unobserved & near & judged
             judged &= ~left_out
+            tied |= left_out
             if left_out.any():
                 warnings.append(
                     f"{int(left_out.sum())} of {n} images have a near-tied selection (relative margin <= {tol.tie_rtol:g}) "
                     f"and {backend} as deployed computed other outputs than its copy that reports kept tokens; "
-                    "left out of the logit checks"
+                    "left out of the logit checks unless their outputs agree anyway"
                 )
     else:
         judged = np.all([rel_margins[i] > tol.tie_rtol for i, _ in layers], axis=0) if layers else np.ones(n, dtype=bool)
+        tied |= ~judged
         if not judged.all():
             warnings.append(
                 f"{int((~judged).sum())} of {n} images have a near-tied selection (relative margin <= {tol.tie_rtol:g}) "
-                f"and {backend}'s kept tokens are not observed (only ONNX Runtime reports them); left out of the logit checks"
+                f"and {backend}'s kept tokens are not observed (only ONNX Runtime reports them); left out of the logit "
+                "checks unless their outputs agree anyway"
             )
-    _judge_merges(ref.merge_margins, checks, judged, tol, warnings)
-    return checks, judged, mismatches, warnings
+    tied |= _judge_merges(ref.merge_margins, checks, judged, tol, warnings)
+    return checks, judged, tied, mismatches, warnings
 
 
 def _judge_merges(
@@ -833,26 +841,27 @@ def _judge_merges(
     judged: np.ndarray,
     tol: Tolerances,
     warnings: list[str],
-) -> None:
+) -> np.ndarray:
     """Leave out of the end-to-end checks the images whose merge choice is near-tied at some merging
     layer (its margin within ``tie_rtol``: the backends may pick another destination); record the
-    margins in ``checks``. Updates ``judged``."""
-    if not margins:
-        return
+    margins in ``checks``. Updates ``judged``; returns the images it left out."""
     tied = np.zeros_like(judged)
+    if not margins:
+        return tied
     for c, check in enumerate(checks):
         if check.layer in margins:
             m = margins[check.layer]
             near = m <= tol.tie_rtol
             tied |= near
             checks[c] = replace(check, min_merge_margin=float(m.min()), merge_tied_images=int(near.sum()))
-    left_out = int((tied & judged).sum())
+    left_out = tied & judged
     judged &= ~tied
-    if left_out:
+    if left_out.any():
         warnings.append(
-            f"{left_out} of {len(judged)} images have a near-tied merge choice (best and second-best destination within "
-            f"tie_rtol {tol.tie_rtol:g}); left out of the logit checks"
+            f"{int(left_out.sum())} of {len(judged)} images have a near-tied merge choice (best and second-best destination "
+            f"within tie_rtol {tol.tie_rtol:g}); left out of the logit checks unless their outputs agree anyway"
         )
+    return left_out
 
 
 def _kept_check(
@@ -926,6 +935,24 @@ def required_judged(
     """The fewest judged images a pass needs out of ``images``: :data:`MIN_JUDGED_FRACTION` of them
     and at least :data:`MIN_JUDGED_IMAGES` (all of them when fewer are validated)."""
     return max(math.ceil(MIN_JUDGED_FRACTION * images), min(MIN_JUDGED_IMAGES, images))
+
+
+def _agreeing_ties(
+    judged: np.ndarray,
+    tied: np.ndarray,
+    agree: np.ndarray,
+    warnings: list[str],
+) -> np.ndarray:
+    """Judge the images left out only for a near-tied choice the candidate does not report (``tied``)
+    whose outputs agree with the reference within the per-image tolerances anyway (``agree``): the
+    tie left out the images where a flipped choice could explain a difference, and these show none;
+    judged, they count towards the images a pass needs. Those that differ stay left out."""
+    back = tied & ~judged & agree
+    if back.any():
+        warnings.append(
+            f"{int(back.sum())} of those images with a near-tied choice agree with torch within the tolerances anyway: judged"
+        )
+    return judged | back
 
 
 def _require_judged(
