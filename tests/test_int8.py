@@ -269,8 +269,8 @@ def test_int8_engine_agrees_with_torch(int8_export, tmp_path):
     """Full TensorRT on a GPU: the explicit-quantization engine against the fp32 PyTorch reference."""
     import shutil
 
+    from colln.export.manifest import deployed
     from colln.export.tensorrt import build_engine, gpu_info
-    from colln.infer import runners
     from colln.verify.validate import validate_export
 
     if gpu_info() is None:
@@ -278,7 +278,7 @@ def test_int8_engine_agrees_with_torch(int8_export, tmp_path):
     export_dir = tmp_path / "int8"
     shutil.copytree(int8_export, export_dir)
     build_engine(export_dir, 1, 8, 32)
-    assert runners.read_engine_metadata(export_dir)["precision"] == "int8"
+    assert deployed(export_dir, "tensorrt").precision == "int8"
     report = validate_export(export_dir, backend="tensorrt", limit=256)
     assert report.top1_agreement >= 0.97
     assert report.accuracy["tensorrt"] >= report.accuracy["torch"] - 0.01
