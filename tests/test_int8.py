@@ -157,6 +157,15 @@ def test_report_holds_the_stack_and_the_classic_keys(int8_export):
     assert "## Variant stack" in (int8_export / "report.md").read_text()
 
 
+def test_stack_artifacts_name_the_final_export_files(int8_export):
+    """The export is timed while it is still in its temp dir: the report names the files where
+    they are once it is renamed into place, never the temp dir that no longer exists."""
+    artifacts = json.loads((int8_export / "report.json").read_text())["stack"]["artifacts"]
+    assert artifacts["pruned-int8"]["artifact"] == str(int8_export / "model.ort.onnx")
+    for name, artifact in artifacts.items():
+        assert Path(artifact["artifact"]).is_file(), (name, artifact["artifact"])
+
+
 def test_colln_bench_times_the_stack(int8_export, tmp_path):
     from colln.app.bench_cli import main
 

@@ -455,8 +455,6 @@ def open_runner(
     spec = read_export(export_dir)
     if backend == "torch":
         return TorchRunner(spec.load_pruned(), device=device, threads=threads)
-    if backend == "openvino" and device != "cpu":
-        raise UsageError(f"colln runs OpenVINO on the CPU only, not {device!r}: use --device cpu")
     artifact = deployed(export_dir, backend, spec, device, precision)
     return open_artifact(artifact, device, threads, split_batches, record_kept)
 

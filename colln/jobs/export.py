@@ -260,7 +260,8 @@ def export_model(
                     exported.spec, tmp, default_cache(out), unpruned, calib.images if custom else None, runtimes
                 )
             with progress(f"timing the variant stack ({', '.join(runtimes)}, interleaved)"):
-                timing, stack = _latency(exports, latency, exported.plan.flops().bound, spec.precision)
+                # The report names the export's files where they will be: in out, once tmp is renamed.
+                timing, stack = _latency(exports, latency, exported.plan.flops().bound, spec.precision, {tmp: out})
             with progress("top-1 of every stack variant"):
                 images = images if images is not None else validation_images(spec.model, unpruned)
                 stack = replace(stack, accuracy=StackAccuracy.from_dict(stack_accuracy(exports, images, latency.timing.threads)))
@@ -297,11 +298,13 @@ def _latency(
     options: LatencyOptions,
     bound: float,
     precision: str = "fp32",
+    renamed: dict[Path, Path] | None = None,
 ) -> tuple[Latency, Stack | None]:
     """The report's latency section (pruned against unpruned; for an int8 stack, pruned int8
     against unpruned int8) and its ``stack`` (``None`` for a pair), from one interleaved ONNX
-    Runtime run of ``exports``: :func:`colln.measure.bench.time_variants`, as colln-bench times."""
-    timed = time_variants(exports, options.batches, options.timing, bound, precision)
+    Runtime run of ``exports``: :func:`colln.measure.bench.time_variants`, as colln-bench times
+    (``renamed``: the temp dirs the stack's artifacts are named by their final directory)."""
+    timed = time_variants(exports, options.batches, options.timing, bound, precision, renamed=renamed)
     stack = Stack.from_dict(timed.stack) if timed.stack is not None else None
     return Latency.of(options.timing, timed.rows, bound), stack
 
