@@ -157,6 +157,15 @@ def test_report_holds_the_stack_and_the_classic_keys(int8_export):
     assert "## Variant stack" in (int8_export / "report.md").read_text()
 
 
+def test_stack_artifacts_name_the_final_export_files(int8_export):
+    """The export is timed while it is still in its temp dir: the report names the files where
+    they are once it is renamed into place, never the temp dir that no longer exists."""
+    artifacts = json.loads((int8_export / "report.json").read_text())["stack"]["artifacts"]
+    assert artifacts["pruned-int8"]["artifact"] == str(int8_export / "model.ort.onnx")
+    for name, artifact in artifacts.items():
+        assert Path(artifact["artifact"]).is_file(), (name, artifact["artifact"])
+
+
 def test_colln_bench_times_the_stack(int8_export, tmp_path):
     from colln.app.bench_cli import main
 
@@ -269,8 +278,8 @@ def test_int8_engine_agrees_with_torch(int8_export, tmp_path):
     """Full TensorRT on a GPU: the explicit-quantization engine against the fp32 PyTorch reference."""
     import shutil
 
+    from colln.export.manifest import deployed
     from colln.export.tensorrt import build_engine, gpu_info
-    from colln.infer import runners
     from colln.verify.validate import validate_export
 
     if gpu_info() is None:
@@ -278,7 +287,7 @@ def test_int8_engine_agrees_with_torch(int8_export, tmp_path):
     export_dir = tmp_path / "int8"
     shutil.copytree(int8_export, export_dir)
     build_engine(export_dir, 1, 8, 32)
-    assert runners.read_engine_metadata(export_dir)["precision"] == "int8"
+    assert deployed(export_dir, "tensorrt").precision == "int8"
     report = validate_export(export_dir, backend="tensorrt", limit=256)
     assert report.top1_agreement >= 0.97
     assert report.accuracy["tensorrt"] >= report.accuracy["torch"] - 0.01

@@ -24,8 +24,7 @@ from colln.app.cli import (
     timing_options,
 )
 from colln.errors import UsageError
-from colln.export.artifact import PRECISIONS
-from colln.export.openvino import OV_PRECISIONS
+from colln.export.precisions import GRAPH_PRECISIONS, runs_on
 from colln.export.spec import DEFAULT_OPSET, ExportSpec
 from colln.jobs.export import (
     CalibrationOptions,
@@ -63,7 +62,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=PRECISIONS,
+        choices=GRAPH_PRECISIONS,
         help="fp16 writes a strongly typed fp16 graph (scores, TopK, softmax, LayerNorm stay fp32); int8 a static QDQ "
         "graph with int8 weight products (the token selection, softmax and LayerNorm stay float)",
     )
@@ -110,7 +109,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--openvino-precision",
         default=None,
-        choices=OV_PRECISIONS,
+        choices=runs_on("openvino"),
         help="--openvino: fp32 or bf16 (OpenVINO's inference precision hint) for an fp32 export; int8 (NNCF, the token "
         "selection kept float, run at the f32 hint) or int8-bf16 (the same IR, what NNCF left float at the bf16 hint: "
         "OpenVINO's own default on CPUs with bf16) for an int8 one (default: the export's --precision)",

@@ -11,12 +11,13 @@ import numpy as np
 from torch import nn
 
 from colln.errors import ExportDirError, UsageError
+from colln.export.manifest import Artifact
 from colln.export.onnx import export_onnx, read_metadata, save_checked
-from colln.export.spec import ONNX_FILE, ORT_FILE, SPEC_FILE, ExportSpec, file_sha256, listed_file
+from colln.export.precisions import GRAPH_PRECISIONS
+from colln.export.spec import ONNX_FILE, ORT_FILE, SPEC_FILE, ExportSpec, file_sha256
 from colln.models.plan import KeepPlan
 from colln.models.rewrite import explicit_attention, get_plan
 
-PRECISIONS = ("fp32", "fp16", "int8")
 PLAN_METADATA = "colln.plan"
 # The whole ExportSpec the graph was exported with (export.json as written then).
 SPEC_METADATA = "colln.spec"
@@ -75,8 +76,8 @@ def export_into(
     the model's default validation images, see :func:`colln.data.validation_images`)."""
     from colln.data import data_config, validation_images
 
-    if spec.precision not in PRECISIONS:
-        raise UsageError(f"precision {spec.precision!r} is not supported: use {' or '.join(PRECISIONS)}")
+    if spec.precision not in GRAPH_PRECISIONS:
+        raise UsageError(f"precision {spec.precision!r} is not supported: use {' or '.join(GRAPH_PRECISIONS)}")
     check_merge_precision(spec)
     unpruned = unpruned if unpruned is not None else spec.load_unpruned()
     pruned = spec.apply(unpruned)
@@ -105,7 +106,7 @@ def export_into(
             calibration = validation_images(spec.model, unpruned).images
         proto = to_int8(proto, calibration)
         save_checked(proto, Path(directory) / ONNX_FILE)
-    spec = replace(spec, artifacts=write_ort_artifact(proto, Path(directory)))
+    spec = replace(spec, artifacts=write_ort_artifact(proto, Path(directory), spec.precision))
     spec.write(directory)
     return Exported(directory=Path(directory), spec=spec, plan=plan, unpruned=unpruned, pruned=pruned)
 
@@ -117,48 +118,29 @@ ORT_SESSION_OPTIONS = {"session.force_spinning_stop": "1"}
 def write_ort_artifact(
     proto,
     directory: Path,
+    precision: str = "fp32",
 ) -> dict:
-    """``artifacts`` of a fresh export: ``onnx`` (model.onnx, the portable graph) and, when the
-    fused graph fits in one file, ``onnxruntime`` (model.ort.onnx, with the attention fusion colln
-    applies for ONNX Runtime on CPU written out, its sha256 and session options)."""
+    """``artifacts`` of a fresh export of a ``precision`` graph: ``onnx`` (model.onnx, the portable
+    graph) and, when the fused graph fits in one file, ``onnxruntime`` (model.ort.onnx, with the
+    attention fusion colln applies for ONNX Runtime on CPU written out, its sha256 and session
+    options). Neither record names the precision: both run the graph's."""
     from colln.export.onnx import MAX_SINGLE_FILE
     from colln.export.ort_graph import for_onnxruntime
 
-    artifacts = {"onnx": {"file": ONNX_FILE}}
+    artifacts = {"onnx": Artifact(directory, "onnx", ONNX_FILE, precision).to_record()}
     fused, _ = for_onnxruntime(proto)
     if fused.ByteSize() <= MAX_SINGLE_FILE:
         save_checked(fused, directory / ORT_FILE)
-        artifacts["onnxruntime"] = {
-            "file": ORT_FILE,
-            "sha256": file_sha256(directory / ORT_FILE),
-            "source_sha256": file_sha256(directory / ONNX_FILE),
-            "options": dict(ORT_SESSION_OPTIONS),
-        }
+        artifacts["onnxruntime"] = Artifact(
+            directory,
+            "onnxruntime",
+            ORT_FILE,
+            precision,
+            options=dict(ORT_SESSION_OPTIONS),
+            sha256={ORT_FILE: file_sha256(directory / ORT_FILE)},
+            source_sha256=file_sha256(directory / ONNX_FILE),
+        ).to_record()
     return artifacts
-
-
-def ort_artifact(
-    directory: Path,
-    spec: ExportSpec,
-) -> Path | None:
-    """The listed ONNX Runtime artifact of an export after checking its sha256, or None when the
-    export lists none (older exports, graphs over 2 GB): then ONNX Runtime fuses model.onnx at load."""
-    record = spec.artifacts.get("onnxruntime")
-    if record is None:
-        return None
-    if not isinstance(record, dict):
-        raise ExportDirError(
-            f"{Path(directory) / SPEC_FILE}: artifacts.onnxruntime is not a record: re-run colln-export with --force"
-        )
-    path = listed_file(directory, record.get("file"), "artifacts.onnxruntime.file")
-    if not path.is_file() or file_sha256(path) != record.get("sha256"):
-        raise ExportDirError(f"{path} is missing or does not match export.json: re-run colln-export with --force")
-    # The fused file is derived from model.onnx: a model.onnx changed since would not be what runs.
-    if file_sha256(Path(directory) / ONNX_FILE) != record.get("source_sha256"):
-        raise ExportDirError(
-            f"{Path(directory) / ONNX_FILE} changed since {record['file']} was made from it: re-run colln-export with --force"
-        )
-    return path
 
 
 def read_export(

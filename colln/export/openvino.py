@@ -19,8 +19,9 @@ how OpenVINO runs it:
 an fp32 IR recorded as ``bf16``, an int8 IR as ``int8-bf16``), the hint, and what OpenVINO used.
 
 The IR files and their sha256 are recorded in ``export.json`` (``artifacts["openvino"]``); every
-command that opens the IR refuses one that no longer matches (:func:`read_ir`). openvino and
-nncf are imported on use only (the ``openvino`` extra).
+command that opens the IR refuses one that no longer matches (:func:`colln.export.manifest.deployed`).
+The precisions, their IRs and hints are colln's one vocabulary (:mod:`colln.export.precisions`).
+openvino and nncf are imported on use only (the ``openvino`` extra).
 """
 
 from __future__ import annotations
@@ -37,19 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from colln.errors import BackendUnavailableError, CalibrationError, CollnError, ExportDirError, ExportError
-from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportSpec, file_sha256, listed_file
+from colln.export.manifest import Artifact
+from colln.export.precisions import VOCABULARY, runs_on
+from colln.export.spec import ONNX_FILE, ExportSpec, file_sha256
 from colln.files import display, path_problem
 
 IR_DIR = "openvino"
 IR_FILE = f"{IR_DIR}/model.xml"
 WEIGHTS_FILE = f"{IR_DIR}/model.bin"
-OV_PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16")
-# OpenVINO's name for the precision colln asks for; int8 runs what NNCF left float in fp32,
-# int8-bf16 in bf16 (OpenVINO's default on CPUs with bf16).
-HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8-bf16": "bf16"}
-# The IR each precision runs (the export's precision): one fp32 IR runs at fp32 or bf16, one NNCF
-# int8 IR at int8 or int8-bf16 (the hint is a compile option, the IR the same).
-IR_PRECISION = {"fp32": "fp32", "bf16": "fp32", "int8": "int8", "int8-bf16": "int8"}
 # OpenVINO's element type names -> colln's precision names (what the compiled model reports).
 REPORTED = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 EXTRA = "pip install 'colln[openvino]'"
@@ -282,10 +278,10 @@ def compile_model(
     threads: int | None = None,
 ):
     """``model`` (an ``ov.Model`` or an IR path) compiled for the CPU at ``precision``
-    (:data:`HINTS`) on ``threads`` inference threads (None: OpenVINO's default). A graph the CPU
-    plugin cannot compile is one ExportError naming the op."""
+    (its hint in :mod:`colln.export.precisions`) on ``threads`` inference threads (None:
+    OpenVINO's default). A graph the CPU plugin cannot compile is one ExportError naming the op."""
     ov = ov_module()
-    config = {"INFERENCE_PRECISION_HINT": HINTS[precision]}
+    config = {"INFERENCE_PRECISION_HINT": VOCABULARY[precision].openvino_hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     try:
@@ -312,20 +308,22 @@ def write_ir(
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     max_accuracy_drop: float | None = None,
 ) -> ExportSpec:
-    """Write ``export_dir/openvino/model.xml`` + ``.bin`` at ``precision`` (:data:`OV_PRECISIONS`)
-    from ``source`` (default: the export's ``model.onnx``; int8 and int8-bf16 need an fp32 graph of
-    the same pruned model and ``calibration`` images; with labelled ``validation`` images, NNCF's
-    accuracy control holds the top-1 drop within ``max_accuracy_drop``, see :func:`quantize`),
-    compile it once, and record the files, their sha256, the compile options, the precision
-    OpenVINO used and, for int8, the accuracy control and what stayed float in ``export.json``.
+    """Write ``export_dir/openvino/model.xml`` + ``.bin`` at ``precision`` (one OpenVINO runs,
+    :mod:`colln.export.precisions`) from ``source`` (default: the export's ``model.onnx``; int8
+    and int8-bf16 need an fp32 graph of the same pruned model and ``calibration`` images; with
+    labelled ``validation`` images, NNCF's accuracy control holds the top-1 drop within
+    ``max_accuracy_drop``, see :func:`quantize`), compile it once, and record the files, their
+    sha256, the compile options, the precision OpenVINO used and, for int8, the accuracy control
+    and what stayed float in ``export.json`` (an :class:`colln.export.manifest.Artifact`).
     Returns the updated spec."""
     ov = ov_module()
     export_dir = Path(export_dir)
     spec = ExportSpec.read(export_dir)
-    if precision not in OV_PRECISIONS:
-        raise ExportError(f"OpenVINO precision {precision!r} is not supported: use {', '.join(OV_PRECISIONS)}")
+    if precision not in runs_on("openvino"):
+        raise ExportError(f"OpenVINO precision {precision!r} is not supported: use {', '.join(runs_on('openvino'))}")
+    graph = VOCABULARY[precision].graph
     model = convert(source or export_dir / ONNX_FILE)
-    if IR_PRECISION[precision] == "int8":
+    if graph == "int8":
         if calibration is None:
             raise CalibrationError("an OpenVINO int8 IR needs calibration images")
         model = quantize(model, calibration, validation, max_accuracy_drop)
@@ -335,24 +333,27 @@ def write_ir(
     except RuntimeError as exc:
         raise _write_failure(exc, export_dir / IR_DIR, source or export_dir / ONNX_FILE) from exc
     compiled = compile_model(export_dir / IR_FILE, precision)
-    record = {
-        "file": IR_FILE,
-        "precision": precision,
-        "inference_precision": used_precision(compiled),
-        "options": {"INFERENCE_PRECISION_HINT": HINTS[precision]},
-        "sha256": {name: file_sha256(export_dir / name) for name in (IR_FILE, WEIGHTS_FILE)},
-    }
-    if IR_PRECISION[precision] == "int8":
+    extra = {"inference_precision": used_precision(compiled)}
+    if graph == "int8":
         from colln.export.quantize import DEFAULT_MAX_ACCURACY_DROP
 
         drop = DEFAULT_MAX_ACCURACY_DROP if max_accuracy_drop is None else float(max_accuracy_drop)
-        record["accuracy_control"] = (
+        extra["accuracy_control"] = (
             {"method": "nncf.quantize_with_accuracy_control", "metric": "top-1", "images": len(validation[1]), "max_drop": drop}
             if validation is not None
             else None
         )
-        record["float_products"] = float_products(model)
-    spec = replace(spec, artifacts={**spec.artifacts, "openvino": record})
+        extra["float_products"] = float_products(model)
+    artifact = Artifact(
+        directory=export_dir,
+        runtime="openvino",
+        file=IR_FILE,
+        precision=precision,
+        options={"INFERENCE_PRECISION_HINT": VOCABULARY[precision].openvino_hint},
+        sha256={name: file_sha256(export_dir / name) for name in (IR_FILE, WEIGHTS_FILE)},
+        extra=extra,
+    )
+    spec = replace(spec, artifacts={**spec.artifacts, "openvino": artifact.to_record()})
     spec.write(export_dir)
     return spec
 
@@ -374,59 +375,7 @@ def _write_failure(
     )
 
 
-def read_ir(
-    export_dir: Path,
-    spec: ExportSpec | None = None,
-) -> dict:
-    """``export.json``'s record of the OpenVINO IR, after checking every field against the files it
-    names: ``file`` and every hashed file lie inside the export, the IR and its weights are both
-    hashed and match their sha256, ``precision`` is one of :data:`OV_PRECISIONS` and runs the IR of
-    the export's own precision, the IR is quantized (NNCF's FakeQuantize) exactly when that
-    precision is int8, and ``options`` hold its hint. An IR replaced, edited or pointed elsewhere
-    behind colln's back is refused (ExportDirError), never run under another export's name."""
-    export_dir = Path(export_dir)
-    spec = spec if spec is not None else ExportSpec.read(export_dir)
-    record = spec.artifacts.get("openvino")
-    if record is None:
-        raise ExportDirError(f"{export_dir} has no OpenVINO IR: re-run colln-export with --openvino")
-    where, redo = export_dir / SPEC_FILE, "re-run colln-export with --openvino --force"
-    if not isinstance(record, dict) or not isinstance(record.get("sha256"), dict):
-        raise ExportDirError(f"{where}: artifacts.openvino is not a record with the IR's sha256: {redo}")
-    xml = listed_file(export_dir, record.get("file"), "artifacts.openvino.file")
-    hashes = record["sha256"]
-    for name in (record["file"], str(Path(record["file"]).with_suffix(".bin"))):
-        if name not in hashes:
-            raise ExportDirError(f"{where}: artifacts.openvino.sha256 has no hash of {name}: {redo}")
-    for name, digest in hashes.items():
-        path = listed_file(export_dir, name, "a file in artifacts.openvino.sha256")
-        if not path.is_file():
-            raise ExportDirError(f"{path} is missing: {redo}")
-        if file_sha256(path) != digest:
-            raise ExportDirError(f"{path} does not match export.json (edited or replaced since the export): {redo}")
-    precision = record.get("precision")
-    if precision not in OV_PRECISIONS:
-        raise ExportDirError(
-            f"{where}: artifacts.openvino.precision is {precision!r}, not one of {', '.join(OV_PRECISIONS)}: {redo}"
-        )
-    if IR_PRECISION[precision] != spec.precision:
-        raise ExportDirError(
-            f"{where}: artifacts.openvino.precision {precision} runs an {IR_PRECISION[precision]} IR, but this is a "
-            f"{spec.precision} export: {redo}"
-        )
-    quantized = _quantized(xml)
-    if quantized != (IR_PRECISION[precision] == "int8"):
-        raise ExportDirError(
-            f"{xml} is {'an int8' if quantized else 'an fp32'} IR but export.json records precision {precision}: {redo}"
-        )
-    if record.get("options") != {"INFERENCE_PRECISION_HINT": HINTS[precision]}:
-        raise ExportDirError(
-            f"{where}: artifacts.openvino.options are not precision {precision}'s "
-            f"{{'INFERENCE_PRECISION_HINT': {HINTS[precision]!r}}}: {redo}"
-        )
-    return record
-
-
-def _quantized(
+def is_quantized(
     xml: Path,
 ) -> bool:
     """Whether an IR holds NNCF's quantization (FakeQuantize layers), read from the XML alone."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from colln.errors import CollnError, ExportDirError, WeightsError
+from colln.files import atomic_write
 from colln.models.config import PruneConfig
 from colln.models.plan import KeepPlan
 
@@ -161,7 +162,9 @@ class ExportSpec:
         self,
         directory: Path,
     ) -> None:
-        (Path(directory) / SPEC_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        # Through a temp file and a rename: a writer adding an artifact (colln.export.openvino.write_ir)
+        # rewrites the export.json of a finished (or cached) export, which a failure must not truncate.
+        atomic_write(Path(directory) / SPEC_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def read(

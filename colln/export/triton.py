@@ -24,10 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from colln.errors import TritonRepoError, UsageError
-from colln.export.artifact import ort_artifact, read_export
-from colln.export.openvino import IR_FILE, WEIGHTS_FILE, read_ir
+from colln.export.artifact import read_export
+from colln.export.manifest import deployed, engine_artifact
+from colln.export.openvino import IR_FILE
 from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportSpec
-from colln.export.tensorrt import ENGINE_FILE, read_engine_metadata
+from colln.export.tensorrt import ENGINE_FILE
 from colln.files import atomic_dir
 
 # Triton's own backends for an export: backend -> (the config line that names it, the export's model file).
@@ -248,10 +249,10 @@ def deployed_files(
     native: bool = True,
 ) -> dict[str, Path]:
     """``{name in 1/: file of the export}`` that ``runtime`` runs on ``device``, after the checks
-    every entry gets: the file is there, a plan covers batches 1..max_batch, an IR or ONNX Runtime
-    artifact matches export.json. ``native``: Triton's own backend loads the file (not colln's
-    runner inside the python backend), so a plan must also be full TensorRT and the ONNX Runtime
-    artifact's session options must be ones the entry can do without."""
+    every entry gets: the file is there, a plan covers batches 1..max_batch, the artifact matches
+    its record (:func:`colln.export.manifest.deployed`). ``native``: Triton's own backend loads the
+    file (not colln's runner inside the python backend), so a plan must also be full TensorRT and
+    the ONNX Runtime artifact's session options must be ones the entry can do without."""
     model_file = PLATFORMS[runtime][1]
     if not (export_dir / model_file).is_file():
         hint = {"tensorrt": f"build it with colln-build {export_dir}", "openvino": "re-run colln-export with --openvino"}
@@ -263,23 +264,16 @@ def deployed_files(
             check_plan_for_triton(export_dir, max_batch)
         else:  # colln's runner loads TensorRT-RTX plans too
             check_plan_batches(export_dir, max_batch)
-        return {ENGINE_FILE: export_dir / ENGINE_FILE}
-    if runtime == "openvino":
-        read_ir(export_dir, spec)  # an IR that no longer matches export.json is not deployed
-        return {Path(f).name: export_dir / f for f in (IR_FILE, WEIGHTS_FILE)}
-    # The fused graph is ONNX Runtime's CPU flavour (colln.export.ort_graph): a GPU gets the plain one.
-    listed = ort_artifact(export_dir, spec) if device == "cpu" else None
-    if listed is None:
-        return {ONNX_FILE: export_dir / ONNX_FILE}
-    if not native:  # colln's runner opens the artifact with its options itself
-        return {ONNX_FILE: listed}
-    options = set(spec.artifacts["onnxruntime"].get("options", {})) - _ORT_OPTIONS_MOOT_ON_ONE_THREAD
-    if options:
+    # The fused ONNX Runtime graph is its CPU flavour (colln.export.ort_graph): a GPU gets the plain one.
+    artifact = deployed(export_dir, runtime, spec, device)
+    # colln's runner opens the ONNX Runtime artifact with its options itself; Triton's cannot set them.
+    options = set(artifact.options) - _ORT_OPTIONS_MOOT_ON_ONE_THREAD
+    if native and artifact.runtime == "onnxruntime" and options:
         raise TritonRepoError(
-            f"{listed.name} needs session options {', '.join(sorted(options))}, which Triton's onnxruntime backend "
+            f"{artifact.path.name} needs session options {', '.join(sorted(options))}, which Triton's onnxruntime backend "
             "cannot set: serve it with colln-serve"
         )
-    return {ONNX_FILE: listed}
+    return artifact.deploy_files()
 
 
 def check_plan_batches(
@@ -288,7 +282,7 @@ def check_plan_batches(
 ) -> dict:
     """``model.plan.json``, after checking its profile covers batches 1..max_batch (Triton's dynamic
     batcher sends any size in that range). A clear error otherwise."""
-    meta = read_engine_metadata(export_dir)
+    meta = engine_artifact(export_dir).extra
     low, high = meta["profile"]["min"][0], meta["profile"]["max"][0]
     if low != 1 or high < max_batch:
         raise TritonRepoError(

@@ -80,9 +80,10 @@ def unpruned_engine(
 ) -> None:
     """Give the cached unpruned export a TensorRT engine with the pruned engine's batch profile
     (built once, then reused while it matches)."""
-    from colln.export.tensorrt import ENGINE_FILE, build_engine, read_engine_metadata
+    from colln.export.manifest import engine_artifact
+    from colln.export.tensorrt import ENGINE_FILE, build_engine
 
-    profile = read_engine_metadata(export_dir)["profile"]
-    if (base_dir / ENGINE_FILE).is_file() and read_engine_metadata(base_dir)["profile"] == profile:
+    profile = engine_artifact(export_dir).extra["profile"]
+    if (base_dir / ENGINE_FILE).is_file() and engine_artifact(base_dir).extra["profile"] == profile:
         return
     build_engine(base_dir, batch_min=profile["min"][0], batch_opt=profile["opt"][0], batch_max=profile["max"][0])

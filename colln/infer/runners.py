@@ -3,7 +3,8 @@
 polygraphy's ``Comparator``). Feeds and outputs are ``{name: numpy array}``.
 
 :func:`open_runner` is the one way every command gets a runner: validation, timing, evaluation
-and serving.
+and serving. It opens the artifact the export lists for the backend
+(:func:`colln.export.manifest.deployed`) through :func:`open_artifact`, by the artifact's runtime.
 """
 
 from __future__ import annotations
@@ -27,17 +28,10 @@ from polygraphy.datatype import DataType
 from torch import nn
 
 from colln.errors import BackendUnavailableError, EngineError, UsageError
-from colln.export.artifact import ORT_SESSION_OPTIONS, ort_artifact, read_export
-from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, file_sha256, output_names
-from colln.export.tensorrt import (
-    ENGINE_FILE,
-    LABELS,
-    TrtFlavour,
-    engine_runner,
-    gpu_info,
-    read_engine_metadata,
-    trt_module,
-)
+from colln.export.artifact import ORT_SESSION_OPTIONS, read_export
+from colln.export.manifest import Artifact, deployed
+from colln.export.spec import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, output_names
+from colln.export.tensorrt import LABELS, TrtFlavour, engine_runner, gpu_info, trt_module
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 
@@ -256,36 +250,24 @@ def kept_onnxruntime_runner(
 
 
 class OpenvinoRunner(BaseRunner):
-    """Runs an export's OpenVINO IR on the CPU (:mod:`colln.export.openvino`): compiled at
-    ``precision`` (None: the IR's own, from ``export.json``; an fp32 IR runs at fp32 or bf16, an
-    int8 IR at int8 or int8-bf16: OpenVINO's f32 or bf16 hint) on ``threads`` inference threads
-    (None: OpenVINO's default). ``kept``: TopK index tensors to add as outputs, named like ONNX
-    Runtime's kept outputs (``colln_kept_L<layer>_<j>``), so that validation compares the tokens
-    OpenVINO really kept."""
+    """Runs an export's OpenVINO IR on the CPU (:mod:`colln.export.openvino`): the verified
+    ``artifact`` (:func:`colln.export.manifest.deployed`), compiled at its precision (an fp32 IR
+    runs at fp32 or bf16, an int8 IR at int8 or int8-bf16: OpenVINO's f32 or bf16 hint) on
+    ``threads`` inference threads (None: OpenVINO's default). ``kept``: TopK index tensors to add
+    as outputs, named like ONNX Runtime's kept outputs (``colln_kept_L<layer>_<j>``), so that
+    validation compares the tokens OpenVINO really kept."""
 
     def __init__(
         self,
-        export_dir: Path,
-        precision: str | None = None,
+        artifact: Artifact,
         threads: int | None = None,
         kept: dict[str, str] | None = None,
         name: str | None = None,
     ) -> None:
-        from colln.export.openvino import IR_PRECISION, read_ir
-
-        # polygraphy's __del__ needs the base initialised even when the IR is refused below.
         super().__init__(name=name, prefix="openvino-runner")
-        export_dir = Path(export_dir)
-        record = read_ir(export_dir)
-        self.precision = precision or record["precision"]
-        # The hint is a compile option: an fp32 IR runs at fp32 or bf16, an NNCF int8 IR at int8 or
-        # int8-bf16 (what it left float at f32 or bf16); nothing else.
-        ir = IR_PRECISION[record["precision"]]
-        if IR_PRECISION.get(self.precision) != ir:
-            allowed = " or ".join(p for p, kind in IR_PRECISION.items() if kind == ir)
-            raise UsageError(f"an OpenVINO {ir} IR cannot run at {self.precision}: run it at {allowed}")
+        self.precision = artifact.precision
         self.name = name or f"openvino-{self.precision}"
-        self._xml = export_dir / record["file"]
+        self._xml = artifact.path
         self.threads = threads
         self._kept = kept or {}
 
@@ -330,21 +312,34 @@ def openvino_runner(
     threads: int | None = None,
     record_kept: bool = False,
 ) -> OpenvinoRunner:
-    """An :class:`OpenvinoRunner` over ``export_dir``'s IR; with ``record_kept`` it also outputs
-    the kept indices of every pruning layer (the TopK index tensors of
-    :func:`colln.export.onnx.kept_index_nodes`, which keep their ONNX names in the IR)."""
+    """An :class:`OpenvinoRunner` over ``export_dir``'s IR at ``precision`` (None: its recorded
+    one); with ``record_kept`` it also outputs the kept indices of every pruning layer."""
+    return open_artifact(deployed(export_dir, "openvino", precision=precision), threads=threads, record_kept=record_kept)
+
+
+def _open_openvino(
+    artifact: Artifact,
+    device: str,
+    threads: int | None,
+    split_batches: bool,
+    record_kept: bool,
+) -> OpenvinoRunner:
+    """With ``record_kept``, the TopK index tensors of :func:`colln.export.onnx.kept_index_nodes`
+    (which keep their ONNX names in the IR) as extra outputs."""
     from colln.export.onnx import KEPT_OUTPUT_PREFIX, kept_index_nodes
 
+    if device != "cpu":
+        raise UsageError(f"colln runs OpenVINO on the CPU only, not {device!r}: use --device cpu")
     kept = None
     if record_kept:
-        layers = read_export(export_dir).keep_plan().kept_index_layers
-        proto = onnx.load(str(Path(export_dir) / ONNX_FILE), load_external_data=False)
+        layers = read_export(artifact.directory).keep_plan().kept_index_layers
+        proto = onnx.load(str(Path(artifact.directory) / ONNX_FILE), load_external_data=False)
         kept = {
             tensor: f"{KEPT_OUTPUT_PREFIX}{layer}_{j}"
             for layer, tensors in kept_index_nodes(proto, layers).items()
             for j, tensor in enumerate(tensors)
         }
-    return OpenvinoRunner(export_dir, precision=precision, threads=threads, kept=kept)
+    return OpenvinoRunner(artifact, threads=threads, kept=kept)
 
 
 def check_engine(
@@ -377,16 +372,58 @@ def tensorrt_runner(
     export_dir: Path,
 ) -> BaseRunner:
     """polygraphy's ``TrtRunner`` over ``export_dir/model.plan``, after :func:`check_engine`."""
-    export_dir = Path(export_dir)
-    meta = read_engine_metadata(export_dir)
+    return open_artifact(deployed(export_dir, "tensorrt"))
+
+
+def _open_tensorrt(
+    artifact: Artifact,
+    device: str,
+    threads: int | None,
+    split_batches: bool,
+    record_kept: bool,
+) -> BaseRunner:
     flavour = trt_module()
-    onnx_path = export_dir / ONNX_FILE
-    if onnx_path.is_file() and meta.get("onnx_sha256") != file_sha256(onnx_path):
-        raise EngineError(
-            f"model.plan was built from another {ONNX_FILE} than the one in {export_dir}: run colln-build {export_dir}"
-        )
-    check_engine(meta, flavour, gpu_info())
-    return engine_runner(export_dir / ENGINE_FILE, f"tensorrt-{meta['precision']}", flavour)
+    check_engine(artifact.extra, flavour, gpu_info())
+    return engine_runner(artifact.path, f"tensorrt-{artifact.precision}", flavour)
+
+
+def _open_onnxruntime(
+    artifact: Artifact,
+    device: str,
+    threads: int | None,
+    split_batches: bool,
+    record_kept: bool,
+) -> BaseRunner:
+    """ONNX Runtime on ``model.onnx`` (fused at load on the CPU), or on the listed fused
+    ``model.ort.onnx`` as it is; with ``record_kept``, on a copy of ``model.onnx`` that also
+    outputs the kept indices (:func:`kept_onnxruntime_runner`)."""
+    if record_kept:
+        layers = read_export(artifact.directory).keep_plan().kept_index_layers
+        onnx_path = Path(artifact.directory) / ONNX_FILE
+        return kept_onnxruntime_runner(onnx_path, layers, device, threads, split_batches)
+    fused = artifact.runtime == "onnxruntime"
+    return onnxruntime_runner(artifact.path, device=device, threads=threads, split_batches=split_batches, fused=fused)
+
+
+# Which runner opens an artifact, by the artifact's runtime ("onnx": the plain graph, on ONNX Runtime).
+OPENERS = {
+    "onnx": _open_onnxruntime,
+    "onnxruntime": _open_onnxruntime,
+    "openvino": _open_openvino,
+    "tensorrt": _open_tensorrt,
+}
+
+
+def open_artifact(
+    artifact: Artifact,
+    device: str = "cpu",
+    threads: int | None = None,
+    split_batches: bool = True,
+    record_kept: bool = False,
+) -> BaseRunner:
+    """The runner of a verified ``artifact`` (:func:`colln.export.manifest.deployed`), by its
+    runtime (:data:`OPENERS`); see :func:`open_runner` for the options."""
+    return OPENERS[artifact.runtime](artifact, device, threads, split_batches, record_kept)
 
 
 def open_runner(
@@ -396,15 +433,18 @@ def open_runner(
     threads: int | None = None,
     record_kept: bool = False,
     split_batches: bool = True,
+    precision: str | None = None,
 ) -> BaseRunner:
     """A runner for an export directory, or for an in-memory PyTorch model (backend ``torch`` only).
 
-    ``torch``: the pruned PyTorch reference rebuilt from ``export.json``; ``onnxruntime``:
-    ``model.onnx``; ``openvino``: ``openvino/model.xml`` at its recorded precision (CPU only);
-    ``tensorrt``: ``model.plan``. ``threads`` (None: the backend's default) reaches torch, ONNX
-    Runtime and OpenVINO through the runner. ``record_kept``: ONNX Runtime and OpenVINO also output
-    the tokens each pruning layer kept (for validation). ``split_batches``: ONNX Runtime on CPU runs a
-    batch of at least as many images as threads as one slice per thread (:class:`SplitBatchOnnxrtRunner`)."""
+    ``torch``: the pruned PyTorch reference rebuilt from ``export.json``; otherwise the artifact
+    ``backend`` runs on ``device`` (:func:`colln.export.manifest.deployed`): ``onnxruntime``:
+    ``model.ort.onnx`` on the CPU when listed, else ``model.onnx``; ``openvino``:
+    ``openvino/model.xml`` (CPU only) at ``precision`` (None: its recorded one); ``tensorrt``:
+    ``model.plan``. ``threads`` (None: the backend's default) reaches torch, ONNX Runtime and
+    OpenVINO through the runner. ``record_kept``: ONNX Runtime and OpenVINO also output the tokens
+    each pruning layer kept (for validation). ``split_batches``: ONNX Runtime on CPU runs a batch of
+    at least as many images as threads as one slice per thread (:class:`SplitBatchOnnxrtRunner`)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if isinstance(source, nn.Module):
@@ -415,20 +455,8 @@ def open_runner(
     spec = read_export(export_dir)
     if backend == "torch":
         return TorchRunner(spec.load_pruned(), device=device, threads=threads)
-    if backend == "onnxruntime":
-        if record_kept:
-            return kept_onnxruntime_runner(
-                export_dir / ONNX_FILE, spec.keep_plan().kept_index_layers, device, threads, split_batches
-            )
-        listed = ort_artifact(export_dir, spec) if not device.startswith("cuda") else None
-        if listed is not None:
-            return onnxruntime_runner(listed, device=device, threads=threads, split_batches=split_batches, fused=True)
-        return onnxruntime_runner(export_dir / ONNX_FILE, device=device, threads=threads, split_batches=split_batches)
-    if backend == "openvino":
-        if device != "cpu":
-            raise UsageError(f"colln runs OpenVINO on the CPU only, not {device!r}: use --device cpu")
-        return openvino_runner(export_dir, threads=threads, record_kept=record_kept)
-    return tensorrt_runner(export_dir)
+    artifact = deployed(export_dir, backend, spec, device, precision)
+    return open_artifact(artifact, device, threads, split_batches, record_kept)
 
 
 def feeds(

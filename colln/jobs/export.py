@@ -26,7 +26,7 @@ from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportSpec
 from colln.export.unpruned import cached_export, default_cache, unpruned_export
 from colln.files import atomic_dir
 from colln.infer.timing import Timing
-from colln.measure.bench import stack_accuracy, stack_exports, time_variants
+from colln.measure.bench import stack_accuracy, stack_exports, stack_runtimes, time_variants
 from colln.models.registry import default_weights, resolve_name
 from colln.report.export_report import DEFAULT_LM_PARAMS, build_report, write_report
 from colln.report.schema import Calibration, Latency, Openvino, OpenvinoArtifact, Stack, StackAccuracy
@@ -88,15 +88,15 @@ class OpenvinoOptions:
         spec: ExportSpec,
     ) -> str:
         """The IR's precision for ``spec``; a UsageError when the two do not go together."""
-        from colln.export.openvino import IR_PRECISION
+        from colln.export.precisions import VOCABULARY, runs_on
 
         precision = self.precision or spec.precision
-        if self.precision is None and precision not in IR_PRECISION:
+        if self.precision is None and precision not in runs_on("openvino"):
             raise UsageError(
                 f"--openvino takes an fp32 or int8 export, not --precision {precision}: export fp32 (with "
                 "--openvino-precision bf16 for 16-bit on OpenVINO) or int8"
             )
-        if IR_PRECISION.get(precision) != spec.precision:
+        if precision not in runs_on("openvino") or VOCABULARY[precision].graph != spec.precision:
             raise UsageError(
                 f"--openvino-precision {precision} does not go with --precision {spec.precision}: OpenVINO runs fp32 or bf16 "
                 "from an fp32 export and int8 or int8-bf16 from an int8 export"
@@ -250,9 +250,9 @@ def export_model(
             if validation is not None:
                 with progress("validating OpenVINO against PyTorch"):
                     ov_checked = validate_backend(tmp, "openvino", exported.pruned, unpruned, images, max_accuracy_drop=drop)
-        runtimes = ("onnxruntime", "openvino") if openvino is not None else ("onnxruntime",)
+        runtimes = stack_runtimes(spec.precision, runtimes=("onnxruntime", "openvino") if openvino is not None else ())
         timing = stack = None
-        if latency is not None and (spec.precision == "int8" or openvino is not None):
+        if latency is not None and runtimes is not None:
             # The unpruned int8 counterpart sees the same calibration set (the default one is cached as such).
             custom = calibration is not None and calibration != CalibrationOptions()
             with progress("exporting the fp32 and unpruned counterparts (cached)"):
@@ -260,7 +260,8 @@ def export_model(
                     exported.spec, tmp, default_cache(out), unpruned, calib.images if custom else None, runtimes
                 )
             with progress(f"timing the variant stack ({', '.join(runtimes)}, interleaved)"):
-                timing, stack = _latency(exports, latency, exported.plan.flops().bound, spec.precision)
+                # The report names the export's files where they will be: in out, once tmp is renamed.
+                timing, stack = _latency(exports, latency, exported.plan.flops().bound, spec.precision, {tmp: out})
             with progress("top-1 of every stack variant"):
                 images = images if images is not None else validation_images(spec.model, unpruned)
                 stack = replace(stack, accuracy=StackAccuracy.from_dict(stack_accuracy(exports, images, latency.timing.threads)))
@@ -297,11 +298,13 @@ def _latency(
     options: LatencyOptions,
     bound: float,
     precision: str = "fp32",
+    renamed: dict[Path, Path] | None = None,
 ) -> tuple[Latency, Stack | None]:
     """The report's latency section (pruned against unpruned; for an int8 stack, pruned int8
     against unpruned int8) and its ``stack`` (``None`` for a pair), from one interleaved ONNX
-    Runtime run of ``exports``: :func:`colln.measure.bench.time_variants`, as colln-bench times."""
-    timed = time_variants(exports, options.batches, options.timing, bound, precision)
+    Runtime run of ``exports``: :func:`colln.measure.bench.time_variants`, as colln-bench times
+    (``renamed``: the temp dirs the stack's artifacts are named by their final directory)."""
+    timed = time_variants(exports, options.batches, options.timing, bound, precision, renamed=renamed)
     stack = Stack.from_dict(timed.stack) if timed.stack is not None else None
     return Latency.of(options.timing, timed.rows, bound), stack
 

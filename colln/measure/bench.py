@@ -19,10 +19,12 @@ from torch import nn
 from colln.data import ValImages
 from colln.errors import ExportDirError, MeasurementError, RegressionFileError, UsageError, ValidationFailedError
 from colln.export.artifact import ORT_SESSION_OPTIONS, default_out_dir, read_export
+from colln.export.manifest import deployed
+from colln.export.precisions import VOCABULARY, stack_precisions
 from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportSpec
 from colln.export.unpruned import cached_export, default_cache, unpruned_engine, unpruned_export
 from colln.infer.environment import available_memory, environment
-from colln.infer.runners import open_runner, openvino_runner, run
+from colln.infer.runners import open_runner, run
 from colln.infer.timing import (
     PLAUSIBLE_SPEEDUP,
     Comparison,
@@ -73,15 +75,12 @@ def bench_export(
     if backend == "openvino":
         _cached_ir(base_dir, unpruned_export(replace(spec, precision="fp32", plan={}), cache), None, None)
     load_before = os.getloadavg()
-    # An int8 export on ONNX Runtime is timed in its stack: fp32 and int8, pruned and unpruned, one run.
-    stacked = (spec.precision == "int8" and backend == "onnxruntime") or bool(runtimes)
-    if stacked:
-        exports = stack_exports(spec, export_dir, cache, runtimes=runtimes or ("onnxruntime",))
+    stack = stack_runtimes(spec.precision, backend, runtimes)
+    if stack is not None:
+        exports = stack_exports(spec, export_dir, cache, runtimes=stack)
     elif backend == "openvino":
-        from colln.export.openvino import read_ir
-
         # Both at the export's own precision hint (bf16, int8-bf16), not the one the cached IR records.
-        precision = read_ir(export_dir, spec)["precision"]
+        precision = deployed(export_dir, "openvino", spec).precision
         exports = {"unpruned": Variant(base_dir, backend, precision), "pruned": Variant(export_dir, backend, precision)}
     else:
         exports = {"unpruned": Variant(base_dir, backend), "pruned": Variant(export_dir, backend)}
@@ -109,6 +108,21 @@ def bench_export(
         "stack": timed.stack,
         "environment": environment(backend, timing.threads, load_before),
     }
+
+
+def stack_runtimes(
+    precision: str,
+    backend: str = "onnxruntime",
+    runtimes: Sequence[str] = (),
+) -> tuple[str, ...] | None:
+    """The one decision of how an export is timed (colln-export and colln-bench): the runtimes of
+    its variant stack (:func:`stack_exports`), or None for a pair (pruned against unpruned on
+    ``backend``). An export timed across ``runtimes`` is a stack of them; an int8 export on ONNX
+    Runtime is timed in its stack too (fp32 and int8, pruned and unpruned, one run): an int8
+    speedup alone would not say what int8 gives over fp32."""
+    if runtimes:
+        return tuple(runtimes)
+    return ("onnxruntime",) if precision == "int8" and backend == "onnxruntime" else None
 
 
 def runtime_label(
@@ -164,34 +178,24 @@ class Variant:
         threads: int | None = None,
         split_batches: bool = True,
     ) -> BaseRunner:
-        if self.backend == "openvino":
-            return openvino_runner(self.directory, precision=self.precision, threads=threads)
-        return open_runner(self.directory, self.backend, device, threads, split_batches=split_batches)
+        return open_runner(self.directory, self.backend, device, threads, split_batches=split_batches, precision=self.precision)
 
-    def describe(self) -> dict:
-        """The artifact and the options behind a figure (the report names them)."""
-        if self.backend == "openvino":
-            from colln.export.openvino import HINTS
-
-            record = read_export(self.directory).artifacts["openvino"]
-            precision = self.precision or record["precision"]
-            return {
-                "runtime": "openvino",
-                "artifact": str(self.directory / record["file"]),
-                "options": {**record["options"], "INFERENCE_PRECISION_HINT": HINTS[precision]},
-            }
-        if self.backend != "onnxruntime":
-            return {"runtime": self.backend, "artifact": str(self.directory / ONNX_FILE), "options": {}}
-        listed = read_export(self.directory).artifacts.get("onnxruntime")
-        # What colln's ONNX Runtime runner does on top of a plain session (colln.infer.runners).
-        options = {**ORT_SESSION_OPTIONS, "batch slices": "one per thread on 2+ threads, unless --no-split-batches"}
-        if listed is None:
-            options["fusion at load"] = "colln.export.ort_graph.for_onnxruntime"
-        return {
-            "runtime": "onnxruntime",
-            "artifact": str(self.directory / (listed or {}).get("file", ONNX_FILE)),
-            "options": options,
-        }
+    def describe(
+        self,
+        shown: Path | None = None,
+    ) -> dict:
+        """The artifact and the options behind a figure (the report names them). ``shown``: the
+        directory the report names for this variant's (None: its own; the final directory of an
+        export still being written in a temp dir, which is renamed into place after)."""
+        artifact = deployed(self.directory, self.backend, precision=self.precision)
+        options = dict(artifact.options)
+        if self.backend == "onnxruntime":
+            # What colln's ONNX Runtime runner does on top of a plain session (colln.infer.runners).
+            options = {**ORT_SESSION_OPTIONS, "batch slices": "one per thread on 2+ threads, unless --no-split-batches"}
+            if artifact.runtime == "onnx":
+                options["fusion at load"] = "colln.export.ort_graph.for_onnxruntime"
+        where = Path(shown) if shown is not None else self.directory
+        return {"runtime": self.backend, "artifact": str(where / artifact.file), "options": options}
 
 
 def measure_exports(
@@ -233,12 +237,15 @@ def time_variants(
     precision: str = "fp32",
     device: str = "cpu",
     runtime: str = "onnxruntime",
+    renamed: Mapping[Path, Path] | None = None,
 ) -> Timed:
     """Time ``exports`` (``{"unpruned", "pruned"}`` or a variant stack) in one interleaved run
     (:func:`measure_exports`) and pair them; ``bound``: the keep plan's FLOPs bound; ``runtime``:
-    whose pruned and unpruned variants of a stack make the rows (:func:`latency_rows`)."""
+    whose pruned and unpruned variants of a stack make the rows (:func:`latency_rows`);
+    ``renamed``: ``{temp dir: final dir}`` of exports still being written, which the stack's
+    artifacts name by their final directory."""
     compared = measure_exports(exports, batches, timing, device)
-    stack = None if "pruned" in exports else stack_latency(compared, bound, exports)
+    stack = None if "pruned" in exports else stack_latency(compared, bound, exports, renamed)
     return Timed(rows=latency_rows(compared, precision, runtime), stack=stack)
 
 
@@ -276,8 +283,6 @@ def latency_rows(
 # variants are named "<runtime>:<variant>" (see stack_exports).
 STACK = ("unpruned-fp32", "pruned-fp32", "unpruned-int8", "pruned-int8")
 RUNTIMES = ("onnxruntime", "openvino")
-# The precisions each runtime runs in a stack, given the export's (fp32 exports: fp32 only on ONNX Runtime).
-OPENVINO_PRECISIONS = {"fp32": ("fp32", "bf16"), "int8": ("fp32", "bf16", "int8", "int8-bf16")}
 
 
 def variant_name(
@@ -299,17 +304,16 @@ def stack_exports(
     runtimes: Sequence[str] = ("onnxruntime",),
 ) -> dict[str, Variant]:
     """The variant stack of an export: unpruned and pruned, at fp32 and the export's precision, on
-    every runtime of ``runtimes`` (OpenVINO adds bf16 and int8-bf16: :data:`OPENVINO_PRECISIONS`),
+    every runtime of ``runtimes`` (OpenVINO adds bf16 and int8-bf16:
+    :func:`colln.export.precisions.stack_precisions`),
     ONNX Runtime's unpruned fp32 first (the baseline). The unpruned baselines and the pruned fp32
     counterpart come from (or go into) the baseline ``cache``; so do their OpenVINO IRs, while the
     export's own IR must be there (``colln-export --openvino``). The unpruned int8 graphs are
     calibrated on ``calibration`` (``None``: the default images), which should be what the pruned
     export was calibrated on. With ONNX Runtime only, an int8 export gives :data:`STACK`."""
-    from colln.export.openvino import IR_PRECISION
-
     check_runtimes(runtimes)
-    if "openvino" in runtimes and spec.precision not in OPENVINO_PRECISIONS:
-        raise UsageError(f"OpenVINO runs fp32, bf16 and int8 stacks, not {spec.precision}: export fp32 or int8")
+    order = ("onnxruntime", *(r for r in runtimes if r != "onnxruntime"))
+    precisions = {runtime: stack_precisions(runtime, spec.precision) for runtime in order}
     fp32 = replace(spec, precision="fp32", plan={})
     dirs = {
         ("unpruned", "fp32"): unpruned_export(fp32, cache, unpruned),
@@ -319,14 +323,10 @@ def stack_exports(
         dirs["unpruned", spec.precision] = unpruned_export(spec, cache, unpruned, calibration)
         dirs["pruned", spec.precision] = Path(export_dir)
     variants: dict[str, Variant] = {}
-    for runtime in ("onnxruntime", *(r for r in runtimes if r != "onnxruntime")):
-        if runtime == "onnxruntime":
-            precisions = ("fp32",) if spec.precision == "fp32" else ("fp32", spec.precision)
-        else:
-            precisions = OPENVINO_PRECISIONS[spec.precision]
-        for precision in precisions:
+    for runtime in order:
+        for precision in precisions[runtime]:
             for kind in ("unpruned", "pruned"):
-                directory = dirs[kind, IR_PRECISION.get(precision, precision)]
+                directory = dirs[kind, VOCABULARY[precision].graph]
                 if runtime == "openvino" and directory != Path(export_dir):
                     _cached_ir(directory, dirs[kind, "fp32"], unpruned, calibration)
                 variants[variant_name(runtime, kind, precision)] = Variant(directory, runtime, precision)
@@ -359,12 +359,12 @@ def _cached_ir(
     """Give a cached export an OpenVINO IR at its precision (int8: NNCF on the fp32 counterpart's
     graph, calibrated like the ONNX Runtime int8 graph beside it), unless it has a matching one."""
     from colln.data import validation_images
-    from colln.export.openvino import IR_PRECISION, read_ir, write_ir
+    from colln.export.openvino import write_ir
 
     spec = read_export(directory)
     with contextlib.suppress(ExportDirError):
-        if IR_PRECISION[read_ir(directory, spec)["precision"]] == spec.precision:
-            return
+        deployed(directory, "openvino", spec)  # an IR that does not run this export's graph is refused
+        return
     images = calibration
     if spec.precision == "int8" and images is None:
         images = validation_images(spec.model, unpruned if unpruned is not None else spec.load_unpruned()).images
@@ -392,11 +392,12 @@ def stack_latency(
     compared: Mapping[int, Comparison],
     bound: float,
     variants: Mapping[str, Variant] | None = None,
+    renamed: Mapping[Path, Path] | None = None,
 ) -> dict:
     """``{"baseline", "variants", "flops_bound", "batches": {"<b>": {variant: LatencyStats + speedup,
     speedup_iqr, speedup_same_runtime, speedup_same_runtime_iqr}}, "artifacts": {variant: {runtime, artifact, options}}}``:
     every variant's paired speedup over ONNX Runtime's unpruned fp32 from the same run, and over
-    the same runtime's unpruned variant at the same precision."""
+    the same runtime's unpruned variant at the same precision. ``renamed``: see :func:`time_variants`."""
     batches = {}
     names: list[str] = []
     for b, c in compared.items():
@@ -415,7 +416,8 @@ def stack_latency(
                 "speedup_same_runtime_iqr": None if same is None else list(same[1:]),
             }
         batches[str(b)] = rows
-    artifacts = {n: v.describe() for n, v in variants.items()} if variants else None
+    renamed = renamed or {}
+    artifacts = {n: v.describe(renamed.get(v.directory)) for n, v in variants.items()} if variants else None
     return {"baseline": names[0], "variants": names, "flops_bound": bound, "batches": batches, "artifacts": artifacts}
 
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from colln.data import Labelled, preprocess
 from colln.errors import NoFitError, UsageError
-from colln.export.artifact import PRECISIONS, check_merge_precision, export_into
+from colln.export.artifact import check_merge_precision, export_into
+from colln.export.precisions import GRAPH_PRECISIONS
 from colln.export.spec import ExportSpec
 from colln.infer.runners import BACKENDS, open_runner, run
 from colln.infer.timing import LatencyStats, Timing, measure
@@ -310,9 +311,9 @@ def sweep(
         raise UsageError(f"batch sizes must be positive, got --batch {batch}, --latency-batch {latency_batch}")
     if backend not in EVAL_BACKENDS:
         raise UsageError(f"unknown backend {backend!r}: colln-eval runs {' or '.join(EVAL_BACKENDS)}")
-    unknown = [p for p in precisions if p not in PRECISIONS]
+    unknown = [p for p in precisions if p not in GRAPH_PRECISIONS]
     if unknown or not precisions:
-        raise UsageError(f"unknown precision {','.join(unknown) or '(none)'}: choose from {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown precision {','.join(unknown) or '(none)'}: choose from {', '.join(GRAPH_PRECISIONS)}")
     if backend == "torch" and set(precisions) != {"fp32"}:
         raise UsageError(f"--precision {','.join(precisions)} needs --backend onnxruntime (PyTorch runs the fp32 model)")
     if backend == "openvino" and not set(precisions) <= {"fp32", "int8"}:

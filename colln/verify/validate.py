@@ -74,6 +74,7 @@ from torch import nn
 from colln.data import ValImages, validation_images
 from colln.errors import ValidationFailedError
 from colln.export.artifact import read_export
+from colln.export.precisions import VOCABULARY
 from colln.export.quantize import DEFAULT_MAX_ACCURACY_DROP
 from colln.export.spec import OUTPUT_NAME
 from colln.infer.runners import TorchRunner, feeds, open_runner
@@ -140,16 +141,17 @@ INT8 = Tolerances(
     median_cosine_gap=5e-4,
     p99_cosine_gap=1.5e-2,
 )
-TOLERANCES = {
+# The tolerance rows (colln.export.precisions.Precision.tolerance names one per precision).
+_ROWS = {
     "fp32": Tolerances(min_cosine=0.9999, logit_rtol=1e-3, tie_rtol=1e-4),
     "fp16": Tolerances(min_cosine=0.995, logit_rtol=5e-2, tie_rtol=1e-2),
     # OpenVINO's bf16 inference (8-bit mantissa, but accumulations stay fp32): digits_vit keep 0.7
     # judged min cosine 0.99975, max |logit error| 1.3 of ~25 (within fp16's limits).
     "bf16": Tolerances(min_cosine=0.995, logit_rtol=5e-2, tie_rtol=1e-2),
     "int8": INT8,
-    # OpenVINO's int8 IR with what NNCF left float at the bf16 hint: int8's rule and limits.
-    "int8-bf16": INT8,
 }
+# Every precision of colln's vocabulary, judged by its row (OpenVINO's int8-bf16: int8's rule and limits).
+TOLERANCES = {name: _ROWS[p.tolerance] for name, p in VOCABULARY.items()}
 
 
 @dataclass(frozen=True)
