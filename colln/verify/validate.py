@@ -830,8 +830,8 @@ def _judge_selections(
         if not judged.all():
             warnings.append(
                 f"{int((~judged).sum())} of {n} images have a near-tied selection (relative margin <= {tol.tie_rtol:g}) "
-                f"and {backend}'s kept tokens are not observed (only ONNX Runtime reports them); left out of the logit "
-                "checks unless their outputs agree anyway"
+                f"and {backend} does not report that choice (ONNX Runtime's graph reports kept tokens; no backend reports "
+                "ToMe's matching); left out of the logit checks unless their outputs agree anyway"
             )
     tied |= _judge_merges(ref.merge_margins, checks, judged, tol, warnings)
     return checks, judged, tied, mismatches, warnings
