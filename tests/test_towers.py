@@ -265,6 +265,32 @@ def test_exported_tower_has_positions_and_onnxruntime_agrees(tmp_path: Path) -> 
     assert report.passed and report.kept_sets_observed, report.mismatches
 
 
+def test_exported_tower_runs_on_openvino(tmp_path: Path) -> None:
+    """The tiny Qwen3-VL tower with inner pruning as an OpenVINO IR (fp32): validated against
+    PyTorch with the kept sets OpenVINO really chose, and its positions are PyTorch's."""
+    pytest.importorskip("openvino")
+    from colln.data import ValImages
+    from colln.export.artifact import export_into
+    from colln.export.openvino import IR_FILE, write_ir
+    from colln.export.spec import ExportSpec
+    from colln.verify.validate import validate_backend
+
+    model = qwen()
+    images = _images(model, 8)
+    config = colln.PruneConfig(keep=(0.6, 0.4), layers=(1,), output="tokens")
+    exported = export_into(ExportSpec("qwen3_vit_tiny", pruning=config, weights="random"), tmp_path, unpruned=model)
+    write_ir(tmp_path, "fp32")
+    report = validate_backend(tmp_path, "openvino", exported.pruned, model, ValImages(images.numpy(), None, "random"))
+    assert report.passed and report.kept_sets_observed, report.mismatches
+    import openvino
+
+    compiled = openvino.Core().compile_model(str(tmp_path / IR_FILE), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = compiled(images.numpy())
+    with torch.no_grad():
+        want = exported.pruned(images)
+    np.testing.assert_array_equal(got[compiled.output("positions")], want[2].numpy())
+
+
 def test_gemma_tower_with_clipping_linears_exports_and_onnxruntime_agrees(tmp_path: Path) -> None:
     """Gemma 4's E2B/E4B towers clamp every linear's input and output by buffers; q, k and v clamp
     one input, which the ONNX optimizer's Clip fusion used to leave reading missing bounds (the
