@@ -265,6 +265,68 @@ def test_exported_tower_has_positions_and_onnxruntime_agrees(tmp_path: Path) -> 
     assert report.passed and report.kept_sets_observed, report.mismatches
 
 
+def test_exported_tower_runs_on_openvino(tmp_path: Path) -> None:
+    """The tiny Qwen3-VL tower with inner pruning as an OpenVINO IR (fp32): validated against
+    PyTorch with the kept sets OpenVINO really chose, and its positions are PyTorch's."""
+    pytest.importorskip("openvino")
+    from colln.data import ValImages
+    from colln.export.artifact import export_into
+    from colln.export.openvino import IR_FILE, write_ir
+    from colln.export.spec import ExportSpec
+    from colln.verify.validate import validate_backend
+
+    model = qwen()
+    images = _images(model, 8)
+    config = colln.PruneConfig(keep=(0.6, 0.4), layers=(1,), output="tokens")
+    exported = export_into(ExportSpec("qwen3_vit_tiny", pruning=config, weights="random"), tmp_path, unpruned=model)
+    write_ir(tmp_path, "fp32")
+    report = validate_backend(tmp_path, "openvino", exported.pruned, model, ValImages(images.numpy(), None, "random"))
+    assert report.passed and report.kept_sets_observed, report.mismatches
+    import openvino
+
+    compiled = openvino.Core().compile_model(str(tmp_path / IR_FILE), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = compiled(images.numpy())
+    with torch.no_grad():
+        want = exported.pruned(images)
+    np.testing.assert_array_equal(got[compiled.output("positions")], want[2].numpy())
+
+
+def test_gemma_tower_with_clipping_linears_exports_and_onnxruntime_agrees(tmp_path: Path) -> None:
+    """Gemma 4's E2B/E4B towers clamp every linear's input and output by buffers; q, k and v clamp
+    one input, which the ONNX optimizer's Clip fusion used to leave reading missing bounds (the
+    checker rejected the graph). Bounds that really clip here: ONNX Runtime gives what PyTorch
+    gives, and the model keeps its buffers after the export."""
+    from timm.models.gemma4_vit import Gemma4ClippableLinear
+
+    from colln.export.artifact import export_into
+    from colln.export.spec import ExportSpec
+
+    model = gemma(use_clipped_linears=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Gemma4ClippableLinear):
+                for name, bound in (("input_min", -0.8), ("input_max", 0.8), ("output_min", -1.0), ("output_max", 1.0)):
+                    getattr(m, name).fill_(bound)
+    images = _images(model, 4)
+    config = colln.PruneConfig(keep=(0.6, 0.4), layers=(1,), output="tokens")
+    pruned = ExportSpec("gemma4_vit_tiny", pruning=config).apply(model)
+    buffers = {name: b.clone() for name, b in pruned.named_buffers()}
+    exported = export_into(ExportSpec("gemma4_vit_tiny", pruning=config), tmp_path, unpruned=model)
+    got = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        want = exported.pruned(images)
+        for m in exported.pruned.modules():
+            if isinstance(m, Gemma4ClippableLinear):
+                m.use_clipped = False
+        unclamped = exported.pruned(images)[0]
+    assert (unclamped - want[0]).abs().max() > 1.0, "the bounds clip: the test sees the clamps"
+    np.testing.assert_array_equal(got[1], want[1].numpy())
+    np.testing.assert_array_equal(got[2], want[2].numpy())
+    np.testing.assert_allclose(got[0], want[0].numpy(), rtol=1e-4, atol=1e-4)
+    after = dict(exported.pruned.named_buffers())
+    assert after.keys() == buffers.keys() and all(torch.equal(after[k], b) for k, b in buffers.items())
+
+
 @pytest.mark.parametrize(
     "make, settings, message",
     [

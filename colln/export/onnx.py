@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,8 @@ from colln.files import interrupts_held
 
 MIN_OPSET, MAX_OPSET = 17, 22
 MAX_SINGLE_FILE = 1_900_000_000  # protobuf's 2 GB limit, with room for the graph itself
+# The buffers that bound the clamps of timm's Gemma4ClippableLinear (Gemma 4's E2B/E4B towers).
+CLAMP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
 
 
 def export_onnx(
@@ -51,7 +53,13 @@ def export_onnx(
     log = io.StringIO()
     try:
         # interrupts_held: torch.export runs Python callbacks from C++, where an interrupt can abort the process.
-        with interrupts_held(), warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        with (
+            interrupts_held(),
+            constant_clamp_bounds(model),
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(log),
+            contextlib.redirect_stderr(log),
+        ):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model.eval(),
@@ -81,6 +89,39 @@ def export_onnx(
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     save_checked(proto, path)
     return proto
+
+
+@contextlib.contextmanager
+def constant_clamp_bounds(
+    model: nn.Module,
+) -> Iterator[None]:
+    """Inside the context, the clamp bounds of every clipping ``Gemma4ClippableLinear`` are Python
+    floats (their buffers' values) instead of 0-dim buffers; the buffers are back afterwards.
+
+    ``torch.clamp`` by tensor bounds is exported as ``Max(Min(x, hi), lo)``, which onnxscript's
+    optimizer (0.7) fuses into a ``Clip`` whose bound initializers it names after ``x``. Gemma 4's
+    q, k and v projections clamp the same input, so the second fusion's initializers replace the
+    first's, whose ``Clip`` is left reading tensors that no longer exist (onnx.checker: "Nodes in a
+    graph must be topologically sorted"). Float bounds are exported as one ``Clip`` directly."""
+    try:
+        from timm.models.gemma4_vit import Gemma4ClippableLinear
+    except ImportError:  # a timm before 1.0.31 has no Gemma 4
+        clipping = []
+    else:
+        clipping = [m for m in model.modules() if isinstance(m, Gemma4ClippableLinear) and m.use_clipped]
+    saved = [dict(m._buffers) for m in clipping]
+    for m in clipping:
+        for name in CLAMP_BOUNDS:
+            value = float(m._buffers.pop(name))
+            setattr(m, name, value)
+    try:
+        yield
+    finally:
+        for m, buffers in zip(clipping, saved, strict=True):
+            for name in CLAMP_BOUNDS:
+                delattr(m, name)
+            m._buffers.clear()
+            m._buffers.update(buffers)
 
 
 def save_checked(

@@ -158,8 +158,10 @@ class Tokens(Section):
     """What a tokens export (`--output tokens`) hands a language model, per image."""
 
     feature_block: int = field(metadata=_doc("the block whose output tokens are the features"))
-    num_patches: int = field(metadata=_doc("N, the patch tokens of the unpruned model"))
-    k: int = field(metadata=_doc("K, the patch tokens output"))
+    num_patches: int = field(
+        metadata=_doc("N, the patch tokens of the unpruned model (a VLM tower's: its output tokens, one per k x k group)")
+    )
+    k: int = field(metadata=_doc("K, the patch tokens output (a VLM tower's: kept groups)"))
     reduction: str = field(metadata=_doc('`"576 -> 192"`'))
     lm_params: float = field(metadata=_doc("parameters of the language model fed (`--lm-params`)"))
     lm_prefill_flops_saved: float = field(metadata=_doc("2 x lm_params x (N - K)"))
