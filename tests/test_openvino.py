@@ -50,6 +50,7 @@ from colln.infer.runners import open_runner, openvino_runner, run  # noqa: E402
 from colln.infer.timing import Timing  # noqa: E402
 from colln.measure import bench  # noqa: E402
 from colln.measure.bench import Variant, bench_export, stack_exports  # noqa: E402
+from colln.report.schema import ExportReport, Stack  # noqa: E402
 from colln.verify.validate import TOLERANCES, validate, validate_export  # noqa: E402
 
 DIGITS = ["digits_vit", "--keep", "0.7", "--weights", "bundled", "--no-latency"]
@@ -199,6 +200,47 @@ def test_bf16_within_its_tolerance(fp32_export: Path) -> None:
     assert abs(checked.accuracy["openvino"] - checked.accuracy["torch"]) <= 0.01
     with openvino_runner(fp32_export, precision="bf16") as active:
         assert active.inference_precision == ("bf16" if bf16_capable() else "fp32")
+
+
+def _products(xml: Path) -> int:
+    """The IR's matrix products, by OpenVINO's own op types (an attention is one op)."""
+    model = ov.Core().read_model(str(xml))
+    return sum(n.get_type_name() in ("MatMul", "Convolution", "ScaledDotProductAttention") for n in model.get_ordered_ops())
+
+
+def test_runtime_precisions_are_what_the_execution_graph_ran(fp32_export: Path, int8_export: Path) -> None:
+    """The precision OpenVINO really ran, per matrix product, against what the hint and the IR
+    fix: at the f32 hint every product of the fp32 IR runs f32, at bf16 (a CPU with BF16) every one
+    bf16; the int8 IR runs its 8 blocks' qkv, proj, fc1 and fc2 in int8 (u8 or i8) and its
+    attention in float. Each count covers every product of the IR (OpenVINO's op types)."""
+    products = _products(fp32_export / IR_FILE)
+    with openvino_runner(fp32_export, precision="fp32") as f32:
+        assert f32.runtime_precisions == {"f32": products}
+    record = read_export(fp32_export).artifacts["openvino"]
+    assert record["runtime_precisions"] == report(fp32_export)["openvino"]["artifact"]["runtime_precisions"]
+    assert record["runtime_precisions"] == {"f32": products}
+    summary = "Matrix products by runtime precision (its execution graph): f32 " + str(products)
+    assert summary in (fp32_export / "report.md").read_text()
+    # The typed report reads it back (a key the schema does not know would be refused).
+    assert ExportReport.from_dict(report(fp32_export)).to_dict() == report(fp32_export)
+
+    int8_products = _products(int8_export / IR_FILE)
+    with openvino_runner(int8_export, precision="int8") as int8:
+        counts = int8.runtime_precisions
+    assert read_export(int8_export).artifacts["openvino"]["runtime_precisions"] == counts
+    assert sum(counts.values()) == int8_products == products
+    assert counts.get("u8", 0) + counts.get("i8", 0) >= 4 * 8 and counts.get("f32", 0) > 0, counts
+    assert set(counts) <= {"f32", "u8", "i8"}, counts
+    if not bf16_capable():
+        pytest.skip("this CPU has no BF16 (OpenVINO's OPTIMIZATION_CAPABILITIES): the bf16 hint runs fp32")
+    with openvino_runner(fp32_export, precision="bf16") as bf16:
+        assert bf16.runtime_precisions == {"bf16": products}
+    with openvino_runner(int8_export, precision="int8-bf16") as int8_bf16:
+        # What int8 left float runs bf16; the int8 products stay int8.
+        assert int8_bf16.runtime_precisions == {
+            "bf16": counts["f32"],
+            **{p: n for p, n in counts.items() if p != "f32"},
+        }
 
 
 def test_int8_bf16_is_the_int8_ir_at_the_bf16_hint(int8_export: Path, int8_bf16_export: Path) -> None:
@@ -377,6 +419,12 @@ def test_stack_times_both_runtimes_on_the_listed_files(fp32_export: Path, tmp_pa
             assert artifact["artifact"].endswith(IR_FILE)
             assert artifact["options"]["INFERENCE_PRECISION_HINT"] == ("bf16" if "bf16" in name else "f32")
     assert stack["artifacts"]["openvino:pruned-fp32"]["artifact"] == str(fp32_export / IR_FILE)
+    # What each OpenVINO variant's execution graph ran: every product at its hint's precision.
+    products = _products(fp32_export / IR_FILE)
+    assert stack["artifacts"]["openvino:pruned-fp32"]["runtime_precisions"] == {"f32": products}
+    assert stack["artifacts"]["openvino:pruned-bf16"]["runtime_precisions"] == {("bf16" if bf16_capable() else "f32"): products}
+    assert "runtime_precisions" not in stack["artifacts"]["pruned-fp32"]
+    assert Stack.from_dict(stack).to_dict() == stack
     # ONNX Runtime's figures come from the listed model.ort.onnx, with no fusion left to do at load.
     assert stack["artifacts"]["pruned-fp32"]["artifact"] == str(fp32_export / "model.ort.onnx")
     assert "fusion at load" not in stack["artifacts"]["unpruned-fp32"]["options"]
@@ -695,3 +743,4 @@ def test_a_wrong_int8_ir_fails_the_int8_rule(
         "another plan": r"layer \d: mean kept-set overlap with torch 0\.[0-9]+, below 0\.95",
     }[damage]
     assert any(re.match(expected, m) for m in mismatches), mismatches
+

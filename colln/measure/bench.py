@@ -169,16 +169,21 @@ class Variant:
         return open_runner(self.directory, self.backend, device, threads, split_batches=split_batches)
 
     def describe(self) -> dict:
-        """The artifact and the options behind a figure (the report names them)."""
+        """The artifact and the options behind a figure (the report names them); for OpenVINO also
+        how many matrix products its compiled model runs at each precision."""
         if self.backend == "openvino":
             from colln.export.openvino import HINTS
 
             record = read_export(self.directory).artifacts["openvino"]
             precision = self.precision or record["precision"]
+            # Compiled again as it was timed (the same hint): what its execution graph ran.
+            with self.open() as runner:
+                ran = runner.runtime_precisions
             return {
                 "runtime": "openvino",
                 "artifact": str(self.directory / record["file"]),
                 "options": {**record["options"], "INFERENCE_PRECISION_HINT": HINTS[precision]},
+                "runtime_precisions": ran,
             }
         if self.backend != "onnxruntime":
             return {"runtime": self.backend, "artifact": str(self.directory / ONNX_FILE), "options": {}}
@@ -394,7 +399,8 @@ def stack_latency(
     variants: Mapping[str, Variant] | None = None,
 ) -> dict:
     """``{"baseline", "variants", "flops_bound", "batches": {"<b>": {variant: LatencyStats + speedup,
-    speedup_iqr, speedup_same_runtime}}, "artifacts": {variant: {runtime, artifact, options}}}``:
+    speedup_iqr, speedup_same_runtime}}, "artifacts": {variant: {runtime, artifact, options}}}``
+    (OpenVINO's also ``runtime_precisions``: :meth:`Variant.describe`):
     every variant's paired speedup over ONNX Runtime's unpruned fp32 from the same run, and over
     the same runtime's unpruned variant at the same precision."""
     batches = {}
