@@ -744,3 +744,52 @@ def test_a_wrong_int8_ir_fails_the_int8_rule(
     }[damage]
     assert any(re.match(expected, m) for m in mismatches), mismatches
 
+
+def test_accuracy_control_reverts_products_to_float_and_records_them(
+    fp32_export: Path, int8_export: Path, tmp_path: Path
+) -> None:
+    """NNCF's accuracy control (colln-export --max-accuracy-drop) when int8 loses more than the
+    drop allowed: the labels are OpenVINO fp32's own top-1 on images where plain int8 (the same
+    recipe, calibration and validation-free) disagrees with it and a few where it agrees, so fp32
+    scores 100% and int8 less; with no drop allowed NNCF must revert products to float until int8
+    agrees. What stayed float is recorded, and the IR's execution graph runs more float products
+    than the plain int8 IR's."""
+    copy = shutil.copytree(int8_export, tmp_path / "copy", ignore=shutil.ignore_patterns(".colln-cache"))
+    images = validation_images("digits_vit", read_export(copy).load_unpruned()).images
+    calibration, source = images[:32], fp32_export / "model.onnx"
+    fp32 = compile_model(convert(source), "fp32")
+    plain = quantize(convert(source), calibration)
+    int8 = compile_model(plain, "int8")
+    predicted = {
+        name: np.array([int(np.asarray(m(x[None])[0]).argmax()) for x in images]) for name, m in (("fp32", fp32), ("int8", int8))
+    }
+    differ = np.flatnonzero(predicted["fp32"] != predicted["int8"])
+    assert differ.size, "plain int8 agrees with fp32 on every digit: nothing for accuracy control to restore"
+    subset = np.concatenate([differ[:4], np.flatnonzero(predicted["fp32"] == predicted["int8"])[:12]])
+    write_ir(
+        copy, "int8", calibration, source=source, validation=(images[subset], predicted["fp32"][subset]), max_accuracy_drop=0.0
+    )
+    record = read_export(copy).artifacts["openvino"]
+    assert record["accuracy_control"] == {
+        "method": "nncf.quantize_with_accuracy_control",
+        "metric": "top-1",
+        "images": len(subset),
+        "max_drop": 0.0,
+    }
+    # Reverted: weight products (the patch embedding, qkv, proj, fc1, fc2, the head) left float,
+    # named in the record as the IR's own products.
+    assert record["float_products"], record
+    reverted = ov.Core().read_model(str(copy / IR_FILE))
+    weight_products = {
+        n.get_friendly_name() for n in reverted.get_ordered_ops() if n.get_type_name() in ("MatMul", "Convolution")
+    }
+    assert set(record["float_products"]) <= weight_products
+    # The execution graph runs them float: more f32 products than the plain int8 IR, as many in all.
+    from colln.export.openvino import runtime_precisions
+
+    before, after = runtime_precisions(int8, plain), record["runtime_precisions"]
+    assert sum(after.values()) == sum(before.values())
+    assert after.get("f32", 0) > before.get("f32", 0), (before, after)
+    # And the drop is restored: the reverted IR agrees with fp32 on the subset.
+    restored = compile_model(reverted, "int8")
+    assert all(int(np.asarray(restored(images[i][None])[0]).argmax()) == predicted["fp32"][i] for i in subset)

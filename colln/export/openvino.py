@@ -188,14 +188,15 @@ def _quantized_input(node) -> bool:
 
 
 def float_products(model) -> list[str]:
-    """Friendly names of the products outside :func:`float_scope` (qkv, proj, fc1, fc2, the head)
-    that no FakeQuantize feeds: what stayed float in an int8 IR beyond colln's recipe (none in the
-    recipe itself; the ones NNCF's accuracy control reverted)."""
+    """Friendly names of the products outside :func:`float_scope` (the patch embedding's
+    Convolution, qkv, proj, fc1, fc2, the head) that no FakeQuantize feeds: what stayed float in an
+    int8 IR beyond colln's recipe (none in the recipe itself; the ones NNCF's accuracy control
+    reverted)."""
     recipe = set(float_scope(model))
     return sorted(
         n.get_friendly_name()
         for n in model.get_ordered_ops()
-        if n.get_type_name() == "MatMul" and n.get_friendly_name() not in recipe and not _quantized_input(n)
+        if n.get_type_name() in ("MatMul", "Convolution") and n.get_friendly_name() not in recipe and not _quantized_input(n)
     )
 
 
