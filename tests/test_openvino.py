@@ -50,6 +50,7 @@ from colln.infer.runners import open_runner, openvino_runner, run  # noqa: E402
 from colln.infer.timing import Timing  # noqa: E402
 from colln.measure import bench  # noqa: E402
 from colln.measure.bench import Variant, bench_export, stack_exports  # noqa: E402
+from colln.report.schema import ExportReport, Stack  # noqa: E402
 from colln.verify.validate import TOLERANCES, validate, validate_export  # noqa: E402
 
 DIGITS = ["digits_vit", "--keep", "0.7", "--weights", "bundled", "--no-latency"]
@@ -199,6 +200,47 @@ def test_bf16_within_its_tolerance(fp32_export: Path) -> None:
     assert abs(checked.accuracy["openvino"] - checked.accuracy["torch"]) <= 0.01
     with openvino_runner(fp32_export, precision="bf16") as active:
         assert active.inference_precision == ("bf16" if bf16_capable() else "fp32")
+
+
+def _products(xml: Path) -> int:
+    """The IR's matrix products, by OpenVINO's own op types (an attention is one op)."""
+    model = ov.Core().read_model(str(xml))
+    return sum(n.get_type_name() in ("MatMul", "Convolution", "ScaledDotProductAttention") for n in model.get_ordered_ops())
+
+
+def test_runtime_precisions_are_what_the_execution_graph_ran(fp32_export: Path, int8_export: Path) -> None:
+    """The precision OpenVINO really ran, per matrix product, against what the hint and the IR
+    fix: at the f32 hint every product of the fp32 IR runs f32, at bf16 (a CPU with BF16) every one
+    bf16; the int8 IR runs its 8 blocks' qkv, proj, fc1 and fc2 in int8 (u8 or i8) and its
+    attention in float. Each count covers every product of the IR (OpenVINO's op types)."""
+    products = _products(fp32_export / IR_FILE)
+    with openvino_runner(fp32_export, precision="fp32") as f32:
+        assert f32.runtime_precisions == {"f32": products}
+    record = read_export(fp32_export).artifacts["openvino"]
+    assert record["runtime_precisions"] == report(fp32_export)["openvino"]["artifact"]["runtime_precisions"]
+    assert record["runtime_precisions"] == {"f32": products}
+    summary = "Matrix products by runtime precision (its execution graph): f32 " + str(products)
+    assert summary in (fp32_export / "report.md").read_text()
+    # The typed report reads it back (a key the schema does not know would be refused).
+    assert ExportReport.from_dict(report(fp32_export)).to_dict() == report(fp32_export)
+
+    int8_products = _products(int8_export / IR_FILE)
+    with openvino_runner(int8_export, precision="int8") as int8:
+        counts = int8.runtime_precisions
+    assert read_export(int8_export).artifacts["openvino"]["runtime_precisions"] == counts
+    assert sum(counts.values()) == int8_products == products
+    assert counts.get("u8", 0) + counts.get("i8", 0) >= 4 * 8 and counts.get("f32", 0) > 0, counts
+    assert set(counts) <= {"f32", "u8", "i8"}, counts
+    if not bf16_capable():
+        pytest.skip("this CPU has no BF16 (OpenVINO's OPTIMIZATION_CAPABILITIES): the bf16 hint runs fp32")
+    with openvino_runner(fp32_export, precision="bf16") as bf16:
+        assert bf16.runtime_precisions == {"bf16": products}
+    with openvino_runner(int8_export, precision="int8-bf16") as int8_bf16:
+        # What int8 left float runs bf16; the int8 products stay int8.
+        assert int8_bf16.runtime_precisions == {
+            "bf16": counts["f32"],
+            **{p: n for p, n in counts.items() if p != "f32"},
+        }
 
 
 def test_int8_bf16_is_the_int8_ir_at_the_bf16_hint(int8_export: Path, int8_bf16_export: Path) -> None:
@@ -377,6 +419,12 @@ def test_stack_times_both_runtimes_on_the_listed_files(fp32_export: Path, tmp_pa
             assert artifact["artifact"].endswith(IR_FILE)
             assert artifact["options"]["INFERENCE_PRECISION_HINT"] == ("bf16" if "bf16" in name else "f32")
     assert stack["artifacts"]["openvino:pruned-fp32"]["artifact"] == str(fp32_export / IR_FILE)
+    # What each OpenVINO variant's execution graph ran: every product at its hint's precision.
+    products = _products(fp32_export / IR_FILE)
+    assert stack["artifacts"]["openvino:pruned-fp32"]["runtime_precisions"] == {"f32": products}
+    assert stack["artifacts"]["openvino:pruned-bf16"]["runtime_precisions"] == {("bf16" if bf16_capable() else "f32"): products}
+    assert "runtime_precisions" not in stack["artifacts"]["pruned-fp32"]
+    assert Stack.from_dict(stack).to_dict() == stack
     # ONNX Runtime's figures come from the listed model.ort.onnx, with no fusion left to do at load.
     assert stack["artifacts"]["pruned-fp32"]["artifact"] == str(fp32_export / "model.ort.onnx")
     assert "fusion at load" not in stack["artifacts"]["unpruned-fp32"]["options"]
@@ -696,3 +744,53 @@ def test_a_wrong_int8_ir_fails_the_int8_rule(
         "another plan": r"layer \d: mean kept-set overlap with torch 0\.[0-9]+, below 0\.95",
     }[damage]
     assert any(re.match(expected, m) for m in mismatches), mismatches
+
+
+def test_accuracy_control_reverts_products_to_float_and_records_them(
+    fp32_export: Path, int8_export: Path, tmp_path: Path
+) -> None:
+    """NNCF's accuracy control (colln-export --max-accuracy-drop) when int8 loses more than the
+    drop allowed: the labels are OpenVINO fp32's own top-1 on images where plain int8 (the same
+    recipe, calibration and validation-free) disagrees with it and a few where it agrees, so fp32
+    scores 100% and int8 less; with no drop allowed NNCF must revert products to float until int8
+    agrees. What stayed float is recorded, and the IR's execution graph runs more float products
+    than the plain int8 IR's."""
+    copy = shutil.copytree(int8_export, tmp_path / "copy", ignore=shutil.ignore_patterns(".colln-cache"))
+    images = validation_images("digits_vit", read_export(copy).load_unpruned()).images
+    calibration, source = images[:32], fp32_export / "model.onnx"
+    fp32 = compile_model(convert(source), "fp32")
+    plain = quantize(convert(source), calibration)
+    int8 = compile_model(plain, "int8")
+    predicted = {
+        name: np.array([int(np.asarray(m(x[None])[0]).argmax()) for x in images]) for name, m in (("fp32", fp32), ("int8", int8))
+    }
+    differ = np.flatnonzero(predicted["fp32"] != predicted["int8"])
+    assert differ.size, "plain int8 agrees with fp32 on every digit: nothing for accuracy control to restore"
+    subset = np.concatenate([differ[:4], np.flatnonzero(predicted["fp32"] == predicted["int8"])[:12]])
+    write_ir(
+        copy, "int8", calibration, source=source, validation=(images[subset], predicted["fp32"][subset]), max_accuracy_drop=0.0
+    )
+    record = read_export(copy).artifacts["openvino"]
+    assert record["accuracy_control"] == {
+        "method": "nncf.quantize_with_accuracy_control",
+        "metric": "top-1",
+        "images": len(subset),
+        "max_drop": 0.0,
+    }
+    # Reverted: weight products (the patch embedding, qkv, proj, fc1, fc2, the head) left float,
+    # named in the record as the IR's own products.
+    assert record["float_products"], record
+    reverted = ov.Core().read_model(str(copy / IR_FILE))
+    weight_products = {
+        n.get_friendly_name() for n in reverted.get_ordered_ops() if n.get_type_name() in ("MatMul", "Convolution")
+    }
+    assert set(record["float_products"]) <= weight_products
+    # The execution graph runs them float: more f32 products than the plain int8 IR, as many in all.
+    from colln.export.openvino import runtime_precisions
+
+    before, after = runtime_precisions(int8, plain), record["runtime_precisions"]
+    assert sum(after.values()) == sum(before.values())
+    assert after.get("f32", 0) > before.get("f32", 0), (before, after)
+    # And the drop is restored: the reverted IR agrees with fp32 on the subset.
+    restored = compile_model(reverted, "int8")
+    assert all(int(np.asarray(restored(images[i][None])[0]).argmax()) == predicted["fp32"][i] for i in subset)

@@ -30,7 +30,7 @@ import errno
 import os
 import re
 import shutil
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -51,6 +51,9 @@ REPORTED = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 EXTRA = "pip install 'colln[openvino]'"
 # Graph ops a score never passes between its Softmax and its TopK (attention output does).
 PRODUCT_OPS = frozenset({"MatMul", "Convolution", "ScaledDotProductAttention"})
+# The CPU plugin's execution-graph layer types that run a matrix product (a MatMul by a constant
+# weight is its FullyConnected); its snippets fuse an attention into a "Subgraph" instead.
+PRODUCT_LAYERS = frozenset({"FullyConnected", "MatMul", "Convolution", "Deconvolution", "ScaledDotProductAttention", "MHA"})
 LAYER_NORM_OPS = frozenset({"MVN"})
 # A shape carries no values: quantizing the input that a ShapeOf reads changes nothing downstream.
 SHAPE_OPS = frozenset({"ShapeOf"})
@@ -181,14 +184,15 @@ def _quantized_input(node) -> bool:
 
 
 def float_products(model) -> list[str]:
-    """Friendly names of the products outside :func:`float_scope` (qkv, proj, fc1, fc2, the head)
-    that no FakeQuantize feeds: what stayed float in an int8 IR beyond colln's recipe (none in the
-    recipe itself; the ones NNCF's accuracy control reverted)."""
+    """Friendly names of the products outside :func:`float_scope` (the patch embedding's
+    Convolution, qkv, proj, fc1, fc2, the head) that no FakeQuantize feeds: what stayed float in an
+    int8 IR beyond colln's recipe (none in the recipe itself; the ones NNCF's accuracy control
+    reverted)."""
     recipe = set(float_scope(model))
     return sorted(
         n.get_friendly_name()
         for n in model.get_ordered_ops()
-        if n.get_type_name() == "MatMul" and n.get_friendly_name() not in recipe and not _quantized_input(n)
+        if n.get_type_name() in ("MatMul", "Convolution") and n.get_friendly_name() not in recipe and not _quantized_input(n)
     )
 
 
@@ -300,6 +304,25 @@ def used_precision(
     return REPORTED.get(aliases.get(name, name), name)
 
 
+def runtime_precisions(
+    compiled,
+    model,
+) -> dict[str, int]:
+    """How many matrix products of ``compiled``'s execution graph (``get_runtime_model()``) run at
+    each precision, by the CPU plugin's ``runtimePrecision`` (e.g. ``{"bf16": 40, "f32": 3, "u8":
+    36}``; an int8 product reads ``u8`` or ``i8``). ``model``: the ``ov.Model`` compiled, whose
+    products name a fused attention ``Subgraph`` (which counts once)."""
+    products = {n.get_friendly_name() for n in model.get_ordered_ops() if n.get_type_name() in PRODUCT_OPS}
+    counts: Counter[str] = Counter()
+    for node in compiled.get_runtime_model().get_ordered_ops():
+        info = node.get_rt_info()
+        kind = info["layerType"].astype(str)
+        fused = set(info["originalLayersNames"].astype(str).split(","))
+        if kind in PRODUCT_LAYERS or (kind == "Subgraph" and fused & products):
+            counts[info["runtimePrecision"].astype(str)] += 1
+    return dict(sorted(counts.items()))
+
+
 def write_ir(
     export_dir: Path,
     precision: str = "fp32",
@@ -313,7 +336,8 @@ def write_ir(
     and int8-bf16 need an fp32 graph of the same pruned model and ``calibration`` images; with
     labelled ``validation`` images, NNCF's accuracy control holds the top-1 drop within
     ``max_accuracy_drop``, see :func:`quantize`), compile it once, and record the files, their
-    sha256, the compile options, the precision OpenVINO used and, for int8, the accuracy control
+    sha256, the compile options, the precision OpenVINO used, the runtime precisions of its matrix
+    products (:func:`runtime_precisions`) and, for int8, the accuracy control
     and what stayed float in ``export.json`` (an :class:`colln.export.manifest.Artifact`).
     Returns the updated spec."""
     ov = ov_module()
@@ -332,8 +356,9 @@ def write_ir(
         ov.save_model(model, str(export_dir / IR_FILE), compress_to_fp16=False)
     except RuntimeError as exc:
         raise _write_failure(exc, export_dir / IR_DIR, source or export_dir / ONNX_FILE) from exc
-    compiled = compile_model(export_dir / IR_FILE, precision)
-    extra = {"inference_precision": used_precision(compiled)}
+    saved = ov.Core().read_model(str(export_dir / IR_FILE))
+    compiled = compile_model(saved, precision)
+    extra = {"inference_precision": used_precision(compiled), "runtime_precisions": runtime_precisions(compiled, saved)}
     if graph == "int8":
         from colln.export.quantize import DEFAULT_MAX_ACCURACY_DROP
 

@@ -255,7 +255,9 @@ class OpenvinoRunner(BaseRunner):
     runs at fp32 or bf16, an int8 IR at int8 or int8-bf16: OpenVINO's f32 or bf16 hint) on
     ``threads`` inference threads (None: OpenVINO's default). ``kept``: TopK index tensors to add
     as outputs, named like ONNX Runtime's kept outputs (``colln_kept_L<layer>_<j>``), so that
-    validation compares the tokens OpenVINO really kept."""
+    validation compares the tokens OpenVINO really kept. Once active, ``runtime_precisions`` holds
+    how many matrix products run at each precision in the compiled model's execution graph
+    (:func:`colln.export.openvino.runtime_precisions`)."""
 
     def __init__(
         self,
@@ -272,11 +274,12 @@ class OpenvinoRunner(BaseRunner):
         self._kept = kept or {}
 
     def activate_impl(self) -> None:
-        from colln.export.openvino import compile_model, ov_module
+        from colln.export.openvino import compile_model, ov_module, runtime_precisions
 
         model = ov_module().Core().read_model(str(self._xml))
         added = model.add_outputs(list(self._kept)) if self._kept else []
         self.compiled = compile_model(model, self.precision, self.threads)
+        self.runtime_precisions = runtime_precisions(self.compiled, model)
         names = [o.get_any_name() for o in model.outputs[: len(model.outputs) - len(added)]]
         self._names = names + [self._kept[o.get_any_name()] for o in added]
         self._request = self.compiled.create_infer_request()

@@ -184,7 +184,8 @@ class Variant:
         self,
         shown: Path | None = None,
     ) -> dict:
-        """The artifact and the options behind a figure (the report names them). ``shown``: the
+        """The artifact and the options behind a figure (the report names them); for OpenVINO also
+        how many matrix products its compiled model runs at each precision. ``shown``: the
         directory the report names for this variant's (None: its own; the final directory of an
         export still being written in a temp dir, which is renamed into place after)."""
         artifact = deployed(self.directory, self.backend, precision=self.precision)
@@ -195,7 +196,12 @@ class Variant:
             if artifact.runtime == "onnx":
                 options["fusion at load"] = "colln.export.ort_graph.for_onnxruntime"
         where = Path(shown) if shown is not None else self.directory
-        return {"runtime": self.backend, "artifact": str(where / artifact.file), "options": options}
+        described = {"runtime": self.backend, "artifact": str(where / artifact.file), "options": options}
+        if self.backend == "openvino":
+            # Compiled again as it was timed (the same hint): what its execution graph ran.
+            with self.open() as runner:
+                described["runtime_precisions"] = runner.runtime_precisions
+        return described
 
 
 def measure_exports(
@@ -395,7 +401,8 @@ def stack_latency(
     renamed: Mapping[Path, Path] | None = None,
 ) -> dict:
     """``{"baseline", "variants", "flops_bound", "batches": {"<b>": {variant: LatencyStats + speedup,
-    speedup_iqr, speedup_same_runtime, speedup_same_runtime_iqr}}, "artifacts": {variant: {runtime, artifact, options}}}``:
+    speedup_iqr, speedup_same_runtime, speedup_same_runtime_iqr}}, "artifacts": {variant: {runtime, artifact, options}}}``
+    (OpenVINO's also ``runtime_precisions``: :meth:`Variant.describe`):
     every variant's paired speedup over ONNX Runtime's unpruned fp32 from the same run, and over
     the same runtime's unpruned variant at the same precision. ``renamed``: see :func:`time_variants`."""
     batches = {}

@@ -121,8 +121,19 @@ def stack_markdown(
         lines += ["", f"Top-1 on {acc.images} images ({acc.source}); agreement with {stack.baseline}."]
     if stack.artifacts:
         lines += ["", "Timed artifacts:", ""]
-        lines += [f"- {n}: `{a.artifact}` ({a.runtime}, {_options(a.options)})" for n, a in stack.artifacts.items()]
+        lines += [
+            f"- {n}: `{a.artifact}` ({a.runtime}, {_options(a.options)}"
+            + (f"; matrix products {products_line(a.runtime_precisions)})" if a.runtime_precisions is not None else ")")
+            for n, a in stack.artifacts.items()
+        ]
     return lines
+
+
+def products_line(
+    counts: dict[str, int],
+) -> str:
+    """``{"bf16": 40, "u8": 36}`` as ``bf16 40, u8 36`` (matrix products per runtime precision)."""
+    return ", ".join(f"{precision} {n}" for precision, n in counts.items()) or "none"
 
 
 def _options(
@@ -166,6 +177,8 @@ def report_markdown(
     if ov is not None:
         a, w = ov.artifact, ov.validation
         lines += ["", f"## OpenVINO: `{a.file}` ({a.precision}; OpenVINO ran {a.inference_precision})"]
+        if a.runtime_precisions is not None:
+            lines += ["", f"Matrix products by runtime precision (its execution graph): {products_line(a.runtime_precisions)}"]
         if w is not None:
             lines += [
                 "",

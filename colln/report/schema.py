@@ -225,6 +225,14 @@ class OpenvinoArtifact(Section):
     float_products: list[str] | None = field(
         default=None, metadata=_doc("int8: the matrix products left in float beyond the recipe", omit_none=True)
     )
+    runtime_precisions: dict[str, int] | None = field(
+        default=None,
+        metadata=_doc(
+            "how many matrix products of the compiled model's execution graph run at each precision "
+            '(`runtimePrecision`), e.g. `{"f32": 12, "u8": 33}`; absent in exports before colln recorded it',
+            omit_none=True,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -254,6 +262,10 @@ class StackArtifact(Section):
     runtime: str = field(metadata=_doc('`"onnxruntime"` or `"openvino"`'))
     artifact: str = field(metadata=_doc("path of the file timed"))
     options: dict[str, Any] = field(metadata=_doc("session or compile options"))
+    runtime_precisions: dict[str, int] | None = field(
+        default=None,
+        metadata=_doc("OpenVINO: how many matrix products its compiled model runs at each precision", omit_none=True),
+    )
 
 
 @dataclass(frozen=True)
