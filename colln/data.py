@@ -44,6 +44,25 @@ def preprocess(
     return torch.stack([transform(to_rgb(img)) for img in images])
 
 
+def top1_correct(
+    scores: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+) -> int:
+    """How many rows of ``scores`` (``[N, classes]``, numpy or torch) have their largest score at
+    their label (``[N]``, the same kind): the one definition of top-1 every command reports."""
+    return int((scores.argmax(-1) == labels).sum())
+
+
+def top1_accuracy(
+    scores: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+) -> float:
+    """The fraction of rows right by :func:`top1_correct`."""
+    if len(labels) == 0:
+        raise DataError("no images to score: top-1 accuracy needs at least one labelled image")
+    return top1_correct(scores, labels) / len(labels)
+
+
 def skimage_photos(
     names: Sequence[str] = SKIMAGE_PHOTOS,
 ) -> list[Image.Image]:

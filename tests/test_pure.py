@@ -10,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from colln.app.cli import parse_ints
-from colln.data import label_map
+from colln.data import label_map, top1_accuracy, top1_correct
 from colln.errors import DataError, PlanError, UsageError
 from colln.export.artifact import default_out_dir
 from colln.export.spec import ExportSpec
@@ -55,6 +57,22 @@ def test_label_map_by_sorted_position_only_with_as_many_folders_as_outputs() -> 
     # Names known to the model but some folders not: refused, not positional.
     with pytest.raises(DataError, match=r"class folders bees/ of /data/set are not classes of the model"):
         label_map(ROOT, ["ants", "bees"], ["ants", "wasps"], 2)
+
+
+# --- colln.data.top1_correct / top1_accuracy ------------------------------------------------------
+
+
+def test_top1_counts_rows_whose_largest_score_is_the_label() -> None:
+    scores = np.array([[0.1, 0.9, 0.0], [2.0, -1.0, 1.5], [0.0, 0.2, 0.3], [5.0, 4.0, 6.0]], dtype=np.float32)
+    labels = np.array([1, 2, 2, 0])  # right, wrong (0 is largest), right, wrong (2 is largest)
+    assert top1_correct(scores, labels) == 2
+    assert top1_accuracy(scores, labels) == 0.5
+    # torch tensors give the same count, as a plain int / float
+    assert top1_correct(torch.from_numpy(scores), torch.from_numpy(labels)) == 2
+    assert top1_accuracy(torch.from_numpy(scores), torch.from_numpy(labels)) == 0.5
+    assert top1_accuracy(scores[:1], labels[:1]) == 1.0 and top1_accuracy(scores[1:2], labels[1:2]) == 0.0
+    with pytest.raises(DataError, match="no images to score"):
+        top1_accuracy(scores[:0], labels[:0])
 
 
 # --- colln.train.checkpoint.plan_flags ------------------------------------------------------------

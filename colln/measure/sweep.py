@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from colln.data import Labelled, preprocess
+from colln.data import Labelled, preprocess, top1_correct
 from colln.errors import NoFitError, UsageError
 from colln.export.artifact import check_merge_precision, export_into
 from colln.export.precisions import GRAPH_PRECISIONS
@@ -355,9 +355,12 @@ def sweep(
             share = slice(ranks.rank, None, ranks.world_size)
             shard, labels = images[share], data.labels[share]
             # More ranks than images leaves some a share of none: they add zero counts.
-            nothing = np.zeros(0, dtype=np.int64)
-            preds = [run(active[str(i)], shard, batch).argmax(-1) if len(shard) else nothing for i in range(len(specs))]
-            counts = all_sum([float((p == labels).sum()) for p in preds] + [float((p == preds[0]).sum()) for p in preds], ranks)
+            nothing = np.zeros((0, 1), dtype=np.float32)
+            scores = [run(active[str(i)], shard, batch) if len(shard) else nothing for i in range(len(specs))]
+            unpruned = scores[0].argmax(-1)
+            counts = all_sum(
+                [float(top1_correct(s, labels)) for s in scores] + [float(top1_correct(s, unpruned)) for s in scores], ranks
+            )
         if not ranks.is_main:
             return None
         timed = measure(active, images.shape[1:], [latency_batch], timing, baseline="0", sample=images)[latency_batch]

@@ -71,7 +71,7 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from torch import nn
 
-from colln.data import ValImages, validation_images
+from colln.data import ValImages, top1_accuracy, validation_images
 from colln.errors import ValidationFailedError
 from colln.export.artifact import read_export
 from colln.export.precisions import VOCABULARY
@@ -674,9 +674,9 @@ def compare(
     accuracy = None
     if labels is not None:
         accuracy = {
-            "unpruned": float((ref.unpruned.argmax(1) == labels).mean()),
-            "torch": float((ref.logits.argmax(1) == labels).mean()),
-            backend: float((logits.argmax(1) == labels).mean()),
+            "unpruned": top1_accuracy(ref.unpruned, labels),
+            "torch": top1_accuracy(ref.logits, labels),
+            backend: top1_accuracy(logits, labels),
         }
         drop = accuracy["torch"] - accuracy[backend]
         if tol.max_accuracy_drop is not None and drop > tol.max_accuracy_drop:
@@ -1004,4 +1004,4 @@ def _agreement(
     a: np.ndarray,
     b: np.ndarray,
 ) -> float:
-    return float((a.argmax(1) == b.argmax(1)).mean())
+    return top1_accuracy(a, b.argmax(1))
