@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,8 @@ from colln.export.artifact import default_out_dir
 from colln.export.spec import ExportSpec
 from colln.files import remove_stale
 from colln.measure.bench import case_name
-from colln.models.config import PruneConfig
+from colln.models.config import PruneConfig, config_flags, config_name
 from colln.models.plan import resolve_feature_layer
-from colln.train.checkpoint import plan_flags
 
 ROOT = Path("/data/set")
 
@@ -75,7 +75,7 @@ def test_top1_counts_rows_whose_largest_score_is_the_label() -> None:
         top1_accuracy(scores[:0], labels[:0])
 
 
-# --- colln.train.checkpoint.plan_flags ------------------------------------------------------------
+# --- colln.models.config.config_flags ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -97,8 +97,44 @@ def test_top1_counts_rows_whose_largest_score_is_the_label() -> None:
         (PruneConfig(keep=1.0, tome=8, layers=(0, 1, 2)), "--tome 8 --layers 0,1,2"),
     ],
 )
-def test_plan_flags(config: PruneConfig, flags: str) -> None:
-    assert plan_flags(config) == flags
+def test_config_flags(config: PruneConfig, flags: str) -> None:
+    assert shlex.join(config_flags(config)) == flags
+
+
+def test_config_flags_leave_out_defaults_and_settings_the_metric_does_not_read() -> None:
+    # layers None is the default layers; [CLS] reads no norm; rescue at its default is not written
+    assert config_flags(PruneConfig(keep=0.5, metric="correct")) == ["--keep", "0.5", "--metric", "correct", "--norm", "4"]
+    assert config_flags(PruneConfig(keep=0.5, metric="cls", norm=2.0, rescue=0.3)) == ["--keep", "0.5", "--metric", "cls"]
+    assert config_flags(PruneConfig(keep=1.0, tome=8)) == ["--tome", "8"]
+    tokens = PruneConfig(keep=(0.7, 0.3333), layers=(2,), output="tokens", feature_layer=-1, order="score")
+    assert shlex.join(config_flags(tokens)) == (
+        "--keep 0.7,0.3333 --layers 2 --metric colln --norm 4 --output tokens --feature-layer -1 --order score"
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "precision", "name", "detail"),
+    [
+        (PruneConfig(), "fp32", "colln-keep0.7", "colln-n4-keep0.7-L"),
+        (
+            PruneConfig(keep=0.5, layers=(1, 3), norm=2.0, merge=True),
+            "int8",
+            "colln-keep0.5-merge-int8",
+            "colln-n2-keep0.5-L1.3-merge-int8",
+        ),
+        (
+            PruneConfig(keep=(0.7, 0.5), metric="cls", output="tokens"),
+            "fp16",
+            "cls-tokens-keep0.7-0.5-fp16",
+            "cls-tokens-n4-keep0.7-0.5-L-fp16",
+        ),
+        (PruneConfig(keep=1.0, tome=8), "fp32", "tome8", "tome-r8"),
+        (PruneConfig(keep=1.0, tome=(8, 4)), "int8", "tome8-4-int8", "tome-r8-4-int8"),
+    ],
+)
+def test_config_name(config: PruneConfig, precision: str, name: str, detail: str) -> None:
+    assert config_name(config, precision) == name
+    assert config_name(config, precision, detail=True) == detail
 
 
 # --- colln.export.artifact.default_out_dir and colln.measure.bench.case_name ----------------------
