@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from colln.app.cli import parse_ints
-from colln.data import label_map, top1_accuracy, top1_correct
+from colln.data import label_map, pick, top1_accuracy, top1_correct
 from colln.errors import DataError, PlanError, UsageError
 from colln.export.artifact import default_out_dir
 from colln.export.spec import ExportSpec
@@ -57,6 +57,21 @@ def test_label_map_by_sorted_position_only_with_as_many_folders_as_outputs() -> 
     # Names known to the model but some folders not: refused, not positional.
     with pytest.raises(DataError, match=r"class folders bees/ of /data/set are not classes of the model"):
         label_map(ROOT, ["ants", "bees"], ["ants", "wasps"], 2)
+
+
+# --- colln.data.pick: the one meaning of an image limit ------------------------------------------
+
+
+def test_pick_spreads_the_limit_evenly_over_the_set() -> None:
+    assert pick(10, 4).tolist() == [0, 3, 6, 9]  # first and last included, evenly spaced
+    assert pick(8, 2).tolist() == [0, 7]
+    assert pick(7, 1).tolist() == [0]
+    # a set listed class by class (3 classes of 4): every class keeps its share, not the first N
+    classes = np.repeat([0, 1, 2], 4)
+    assert sorted(classes[pick(12, 3)].tolist()) == [0, 1, 2]
+    assert pick(5, None).tolist() == pick(5, 5).tolist() == pick(5, 9).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(UsageError, match=r"--val-limit must be >= 1, got 0"):
+        pick(5, 0, "--val-limit")
 
 
 # --- colln.data.top1_correct / top1_accuracy ------------------------------------------------------

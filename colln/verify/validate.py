@@ -296,7 +296,7 @@ def validate_export(
     max_accuracy_drop: float | None = None,
 ) -> ValidationReport:
     """Validate the ``backend`` of an export directory against its pruned PyTorch reference on
-    (the first ``limit`` of) the validation images. ``pruned`` / ``unpruned`` skip rebuilding the
+    (``limit`` of, :func:`colln.data.pick`) the validation images. ``pruned`` / ``unpruned`` skip rebuilding the
     reference when the caller already has it. ``max_accuracy_drop``: see :func:`tolerances_for`."""
     spec = read_export(export_dir)
     unpruned = unpruned if unpruned is not None else spec.load_unpruned()
