@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import colln
-from colln.data import load_labelled, preprocess
+from colln.data import load_labelled, preprocess, top1_accuracy
 from colln.measure.sweep import resolve_layers
 from colln.models.registry import load_model
 
@@ -33,7 +33,7 @@ def ratio(model: torch.nn.Module) -> float:
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((model(images).argmax(-1) == labels).float().mean())
+    return top1_accuracy(model(images), labels)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from colln.errors import DataError, UsageError
 from colln.models import digits
 
+DIGITS = "digits"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 # Real photos that ship with scikit-image (no download).
@@ -42,6 +43,42 @@ def preprocess(
         raise DataError("no images to preprocess")
     transform = create_transform(**data_config(model), is_training=False)
     return torch.stack([transform(to_rgb(img)) for img in images])
+
+
+def top1_correct(
+    scores: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+) -> int:
+    """How many rows of ``scores`` (``[N, classes]``, numpy or torch) have their largest score at
+    their label (``[N]``, the same kind): the one definition of top-1 every command reports."""
+    return int((scores.argmax(-1) == labels).sum())
+
+
+def top1_accuracy(
+    scores: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+) -> float:
+    """The fraction of rows right by :func:`top1_correct`."""
+    if len(labels) == 0:
+        raise DataError("no images to score: top-1 accuracy needs at least one labelled image")
+    return top1_correct(scores, labels) / len(labels)
+
+
+def pick(
+    count: int,
+    limit: int | None,
+    option: str = "--limit",
+) -> np.ndarray:
+    """The one meaning of an image limit (``--limit``, ``--val-limit``, ``--calib-limit``):
+    ``limit`` of the ``count`` images evenly spread over the set in its order, the first and the
+    last included (so every class of a set listed class by class keeps its share); all of them when
+    ``limit`` is None or not below ``count``. Indices, ascending; ``option`` names the limit in
+    the error for one below 1."""
+    if limit is not None and limit < 1:
+        raise UsageError(f"{option} must be >= 1, got {limit}")
+    if limit is None or limit >= count:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, limit).round().astype(int))
 
 
 def skimage_photos(
@@ -114,13 +151,6 @@ def image_files(
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {directory}")
     return files
-
-
-def load_images(
-    directory: Path,
-    limit: int | None = None,
-) -> list[Image.Image]:
-    return [open_image(p) for p in image_files(directory)[:limit]]
 
 
 def class_folders(
@@ -258,31 +288,75 @@ class Labelled:
     labels: np.ndarray
 
 
+@dataclass(frozen=True)
+class Images:
+    """What :func:`read_images` read: the images, their labels in the model's class indices (None
+    for unlabelled images), a short ``name`` (``digits``, the folder's name) and the ``source`` in
+    words for reports."""
+
+    name: str
+    source: str
+    images: list[Image.Image]
+    labels: np.ndarray | None
+
+
+def read_images(
+    data: str | Path | None,
+    model: torch.nn.Module,
+    *,
+    labelled: bool,
+    limit: int | None = None,
+    option: str = "--limit",
+) -> Images:
+    """The one way to images from ``digits`` (the bundled test split), a directory or, for None,
+    the model's default images (the digits test split for the digits models, else the photos of
+    ``skimage.data``). A directory in ImageFolder layout is labelled by :func:`label_map` for
+    ``model``; with ``labelled`` it must be one (the label rule's error otherwise), without, any
+    other directory is read as unlabelled images (recursively). ``limit``: see :func:`pick`; only
+    the picked files are opened."""
+    if data is None:
+        default = getattr(model, "pretrained_cfg", {}).get("architecture") in digits.NAMES
+        if not default and labelled:
+            raise DataError("the model's default images (skimage.data photos) have no labels: give an ImageFolder directory")
+        if not default:
+            names = [SKIMAGE_PHOTOS[i] for i in pick(len(SKIMAGE_PHOTOS), limit, option)]
+            return Images(name="skimage", source="skimage.data photos", images=skimage_photos(names), labels=None)
+        data = DIGITS
+    if isinstance(data, str) and data == DIGITS:
+        split = digits.load_split("test")
+        fits = split.labels.max() < model.num_classes
+        if labelled and not fits:
+            raise DataError(f"'digits' has 10 classes but the model has {model.num_classes}: give an ImageFolder with --data DIR")
+        chosen = pick(len(split.labels), limit, option)
+        labels = split.labels[chosen].astype(np.int64) if fits else None  # a re-headed digits model: other classes
+        return Images(name=DIGITS, source="digits test split", images=[split.images[i] for i in chosen], labels=labels)
+    directory = Path(data)
+    folder = (
+        image_folder(directory, model_class_names(model), model.num_classes) if labelled else _labelled_folder(directory, model)
+    )
+    if folder is None:
+        files = image_files(directory)
+        images = [open_image(files[i]) for i in pick(len(files), limit, option)]
+        return Images(name=directory.resolve().name, source=str(data), images=images, labels=None)
+    files = [folder.files[i] for i in pick(len(folder.files), limit, option)]
+    return Images(
+        name=directory.resolve().name,
+        source=f"{data} (labelled by folder)",
+        images=[open_image(p) for p, _ in files],
+        labels=np.asarray([label for _, label in files], dtype=np.int64),
+    )
+
+
 def load_labelled(
     data: str,
     model: torch.nn.Module,
     limit: int | None = None,
 ) -> Labelled:
     """``digits`` (the bundled test split) or an ImageFolder directory, labelled by
-    :func:`label_map` for ``model``. ``limit`` takes that many images evenly spread over the set,
-    so every class stays represented."""
-    if data == "digits":
-        split = digits.load_split("test")
-        images, labels, name = split.images, split.labels, "digits"
-        if labels.max() >= model.num_classes:
-            raise DataError(f"'digits' has 10 classes but the model has {model.num_classes}: give an ImageFolder with --data DIR")
-    else:
-        folder = image_folder(Path(data), model_class_names(model), model.num_classes)
-        images = [open_image(p) for p, _ in folder.files]
-        labels = np.asarray([label for _, label in folder.files], dtype=np.int64)
-        name = Path(data).resolve().name
-    if limit is not None:
-        if limit < 1:
-            raise UsageError(f"--limit {limit} must be a positive number of images")
-        if limit < len(images):
-            chosen = np.linspace(0, len(images) - 1, limit).round().astype(int)
-            images, labels = [images[i] for i in chosen], labels[chosen]
-    return Labelled(name=name, images=list(images), labels=np.asarray(labels, dtype=np.int64))
+    :func:`label_map` for ``model``; ``limit``: see :func:`pick`."""
+    found = read_images(data, model, labelled=True, limit=limit)
+    assert found.labels is not None
+    return Labelled(name=found.name, images=found.images, labels=found.labels)
 
 
 @dataclass(frozen=True)
@@ -301,26 +375,12 @@ def validation_images(
     limit: int | None = None,
 ) -> ValImages:
     """``directory``'s images, else the digits test split for ``digits_vit``, else the photos of
-    ``skimage.data``; preprocessed with ``model``'s data config. A directory in ImageFolder layout
-    whose folders the label rule maps (:func:`label_map`) brings its labels; any other directory
-    is read as unlabelled images (recursively)."""
-    if limit is not None and limit < 1:
-        raise UsageError(f"the validation image limit must be >= 1, got {limit}")
-    labels = None
-    if directory is not None:
-        folder = _labelled_folder(Path(directory), model)
-        if folder is not None:
-            files = folder.files[:limit]
-            photos = [open_image(p) for p, _ in files]
-            labels, source = np.asarray([label for _, label in files], dtype=np.int64), f"{directory} (labelled by folder)"
-        else:
-            photos, source = load_images(Path(directory), limit), str(directory)
-    elif model_name in digits.NAMES:
-        split = digits.load_split("test")
-        photos, labels, source = split.images[:limit], split.labels[:limit], "digits test split"
-    else:
-        photos, source = skimage_photos()[:limit], "skimage.data photos"
-    return ValImages(images=preprocess(photos, model).numpy(), labels=labels, source=source)
+    ``skimage.data`` (:func:`read_images`, labels where the directory's layout brings them, and
+    the digits' unless the model was re-headed for other classes);
+    preprocessed with ``model``'s data config. ``limit``: see :func:`pick`."""
+    data = DIGITS if directory is None and model_name in digits.NAMES else None if directory is None else Path(directory)
+    found = read_images(data, model, labelled=False, limit=limit, option="--val-limit")
+    return ValImages(images=preprocess(found.images, model).numpy(), labels=found.labels, source=found.source)
 
 
 def _labelled_folder(

@@ -158,7 +158,7 @@ def test_budget_picker_chooses_the_hand_computed_row(digits_run):
     assert (chosen.metric, chosen.keep) == (by_hand["metric"], by_hand["keep"])
     assert shlex.split(ev.export_command(chosen, ExportSpec("digits_vit"))) == [
         "colln-export", "digits_vit", "--keep", f"{by_hand['keep']:g}", "--layers", "0,2,4",
-        "--metric", by_hand["metric"], "--norm", "4",
+        "--metric", by_hand["metric"], *(["--norm", "4"] if by_hand["metric"] != "cls" else []),
     ]  # fmt: skip
 
 
@@ -167,8 +167,27 @@ def test_export_command_flags():
     spec = ExportSpec("vit_small", weights="my weights.safetensors", img_size=256, pruning=PruneConfig(rescue=0.4, fuse=True))
     assert shlex.split(ev.export_command(row, spec)) == [
         "colln-export", "vit_small", "--keep", "0.6", "--layers", "0,3", "--metric", "correct", "--norm", "2",
-        "--weights", str(Path("my weights.safetensors").absolute()), "--img-size", "256", "--rescue", "0.4", "--fuse",
+        "--rescue", "0.4", "--fuse", "--weights", str(Path("my weights.safetensors").absolute()), "--img-size", "256",
     ]  # fmt: skip
+    assert row.key == "correct-n2-keep0.6-L0.3"
+
+
+def test_export_command_carries_every_setting_of_the_sweeps_base():
+    """The sweep builds each row over the base's settings (configurations), so the printed command
+    gives them too: rounding, spatial order, the merge weighting and proportional attention."""
+    stats = LatencyStats(1, 1, 1.0, 1.0, 1.0, 1.0, 1e3)
+    merged = ev.Row("colln", 4.0, 0.5, (1, 3), (9, 5), 0.5, 0.9, 0.95, stats, method="merge", precision="int8")
+    base = PruneConfig(round_to=8, spatial_order=True, merge_weight="score", prop_attn=False)
+    assert ev.export_command(merged, ExportSpec("digits_vit", pruning=base)) == (
+        "colln-export digits_vit --keep 0.5 --layers 1,3 --metric colln --norm 4 --spatial-order --round-to 8 "
+        "--merge --merge-weight score --no-prop-attn --precision int8"
+    )
+    assert merged.key == "colln-n4-keep0.5-L1.3-merge-int8"
+    tome = ev.Row("colln", 4.0, 1.0, (), (), 0.5, 0.9, 0.95, stats, method="tome", r=8)
+    assert ev.export_command(tome, ExportSpec("digits_vit", pruning=PruneConfig(prop_attn=False))) == (
+        "colln-export digits_vit --tome 8 --no-prop-attn"
+    )
+    assert tome.key == "tome-r8"
 
 
 def test_picked_command_exports_the_picked_configuration(digits_run, tmp_path):
@@ -226,7 +245,8 @@ def test_image_folder_and_budget_command(digit_folder, digits_model, capsys, tmp
         assert row["keep_counts"] == [math.ceil(row["keep"] * 64), math.ceil(row["keep"] * math.ceil(row["keep"] * 64))]
     # Everything fits a huge budget: the pick is the most accurate row, ties to the fastest.
     best = max(result["rows"], key=lambda r: (r["accuracy"], -r["latency"]["p50_ms"]))
-    expected = f"colln-export digits_vit --keep {best['keep']:g} --layers 0,3 --metric {best['metric']} --norm {best['norm']:g}"
+    norm = f" --norm {best['norm']:g}" if best["metric"] != "cls" else ""  # [CLS] attention reads no norm order
+    expected = f"colln-export digits_vit --keep {best['keep']:g} --layers 0,3 --metric {best['metric']}{norm}"
     assert result["pick"]["command"] == expected
     assert expected in capsys.readouterr().out
 

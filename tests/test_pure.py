@@ -6,22 +6,24 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from colln.app.cli import parse_ints
-from colln.data import label_map
+from colln.data import label_map, pick, top1_accuracy, top1_correct
 from colln.errors import DataError, PlanError, UsageError
 from colln.export.artifact import default_out_dir
 from colln.export.spec import ExportSpec
 from colln.files import remove_stale
 from colln.measure.bench import case_name
-from colln.models.config import PruneConfig
+from colln.models.config import PruneConfig, config_flags, config_name
 from colln.models.plan import resolve_feature_layer
-from colln.train.checkpoint import plan_flags
 
 ROOT = Path("/data/set")
 
@@ -57,7 +59,38 @@ def test_label_map_by_sorted_position_only_with_as_many_folders_as_outputs() -> 
         label_map(ROOT, ["ants", "bees"], ["ants", "wasps"], 2)
 
 
-# --- colln.train.checkpoint.plan_flags ------------------------------------------------------------
+# --- colln.data.pick: the one meaning of an image limit ------------------------------------------
+
+
+def test_pick_spreads_the_limit_evenly_over_the_set() -> None:
+    assert pick(10, 4).tolist() == [0, 3, 6, 9]  # first and last included, evenly spaced
+    assert pick(8, 2).tolist() == [0, 7]
+    assert pick(7, 1).tolist() == [0]
+    # a set listed class by class (3 classes of 4): every class keeps its share, not the first N
+    classes = np.repeat([0, 1, 2], 4)
+    assert sorted(classes[pick(12, 3)].tolist()) == [0, 1, 2]
+    assert pick(5, None).tolist() == pick(5, 5).tolist() == pick(5, 9).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(UsageError, match=r"--val-limit must be >= 1, got 0"):
+        pick(5, 0, "--val-limit")
+
+
+# --- colln.data.top1_correct / top1_accuracy ------------------------------------------------------
+
+
+def test_top1_counts_rows_whose_largest_score_is_the_label() -> None:
+    scores = np.array([[0.1, 0.9, 0.0], [2.0, -1.0, 1.5], [0.0, 0.2, 0.3], [5.0, 4.0, 6.0]], dtype=np.float32)
+    labels = np.array([1, 2, 2, 0])  # right, wrong (0 is largest), right, wrong (2 is largest)
+    assert top1_correct(scores, labels) == 2
+    assert top1_accuracy(scores, labels) == 0.5
+    # torch tensors give the same count, as a plain int / float
+    assert top1_correct(torch.from_numpy(scores), torch.from_numpy(labels)) == 2
+    assert top1_accuracy(torch.from_numpy(scores), torch.from_numpy(labels)) == 0.5
+    assert top1_accuracy(scores[:1], labels[:1]) == 1.0 and top1_accuracy(scores[1:2], labels[1:2]) == 0.0
+    with pytest.raises(DataError, match="no images to score"):
+        top1_accuracy(scores[:0], labels[:0])
+
+
+# --- colln.models.config.config_flags ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -79,8 +112,44 @@ def test_label_map_by_sorted_position_only_with_as_many_folders_as_outputs() -> 
         (PruneConfig(keep=1.0, tome=8, layers=(0, 1, 2)), "--tome 8 --layers 0,1,2"),
     ],
 )
-def test_plan_flags(config: PruneConfig, flags: str) -> None:
-    assert plan_flags(config) == flags
+def test_config_flags(config: PruneConfig, flags: str) -> None:
+    assert shlex.join(config_flags(config)) == flags
+
+
+def test_config_flags_leave_out_defaults_and_settings_the_metric_does_not_read() -> None:
+    # layers None is the default layers; [CLS] reads no norm; rescue at its default is not written
+    assert config_flags(PruneConfig(keep=0.5, metric="correct")) == ["--keep", "0.5", "--metric", "correct", "--norm", "4"]
+    assert config_flags(PruneConfig(keep=0.5, metric="cls", norm=2.0, rescue=0.3)) == ["--keep", "0.5", "--metric", "cls"]
+    assert config_flags(PruneConfig(keep=1.0, tome=8)) == ["--tome", "8"]
+    tokens = PruneConfig(keep=(0.7, 0.3333), layers=(2,), output="tokens", feature_layer=-1, order="score")
+    assert shlex.join(config_flags(tokens)) == (
+        "--keep 0.7,0.3333 --layers 2 --metric colln --norm 4 --output tokens --feature-layer -1 --order score"
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "precision", "name", "detail"),
+    [
+        (PruneConfig(), "fp32", "colln-keep0.7", "colln-n4-keep0.7-L"),
+        (
+            PruneConfig(keep=0.5, layers=(1, 3), norm=2.0, merge=True),
+            "int8",
+            "colln-keep0.5-merge-int8",
+            "colln-n2-keep0.5-L1.3-merge-int8",
+        ),
+        (
+            PruneConfig(keep=(0.7, 0.5), metric="cls", output="tokens"),
+            "fp16",
+            "cls-tokens-keep0.7-0.5-fp16",
+            "cls-tokens-n4-keep0.7-0.5-L-fp16",
+        ),
+        (PruneConfig(keep=1.0, tome=8), "fp32", "tome8", "tome-r8"),
+        (PruneConfig(keep=1.0, tome=(8, 4)), "int8", "tome8-4-int8", "tome-r8-4-int8"),
+    ],
+)
+def test_config_name(config: PruneConfig, precision: str, name: str, detail: str) -> None:
+    assert config_name(config, precision) == name
+    assert config_name(config, precision, detail=True) == detail
 
 
 # --- colln.export.artifact.default_out_dir and colln.measure.bench.case_name ----------------------

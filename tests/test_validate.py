@@ -15,7 +15,7 @@ import torch
 from onnx import numpy_helper
 
 from colln.app.validate_cli import main
-from colln.data import ValImages, validation_images
+from colln.data import ValImages, load_labelled, validation_images
 from colln.errors import ExportError, ValidationFailedError
 from colln.export.artifact import export_into, write_ort_artifact
 from colln.export.onnx import with_kept_outputs
@@ -236,6 +236,16 @@ def test_validation_images_from_an_image_folder_bring_its_labels(tmp_path: Path)
     assert labelled.source == f"{tmp_path / 'digits'} (labelled by folder)"
     unlabelled = validation_images("digits_vit", model, tmp_path / "pets")
     assert unlabelled.labels is None and unlabelled.images.shape[0] == 6
+    # A limit means one thing for every command: N images spread evenly over the set (colln.data.pick),
+    # here the first, a middle and the last of the folder's files (listed class by class).
+    spread = [expected[i][0] for i in (0, 2, 5)]  # linspace(0, 5, 3) = 0, 2.5 -> 2, 5
+    assert validation_images("digits_vit", model, tmp_path / "digits", limit=3).labels.tolist() == spread
+    assert load_labelled(str(tmp_path / "digits"), model, limit=3).labels.tolist() == spread
+    assert validation_images("digits_vit", model, tmp_path / "pets", limit=3).images.shape[0] == 3
+    n = len(split.labels)
+    picked = [0, round((n - 1) / 3), round(2 * (n - 1) / 3), n - 1]
+    assert validation_images("digits_vit", model, limit=4).labels.tolist() == split.labels[picked].tolist()
+    assert load_labelled("digits", model, limit=4).labels.tolist() == split.labels[picked].tolist()
 
 
 @pytest.mark.gpu

@@ -72,7 +72,7 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="int8: directory of calibration images (default: the validation images)",
     )
-    p.add_argument("--calib-limit", type=int, default=None, help="int8: calibrate on the first N images only (default: all)")
+    p.add_argument("--calib-limit", type=int, default=None, help="int8: calibrate on N images spread over the set (default: all)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default exports/<model>-<metric>-keep<R>)")
     p.add_argument(
         "--force",
@@ -87,7 +87,7 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="directory of validation images (default: skimage photos; digits test split for digits_vit)",
     )
-    p.add_argument("--val-limit", type=int, default=None, help="validate on the first N images only (default: all)")
+    p.add_argument("--val-limit", type=int, default=None, help="validate on N images spread evenly over the set (default: all)")
     p.add_argument(
         "--max-accuracy-drop",
         type=float,

@@ -53,7 +53,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--num-classes", type=int, default=None, help="re-head the model for a folder with other classes (turns distillation off)"
     )
-    p.add_argument("--limit", type=int, default=None, help="train on a seeded random subset of N images (quick runs)")
+    p.add_argument("--limit", type=int, default=None, help="train on N images spread evenly over the set (quick runs)")
     p.add_argument("--epochs", type=int, default=r.epochs, help=f"epochs (default {r.epochs})")
     p.add_argument("--lr", type=float, default=r.lr, help=f"peak AdamW learning rate, warm-up then cosine (default {r.lr:g})")
     p.add_argument("--batch-size", type=int, default=r.batch_size, help=f"images per step per process (default {r.batch_size})")

@@ -23,7 +23,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="backend to check (default onnxruntime)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (onnxruntime and torch; tensorrt is always on the GPU)")
     p.add_argument("--val-images", type=Path, default=None, help="directory of images (default: as colln-export)")
-    p.add_argument("--val-limit", type=int, default=None, help="validate on the first N images only")
+    p.add_argument("--val-limit", type=int, default=None, help="validate on N images spread evenly over the set")
     p.add_argument("--batch", type=int, default=32, help="inference batch size (default 32)")
     p.add_argument("--json", type=Path, default=None, help="also write the validation report to this file")
     p.add_argument(

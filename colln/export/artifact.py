@@ -15,6 +15,7 @@ from colln.export.manifest import Artifact
 from colln.export.onnx import export_onnx, read_metadata, save_checked
 from colln.export.precisions import GRAPH_PRECISIONS
 from colln.export.spec import ONNX_FILE, ORT_FILE, SPEC_FILE, ExportSpec, file_sha256
+from colln.models.config import config_name
 from colln.models.plan import KeepPlan
 from colln.models.rewrite import explicit_attention, get_plan
 
@@ -31,15 +32,7 @@ def default_out_dir(
     spec: ExportSpec,
     root: Path = Path("exports"),
 ) -> Path:
-    c = spec.pruning
-    suffix = "" if spec.precision == "fp32" else f"-{spec.precision}"
-    if c.tome is not None:
-        r = "-".join(map(str, c.tome)) if isinstance(c.tome, tuple) else str(c.tome)
-        return root / f"{spec.model}-tome{r}{suffix}"
-    keep = "-".join(f"{k:g}" for k in c.keep) if isinstance(c.keep, tuple) else f"{c.keep:g}"
-    tokens = "" if c.output == "logits" else f"-{c.output}"
-    merge = "-merge" if c.merge else ""
-    return root / f"{spec.model}-{c.metric}{tokens}-keep{keep}{merge}{suffix}"
+    return root / f"{spec.model}-{config_name(spec.pruning, spec.precision)}"
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,7 @@ def quantize(
     model on them and, while int8 loses more than ``max_accuracy_drop`` (a fraction, absolute;
     None: :data:`DEFAULT_MAX_ACCURACY_DROP`), reverts to float the quantized ops NNCF ranks as
     hurting most (by the change of the model's outputs); :func:`float_products` lists them after."""
+    from colln.data import top1_accuracy
     from colln.export.quantize import DEFAULT_MAX_ACCURACY_DROP, check_calibration
 
     nncf = nncf_module()
@@ -237,8 +238,9 @@ def quantize(
 
         def top1(compiled, data) -> tuple[float, None]:
             # None per item: NNCF then ranks the ops to revert by how much each changes the outputs.
-            hits = [int(np.asarray(compiled(x)[0]).argmax()) == int(y) for x, y in data]
-            return float(np.mean(hits)), None
+            pairs = list(data)
+            scores = np.concatenate([np.asarray(compiled(x)[0]).reshape(1, -1) for x, _ in pairs])
+            return top1_accuracy(scores, np.asarray([y for _, y in pairs])), None
 
         quantized = nncf.quantize_with_accuracy_control(
             model,

@@ -45,7 +45,7 @@ def _quiet(text: str) -> Iterator[None]:
 @dataclass(frozen=True)
 class ValidationOptions:
     """ONNX Runtime against the pruned PyTorch model on ``images`` (``None``: the model's default
-    set, see :func:`colln.data.validation_images`), the first ``limit`` of them. ``max_accuracy_drop``
+    set, see :func:`colln.data.validation_images`), ``limit`` of them (:func:`colln.data.pick`). ``max_accuracy_drop``
     (int8, where the images have labels): the most top-1 accuracy (a fraction) int8 may lose against
     the fp32 pruned model, the validation's gate and NNCF's accuracy control for an OpenVINO int8 IR
     (None: :data:`colln.export.quantize.DEFAULT_MAX_ACCURACY_DROP`)."""
@@ -58,7 +58,7 @@ class ValidationOptions:
 @dataclass(frozen=True)
 class CalibrationOptions:
     """int8 calibration on ``images`` (``None``: the model's validation images, see
-    :func:`colln.data.validation_images`), the first ``limit`` of them."""
+    :func:`colln.data.validation_images`), ``limit`` of them (:func:`colln.data.pick`)."""
 
     images: Path | None = None
     limit: int | None = None

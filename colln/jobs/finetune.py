@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from colln.data import class_folders, model_class_names
+from colln.data import class_folders, model_class_names, pick
 from colln.errors import OutputExistsError, UsageError
 from colln.files import check_replaceable, check_writable_dir
 from colln.models import digits
@@ -32,7 +32,8 @@ class FinetuneJob:
     """One ``colln-finetune`` run. ``data`` / ``val``: ``None`` = the model default (``digits`` and
     its test split for digits_vit; a directory is required otherwise). ``num_classes``: re-head the
     model for a folder with other classes (distillation is then off: the teacher's head does not
-    fit). ``limit``: train on a seeded random subset of that many images (quick runs)."""
+    fit). ``limit``: train on that many images, spread evenly over the set
+    (:func:`colln.data.pick`; quick runs)."""
 
     model: str
     config: PruneConfig
@@ -77,7 +78,7 @@ def run_job(
     if job.num_classes is not None:
         _rehead(model, job.num_classes, data)
     pruned = prune(model, job.config)
-    train_set = _limited(open_dataset(data, pruned, training=True), job.limit, job.recipe.seed)
+    train_set = _limited(open_dataset(data, pruned, training=True), job.limit)
     val_set = open_dataset(val, pruned, training=False) if val is not None else None
     if ranks.is_main:
         plan = pruned.colln_plan
@@ -157,14 +158,11 @@ def _rehead(
 def _limited(
     dataset: Dataset,
     limit: int | None,
-    seed: int,
 ) -> Dataset:
-    if limit is None or limit >= len(dataset):
+    chosen = pick(len(dataset), limit)
+    if len(chosen) == len(dataset):
         return dataset
-    if limit < 1:
-        raise UsageError(f"--limit must be >= 1, got {limit}")
-    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
-    subset = Subset(dataset, sorted(chosen.tolist()))
+    subset = Subset(dataset, chosen.tolist())
     subset.description = f"{getattr(dataset, 'description', type(dataset).__name__)}, {limit} images (--limit)"
     subset.skipped = getattr(dataset, "skipped", [])
     return subset

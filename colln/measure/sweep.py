@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from colln.data import Labelled, preprocess
+from colln.data import Labelled, preprocess, top1_correct
 from colln.errors import NoFitError, UsageError
 from colln.export.artifact import check_merge_precision, export_into
 from colln.export.precisions import GRAPH_PRECISIONS
 from colln.export.spec import ExportSpec
 from colln.infer.runners import BACKENDS, open_runner, run
 from colln.infer.timing import LatencyStats, Timing, measure
-from colln.models.config import PruneConfig
+from colln.models.config import PruneConfig, config_flags, config_name
 from colln.models.plan import default_layers
 from colln.models.registry import default_weights
 from colln.models.rewrite import get_plan
@@ -111,11 +111,19 @@ class Row:
 
     @property
     def key(self) -> str:
-        suffix = "" if self.precision == "fp32" else f"-{self.precision}"
+        """The row's name in results.json (:func:`colln.models.config.config_name` in detail)."""
+        return config_name(self.config(), self.precision, detail=True)
+
+    def config(
+        self,
+        base: PruneConfig | None = None,
+    ) -> PruneConfig:
+        """The configuration the sweep built this row from over ``base`` (the sweep's base settings,
+        see :func:`configurations`; None: the defaults). Not for the unpruned baseline row."""
+        base = base if base is not None else PruneConfig()
         if self.method == "tome":
-            return f"tome-r{self.r}{suffix}"
-        merge = "-merge" if self.method == "merge" else ""
-        return f"{self.metric}-n{self.norm:g}-keep{self.keep:g}-L{'.'.join(map(str, self.layers))}{merge}{suffix}"
+            return replace(base, keep=1.0, layers=None, tome=self.r)
+        return replace(base, keep=self.keep, layers=self.layers, metric=self.metric, norm=self.norm, merge=self.method == "merge")
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -355,9 +363,12 @@ def sweep(
             share = slice(ranks.rank, None, ranks.world_size)
             shard, labels = images[share], data.labels[share]
             # More ranks than images leaves some a share of none: they add zero counts.
-            nothing = np.zeros(0, dtype=np.int64)
-            preds = [run(active[str(i)], shard, batch).argmax(-1) if len(shard) else nothing for i in range(len(specs))]
-            counts = all_sum([float((p == labels).sum()) for p in preds] + [float((p == preds[0]).sum()) for p in preds], ranks)
+            nothing = np.zeros((0, 1), dtype=np.float32)
+            scores = [run(active[str(i)], shard, batch) if len(shard) else nothing for i in range(len(specs))]
+            unpruned = scores[0].argmax(-1)
+            counts = all_sum(
+                [float(top1_correct(s, labels)) for s in scores] + [float(top1_correct(s, unpruned)) for s in scores], ranks
+            )
         if not ranks.is_main:
             return None
         timed = measure(active, images.shape[1:], [latency_batch], timing, baseline="0", sample=images)[latency_batch]
@@ -428,20 +439,9 @@ def export_command(
 ) -> str:
     """The ``colln-export`` call that builds ``row``'s configuration of the sweep over ``base``, as
     ``backend`` ran it (``openvino``: with the IR, at the row's precision; None: ``torch``)."""
-    if row.method == "tome":
-        args = ["colln-export", base.model, "--tome", str(row.r)]
-    else:
-        args = [
-            "colln-export", base.model, "--keep", f"{row.keep:g}", "--layers", ",".join(map(str, row.layers)),
-            "--metric", row.metric, "--norm", f"{row.norm:g}",
-        ]  # fmt: skip
-        args += ["--merge"] if row.method == "merge" else []
+    args = ["colln-export", base.model, *config_flags(row.config(base.pruning))]
     args += ["--weights", base.weights] if base.weights else []
     args += ["--img-size", str(base.img_size)] if base.img_size else []
-    args += (
-        ["--rescue", f"{base.pruning.rescue:g}"] if row.metric == "correct" and base.pruning.rescue != PruneConfig.rescue else []
-    )
-    args += ["--fuse"] if base.pruning.fuse else []
     args += ["--precision", row.precision] if row.precision != "fp32" else []
     # The IR's precision is the export's by default: fp32 or (NNCF) int8, as the sweep ran it.
     args += ["--openvino"] if backend == "openvino" else []

@@ -199,3 +199,56 @@ class PruneConfig:
         """From :meth:`to_dict` output; keys that are not settings are ignored."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _joined(
+    value: float | tuple[float, ...],
+    sep: str,
+) -> str:
+    return sep.join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
+
+
+def config_flags(
+    config: PruneConfig,
+) -> list[str]:
+    """The colln-export / colln-finetune arguments that give ``config``, one way for every caller:
+    ``--keep`` (or ToMe's ``--tome``), ``--layers`` unless None (the default), the metric with the
+    settings it reads (``--norm`` for colln and correct, ``--rescue`` for correct when not the
+    default), then every other setting that is not its default."""
+    layers = [] if config.layers is None else ["--layers", ",".join(map(str, config.layers))]
+    merging = [] if config.prop_attn else ["--no-prop-attn"]
+    if config.tome is not None:
+        return ["--tome", _joined(config.tome, ","), *layers, *merging]
+    flags = ["--keep", _joined(config.keep, ","), *layers, "--metric", config.metric]
+    flags += ["--norm", f"{config.norm:g}"] if config.metric != "cls" else []
+    flags += ["--rescue", f"{config.rescue:g}"] if config.metric == "correct" and config.rescue != PruneConfig.rescue else []
+    flags += ["--fuse"] if config.fuse else []
+    flags += ["--spatial-order"] if config.spatial_order else []
+    flags += ["--round-to", str(config.round_to)] if config.round_to != PruneConfig.round_to else []
+    flags += ["--output", config.output] if config.output != PruneConfig.output else []
+    flags += ["--feature-layer", str(config.feature_layer)] if config.feature_layer is not None else []
+    flags += ["--order", config.order] if config.order is not None else []
+    if config.merge:
+        flags += ["--merge", *(["--merge-weight", config.merge_weight] if config.merge_weight else []), *merging]
+    return flags
+
+
+def config_name(
+    config: PruneConfig,
+    precision: str = "fp32",
+    *,
+    detail: bool = False,
+) -> str:
+    """A configuration's name, one scheme for every caller: ``colln-keep0.7``,
+    ``cls-tokens-keep0.7-0.5-merge-int8``, ``tome8-4-fp16`` (an export directory's name after the
+    model's). ``detail`` adds what the rows of one sweep vary besides: the norm order and the
+    layers (``colln-n4-keep0.7-L3.6.9-merge``, ``tome-r8``; colln-eval's row keys)."""
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    if config.tome is not None:
+        return f"tome{'-r' if detail else ''}{_joined(config.tome, '-')}{suffix}"
+    output = "" if config.output == PruneConfig.output else f"-{config.output}"
+    merge = "-merge" if config.merge else ""
+    if detail:
+        layers = ".".join(map(str, config.layers or ()))
+        return f"{config.metric}{output}-n{config.norm:g}-keep{_joined(config.keep, '-')}-L{layers}{merge}{suffix}"
+    return f"{config.metric}{output}-keep{_joined(config.keep, '-')}{merge}{suffix}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from torch import nn
 from colln.data import model_class_names
 from colln.errors import CheckpointError, PlanMismatchError
 from colln.files import atomic_write
-from colln.models.config import PruneConfig
+from colln.models.config import PruneConfig, config_flags
 from colln.models.plan import KeepPlan, default_layers
 from colln.models.registry import CLASS_NAMES_KEY
 
@@ -131,32 +132,6 @@ def _resolved(
     )
 
 
-def plan_flags(
-    config: PruneConfig,
-) -> str:
-    """The colln-export / colln-finetune flags that give ``config`` (layers resolved)."""
-    keep = config.keep if isinstance(config.keep, tuple) else (config.keep,)
-    layers = f"--layers {','.join(map(str, config.layers or ()))}"
-    merging = [] if config.prop_attn else ["--no-prop-attn"]
-    if config.tome is not None:
-        tome = config.tome if isinstance(config.tome, tuple) else (config.tome,)
-        return " ".join([f"--tome {','.join(map(str, tome))}", layers, *merging])
-    flags = [f"--keep {','.join(f'{r:g}' for r in keep)}", layers, f"--metric {config.metric}"]
-    if config.metric != "cls":
-        flags.append(f"--norm {config.norm:g}")
-    if config.metric == "correct":
-        flags.append(f"--rescue {config.rescue:g}")
-    if config.fuse:
-        flags.append("--fuse")
-    if config.spatial_order:
-        flags.append("--spatial-order")
-    if config.round_to != 1:
-        flags.append(f"--round-to {config.round_to}")
-    if config.merge:
-        flags += ["--merge", *([f"--merge-weight {config.merge_weight}"] if config.merge_weight else []), *merging]
-    return " ".join(flags)
-
-
 def check_recorded_plan(
     weights_path: Path,
     config: PruneConfig,
@@ -175,7 +150,8 @@ def check_recorded_plan(
     trained, asked = _resolved(plan.config, plan.depth), _resolved(config, plan.depth)
     if trained == asked:
         return None
-    message = f"{weights_path} was fine-tuned for {plan_flags(trained)}, this export asks {plan_flags(asked)}"
+    trained_flags, asked_flags = shlex.join(config_flags(trained)), shlex.join(config_flags(asked))
+    message = f"{weights_path} was fine-tuned for {trained_flags}, this export asks {asked_flags}"
     if force:
         return f"warning: {message}; exporting anyway (--force)"
     raise PlanMismatchError(f"{message}: pass the recorded plan, or --force to export anyway")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from colln.data import preprocess
+from colln.data import preprocess, top1_accuracy
 from colln.models import digits
 
 SEED = 0
@@ -57,8 +57,7 @@ def accuracy(
 ) -> float:
     model.eval()
     with torch.no_grad():
-        pred = torch.cat([model(chunk).argmax(-1) for chunk in x.split(256)])
-    return float((pred == y).float().mean())
+        return top1_accuracy(torch.cat([model(chunk) for chunk in x.split(256)]), y)
 
 
 def train(

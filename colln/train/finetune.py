@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from colln.data import top1_correct
 from colln.errors import CheckpointError, TrainingDivergedError, UnsupportedModelError, UsageError
 from colln.train import checkpoint as ckpt
 from colln.train.datasets import data_identity, describe, open_dataset
@@ -475,7 +476,7 @@ class _Trainer:
             )
         self.opt.step()
         self.sched.step()
-        return float(loss.detach()) * len(y), int((logits.argmax(-1) == y).sum())
+        return float(loss.detach()) * len(y), top1_correct(logits, y)
 
     @torch.no_grad()
     def evaluate(
@@ -496,7 +497,7 @@ class _Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits = model(x).float()
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
+            correct += top1_correct(logits, y)
         loss_sum, correct, count = all_sum([loss_sum, correct, float(len(shard))], self.ranks)
         return loss_sum / count, correct / count
 

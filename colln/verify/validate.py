@@ -71,7 +71,7 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from torch import nn
 
-from colln.data import ValImages, validation_images
+from colln.data import ValImages, top1_accuracy, validation_images
 from colln.errors import ValidationFailedError
 from colln.export.artifact import read_export
 from colln.export.precisions import VOCABULARY
@@ -296,7 +296,7 @@ def validate_export(
     max_accuracy_drop: float | None = None,
 ) -> ValidationReport:
     """Validate the ``backend`` of an export directory against its pruned PyTorch reference on
-    (the first ``limit`` of) the validation images. ``pruned`` / ``unpruned`` skip rebuilding the
+    (``limit`` of, :func:`colln.data.pick`) the validation images. ``pruned`` / ``unpruned`` skip rebuilding the
     reference when the caller already has it. ``max_accuracy_drop``: see :func:`tolerances_for`."""
     spec = read_export(export_dir)
     unpruned = unpruned if unpruned is not None else spec.load_unpruned()
@@ -674,9 +674,9 @@ def compare(
     accuracy = None
     if labels is not None:
         accuracy = {
-            "unpruned": float((ref.unpruned.argmax(1) == labels).mean()),
-            "torch": float((ref.logits.argmax(1) == labels).mean()),
-            backend: float((logits.argmax(1) == labels).mean()),
+            "unpruned": top1_accuracy(ref.unpruned, labels),
+            "torch": top1_accuracy(ref.logits, labels),
+            backend: top1_accuracy(logits, labels),
         }
         drop = accuracy["torch"] - accuracy[backend]
         if tol.max_accuracy_drop is not None and drop > tol.max_accuracy_drop:
@@ -1004,4 +1004,4 @@ def _agreement(
     a: np.ndarray,
     b: np.ndarray,
 ) -> float:
-    return float((a.argmax(1) == b.argmax(1)).mean())
+    return top1_accuracy(a, b.argmax(1))
