@@ -19,11 +19,14 @@ from torch import nn
 from colln.app.export_cli import main as export_main
 from colln.errors import CalibrationError
 from colln.export.artifact import write_ort_artifact
-from colln.export.precision import PRODUCT_OPS, fp32_nodes
+from colln.export.precision import fp32_nodes
 from colln.export.quantize import check_calibration, selection_crossings
 from colln.export.spec import ONNX_FILE, ExportSpec
+from colln.export.walk import DIALECTS
 from colln.measure.bench import STACK
 from colln.verify.validate import TOLERANCES
+
+PRODUCTS = DIALECTS["onnx"].products
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +92,7 @@ def test_token_selection_softmax_and_layernorm_stay_float(int8_export):
             softmax |= node.op_type == "Softmax"
             for x in node.input:
                 up = producer.get(x)
-                if up is not None and up.name not in seen and up.op_type not in PRODUCT_OPS and node.op_type != "Softmax":
+                if up is not None and up.name not in seen and up.op_type not in PRODUCTS and node.op_type != "Softmax":
                     seen.add(up.name)
                     todo.append(up)
         assert softmax

@@ -30,14 +30,14 @@ import errno
 import os
 import re
 import shutil
-from collections import Counter, deque
-from collections.abc import Iterable
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from colln.errors import BackendUnavailableError, CalibrationError, CollnError, ExportDirError, ExportError
+from colln.export import walk
 from colln.export.manifest import Artifact
 from colln.export.precisions import VOCABULARY, runs_on
 from colln.export.spec import ONNX_FILE, ExportSpec, file_sha256
@@ -49,12 +49,9 @@ WEIGHTS_FILE = f"{IR_DIR}/model.bin"
 # OpenVINO's element type names -> colln's precision names (what the compiled model reports).
 REPORTED = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 EXTRA = "pip install 'colln[openvino]'"
-# Graph ops a score never passes between its Softmax and its TopK (attention output does).
-PRODUCT_OPS = frozenset({"MatMul", "Convolution", "ScaledDotProductAttention"})
 # The CPU plugin's execution-graph layer types that run a matrix product (a MatMul by a constant
 # weight is its FullyConnected); its snippets fuse an attention into a "Subgraph" instead.
 PRODUCT_LAYERS = frozenset({"FullyConnected", "MatMul", "Convolution", "Deconvolution", "ScaledDotProductAttention", "MHA"})
-LAYER_NORM_OPS = frozenset({"MVN"})
 # A shape carries no values: quantizing the input that a ShapeOf reads changes nothing downstream.
 SHAPE_OPS = frozenset({"ShapeOf"})
 CALIBRATION_BATCH = 1
@@ -78,63 +75,44 @@ def nncf_module():
     return nncf
 
 
-def _consumers(node) -> list:
-    return [t.get_node() for o in node.outputs() for t in o.get_target_inputs()]
-
-
-def _producers(node) -> list:
-    return [i.get_source_output().get_node() for i in node.inputs()]
-
-
-def _reach(starts: Iterable, step) -> dict:
-    """Nodes reachable from ``starts`` through ``step`` without passing a product, by friendly name."""
-    seen = {n.get_friendly_name(): n for n in starts}
-    todo = deque(seen.values())
-    while todo:
-        for j in step(todo.popleft()):
-            if j.get_friendly_name() not in seen and j.get_type_name() not in PRODUCT_OPS:
-                seen[j.get_friendly_name()] = j
-                todo.append(j)
-    return seen
-
-
 def selection_path(model) -> set[str]:
     """Friendly names of the nodes on a path from a Softmax to a TopK without a product (the
     Col-Ln score and the selection itself), plus the ``q·kᵀ`` MatMul feeding each such Softmax."""
-    ops = list(model.get_ordered_ops())
-    softmax = [n for n in ops if n.get_type_name() == "Softmax"]
-    topk = [n for n in ops if n.get_type_name() == "TopK"]
-    path = set(_reach(softmax, _consumers)) & set(_reach(topk, _producers))
-    scoring = [n for n in softmax if n.get_friendly_name() in path]
-    products = {
-        p.get_friendly_name()
-        for n in _reach(scoring, _producers).values()
-        for p in _producers(n)
-        if p.get_type_name() == "MatMul"
-    }
-    return path | products
+    view = walk.OpenVinoView(model)
+    return {view.name(n) for n in _selection(view)}
+
+
+def _selection(view: walk.OpenVinoView) -> set[str]:
+    path = walk.selection_path(view)
+    scoring = [n for n in path if view.op_type(n) == view.dialect.softmax]
+    above = walk.reach(view, scoring, down=False, stop=view.dialect.products)
+    return path | {n for n in above if view.op_type(n) == "MatMul"}
 
 
 def attention_products(model) -> set[str]:
     """Friendly names of the products of two activations (``q·kᵀ``, ``softmax·v``; OpenVINO fuses
     the unpruned blocks' attention into ``ScaledDotProductAttention``)."""
+    view = walk.OpenVinoView(model)
+    return {view.name(n) for n in _attention_products(view)}
 
-    def weight(node) -> bool:
+
+def _attention_products(view: walk.OpenVinoView) -> set[str]:
+    def weight(node: str) -> bool:
         # A weight reaches a product as a Constant, possibly through a Convert / Reshape / Transpose.
         todo = [node]
         while todo:
             n = todo.pop()
-            if n.get_type_name() == "Constant":
+            if view.op_type(n) == "Constant":
                 return True
-            if n.get_type_name() in ("Convert", "Reshape", "Transpose", "FakeQuantize", "Multiply", "Subtract"):
-                todo.extend(_producers(n))
+            if view.op_type(n) in ("Convert", "Reshape", "Transpose", "FakeQuantize", "Multiply", "Subtract"):
+                todo.extend(view.producers(n))
         return False
 
     return {
-        n.get_friendly_name()
-        for n in model.get_ordered_ops()
-        if n.get_type_name() == "ScaledDotProductAttention"
-        or (n.get_type_name() == "MatMul" and not any(weight(p) for p in _producers(n)))
+        n
+        for n in view.nodes()
+        if view.op_type(n) == "ScaledDotProductAttention"
+        or (view.op_type(n) == "MatMul" and not any(weight(p) for p in view.producers(n)))
     }
 
 
@@ -146,53 +124,52 @@ def float_scope(model) -> list[str]:
     output the score is computed from (digits_vit keep 0.7: 4 images kept tokens outside the tie
     band, against none with attention float). The weight products are quantized, as in colln's
     ONNX Runtime int8 graph."""
-    norms = {n.get_friendly_name() for n in model.get_ordered_ops() if n.get_type_name() in LAYER_NORM_OPS}
-    return sorted(selection_path(model) | norms | attention_products(model))
+    view = walk.OpenVinoView(model)
+    return sorted({view.name(n) for n in _float_scope(view)})
+
+
+def _float_scope(view: walk.OpenVinoView) -> set[str]:
+    norms = {n for n in view.nodes() if view.op_type(n) in view.dialect.norms}
+    return _selection(view) | norms | _attention_products(view)
 
 
 def selection_crossings(model) -> list[str]:
     """Where quantization reaches the float region: a FakeQuantize from which a selection-path node
     or a LayerNorm is reached without passing another product. Empty for a correct int8 IR."""
-    guarded = set(float_scope(model))
+    view = walk.OpenVinoView(model)
+    guarded = {view.name(n) for n in _float_scope(view)}
     found = []
-    for fq in (n for n in model.get_ordered_ops() if n.get_type_name() == "FakeQuantize"):
-        todo, seen = deque(_consumers(fq)), set()
-        while todo:
-            node = todo.popleft()
-            name = node.get_friendly_name()
-            if name in seen:
-                continue
-            seen.add(name)
-            if name in guarded:
-                found.append(f"{fq.get_friendly_name()} feeds {node.get_type_name()} {name}")
-                break
-            if node.get_type_name() not in PRODUCT_OPS | SHAPE_OPS:
-                todo.extend(_consumers(node))
+    for fq in (n for n in view.nodes() if view.op_type(n) == "FakeQuantize"):
+        below = walk.reach(view, [fq], down=True, stop=view.dialect.products | SHAPE_OPS)[1:]
+        hit = next((n for n in below if view.name(n) in guarded), None)
+        if hit is not None:
+            found.append(f"{view.name(fq)} feeds {view.op_type(hit)} {view.name(hit)}")
     return found
 
 
-def _quantized_input(node) -> bool:
+def _quantized_input(view: walk.OpenVinoView, node: str) -> bool:
     """Whether a FakeQuantize feeds ``node`` directly or through weight plumbing (Convert, Reshape, ...)."""
-    todo = _producers(node)
+    todo = view.producers(node)
     while todo:
         n = todo.pop()
-        if n.get_type_name() == "FakeQuantize":
+        if view.op_type(n) == "FakeQuantize":
             return True
-        if n.get_type_name() in ("Convert", "Reshape", "Transpose", "Multiply", "Subtract"):
-            todo.extend(_producers(n))
+        if view.op_type(n) in ("Convert", "Reshape", "Transpose", "Multiply", "Subtract"):
+            todo.extend(view.producers(n))
     return False
 
 
 def float_products(model) -> list[str]:
     """Friendly names of the products outside :func:`float_scope` (the patch embedding's
-    Convolution, qkv, proj, fc1, fc2, the head) that no FakeQuantize feeds: what stayed float in an
-    int8 IR beyond colln's recipe (none in the recipe itself; the ones NNCF's accuracy control
-    reverted)."""
-    recipe = set(float_scope(model))
+    Convolution, qkv, proj, fc1, fc2, the head)
+    that no FakeQuantize feeds: what stayed float in an int8 IR beyond colln's recipe (none in the
+    recipe itself; the ones NNCF's accuracy control reverted)."""
+    view = walk.OpenVinoView(model)
+    recipe = {view.name(n) for n in _float_scope(view)}
     return sorted(
-        n.get_friendly_name()
-        for n in model.get_ordered_ops()
-        if n.get_type_name() in ("MatMul", "Convolution") and n.get_friendly_name() not in recipe and not _quantized_input(n)
+        view.name(n)
+        for n in view.nodes()
+        if view.op_type(n) in ("MatMul", "Convolution") and view.name(n) not in recipe and not _quantized_input(view, n)
     )
 
 
@@ -314,7 +291,7 @@ def runtime_precisions(
     each precision, by the CPU plugin's ``runtimePrecision`` (e.g. ``{"bf16": 40, "f32": 3, "u8":
     36}``; an int8 product reads ``u8`` or ``i8``). ``model``: the ``ov.Model`` compiled, whose
     products name a fused attention ``Subgraph`` (which counts once)."""
-    products = {n.get_friendly_name() for n in model.get_ordered_ops() if n.get_type_name() in PRODUCT_OPS}
+    products = {n.get_friendly_name() for n in model.get_ordered_ops() if n.get_type_name() in walk.DIALECTS["openvino"].products}
     counts: Counter[str] = Counter()
     for node in compiled.get_runtime_model().get_ordered_ops():
         info = node.get_rt_info()

@@ -15,19 +15,19 @@ deit_small) in one parallel pass: deit_small, batch 8, 2 threads, pruned int8 1.
 Col-Ln score, which the fused op does not expose.
 
 The match is exact or nothing: the form colln exports (timm's non-fused path, see
-:func:`colln.models.rewrite.explicit_attention`), checked op by op, permutation by permutation and
-constant by constant; any other form is left as it is (correct, just not fused).
+:func:`colln.models.rewrite.explicit_attention`), written as an onnxscript rewriter pattern
+(:class:`_PackedAttention`: ops, permutations and the head-slice constants; the pattern only
+matches where every intermediate tensor is read inside it, so a softmax that also feeds the score
+is not fused); any other form is left as it is (correct, just not fused).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
-
-from colln.export.onnx import GraphIndex
+from onnxscript import ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._ir_utils import get_numpy_value
 
 MS_DOMAIN = "com.microsoft"
 HEAD_SPLIT_PERM = [2, 0, 3, 1, 4]  # [B, N, 3, H, D] -> [3, B, H, N, D]
@@ -35,185 +35,80 @@ KEY_TRANSPOSE_PERM = [0, 1, 3, 2]
 HEAD_MERGE_PERM = [0, 2, 1, 3]  # [B, H, N, D] -> [B, N, H, D]
 
 
-@dataclass(frozen=True)
-class _Attention:
-    """One matched attention: the packed ``[B, N, 3C]`` projection (``packed``, or ``product`` +
-    ``bias`` when the bias Add can move into the fused op), heads, scale, the output tensor and
-    the node the fused ops replace (``anchor``: the output Reshape)."""
-
-    packed: str
-    product: str | None
-    bias: str | None
-    heads: int
-    head_dim: int
-    scale: float
-    output: str
-    anchor: onnx.NodeProto
-
-
 def for_onnxruntime(
     proto: onnx.ModelProto,
 ) -> tuple[onnx.ModelProto, int]:
     """A copy of ``proto`` whose non-pruning attentions run as ``MultiHeadAttention``, and how many
     were fused (0: an unchanged copy)."""
-    fused = onnx.ModelProto()
-    fused.CopyFrom(proto)
-    graph = fused.graph
-    lookup = GraphIndex(graph)
-    matches = [m for m in (_match(lookup, node) for node in graph.node if node.op_type == "Softmax") if m is not None]
-    if not matches:
-        return fused, 0
-    for i, match in enumerate(matches):
-        _replace(graph, match, prefix=f"colln_mha{i}")
-    _drop_dead_nodes(graph)
-    if not any(o.domain == MS_DOMAIN for o in fused.opset_import):
-        fused.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return fused, len(matches)
+    model = ir.serde.deserialize_model(proto)
+    # The bias form first: both anchor on the same output Reshape.
+    rules = pattern.RewriteRuleSet([_PackedAttention.rule(bias=True), _PackedAttention.rule(bias=False)], commute=True)
+    count = rules.apply_to_model(model)
+    if not count:
+        unchanged = onnx.ModelProto()
+        unchanged.CopyFrom(proto)
+        return unchanged, 0
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    return ir.serde.serialize_model(model), count
 
 
-def _attr(
-    node: onnx.NodeProto,
-    name: str,
-    default: object = None,
-) -> object:
-    found = next((a for a in node.attribute if a.name == name), None)
-    return helper.get_attribute_value(found) if found is not None else default
+def _ints(
+    value: ir.Value | None,
+) -> list[int] | None:
+    array = get_numpy_value(value)
+    return None if array is None else [int(v) for v in array.reshape(-1)]
 
 
-def _scaled(
-    g: GraphIndex,
-    name: str,
-) -> tuple[str, float]:
-    """Walk up through ``Mul`` by a scalar constant: the unscaled tensor and the product of the scalars."""
-    scale = 1.0
-    while (mul := g.made_by(name, "Mul")) is not None:
-        a, b = mul.input
-        if b in g.scalars:
-            name, scale = a, scale * float(g.scalars[b])
-        elif a in g.scalars:
-            name, scale = b, scale * float(g.scalars[a])
-        else:
-            break
-    return name, scale
+class _PackedAttention(pattern.RewriteRuleClassBase):
+    """``Reshape(Transpose(softmax(q * scale @ k^T) @ v))`` with q, k, v sliced from one packed
+    ``[B, N, 3C]`` projection (``product + bias`` when ``bias``: the bias moves into the fused op)
+    -> ``Split`` + ``MultiHeadAttention``."""
 
+    def __init__(
+        self,
+        bias: bool,
+    ) -> None:
+        super().__init__(name=f"colln_mha_{'bias' if bias else 'packed'}")
+        self._bias = bias
 
-def _head_slice(
-    g: GraphIndex,
-    name: str,
-) -> tuple[str, int] | None:
-    """``name`` = ``Squeeze(Slice(heads, [i], [i+1], axes=[0]), [0])``: (``heads``, i)."""
-    squeeze = g.made_by(name, "Squeeze")
-    if squeeze is None or len(squeeze.input) != 2 or g.ints(squeeze.input[1]) != [0]:
-        return None
-    sliced = g.made_by(squeeze.input[0], "Slice")
-    if sliced is None:
-        return None
-    start, end = g.ints(sliced.input[1]), g.ints(sliced.input[2])
-    axes = g.ints(sliced.input[3]) if len(sliced.input) > 3 else [0]
-    steps = g.ints(sliced.input[4]) if len(sliced.input) > 4 else [1]
-    if start is None or len(start) != 1 or end != [start[0] + 1] or axes != [0] or steps != [1]:
-        return None
-    return sliced.input[0], start[0]
+    def pattern(self, op, packed, bias, shape, s0, e0, a0, z0, s1, e1, a1, z1, s2, e2, a2, z2, scale, out_shape):
+        source = op.Add(packed, bias) if self._bias else packed
+        heads = op.Transpose(op.Reshape(source, shape, _allow_other_attributes=True), perm=HEAD_SPLIT_PERM)
+        q = op.Squeeze(op.Slice(heads, s0, e0, a0), z0)
+        k = op.Squeeze(op.Slice(heads, s1, e1, a1), z1)
+        v = op.Squeeze(op.Slice(heads, s2, e2, a2), z2)
+        scores = op.MatMul(op.Mul(q, scale), op.Transpose(k, perm=KEY_TRANSPOSE_PERM))
+        probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
+        merged = op.Transpose(op.MatMul(probs, v), perm=HEAD_MERGE_PERM)
+        return op.Reshape(merged, out_shape, _allow_other_attributes=True)
 
+    def check(self, context, bias, shape, scale, out_shape, probs, **slices) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if probs.producer().attributes.get_int("axis", -1) not in (-1, 3):
+            return result.fail("softmax over another axis")
+        dims = _ints(shape)
+        if dims is None or len(dims) != 5 or dims[2] != 3 or min(dims[1:]) <= 0:
+            return result.fail("not a packed [B, N, 3, H, D] split")
+        for i in range(3):
+            parts = [_ints(slices[f"{name}{i}"]) for name in "seaz"]
+            if parts != [[i], [i + 1], [0], [0]]:
+                return result.fail(f"slice {i} is not head {i} of the packed axis")
+        if (value := get_numpy_value(scale)) is None or value.size != 1:
+            return result.fail("scale is not a constant scalar")
+        out = _ints(out_shape)
+        if out is None or len(out) != 3 or out[2] != dims[3] * dims[4]:
+            return result.fail("output is not [B, N, H * D]")
+        if self._bias and (get_numpy_value(bias) is None or list(get_numpy_value(bias).shape) != [3 * dims[3] * dims[4]]):
+            return result.fail("bias is not a constant [3C]")
+        return result
 
-def _match(
-    g: GraphIndex,
-    softmax: onnx.NodeProto,
-) -> _Attention | None:
-    if _attr(softmax, "axis", -1) not in (-1, 3):
-        return None
-    av = g.sole_consumer(softmax.output[0], "MatMul")
-    qk = g.made_by(softmax.input[0], "MatMul")
-    if av is None or qk is None or av.input[0] != softmax.output[0]:
-        return None
-    merge = g.sole_consumer(av.output[0], "Transpose")
-    if merge is None or list(_attr(merge, "perm", [])) != HEAD_MERGE_PERM:
-        return None
-    anchor = g.sole_consumer(merge.output[0], "Reshape")
-    if anchor is None:
-        return None
-    q, q_scale = _scaled(g, qk.input[0])
-    k_t, k_scale = _scaled(g, qk.input[1])
-    transpose = g.made_by(k_t, "Transpose")
-    if transpose is None or list(_attr(transpose, "perm", [])) != KEY_TRANSPOSE_PERM:
-        return None
-    k, k_scale_inner = _scaled(g, transpose.input[0])
-    slices = [_head_slice(g, name) for name in (q, k, av.input[1])]
-    if any(s is None for s in slices) or {s[0] for s in slices} != {slices[0][0]} or [s[1] for s in slices] != [0, 1, 2]:
-        return None
-    split = g.made_by(slices[0][0], "Transpose")
-    if split is None or list(_attr(split, "perm", [])) != HEAD_SPLIT_PERM:
-        return None
-    unpack = g.made_by(split.input[0], "Reshape")
-    shape = g.ints(unpack.input[1]) if unpack is not None else None
-    if shape is None or len(shape) != 5 or shape[2] != 3 or min(shape[1:]) <= 0:
-        return None
-    heads, head_dim = shape[3], shape[4]
-    out_shape = g.ints(anchor.input[1])
-    if out_shape is None or len(out_shape) != 3 or out_shape[2] != heads * head_dim:
-        return None
-    packed = unpack.input[0]
-    product, bias = None, None
-    add = g.made_by(packed, "Add")
-    if add is not None and g.sole_consumer(packed, "Reshape") is unpack:
-        for p, b in (add.input, add.input[::-1]):
-            init = g.initializers.get(b)
-            if init is not None and list(init.dims) == [3 * heads * head_dim]:
-                product, bias = p, b
-                break
-    return _Attention(
-        packed=packed,
-        product=product,
-        bias=bias,
-        heads=heads,
-        head_dim=head_dim,
-        scale=q_scale * k_scale * k_scale_inner,
-        output=anchor.output[0],
-        anchor=anchor,
-    )
-
-
-def _replace(
-    graph: onnx.GraphProto,
-    match: _Attention,
-    prefix: str,
-) -> None:
-    """Put ``Split`` + ``MultiHeadAttention`` in place of the match's output Reshape (its old
-    producers are then dead)."""
-    width = match.heads * match.head_dim
-    sizes = numpy_helper.from_array(np.array([width] * 3, dtype=np.int64), name=f"{prefix}_sizes")
-    graph.initializer.append(sizes)
-    source = match.product if match.bias is not None else match.packed
-    q, k, v = (f"{prefix}_{part}" for part in "qkv")
-    split = helper.make_node("Split", [source, sizes.name], [q, k, v], name=f"{prefix}_split", axis=-1)
-    inputs = [q, k, v] + ([match.bias] if match.bias is not None else [])
-    attention = helper.make_node(
-        "MultiHeadAttention",
-        inputs,
-        [match.output],
-        name=prefix,
-        domain=MS_DOMAIN,
-        num_heads=match.heads,
-        scale=match.scale,
-    )
-    index = next(i for i, n in enumerate(graph.node) if n is match.anchor)
-    match.anchor.output[0] = f"{prefix}_unused"
-    graph.node.insert(index, attention)
-    graph.node.insert(index, split)
-
-
-def _drop_dead_nodes(
-    graph: onnx.GraphProto,
-) -> None:
-    """Remove nodes none of whose outputs is used, until none is left; then unused initializers."""
-    while True:
-        used = {o.name for o in graph.output} | {name for n in graph.node for name in n.input}
-        dead = [i for i, n in enumerate(graph.node) if not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for i in reversed(dead):
-            del graph.node[i]
-    used = {name for n in graph.node for name in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    def rewrite(self, op, packed, bias, shape, scale, **_):
+        heads, head_dim = _ints(shape)[3:]
+        sizes = op.initializer(ir.tensor(np.array([heads * head_dim] * 3, dtype=np.int64)), name=f"{packed.name}_mha_sizes")
+        # Named after the packed tensor (one per attention): the rewriter's own names (val_1, ...) can
+        # collide with the exporter's.
+        q, k, v = op.Split(packed, sizes, axis=-1, _outputs=[f"{packed.name}_mha_{part}" for part in "qkv"])
+        inputs = [q, k, v, bias] if self._bias else [q, k, v]
+        scale = float(get_numpy_value(scale).reshape(-1)[0])
+        return op.MultiHeadAttention(*inputs, num_heads=heads, scale=scale, _domain=MS_DOMAIN)

@@ -15,46 +15,24 @@ float32, so callers feed and read the same arrays as for the fp32 export.
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-FP32_OPS = frozenset({"Softmax", "LayerNormalization", "TopK"})
-# A score never passes a matrix product between its Softmax and its TopK; attention output does.
-PRODUCT_OPS = frozenset({"MatMul", "Gemm", "Einsum", "Conv"})
+from colln.export.walk import OnnxView, selection_path
+
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 
 
 def fp32_nodes(
     graph: onnx.GraphProto,
 ) -> set[int]:
-    """Indices of the nodes that stay fp32: :data:`FP32_OPS` plus every node between a Softmax and
-    a TopK on a path without a matrix product."""
-    consumers: dict[str, list[int]] = {}
-    producer: dict[str, int] = {}
-    for i, node in enumerate(graph.node):
-        for name in node.input:
-            consumers.setdefault(name, []).append(i)
-        for name in node.output:
-            producer[name] = i
-    nodes = graph.node
-
-    def reach(starts: list[int], step) -> set[int]:
-        seen, todo = set(starts), deque(starts)
-        while todo:
-            for j in step(todo.popleft()):
-                if j not in seen and nodes[j].op_type not in PRODUCT_OPS:
-                    seen.add(j)
-                    todo.append(j)
-        return seen
-
-    softmax = [i for i, n in enumerate(nodes) if n.op_type == "Softmax"]
-    topk = [i for i, n in enumerate(nodes) if n.op_type == "TopK"]
-    below = reach(softmax, lambda i: [j for o in nodes[i].output for j in consumers.get(o, [])])
-    above = reach(topk, lambda i: [producer[x] for x in nodes[i].input if x in producer])
-    return (below & above) | {i for i, n in enumerate(nodes) if n.op_type in FP32_OPS}
+    """Indices of the nodes that stay fp32: every Softmax, LayerNorm and TopK, plus the selection
+    path between them (:func:`colln.export.walk.selection_path`)."""
+    view = OnnxView(graph)
+    d = view.dialect
+    keep = {d.softmax, d.topk, *d.norms}
+    return selection_path(view) | {i for i in view.nodes() if view.op_type(i) in keep}
 
 
 def to_fp16(
@@ -66,14 +44,11 @@ def to_fp16(
     elem = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *graph.input, *graph.output)}
     elem.update({t.name: t.data_type for t in graph.initializer})
     keep32 = fp32_nodes(graph)
-    consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(graph.node):
-        for name in node.input:
-            consumers.setdefault(name, []).append(i)
+    view = OnnxView(graph)
 
     def want(i: int) -> int:
         node = graph.node[i]
-        if node.op_type == "Constant" and all(j in keep32 for j in consumers.get(node.output[0], [])):
+        if node.op_type == "Constant" and all(j in keep32 for j in view.consumers(i)):
             return FLOAT
         return FLOAT if i in keep32 else HALF
 

@@ -35,9 +35,9 @@ import numpy as np
 import onnx
 
 from colln.errors import CalibrationError
-from colln.export.onnx import GraphIndex
 from colln.export.precision import fp32_nodes
 from colln.export.spec import INPUT_NAME
+from colln.export.walk import OnnxView
 
 QUANTIZED_OPS = ("MatMul", "Gemm")
 # Which int8 graph to_int8 writes for the same spec; cached int8 counterparts built by another
@@ -66,16 +66,15 @@ def selection_crossings(
     Softmax / selection-path node that feeds a ``QuantizeLinear``. A LayerNorm output may be
     quantized as the input of the product after it: the LayerNorm itself still runs in float.
     Empty for a correct int8 graph."""
-    graph = proto.graph
-    g = GraphIndex(graph)
+    view = OnnxView(proto.graph)
     crossings = []
-    for i in sorted(fp32_nodes(graph)):
-        node = graph.node[i]
-        if any(x in g.producer and g.producer[x].op_type in QDQ_OPS for x in node.input):
-            crossings.append(f"{node.op_type} {node.name} reads a dequantized tensor")
-        quantized = any(c.op_type in QDQ_OPS for o in node.output for c in g.consumers.get(o, []))
-        if quantized and node.op_type != "LayerNormalization":
-            crossings.append(f"{node.op_type} {node.name} feeds a QuantizeLinear")
+    for i in sorted(fp32_nodes(proto.graph)):
+        op, name = view.op_type(i), view.name(i)
+        if any(view.op_type(p) in QDQ_OPS for p in view.producers(i)):
+            crossings.append(f"{op} {name} reads a dequantized tensor")
+        quantized = any(view.op_type(c) in QDQ_OPS for c in view.consumers(i))
+        if quantized and op not in view.dialect.norms:
+            crossings.append(f"{op} {name} feeds a QuantizeLinear")
     return crossings
 
 
