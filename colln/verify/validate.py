@@ -575,8 +575,7 @@ def _verdict(
     ``comparator``, then the judged-images requirement, into the report."""
     selections = _judge_selections(ref, seen, layers, metric, fuse, subject.tolerances, subject.backend)
     end = comparator.compare(ref, seen, selections, subject)
-    required, too_few = _require_judged(end.judged, subject.random_weights)
-    return _report(subject, comparator.output, seen.kept is not None, selections, end, required, too_few)
+    return _report(subject, comparator.output, seen.kept is not None, selections, end)
 
 
 def _report(
@@ -585,10 +584,10 @@ def _report(
     kept_sets_observed: bool,
     selections: JudgedSelections,
     end: EndToEnd,
-    required: int,
-    too_few: Findings,
 ) -> ValidationReport:
-    """The :class:`ValidationReport` of a judgement (the one place it is built)."""
+    """The :class:`ValidationReport` of a judgement (the one place it is built), failed where too few
+    images were judged end to end."""
+    required, too_few = _require_judged(end.judged, subject.random_weights)
     found = selections.findings + end.findings + too_few
     judged, top1 = end.judged, end.top1
     return ValidationReport(
@@ -684,10 +683,11 @@ class LogitsComparator:
             agree = (cos >= tol.min_cosine) & (err.max(axis=1) <= tol.logit_rtol * scale)
             judged, back = _agreeing_ties(judged, selections.tied, agree)
         quantiles = error_quantiles(err.max(axis=1) / scale, 1.0 - cos, judged)
-        if tol.statistical:
-            found = _judge_statistics(quantiles, float(top1.mean()), tol)
-        else:
-            found = _judge_images(ref.logits, err, cos, top1, judged, tol)
+        found = (
+            _judge_statistics(quantiles, float(top1.mean()), tol)
+            if tol.statistical
+            else _judge_images(ref.logits, err, cos, top1, judged, tol)
+        )
         accuracy, lost = _accuracy(ref, logits, subject)
         unpruned = {name: float(_top1(x, ref.unpruned).mean()) for name, x in (("torch", ref.logits), (subject.backend, logits))}
         return EndToEnd(judged, err, cos, back + found + lost, top1, unpruned, accuracy, quantiles)
