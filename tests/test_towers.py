@@ -241,7 +241,7 @@ def test_exported_tower_has_positions_and_onnxruntime_agrees(tmp_path: Path) -> 
     from colln.export.artifact import export_into
     from colln.export.spec import ExportSpec
     from colln.infer.runners import kept_onnxruntime_runner, onnxruntime_runner
-    from colln.verify.validate import validate_tokens
+    from colln.verify.validate import validate
 
     model = qwen()
     images = _images(model, 8)
@@ -255,8 +255,9 @@ def test_exported_tower_has_positions_and_onnxruntime_agrees(tmp_path: Path) -> 
     np.testing.assert_array_equal(got[1], want[1].numpy())
     np.testing.assert_array_equal(got[2], want[2].numpy())
     np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-4)
-    report = validate_tokens(
+    report = validate(
         exported.pruned,
+        model,
         onnxruntime_runner(tmp_path / "model.onnx"),
         ValImages(images.numpy(), None, "random"),
         observer=kept_onnxruntime_runner(tmp_path / "model.onnx", exported.plan.pruned_layers),

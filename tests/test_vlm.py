@@ -30,7 +30,7 @@ from colln.export.triton import write_model_repository
 from colln.infer.runners import TorchRunner
 from colln.models import ops
 from colln.models.registry import load_model
-from colln.verify.validate import validate_tokens
+from colln.verify.validate import validate
 from serving_helpers import HOST, digit_images, free_ports, launch, stop, wait_ready
 
 LM_PARAMS = 7e9
@@ -219,10 +219,10 @@ def test_validation_catches_a_different_selection() -> None:
     unpruned = load_model("digits_vit")
     reference = colln.prune(unpruned, 0.5, output="tokens")
     images = validation_images("digits_vit", unpruned, None, 32)
-    same = validate_tokens(reference, TorchRunner(colln.prune(unpruned, 0.5, output="tokens"), name="same"), images)
+    same = validate(reference, unpruned, TorchRunner(colln.prune(unpruned, 0.5, output="tokens"), name="same"), images)
     assert same.passed and same.judged_images == 32 and same.max_abs_error == 0.0
     other = TorchRunner(colln.prune(unpruned, 0.5, output="tokens", metric="cls"), name="cls")
-    failed = validate_tokens(reference, other, images)
+    failed = validate(reference, unpruned, other, images)
     assert not failed.passed
     assert "layer 6" in failed.mismatches[0] and "outside PyTorch's tie band" in failed.mismatches[0]
 
@@ -234,7 +234,7 @@ def test_tokens_report_fields_mean_what_the_logits_fields_mean() -> None:
     reference = colln.prune(unpruned, 0.5, output="tokens")
     other = colln.prune(unpruned, 0.5, output="tokens", metric="cls")
     images = validation_images("digits_vit", unpruned, None, 32)
-    report = validate_tokens(reference, TorchRunner(other, name="cls"), images)
+    report = validate(reference, unpruned, TorchRunner(other, name="cls"), images)
     with torch.no_grad():
         (ref_tok, ref_ids), (cand_tok, cand_ids) = (m.eval()(torch.from_numpy(images.images)) for m in (reference, other))
     ref_tok = np.take_along_axis(ref_tok.numpy(), np.argsort(ref_ids.numpy(), axis=1)[..., None], axis=1)
@@ -258,14 +258,14 @@ def test_final_selection_tie_rule_on_patch_ids(cand_ids: list[int], explained: b
     """The candidate's ``indices`` output (patch ids) goes through the same tie rule: swapping a
     kept patch for one tied with PyTorch's k-th score is explained (the image is just not judged);
     swapping it for a clearly lower one is a mismatch."""
-    from colln.verify.validate import TOLERANCES, Reference, _judge_selections
+    from colln.verify.validate import TOLERANCES, Observed, Reference, _judge_selections
 
     scores = np.array([[0.5, 0.3, 0.3, 0.1]], dtype=np.float32)
     ref = Reference(logits=np.zeros((1, 2, 1)), unpruned=None, kept={6: np.array([[0, 1]])}, scores={6: scores})
-    checks, judged, mismatches, _ = _judge_selections(
-        ref, {}, [(6, 2)], "colln", False, TOLERANCES["fp32"], 1, "onnxruntime", cand_patch_ids={6: np.array([cand_ids])}
-    )
-    assert not judged[0] and checks[0].diverged_here == 1
+    seen = Observed(np.zeros((1, 2, 1)), kept={}, patch_ids={6: np.array([cand_ids])})
+    judged = _judge_selections(ref, seen, [(6, 2)], "colln", False, TOLERANCES["fp32"], "onnxruntime")
+    checks, mismatches = judged.layers, judged.findings.mismatches
+    assert not judged.judged[0] and checks[0].diverged_here == 1
     assert (checks[0].explained, not mismatches) == (int(explained), explained)
 
 

@@ -65,6 +65,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ from colln.errors import ValidationFailedError
 from colln.export.artifact import read_export
 from colln.export.precisions import VOCABULARY
 from colln.export.quantize import DEFAULT_MAX_ACCURACY_DROP
-from colln.export.spec import OUTPUT_NAME
+from colln.export.spec import FEATURES_NAME, INDICES_NAME, OUTPUT_NAME, TOKENS_NAME
 from colln.infer.runners import TorchRunner, feeds, open_runner
 from colln.models import ops
 from colln.models.plan import KeepPlan
@@ -392,6 +393,94 @@ def validate_backend(
     return report
 
 
+@dataclass(frozen=True)
+class Findings:
+    """Mismatches (each fails the validation) and warnings, in the order they were found."""
+
+    mismatches: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def __add__(
+        self,
+        other: Findings,
+    ) -> Findings:
+        return Findings(self.mismatches + other.mismatches, self.warnings + other.warnings)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the candidate computed, aligned with the reference's outputs (logits; a tokens model's
+    rows in patch-id order), and what it reported of its selections: ``kept`` indices per layer
+    (None: not reported), ``patch_ids`` per layer whose picks are patch ids already (a tokens
+    model's ``indices`` output), ``unobserved`` images whose reported picks may not be the deployed
+    graph's (:func:`_differ`), and for tokens how many kept patch ids per image differ from the
+    reference's (``id_differences``)."""
+
+    outputs: np.ndarray
+    kept: dict[int, np.ndarray] | None = None
+    patch_ids: dict[int, np.ndarray] = field(default_factory=dict)
+    unobserved: np.ndarray | None = None
+    id_differences: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class JudgedSelections:
+    """The selections judged by the tie rule (:func:`_judge_selections`): the layer checks, the
+    images left to judge end to end, the images left out only because a choice the candidate does
+    not report is near-tied (see :func:`_agreeing_ties`), and what was found."""
+
+    layers: list[LayerCheck]
+    judged: np.ndarray
+    tied: np.ndarray
+    findings: Findings
+
+
+@dataclass(frozen=True)
+class EndToEnd:
+    """A comparator's verdict on the outputs: the images judged in the end, per image the absolute
+    errors (one row per image) and cosines, what was found, and for logits the per-image top-1
+    agreement with the reference and the quality numbers."""
+
+    judged: np.ndarray
+    errors: np.ndarray
+    cosines: np.ndarray
+    findings: Findings
+    top1: np.ndarray | None = None
+    unpruned_top1_agreement: dict[str, float] = field(default_factory=dict)
+    accuracy: dict[str, float] | None = None
+    error_quantiles: dict | None = None
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What is validated: the candidate's name, the precision it is judged at and its limits, where
+    the images came from and their labels (None: unlabelled), whether the weights are random."""
+
+    backend: str
+    precision: str
+    source: str
+    tolerances: Tolerances
+    labels: np.ndarray | None = None
+    random_weights: bool = False
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Every runner's outputs on the validation images (the unpruned model's and the kept-set copy's:
+    None when not run) and the selections PyTorch recorded."""
+
+    reference: dict[str, np.ndarray]
+    unpruned: dict[str, np.ndarray] | None
+    candidate: dict[str, np.ndarray]
+    observer: dict[str, np.ndarray] | None
+    selections: list[Selection]
+
+    @property
+    def seen(self) -> dict[str, np.ndarray]:
+        """The outputs the kept sets are read from: the kept-set copy's, or the candidate's own."""
+        return self.observer if self.observer is not None else self.candidate
+
+
 def validate(
     pruned: nn.Module,
     unpruned: nn.Module,
@@ -404,50 +493,279 @@ def validate(
     random_weights: bool = False,
     max_accuracy_drop: float | None = None,
 ) -> ValidationReport:
-    """Run ``candidate``, the pruned and the unpruned PyTorch model on ``images`` and compare.
-    ``observer``: a copy of the candidate's graph that also outputs the kept indices, read for the
-    kept sets only (None: the candidate's own outputs, where it has them). ``random_weights``: the
-    model has random weights (said when too few images can be judged). ``max_accuracy_drop``: see
-    :func:`tolerances_for`."""
+    """Run ``candidate`` and the pruned PyTorch model (and, for logits, the unpruned one) on
+    ``images``, judge the selections by the tie rule, then the outputs by the comparator of the
+    plan's output kind (:data:`COMPARATORS`). ``observer``: a copy of the candidate's graph that also
+    outputs the kept indices, read for the kept sets only (None: the candidate's own outputs, where
+    it has them). ``random_weights``: the model has random weights (said when too few images can be
+    judged). ``max_accuracy_drop``: see :func:`tolerances_for` (logits only)."""
     plan = get_plan(pruned)
-    tol = tolerances_for(precision, max_accuracy_drop)
-    if plan.config.output != "logits":
-        return validate_tokens(pruned, candidate, images, precision, backend, batch, observer, random_weights)
+    comparator = COMPARATORS[plan.config.output]
+    tol = tolerances_for(precision, max_accuracy_drop if comparator.quality else None)
+    runs = _run(pruned, unpruned if comparator.quality else None, candidate, observer, images, batch)
+    layers = plan.selection_layers
+    ref_outputs, ref_unpruned, seen = comparator.observe(plan, runs, tol)
+    kept, scores = _recorded(runs.selections, layers)
+    ref = Reference(ref_outputs, ref_unpruned, kept, scores, _merge_margins(runs.selections))
+    subject = Subject(backend or candidate.name, precision, images.source, tol, images.labels, random_weights)
+    return _verdict(comparator, ref, seen, layers, plan.config.metric, plan.config.fuse, subject)
+
+
+def _run(
+    pruned: nn.Module,
+    unpruned: nn.Module | None,
+    candidate: BaseRunner,
+    observer: BaseRunner | None,
+    images: ValImages,
+    batch: int,
+) -> Runs:
+    """Run the pruned PyTorch model (recording its selections), the ``unpruned`` one when given, the
+    candidate and the ``observer`` when given, on the same batches."""
     ref_runner = TorchRunner(pruned, name="torch")
-    base_runner = TorchRunner(unpruned, name="torch-unpruned")
-    runners = [ref_runner, base_runner, candidate, *([observer] if observer is not None else [])]
+    base_runner = TorchRunner(unpruned, name="torch-unpruned") if unpruned is not None else None
+    runners = [r for r in (ref_runner, base_runner, candidate, observer) if r is not None]
     with record_selections(pruned) as selections:
         results = _run_all(runners, list(feeds(images.images, batch)))
-    layers, topk_kept, _ = _checked(plan)
-    kept, scores = _recorded(selections, layers)
-    ref = Reference(
-        logits=results[ref_runner.name][OUTPUT_NAME],
-        unpruned=results[base_runner.name][OUTPUT_NAME],
-        kept=kept,
-        scores=scores,
-        merge_margins=_merge_margins(selections),
+    return Runs(
+        reference=results[ref_runner.name],
+        unpruned=results[base_runner.name] if base_runner is not None else None,
+        candidate=results[candidate.name],
+        observer=results[observer.name] if observer is not None else None,
+        selections=list(selections),
     )
-    outs = results[candidate.name]
-    seen = results[observer.name] if observer is not None else outs
-    logits = outs[OUTPUT_NAME].astype(np.float32)
-    unobserved = None
-    if observer is not None:
-        unobserved = _differ(logits, seen[OUTPUT_NAME].astype(np.float32), ref.logits, tol)
-    return compare(
-        ref,
-        logits,
-        _observed_kept(seen, topk_kept) if topk_kept else None,
-        layers,
-        metric=plan.config.metric,
-        fuse=plan.config.fuse,
-        tolerances=tol,
-        labels=images.labels,
-        backend=backend or candidate.name,
-        precision=precision,
-        source=images.source,
-        unobserved=unobserved,
-        random_weights=random_weights,
+
+
+def compare(
+    ref: Reference,
+    logits: np.ndarray,
+    cand_kept: dict[int, np.ndarray] | None,
+    layers: Sequence[tuple[int, int]],
+    metric: str,
+    fuse: bool,
+    tolerances: Tolerances,
+    labels: np.ndarray | None,
+    backend: str,
+    precision: str,
+    source: str,
+    unobserved: np.ndarray | None = None,
+    random_weights: bool = False,
+) -> ValidationReport:
+    """Judge a candidate's logits (and kept sets, when observed) against the PyTorch reference.
+
+    Kept indices point into each layer's candidates, whose order is the previous layer's score
+    order; near-tied scores can reorder them without changing the set. So both sides' picks are
+    mapped back to patch ids (the fused token gets id ``-1 - layer``) before sets are compared.
+    ``unobserved``: per image, the kept sets were read from a copy of the graph that computed other
+    outputs (see :func:`_differ`); there near-tied selections are left out as where none is observed."""
+    seen = Observed(logits, cand_kept, unobserved=unobserved)
+    subject = Subject(backend, precision, source, tolerances, labels, random_weights)
+    return _verdict(COMPARATORS["logits"], ref, seen, layers, metric, fuse, subject)
+
+
+def _verdict(
+    comparator: OutputComparator,
+    ref: Reference,
+    seen: Observed,
+    layers: Sequence[tuple[int, int]],
+    metric: str,
+    fuse: bool,
+    subject: Subject,
+) -> ValidationReport:
+    """The one judgement after the runs: the selections by the tie rule, the outputs by the
+    ``comparator``, then the judged-images requirement, into the report."""
+    selections = _judge_selections(ref, seen, layers, metric, fuse, subject.tolerances, subject.backend)
+    end = comparator.compare(ref, seen, selections, subject)
+    return _report(subject, comparator.output, seen.kept is not None, selections, end)
+
+
+def _report(
+    subject: Subject,
+    output: str,
+    kept_sets_observed: bool,
+    selections: JudgedSelections,
+    end: EndToEnd,
+) -> ValidationReport:
+    """The :class:`ValidationReport` of a judgement (the one place it is built), failed where too few
+    images were judged end to end."""
+    required, too_few = _require_judged(end.judged, subject.random_weights)
+    found = selections.findings + end.findings + too_few
+    judged, top1 = end.judged, end.top1
+    return ValidationReport(
+        backend=subject.backend,
+        reference="torch",
+        precision=subject.precision,
+        images=len(judged),
+        source=subject.source,
+        tolerances=subject.tolerances,
+        kept_sets_observed=kept_sets_observed,
+        judged_images=int(judged.sum()),
+        top1_agreement=float(top1.mean()) if top1 is not None else None,
+        top1_agreement_judged=float(top1[judged].mean()) if top1 is not None and judged.any() else None,
+        **_error_fields(end.errors, end.cosines, judged),
+        layers=selections.layers,
+        unpruned_top1_agreement=end.unpruned_top1_agreement,
+        accuracy=end.accuracy,
+        mismatches=list(found.mismatches),
+        warnings=list(found.warnings),
+        output=output,
+        judged_required=required,
+        error_quantiles=end.error_quantiles,
     )
+
+
+class OutputComparator(Protocol):
+    """How one output kind's outputs are compared with the reference's (:data:`COMPARATORS`).
+    ``quality``: the unpruned model runs beside for top-1 agreement and accuracy, and the accuracy
+    gate (``max_accuracy_drop``) applies."""
+
+    output: str
+    quality: bool
+
+    def observe(
+        self,
+        plan: KeepPlan,
+        runs: Runs,
+        tol: Tolerances,
+    ) -> tuple[np.ndarray, np.ndarray | None, Observed]:
+        """The reference's outputs and the unpruned model's (None: not run), aligned for comparison,
+        and what the candidate computed and reported."""
+        ...
+
+    def compare(
+        self,
+        ref: Reference,
+        seen: Observed,
+        selections: JudgedSelections,
+        subject: Subject,
+    ) -> EndToEnd:
+        """Judge the outputs on the images the selections left to judge."""
+        ...
+
+
+@dataclass(frozen=True)
+class LogitsComparator:
+    """Logits: per image within the tolerances (the int8 rule: their quantiles and top-1 agreement
+    over all images), the same top-1 class unless PyTorch's top-2 gap is within the error tolerance,
+    and the accuracy drop where labels exist."""
+
+    output: str = "logits"
+    quality: bool = True
+
+    def observe(
+        self,
+        plan: KeepPlan,
+        runs: Runs,
+        tol: Tolerances,
+    ) -> tuple[np.ndarray, np.ndarray | None, Observed]:
+        ref = runs.reference[OUTPUT_NAME]
+        logits = runs.candidate[OUTPUT_NAME].astype(np.float32)
+        unobserved = None
+        if runs.observer is not None:
+            unobserved = _differ(logits, runs.observer[OUTPUT_NAME].astype(np.float32), ref, tol)
+        _, topk_kept, _ = _checked(plan)
+        kept = _observed_kept(runs.seen, topk_kept) if topk_kept else None
+        return ref, runs.unpruned[OUTPUT_NAME], Observed(logits, kept, unobserved=unobserved)
+
+    def compare(
+        self,
+        ref: Reference,
+        seen: Observed,
+        selections: JudgedSelections,
+        subject: Subject,
+    ) -> EndToEnd:
+        tol, logits = subject.tolerances, seen.outputs
+        err = np.abs(logits - ref.logits)
+        cos = _cosine(logits, ref.logits)
+        scale = np.maximum(1.0, np.abs(ref.logits).max(axis=1))
+        top1 = _top1(logits, ref.logits)
+        judged, back = selections.judged, Findings()
+        if not tol.statistical:
+            agree = (cos >= tol.min_cosine) & (err.max(axis=1) <= tol.logit_rtol * scale)
+            judged, back = _agreeing_ties(judged, selections.tied, agree)
+        quantiles = error_quantiles(err.max(axis=1) / scale, 1.0 - cos, judged)
+        found = (
+            _judge_statistics(quantiles, float(top1.mean()), tol)
+            if tol.statistical
+            else _judge_images(ref.logits, err, cos, top1, judged, tol)
+        )
+        accuracy, lost = _accuracy(ref, logits, subject)
+        unpruned = {
+            name: top1_accuracy(x, ref.unpruned.argmax(1)) for name, x in (("torch", ref.logits), (subject.backend, logits))
+        }
+        return EndToEnd(judged, err, cos, back + found + lost, top1, unpruned, accuracy, quantiles)
+
+
+@dataclass(frozen=True)
+class TokensComparator:
+    """Tokens and dense features: the same kept patch ids, then on the judged images the rows in
+    patch-id order (a dense model's rows are the patch grid): max |error| within
+    ``logit_rtol * max(1, max |reference|)`` and every row's cosine >= ``min_cosine``. Kept patch-id
+    sets go by the tie rule: the inner layers through the graph's TopK outputs where observed, a
+    tokens model's final one through its ``indices`` output."""
+
+    output: str
+    quality: bool = False
+
+    def observe(
+        self,
+        plan: KeepPlan,
+        runs: Runs,
+        tol: Tolerances,
+    ) -> tuple[np.ndarray, np.ndarray | None, Observed]:
+        dense = self.output == "dense"
+        name = FEATURES_NAME if dense else TOKENS_NAME
+        grid = np.tile(np.arange(plan.num_patches), (len(runs.reference[name]), 1))
+
+        def rows(out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            # Rows compared by patch id: score order may swap tied kept tokens without changing the set.
+            ids = grid if dense else out[INDICES_NAME].astype(np.int64)
+            return ids, _by_patch_id(out[name].astype(np.float32), ids)
+
+        ref_ids, ref_rows = rows(runs.reference)
+        cand_ids, cand_rows = rows(runs.candidate)
+        unobserved = None
+        if runs.observer is not None:
+            seen_ids, seen_rows = rows(runs.observer)
+            unobserved = (_id_differences(seen_ids, cand_ids) > 0) | _differ(cand_rows, seen_rows, ref_rows, tol)
+        _, topk_kept, selects = _checked(plan)
+        # Inner layers through the graph's TopK outputs; the final selection is the indices output itself.
+        seen = Observed(
+            cand_rows,
+            _observed_kept(runs.seen, topk_kept),
+            dict.fromkeys(selects, cand_ids),
+            unobserved,
+            _id_differences(ref_ids, cand_ids),
+        )
+        return ref_rows, None, seen
+
+    def compare(
+        self,
+        ref: Reference,
+        seen: Observed,
+        selections: JudgedSelections,
+        subject: Subject,
+    ) -> EndToEnd:
+        tol, rows, differ = subject.tolerances, seen.outputs, seen.id_differences
+        n, width = len(rows), rows.shape[-1]
+        same_ids = differ == 0
+        found = _collect(selections.judged & ~same_ids, differ, "kept patch ids that differ despite clear score margins")
+        err = np.abs(rows - ref.logits).reshape(n, -1)
+        cos = _cosine(rows.reshape(-1, width), ref.logits.reshape(-1, width)).reshape(n, -1).min(axis=1)
+        limit = tol.logit_rtol * np.maximum(1.0, np.abs(ref.logits).reshape(n, -1).max(axis=1))
+        agree = (cos >= tol.min_cosine) & (err.max(axis=1) <= limit)
+        judged, back = _agreeing_ties(selections.judged, selections.tied & same_ids, agree)
+        judged = judged & same_ids
+        found += _collect(judged & (cos < tol.min_cosine), cos, f"token cosine similarity below {tol.min_cosine:g}", low=True)
+        found += _collect(judged & (err.max(axis=1) > limit), err.max(axis=1), "max |token error| above the tolerance")
+        return EndToEnd(judged, err, cos, Findings(mismatches=found) + back)
+
+
+# One comparator per output kind (KeepPlan.config.output).
+COMPARATORS: dict[str, OutputComparator] = {
+    "logits": LogitsComparator(),
+    "tokens": TokensComparator("tokens"),
+    "dense": TokensComparator("dense"),
+}
 
 
 def _checked(
@@ -516,91 +834,6 @@ def _observed_kept(
     return kept if len(kept) == len(layers) else None
 
 
-def validate_tokens(
-    pruned: nn.Module,
-    candidate: BaseRunner,
-    images: ValImages,
-    precision: str = "fp32",
-    backend: str | None = None,
-    batch: int = 32,
-    observer: BaseRunner | None = None,
-    random_weights: bool = False,
-) -> ValidationReport:
-    """:func:`validate` for a tokens or dense model: kept patch-id sets by the tie rule (the inner
-    layers through the graph's TopK outputs where observed, a tokens model's final one through its
-    ``indices`` output), then on the judged images the features, row by row in patch-id order (a
-    dense model's rows are the patch grid): max |error| within ``logit_rtol * max(1, max |reference|)``
-    and every row's cosine >= ``min_cosine``."""
-    from colln.export.spec import FEATURES_NAME, INDICES_NAME, TOKENS_NAME
-
-    plan = get_plan(pruned)
-    dense = plan.config.output == "dense"
-    tol = TOLERANCES[precision]
-    backend = backend or candidate.name
-    ref_runner = TorchRunner(pruned, name="torch")
-    runners = [ref_runner, candidate, *([observer] if observer is not None else [])]
-    with record_selections(pruned) as selections:
-        results = _run_all(runners, list(feeds(images.images, batch)))
-    layers, topk_kept, selects = _checked(plan)
-    kept, scores = _recorded(selections, layers)
-    ref_out, outs = results[ref_runner.name], results[candidate.name]
-    seen = results[observer.name] if observer is not None else outs
-    name = FEATURES_NAME if dense else TOKENS_NAME
-    ref = Reference(logits=ref_out[name], unpruned=None, kept=kept, scores=scores, merge_margins=_merge_margins(selections))
-    # Inner layers through the graph's TopK outputs; the final selection is the indices output itself.
-    cand_kept = _observed_kept(seen, topk_kept)
-    # A dense model's rows are the patch grid itself.
-    grid = np.tile(np.arange(plan.num_patches), (len(ref.logits), 1))
-    cand_ids = grid if dense else outs[INDICES_NAME].astype(np.int64)
-    # Rows compared by patch id: score order may swap tied kept tokens without changing the set.
-    ref_ids = grid if dense else ref_out[INDICES_NAME]
-    ref_tok = _by_patch_id(ref.logits, ref_ids)
-    cand_tok = _by_patch_id(outs[name].astype(np.float32), cand_ids)
-    unobserved = None
-    if observer is not None:
-        seen_ids = grid if dense else seen[INDICES_NAME].astype(np.int64)
-        seen_tok = _by_patch_id(seen[name].astype(np.float32), seen_ids)
-        unobserved = (np.sort(seen_ids, axis=1) != np.sort(cand_ids, axis=1)).any(axis=1) | _differ(
-            cand_tok, seen_tok, ref_tok, tol
-        )
-    final = dict.fromkeys(selects, cand_ids)
-    n = len(cand_ids)
-    checks, judged, tied, mismatches, warnings = _judge_selections(
-        ref, cand_kept, layers, plan.config.metric, False, tol, n, backend, cand_patch_ids=final, unobserved=unobserved
-    )
-    differ = (np.sort(ref_ids, axis=1) != np.sort(cand_ids, axis=1)).sum(axis=1)
-    same_ids = differ == 0
-    _collect(mismatches, judged & ~same_ids, differ, "kept patch ids that differ despite clear score margins")
-    err = np.abs(cand_tok - ref_tok).reshape(n, -1)
-    cos = _cosine(cand_tok.reshape(-1, cand_tok.shape[-1]), ref_tok.reshape(-1, ref_tok.shape[-1])).reshape(n, -1).min(axis=1)
-    limit = tol.logit_rtol * np.maximum(1.0, np.abs(ref_tok).reshape(n, -1).max(axis=1))
-    judged = _agreeing_ties(judged, tied & same_ids, (cos >= tol.min_cosine) & (err.max(axis=1) <= limit), warnings)
-    judged &= same_ids
-    _collect(mismatches, judged & (cos < tol.min_cosine), cos, f"token cosine similarity below {tol.min_cosine:g}", low=True)
-    _collect(mismatches, judged & (err.max(axis=1) > limit), err.max(axis=1), "max |token error| above the tolerance")
-    required = _require_judged(judged, mismatches, random_weights)
-    return ValidationReport(
-        backend=backend,
-        reference="torch",
-        precision=precision,
-        images=n,
-        source=images.source,
-        tolerances=tol,
-        kept_sets_observed=cand_kept is not None,
-        judged_images=int(judged.sum()),
-        top1_agreement=None,
-        top1_agreement_judged=None,
-        **_error_fields(err, cos, judged),
-        layers=checks,
-        unpruned_top1_agreement={},
-        accuracy=None,
-        mismatches=mismatches,
-        warnings=warnings,
-        output=plan.config.output,
-        judged_required=required,
-    )
-
-
 def _by_patch_id(
     tokens: np.ndarray,
     ids: np.ndarray,
@@ -625,88 +858,6 @@ def _run_all(
     return merged
 
 
-def compare(
-    ref: Reference,
-    logits: np.ndarray,
-    cand_kept: dict[int, np.ndarray] | None,
-    layers: Sequence[tuple[int, int]],
-    metric: str,
-    fuse: bool,
-    tolerances: Tolerances,
-    labels: np.ndarray | None,
-    backend: str,
-    precision: str,
-    source: str,
-    unobserved: np.ndarray | None = None,
-    random_weights: bool = False,
-) -> ValidationReport:
-    """Judge a candidate's logits (and kept sets, when observed) against the PyTorch reference.
-
-    Kept indices point into each layer's candidates, whose order is the previous layer's score
-    order; near-tied scores can reorder them without changing the set. So both sides' picks are
-    mapped back to patch ids (the fused token gets id ``-1 - layer``) before sets are compared.
-    ``unobserved``: per image, the kept sets were read from a copy of the graph that computed other
-    outputs (see :func:`_differ`); there near-tied selections are left out as where none is observed."""
-    n = len(logits)
-    tol = tolerances
-    checks, judged, tied, mismatches, warnings = _judge_selections(
-        ref, cand_kept, layers, metric, fuse, tol, n, backend, unobserved=unobserved
-    )
-    err = np.abs(logits - ref.logits)
-    cos = _cosine(logits, ref.logits)
-    scale = np.maximum(1.0, np.abs(ref.logits).max(axis=1))
-    limit = tol.logit_rtol * scale
-    top1 = logits.argmax(1) == ref.logits.argmax(1)
-    if not tol.statistical:
-        judged = _agreeing_ties(judged, tied, (cos >= tol.min_cosine) & (err.max(axis=1) <= limit), warnings)
-    quantiles = error_quantiles(err.max(axis=1) / scale, 1.0 - cos, judged)
-    if tol.statistical:
-        _judge_statistics(quantiles, float(top1.mean()), tol, mismatches)
-    else:
-        top2 = np.sort(ref.logits, axis=1)[:, -2:] if ref.logits.shape[1] > 1 else np.zeros((n, 2))
-        clear_top1 = (top2[:, 1] - top2[:, 0]) > limit
-        _collect(mismatches, judged & (cos < tol.min_cosine), cos, f"cosine similarity below {tol.min_cosine:g}", low=True)
-        _collect(mismatches, judged & (err.max(axis=1) > limit), err.max(axis=1), "max |logit error| above the tolerance")
-        _collect(
-            mismatches, judged & clear_top1 & ~top1, top2[:, 1] - top2[:, 0], "different top-1 class despite a clear top-2 gap"
-        )
-    agree = {"torch": _agreement(ref.logits, ref.unpruned), backend: _agreement(logits, ref.unpruned)}
-    accuracy = None
-    if labels is not None:
-        accuracy = {
-            "unpruned": top1_accuracy(ref.unpruned, labels),
-            "torch": top1_accuracy(ref.logits, labels),
-            backend: top1_accuracy(logits, labels),
-        }
-        drop = accuracy["torch"] - accuracy[backend]
-        if tol.max_accuracy_drop is not None and drop > tol.max_accuracy_drop:
-            mismatches.append(
-                f"accuracy {accuracy[backend]:.4f} vs torch {accuracy['torch']:.4f}: {100 * drop:.1f} points lost, "
-                f"more than the {100 * tol.max_accuracy_drop:g} allowed"
-            )
-    required = _require_judged(judged, mismatches, random_weights)
-    return ValidationReport(
-        backend=backend,
-        reference="torch",
-        precision=precision,
-        images=n,
-        source=source,
-        tolerances=tol,
-        kept_sets_observed=cand_kept is not None,
-        judged_images=int(judged.sum()),
-        top1_agreement=float(top1.mean()),
-        top1_agreement_judged=float(top1[judged].mean()) if judged.any() else None,
-        **_error_fields(err, cos, judged),
-        layers=checks,
-        unpruned_top1_agreement=agree,
-        accuracy=accuracy,
-        mismatches=mismatches,
-        warnings=warnings,
-        judged_required=required,
-        error_quantiles=quantiles,
-    )
-
-
 def error_quantiles(
     rel_error: np.ndarray,
     cosine_gap: np.ndarray,
@@ -729,15 +880,15 @@ def _judge_statistics(
     quantiles: dict,
     top1_agreement: float,
     tol: Tolerances,
-    mismatches: list[str],
-) -> None:
+) -> Findings:
     """The int8 rule's end-to-end checks (:attr:`Tolerances.statistical`): top-1 agreement over all
     images, and the median and p99 of the judged images' errors."""
+    found = []
     if top1_agreement < tol.min_top1_agreement:
-        mismatches.append(f"top-1 agreement with torch {top1_agreement:.4f}, below {tol.min_top1_agreement:g}")
+        found.append(f"top-1 agreement with torch {top1_agreement:.4f}, below {tol.min_top1_agreement:g}")
     judged = quantiles["judged"]
     if judged is None:
-        return
+        return Findings(mismatches=tuple(found))
     limits = {
         ("rel_error", "median"): tol.median_logit_rtol,
         ("rel_error", "p99"): tol.p99_logit_rtol,
@@ -748,34 +899,70 @@ def _judge_statistics(
     for (quantity, q), limit in limits.items():
         value = judged[quantity][q]
         if value > limit:
-            mismatches.append(f"{q} of {what[quantity]} over the judged images {value:.4g}, above {limit:g}")
+            found.append(f"{q} of {what[quantity]} over the judged images {value:.4g}, above {limit:g}")
+    return Findings(mismatches=tuple(found))
+
+
+def _judge_images(
+    ref_logits: np.ndarray,
+    err: np.ndarray,
+    cos: np.ndarray,
+    top1: np.ndarray,
+    judged: np.ndarray,
+    tol: Tolerances,
+) -> Findings:
+    """The per-image end-to-end checks on the ``judged`` images: cosine, max |logit error| within
+    ``logit_rtol * max(1, max |reference logit|)``, and the same top-1 class unless PyTorch's own
+    top-1/top-2 gap is within that error tolerance."""
+    n = len(ref_logits)
+    limit = tol.logit_rtol * np.maximum(1.0, np.abs(ref_logits).max(axis=1))
+    top2 = np.sort(ref_logits, axis=1)[:, -2:] if ref_logits.shape[1] > 1 else np.zeros((n, 2))
+    gap = top2[:, 1] - top2[:, 0]
+    found = (
+        _collect(judged & (cos < tol.min_cosine), cos, f"cosine similarity below {tol.min_cosine:g}", low=True)
+        + _collect(judged & (err.max(axis=1) > limit), err.max(axis=1), "max |logit error| above the tolerance")
+        + _collect(judged & (gap > limit) & ~top1, gap, "different top-1 class despite a clear top-2 gap")
+    )
+    return Findings(mismatches=found)
+
+
+def _accuracy(
+    ref: Reference,
+    logits: np.ndarray,
+    subject: Subject,
+) -> tuple[dict[str, float] | None, Findings]:
+    """Top-1 accuracy on the labels (None without them) of the unpruned model, PyTorch's pruned one
+    and the candidate, and a mismatch where the candidate lost more than ``max_accuracy_drop``."""
+    labels, backend, tol = subject.labels, subject.backend, subject.tolerances
+    if labels is None:
+        return None, Findings()
+    models = (("unpruned", ref.unpruned), ("torch", ref.logits), (backend, logits))
+    accuracy = {name: top1_accuracy(x, labels) for name, x in models}
+    drop = accuracy["torch"] - accuracy[backend]
+    if tol.max_accuracy_drop is None or drop <= tol.max_accuracy_drop:
+        return accuracy, Findings()
+    lost = (
+        f"accuracy {accuracy[backend]:.4f} vs torch {accuracy['torch']:.4f}: {100 * drop:.1f} points lost, "
+        f"more than the {100 * tol.max_accuracy_drop:g} allowed"
+    )
+    return accuracy, Findings(mismatches=(lost,))
 
 
 def _judge_selections(
     ref: Reference,
-    cand_kept: dict[int, np.ndarray] | None,
+    seen: Observed,
     layers: Sequence[tuple[int, int]],
     metric: str,
     fuse: bool,
     tol: Tolerances,
-    n: int,
     backend: str,
-    cand_patch_ids: dict[int, np.ndarray] | None = None,
-    unobserved: np.ndarray | None = None,
-) -> tuple[list[LayerCheck], np.ndarray, np.ndarray, list[str], list[str]]:
-    """Per selection layer: PyTorch's margins and, when the candidate reports its picks, kept-set
-    agreement by the tie rule. Returns the layer checks, the images left to judge end to end, the
-    images left out only because a choice the candidate does not report is near-tied (see
-    :func:`_agreeing_ties`), and the mismatches and warnings so far. ``cand_patch_ids``: layers whose candidate picks are patch
-    ids already (a tokens model's ``indices`` output) rather than indices into the candidates.
-    ``unobserved``: images whose reported picks may not be the deployed graph's (:func:`_differ`):
-    the margin rule applies to them too."""
-    cand_patch_ids = cand_patch_ids or {}
-    tied = np.zeros(n, dtype=bool)
-    mismatches: list[str] = []
-    warnings: list[str] = []
-    rel_margins = {}
-    checks = []
+) -> JudgedSelections:
+    """Per selection layer: PyTorch's margins and, when the candidate reports its picks
+    (``seen.kept``), kept-set agreement by the tie rule; where it does not, near-tied images are
+    left out. Images whose reported picks may not be the deployed graph's (``seen.unobserved``, see
+    :func:`_differ`) go by the margin rule too; near-tied merge choices are left out."""
+    n = len(ref.logits)
+    rel_margins, checks = {}, []
     for i, k in layers:
         s = torch.from_numpy(ref.scores[i])
         margin = ops.boundary_margin(s, k).numpy()
@@ -789,52 +976,81 @@ def _judge_selections(
                 tied_images=int((rel_margins[i] <= tol.tie_rtol).sum()),
             )
         )
-    if cand_kept is not None:
-        judged = np.ones(n, dtype=bool)
-        ids = (
-            {side: np.tile(np.arange(ref.scores[layers[0][0]].shape[1]), (n, 1)) for side in ("torch", "cand")} if layers else {}
-        )
-        for c, (i, _) in enumerate(layers):
-            picked = {
-                "torch": np.take_along_axis(ids["torch"], ref.kept[i], axis=1),
-                "cand": cand_patch_ids[i]
-                if i in cand_patch_ids
-                else np.take_along_axis(ids["cand"], cand_kept[i].astype(np.int64), axis=1),
-            }
-            checks[c] = _kept_check(
-                checks[c], ref, ids["torch"], picked, judged, rel_margins[i], metric, tol, mismatches, warnings
-            )
-            fused = np.full((n, 1), -1 - i) if fuse else np.zeros((n, 0), dtype=np.int64)
-            ids = {side: np.concatenate([picked[side], fused], axis=1) for side in ids}
-        # Only the explained divergences are near-ties; the others are mismatches already.
-        explained = sum(c.explained or 0 for c in checks)
-        if explained:
-            warnings.append(
-                f"{explained} of {n} images kept a different token set on a near-tie (within tie_rtol {tol.tie_rtol:g}); "
-                "left out of the logit checks"
-            )
-        if unobserved is not None and layers:
-            near = np.any([rel_margins[i] <= tol.tie_rtol for i, _ in layers], axis=0)
-            left_out = unobserved & near & judged
-            judged &= ~left_out
-            tied |= left_out
-            if left_out.any():
-                warnings.append(
-                    f"{int(left_out.sum())} of {n} images have a near-tied selection (relative margin <= {tol.tie_rtol:g}) "
-                    f"and {backend} as deployed computed other outputs than its copy that reports kept tokens; "
-                    "left out of the logit checks unless their outputs agree anyway"
-                )
+    near = np.any([r <= tol.tie_rtol for r in rel_margins.values()], axis=0) if layers else np.zeros(n, dtype=bool)
+    if seen.kept is None:
+        judged, tied, found = ~near, near, Findings(warnings=_unreported(near, backend, tol))
     else:
-        judged = np.all([rel_margins[i] > tol.tie_rtol for i, _ in layers], axis=0) if layers else np.ones(n, dtype=bool)
-        tied |= ~judged
-        if not judged.all():
-            warnings.append(
-                f"{int((~judged).sum())} of {n} images have a near-tied selection (relative margin <= {tol.tie_rtol:g}) "
-                f"and {backend} does not report that choice (ONNX Runtime's graph reports kept tokens; no backend reports "
-                "ToMe's matching); left out of the logit checks unless their outputs agree anyway"
+        checks, judged, found = _judge_kept(ref, seen, checks, rel_margins, metric, fuse, tol)
+        tied = near & judged & seen.unobserved if seen.unobserved is not None else np.zeros(n, dtype=bool)
+        judged = judged & ~tied
+        if tied.any():
+            found += Findings(
+                warnings=(
+                    f"{int(tied.sum())} of {n} images have a near-tied selection (relative margin <= {tol.tie_rtol:g}) "
+                    f"and {backend} as deployed computed other outputs than its copy that reports kept tokens; "
+                    "left out of the logit checks unless their outputs agree anyway",
+                )
             )
-    tied |= _judge_merges(ref.merge_margins, checks, judged, tol, warnings)
-    return checks, judged, tied, mismatches, warnings
+    checks, merge_tied, merges = _judge_merges(ref.merge_margins, checks, judged, tol)
+    return JudgedSelections(checks, judged & ~merge_tied, tied | merge_tied, found + merges)
+
+
+def _unreported(
+    near: np.ndarray,
+    backend: str,
+    tol: Tolerances,
+) -> tuple[str, ...]:
+    """The warning for the images left out because ``backend`` does not report a near-tied choice."""
+    if not near.any():
+        return ()
+    return (
+        f"{int(near.sum())} of {len(near)} images have a near-tied selection (relative margin <= {tol.tie_rtol:g}) "
+        f"and {backend} does not report that choice (ONNX Runtime's graph reports kept tokens; no backend reports "
+        "ToMe's matching); left out of the logit checks unless their outputs agree anyway",
+    )
+
+
+def _judge_kept(
+    ref: Reference,
+    seen: Observed,
+    checks: list[LayerCheck],
+    rel_margins: dict[int, np.ndarray],
+    metric: str,
+    fuse: bool,
+    tol: Tolerances,
+) -> tuple[list[LayerCheck], np.ndarray, Findings]:
+    """The candidate's kept sets layer by layer on the images whose earlier layers agreed (see
+    :func:`_kept_check`). Picks are compared as patch ids: each layer's candidates are the previous
+    layer's picks (and the fused token, id ``-1 - layer``). Returns the checks, the images that never
+    diverged and what was found."""
+    n = len(ref.logits)
+    judged = np.ones(n, dtype=bool)
+    found = Findings()
+    ids = {side: np.tile(np.arange(ref.scores[checks[0].layer].shape[1]), (n, 1)) for side in ("torch", "cand")} if checks else {}
+    out = []
+    for check in checks:
+        i = check.layer
+        picked = {
+            "torch": np.take_along_axis(ids["torch"], ref.kept[i], axis=1),
+            "cand": seen.patch_ids[i]
+            if i in seen.patch_ids
+            else np.take_along_axis(ids["cand"], seen.kept[i].astype(np.int64), axis=1),
+        }
+        check, diverged, more = _kept_check(check, ref.scores[i], ids["torch"], picked, judged, rel_margins[i], metric, tol)
+        out.append(check)
+        judged, found = judged & ~diverged, found + more
+        fused = np.full((n, 1), -1 - i) if fuse else np.zeros((n, 0), dtype=np.int64)
+        ids = {side: np.concatenate([picked[side], fused], axis=1) for side in ids}
+    # Only the explained divergences are near-ties; the others are mismatches already.
+    explained = sum(c.explained or 0 for c in out)
+    if explained:
+        found += Findings(
+            warnings=(
+                f"{explained} of {n} images kept a different token set on a near-tie (within tie_rtol {tol.tie_rtol:g}); "
+                "left out of the logit checks",
+            )
+        )
+    return out, judged, found
 
 
 def _judge_merges(
@@ -842,93 +1058,94 @@ def _judge_merges(
     checks: list[LayerCheck],
     judged: np.ndarray,
     tol: Tolerances,
-    warnings: list[str],
-) -> np.ndarray:
-    """Leave out of the end-to-end checks the images whose merge choice is near-tied at some merging
-    layer (its margin within ``tie_rtol``: the backends may pick another destination); record the
-    margins in ``checks``. Updates ``judged``; returns the images it left out."""
+) -> tuple[list[LayerCheck], np.ndarray, Findings]:
+    """The images whose merge choice is near-tied at some merging layer (its margin within
+    ``tie_rtol``: the backends may pick another destination), to leave out of the end-to-end checks.
+    Returns the checks with their merge margins, those of the ``judged`` images it leaves out, and
+    the warning."""
     tied = np.zeros_like(judged)
-    if not margins:
-        return tied
-    for c, check in enumerate(checks):
-        if check.layer in margins:
-            m = margins[check.layer]
+    out = []
+    for check in checks:
+        m = margins.get(check.layer)
+        if m is not None:
             near = m <= tol.tie_rtol
             tied |= near
-            checks[c] = replace(check, min_merge_margin=float(m.min()), merge_tied_images=int(near.sum()))
+            check = replace(check, min_merge_margin=float(m.min()), merge_tied_images=int(near.sum()))
+        out.append(check)
     left_out = tied & judged
-    judged &= ~tied
-    if left_out.any():
-        warnings.append(
-            f"{int(left_out.sum())} of {len(judged)} images have a near-tied merge choice (best and second-best destination "
-            f"within tie_rtol {tol.tie_rtol:g}); left out of the logit checks unless their outputs agree anyway"
-        )
-    return left_out
+    if not left_out.any():
+        return out, left_out, Findings()
+    warning = (
+        f"{int(left_out.sum())} of {len(judged)} images have a near-tied merge choice (best and second-best destination "
+        f"within tie_rtol {tol.tie_rtol:g}); left out of the logit checks unless their outputs agree anyway"
+    )
+    return out, left_out, Findings(warnings=(warning,))
 
 
 def _kept_check(
     check: LayerCheck,
-    ref: Reference,
-    ref_ids: np.ndarray,
+    scores: np.ndarray,
+    candidates: np.ndarray,
     picked: dict[str, np.ndarray],
-    judged: np.ndarray,
+    compared: np.ndarray,
     rel_margin: np.ndarray,
     metric: str,
     tol: Tolerances,
-    mismatches: list[str],
-    warnings: list[str],
-) -> LayerCheck:
-    """Compare kept sets on the images whose earlier layers agreed; a divergence here is explained
-    when the tokens only one side kept are all within the tie band of PyTorch's k-th score.
-    Updates ``judged`` (diverged images drop out)."""
+) -> tuple[LayerCheck, np.ndarray, Findings]:
+    """Compare kept sets on the ``compared`` images (those whose earlier layers agreed); a divergence
+    here is explained when the tokens only one side kept are all within the tie band of PyTorch's
+    k-th score (``scores``: PyTorch's, over the layer's ``candidates``, as patch ids). Returns the
+    check, the images that diverged here and what was found."""
     i, k = check.layer, check.k
     overlap_all = [
         len(set(t.tolist()) & set(c.tolist())) / max(len(t), len(c)) for t, c in zip(picked["torch"], picked["cand"], strict=True)
     ]
-    compared = np.flatnonzero(judged)
-    overlaps, diverged, explained, worst = [], 0, 0, []
-    for b in compared:
+    diverged = np.zeros_like(compared)
+    overlaps, explained, worst = [], 0, []
+    for b in np.flatnonzero(compared):
         t, c = set(picked["torch"][b].tolist()), set(picked["cand"][b].tolist())
         overlaps.append(len(t & c) / k)
         if t == c:
             continue
-        diverged += 1
-        judged[b] = False
-        s = ref.scores[i][b]
+        diverged[b] = True
+        s = scores[b]
         kth = np.sort(s)[::-1][k - 1]
         band = tol.tie_rtol * np.abs(s).max()
         if metric == "correct":
             ok, gap = rel_margin[b] <= tol.tie_rtol, float(rel_margin[b])
         else:
-            differ = np.isin(ref_ids[b], list(t ^ c))
+            differ = np.isin(candidates[b], list(t ^ c))
             gap = float(max(np.abs(s[differ] - kth).max() - band, 0.0) / max(np.abs(s).max(), 1e-30))
             ok = gap == 0.0
         explained += ok
         if not ok:
             worst.append((gap, int(b)))
+    found = Findings()
     if worst:
         gap, b = max(worst)
-        found = (
+        text = (
             f"layer {i}: {len(worst)} image(s) kept tokens outside PyTorch's tie band (worst: image {b}, "
             f"{gap:.2g} of the top score beyond it)"
         )
         # The int8 rule judges the layer by its mean overlap below, not by its worst image.
-        (warnings if tol.statistical else mismatches).append(found)
+        found = Findings(warnings=(text,)) if tol.statistical else Findings(mismatches=(text,))
     mean_all = float(np.mean(overlap_all)) if overlap_all else None
     if tol.statistical and mean_all is not None and mean_all < tol.min_mean_overlap:
-        mismatches.append(f"layer {i}: mean kept-set overlap with torch {mean_all:.4f}, below {tol.min_mean_overlap:g}")
-    return LayerCheck(
-        **{
-            **asdict(check),
-            "compared_images": len(compared),
-            "mean_overlap": float(np.mean(overlaps)) if overlaps else None,
-            "identical_fraction": float(1 - diverged / len(compared)) if len(compared) else None,
-            "diverged_here": diverged,
-            "explained": explained,
-            "mean_overlap_all": mean_all,
-            "outside_band": len(worst),
-        }
+        found += Findings(
+            mismatches=(f"layer {i}: mean kept-set overlap with torch {mean_all:.4f}, below {tol.min_mean_overlap:g}",)
+        )
+    n_compared, n_diverged = int(compared.sum()), int(diverged.sum())
+    check = replace(
+        check,
+        compared_images=n_compared,
+        mean_overlap=float(np.mean(overlaps)) if overlaps else None,
+        identical_fraction=float(1 - n_diverged / n_compared) if n_compared else None,
+        diverged_here=n_diverged,
+        explained=explained,
+        mean_overlap_all=mean_all,
+        outside_band=len(worst),
     )
+    return check, diverged, found
 
 
 def required_judged(
@@ -943,52 +1160,58 @@ def _agreeing_ties(
     judged: np.ndarray,
     tied: np.ndarray,
     agree: np.ndarray,
-    warnings: list[str],
-) -> np.ndarray:
+) -> tuple[np.ndarray, Findings]:
     """Judge the images left out only for a near-tied choice the candidate does not report (``tied``)
     whose outputs agree with the reference within the per-image tolerances anyway (``agree``): the
     tie left out the images where a flipped choice could explain a difference, and these show none;
     judged, they count towards the images a pass needs. Those that differ stay left out."""
     back = tied & ~judged & agree
-    if back.any():
-        warnings.append(
-            f"{int(back.sum())} of those images with a near-tied choice agree with torch within the tolerances anyway: judged"
-        )
-    return judged | back
+    if not back.any():
+        return judged, Findings()
+    warning = f"{int(back.sum())} of those images with a near-tied choice agree with torch within the tolerances anyway: judged"
+    return judged | back, Findings(warnings=(warning,))
 
 
 def _require_judged(
     judged: np.ndarray,
-    mismatches: list[str],
     random_weights: bool,
-) -> int:
+) -> tuple[int, Findings]:
     """Fail a validation that judged too few images end to end (the rest left out as near-ties, or
     already mismatched): the logit checks then cover too little to call it a pass. Returns the
-    number required."""
+    number required and the mismatch, if any."""
     n, got = len(judged), int(judged.sum())
     need = required_judged(n)
-    if got < need:
-        why = (
-            "random weights attend almost uniformly, so their selections are near-ties: validate trained weights"
-            if random_weights
-            else "the others were left out of the logit checks (see the warnings and mismatches): validate on more "
-            "images, or at a precision with fewer near-ties"
-        )
-        mismatches.append(f"too few images judged end to end: {got} of {n}, at least {need} needed; {why}")
-    return need
+    if got >= need:
+        return need, Findings()
+    why = (
+        "random weights attend almost uniformly, so their selections are near-ties: validate trained weights"
+        if random_weights
+        else "the others were left out of the logit checks (see the warnings and mismatches): validate on more "
+        "images, or at a precision with fewer near-ties"
+    )
+    return need, Findings(mismatches=(f"too few images judged end to end: {got} of {n}, at least {need} needed; {why}",))
 
 
 def _collect(
-    mismatches: list[str],
     bad: np.ndarray,
     values: np.ndarray,
     what: str,
     low: bool = False,
-) -> None:
+) -> tuple[str, ...]:
+    """The mismatch for the ``bad`` images, naming the worst by ``values`` (the lowest when ``low``)."""
     idx = np.flatnonzero(bad)
-    if len(idx):
-        worst = idx[np.argmin(values[idx])] if low else idx[np.argmax(values[idx])]
-        mismatches.append(f"{len(idx)} image(s) with {what} (worst: image {worst}, {values[worst]:.6g})")
+    if not len(idx):
+        return ()
+    worst = idx[np.argmin(values[idx])] if low else idx[np.argmax(values[idx])]
+    return (f"{len(idx)} image(s) with {what} (worst: image {worst}, {values[worst]:.6g})",)
+
+
+def _id_differences(
+    ids: np.ndarray,
+    other: np.ndarray,
+) -> np.ndarray:
+    """Per image, how many of the kept patch ids differ between two selections (as sets)."""
+    return (np.sort(ids, axis=1) != np.sort(other, axis=1)).sum(axis=1)
 
 
 def _cosine(
@@ -1000,8 +1223,9 @@ def _cosine(
     return np.where(den > 0, (a64 * b64).sum(1) / np.maximum(den, 1e-300), 1.0)
 
 
-def _agreement(
-    a: np.ndarray,
-    b: np.ndarray,
-) -> float:
-    return top1_accuracy(a, b.argmax(1))
+def _top1(
+    logits: np.ndarray,
+    target: np.ndarray,
+) -> np.ndarray:
+    """Per image: ``logits``' top-1 class is ``target``'s (a label per image, or other logits' top-1)."""
+    return logits.argmax(1) == (target if target.ndim == 1 else target.argmax(1))
