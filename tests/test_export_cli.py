@@ -20,7 +20,7 @@ from speed_checks import assert_latency_stats, assert_plausible_speedup
 from colln.app.export_cli import main
 from colln.data import preprocess
 from colln.export.onnx import read_metadata, topk_constants
-from colln.export.spec import ExportSpec
+from colln.export.spec import ExportSpec, file_sha256
 from colln.infer.environment import cpu_flags, cpu_model, describe_cpu_flags
 from colln.infer.timing import Timing
 from colln.models import digits
@@ -212,7 +212,9 @@ def test_trt_engine_and_triton_repository(tmp_path: Path, digits_weights: str, c
     out, repo = tmp_path / "digits", tmp_path / "repo"
     argv = ["digits_vit", "--weights", digits_weights, "--out", str(out), "--no-validate", "--no-latency"]
     assert main([*argv, "--trt", "--batch-opt", "2", "--batch-max", "4", "--triton-repo", str(repo)]) == 0
-    assert (out / "model.plan").stat().st_size > 0 and json.loads((out / "model.plan.json").read_text())
+    # The plan was built from this export's graph (its metadata records the graph's sha256).
+    assert json.loads((out / "model.plan.json").read_text())["onnx_sha256"] == file_sha256(out / "model.onnx")
+    assert (out / "model.plan").is_file()
     assert (repo / "digits" / "config.pbtxt").is_file() and (repo / "digits" / "1" / "model.onnx").is_file()
     text = capsys.readouterr().out
     assert "TensorRT" in text and "Triton" in text

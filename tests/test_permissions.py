@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from colln.app.export_cli import main as export_main
+from colln.export.spec import file_sha256
 from colln.models import digits
 
 BIN = Path(sys.executable).parent
@@ -122,4 +123,5 @@ def test_a_default_timing_cache_that_cannot_be_written_only_costs_the_cache(area
     assert f"colln: warning: cannot write {area / 'ro' / '.cache' / 'colln'} (" in proc.stderr
     assert "building without a timing cache" in proc.stderr
     assert json.loads((export / "model.plan.json").read_text())["timing_cache"] is None
-    assert (export / "model.plan").stat().st_size > 0 and list((area / "ro").iterdir()) == []
+    assert json.loads((export / "model.plan.json").read_text())["onnx_sha256"] == file_sha256(export / "model.onnx")
+    assert (export / "model.plan").is_file() and list((area / "ro").iterdir()) == []

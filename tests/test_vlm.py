@@ -25,7 +25,7 @@ from colln.app.export_cli import main as export_main
 from colln.app.validate_cli import main as validate_main
 from colln.data import validation_images
 from colln.errors import PlanError
-from colln.export.spec import ExportSpec
+from colln.export.spec import ExportSpec, file_sha256
 from colln.export.triton import write_model_repository
 from colln.infer.runners import TorchRunner
 from colln.models import ops
@@ -339,7 +339,8 @@ def test_tensorrt_parses_and_builds_the_tokens_graph(tokens_export: Path, tmp_pa
     shutil.copytree(tokens_export, built)
     build_engine(built, 1, 2, 4, timing_cache=tmp_path / "timing.cache")
     meta = json.loads((built / ENGINE_META_FILE).read_text())
-    assert (built / ENGINE_FILE).stat().st_size > 0 and meta["tensorrt"]["flavour"] == flavour.name
+    assert (built / ENGINE_FILE).is_file() and meta["tensorrt"]["flavour"] == flavour.name
+    assert meta["onnx_sha256"] == file_sha256(built / "model.onnx")
     assert meta["io"] == {"images": "float32", "tokens": "float32", "indices": "int64"}
 
 

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 def figure(
     **kwargs: object,
 ) -> Figure:
-    """A matplotlib Figure on its own Agg canvas: nothing process-wide is switched (no
-    ``matplotlib.use``, no pyplot and its open-figure registry)."""
+    """A matplotlib Figure on its own Agg canvas: nothing process-wide is switched (matplotlib's
+    backend stays the caller's; no pyplot and its open-figure registry)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
