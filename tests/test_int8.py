@@ -244,10 +244,12 @@ def test_a_collapsing_calibration_fails_validation_with_the_numbers(tmp_path, ca
     out = tmp_path / "x"
     argv = ["digits_vit", "--keep", "0.7", "--precision", "int8", "--out", str(out), "--no-latency", "--calib-images", str(blank)]
     assert export_main([*argv, "--val-limit", "150"]) == 1
-    assert "colln: error: validate: onnxruntime disagrees with torch" in capsys.readouterr().err
+    # Disagreement or too few judged images (the near-tie band swallows most images): both exit 1.
+    assert "colln: error: validate: onnxruntime " in capsys.readouterr().err
     v = json.loads((out / "report.json").read_text())["validation"]
     assert not v["passed"] and (out / ONNX_FILE).is_file()
-    assert any(m.startswith("top-1 agreement with torch") for m in v["mismatches"]), v["mismatches"]
+    verdicts = ("top-1 agreement with torch", "too few images judged end to end")
+    assert any(m.startswith(verdicts) for m in v["mismatches"]), v["mismatches"]
     assert any(m.startswith("p99 of 1 - cosine similarity") for m in v["mismatches"]), v["mismatches"]
     assert v["error_quantiles"]["judged"]["cosine_gap"]["p99"] > TOLERANCES["int8"].p99_cosine_gap
 
@@ -442,13 +444,13 @@ def test_a_wrong_k_int8_graph_is_refused(int8_export, tmp_path, capsys):
 
 
 def test_max_accuracy_drop_sets_the_int8_accuracy_gate(int8_export, tmp_path):
-    """The gate is at --max-accuracy-drop points: swapped weights lose ~15 points on digits, failed
-    at the default 0.5 and at 10, not at 30 (the other checks still fail it)."""
+    """The gate is at --max-accuracy-drop points: swapped weights lose ~9 points on 150 digits, failed
+    at the default 0.5 and at 5, not at 30 (the other checks still fail it)."""
     from colln.app.validate_cli import main as validate_main
 
     doctored = _doctored(int8_export, tmp_path / "doctored", _swap_fc1_weights)
     lost = {}
-    for points in (None, 10, 30):
+    for points in (None, 5, 30):
         out = tmp_path / f"v{points}.json"
         extra = ["--max-accuracy-drop", str(points)] if points is not None else []
         assert validate_main([str(doctored), "--val-limit", "150", "--json", str(out), *extra]) == 1
@@ -456,5 +458,5 @@ def test_max_accuracy_drop_sets_the_int8_accuracy_gate(int8_export, tmp_path):
         assert v["tolerances"]["max_accuracy_drop"] == pytest.approx((points or 0.5) / 100)
         lost[points] = any(m.startswith("accuracy ") for m in v["mismatches"])
         drop = v["accuracy"]["torch"] - v["accuracy"]["onnxruntime"]
-    assert 0.10 < drop < 0.30
-    assert lost == {None: True, 10: True, 30: False}
+    assert 0.05 < drop < 0.30
+    assert lost == {None: True, 5: True, 30: False}

@@ -30,7 +30,7 @@ from tritonclient.grpc import model_config_pb2  # noqa: E402
 
 from colln.app.export_cli import main as export_main  # noqa: E402
 from colln.app.validate_cli import main as validate_main  # noqa: E402
-from colln.data import validation_images  # noqa: E402
+from colln.data import pick, validation_images  # noqa: E402
 from colln.errors import CalibrationError, ExportDirError, ExportError, UsageError  # noqa: E402
 from colln.export.artifact import read_export  # noqa: E402
 from colln.export.openvino import (  # noqa: E402
@@ -81,9 +81,8 @@ def int8_bf16_export(int8_export: Path, tmp_path_factory: pytest.TempPathFactory
     spec = read_export(copy)
     labelled = validation_images(spec.model, spec.load_unpruned())
     source = cached_export(replace(spec, precision="fp32", plan={}), default_cache(int8_export))
-    write_ir(
-        copy, "int8-bf16", labelled.images[:100], source=source / "model.onnx", validation=(labelled.images, labelled.labels)
-    )
+    calibration = labelled.images[pick(len(labelled.images), 100)]  # --calib-limit 100's images
+    write_ir(copy, "int8-bf16", calibration, source=source / "model.onnx", validation=(labelled.images, labelled.labels))
     return copy
 
 
