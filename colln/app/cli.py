@@ -334,62 +334,97 @@ def add_prune_arguments(
     ``schedule``: the form of colln-eval and colln-viz, which define ``--keep`` and ``--metric``
     themselves (the values they sweep or draw): ``--layers`` may repeat and ``--schedule`` names
     block sets (this one by default); ``several``: ``--norm`` may list several orders."""
-    norm_help = f"Col-Ln norm order n (default {PruneConfig.norm:g})"
-    if schedule is None:
-        p.add_argument(
-            "--keep",
-            default=None,
-            help="keep rate in (0, 1], or one per pruning layer (0.8,0.7,0.6); 1.0 = unpruned baseline "
-            f"(default {PruneConfig.keep:g})",
-        )
-        p.add_argument(
-            "--tome",
-            default=None,
-            help="ToMe instead of pruning: merge R tokens at every block (bipartite soft matching), or one R per block "
-            "(8,8,4,...); --layers then names the merging blocks (default all); R above half a block's tokens is clamped",
-        )
-        p.add_argument(
-            "--merge",
-            action="store_true",
-            help="the tokens a pruning layer drops join their most similar kept token (key cosine) instead of vanishing; "
-            "--output tokens: PruMerge at the feature block",
-        )
-        p.add_argument(
-            "--merge-weight",
-            default=None,
-            choices=MERGE_WEIGHTS,
-            help="average merged tokens by size (default for logits) or by score x size (default for --output tokens)",
-        )
-        p.add_argument(
-            "--no-prop-attn",
-            dest="prop_attn",
-            action="store_false",
-            help="--merge / --tome: no proportional attention (log size on the attention logits) after a merge",
-        )
-        p.add_argument(
-            "--layers", default=None, help="pruning blocks, e.g. 3,6,9 (default: EViT's 3,6,9 of 12, scaled to the depth)"
-        )
-        p.add_argument(
-            "--metric",
-            default=PruneConfig.metric,
-            choices=METRICS,
-            help="token score: colln (default), cls, correct ([CLS] + Col-Ln rescue)",
-        )
-        p.add_argument("--norm", type=float, default=PruneConfig.norm, help=norm_help)
-    else:
-        p.add_argument(
-            "--layers",
-            action="append",
-            default=None,
-            help="pruning blocks, e.g. 0,3,6" + ("; repeat to compare several sets" if several else ""),
-        )
-        p.add_argument(
-            "--schedule",
-            default=None,
-            help="named pruning blocks: evit (3,6,9 of 12) or early (0,3,6 of 12), scaled to the depth"
-            f"{', comma-separated' if several else ''} (default {schedule} unless --layers is given)",
-        )
-        p.add_argument("--norm", default=f"{PruneConfig.norm:g}", help=norm_help + (", or several: 1,2,4" if several else ""))
+    if schedule is not None:
+        _add_schedule_arguments(p, schedule, several)
+        _add_rescue_fuse_arguments(p)
+        return
+    _add_reduction_arguments(p)
+    _add_score_arguments(p)
+    _add_rescue_fuse_arguments(p)
+    _add_keep_count_arguments(p)
+    if tokens:
+        _add_token_output_arguments(p)
+
+
+_NORM_HELP = f"Col-Ln norm order n (default {PruneConfig.norm:g})"
+
+
+def _add_reduction_arguments(
+    p: argparse.ArgumentParser,
+) -> None:
+    """How many tokens go, and whether they vanish or merge: --keep, --tome, --merge and its options."""
+    p.add_argument(
+        "--keep",
+        default=None,
+        help="keep rate in (0, 1], or one per pruning layer (0.8,0.7,0.6); 1.0 = unpruned baseline "
+        f"(default {PruneConfig.keep:g})",
+    )
+    p.add_argument(
+        "--tome",
+        default=None,
+        help="ToMe instead of pruning: merge R tokens at every block (bipartite soft matching), or one R per block "
+        "(8,8,4,...); --layers then names the merging blocks (default all); R above half a block's tokens is clamped",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="the tokens a pruning layer drops join their most similar kept token (key cosine) instead of vanishing; "
+        "--output tokens: PruMerge at the feature block",
+    )
+    p.add_argument(
+        "--merge-weight",
+        default=None,
+        choices=MERGE_WEIGHTS,
+        help="average merged tokens by size (default for logits) or by score x size (default for --output tokens)",
+    )
+    p.add_argument(
+        "--no-prop-attn",
+        dest="prop_attn",
+        action="store_false",
+        help="--merge / --tome: no proportional attention (log size on the attention logits) after a merge",
+    )
+
+
+def _add_score_arguments(
+    p: argparse.ArgumentParser,
+) -> None:
+    """Where tokens are scored and how: one --layers set, --metric and --norm."""
+    p.add_argument("--layers", default=None, help="pruning blocks, e.g. 3,6,9 (default: EViT's 3,6,9 of 12, scaled to the depth)")
+    p.add_argument(
+        "--metric",
+        default=PruneConfig.metric,
+        choices=METRICS,
+        help="token score: colln (default), cls, correct ([CLS] + Col-Ln rescue)",
+    )
+    p.add_argument("--norm", type=float, default=PruneConfig.norm, help=_NORM_HELP)
+
+
+def _add_schedule_arguments(
+    p: argparse.ArgumentParser,
+    schedule: str,
+    several: bool,
+) -> None:
+    """colln-eval's and colln-viz's block sets and norms: --layers (repeatable), --schedule (default
+    ``schedule``) and --norm (``several``: a list)."""
+    p.add_argument(
+        "--layers",
+        action="append",
+        default=None,
+        help="pruning blocks, e.g. 0,3,6" + ("; repeat to compare several sets" if several else ""),
+    )
+    p.add_argument(
+        "--schedule",
+        default=None,
+        help="named pruning blocks: evit (3,6,9 of 12) or early (0,3,6 of 12), scaled to the depth"
+        f"{', comma-separated' if several else ''} (default {schedule} unless --layers is given)",
+    )
+    p.add_argument("--norm", default=f"{PruneConfig.norm:g}", help=_NORM_HELP + (", or several: 1,2,4" if several else ""))
+
+
+def _add_rescue_fuse_arguments(
+    p: argparse.ArgumentParser,
+) -> None:
+    """Options every form has: --rescue and --fuse."""
     p.add_argument(
         "--rescue",
         type=float,
@@ -397,8 +432,12 @@ def add_prune_arguments(
         help=f"rescue ratio c for --metric correct (default {PruneConfig.rescue:g})",
     )
     p.add_argument("--fuse", action="store_true", help="fuse the pruned tokens into one extra token (EViT)")
-    if schedule is not None:
-        return
+
+
+def _add_keep_count_arguments(
+    p: argparse.ArgumentParser,
+) -> None:
+    """How the kept tokens are counted and ordered: --spatial-order and --round-to."""
     p.add_argument("--spatial-order", action="store_true", help="keep the kept tokens in spatial order (default: score order)")
     p.add_argument(
         "--round-to",
@@ -406,8 +445,12 @@ def add_prune_arguments(
         default=PruneConfig.round_to,
         help="round keep counts up to a multiple of this, e.g. 8 (default 1: exact ceil(keep * N))",
     )
-    if not tokens:
-        return
+
+
+def _add_token_output_arguments(
+    p: argparse.ArgumentParser,
+) -> None:
+    """The vision-language token outputs: --output, --feature-layer and --order."""
     p.add_argument(
         "--output",
         default=PruneConfig.output,

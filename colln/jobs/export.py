@@ -20,7 +20,7 @@ from torch import nn
 
 from colln.data import ValImages, validation_images
 from colln.errors import CalibrationError, DataError, UsageError
-from colln.export.artifact import default_out_dir, export_into
+from colln.export.artifact import Exported, default_out_dir, export_into
 from colln.export.quantize import RECIPE as INT8_RECIPE
 from colln.export.spec import ONNX_FILE, SPEC_FILE, ExportSpec
 from colln.export.unpruned import cached_export, default_cache, unpruned_export
@@ -29,7 +29,7 @@ from colln.infer.timing import Timing
 from colln.measure.bench import stack_accuracy, stack_exports, stack_runtimes, time_variants
 from colln.models.registry import default_weights, resolve_name
 from colln.report.export_report import DEFAULT_LM_PARAMS, build_report, write_report
-from colln.report.schema import Calibration, Latency, Openvino, OpenvinoArtifact, Stack, StackAccuracy
+from colln.report.schema import Calibration, ExportReport, Latency, Openvino, OpenvinoArtifact, Stack, StackAccuracy
 from colln.train.checkpoint import check_recorded_plan
 from colln.verify.validate import ValidationReport, validate_backend
 
@@ -177,7 +177,49 @@ def export_model(
 
     Weights fine-tuned by ``colln-finetune`` carry their plan in ``finetune.json``: an export with
     another plan is refused, or with ``force`` made with a warning (in ``ExportResult.warnings``)."""
-    resolve_name(spec.model)  # an unknown name fails before anything is created
+    drop = _check_options(spec, validation, calibration)
+    warnings = _plan_warnings(spec, force)
+    _check_engine(engine)
+    ov_precision = _check_openvino(spec, openvino)
+    out = Path(out) if out is not None else default_out_dir(spec)
+    with atomic_dir(out, force, marker=SPEC_FILE) as tmp:
+        work = _prune_and_export(spec, out, tmp, calibration, progress)
+        checked, images = _validate(work, "onnxruntime", validation, None, drop)
+        ov_checked = ov_record = None
+        if ov_precision is not None:
+            work, ov_record = _write_openvino(work, ov_precision, images, drop)
+            ov_checked, _ = _validate(work, "openvino", validation, images, drop)
+        timing, stack = _time(work, latency, calibration, openvino is not None, images)
+        report = _write_report(work, checked, timing, stack, lm_params, ov_record, ov_checked)
+        passed = all(v is None or v.passed for v in (checked, ov_checked))
+        extra = _build_engine(work, engine) if engine is not None and passed else []
+    if triton is not None and passed:
+        extra = [*extra, _triton_entry(out, triton)]
+    return ExportResult(out=out, report=report.to_dict(), validation=checked, extra=extra, warnings=warnings, openvino=ov_checked)
+
+
+@dataclass(frozen=True)
+class _Work:
+    """An export under way: ``exported`` written in ``tmp``, renamed to ``out`` at the end, from
+    ``unpruned`` (int8: calibrated on ``calib``); ``progress`` wraps each step."""
+
+    spec: ExportSpec
+    out: Path
+    tmp: Path
+    unpruned: nn.Module
+    calib: ValImages | None
+    exported: Exported
+    progress: Progress
+
+
+def _check_options(
+    spec: ExportSpec,
+    validation: ValidationOptions | None,
+    calibration: CalibrationOptions | None,
+) -> float | None:
+    """The validation's int8 accuracy-drop gate (``None``: the default or no validation); a
+    UsageError for an unknown model or options that do not go with ``spec``, before anything is created."""
+    resolve_name(spec.model)
     if calibration is not None and spec.precision != "int8":
         raise UsageError(f"calibration images apply to --precision int8 only, not {spec.precision}")
     if calibration is not None and calibration.limit is not None and calibration.limit < 1:
@@ -187,110 +229,199 @@ def export_model(
         raise UsageError(
             f"--max-accuracy-drop applies to --precision int8 only, from 0 to 100 points (got {100 * drop:g} at {spec.precision})"
         )
-    warnings = []
-    if spec.weights is not None and Path(spec.weights).is_file():
-        mismatch = check_recorded_plan(Path(spec.weights), spec.pruning, force=force)
-        warnings += [mismatch] if mismatch else []
-    if engine is not None:
-        from colln.export.tensorrt import check_profile, trt_module
+    return drop
 
-        # Without TensorRT, or with a bad profile, fail now rather than after the export.
-        check_profile(engine.batch_min, engine.batch_opt, engine.batch_max)
-        trt_module()
-    ov_precision = None
-    if openvino is not None:
-        from colln.export.openvino import nncf_module, ov_module
 
-        # Without the extra, or with a precision that does not fit, fail before anything is written.
-        ov_precision = openvino.resolve(spec)
-        ov_module()
-        if spec.precision == "int8":
-            nncf_module()
-    out = Path(out) if out is not None else default_out_dir(spec)
-    extra: list[tuple[str, str]] = []
-    with atomic_dir(out, force, marker=SPEC_FILE) as tmp:
-        with progress(f"loading {spec.model} ({spec.weights or default_weights(spec.model)} weights)"):
-            unpruned = spec.load_unpruned()
-        calib = None
-        if spec.precision == "int8":
-            options = calibration or CalibrationOptions()
-            with progress(f"loading the calibration images ({options.images or 'validation images'})"):
-                calib = _calibration_images(spec, unpruned, options)
-        with progress("pruning and exporting to ONNX" + (" (int8: calibrating)" if calib else "")):
-            exported = export_into(spec, tmp, unpruned, calib.images if calib else None)
-        checked = images = None
-        if validation is not None:
-            with progress("validating ONNX Runtime against PyTorch"):
-                images = validation_images(spec.model, unpruned, validation.images, validation.limit)
-                checked = validate_backend(tmp, "onnxruntime", exported.pruned, unpruned, images, max_accuracy_drop=drop)
-        ov_checked = ov_record = None
-        if openvino is not None:
-            from colln.export.openvino import write_ir
+def _plan_warnings(
+    spec: ExportSpec,
+    force: bool,
+) -> list[str]:
+    """The warning (with ``force``) for fine-tuned weights whose recorded plan differs from ``spec``'s."""
+    if spec.weights is None or not Path(spec.weights).is_file():
+        return []
+    mismatch = check_recorded_plan(Path(spec.weights), spec.pruning, force=force)
+    return [mismatch] if mismatch else []
 
-            source = None
-            if spec.precision == "int8":
-                with progress("exporting the pruned fp32 counterpart (cached)"):
-                    source = cached_export(replace(exported.spec, precision="fp32", plan={}), default_cache(out), unpruned)
-            # Labelled validation images: NNCF's accuracy control holds int8's drop (today's recipe without labels).
-            labelled = (images.images, images.labels) if source and images is not None and images.labels is not None else None
-            what = ", NNCF with accuracy control)" if labelled else ", NNCF calibrating)" if source else ")"
-            with progress(f"writing the OpenVINO IR ({ov_precision}{what}"):
-                exported = replace(
-                    exported,
-                    spec=write_ir(
-                        tmp,
-                        ov_precision,
-                        calib.images if calib else None,
-                        source / ONNX_FILE if source else None,
-                        validation=labelled,
-                        max_accuracy_drop=drop,
-                    ),
-                )
-                ov_record = exported.spec.artifacts["openvino"]
-            if validation is not None:
-                with progress("validating OpenVINO against PyTorch"):
-                    ov_checked = validate_backend(tmp, "openvino", exported.pruned, unpruned, images, max_accuracy_drop=drop)
-        runtimes = stack_runtimes(spec.precision, runtimes=("onnxruntime", "openvino") if openvino is not None else ())
-        timing = stack = None
-        if latency is not None and runtimes is not None:
-            # The unpruned int8 counterpart sees the same calibration set (the default one is cached as such).
-            custom = calibration is not None and calibration != CalibrationOptions()
-            with progress("exporting the fp32 and unpruned counterparts (cached)"):
-                exports = stack_exports(
-                    exported.spec, tmp, default_cache(out), unpruned, calib.images if custom else None, runtimes
-                )
-            with progress(f"timing the variant stack ({', '.join(runtimes)}, interleaved)"):
-                # The report names the export's files where they will be: in out, once tmp is renamed.
-                timing, stack = _latency(exports, latency, exported.plan.flops().bound, spec.precision, {tmp: out})
-            with progress("top-1 of every stack variant"):
-                images = images if images is not None else validation_images(spec.model, unpruned)
-                stack = replace(stack, accuracy=StackAccuracy.from_dict(stack_accuracy(exports, images, latency.timing.threads)))
-        elif latency is not None:
-            with progress("exporting the unpruned baseline (cached)"):
-                base_dir = unpruned_export(exported.spec, default_cache(out), unpruned)
-            with progress("timing pruned vs unpruned (ONNX Runtime, interleaved)"):
-                timing, _ = _latency({"unpruned": base_dir, "pruned": tmp}, latency, exported.plan.flops().bound)
-        record = None
-        if calib is not None:
-            record = Calibration(method="minmax", source=calib.source, images=len(calib.images), recipe=INT8_RECIPE)
-        ov_section = None
-        if openvino is not None:
-            ov_section = Openvino(artifact=OpenvinoArtifact.from_dict(ov_record), validation=ov_checked)
-        report = build_report(exported, checked, timing, lm_params, stack=stack, calibration=record, openvino=ov_section)
-        write_report(tmp, report)
-        passed = all(v is None or v.passed for v in (checked, ov_checked))
-        if engine is not None and passed:
-            from colln.export.tensorrt import build_engine
 
-            with progress("building the TensorRT engine"):
-                plan = build_engine(tmp, engine.batch_min, engine.batch_opt, engine.batch_max, engine.timing_cache)
-            extra.append(("TensorRT", f"{out / plan.name} (batch {engine.batch_min}/{engine.batch_opt}/{engine.batch_max})"))
-    if triton is not None and passed:
-        from colln.export.triton import write_model_repository
+def _check_engine(
+    engine: EngineOptions | None,
+) -> None:
+    """Without TensorRT, or with a bad profile, fail now rather than after the export."""
+    if engine is None:
+        return
+    from colln.export.tensorrt import check_profile, trt_module
 
-        model_dir = write_model_repository(out, triton.repo, backend=triton.backend, max_batch=triton.max_batch)
-        extra.append(("Triton", f"{model_dir} ({triton.backend})"))
-    return ExportResult(out=out, report=report.to_dict(), validation=checked, extra=extra, warnings=warnings, openvino=ov_checked)
+    check_profile(engine.batch_min, engine.batch_opt, engine.batch_max)
+    trt_module()
+
+
+def _check_openvino(
+    spec: ExportSpec,
+    openvino: OpenvinoOptions | None,
+) -> str | None:
+    """The IR's precision (``None``: no IR); without the extra, or with a precision that does not
+    fit, fail before anything is written."""
+    if openvino is None:
+        return None
+    from colln.export.openvino import nncf_module, ov_module
+
+    precision = openvino.resolve(spec)
+    ov_module()
+    if spec.precision == "int8":
+        nncf_module()
+    return precision
+
+
+def _prune_and_export(
+    spec: ExportSpec,
+    out: Path,
+    tmp: Path,
+    calibration: CalibrationOptions | None,
+    progress: Progress,
+) -> _Work:
+    """Load the unpruned model, (int8) its calibration images, and export the pruned graph into ``tmp``."""
+    with progress(f"loading {spec.model} ({spec.weights or default_weights(spec.model)} weights)"):
+        unpruned = spec.load_unpruned()
+    calib = None
+    if spec.precision == "int8":
+        options = calibration or CalibrationOptions()
+        with progress(f"loading the calibration images ({options.images or 'validation images'})"):
+            calib = _calibration_images(spec, unpruned, options)
+    with progress("pruning and exporting to ONNX" + (" (int8: calibrating)" if calib else "")):
+        exported = export_into(spec, tmp, unpruned, calib.images if calib else None)
+    return _Work(spec, out, tmp, unpruned, calib, exported, progress)
+
+
+def _validate(
+    work: _Work,
+    backend: str,
+    validation: ValidationOptions | None,
+    images: ValImages | None,
+    drop: float | None,
+) -> tuple[ValidationReport | None, ValImages | None]:
+    """``backend`` against the pruned PyTorch model on ``images`` (``None``: those ``validation``
+    names), and those images; ``(None, None)`` when ``validation`` is None."""
+    if validation is None:
+        return None, None
+    names = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+    with work.progress(f"validating {names[backend]} against PyTorch"):
+        if images is None:
+            images = validation_images(work.spec.model, work.unpruned, validation.images, validation.limit)
+        checked = validate_backend(work.tmp, backend, work.exported.pruned, work.unpruned, images, max_accuracy_drop=drop)
+    return checked, images
+
+
+def _write_openvino(
+    work: _Work,
+    precision: str,
+    images: ValImages | None,
+    drop: float | None,
+) -> tuple[_Work, dict]:
+    """Write the OpenVINO IR at ``precision`` beside the ONNX graph: the work with the IR in its
+    spec, and the IR's artifact record. An int8 IR is NNCF on the cached pruned fp32 counterpart."""
+    from colln.export.openvino import write_ir
+
+    source = None
+    if work.spec.precision == "int8":
+        with work.progress("exporting the pruned fp32 counterpart (cached)"):
+            counterpart = replace(work.exported.spec, precision="fp32", plan={})
+            source = cached_export(counterpart, default_cache(work.out), work.unpruned)
+    # Labelled validation images: NNCF's accuracy control holds int8's drop (today's recipe without labels).
+    labelled = (images.images, images.labels) if source and images is not None and images.labels is not None else None
+    what = ", NNCF with accuracy control)" if labelled else ", NNCF calibrating)" if source else ")"
+    with work.progress(f"writing the OpenVINO IR ({precision}{what}"):
+        ir_spec = write_ir(
+            work.tmp,
+            precision,
+            work.calib.images if work.calib else None,
+            source / ONNX_FILE if source else None,
+            validation=labelled,
+            max_accuracy_drop=drop,
+        )
+    return replace(work, exported=replace(work.exported, spec=ir_spec)), ir_spec.artifacts["openvino"]
+
+
+def _time(
+    work: _Work,
+    latency: LatencyOptions | None,
+    calibration: CalibrationOptions | None,
+    openvino: bool,
+    images: ValImages | None,
+) -> tuple[Latency | None, Stack | None]:
+    """The report's latency and stack (``(None, None)`` when ``latency`` is None): the variant
+    stack where the precision (or ``openvino``) has one, else pruned against unpruned."""
+    if latency is None:
+        return None, None
+    spec, progress, bound = work.spec, work.progress, work.exported.plan.flops().bound
+    runtimes = stack_runtimes(spec.precision, runtimes=("onnxruntime", "openvino") if openvino else ())
+    if runtimes is None:
+        with progress("exporting the unpruned baseline (cached)"):
+            base_dir = unpruned_export(work.exported.spec, default_cache(work.out), work.unpruned)
+        with progress("timing pruned vs unpruned (ONNX Runtime, interleaved)"):
+            timing, _ = _latency({"unpruned": base_dir, "pruned": work.tmp}, latency, bound)
+        return timing, None
+    # The unpruned int8 counterpart sees the same calibration set (the default one is cached as such).
+    custom = calibration is not None and calibration != CalibrationOptions()
+    with progress("exporting the fp32 and unpruned counterparts (cached)"):
+        exports = stack_exports(
+            work.exported.spec,
+            work.tmp,
+            default_cache(work.out),
+            work.unpruned,
+            work.calib.images if custom else None,
+            runtimes,
+        )
+    with progress(f"timing the variant stack ({', '.join(runtimes)}, interleaved)"):
+        # The report names the export's files where they will be: in out, once tmp is renamed.
+        timing, stack = _latency(exports, latency, bound, spec.precision, {work.tmp: work.out})
+    with progress("top-1 of every stack variant"):
+        images = images if images is not None else validation_images(spec.model, work.unpruned)
+        stack = replace(stack, accuracy=StackAccuracy.from_dict(stack_accuracy(exports, images, latency.timing.threads)))
+    return timing, stack
+
+
+def _write_report(
+    work: _Work,
+    checked: ValidationReport | None,
+    timing: Latency | None,
+    stack: Stack | None,
+    lm_params: float,
+    ov_record: dict | None,
+    ov_checked: ValidationReport | None,
+) -> ExportReport:
+    """Build the export's report and write it into ``tmp``."""
+    record = None
+    if work.calib is not None:
+        record = Calibration(method="minmax", source=work.calib.source, images=len(work.calib.images), recipe=INT8_RECIPE)
+    ov_section = None
+    if ov_record is not None:
+        ov_section = Openvino(artifact=OpenvinoArtifact.from_dict(ov_record), validation=ov_checked)
+    report = build_report(work.exported, checked, timing, lm_params, stack=stack, calibration=record, openvino=ov_section)
+    write_report(work.tmp, report)
+    return report
+
+
+def _build_engine(
+    work: _Work,
+    engine: EngineOptions,
+) -> list[tuple[str, str]]:
+    """Build the TensorRT engine into ``tmp``: the result's line naming it where it will be."""
+    from colln.export.tensorrt import build_engine
+
+    with work.progress("building the TensorRT engine"):
+        plan = build_engine(work.tmp, engine.batch_min, engine.batch_opt, engine.batch_max, engine.timing_cache)
+    return [("TensorRT", f"{work.out / plan.name} (batch {engine.batch_min}/{engine.batch_opt}/{engine.batch_max})")]
+
+
+def _triton_entry(
+    out: Path,
+    triton: TritonOptions,
+) -> tuple[str, str]:
+    """Write the Triton model repository entry for the export in ``out``: the result's line naming it."""
+    from colln.export.triton import write_model_repository
+
+    model_dir = write_model_repository(out, triton.repo, backend=triton.backend, max_batch=triton.max_batch)
+    return "Triton", f"{model_dir} ({triton.backend})"
 
 
 def _latency(

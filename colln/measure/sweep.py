@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from polygraphy.backend.base import BaseRunner
 from torch import nn
 
 from colln.data import Labelled, preprocess, top1_correct
@@ -28,9 +29,9 @@ from colln.export.artifact import check_merge_precision, export_into
 from colln.export.precisions import GRAPH_PRECISIONS
 from colln.export.spec import ExportSpec
 from colln.infer.runners import BACKENDS, open_runner, run
-from colln.infer.timing import LatencyStats, Timing, measure
+from colln.infer.timing import Comparison, LatencyStats, Timing, measure
 from colln.models.config import PruneConfig, config_flags, config_name
-from colln.models.plan import default_layers
+from colln.models.plan import KeepPlan, default_layers
 from colln.models.registry import default_weights
 from colln.models.rewrite import get_plan
 from colln.train.distributed import all_sum, env_ranks, process_group
@@ -314,9 +315,46 @@ def sweep(
     share may be empty), the counts are summed over the processes, and rank 0 alone times the
     configurations and returns the sweep (the others return None)."""
     o = options
-    backend, batch, latency_batch, precisions = o.backend, o.batch, o.latency_batch, o.precisions
-    if latency_batch < 1 or batch < 1:
-        raise UsageError(f"batch sizes must be positive, got --batch {batch}, --latency-batch {latency_batch}")
+    _check_sweep_options(o)
+    unpruned = unpruned if unpruned is not None else base.load_unpruned()
+    layer_sets = resolve_layers(o.layers, len(unpruned.blocks))
+    images = preprocess(data.images, unpruned).numpy()
+    calibration = images[np.linspace(0, len(images) - 1, min(len(images), CALIBRATION_IMAGES)).round().astype(int)]
+    specs = _sweep_specs(base, o, layer_sets)
+    timing = _sweep_timing(o)
+    with tempfile.TemporaryDirectory(prefix="colln-eval-") as scratch, contextlib.ExitStack() as stack:
+        plans, active = [], {}
+        for i, spec in enumerate(specs):
+            plan, source = _build_configuration(spec, Path(scratch) / str(i), unpruned, calibration, o.backend)
+            plans.append(plan)
+            active[str(i)] = stack.enter_context(
+                open_runner(source, o.backend, o.device, timing.threads, split_batches=timing.split_batches)
+            )
+        counts, is_main = _score(active, images, data.labels, o.device, o.batch)
+        if not is_main:
+            return None
+        timed = measure(active, images.shape[1:], [o.latency_batch], timing, baseline="0", sample=images)[o.latency_batch]
+    rows = _rows(specs, plans, counts, timed, len(images))
+    return Sweep(
+        model=base.model,
+        weights=base.weights or default_weights(base.model),
+        data=data.name,
+        num_images=len(data.images),
+        backend=o.backend,
+        device=o.device,
+        baseline=rows[0],
+        rows=tuple(rows[1:]),
+        timing=timing,
+    )
+
+
+def _check_sweep_options(
+    o: SweepOptions,
+) -> None:
+    """A UsageError for batch sizes, a backend or precisions a sweep cannot run."""
+    backend, precisions = o.backend, o.precisions
+    if o.latency_batch < 1 or o.batch < 1:
+        raise UsageError(f"batch sizes must be positive, got --batch {o.batch}, --latency-batch {o.latency_batch}")
     if backend not in EVAL_BACKENDS:
         raise UsageError(f"unknown backend {backend!r}: colln-eval runs {' or '.join(EVAL_BACKENDS)}")
     unknown = [p for p in precisions if p not in GRAPH_PRECISIONS]
@@ -326,52 +364,87 @@ def sweep(
         raise UsageError(f"--precision {','.join(precisions)} needs --backend onnxruntime (PyTorch runs the fp32 model)")
     if backend == "openvino" and not set(precisions) <= {"fp32", "int8"}:
         raise UsageError(f"--backend openvino runs --precision fp32 or int8, not {','.join(precisions)}")
-    unpruned = unpruned if unpruned is not None else base.load_unpruned()
-    layer_sets = resolve_layers(o.layers, len(unpruned.blocks))
-    images = preprocess(data.images, unpruned).numpy()
-    calibration = images[np.linspace(0, len(images) - 1, min(len(images), CALIBRATION_IMAGES)).round().astype(int)]
-    configs = configurations(base, o.keeps, layer_sets, o.metrics, o.norms, o.methods, o.tome_rs)
-    specs = [base.unpruned(), *(replace(c, precision=p) for p in precisions for c in configs)]
-    for spec in specs:
-        check_merge_precision(spec)  # before any is built: the OpenVINO path exports fp32 graphs
-    timing = o.timing
-    if backend == "torch" and timing.threads is None and env_ranks().world_size > 1:
-        # torchrun gives its workers OMP_NUM_THREADS (1 unless set): what PyTorch runs with, recorded.
-        timing = replace(timing, threads=torch.get_num_threads())
-    with tempfile.TemporaryDirectory(prefix="colln-eval-") as scratch, contextlib.ExitStack() as stack:
-        plans, active = [], {}
-        for i, spec in enumerate(specs):
-            if backend == "torch":
-                source = spec.apply(unpruned)
-                plans.append(get_plan(source))
-            else:
-                source = Path(scratch) / str(i)
-                source.mkdir()
-                if backend == "openvino":
-                    from colln.export.openvino import write_ir
 
-                    # OpenVINO's int8 is NNCF on the fp32 graph, calibrated on the same images.
-                    plans.append(export_into(replace(spec, precision="fp32"), source, unpruned=unpruned).plan)
-                    write_ir(source, spec.precision, calibration)
-                else:
-                    plans.append(export_into(spec, source, unpruned=unpruned, calibration=calibration).plan)
-            active[str(i)] = stack.enter_context(
-                open_runner(source, backend, o.device, timing.threads, split_batches=timing.split_batches)
-            )
-        # The group lives for the one sum: the other ranks leave at once, not after rank 0's timing.
-        with process_group(torch.device(o.device), timeout=COLLECTIVE_TIMEOUT) as ranks:
-            share = slice(ranks.rank, None, ranks.world_size)
-            shard, labels = images[share], data.labels[share]
-            # More ranks than images leaves some a share of none: they add zero counts.
-            nothing = np.zeros((0, 1), dtype=np.float32)
-            scores = [run(active[str(i)], shard, batch) if len(shard) else nothing for i in range(len(specs))]
-            unpruned = scores[0].argmax(-1)
-            counts = all_sum(
-                [float(top1_correct(s, labels)) for s in scores] + [float(top1_correct(s, unpruned)) for s in scores], ranks
-            )
-        if not ranks.is_main:
-            return None
-        timed = measure(active, images.shape[1:], [latency_batch], timing, baseline="0", sample=images)[latency_batch]
+
+def _sweep_specs(
+    base: ExportSpec,
+    o: SweepOptions,
+    layer_sets: list[tuple[int, ...]],
+) -> list[ExportSpec]:
+    """The unpruned baseline, then every configuration at every precision; merged configurations
+    are checked against their precision before any is built (the OpenVINO path exports fp32 graphs)."""
+    configs = configurations(base, o.keeps, layer_sets, o.metrics, o.norms, o.methods, o.tome_rs)
+    specs = [base.unpruned(), *(replace(c, precision=p) for p in o.precisions for c in configs)]
+    for spec in specs:
+        check_merge_precision(spec)
+    return specs
+
+
+def _sweep_timing(
+    o: SweepOptions,
+) -> Timing:
+    """``o.timing``; on PyTorch under torchrun without threads given, the threads PyTorch runs with."""
+    if o.backend == "torch" and o.timing.threads is None and env_ranks().world_size > 1:
+        # torchrun gives its workers OMP_NUM_THREADS (1 unless set): what PyTorch runs with, recorded.
+        return replace(o.timing, threads=torch.get_num_threads())
+    return o.timing
+
+
+def _build_configuration(
+    spec: ExportSpec,
+    directory: Path,
+    unpruned: nn.Module,
+    calibration: np.ndarray,
+    backend: str,
+) -> tuple[KeepPlan, Path | nn.Module]:
+    """Build ``spec`` for ``backend``: its plan and what its runner opens (PyTorch: the pruned
+    model; else ``directory``, created, with the graph written into it)."""
+    if backend == "torch":
+        source = spec.apply(unpruned)
+        return get_plan(source), source
+    directory.mkdir()
+    if backend == "openvino":
+        from colln.export.openvino import write_ir
+
+        # OpenVINO's int8 is NNCF on the fp32 graph, calibrated on the same images.
+        plan = export_into(replace(spec, precision="fp32"), directory, unpruned=unpruned).plan
+        write_ir(directory, spec.precision, calibration)
+        return plan, directory
+    return export_into(spec, directory, unpruned=unpruned, calibration=calibration).plan, directory
+
+
+def _score(
+    active: dict[str, BaseRunner],
+    images: np.ndarray,
+    labels: np.ndarray,
+    device: str,
+    batch: int,
+) -> tuple[list[float], bool]:
+    """Every runner's correct top-1 count and its count agreeing with the unpruned one (runner
+    ``"0"``), each list in runner order and summed over the ranks; and whether this is the main rank."""
+    # The group lives for the one sum: the other ranks leave at once, not after rank 0's timing.
+    with process_group(torch.device(device), timeout=COLLECTIVE_TIMEOUT) as ranks:
+        share = slice(ranks.rank, None, ranks.world_size)
+        shard, labels = images[share], labels[share]
+        # More ranks than images leaves some a share of none: they add zero counts.
+        nothing = np.zeros((0, 1), dtype=np.float32)
+        scores = [run(active[str(i)], shard, batch) if len(shard) else nothing for i in range(len(active))]
+        reference = scores[0].argmax(-1)
+        counts = all_sum(
+            [float(top1_correct(s, labels)) for s in scores] + [float(top1_correct(s, reference)) for s in scores], ranks
+        )
+    return counts, ranks.is_main
+
+
+def _rows(
+    specs: list[ExportSpec],
+    plans: list[KeepPlan],
+    counts: list[float],
+    timed: Comparison,
+    num_images: int,
+) -> list[Row]:
+    """The sweep's rows, the unpruned baseline (the first spec) first, from the summed ``counts``
+    (:func:`_score`) and the interleaved timing."""
     correct, agreeing = counts[: len(specs)], counts[len(specs) :]
     rows = []
     for i, (spec, plan) in enumerate(zip(specs, plans)):
@@ -384,8 +457,8 @@ def sweep(
                 layers=plan.layers if i else (),
                 keep_counts=plan.keep_counts if i else (),
                 flops_ratio=flops.pruned / flops.full,
-                accuracy=correct[i] / len(images),
-                agreement=agreeing[i] / len(images),
+                accuracy=correct[i] / num_images,
+                agreement=agreeing[i] / num_images,
                 latency=timed.stats[str(i)],
                 speedup=timed.speedups[str(i)][0] if i else 1.0,
                 speedup_iqr=timed.speedups[str(i)][1:] if i else (1.0, 1.0),
@@ -394,17 +467,7 @@ def sweep(
                 r=spec.pruning.tome if i else None,
             )
         )
-    return Sweep(
-        model=base.model,
-        weights=base.weights or default_weights(base.model),
-        data=data.name,
-        num_images=len(data.images),
-        backend=backend,
-        device=o.device,
-        baseline=rows[0],
-        rows=tuple(rows[1:]),
-        timing=timing,
-    )
+    return rows
 
 
 def pick(
