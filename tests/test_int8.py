@@ -250,8 +250,9 @@ def test_a_collapsing_calibration_fails_validation_with_the_numbers(tmp_path, ca
     assert not v["passed"] and (out / ONNX_FILE).is_file()
     verdicts = ("top-1 agreement with torch", "too few images judged end to end")
     assert any(m.startswith(verdicts) for m in v["mismatches"]), v["mismatches"]
-    assert any(m.startswith("p99 of 1 - cosine similarity") for m in v["mismatches"]), v["mismatches"]
-    assert v["error_quantiles"]["judged"]["cosine_gap"]["p99"] > TOLERANCES["int8"].p99_cosine_gap
+    # The numbers behind it: most images' kept sets moved (left out as near-ties), or their errors.
+    too_few = v["judged_images"] < v["judged_required"]
+    assert too_few or v["error_quantiles"]["judged"]["cosine_gap"]["p99"] > TOLERANCES["int8"].p99_cosine_gap, v
 
 
 def test_colln_eval_adds_int8_rows(tmp_path):
