@@ -90,7 +90,7 @@ def _reference(n: int, margins: np.ndarray) -> Reference:
     logits = rng.normal(size=(n, 10)).astype(np.float32) * 5
     scores = np.tile(np.linspace(1.0, 0.1, 8, dtype=np.float32), (n, 1))
     kept = np.tile(np.arange(4), (n, 1))
-    return Reference(logits=logits, unpruned=logits, kept={2: kept}, scores={2: scores}, merge_margins={2: margins})
+    return Reference(outputs=logits, unpruned=logits, kept={2: kept}, scores={2: scores}, merge_margins={2: margins})
 
 
 def test_tie_rule_excludes_near_tied_merge_choices_only() -> None:
@@ -98,7 +98,7 @@ def test_tie_rule_excludes_near_tied_merge_choices_only() -> None:
     n = 60
     margins = np.tile(np.array([0.3, 5e-5, 0.2, 0.1, 0.0, 0.4], dtype=np.float32), 10)
     ref = _reference(n, margins)
-    cand = ref.logits.copy()
+    cand = ref.outputs.copy()
     cand[1::6] += 3.0  # images 1 and 4 of each six: a near-tied destination may legitimately differ
     cand[4::6] -= 2.0
     args = dict(metric="colln", fuse=False, tolerances=TOLERANCES["fp32"], labels=None, backend="ort", precision="fp32")

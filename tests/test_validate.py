@@ -107,7 +107,7 @@ def test_not_an_export_exits_2(tmp_path: Path, capsys) -> None:
 
 def _reference(scores: np.ndarray, k: int, logits: np.ndarray) -> Reference:
     kept = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return Reference(logits=logits, unpruned=logits, kept={0: kept}, scores={0: scores})
+    return Reference(outputs=logits, unpruned=logits, kept={0: kept}, scores={0: scores})
 
 
 def _compare(ref: Reference, logits: np.ndarray, cand_kept: dict | None, k: int):

@@ -261,7 +261,7 @@ def test_final_selection_tie_rule_on_patch_ids(cand_ids: list[int], explained: b
     from colln.verify.validate import TOLERANCES, Observed, Reference, _judge_selections
 
     scores = np.array([[0.5, 0.3, 0.3, 0.1]], dtype=np.float32)
-    ref = Reference(logits=np.zeros((1, 2, 1)), unpruned=None, kept={6: np.array([[0, 1]])}, scores={6: scores})
+    ref = Reference(outputs=np.zeros((1, 2, 1)), unpruned=None, kept={6: np.array([[0, 1]])}, scores={6: scores})
     seen = Observed(np.zeros((1, 2, 1)), kept={}, patch_ids={6: np.array([cand_ids])})
     judged = _judge_selections(ref, seen, [(6, 2)], "colln", False, TOLERANCES["fp32"], "onnxruntime")
     checks, mismatches = judged.layers, judged.findings.mismatches

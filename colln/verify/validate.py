@@ -255,12 +255,12 @@ def _finite(
 
 @dataclass(frozen=True)
 class Reference:
-    """What the PyTorch reference computed on the validation images: its outputs (``logits``, or a
-    tokens model's tokens), the unpruned model's logits (``None`` for tokens) and, per selection
+    """What the PyTorch reference computed on the validation images: its ``outputs`` (logits, or a
+    tokens or dense model's features), the unpruned model's logits (``None`` for tokens) and, per selection
     layer, the kept indices and the scores they were picked by, and per merging layer the margins of
     its merge choices (the tie rule for merges)."""
 
-    logits: np.ndarray
+    outputs: np.ndarray
     unpruned: np.ndarray | None
     kept: dict[int, np.ndarray]
     scores: dict[int, np.ndarray]
@@ -674,10 +674,10 @@ class LogitsComparator:
         subject: Subject,
     ) -> EndToEnd:
         tol, logits = subject.tolerances, seen.outputs
-        err = np.abs(logits - ref.logits)
-        cos = _cosine(logits, ref.logits)
-        scale = np.maximum(1.0, np.abs(ref.logits).max(axis=1))
-        top1 = _top1(logits, ref.logits)
+        err = np.abs(logits - ref.outputs)
+        cos = _cosine(logits, ref.outputs)
+        scale = np.maximum(1.0, np.abs(ref.outputs).max(axis=1))
+        top1 = _top1(logits, ref.outputs)
         judged, back = selections.judged, Findings()
         if not tol.statistical:
             agree = (cos >= tol.min_cosine) & (err.max(axis=1) <= tol.logit_rtol * scale)
@@ -686,11 +686,11 @@ class LogitsComparator:
         found = (
             _judge_statistics(quantiles, float(top1.mean()), tol)
             if tol.statistical
-            else _judge_images(ref.logits, err, cos, top1, judged, tol)
+            else _judge_images(ref.outputs, err, cos, top1, judged, tol)
         )
         accuracy, lost = _accuracy(ref, logits, subject)
         unpruned = {
-            name: top1_accuracy(x, ref.unpruned.argmax(1)) for name, x in (("torch", ref.logits), (subject.backend, logits))
+            name: top1_accuracy(x, ref.unpruned.argmax(1)) for name, x in (("torch", ref.outputs), (subject.backend, logits))
         }
         return EndToEnd(judged, err, cos, back + found + lost, top1, unpruned, accuracy, quantiles)
 
@@ -749,9 +749,9 @@ class TokensComparator:
         n, width = len(rows), rows.shape[-1]
         same_ids = differ == 0
         found = _collect(selections.judged & ~same_ids, differ, "kept patch ids that differ despite clear score margins")
-        err = np.abs(rows - ref.logits).reshape(n, -1)
-        cos = _cosine(rows.reshape(-1, width), ref.logits.reshape(-1, width)).reshape(n, -1).min(axis=1)
-        limit = tol.logit_rtol * np.maximum(1.0, np.abs(ref.logits).reshape(n, -1).max(axis=1))
+        err = np.abs(rows - ref.outputs).reshape(n, -1)
+        cos = _cosine(rows.reshape(-1, width), ref.outputs.reshape(-1, width)).reshape(n, -1).min(axis=1)
+        limit = tol.logit_rtol * np.maximum(1.0, np.abs(ref.outputs).reshape(n, -1).max(axis=1))
         agree = (cos >= tol.min_cosine) & (err.max(axis=1) <= limit)
         judged, back = _agreeing_ties(selections.judged, selections.tied & same_ids, agree)
         judged = judged & same_ids
@@ -936,7 +936,7 @@ def _accuracy(
     labels, backend, tol = subject.labels, subject.backend, subject.tolerances
     if labels is None:
         return None, Findings()
-    models = (("unpruned", ref.unpruned), ("torch", ref.logits), (backend, logits))
+    models = (("unpruned", ref.unpruned), ("torch", ref.outputs), (backend, logits))
     accuracy = {name: top1_accuracy(x, labels) for name, x in models}
     drop = accuracy["torch"] - accuracy[backend]
     if tol.max_accuracy_drop is None or drop <= tol.max_accuracy_drop:
@@ -961,7 +961,7 @@ def _judge_selections(
     (``seen.kept``), kept-set agreement by the tie rule; where it does not, near-tied images are
     left out. Images whose reported picks may not be the deployed graph's (``seen.unobserved``, see
     :func:`_differ`) go by the margin rule too; near-tied merge choices are left out."""
-    n = len(ref.logits)
+    n = len(ref.outputs)
     rel_margins, checks = {}, []
     for i, k in layers:
         s = torch.from_numpy(ref.scores[i])
@@ -1023,7 +1023,7 @@ def _judge_kept(
     :func:`_kept_check`). Picks are compared as patch ids: each layer's candidates are the previous
     layer's picks (and the fused token, id ``-1 - layer``). Returns the checks, the images that never
     diverged and what was found."""
-    n = len(ref.logits)
+    n = len(ref.outputs)
     judged = np.ones(n, dtype=bool)
     found = Findings()
     ids = {side: np.tile(np.arange(ref.scores[checks[0].layer].shape[1]), (n, 1)) for side in ("torch", "cand")} if checks else {}
