@@ -337,3 +337,23 @@ def test_onnxruntime_validation_runs_the_listed_ort_file(digits_export: Path, tm
     ort_file.unlink()
     assert main([str(copy), "--val-limit", "32"]) == 2
     assert "model.ort.onnx is missing" in capsys.readouterr().err
+
+
+def test_an_accuracy_gate_finer_than_one_image_is_said() -> None:
+    """0.5 points on 40 labelled images: one image is 2.5 points, so one flip fails the gate, and the
+    report says so; on 300 images (0.33 points each) it does not."""
+    gate = replace(TOLERANCES["fp32"], max_accuracy_drop=0.005)
+    for n, said in ((40, True), (300, False)):
+        scores = np.tile(np.array([0.9, 0.8, 0.5, 0.3, 0.1, 0.0], dtype=np.float32), (n, 1))
+        logits = np.tile(np.array([3.0, 1.0, 0.0], dtype=np.float32), (n, 1))
+        labels = np.zeros(n, dtype=np.int64)
+        report = compare(
+            _reference(scores, 3, logits), logits.copy(), None, [(0, 3)], "colln", False, gate, labels, "cand", "fp32", "test"
+        )
+        assert report.passed and report.accuracy["cand"] == 1.0
+        warned = [w for w in report.warnings if w.startswith("the accuracy gate (0.5 points) is finer than one image")]
+        expected = (
+            "the accuracy gate (0.5 points) is finer than one image of 40 (2.50 points): one image the candidate gets "
+            "wrong and torch right fails it; validate on more labelled images or raise --max-accuracy-drop"
+        )
+        assert warned == ([expected] if said else [])

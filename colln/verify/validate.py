@@ -932,20 +932,28 @@ def _accuracy(
     subject: Subject,
 ) -> tuple[dict[str, float] | None, Findings]:
     """Top-1 accuracy on the labels (None without them) of the unpruned model, PyTorch's pruned one
-    and the candidate, and a mismatch where the candidate lost more than ``max_accuracy_drop``."""
+    and the candidate, and a mismatch where the candidate lost more than ``max_accuracy_drop``; a
+    warning where that gate is finer than one image (one flipped image then fails it)."""
     labels, backend, tol = subject.labels, subject.backend, subject.tolerances
     if labels is None:
         return None, Findings()
     models = (("unpruned", ref.unpruned), ("torch", ref.outputs), (backend, logits))
     accuracy = {name: top1_accuracy(x, labels) for name, x in models}
     drop = accuracy["torch"] - accuracy[backend]
+    coarse = ()
+    if tol.max_accuracy_drop is not None and tol.max_accuracy_drop < 1 / len(labels):
+        coarse = (
+            f"the accuracy gate ({100 * tol.max_accuracy_drop:g} points) is finer than one image of {len(labels)} "
+            f"({100 / len(labels):.2f} points): one image the candidate gets wrong and torch right fails it; "
+            "validate on more labelled images or raise --max-accuracy-drop",
+        )
     if tol.max_accuracy_drop is None or drop <= tol.max_accuracy_drop:
-        return accuracy, Findings()
+        return accuracy, Findings(warnings=coarse)
     lost = (
         f"accuracy {accuracy[backend]:.4f} vs torch {accuracy['torch']:.4f}: {100 * drop:.1f} points lost, "
         f"more than the {100 * tol.max_accuracy_drop:g} allowed"
     )
-    return accuracy, Findings(mismatches=(lost,))
+    return accuracy, Findings(mismatches=(lost,), warnings=coarse)
 
 
 def _judge_selections(
