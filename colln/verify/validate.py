@@ -75,6 +75,7 @@ from torch import nn
 from colln.data import ValImages, top1_accuracy, validation_images
 from colln.errors import ValidationFailedError
 from colln.export.artifact import read_export
+from colln.export.manifest import deployed as deployed_artifact
 from colln.export.precisions import VOCABULARY
 from colln.export.quantize import DEFAULT_MAX_ACCURACY_DROP
 from colln.export.spec import FEATURES_NAME, INDICES_NAME, OUTPUT_NAME, TOKENS_NAME
@@ -372,8 +373,9 @@ def validate_backend(
     if backend in KEPT_SET_BACKENDS:
         observer = open_runner(export_dir, backend, device, record_kept=True)
         observer.name = f"{deployed.name}-kept-sets"
-    # OpenVINO runs the IR at its recorded precision (bf16, int8-bf16: judged by their own limits).
-    precision = deployed.precision if backend == "openvino" else spec.precision
+    # Judged at the precision of the artifact deployed (export.json's record): OpenVINO's IR at its
+    # own (bf16, int8-bf16: judged by their own limits); PyTorch's reference at the export's.
+    precision = spec.precision if backend == "torch" else deployed_artifact(export_dir, backend, spec, device).precision
     report = validate(
         pruned,
         unpruned,
