@@ -246,7 +246,10 @@ def atomic_dir(
     if out.exists() and not force:
         raise OutputExistsError(f"{display(out)} already exists: pass --force to replace it, or {option} another directory")
     if out.exists():
-        check_replaceable(out, marker, option)
+        # Under the lock: a concurrent writer's swap leaves ``out`` missing for a moment.
+        with _locked(out.parent):
+            if out.exists():
+                check_replaceable(out, marker, option)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

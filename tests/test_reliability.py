@@ -83,10 +83,11 @@ def test_symlinked_output_replaces_its_target_and_keeps_the_link(tmp_path: Path)
 
 
 def _writer(out: str, index: int) -> None:
-    with atomic_dir(Path(out), force=True, marker="export.json") as tmp:
-        (tmp / "export.json").write_text(str(index))
-        (tmp / "model.onnx").write_bytes(bytes([index]) * 100_000)
-        time.sleep(0.05)
+    # Many short writes each: a writer's pre-check then often meets another's swap (out missing).
+    for _ in range(15):
+        with atomic_dir(Path(out), force=True, marker="export.json") as tmp:
+            (tmp / "export.json").write_text(str(index))
+            (tmp / "model.onnx").write_bytes(bytes([index]) * 100_000)
 
 
 def test_concurrent_writers_to_one_output_all_succeed_and_leave_nothing(tmp_path: Path) -> None:
