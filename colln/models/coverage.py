@@ -12,6 +12,9 @@ from colln.errors import CollnError
 # The timm modules of global-attention ViT backbones (the VLM towers are listed separately).
 BACKBONE_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "eva", "naflexvit")
 TOWER_MODULES = ("qwen3_vit", "gemma4_vit", "deepseek_vit")
+# Modules whose models take timm's ``weight_init="skip"``: a plan needs shapes, not values, and the
+# init's trunc_normal_ on the meta device is most of the time of building them.
+SKIP_INIT_MODULES = frozenset({"vision_transformer", "deit", "vision_transformer_hybrid", "gemma4_vit"})
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,9 @@ def verdicts(
 
     for module in modules:
         for name in timm.list_models(module=module):
+            options = {"weight_init": "skip"} if module in SKIP_INIT_MODULES else {}
             with torch.device("meta"):
-                model = timm.create_model(name)
+                model = timm.create_model(name, **options)
             try:
                 settings: dict = {"keep": 0.7}
                 if module in TOWER_MODULES:
