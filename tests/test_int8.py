@@ -315,10 +315,10 @@ def test_onnx_runtime_fuses_the_int8_graphs_attention(int8_export):
     np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_the_unpruned_int8_counterpart_is_calibrated_on_the_same_images(tmp_path):
+def test_the_unpruned_int8_counterpart_is_calibrated_on_the_same_images(int8_export, tmp_path):
     """With --calib-images, the stack's unpruned int8 model is calibrated on those images too:
     before the first pruning block both models see the same activations, so their first
-    activation scale is the same number (the default images would give another)."""
+    activation scale is the same number (the default images, int8_export's, give another)."""
     from colln.export.unpruned import CACHE_DIR
     from colln.models import digits
 
@@ -340,16 +340,7 @@ def test_the_unpruned_int8_counterpart_is_calibrated_on_the_same_images(tmp_path
     ]
     assert len(counterparts) == 1
     assert first_scale(counterparts[0]) == first_scale(out)
-    assert first_scale(out) != first_scale(_default_calibrated(tmp_path))
-
-
-def _default_calibrated(
-    tmp_path: Path,
-) -> Path:
-    out = tmp_path / "default"
-    argv = ["digits_vit", "--keep", "0.7", "--precision", "int8", "--out", str(out), "--no-latency", "--no-validate"]
-    assert export_main(argv) == 0
-    return out
+    assert first_scale(out) != first_scale(int8_export)
 
 
 def _quantize_a_score_softmax(
