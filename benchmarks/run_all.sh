@@ -7,7 +7,8 @@
 #   benchmarks/run_all.sh pruning int8       # docs/benchmarks.md only
 # Sections: pruning (docs/benchmarks.md, fp32 1 thread; refreshes this machine's regression
 # baseline), int8 (docs/benchmarks.md), openvino (docs/openvino.md, README), families (issue 25's
-# modern families), finetune (docs/finetune.md), merging (docs/merging.md), vlm (docs/vlm.md).
+# modern families), profile (docs/benchmarks.md "Where batch-1 time goes"), finetune (docs/finetune.md),
+# merging (docs/merging.md), vlm (docs/vlm.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
@@ -65,6 +66,15 @@ families() {
   python benchmarks/table.py --stack "$RESULTS"/families-*.json > "$RESULTS/families.md"
 }
 
+profile() {
+  local out=$EXPORTS/deit_small-colln-keep0.7-openvino
+  [ -d "$out" ] || colln-export deit_small --weights random --keep 0.7 --openvino --no-latency --out "$out"
+  python benchmarks/profile_b1.py "$out" --runs 30 --threads 2 \
+    --json "$RESULTS/profile_b1_deit_small.json" --out "$RESULTS/profile_b1_deit_small.md"
+  python benchmarks/scoring_attention.py "$out" --batch 1 --rounds 50 --warmup 3 --threads 2 \
+    --json "$RESULTS/scoring_attention_deit_small.json"
+}
+
 finetune() {
   python benchmarks/finetune.py --runs /tmp/colln-finetune --json "$RESULTS/finetune_digits.json" \
     --plot docs/finetune/loss_colln_vs_cls.png
@@ -102,10 +112,10 @@ vlm() {
 }
 
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(pruning int8 openvino families finetune merging vlm)
+[ ${#sections[@]} -gt 0 ] || sections=(pruning int8 openvino families profile finetune merging vlm)
 for section in "${sections[@]}"; do
   case $section in
-    pruning | int8 | openvino | families | finetune | merging | vlm) "$section" ;;
-    *) echo "run_all.sh: unknown section $section (pruning, int8, openvino, families, finetune, merging, vlm)" >&2; exit 2 ;;
+    pruning | int8 | openvino | families | profile | finetune | merging | vlm) "$section" ;;
+    *) echo "run_all.sh: unknown section $section (pruning, int8, openvino, families, profile, finetune, merging, vlm)" >&2; exit 2 ;;
   esac
 done
