@@ -23,14 +23,14 @@ from colln.export.onnx import read_metadata, topk_constants
 from colln.export.spec import ExportSpec, file_sha256
 from colln.infer.environment import cpu_flags, cpu_model, describe_cpu_flags
 from colln.infer.timing import Timing
-from colln.models import digits
+from colln.models import bundled
 
 REPORT_KEYS = {"schema", "created", "model", "export", "plan", "flops", "validation", "latency", "versions", "environment"}
 
 
 def _digit_batch(count: int) -> np.ndarray:
-    split = digits.load_split("test")
-    return preprocess(split.images[:count], digits.create_model()).numpy()
+    split = bundled.load_split("test")
+    return preprocess(split.images[:count], bundled.create_model()).numpy()
 
 
 def test_export_dir_and_onnx_contract(digits_export: Path) -> None:
@@ -69,7 +69,7 @@ def test_report_json(digits_export: Path) -> None:
     report = json.loads((digits_export / "report.json").read_text())
     assert set(report) >= REPORT_KEYS
     v = report["validation"]
-    assert v["passed"] and v["backend"] == "onnxruntime" and v["images"] == len(digits.load_split("test").labels)
+    assert v["passed"] and v["backend"] == "onnxruntime" and v["images"] == len(bundled.load_split("test").labels)
     assert v["kept_sets_observed"] and [layer["k"] for layer in v["layers"]] == [45, 32, 23]
     assert v["top1_agreement_judged"] == 1.0 and v["min_cosine_judged"] >= 0.9999
     f = report["flops"]

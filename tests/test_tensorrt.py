@@ -35,7 +35,7 @@ from colln.export.tensorrt import (
 )
 from colln.infer import runners
 from colln.infer.runners import tensorrt_runner
-from colln.models import digits
+from colln.models import bundled
 from colln.models.config import PruneConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -341,7 +341,7 @@ def _digits_batch(
 ) -> np.ndarray:
     from colln.data import preprocess
 
-    return preprocess(digits.load_split("test").images[:256], model).numpy()
+    return preprocess(bundled.load_split("test").images[:256], model).numpy()
 
 
 def _logits(
