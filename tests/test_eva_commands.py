@@ -165,7 +165,7 @@ def test_tensorrt_parses_and_builds_the_rope_graph(fp32_export, tmp_path) -> Non
     assert widths == list(spec.keep_plan().keep_counts)
     build_engine(built, 1, 2, 4, timing_cache=tmp_path / "timing.cache")
     meta = json.loads((built / ENGINE_META_FILE).read_text())
-    assert (built / ENGINE_FILE).is_file() and meta["keep_plan"] == spec.plan
+    assert (built / ENGINE_FILE).is_file() and meta["keep_plan"] == spec.plan_record
     assert meta["io"] == {"images": "float32", "logits": "float32"}
 
 

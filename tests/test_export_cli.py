@@ -46,7 +46,7 @@ def test_export_dir_and_onnx_contract(digits_export: Path) -> None:
     # digits_vit: 64 patches + CLS, 8 blocks -> EViT's quarter points 2, 4, 6; k = ceil(0.7 * candidates).
     assert topk_constants(proto) == [45, 32, 23]
     plan = json.loads(read_metadata(digits_export / "model.onnx")["colln.plan"])
-    assert plan == ExportSpec.read(digits_export).plan
+    assert plan == ExportSpec.read(digits_export).plan_record
     assert plan["layers"] == [2, 4, 6] and plan["keep_counts"] == [45, 32, 23]
     # The artifact manifest is written after the graph: a fresh export opens (read_export compares
     # every graph-determined field, and the manifest is not one of them).

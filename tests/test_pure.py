@@ -193,6 +193,18 @@ def test_default_out_dir_and_case_name(spec: ExportSpec, directory: str, case: s
     assert case_name(spec, "openvino", 4, "cpu") == f"{where}@openvino-t4"
 
 
+def test_export_json_keeps_the_plan_under_plan() -> None:
+    """ExportSpec.plan_record is written and read as export.json's documented ``plan`` key (docs/vlm.md:
+    ``plan.final_k``), in the place it always had: an export written before the rename reads the same."""
+    record = {"final_k": 16, "layers": [3]}
+    data = ExportSpec("m", plan_record=record).to_dict()
+    assert list(data) == ["model", "weights", "img_size", "pruning", "precision", "opset", "plan", "weights_sha256", "artifacts"]
+    assert data["plan"] == record
+    older = {"model": "m", "pruning": PruneConfig().to_dict(), "plan": record, "artifacts": {}}
+    assert ExportSpec.from_dict(older).plan_record == record
+    assert ExportSpec.from_dict(json.loads(json.dumps(data))).plan_record == record
+
+
 # --- colln.models.plan.resolve_feature_layer ------------------------------------------------------
 
 

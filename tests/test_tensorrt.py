@@ -188,7 +188,7 @@ def test_fp32_plan_and_metadata(fp32_plan):
         "opt": [2, 3, 32, 32],
         "max": [4, 3, 32, 32],
     }
-    assert meta["keep_plan"] == spec.plan and meta["keep_plan"]["keep_counts"] == _paper_keep_counts()
+    assert meta["keep_plan"] == spec.plan_record and meta["keep_plan"]["keep_counts"] == _paper_keep_counts()
     assert meta["onnx_sha256"] == hashlib.sha256((fp32_plan / ONNX_FILE).read_bytes()).hexdigest()
     log = (fp32_plan / ENGINE_LOG_FILE).read_text()
     assert "Building engine" in log and "STRONGLY_TYPED" in log

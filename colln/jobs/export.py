@@ -324,7 +324,7 @@ def _write_openvino(
     source = None
     if work.spec.precision == "int8":
         with work.progress("exporting the pruned fp32 counterpart (cached)"):
-            counterpart = replace(work.exported.spec, precision="fp32", plan={})
+            counterpart = replace(work.exported.spec, precision="fp32", plan_record={})
             source = cached_export(counterpart, default_cache(work.out), work.unpruned)
     # Labelled validation images: NNCF's accuracy control holds int8's drop (today's recipe without labels).
     labelled = (images.images, images.labels) if source and images is not None and images.labels is not None else None
