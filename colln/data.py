@@ -300,6 +300,24 @@ class Images:
     labels: np.ndarray | None
 
 
+def digits_fit(
+    model: torch.nn.Module,
+    *,
+    labelled: bool,
+) -> bool:
+    """The one check that ``digits`` (the bundled splits) fits ``model``, for every command: only a
+    digits model takes them (another model's input and classes are not 8x8 handwritten digits).
+    Returns whether the digits' labels are indices of its head (not of a head re-headed to fewer
+    classes); with ``labelled`` (training, accuracy) they must be."""
+    if getattr(model, "pretrained_cfg", {}).get("architecture") not in bundled.NAMES:
+        raise DataError("'digits' data only fits the digits models: give an ImageFolder directory with --data DIR")
+    fits = model.num_classes >= bundled.NUM_CLASSES
+    if labelled and not fits:
+        classes = f"{bundled.NUM_CLASSES} classes but the model has {model.num_classes}"
+        raise DataError(f"'digits' has {classes}: give an ImageFolder with --data DIR")
+    return fits
+
+
 def read_images(
     data: str | Path | None,
     model: torch.nn.Module,
@@ -323,10 +341,8 @@ def read_images(
             return Images(name="skimage", source="skimage.data photos", images=skimage_photos(names), labels=None)
         data = DIGITS
     if isinstance(data, str) and data == DIGITS:
+        fits = digits_fit(model, labelled=labelled)
         split = bundled.load_split("test")
-        fits = split.labels.max() < model.num_classes
-        if labelled and not fits:
-            raise DataError(f"'digits' has 10 classes but the model has {model.num_classes}: give an ImageFolder with --data DIR")
         chosen = pick(len(split.labels), limit, option)
         labels = split.labels[chosen].astype(np.int64) if fits else None  # a re-headed digits model: other classes
         return Images(name=DIGITS, source="digits test split", images=[split.images[i] for i in chosen], labels=labels)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from colln.data import class_folders, model_class_names, pick
+from colln.data import DIGITS, class_folders, model_class_names, pick
 from colln.errors import OutputExistsError, UsageError
 from colln.files import check_replaceable, check_writable_dir
 from colln.models import bundled
@@ -20,7 +20,7 @@ from colln.models.config import PruneConfig
 from colln.models.registry import load_model, resolve_name, set_class_names
 from colln.models.rewrite import prune
 from colln.train import checkpoint as ckpt
-from colln.train.datasets import DIGITS, open_dataset
+from colln.train.datasets import open_dataset
 from colln.train.distributed import env_ranks
 from colln.train.finetune import FinetuneResult, Recipe, Reporter, finetune
 
