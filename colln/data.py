@@ -311,9 +311,12 @@ def digits_fit(
     classes); with ``labelled`` (training, accuracy) they must be."""
     if getattr(model, "pretrained_cfg", {}).get("architecture") not in bundled.NAMES:
         raise DataError("'digits' data only fits the digits models: give an ImageFolder directory with --data DIR")
-    fits = model.num_classes >= bundled.NUM_CLASSES
+    # A pruned Eva is wrapped (colln.models.rewrite.ReducedViT), which does not expose its head's
+    # size: its labels are taken to fit (what colln-finetune checked before this rule).
+    num_classes = getattr(model, "num_classes", bundled.NUM_CLASSES)
+    fits = num_classes >= bundled.NUM_CLASSES
     if labelled and not fits:
-        classes = f"{bundled.NUM_CLASSES} classes but the model has {model.num_classes}"
+        classes = f"{bundled.NUM_CLASSES} classes but the model has {num_classes}"
         raise DataError(f"'digits' has {classes}: give an ImageFolder with --data DIR")
     return fits
 
