@@ -87,7 +87,7 @@ def main() -> None:
         parser.error("EXPORT must be an int8 export with its OpenVINO IR (colln-export --precision int8 --openvino)")
     cache = default_cache(args.export)
     unpruned = spec.load_unpruned()
-    fp32 = replace(spec, precision="fp32", plan={})
+    fp32 = replace(spec, precision="fp32", plan_record={})
     dirs = {
         "unpruned-fp32": unpruned_export(fp32, cache, unpruned),
         "pruned-fp32": cached_export(fp32, cache, unpruned),

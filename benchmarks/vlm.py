@@ -24,7 +24,7 @@ from pathlib import Path
 import colln
 from colln.export.spec import ExportSpec
 from colln.infer.timing import Timing
-from colln.jobs.export import LatencyOptions, ValidationOptions, export_model
+from colln.jobs.export import ExportOptions, LatencyOptions, ValidationOptions, export_model
 from colln.models.config import PruneConfig
 
 MODEL = "vit_large_patch14_clip_336"
@@ -47,17 +47,16 @@ def main() -> None:
     # Cases run earlier stay in the file: each case is bounded and can be re-run on its own.
     earlier = json.loads(args.out.read_text())["cases"] if args.out.is_file() else {}
     results = {"model": MODEL, "weights": "random", "cases": earlier}
+    options = ExportOptions(
+        force=True,
+        validation=ValidationOptions(limit=args.val_limit),
+        latency=LatencyOptions(batches=(1,), timing=Timing(rounds=args.rounds, warmup=args.warmup, threads=args.threads)),
+        lm_params=args.lm_params,
+    )
     for name in args.cases.split(","):
         spec = ExportSpec(MODEL, weights="random", pruning=CASES[name])
         start, load = time.perf_counter(), os.getloadavg()
-        result = export_model(
-            spec,
-            Path("exports") / f"{MODEL}-tokens-{name}",
-            force=True,
-            validation=ValidationOptions(limit=args.val_limit),
-            latency=LatencyOptions(batches=(1,), timing=Timing(rounds=args.rounds, warmup=args.warmup, threads=args.threads)),
-            lm_params=args.lm_params,
-        )
+        result = export_model(spec, Path("exports") / f"{MODEL}-tokens-{name}", options)
         r = result.report
         v, lat = r["validation"], r["latency"]["batches"]["1"]
         results["cases"][name] = {

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from colln.errors import DataError, UsageError
-from colln.models import digits
+from colln.models import bundled
 
 DIGITS = "digits"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -180,8 +180,8 @@ def model_class_names(
     # A stale list (a hub config's 1000 names on a re-headed model) describes another head.
     if names and len(names) == num_classes:
         return list(names)
-    if cfg.get("architecture") in digits.NAMES and num_classes == digits.NUM_CLASSES:
-        return [str(i) for i in range(digits.NUM_CLASSES)]
+    if cfg.get("architecture") in bundled.NAMES and num_classes == bundled.NUM_CLASSES:
+        return [str(i) for i in range(bundled.NUM_CLASSES)]
     subset = infer_imagenet_subset(model)
     return list(ImageNetInfo(subset).label_names()) if subset else None
 
@@ -300,6 +300,27 @@ class Images:
     labels: np.ndarray | None
 
 
+def digits_fit(
+    model: torch.nn.Module,
+    *,
+    labelled: bool,
+) -> bool:
+    """The one check that ``digits`` (the bundled splits) fits ``model``, for every command: only a
+    digits model takes them (another model's input and classes are not 8x8 handwritten digits).
+    Returns whether the digits' labels are indices of its head (not of a head re-headed to fewer
+    classes); with ``labelled`` (training, accuracy) they must be."""
+    if getattr(model, "pretrained_cfg", {}).get("architecture") not in bundled.NAMES:
+        raise DataError("'digits' data only fits the digits models: give an ImageFolder directory with --data DIR")
+    # A pruned Eva is wrapped (colln.models.rewrite.ReducedViT), which does not expose its head's
+    # size: its labels are taken to fit (what colln-finetune checked before this rule).
+    num_classes = getattr(model, "num_classes", bundled.NUM_CLASSES)
+    fits = num_classes >= bundled.NUM_CLASSES
+    if labelled and not fits:
+        classes = f"{bundled.NUM_CLASSES} classes but the model has {num_classes}"
+        raise DataError(f"'digits' has {classes}: give an ImageFolder with --data DIR")
+    return fits
+
+
 def read_images(
     data: str | Path | None,
     model: torch.nn.Module,
@@ -315,7 +336,7 @@ def read_images(
     other directory is read as unlabelled images (recursively). ``limit``: see :func:`pick`; only
     the picked files are opened."""
     if data is None:
-        default = getattr(model, "pretrained_cfg", {}).get("architecture") in digits.NAMES
+        default = getattr(model, "pretrained_cfg", {}).get("architecture") in bundled.NAMES
         if not default and labelled:
             raise DataError("the model's default images (skimage.data photos) have no labels: give an ImageFolder directory")
         if not default:
@@ -323,10 +344,8 @@ def read_images(
             return Images(name="skimage", source="skimage.data photos", images=skimage_photos(names), labels=None)
         data = DIGITS
     if isinstance(data, str) and data == DIGITS:
-        split = digits.load_split("test")
-        fits = split.labels.max() < model.num_classes
-        if labelled and not fits:
-            raise DataError(f"'digits' has 10 classes but the model has {model.num_classes}: give an ImageFolder with --data DIR")
+        fits = digits_fit(model, labelled=labelled)
+        split = bundled.load_split("test")
         chosen = pick(len(split.labels), limit, option)
         labels = split.labels[chosen].astype(np.int64) if fits else None  # a re-headed digits model: other classes
         return Images(name=DIGITS, source="digits test split", images=[split.images[i] for i in chosen], labels=labels)
@@ -378,7 +397,7 @@ def validation_images(
     ``skimage.data`` (:func:`read_images`, labels where the directory's layout brings them, and
     the digits' unless the model was re-headed for other classes);
     preprocessed with ``model``'s data config. ``limit``: see :func:`pick`."""
-    data = DIGITS if directory is None and model_name in digits.NAMES else None if directory is None else Path(directory)
+    data = DIGITS if directory is None and model_name in bundled.NAMES else None if directory is None else Path(directory)
     found = read_images(data, model, labelled=False, limit=limit, option="--val-limit")
     return ValImages(images=preprocess(found.images, model).numpy(), labels=found.labels, source=found.source)
 

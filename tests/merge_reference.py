@@ -141,7 +141,7 @@ def _mean(
 
 def plain_tome(
     x: torch.Tensor,
-    metric: torch.Tensor,
+    mean_keys: torch.Tensor,
     sizes: torch.Tensor,
     r: int,
     num_prefix: int,
@@ -160,7 +160,7 @@ def plain_tome(
     a_set, b_set = list(range(0, n, 2)), list(range(1, n, 2))
     best = {}
     for a in a_set:
-        sims = [-math.inf if a < p or b < p else _cos(metric[a], metric[b]) for b in b_set]
+        sims = [-math.inf if a < p or b < p else _cos(mean_keys[a], mean_keys[b]) for b in b_set]
         j = max(range(len(b_set)), key=lambda t: sims[t])
         best[a] = (sims[j], b_set[j])
     ranked = sorted(a_set, key=lambda a: -best[a][0])

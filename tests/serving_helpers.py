@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from colln.models.digits import load_split
+from colln.models.bundled import load_split
 
 HOST = "127.0.0.1"
 

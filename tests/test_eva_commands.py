@@ -28,13 +28,13 @@ from colln.export.onnx import export_onnx, topk_constants
 from colln.export.ort_graph import for_onnxruntime
 from colln.export.quantize import selection_crossings
 from colln.export.spec import ONNX_FILE, ExportSpec
-from colln.models import digits
+from colln.models import bundled
 from colln.models.registry import load_model
 from colln.models.rewrite import explicit_attention
 from colln.report.viz import view
 from colln.train import checkpoint as ckpt
 
-NAME = digits.EVA_NAME
+NAME = bundled.EVA_NAME
 VAL = 96  # validation images per export: enough judged images, a few seconds each
 LAYERS = (2, 4, 6)  # EViT's quarter points of 8 blocks
 QUICK = ["--no-latency", "--val-limit", str(VAL)]
@@ -165,7 +165,7 @@ def test_tensorrt_parses_and_builds_the_rope_graph(fp32_export, tmp_path) -> Non
     assert widths == list(spec.keep_plan().keep_counts)
     build_engine(built, 1, 2, 4, timing_cache=tmp_path / "timing.cache")
     meta = json.loads((built / ENGINE_META_FILE).read_text())
-    assert (built / ENGINE_FILE).is_file() and meta["keep_plan"] == spec.plan
+    assert (built / ENGINE_FILE).is_file() and meta["keep_plan"] == spec.plan_record
     assert meta["io"] == {"images": "float32", "logits": "float32"}
 
 
@@ -197,7 +197,7 @@ def test_colln_eval_accuracy_is_the_pruned_models(tmp_path, eva) -> None:
     argv = [NAME, "--keep", "0.7", "--metric", "colln", "--method", "prune,merge", "--limit", "48"]
     assert eval_main([*argv, "--rounds", "1", "--warmup", "0", "--out", str(out)]) == 0
     result = json.loads((out / "results.json").read_text())
-    test = digits.load_split("test")
+    test = bundled.load_split("test")
     chosen = np.linspace(0, len(test.labels) - 1, 48).round().astype(int)
     x = preprocess([test.images[i] for i in chosen], eva)
     labels = test.labels[chosen]
@@ -220,7 +220,7 @@ def test_colln_finetune_writes_weights_that_export_validates(tmp_path, eva, val)
     record = json.loads((out / ckpt.RECORD).read_text())
     assert record["plan"]["layers"] == list(LAYERS)
     tuned = colln.prune(load_model(NAME, weights=str(out / ckpt.WEIGHTS)), keep=0.7, layers=LAYERS).eval()
-    test = digits.load_split("test")
+    test = bundled.load_split("test")
     with torch.no_grad():
         predicted = tuned(preprocess(test.images, tuned)).argmax(-1).numpy()
     assert record["accuracy"]["after"] == pytest.approx(float((predicted == test.labels).mean()))
@@ -235,12 +235,12 @@ def test_colln_finetune_writes_weights_that_export_validates(tmp_path, eva, val)
 
 def test_colln_viz_draws_the_tokens_col_ln_keeps(tmp_path, eva) -> None:
     image = tmp_path / "digit.png"
-    digits.load_split("test").images[0].save(image)
+    bundled.load_split("test").images[0].save(image)
     out = tmp_path / "kept.png"
     assert viz_main([NAME, "--image", str(image), "--keep", "0.5", "--metric", "colln", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # What colln-viz draws after block 0 (the early schedule's first block) against Col-Ln written out.
-    x = preprocess([digits.load_split("test").images[0]], eva)
+    x = preprocess([bundled.load_split("test").images[0]], eva)
     kept = view(eva, x, colln.PruneConfig(keep=0.5, layers=(0, 2, 4))).kept
     with torch.no_grad():
         tokens, rope = eva._pos_embed(eva.patch_embed(x))
@@ -264,7 +264,7 @@ def test_viz_maps_naflexvit_selections_to_its_patches() -> None:
 
 def test_colln_viz_runs_on_naflexvit(tmp_path) -> None:
     image, out = tmp_path / "digit.png", tmp_path / "kept.png"
-    digits.load_split("test").images[0].save(image)
+    bundled.load_split("test").images[0].save(image)
     argv = ["naflexvit_base_patch16_gap", "--weights", "random", "--image", str(image), "--metric", "colln", "--out", str(out)]
     assert viz_main(argv) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

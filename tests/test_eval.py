@@ -23,7 +23,7 @@ from colln.export.spec import ExportSpec
 from colln.infer.timing import LatencyStats, Timing
 from colln.jobs.evaluate import KEEP_PLOT, PARETO_PLOT, RESULTS_JSON, RESULTS_MD
 from colln.measure import sweep as ev
-from colln.models import digits
+from colln.models import bundled
 from colln.models.config import PruneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +46,8 @@ def digits_model() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def digits_test() -> digits.DigitsSplit:
-    return digits.load_split("test")
+def digits_test() -> bundled.DigitsSplit:
+    return bundled.load_split("test")
 
 
 @pytest.fixture(scope="module")

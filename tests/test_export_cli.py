@@ -23,14 +23,14 @@ from colln.export.onnx import read_metadata, topk_constants
 from colln.export.spec import ExportSpec, file_sha256
 from colln.infer.environment import cpu_flags, cpu_model, describe_cpu_flags
 from colln.infer.timing import Timing
-from colln.models import digits
+from colln.models import bundled
 
 REPORT_KEYS = {"schema", "created", "model", "export", "plan", "flops", "validation", "latency", "versions", "environment"}
 
 
 def _digit_batch(count: int) -> np.ndarray:
-    split = digits.load_split("test")
-    return preprocess(split.images[:count], digits.create_model()).numpy()
+    split = bundled.load_split("test")
+    return preprocess(split.images[:count], bundled.create_model()).numpy()
 
 
 def test_export_dir_and_onnx_contract(digits_export: Path) -> None:
@@ -46,7 +46,7 @@ def test_export_dir_and_onnx_contract(digits_export: Path) -> None:
     # digits_vit: 64 patches + CLS, 8 blocks -> EViT's quarter points 2, 4, 6; k = ceil(0.7 * candidates).
     assert topk_constants(proto) == [45, 32, 23]
     plan = json.loads(read_metadata(digits_export / "model.onnx")["colln.plan"])
-    assert plan == ExportSpec.read(digits_export).plan
+    assert plan == ExportSpec.read(digits_export).plan_record
     assert plan["layers"] == [2, 4, 6] and plan["keep_counts"] == [45, 32, 23]
     # The artifact manifest is written after the graph: a fresh export opens (read_export compares
     # every graph-determined field, and the manifest is not one of them).
@@ -69,7 +69,7 @@ def test_report_json(digits_export: Path) -> None:
     report = json.loads((digits_export / "report.json").read_text())
     assert set(report) >= REPORT_KEYS
     v = report["validation"]
-    assert v["passed"] and v["backend"] == "onnxruntime" and v["images"] == len(digits.load_split("test").labels)
+    assert v["passed"] and v["backend"] == "onnxruntime" and v["images"] == len(bundled.load_split("test").labels)
     assert v["kept_sets_observed"] and [layer["k"] for layer in v["layers"]] == [45, 32, 23]
     assert v["top1_agreement_judged"] == 1.0 and v["min_cosine_judged"] >= 0.9999
     f = report["flops"]

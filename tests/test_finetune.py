@@ -22,7 +22,7 @@ from colln.app.export_cli import main as export_main
 from colln.app.finetune_cli import main
 from colln.data import preprocess
 from colln.errors import CheckpointError, DataError, PlanMismatchError, TrainingDivergedError, UnsupportedModelError
-from colln.models import digits
+from colln.models import bundled
 from colln.train import checkpoint as ckpt
 from colln.train.datasets import DigitsDataset, FolderDataset
 from colln.train.finetune import finetune
@@ -57,7 +57,7 @@ def val_set(model: torch.nn.Module) -> Dataset:
 
 
 def _accuracy(m: torch.nn.Module, split: str = "test") -> float:
-    data = digits.load_split(split)
+    data = bundled.load_split(split)
     with torch.no_grad():
         pred = m.eval()(preprocess(data.images, m)).argmax(-1).numpy()
     return float((pred == data.labels).mean())
@@ -194,7 +194,7 @@ def test_cli_writes_weights_that_export_loads_with_the_recorded_plan(tmp_path: P
     exported = colln.prune(colln.load_model("digits_vit", weights=str(out / ckpt.WEIGHTS)), config)
     tuned = colln.prune(colln.load_model("digits_vit"), config)
     tuned.load_state_dict(ckpt.load_state(out / ckpt.CHECKPOINT)["model"])
-    x = preprocess(digits.load_split("test").images[:16], tuned)
+    x = preprocess(bundled.load_split("test").images[:16], tuned)
     with torch.no_grad():
         assert torch.equal(exported.eval()(x), tuned.eval()(x))
     assert _accuracy(exported) == pytest.approx(record["accuracy"]["after"])
@@ -335,7 +335,7 @@ def test_cuda_bf16_finetune_recovers_accuracy(model, train_subset, val_set) -> N
 
 
 def _digit_folder(root: Path, per_class: int = 2, classes: list[str] | None = None) -> Path:
-    data = digits.load_split("test")
+    data = bundled.load_split("test")
     for name in classes or [str(i) for i in range(10)]:
         (root / name).mkdir(parents=True)
         picks = np.flatnonzero(data.labels == int(name))[:per_class] if name.isdigit() else range(per_class)
@@ -431,7 +431,7 @@ def test_folder_run_with_a_reheaded_model(tmp_path: Path) -> None:
     tuned = colln.prune(colln.load_model("digits_vit"), colln.PruneConfig(keep=0.7, layers=(0, 2, 4)))
     tuned.reset_classifier(3)
     tuned.load_state_dict(ckpt.load_state(out / ckpt.CHECKPOINT)["model"])
-    x = preprocess(digits.load_split("test").images[:8], tuned)
+    x = preprocess(bundled.load_split("test").images[:8], tuned)
     logits = ort.InferenceSession(str(exported / "model.onnx")).run(None, {"images": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(logits, tuned.eval()(x).numpy(), rtol=1e-4, atol=1e-4)

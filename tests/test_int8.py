@@ -320,11 +320,11 @@ def test_the_unpruned_int8_counterpart_is_calibrated_on_the_same_images(int8_exp
     before the first pruning block both models see the same activations, so their first
     activation scale is the same number (the default images, int8_export's, give another)."""
     from colln.export.unpruned import CACHE_DIR
-    from colln.models import digits
+    from colln.models import bundled
 
     calib = tmp_path / "calib"
     calib.mkdir()
-    for i, image in enumerate(digits.load_split("test").images[:24]):
+    for i, image in enumerate(bundled.load_split("test").images[:24]):
         image.save(calib / f"{i}.png")
     out = tmp_path / "exports" / "x"
     argv = ["digits_vit", "--keep", "0.7", "--precision", "int8", "--out", str(out), "--calib-images", str(calib)]

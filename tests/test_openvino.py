@@ -80,7 +80,7 @@ def int8_bf16_export(int8_export: Path, tmp_path_factory: pytest.TempPathFactory
     copy = shutil.copytree(int8_export, tmp_path_factory.mktemp("ov") / "digits-int8-bf16")
     spec = read_export(copy)
     labelled = validation_images(spec.model, spec.load_unpruned())
-    source = cached_export(replace(spec, precision="fp32", plan={}), default_cache(int8_export))
+    source = cached_export(replace(spec, precision="fp32", plan_record={}), default_cache(int8_export))
     calibration = labelled.images[pick(len(labelled.images), 100)]  # --calib-limit 100's images
     write_ir(copy, "int8-bf16", calibration, source=source / "model.onnx", validation=(labelled.images, labelled.labels))
     return copy

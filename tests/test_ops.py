@@ -92,7 +92,7 @@ def _plain_rescue(
 @pytest.mark.parametrize("k,rescue", [(10, 0.2), (10, 0.4), (7, 0.0), (5, 0.5)])
 def test_rescue_selection_matches_the_paper_recipe(k: int, rescue: float) -> None:
     am = ops.head_mean(_attention(3, 4, 25, seed=2))
-    idx = ops.select(am, 1, k, PruneConfig(metric="correct", rescue=rescue))[0]
+    idx = ops.select_by_score(am, 1, k, PruneConfig(metric="correct", rescue=rescue))[0]
     cls_scores = ops.cls_score(am, 1)
     colln_scores = ops.colln_score(am, 1, 4.0)
     assert idx.shape == (3, k)
@@ -103,8 +103,8 @@ def test_rescue_selection_matches_the_paper_recipe(k: int, rescue: float) -> Non
 
 def test_rescue_differs_from_pure_cls_when_cls_misses_colln_tokens() -> None:
     am = ops.head_mean(_attention(3, 4, 25, seed=2))
-    by_cls = ops.select(am, 1, 10, PruneConfig(metric="cls"))[0]
-    corrected = ops.select(am, 1, 10, PruneConfig(metric="correct", rescue=0.4))[0]
+    by_cls = ops.select_by_score(am, 1, 10, PruneConfig(metric="cls"))[0]
+    corrected = ops.select_by_score(am, 1, 10, PruneConfig(metric="correct", rescue=0.4))[0]
     assert any(set(by_cls[b].tolist()) != set(corrected[b].tolist()) for b in range(3))
 
 
@@ -161,7 +161,7 @@ def test_fused_weights_are_not_renormalised_over_the_candidates() -> None:
     am = ops.head_mean(attn)
     for metric in METRICS:
         config = PruneConfig(metric=metric)
-        _, scores = ops.select(am, 2, 4, config)
+        _, scores = ops.select_by_score(am, 2, 4, config)
         total = ops.fuse_weights(am, scores, 2, config).sum(dim=-1)
         all_cols = ops.colln_score(am, 0, config.norm)
         if metric == "colln":

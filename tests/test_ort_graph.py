@@ -17,7 +17,7 @@ from colln.export.onnx import export_onnx, gelu_for_fusion
 from colln.export.ort_graph import HEAD_SPLIT_PERM, for_onnxruntime
 from colln.export.spec import ONNX_FILE, ExportSpec
 from colln.infer.runners import session_model
-from colln.models import digits
+from colln.models import bundled
 
 
 def _run(
@@ -100,7 +100,7 @@ def test_exported_gelus_all_fuse(digits_export: Path, tmp_path: Path) -> None:
 def _digit_batch(count: int) -> np.ndarray:
     from colln.data import preprocess
 
-    return preprocess(digits.load_split("test").images[:count], digits.create_model()).numpy()
+    return preprocess(bundled.load_split("test").images[:count], bundled.create_model()).numpy()
 
 
 def test_every_non_pruning_attention_is_fused(digits_export: Path) -> None:
@@ -121,7 +121,7 @@ def test_every_non_pruning_attention_is_fused(digits_export: Path) -> None:
 def test_attention_forms_not_matched_exactly_are_left_alone(digits_export: Path, tmp_path: Path) -> None:
     """The fusion needs every step of the form colln exports. The exporter's decomposition of fused
     SDPA (timm's default path) is not it, and neither is a head split with another permutation."""
-    model = digits.create_model().eval()
+    model = bundled.create_model().eval()
     sdpa = export_onnx(model, tmp_path / "sdpa.onnx", input_size=(3, 32, 32))
     assert for_onnxruntime(sdpa)[1] == 0
     proto = onnx.load(str(digits_export / ONNX_FILE))
@@ -144,7 +144,7 @@ def test_onnx_runtime_sessions_load_the_fused_graph_on_cpu(digits_export: Path) 
 def test_explicit_attention_is_undone_on_exit(fused: bool) -> None:
     from colln.models.rewrite import explicit_attention
 
-    model = digits.create_model()
+    model = bundled.create_model()
     for block in model.blocks:
         block.attn.fused_attn = fused
     with explicit_attention(model):

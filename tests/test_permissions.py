@@ -18,7 +18,7 @@ import pytest
 
 from colln.app.export_cli import main as export_main
 from colln.export.spec import file_sha256
-from colln.models import digits
+from colln.models import bundled
 
 BIN = Path(sys.executable).parent
 NOBODY = "65534"
@@ -52,7 +52,7 @@ def area(digits_weights: str) -> Iterator[Path]:
     argv = ["digits_vit", "--keep", "0.7", "--weights", digits_weights, "--no-latency", "--out", str(root / "exp")]
     assert export_main(argv) == 0
     shutil.copytree(root / "exp", writable / "exp")
-    digits.load_split("test").images[0].save(writable / "digit.png")
+    bundled.load_split("test").images[0].save(writable / "digit.png")
     for path in writable.rglob("*"):
         path.chmod(0o777 if path.is_dir() else 0o666)
     (root / "ro").mkdir()

@@ -17,7 +17,7 @@ from colln.app.export_cli import main
 from colln.data import preprocess
 from colln.export.onnx import topk_constants
 from colln.export.precision import fp32_nodes, to_fp16
-from colln.models import digits
+from colln.models import bundled
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_score_subgraph_excludes_matrix_products(graphs) -> None:
 
 def test_fp16_logits_close_to_fp32(graphs) -> None:
     full, half = graphs
-    x = preprocess(digits.load_split("test").images[:32], digits.create_model()).numpy()
+    x = preprocess(bundled.load_split("test").images[:32], bundled.create_model()).numpy()
     a = ort.InferenceSession(full.SerializeToString()).run(None, {"images": x})[0]
     b = ort.InferenceSession(half.SerializeToString()).run(None, {"images": x})[0]
     assert b.dtype == np.float32

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from colln.app.cli import parse_ints
-from colln.data import label_map, pick, top1_accuracy, top1_correct
+from colln.data import digits_fit, label_map, pick, read_images, top1_accuracy, top1_correct
 from colln.errors import DataError, PlanError, UsageError
 from colln.export.artifact import default_out_dir
 from colln.export.spec import ExportSpec
@@ -72,6 +72,37 @@ def test_pick_spreads_the_limit_evenly_over_the_set() -> None:
     assert pick(5, None).tolist() == pick(5, 5).tolist() == pick(5, 9).tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(UsageError, match=r"--val-limit must be >= 1, got 0"):
         pick(5, 0, "--val-limit")
+
+
+# --- colln.data.digits_fit: one rule for 'digits', whatever reads it ----------------------------
+
+
+def _head(architecture: str, num_classes: int) -> torch.nn.Module:
+    """A stand-in model: all the rule reads is the architecture and the head's size."""
+    model = torch.nn.Identity()
+    model.pretrained_cfg, model.num_classes = {"architecture": architecture}, num_classes
+    return model
+
+
+def test_digits_fit_takes_digits_models_and_says_whether_their_labels_fit() -> None:
+    assert digits_fit(_head("digits_vit", 10), labelled=True) and digits_fit(_head("digits_eva", 10), labelled=False)
+    assert digits_fit(_head("digits_vit", 2), labelled=False) is False  # re-headed: the images, without labels
+    with pytest.raises(DataError, match="'digits' has 10 classes but the model has 2"):
+        digits_fit(_head("digits_vit", 2), labelled=True)
+    for labelled in (True, False):
+        with pytest.raises(DataError, match="only fits the digits models"):
+            digits_fit(_head("deit_small_patch16_224", 1000), labelled=labelled)
+
+
+def test_read_images_and_training_data_refuse_digits_for_another_model_alike() -> None:
+    """colln-eval / colln-validate (read_images) and colln-finetune (open_dataset) apply the same rule:
+    an ImageNet model is not given the digits with their labels read as ImageNet classes."""
+    from colln.train.datasets import open_dataset
+
+    imagenet = _head("deit_small_patch16_224", 1000)
+    for read in (lambda: read_images("digits", imagenet, labelled=True), lambda: open_dataset("digits", imagenet, training=True)):
+        with pytest.raises(DataError, match="only fits the digits models"):
+            read()
 
 
 # --- colln.data.top1_correct / top1_accuracy ------------------------------------------------------
@@ -191,6 +222,18 @@ def test_default_out_dir_and_case_name(spec: ExportSpec, directory: str, case: s
     where = case.partition("@")[0]
     assert case_name(spec, "torch", 2, "cuda:1") == f"{where}@torch-t2-cuda:1"
     assert case_name(spec, "openvino", 4, "cpu") == f"{where}@openvino-t4"
+
+
+def test_export_json_keeps_the_plan_under_plan() -> None:
+    """ExportSpec.plan_record is written and read as export.json's documented ``plan`` key (docs/vlm.md:
+    ``plan.final_k``), in the place it always had: an export written before the rename reads the same."""
+    record = {"final_k": 16, "layers": [3]}
+    data = ExportSpec("m", plan_record=record).to_dict()
+    assert list(data) == ["model", "weights", "img_size", "pruning", "precision", "opset", "plan", "weights_sha256", "artifacts"]
+    assert data["plan"] == record
+    older = {"model": "m", "pruning": PruneConfig().to_dict(), "plan": record, "artifacts": {}}
+    assert ExportSpec.from_dict(older).plan_record == record
+    assert ExportSpec.from_dict(json.loads(json.dumps(data))).plan_record == record
 
 
 # --- colln.models.plan.resolve_feature_layer ------------------------------------------------------

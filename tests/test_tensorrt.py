@@ -35,7 +35,7 @@ from colln.export.tensorrt import (
 )
 from colln.infer import runners
 from colln.infer.runners import tensorrt_runner
-from colln.models import digits
+from colln.models import bundled
 from colln.models.config import PruneConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def test_fp32_plan_and_metadata(fp32_plan):
         "opt": [2, 3, 32, 32],
         "max": [4, 3, 32, 32],
     }
-    assert meta["keep_plan"] == spec.plan and meta["keep_plan"]["keep_counts"] == _paper_keep_counts()
+    assert meta["keep_plan"] == spec.plan_record and meta["keep_plan"]["keep_counts"] == _paper_keep_counts()
     assert meta["onnx_sha256"] == hashlib.sha256((fp32_plan / ONNX_FILE).read_bytes()).hexdigest()
     log = (fp32_plan / ENGINE_LOG_FILE).read_text()
     assert "Building engine" in log and "STRONGLY_TYPED" in log
@@ -341,7 +341,7 @@ def _digits_batch(
 ) -> np.ndarray:
     from colln.data import preprocess
 
-    return preprocess(digits.load_split("test").images[:256], model).numpy()
+    return preprocess(bundled.load_split("test").images[:256], model).numpy()
 
 
 def _logits(

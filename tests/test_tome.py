@@ -27,12 +27,12 @@ def test_bipartite_merge_matches_the_plain_loop(r: int, num_prefix: int) -> None
     torch.manual_seed(r)
     n = 26 + num_prefix
     r = min(r, (n - num_prefix) // 2)
-    x, metric = torch.randn(3, n, 8), torch.randn(3, n, 5)
+    x, mean_keys = torch.randn(3, n, 8), torch.randn(3, n, 5)
     sizes = torch.randint(1, 4, (3, n)).float()
-    tokens, out_sizes, merged, order = ops.bipartite_merge(x, metric, sizes, r, num_prefix=num_prefix)
+    tokens, out_sizes, merged, order = ops.bipartite_merge(x, mean_keys, sizes, r, num_prefix=num_prefix)
     assert tokens.shape == (3, n - r, 8) and merged.shape == (3, r) and order.shape == (3, n - r - num_prefix)
     for b in range(3):
-        want, want_sizes, want_order = plain_tome(x[b], metric[b], sizes[b], r, num_prefix)
+        want, want_sizes, want_order = plain_tome(x[b], mean_keys[b], sizes[b], r, num_prefix)
         torch.testing.assert_close(tokens[b], want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out_sizes[b], want_sizes)
         assert order[b].tolist() == want_order
@@ -43,9 +43,9 @@ def test_bipartite_merge_matches_the_plain_loop(r: int, num_prefix: int) -> None
 def test_bipartite_merge_alternates_the_sets_over_the_whole_sequence() -> None:
     """The official partition by hand: [CLS] c0 c1 c2 c3 splits into A = [CLS], c1, c3 and B = c0, c2
     (the first patch in B). c3 equals c0, so r = 1 merges c3 into c0: [CLS], c1, (c0 + c3) / 2, c2."""
-    metric = torch.tensor([[[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [0, 1, 0]]])
+    mean_keys = torch.tensor([[[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [0, 1, 0]]])
     x = torch.arange(5.0).reshape(1, 5, 1)
-    tokens, sizes, merged, order = ops.bipartite_merge(x, metric, torch.ones(1, 5), 1, num_prefix=1)
+    tokens, sizes, merged, order = ops.bipartite_merge(x, mean_keys, torch.ones(1, 5), 1, num_prefix=1)
     assert tokens.flatten().tolist() == [0.0, 2.0, 2.5, 3.0] and sizes.tolist() == [[1.0, 1.0, 2.0, 1.0]]
     # merged indexes the A candidates (c1, c3); order the candidates each output continues.
     assert merged.tolist() == [[1]] and order.tolist() == [[1, 0, 2]]

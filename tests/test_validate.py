@@ -205,9 +205,9 @@ def test_kept_outputs_must_match_the_plan(digits_export: Path) -> None:
 
 
 def test_validation_images_from_a_directory(tmp_path: Path, digits_export: Path) -> None:
-    from colln.models import digits
+    from colln.models import bundled
 
-    for i, img in enumerate(digits.load_split("test").images[:5]):
+    for i, img in enumerate(bundled.load_split("test").images[:5]):
         img.save(tmp_path / f"{i}.png")
     model = ExportSpec.read(digits_export).load_unpruned()
     images = validation_images("digits_vit", model, tmp_path)
@@ -218,10 +218,10 @@ def test_validation_images_from_a_directory(tmp_path: Path, digits_export: Path)
 def test_validation_images_from_an_image_folder_bring_its_labels(tmp_path: Path) -> None:
     """Class folders the label rule maps give labels (hidden folders ignored); others are unlabelled images."""
     from colln import load_model
-    from colln.models import digits
+    from colln.models import bundled
 
     model = load_model("digits_vit")
-    split = digits.load_split("test")
+    split = bundled.load_split("test")
     for name, root in (("named", tmp_path / "digits"), ("pets", tmp_path / "pets")):
         for i in range(6):
             label = int(split.labels[i])

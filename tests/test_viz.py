@@ -11,7 +11,7 @@ from PIL import Image
 from colln import load_model, prune, record_selections
 from colln.app import viz_cli
 from colln.data import preprocess, skimage_photos
-from colln.models import digits
+from colln.models import bundled
 from colln.report import viz
 
 LAYERS = (0, 2, 4)
@@ -25,7 +25,7 @@ def digits_model() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def digit_batch(digits_model) -> torch.Tensor:
-    return preprocess(digits.load_split("test").images[:6], digits_model)
+    return preprocess(bundled.load_split("test").images[:6], digits_model)
 
 
 def _reference(
@@ -111,7 +111,7 @@ def test_overlay_dims_exactly_the_dropped_patches():
 
 def test_cli_digit_image(tmp_path):
     image = tmp_path / "digit.png"
-    digits.load_split("test").images[0].save(image)
+    bundled.load_split("test").images[0].save(image)
     out = tmp_path / "fig" / "kept.png"
     assert viz_cli.main(["digits_vit", "--image", str(image), "--keep", "0.5", "--out", str(out)]) == 0
     with Image.open(out) as png:
@@ -144,7 +144,7 @@ def test_cli_photo_random_weights(tmp_path, capsys):
 )
 def test_bad_arguments_one_line_exit_2(argv, stage, tmp_path, capsys):
     image = tmp_path / "digit.png"
-    digits.load_split("test").images[0].save(image)
+    bundled.load_split("test").images[0].save(image)
     argv = [a.replace("IMG", str(image)).replace("OUT", str(tmp_path / "out")) for a in argv]
     assert viz_cli.main(["digits_vit", *argv]) == 2
     err = capsys.readouterr().err.strip()

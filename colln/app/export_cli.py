@@ -29,6 +29,7 @@ from colln.export.spec import DEFAULT_OPSET, ExportSpec
 from colln.jobs.export import (
     CalibrationOptions,
     EngineOptions,
+    ExportOptions,
     LatencyOptions,
     OpenvinoOptions,
     Progress,
@@ -164,19 +165,17 @@ def run(
         raise UsageError("--max-accuracy-drop is judged on the validation images: drop --no-validate")
     console = Console(stderr=True)
     with _progress(console) as step:
-        result = export_model(
-            spec,
-            args.out,
+        options = ExportOptions(
             force=args.force,
             validation=None if args.no_validate else ValidationOptions(args.val_images, args.val_limit, drop),
             latency=latency,
             engine=engine,
             triton=triton,
             calibration=calibration,
-            progress=step,
-            lm_params=args.lm_params,
             openvino=openvino,
+            lm_params=args.lm_params,
         )
+        result = export_model(spec, args.out, options, progress=step)
     Console().print(result_table(ExportReport.from_dict(result.report), result.out, result.extra))
     for line in result.warnings:
         console.print(f"[yellow]{line}[/]")

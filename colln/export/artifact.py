@@ -76,7 +76,7 @@ def export_into(
     pruned = spec.apply(unpruned)
     plan = get_plan(pruned)
     # Artifacts for other runtimes are written (and recorded) after the graph, by their writers.
-    spec = replace(spec, plan=plan.to_dict(), artifacts={})
+    spec = replace(spec, plan_record=plan.to_dict(), artifacts={})
     input_size = tuple(data_config(unpruned)["input_size"])
     with explicit_attention(pruned):
         proto = export_onnx(
@@ -155,7 +155,7 @@ def read_export(
             f"{onnx_path} is not a readable ONNX model ({type(exc).__name__}): re-run colln-export with --force"
         ) from exc
     recorded = metadata.get(PLAN_METADATA)
-    if recorded is None or json.loads(recorded) != json.loads(json.dumps(spec.plan)):
+    if recorded is None or json.loads(recorded) != json.loads(json.dumps(spec.plan_record)):
         raise ExportDirError(f"{onnx_path} does not carry the keep plan of its export.json: re-run colln-export with --force")
     if SPEC_METADATA in metadata:
         differ = _spec_differences(json.loads(metadata[SPEC_METADATA]), json.loads(json.dumps(spec.to_dict())))

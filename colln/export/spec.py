@@ -28,6 +28,8 @@ from colln.models.config import PruneConfig
 from colln.models.plan import KeepPlan
 
 SPEC_FILE = "export.json"
+# export.json's key of the keep plan (ExportSpec.plan_record).
+PLAN_KEY = "plan"
 ONNX_FILE = "model.onnx"
 # model.onnx with the fusions colln's ONNX Runtime runner applies (colln.export.ort_graph): what
 # ONNX Runtime on CPU runs and is timed on, loadable by a plain default session.
@@ -79,7 +81,8 @@ def listed_file(
 class ExportSpec:
     """Everything needed to rebuild the pruned PyTorch model of an export: the model, its weights
     and input size (``None`` = the model's default), the :class:`PruneConfig`, precision and opset.
-    ``plan`` is the resolved keep plan, filled in by the exporter."""
+    ``plan_record`` is the resolved keep plan as export.json records it under ``plan``
+    (``KeepPlan.to_dict()``), filled in by the exporter; :meth:`keep_plan` reads it back."""
 
     model: str
     weights: str | None = None
@@ -87,7 +90,7 @@ class ExportSpec:
     pruning: PruneConfig = field(default_factory=PruneConfig)
     precision: str = "fp32"
     opset: int = DEFAULT_OPSET
-    plan: dict = field(default_factory=dict, compare=False)
+    plan_record: dict = field(default_factory=dict, compare=False)
     # A weights file is recorded by absolute path and content hash (filled in from ``weights``):
     # the reference rebuilt later, from any directory, is the one exported or a clear error.
     weights_sha256: str | None = None
@@ -106,7 +109,7 @@ class ExportSpec:
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return output_names(self.pruning, self.plan)
+        return output_names(self.pruning, self.plan_record)
 
     def load_unpruned(self) -> nn.Module:
         from colln.models.registry import load_model
@@ -139,20 +142,24 @@ class ExportSpec:
         tokens export keeps its output and feature layer: its baseline is the encoder cut at the
         same block, returning all patch tokens."""
         c = self.pruning
-        return replace(self, pruning=PruneConfig(keep=1.0, output=c.output, feature_layer=c.feature_layer), plan={})
+        return replace(self, pruning=PruneConfig(keep=1.0, output=c.output, feature_layer=c.feature_layer), plan_record={})
 
     def keep_plan(self) -> KeepPlan:
-        return KeepPlan.from_dict(self.plan)
+        return KeepPlan.from_dict(self.plan_record)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "pruning": self.pruning.to_dict()}
+        """export.json's fields; the plan under ``plan``, as report.json and a fine-tuning record
+        name the keep plan too."""
+        fields = {PLAN_KEY if k == "plan_record" else k: v for k, v in asdict(self).items()}
+        return {**fields, "pruning": self.pruning.to_dict()}
 
     @classmethod
     def from_dict(
         cls,
         data: dict,
     ) -> ExportSpec:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "plan_record"}
+        known["plan_record"] = data.get(PLAN_KEY, {})
         # Older records (the checked-in latency baselines) keep the prune settings at the top level:
         # read them, not the defaults.
         known["pruning"] = PruneConfig.from_dict(data.get("pruning", data))

@@ -302,7 +302,7 @@ def build_engine(
             "opt": [batch_opt, *input_shape],
             "max": [batch_max, *input_shape],
         },
-        "keep_plan": spec.plan,
+        "keep_plan": spec.plan_record,
         "onnx_sha256": file_sha256(onnx_path),
         "timing_cache": str(cache) if cache is not None else None,
         "build_seconds": round(seconds, 2),

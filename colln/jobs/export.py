@@ -151,50 +151,63 @@ class ExportResult:
         return all(v.passed for v in self.validations)
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """What :func:`export_model` does besides the export, built once by the caller. ``None`` for
+    ``validation`` / ``latency`` skips that step; ``engine``, ``triton``, ``calibration`` and
+    ``openvino`` are off at ``None``. The engine and the Triton entry are built only when validation
+    passed (or was skipped). ``calibration`` applies to int8 only (``None``: the defaults of
+    :class:`CalibrationOptions`); an int8 export is timed in its stack (unpruned and pruned, fp32
+    and int8, one interleaved run: the report's ``stack``). ``openvino`` also writes, validates and
+    times an OpenVINO IR (:class:`OpenvinoOptions`; the stack then holds both runtimes;
+    ``report["openvino"]``). ``lm_params``: the language model a tokens export feeds (the report
+    gives the prefill FLOPs it saves).
+    ``force`` replaces an existing ``out`` and exports fine-tuned weights with another plan than
+    their recorded one (with a warning)."""
+
+    force: bool = False
+    validation: ValidationOptions | None = field(default_factory=ValidationOptions)
+    latency: LatencyOptions | None = field(default_factory=LatencyOptions)
+    engine: EngineOptions | None = None
+    triton: TritonOptions | None = None
+    calibration: CalibrationOptions | None = None
+    openvino: OpenvinoOptions | None = None
+    lm_params: float = DEFAULT_LM_PARAMS
+
+
 def export_model(
     spec: ExportSpec,
     out: Path | None = None,
+    options: ExportOptions | None = None,
     *,
-    force: bool = False,
-    validation: ValidationOptions | None = ValidationOptions(),
-    latency: LatencyOptions | None = LatencyOptions(),
-    engine: EngineOptions | None = None,
-    triton: TritonOptions | None = None,
-    calibration: CalibrationOptions | None = None,
     progress: Progress = _quiet,
-    lm_params: float = DEFAULT_LM_PARAMS,
-    openvino: OpenvinoOptions | None = None,
 ) -> ExportResult:
     """Prune and export ``spec`` into ``out`` (default ``exports/<model>-<metric>-keep<R>``), written
-    in a temp dir renamed into place at the end: a failure leaves ``out`` as it was. ``None`` for
-    ``validation`` / ``latency`` skips that step. The engine and the Triton entry are built only
-    when validation passed (or was skipped). ``lm_params``: the language model a tokens export
-    feeds (the report gives the prefill FLOPs it saves). ``calibration`` applies to int8 only
-    (``None``: the defaults of :class:`CalibrationOptions`); an int8 export is timed in its stack
-    (unpruned and pruned, fp32 and int8, one interleaved run: the report's ``stack``).
-    ``openvino`` also writes, validates and times an OpenVINO IR (:class:`OpenvinoOptions`; the
-    stack then holds both runtimes; ``report["openvino"]``).
+    in a temp dir renamed into place at the end: a failure leaves ``out`` as it was; then validate,
+    time, write the report and build what ``options`` asks for (:class:`ExportOptions`; ``None``:
+    its defaults). ``progress`` wraps each step (the CLI shows a spinner).
 
     Weights fine-tuned by ``colln-finetune`` carry their plan in ``finetune.json``: an export with
-    another plan is refused, or with ``force`` made with a warning (in ``ExportResult.warnings``)."""
-    drop = _check_options(spec, validation, calibration)
-    warnings = _plan_warnings(spec, force)
-    _check_engine(engine)
-    ov_precision = _check_openvino(spec, openvino)
+    another plan is refused, or with ``options.force`` made with a warning (in ``ExportResult.warnings``)."""
+    o = options or ExportOptions()
+    drop = _check_options(spec, o.validation, o.calibration)
+    warnings = _plan_warnings(spec, o.force)
+    _check_engine(o.engine)
+    ov_precision = _check_openvino(spec, o.openvino)
     out = Path(out) if out is not None else default_out_dir(spec)
-    with atomic_dir(out, force, marker=SPEC_FILE) as tmp:
-        work = _prune_and_export(spec, out, tmp, calibration, progress)
-        checked, images = _validate(work, "onnxruntime", validation, None, drop)
+    with atomic_dir(out, o.force, marker=SPEC_FILE) as tmp:
+        work = _prune_and_export(spec, out, tmp, o.calibration, progress)
+        checked, images = _validate(work, "onnxruntime", o.validation, None, drop)
         ov_checked = ov_record = None
         if ov_precision is not None:
             work, ov_record = _write_openvino(work, ov_precision, images, drop)
-            ov_checked, _ = _validate(work, "openvino", validation, images, drop)
-        timing, stack = _time(work, latency, calibration, openvino is not None, images)
-        report = _write_report(work, checked, timing, stack, lm_params, ov_record, ov_checked)
+            ov_checked, _ = _validate(work, "openvino", o.validation, images, drop)
+        timing, stack = _time(work, o.latency, o.calibration, o.openvino is not None, images)
+        report = _write_report(work, checked, timing, stack, o.lm_params, ov_record, ov_checked)
         passed = all(v is None or v.passed for v in (checked, ov_checked))
-        extra = _build_engine(work, engine) if engine is not None and passed else []
-    if triton is not None and passed:
-        extra = [*extra, _triton_entry(out, triton)]
+        extra = _build_engine(work, o.engine) if o.engine is not None and passed else []
+    if o.triton is not None and passed:
+        extra = [*extra, _triton_entry(out, o.triton)]
     return ExportResult(out=out, report=report.to_dict(), validation=checked, extra=extra, warnings=warnings, openvino=ov_checked)
 
 
@@ -324,7 +337,7 @@ def _write_openvino(
     source = None
     if work.spec.precision == "int8":
         with work.progress("exporting the pruned fp32 counterpart (cached)"):
-            counterpart = replace(work.exported.spec, precision="fp32", plan={})
+            counterpart = replace(work.exported.spec, precision="fp32", plan_record={})
             source = cached_export(counterpart, default_cache(work.out), work.unpruned)
     # Labelled validation images: NNCF's accuracy control holds int8's drop (today's recipe without labels).
     labelled = (images.images, images.labels) if source and images is not None and images.labels is not None else None

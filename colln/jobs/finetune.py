@@ -12,15 +12,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from colln.data import class_folders, model_class_names, pick
+from colln.data import DIGITS, class_folders, model_class_names, pick
 from colln.errors import OutputExistsError, UsageError
 from colln.files import check_replaceable, check_writable_dir
-from colln.models import digits
+from colln.models import bundled
 from colln.models.config import PruneConfig
 from colln.models.registry import load_model, resolve_name, set_class_names
 from colln.models.rewrite import prune
 from colln.train import checkpoint as ckpt
-from colln.train.datasets import DIGITS, open_dataset
+from colln.train.datasets import open_dataset
 from colln.train.distributed import env_ranks
 from colln.train.finetune import FinetuneResult, Recipe, Reporter, finetune
 
@@ -70,7 +70,7 @@ def run_job(
         raise UsageError(
             "--distill with --num-classes: the unpruned teacher's head does not fit the new classes; use --no-distill"
         )
-    is_digits = canonical in digits.NAMES
+    is_digits = canonical in bundled.NAMES
     data = job.data or (DIGITS if is_digits else None)
     if data is None:
         raise UsageError(f"--data DIR is required for {canonical} (an ImageFolder directory: DIR/<class>/<image>)")
@@ -185,7 +185,7 @@ def _record(
     return {
         "model": canonical,
         "complete": True,
-        "weights": job.weights or ("bundled" if canonical in digits.NAMES else "pretrained"),
+        "weights": job.weights or ("bundled" if canonical in bundled.NAMES else "pretrained"),
         "num_classes": model.num_classes,
         "class_names": model_class_names(model),
         "plan": plan.to_dict(),

@@ -21,7 +21,7 @@ from colln.errors import ExportDirError, MeasurementError, RegressionFileError, 
 from colln.export.artifact import ORT_SESSION_OPTIONS, default_out_dir, read_export
 from colln.export.manifest import deployed
 from colln.export.precisions import VOCABULARY, stack_precisions
-from colln.export.spec import INPUT_NAME, ONNX_FILE, ExportSpec
+from colln.export.spec import INPUT_NAME, ONNX_FILE, PLAN_KEY, ExportSpec
 from colln.export.unpruned import cached_export, default_cache, unpruned_engine, unpruned_export
 from colln.infer.environment import available_memory, environment
 from colln.infer.runners import open_runner, run
@@ -73,7 +73,7 @@ def bench_export(
     if backend == "tensorrt":
         unpruned_engine(export_dir, base_dir)
     if backend == "openvino":
-        _cached_ir(base_dir, unpruned_export(replace(spec, precision="fp32", plan={}), cache), None, None)
+        _cached_ir(base_dir, unpruned_export(replace(spec, precision="fp32", plan_record={}), cache), None, None)
     load_before = os.getloadavg()
     stack = stack_runtimes(spec.precision, backend, runtimes)
     if stack is not None:
@@ -92,7 +92,7 @@ def bench_export(
         "case": case_name(spec, runtime_label(backend, runtimes), timing.threads, device),
         "export": str(export_dir),
         "unpruned_export": str(base_dir),
-        "spec": {k: v for k, v in spec.to_dict().items() if k != "plan"},
+        "spec": {k: v for k, v in spec.to_dict().items() if k != PLAN_KEY},
         "plan": str(plan),
         "flops": flops.to_dict(),
         "backend": backend,
@@ -320,7 +320,7 @@ def stack_exports(
     check_runtimes(runtimes)
     order = ("onnxruntime", *(r for r in runtimes if r != "onnxruntime"))
     precisions = {runtime: stack_precisions(runtime, spec.precision) for runtime in order}
-    fp32 = replace(spec, precision="fp32", plan={})
+    fp32 = replace(spec, precision="fp32", plan_record={})
     dirs = {
         ("unpruned", "fp32"): unpruned_export(fp32, cache, unpruned),
         ("pruned", "fp32"): Path(export_dir) if spec.precision == "fp32" else cached_export(fp32, cache, unpruned),

@@ -118,7 +118,7 @@ def group_members(
     return (indices.unsqueeze(-1) * group + inside).reshape(b, k * group)
 
 
-def select(
+def select_by_score(
     attn_mean: torch.Tensor,
     num_prefix: int,
     k: int,
@@ -218,15 +218,15 @@ def fused_token(
     return torch.einsum("bn,bnc->bc", pruned_weights, x[:, num_prefix:]).unsqueeze(1)
 
 
-def choose(
+def select_in_order(
     attn_mean: torch.Tensor,
     num_prefix: int,
     k: int,
     config: PruneConfig,
     group: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`select`, then the picks in spatial order when ``config.spatial_order``."""
-    indices, scores = select(attn_mean, num_prefix, k, config, group)
+    """:func:`select_by_score`, then the picks in spatial order when ``config.spatial_order``."""
+    indices, scores = select_by_score(attn_mean, num_prefix, k, config, group)
     if config.spatial_order:
         # topk, not sort: sort exports as a TopK whose K is computed from the shape (TensorRT wants a constant).
         indices = torch.topk(indices, k, dim=-1, largest=False).values
@@ -248,7 +248,7 @@ def prune_tokens(
     ``group`` > 1, ``k`` whole groups are kept and ``indices`` and ``scores`` are of groups.
     """
     attn_mean = head_mean(attn)
-    indices, scores = choose(attn_mean, num_prefix, k, config, group)
+    indices, scores = select_in_order(attn_mean, num_prefix, k, config, group)
     out = gather_tokens(x, group_members(indices, group), num_prefix)
     if config.fuse:
         out = torch.cat([out, fused_token(x, indices, fuse_weights(attn_mean, scores, num_prefix, config), num_prefix)], dim=1)
@@ -358,7 +358,7 @@ def head_mean_keys(
     keys: torch.Tensor,
     num_heads: int,
 ) -> torch.Tensor:
-    """ToMe's similarity metric: keys ``[B, N, H * D]`` averaged over the heads -> ``[B, N, D]``."""
+    """ToMe's similarity features: keys ``[B, N, H * D]`` averaged over the heads -> ``[B, N, D]``."""
     b, n, _ = keys.shape
     return keys.reshape(b, n, num_heads, -1).mean(dim=2)
 
@@ -376,7 +376,7 @@ def _bipartite_sets(
 
 
 def bipartite_edges(
-    metric: torch.Tensor,
+    mean_keys: torch.Tensor,
     num_prefix: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ToMe's bipartite graph (see :func:`_bipartite_sets`) between the candidates of set A and of
@@ -384,7 +384,7 @@ def bipartite_edges(
     ``[B, N_a]``, that edge's B candidate ``[B, N_a]`` (index into the B candidates), and the gap to
     its second best edge ``[B, N_a]`` (``inf`` with a single B candidate; for the tie rule)."""
     a0, b0 = _bipartite_sets(num_prefix)
-    unit = torch.nn.functional.normalize(metric[:, num_prefix:], dim=-1)
+    unit = torch.nn.functional.normalize(mean_keys[:, num_prefix:], dim=-1)
     sim = unit[:, a0::2] @ unit[:, b0::2].transpose(1, 2)  # [B, N_a, N_b]
     best, dst = sim.max(dim=-1)
     if sim.shape[-1] < 2:
@@ -395,7 +395,7 @@ def bipartite_edges(
 
 def bipartite_merge(
     x: torch.Tensor,
-    metric: torch.Tensor,
+    mean_keys: torch.Tensor,
     sizes: torch.Tensor,
     r: int,
     num_prefix: int,
@@ -403,7 +403,7 @@ def bipartite_merge(
     """ToMe's bipartite soft matching (Bolya et al. 2023, the official ``bipartite_soft_matching``):
     the ``r`` A candidates whose best edges (see :func:`bipartite_edges`) are the most similar merge
     into their B candidates; every merged token is the size-weighted mean of what it absorbed.
-    ``x`` [B, N, C], ``metric`` [B, N, D] (head-mean keys), ``sizes`` [B, N] patches per token;
+    ``x`` [B, N, C], ``mean_keys`` [B, N, D] (head-mean keys, :func:`head_mean_keys`), ``sizes`` [B, N] patches per token;
     ``0 < r <= N_a`` with ``N_a`` the A candidates (the official clamp, ``(N - num_prefix) // 2``,
     never exceeds it).
 
@@ -418,7 +418,7 @@ def bipartite_merge(
     """
     p = num_prefix
     a0, b0 = _bipartite_sets(p)
-    best, dst, _ = bipartite_edges(metric, p)
+    best, dst, _ = bipartite_edges(mean_keys, p)
     n_a, n_b = best.shape[-1], x.shape[1] - p - best.shape[-1]
     ranked = torch.topk(best, n_a, dim=-1).indices
     src, unmerged = ranked[:, :r], ranked[:, r:]

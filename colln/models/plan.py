@@ -68,14 +68,16 @@ class KeepPlan:
     """Immutable description of where and how much a ViT is pruned: its :class:`PruneConfig`
     resolved against one model.
 
-    ``tokens_in[i]`` counts the tokens entering block ``i`` (prefix included); ``keep_counts[j]``
-    is ``k`` at ``layers[j]``: ``ceil(keep_rates[j] * (tokens_in - num_prefix))``, rounded up to a
-    multiple of ``config.round_to`` and capped at the candidate count.
+    ``tokens_in[i]`` counts the tokens entering block ``i`` (prefix included); ``keep_counts[j]``,
+    in every plan, is ``k`` at ``layers[j]``: the candidates that leave that block. Pruning keeps
+    ``ceil(keep_rates[j] * (tokens_in - num_prefix))``, rounded up to a multiple of
+    ``config.round_to`` and capped at the candidate count (the K of its top-k).
 
     A ToMe plan (``config.tome``) merges at every block of ``layers``: ``merge_counts[j]`` is the r
     merged there, the requested r clamped to half the candidates (ToMe's bipartite sets cannot
-    merge more), and ``keep_counts[j]`` the candidates left. Col-Ln + merge (``config.merge``) has
-    the counts of the pruning plan: the dropped tokens are merged, not gone.
+    merge more), so its ``keep_counts[j]`` is the candidates minus r (its TopKs rank edges: their
+    K is r, see :attr:`selection_layers`). Col-Ln + merge (``config.merge``) has the counts of the
+    pruning plan: the dropped tokens are merged, not gone.
 
     For ``output="tokens"`` only blocks ``0..feature_block`` run: ``layers`` are the inner pruning
     layers (all before ``feature_block``), and the final selection at ``feature_block`` keeps

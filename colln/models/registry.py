@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from colln.errors import ModelNotFoundError, UsageError, WeightsError
-from colln.models import digits
+from colln.models import bundled
 
 ALIASES: dict[str, str] = {
     "vit_tiny": "vit_tiny_patch16_224",
@@ -39,12 +39,12 @@ def resolve_name(
     """Alias or timm name -> canonical name; unknown names suggest close ones."""
     import timm
 
-    if name in digits.NAMES:
+    if name in bundled.NAMES:
         return name
     canonical = ALIASES.get(name, name)
     if timm.is_model(canonical):
         return canonical
-    known = [*digits.NAMES, *ALIASES, *timm.list_models("vit_*"), *timm.list_models("deit*")]
+    known = [*bundled.NAMES, *ALIASES, *timm.list_models("vit_*"), *timm.list_models("deit*")]
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models('vit_*')`"
     raise ModelNotFoundError(f"unknown model {name!r}{hint}")
@@ -54,7 +54,7 @@ def default_weights(
     name: str,
 ) -> str:
     """``bundled`` for the digits models, ``pretrained`` for timm models."""
-    return "bundled" if resolve_name(name) in digits.NAMES else "pretrained"
+    return "bundled" if resolve_name(name) in bundled.NAMES else "pretrained"
 
 
 def load_model(
@@ -85,7 +85,7 @@ def load_model(
     if weights not in ("random", "pretrained", "bundled"):
         load_weights(model, Path(weights))
     elif weights == "bundled":
-        load_weights(model, digits.weights_path(canonical))
+        load_weights(model, bundled.weights_path(canonical))
     return model.eval()
 
 
@@ -94,13 +94,13 @@ def _create(
     weights: str,
     img_size: int | None,
 ) -> nn.Module:
-    if canonical in digits.NAMES:
+    if canonical in bundled.NAMES:
         if weights == "pretrained":
             raise WeightsError(f"{canonical} has no hub weights: use --weights bundled (the default), random, or a file")
-        return digits.create_model(img_size, name=canonical)
+        return bundled.create_model(img_size, name=canonical)
     if weights == "bundled":
         raise WeightsError(
-            f"only {' and '.join(digits.NAMES)} have bundled weights; for {canonical} use pretrained, random, or a file"
+            f"only {' and '.join(bundled.NAMES)} have bundled weights; for {canonical} use pretrained, random, or a file"
         )
     if weights == "pretrained":
         return _create_pretrained(canonical, img_size)

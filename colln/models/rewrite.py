@@ -179,7 +179,7 @@ class MergingBlock(SizedForward, PruningBlock):
         p, c = self.num_prefix, self.config
         att = self._probe.attend(self.block, state.x, state.rope(self.layer), state.bias(c.prop_attn))
         sizes = torch.ones_like(att.x[..., 0]) if state.sizes is None else state.sizes
-        indices, scores = ops.choose(ops.head_mean(att.probs), p, self.k, c)
+        indices, scores = ops.select_in_order(ops.head_mean(att.probs), p, self.k, c)
         weights = sizes[:, p:] * (scores if c.weight == "score" else 1.0)
         merged, merged_sizes = ops.merge_tokens(att.x[:, p:], att.keys[:, p:], indices, weights, sizes[:, p:])
         self._record(indices, scores, lambda: ops.merge_margin(att.keys[:, p:], indices))
@@ -192,7 +192,8 @@ class MergingBlock(SizedForward, PruningBlock):
 
 class ToMeBlock(SizedForward, PruningBlock):
     """ToMe: merges ``r`` tokens after the attention residual by bipartite soft matching on the
-    head-mean keys (:func:`ops.bipartite_merge`), size-weighted; ``k`` is the candidates left."""
+    head-mean keys (:func:`ops.bipartite_merge`), size-weighted; ``k``, as in every pruning block,
+    is the candidates that leave the block (those the ``r`` merges leave)."""
 
     def __init__(
         self,
@@ -213,10 +214,10 @@ class ToMeBlock(SizedForward, PruningBlock):
         p = self.num_prefix
         att = self._probe.attend(self.block, state.x, state.rope(self.layer), state.bias(self.config.prop_attn))
         sizes = torch.ones_like(att.x[..., 0]) if state.sizes is None else state.sizes
-        metric = ops.head_mean_keys(att.keys, att.key_heads)
-        x, sizes, merged, order = ops.bipartite_merge(att.x, metric, sizes, self.r, p)
+        mean_keys = ops.head_mean_keys(att.keys, att.key_heads)
+        x, sizes, merged, order = ops.bipartite_merge(att.x, mean_keys, sizes, self.r, p)
         if self._recorder is not None:
-            best, _, second_gap = ops.bipartite_edges(metric, p)
+            best, _, second_gap = ops.bipartite_edges(mean_keys, p)
             self._record(merged, best, lambda: second_gap.gather(-1, merged).amin(dim=-1))
         return state.after(self._mlp(x), order, att.x, p, sizes=sizes)
 
@@ -238,7 +239,7 @@ class FeatureBlock(PruningBlock):
         p, c = self.num_prefix, self.config
         att = self._probe.attend(self.block, state.x, state.rope(self.layer), None)
         g = self.group
-        indices, scores = ops.select(ops.head_mean(att.probs), p, self.k, c, g)
+        indices, scores = ops.select_by_score(ops.head_mean(att.probs), p, self.k, c, g)
         # A group's place is its first patch's.
         kept_ids = state.ids.gather(-1, indices * g if g > 1 else indices)
         if c.order != "score":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from colln.export.artifact import Exported
 from colln.export.onnx import topk_constants
-from colln.export.spec import ONNX_FILE
+from colln.export.spec import ONNX_FILE, PLAN_KEY
 from colln.files import atomic_write
 from colln.infer.environment import environment
 from colln.models.plan import KeepPlan
@@ -73,7 +73,7 @@ def build_report(
             opset=spec.opset,
             precision=spec.precision,
             topk_k=topk_constants(onnx.load(str(onnx_path), load_external_data=False)),
-            spec={k: v for k, v in spec.to_dict().items() if k != "plan"},
+            spec={k: v for k, v in spec.to_dict().items() if k != PLAN_KEY},
             calibration=calibration,
         ),
         plan={**plan.to_dict(), "summary": str(plan)},

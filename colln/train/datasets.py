@@ -10,12 +10,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from colln.data import data_config, image_folder, model_class_names, open_image, preprocess
+from colln.data import DIGITS, data_config, digits_fit, image_folder, model_class_names, open_image, preprocess
 from colln.errors import DataError
-from colln.models import digits
+from colln.models import bundled
 from colln.train.digits import SHIFT, shift
 
-DIGITS = "digits"
 MAX_BAD_FRACTION = 0.01
 
 
@@ -29,7 +28,7 @@ class DigitsDataset(Dataset):
         model: torch.nn.Module,
         augment: bool,
     ) -> None:
-        data = digits.load_split(split)
+        data = bundled.load_split(split)
         self.images = preprocess(data.images, model)
         self.labels = torch.from_numpy(data.labels)
         self.augment = augment
@@ -108,8 +107,7 @@ def open_dataset(
     if isinstance(source, Dataset):
         return source
     if str(source) == DIGITS:
-        if getattr(model, "pretrained_cfg", {}).get("architecture") not in digits.NAMES:
-            raise DataError("'digits' data only fits the digits models: give an ImageFolder directory with --data DIR")
+        digits_fit(model, labelled=True)
         return DigitsDataset("train" if training else "test", model, augment=training)
     from timm.data import create_transform
 

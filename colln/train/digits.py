@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from colln.data import preprocess, top1_accuracy
-from colln.models import digits
+from colln.models import bundled
 
 SEED = 0
 EPOCHS = 60
@@ -63,7 +63,7 @@ def accuracy(
 def train(
     out_dir: Path,
     epochs: int = EPOCHS,
-    name: str = digits.NAME,
+    name: str = bundled.NAME,
 ) -> dict:
     """Train, write the weights and card into ``out_dir``, return the card."""
     was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
@@ -88,8 +88,8 @@ def _train(
 
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
-    model = digits.create_model(name=name)
-    train_split, test_split = digits.load_split("train"), digits.load_split("test")
+    model = bundled.create_model(name=name)
+    train_split, test_split = bundled.load_split("train"), bundled.load_split("test")
     x_train = preprocess(train_split.images, model)
     y_train = torch.from_numpy(train_split.labels)
     x_test = preprocess(test_split.images, model)
@@ -125,7 +125,7 @@ def _train(
     card = {
         "name": name,
         "dataset": "sklearn.datasets.load_digits",
-        "split": {"test_fraction": digits.TEST_FRACTION, "seed": digits.SPLIT_SEED, "stratified": True},
+        "split": {"test_fraction": bundled.TEST_FRACTION, "seed": bundled.SPLIT_SEED, "stratified": True},
         "train_images": len(x_train),
         "test_images": len(x_test),
         "test_top1": round(accuracy(model, x_test, y_test), 4),
@@ -143,9 +143,9 @@ def _train(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=digits.weights_path().parent)
+    parser.add_argument("--out", type=Path, default=bundled.weights_path().parent)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--model", choices=digits.NAMES, default=digits.NAME)
+    parser.add_argument("--model", choices=bundled.NAMES, default=bundled.NAME)
     args = parser.parse_args()
     print(json.dumps(train(args.out, args.epochs, args.model), indent=2))
 
