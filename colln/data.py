@@ -311,9 +311,7 @@ def digits_fit(
     classes); with ``labelled`` (training, accuracy) they must be."""
     if getattr(model, "pretrained_cfg", {}).get("architecture") not in bundled.NAMES:
         raise DataError("'digits' data only fits the digits models: give an ImageFolder directory with --data DIR")
-    # A pruned Eva is wrapped (colln.models.rewrite.ReducedViT), which does not expose its head's
-    # size: its labels are taken to fit (what colln-finetune checked before this rule).
-    num_classes = getattr(model, "num_classes", bundled.NUM_CLASSES)
+    num_classes = model.num_classes
     fits = num_classes >= bundled.NUM_CLASSES
     if labelled and not fits:
         classes = f"{bundled.NUM_CLASSES} classes but the model has {num_classes}"

@@ -268,3 +268,18 @@ def test_colln_viz_runs_on_naflexvit(tmp_path) -> None:
     argv = ["naflexvit_base_patch16_gap", "--weights", "random", "--image", str(image), "--metric", "colln", "--out", str(out)]
     assert viz_main(argv) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_pruned_eva_reads_a_labelled_folder_like_its_model(tmp_path, eva) -> None:
+    """The wrapped (pruned) Eva exposes its head's size, so a class-folder dataset maps to it as to
+    the unpruned model (it raised AttributeError: colln-finetune digits_eva --data DIR, exit 3)."""
+    from colln.train.datasets import open_dataset
+
+    split = bundled.load_split("test")
+    for label in range(10):
+        (tmp_path / str(label)).mkdir()
+        split.images[int(np.flatnonzero(split.labels == label)[0])].save(tmp_path / str(label) / "a.png")
+    pruned = colln.prune(eva, keep=0.7, layers=LAYERS)
+    assert pruned.num_classes == eva.num_classes == 10
+    got, want = open_dataset(tmp_path, pruned, training=False), open_dataset(tmp_path, eva, training=False)
+    assert [int(got[i][1]) for i in range(10)] == [int(want[i][1]) for i in range(10)] == list(range(10))

@@ -314,6 +314,11 @@ class ReducedViT(nn.Module):
         self.pretrained_cfg = getattr(vit, "pretrained_cfg", {})
         self.colln_plan = plan
 
+    @property
+    def num_classes(self) -> int | None:
+        """The wrapped model's head size (timm's attribute, which the data checks read)."""
+        return getattr(self.vit, "num_classes", None)
+
     def forward(
         self,
         images: torch.Tensor,
