@@ -55,7 +55,9 @@ LAYOUT = {
     "Expand",
     "Flatten",
 }
-PRODUCTS = {"MatMul", "FusedMatMul", "Gemm", "FullyConnected", "Convolution", "Conv"}
+# ONNX Runtime's int8 products (MatMulIntegerToFloat, ...) included: a weight product at int8.
+PRODUCTS = {"MatMul", "FusedMatMul", "Gemm", "FullyConnected", "Convolution", "Conv", "MatMulIntegerToFloat", "MatMulInteger"}
+QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "FakeQuantize"}
 NORMS = {"LayerNormalization", "SkipLayerNormalization", "MVN"}
 ATTENTION = {"MultiHeadAttention", "Attention", "ScaledDotProductAttention"}
 
@@ -90,6 +92,8 @@ def category(
         return "gelu"
     if op == "Convert":
         return "precision converts"
+    if op in QDQ:
+        return "quantize / dequantize"
     if op in {"Add", "Mul", "Eltwise", "Subgraph", "BiasGelu"}:
         return "elementwise (add, mul, fused eltwise)"
     return f"other ({op})"

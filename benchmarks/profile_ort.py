@@ -31,9 +31,12 @@ from colln.export.spec import INPUT_NAME, ONNX_FILE
 from colln.infer.runners import session_model
 
 SELECTION_PARTS = ("score", "topk", "gather")
-# Where the gathered tokens rejoin the model (Concat with the prefix; the guards stop a walk that
-# missed it from attributing the rest of the model to the gather).
-GATHER_ENDS = ("Concat", "LayerNormalization", "SkipLayerNormalization", "MatMul")
+# The ops that read tokens (or RoPE rows) at the kept indices: the gather walk ends with them. What
+# follows carries activations, not indices, and is the model's own work: a tower without a prefix
+# token has no Concat to stop at, and its gathered RoPE rows feed every later block.
+GATHER_OPS = ("Gather", "GatherElements", "GatherND")
+# Guards, not counted: a walk that met none of the above still never takes in the model's products.
+GATHER_ENDS = ("LayerNormalization", "SkipLayerNormalization", "MatMul", "Softmax")
 
 
 def profile(
@@ -100,14 +103,14 @@ def selection_nodes(graph: onnx.GraphProto) -> dict[str, str]:
             for n in chain:
                 if n.op_type not in ("Softmax", "Constant") and n.input:
                     parts.setdefault(n.name, "score")
-        # Gather: walk down from the indices to the Concat that rebuilds the token sequence.
+        # Gather: walk down from the indices through index arithmetic to the ops that gather with them.
         stack = list(consumers[topk.output[1]])
         while stack:
             cur = stack.pop()
-            if cur.name in parts:
+            if cur.name in parts or cur.op_type in GATHER_ENDS:
                 continue
             parts[cur.name] = "gather"
-            if cur.op_type not in GATHER_ENDS:
+            if cur.op_type not in GATHER_OPS:
                 for out in cur.output:
                     stack.extend(consumers[out])
     return parts

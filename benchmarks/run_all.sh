@@ -67,11 +67,19 @@ families() {
 }
 
 profile() {
-  local out=$EXPORTS/deit_small-colln-keep0.7-openvino
-  [ -d "$out" ] || colln-export deit_small --weights random --keep 0.7 --openvino --no-latency --out "$out"
-  python benchmarks/profile_b1.py "$out" --runs 30 --threads 2 \
+  local fp32=$EXPORTS/deit_small-colln-keep0.7-openvino int8=$EXPORTS/deit_small-colln-keep0.7-int8-openvino
+  local tower=$EXPORTS/qwen3_vit_88m_enc-tokens-keep0.7-0.5-L3-openvino
+  # Profiles need no validation (random weights cannot pass int8's): the int8 stack holds every precision.
+  [ -d "$int8" ] || colln-export deit_small --weights random --keep 0.7 --layers 3,6,9 --precision int8 --openvino \
+    --no-latency --no-fail --out "$int8"
+  python benchmarks/profile_b1.py "$int8" --runs 30 --threads 2 \
     --json "$RESULTS/profile_b1_deit_small.json" --out "$RESULTS/profile_b1_deit_small.md"
-  python benchmarks/scoring_attention.py "$out" --batch 1 --rounds 50 --warmup 3 --threads 2 \
+  [ -d "$tower" ] || colln-export qwen3_vit_88m_enc --output tokens --keep 0.7,0.5 --layers 3 --weights random --openvino \
+    --no-latency --out "$tower"
+  python benchmarks/profile_b1.py "$tower" --runs 3 --threads 2 \
+    --json "$RESULTS/profile_b1_qwen3_vit_88m_enc.json" --out "$RESULTS/profile_b1_qwen3_vit_88m_enc.md"
+  [ -d "$fp32" ] || colln-export deit_small --weights random --keep 0.7 --openvino --no-latency --out "$fp32"
+  python benchmarks/scoring_attention.py "$fp32" --batch 1 --rounds 50 --warmup 3 --threads 2 \
     --json "$RESULTS/scoring_attention_deit_small.json"
 }
 
@@ -109,6 +117,12 @@ vlm() {
     colln-bench "exports/vit_large_patch14_clip_336-tokens-$case" --batch 1 --rounds 8 --warmup 1 --threads 0 \
       --json "$RESULTS/vlm_clip_l336-bench-$case.json"
   done
+  # Qwen3-VL's tower, validated on ONNX Runtime and OpenVINO, timed on both in one interleaved run.
+  local tower=$EXPORTS/qwen3_vit_88m_enc-tokens-keep0.7-0.5-L3-openvino
+  [ -d "$tower" ] || colln-export qwen3_vit_88m_enc --output tokens --keep 0.7,0.5 --layers 3 --weights random --openvino \
+    --no-latency --out "$tower"
+  colln-bench "$tower" --runtimes onnxruntime,openvino --batch 1 --rounds 10 --warmup 2 \
+    --json "$RESULTS/towers-qwen3_vit_88m_enc.json"
 }
 
 sections=("$@")
