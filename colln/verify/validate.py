@@ -886,7 +886,7 @@ def _band_text(
 ) -> str:
     """The tie band in a message: ``tie_rtol 0.0001``, or the widest band of the (``images``) images
     where the measured fp32 error widened it."""
-    widest = max((float(b[images].max() if images is not None else b.max()) for b in bands.values() if b.size), default=0.0)
+    widest = max((float(np.max(b if images is None else b[images], initial=0.0)) for b in bands.values()), default=0.0)
     if widest <= tol.tie_rtol:
         return f"tie_rtol {tol.tie_rtol:g}"
     return f"a tie band up to {widest:.2g}, {FP32_TIE_FACTOR:g}x torch's fp32 score error"
