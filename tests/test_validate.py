@@ -152,7 +152,7 @@ def test_margin_rule_without_kept_sets() -> None:
     assert report.judged_images == 1 and report.top1_agreement == 0.5
     assert [m.split(";")[0] for m in report.mismatches] == ["too few images judged end to end: 1 of 2, at least 2 needed"]
     tie_warning = (
-        "1 of 2 images have a near-tied selection (relative margin <= 0.0001) and cand does not report that choice "
+        "1 of 2 images have a near-tied selection (relative margin within tie_rtol 0.0001) and cand does not report that choice "
         "(ONNX Runtime's graph reports kept tokens; no backend reports ToMe's matching); left out of the logit checks "
         "unless their outputs agree anyway"
     )

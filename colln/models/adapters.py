@@ -144,7 +144,9 @@ class Probe:
         out = self.adapter.attend(block, x, rope, bias)
         probs, keys = self.probs.value, self.keys.value
         self.probs.value = self.keys.value = None
-        return Attended(out, probs.float(), *self.adapter.flat_keys(keys))
+        # The selection computes in at least fp32 (fp16 / bf16 probabilities are promoted), float64 in a
+        # float64 model (validation measures fp32's own error on the scores against it).
+        return Attended(out, probs.to(torch.promote_types(probs.dtype, torch.float32)), *self.adapter.flat_keys(keys))
 
 
 class PreNormBlock(BlockAdapter):

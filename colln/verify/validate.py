@@ -11,13 +11,14 @@ there on their activations legitimately differ (random-init ViTs are full of suc
 1. Where the candidate can say what it kept (ONNX Runtime through an in-memory copy of the graph
    with the TopK indices as extra outputs; see :func:`colln.export.onnx.with_kept_outputs`), the
    kept sets are compared layer by layer. At the first layer where they differ, the divergence is
-   *explained* when every token only one side kept has a PyTorch score within
-   ``tie_rtol * max(score)`` of PyTorch's k-th score (for ``colln`` and ``cls``; for ``correct``,
-   whose [CLS] stage is not scored in the record, when PyTorch's Col-Ln margin at k is within that
-   tolerance). An unexplained divergence is a mismatch. Images that diverged are left out of the
-   logit checks (their inputs to later blocks differ by construction) and counted in the report.
+   *explained* when every token only one side kept has a PyTorch score within the tie band,
+   ``tie_rtol * max(score)`` or wider where fp32's own error is (below), of PyTorch's k-th score
+   (for ``colln`` and ``cls``; for ``correct``, whose [CLS] stage is not scored in the record,
+   when PyTorch's Col-Ln margin at k is within that band). An unexplained divergence is a
+   mismatch. Images that diverged are left out of the logit checks (their inputs to later blocks
+   differ by construction) and counted in the report.
 2. Where it cannot (TensorRT, PyTorch), images whose smallest relative boundary margin at any
-   pruning layer is within ``tie_rtol`` are left out of the logit checks instead.
+   pruning layer is within the tie band are left out of the logit checks instead.
 
 Merging (``--merge``, ``--tome``) adds choices that can flip on float noise the same way: the
 kept token a dropped one joins (its most similar by key cosine) and, for ToMe, which edges merge
@@ -40,6 +41,16 @@ unless PyTorch's own top-1/top-2 gap is within that error tolerance. Defaults (:
 fp32 backends differ from PyTorch by ~1e-6 relative, so fp32 limits leave ~100x headroom; the
 fp16 graph rounds activations to 11 bits, hence looser limits and a wider tie band.
 
+The tie band is never narrower than what fp32 itself resolves. The pruned reference also runs in
+float64 on the same images, and per image and selection layer the largest error of its fp32 scores,
+``e = max |s32 - s64| / max |s64|``, is measured; the band is ``max(tie_rtol, FP32_TIE_FACTOR * e)``
+(:data:`FP32_TIE_FACTOR`). Models whose fp32 scores err ~1e-6 of the top score (digits_vit, the timm
+backbones) keep ``tie_rtol``; a tower whose attention amplifies rounding (Gemma 4's unscaled
+attention on normalized q and k: a random-weight ``gemma4_vit_167m_enc``'s fp32 scores err up to
+7e-4 of the top score) gets the band its fp32 scores can resolve. Where the float64 run kept another
+set at an earlier layer (fp32's own near-tie), an image's error at the later layers is the largest
+measured there over the other images.
+
 int8 and int8-bf16 (OpenVINO's int8 IR at the bf16 hint) are judged by the int8 rule
 (:attr:`Tolerances.statistical`, :data:`INT8`) on the task and on error quantiles instead of the
 worst image: top-1 agreement over all images, the accuracy drop where labels exist
@@ -61,6 +72,7 @@ ones within the tolerances, near-tied selections are left out as by rule 2.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -78,7 +90,7 @@ from colln.export.artifact import read_export
 from colln.export.manifest import deployed as deployed_artifact
 from colln.export.precisions import VOCABULARY
 from colln.export.quantize import DEFAULT_MAX_ACCURACY_DROP
-from colln.export.spec import FEATURES_NAME, INDICES_NAME, OUTPUT_NAME, TOKENS_NAME
+from colln.export.spec import FEATURES_NAME, INDICES_NAME, INPUT_NAME, OUTPUT_NAME, TOKENS_NAME
 from colln.infer.runners import TorchRunner, feeds, open_runner
 from colln.models import ops
 from colln.models.plan import KeepPlan
@@ -92,6 +104,12 @@ MIN_JUDGED_FRACTION = 0.5
 MIN_JUDGED_IMAGES = 30
 # Backends whose graph can also output the kept indices (a copy of it, read for the kept sets).
 KEPT_SET_BACKENDS = ("onnxruntime", "openvino")
+# The tie band over PyTorch's measured fp32 score error e (see the module docstring): PyTorch's fp32
+# scores are within e of the exact ones, an fp32 candidate's about as close, so two tokens whose
+# reference scores lie within 2 (e + e) may swap. Measured on a random-weight gemma4_vit_167m_enc:
+# ONNX Runtime's and OpenVINO's scores err 0.9-1.7x PyTorch's fp32 e; the flips seen (OpenVINO, and
+# float64 against float32 on tiny Gemma 4 towers) lay within 0.04-1.0 e of the k-th score.
+FP32_TIE_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -177,6 +195,10 @@ class LayerCheck:
     # Merging layers: the smallest gap between a merged token's best and second-best destination.
     min_merge_margin: float | None = None
     merge_tied_images: int | None = None
+    # PyTorch's fp32 score error against float64 (the largest over the images, relative to the top
+    # score) and the widest tie band an image had here (tie_rtol, or FP32_TIE_FACTOR times its error).
+    fp32_score_error: float | None = None
+    max_tie_band: float | None = None
 
 
 @dataclass
@@ -266,6 +288,9 @@ class Reference:
     kept: dict[int, np.ndarray]
     scores: dict[int, np.ndarray]
     merge_margins: dict[int, np.ndarray] = field(default_factory=dict)
+    # Per selection layer and image: the fp32 scores' largest error against float64, relative to the
+    # top score (:func:`_score_errors`); a layer without one has the band tie_rtol.
+    score_errors: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def _error_fields(
@@ -508,7 +533,8 @@ def validate(
     layers = plan.selection_layers
     ref_outputs, ref_unpruned, seen = comparator.observe(plan, runs, tol)
     kept, scores = _recorded(runs.selections, layers)
-    ref = Reference(ref_outputs, ref_unpruned, kept, scores, _merge_margins(runs.selections))
+    errors = _score_errors(pruned, images, batch, kept, scores, layers)
+    ref = Reference(ref_outputs, ref_unpruned, kept, scores, _merge_margins(runs.selections), errors)
     subject = Subject(backend or candidate.name, precision, images.source, tol, images.labels, random_weights)
     return _verdict(comparator, ref, seen, layers, plan.config.metric, plan.config.fuse, subject)
 
@@ -809,6 +835,63 @@ def _recorded(
     return {i: torch.cat(kept[i]).numpy() for i, _ in layers}, {i: torch.cat(scores[i]).float().numpy() for i, _ in layers}
 
 
+def _score_errors(
+    pruned: nn.Module,
+    images: ValImages,
+    batch: int,
+    kept: dict[int, np.ndarray],
+    scores: dict[int, np.ndarray],
+    layers: Sequence[tuple[int, int]],
+) -> dict[int, np.ndarray]:
+    """Per selection layer and image, how far PyTorch's fp32 ``scores`` are from the same model's in
+    float64 on the same ``images``: ``max |s32 - s64| / max |s64|``, the tie band's floor (see the
+    module docstring). An image is measured at a layer while every earlier layer kept the same
+    candidates in the same order in both runs (the same tokens scored); where float64 kept others, the
+    image gets the largest error measured at that layer (at any layer so far, where no image was)."""
+    if not layers:
+        return {}
+    exact = copy.deepcopy(pruned).double()
+    device = next(exact.parameters()).device
+    with torch.inference_mode(), record_selections(exact) as selections:
+        for feed in feeds(images.images, batch):
+            exact(torch.from_numpy(feed[INPUT_NAME]).to(device, torch.float64))
+    exact_kept = {i: torch.cat([s.indices for s in selections if s.layer == i]).cpu().numpy() for i, _ in layers}
+    exact_scores = {i: torch.cat([s.scores for s in selections if s.layer == i]).cpu().numpy() for i, _ in layers}
+    same = np.ones(len(images.images), dtype=bool)
+    errors: dict[int, np.ndarray] = {}
+    for i, _ in layers:
+        s64 = exact_scores[i]
+        err = np.abs(scores[i] - s64).max(axis=1) / np.maximum(np.abs(s64).max(axis=1), 1e-30)
+        measured = err[same] if same.any() else np.concatenate(list(errors.values()))
+        errors[i] = np.where(same, err, measured.max())
+        same &= (kept[i] == exact_kept[i]).all(axis=1)
+    return errors
+
+
+def _tie_bands(
+    ref: Reference,
+    layers: Sequence[tuple[int, int]],
+    tol: Tolerances,
+) -> dict[int, np.ndarray]:
+    """Per selection layer, each image's tie band relative to its top score: ``tie_rtol``, or
+    :data:`FP32_TIE_FACTOR` times PyTorch's measured fp32 score error where that is wider."""
+    n = len(ref.outputs)
+    return {i: np.maximum(tol.tie_rtol, FP32_TIE_FACTOR * ref.score_errors.get(i, np.zeros(n))) for i, _ in layers}
+
+
+def _band_text(
+    tol: Tolerances,
+    bands: dict[int, np.ndarray],
+    images: np.ndarray | None = None,
+) -> str:
+    """The tie band in a message: ``tie_rtol 0.0001``, or the widest band of the (``images``) images
+    where the measured fp32 error widened it."""
+    widest = max((float(np.max(b if images is None else b[images], initial=0.0)) for b in bands.values()), default=0.0)
+    if widest <= tol.tie_rtol:
+        return f"tie_rtol {tol.tie_rtol:g}"
+    return f"a tie band up to {widest:.2g}, {FP32_TIE_FACTOR:g}x torch's fp32 score error"
+
+
 def _merge_margins(
     selections: Sequence[Selection],
 ) -> dict[int, np.ndarray]:
@@ -973,30 +1056,35 @@ def _judge_selections(
     :func:`_differ`) go by the margin rule too; near-tied merge choices are left out."""
     n = len(ref.outputs)
     rel_margins, checks = {}, []
+    bands = _tie_bands(ref, layers, tol)
     for i, k in layers:
         s = torch.from_numpy(ref.scores[i])
         margin = ops.boundary_margin(s, k).numpy()
         rel_margins[i] = margin / np.maximum(s.abs().amax(dim=-1).numpy(), 1e-30)
+        error = ref.score_errors.get(i)
         checks.append(
             LayerCheck(
                 layer=i,
                 k=k,
                 min_margin=float(margin.min()),
                 min_relative_margin=float(rel_margins[i].min()),
-                tied_images=int((rel_margins[i] <= tol.tie_rtol).sum()),
+                tied_images=int((rel_margins[i] <= bands[i]).sum()),
+                fp32_score_error=float(error.max()) if error is not None else None,
+                max_tie_band=float(bands[i].max()),
             )
         )
-    near = np.any([r <= tol.tie_rtol for r in rel_margins.values()], axis=0) if layers else np.zeros(n, dtype=bool)
+    near = np.any([rel_margins[i] <= bands[i] for i in rel_margins], axis=0) if layers else np.zeros(n, dtype=bool)
     if seen.kept is None:
-        judged, tied, found = ~near, near, Findings(warnings=_unreported(near, backend, tol))
+        judged, tied, found = ~near, near, Findings(warnings=_unreported(near, backend, _band_text(tol, bands, near)))
     else:
-        checks, judged, found = _judge_kept(ref, seen, checks, rel_margins, metric, fuse, tol)
+        checks, judged, found = _judge_kept(ref, seen, checks, rel_margins, bands, metric, fuse, tol)
         tied = near & judged & seen.unobserved if seen.unobserved is not None else np.zeros(n, dtype=bool)
         judged = judged & ~tied
         if tied.any():
             found += Findings(
                 warnings=(
-                    f"{int(tied.sum())} of {n} images have a near-tied selection (relative margin <= {tol.tie_rtol:g}) "
+                    f"{int(tied.sum())} of {n} images have a near-tied selection (relative margin within "
+                    f"{_band_text(tol, bands, tied)}) "
                     f"and {backend} as deployed computed other outputs than its copy that reports kept tokens; "
                     "left out of the logit checks unless their outputs agree anyway",
                 )
@@ -1008,13 +1096,14 @@ def _judge_selections(
 def _unreported(
     near: np.ndarray,
     backend: str,
-    tol: Tolerances,
+    band: str,
 ) -> tuple[str, ...]:
-    """The warning for the images left out because ``backend`` does not report a near-tied choice."""
+    """The warning for the images left out because ``backend`` does not report a near-tied choice
+    (``band``: the tie band, as :func:`_band_text` words it)."""
     if not near.any():
         return ()
     return (
-        f"{int(near.sum())} of {len(near)} images have a near-tied selection (relative margin <= {tol.tie_rtol:g}) "
+        f"{int(near.sum())} of {len(near)} images have a near-tied selection (relative margin within {band}) "
         f"and {backend} does not report that choice (ONNX Runtime's graph reports kept tokens; no backend reports "
         "ToMe's matching); left out of the logit checks unless their outputs agree anyway",
     )
@@ -1025,14 +1114,15 @@ def _judge_kept(
     seen: Observed,
     checks: list[LayerCheck],
     rel_margins: dict[int, np.ndarray],
+    bands: dict[int, np.ndarray],
     metric: str,
     fuse: bool,
     tol: Tolerances,
 ) -> tuple[list[LayerCheck], np.ndarray, Findings]:
     """The candidate's kept sets layer by layer on the images whose earlier layers agreed (see
-    :func:`_kept_check`). Picks are compared as patch ids: each layer's candidates are the previous
-    layer's picks (and the fused token, id ``-1 - layer``). Returns the checks, the images that never
-    diverged and what was found."""
+    :func:`_kept_check`; ``bands``: each image's tie band per layer, :func:`_tie_bands`). Picks are
+    compared as patch ids: each layer's candidates are the previous layer's picks (and the fused
+    token, id ``-1 - layer``). Returns the checks, the images that never diverged and what was found."""
     n = len(ref.outputs)
     judged = np.ones(n, dtype=bool)
     found = Findings()
@@ -1046,7 +1136,9 @@ def _judge_kept(
             if i in seen.patch_ids
             else np.take_along_axis(ids["cand"], seen.kept[i].astype(np.int64), axis=1),
         }
-        check, diverged, more = _kept_check(check, ref.scores[i], ids["torch"], picked, judged, rel_margins[i], metric, tol)
+        check, diverged, more = _kept_check(
+            check, ref.scores[i], ids["torch"], picked, judged, rel_margins[i], bands[i], metric, tol
+        )
         out.append(check)
         judged, found = judged & ~diverged, found + more
         fused = np.full((n, 1), -1 - i) if fuse else np.zeros((n, 0), dtype=np.int64)
@@ -1056,7 +1148,7 @@ def _judge_kept(
     if explained:
         found += Findings(
             warnings=(
-                f"{explained} of {n} images kept a different token set on a near-tie (within tie_rtol {tol.tie_rtol:g}); "
+                f"{explained} of {n} images kept a different token set on a near-tie (within {_band_text(tol, bands)}); "
                 "left out of the logit checks",
             )
         )
@@ -1099,13 +1191,14 @@ def _kept_check(
     picked: dict[str, np.ndarray],
     compared: np.ndarray,
     rel_margin: np.ndarray,
+    band: np.ndarray,
     metric: str,
     tol: Tolerances,
 ) -> tuple[LayerCheck, np.ndarray, Findings]:
     """Compare kept sets on the ``compared`` images (those whose earlier layers agreed); a divergence
-    here is explained when the tokens only one side kept are all within the tie band of PyTorch's
-    k-th score (``scores``: PyTorch's, over the layer's ``candidates``, as patch ids). Returns the
-    check, the images that diverged here and what was found."""
+    here is explained when the tokens only one side kept are all within the tie band (``band``, per
+    image relative to its top score) of PyTorch's k-th score (``scores``: PyTorch's, over the layer's
+    ``candidates``, as patch ids). Returns the check, the images that diverged here and what was found."""
     i, k = check.layer, check.k
     overlap_all = [
         len(set(t.tolist()) & set(c.tolist())) / max(len(t), len(c)) for t, c in zip(picked["torch"], picked["cand"], strict=True)
@@ -1120,12 +1213,12 @@ def _kept_check(
         diverged[b] = True
         s = scores[b]
         kth = np.sort(s)[::-1][k - 1]
-        band = tol.tie_rtol * np.abs(s).max()
         if metric == "correct":
-            ok, gap = rel_margin[b] <= tol.tie_rtol, float(rel_margin[b])
+            ok, gap = rel_margin[b] <= band[b], float(rel_margin[b])
         else:
             differ = np.isin(candidates[b], list(t ^ c))
-            gap = float(max(np.abs(s[differ] - kth).max() - band, 0.0) / max(np.abs(s).max(), 1e-30))
+            beyond = np.abs(s[differ] - kth).max() - band[b] * np.abs(s).max()
+            gap = float(max(beyond, 0.0) / max(np.abs(s).max(), 1e-30))
             ok = gap == 0.0
         explained += ok
         if not ok:
