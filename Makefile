@@ -7,7 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Test processes: most tests are single-threaded, so on 2 cores two workers halve the suite's wall time.
 # Each worker's (and its subprocesses') PyTorch runs one OpenMP thread: two workers with two spinning
-# threads each oversubscribe 2 cores (7% slower measured on test_openvino + test_finetune).
+# threads each oversubscribe 2 cores (spinning: the suite took 17:13 with 30.7 CPU-minutes, then
+# 11:23 with 20.8, fresh-clone runs on this 2-vCPU VM).
 TEST_WORKERS ?= 2
 EXTRAS ?= cpu,dev,trt-rtx,serve,openvino,docs
 LOCK ?= constraints.txt

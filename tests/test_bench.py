@@ -491,10 +491,12 @@ def test_an_implausible_speedup_is_a_failed_measurement(
     result: exit 2 naming it, nothing printed or written as a result."""
     from colln.measure import bench
 
-    def oversubscribed(exports: dict, batches: list, timing: Timing, device: str) -> dict:
+    def oversubscribed(exports: dict, batches: list, timing: Timing, device: str) -> bench.Measured:
         times = {"unpruned": np.full(5, 0.995), "pruned": np.full(5, 0.001)}
         stats = {name: LatencyStats.from_times(t, 1) for name, t in times.items()}
-        return {1: bench.Comparison(batch=1, stats=stats, speedups={"pruned": paired_speedup(*times.values())}, times=times)}
+        return bench.Measured(
+            {1: bench.Comparison(batch=1, stats=stats, speedups={"pruned": paired_speedup(*times.values())}, times=times)}, {}
+        )
 
     monkeypatch.setattr(bench, "measure_exports", oversubscribed)
     out = tmp_path / "r.json"

@@ -403,9 +403,16 @@ def test_triton_openvino_entry_matches_the_schema(fp32_export: Path, tmp_path: P
         assert (model_dir / "1" / name).read_bytes() == (fp32_export / "openvino" / name).read_bytes()
 
 
-def test_stack_times_both_runtimes_on_the_listed_files(fp32_export: Path, tmp_path: Path) -> None:
+def test_stack_times_both_runtimes_on_the_listed_files(fp32_export: Path, tmp_path: Path, monkeypatch) -> None:
+    from colln.export import openvino
+
+    compiled = []
+    monkeypatch.setattr(openvino, "compile_model", lambda *a, **k: compiled.append(a[1]) or compile_model(*a, **k))
     timing, runtimes = Timing(rounds=3, warmup=1, threads=1), ("onnxruntime", "openvino")
     result = bench_export(fp32_export, batches=(2,), timing=timing, cache=tmp_path / "cache", runtimes=runtimes)
+    # Each OpenVINO variant compiled once (its runtime precisions come from the runner that was
+    # timed), besides the unpruned IR's one compile when it is written into the new cache.
+    assert sorted(compiled) == ["bf16", "bf16", "fp32", "fp32", "fp32"], compiled
     stack = result["stack"]
     expected = ["unpruned-fp32", "pruned-fp32", "openvino:unpruned-fp32", "openvino:pruned-fp32"]
     assert stack["variants"] == [*expected, "openvino:unpruned-bf16", "openvino:pruned-bf16"]

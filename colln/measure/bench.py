@@ -24,7 +24,7 @@ from colln.export.precisions import VOCABULARY, stack_precisions
 from colln.export.spec import INPUT_NAME, ONNX_FILE, PLAN_KEY, ExportSpec
 from colln.export.unpruned import cached_export, default_cache, unpruned_engine, unpruned_export
 from colln.infer.environment import available_memory, environment
-from colln.infer.runners import open_runner, run
+from colln.infer.runners import OpenvinoRunner, open_runner, run
 from colln.infer.timing import (
     PLAUSIBLE_SPEEDUP,
     Comparison,
@@ -183,11 +183,13 @@ class Variant:
     def describe(
         self,
         shown: Path | None = None,
+        runtime_precisions: Mapping[str, int] | None = None,
     ) -> dict:
         """The artifact and the options behind a figure (the report names them); for OpenVINO also
-        how many matrix products its compiled model runs at each precision. ``shown``: the
-        directory the report names for this variant's (None: its own; the final directory of an
-        export still being written in a temp dir, which is renamed into place after)."""
+        how many matrix products its compiled model runs at each precision (``runtime_precisions``:
+        what its timed runner reported, :class:`Measured`; None: compiled again to read them).
+        ``shown``: the directory the report names for this variant's (None: its own; the final
+        directory of an export still being written in a temp dir, which is renamed into place after)."""
         artifact = deployed(self.directory, self.backend, precision=self.precision)
         options = dict(artifact.options)
         if self.backend == "onnxruntime":
@@ -197,11 +199,23 @@ class Variant:
                 options["fusion at load"] = "colln.export.ort_graph.for_onnxruntime"
         where = Path(shown) if shown is not None else self.directory
         described = {"runtime": self.backend, "artifact": str(where / artifact.file), "options": options}
-        if self.backend == "openvino":
+        if self.backend == "openvino" and runtime_precisions is not None:
+            described["runtime_precisions"] = dict(runtime_precisions)
+        elif self.backend == "openvino":
             # Compiled again as it was timed (the same hint): what its execution graph ran.
             with self.open() as runner:
                 described["runtime_precisions"] = runner.runtime_precisions
         return described
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One interleaved run (:func:`measure_exports`): per batch size the :class:`Comparison`, and
+    what each OpenVINO runner's compiled model ran (``{name: {precision: matrix products}}``), read
+    from the runners that were timed instead of compiling them again."""
+
+    comparisons: dict[int, Comparison]
+    runtime_precisions: dict[str, dict[str, int]]
 
 
 def measure_exports(
@@ -209,7 +223,7 @@ def measure_exports(
     batches: Sequence[int],
     timing: Timing | None = None,
     device: str = "cpu",
-) -> dict[int, Comparison]:
+) -> Measured:
     """One interleaved run of ``exports`` (name -> export directory on ONNX Runtime, or a
     :class:`Variant`; the first is the baseline): ``{"unpruned", "pruned"}``, or a variant stack
     (:func:`stack_exports`), opened with ``timing``'s threads and batch splitting."""
@@ -222,7 +236,9 @@ def measure_exports(
             for name, v in exports.items()
         }
         chw = next(iter(runners.values())).get_input_metadata(use_numpy_dtypes=False)[INPUT_NAME].shape[1:]
-        return measure(runners, chw, batches, timing, baseline=next(iter(runners)))
+        compared = measure(runners, chw, batches, timing, baseline=next(iter(runners)))
+        ran = {name: dict(r.runtime_precisions) for name, r in runners.items() if isinstance(r, OpenvinoRunner)}
+        return Measured(compared, ran)
 
 
 @dataclass(frozen=True)
@@ -250,8 +266,9 @@ def time_variants(
     whose pruned and unpruned variants of a stack make the rows (:func:`latency_rows`);
     ``renamed``: ``{temp dir: final dir}`` of exports still being written, which the stack's
     artifacts name by their final directory."""
-    compared = measure_exports(exports, batches, timing, device)
-    stack = None if "pruned" in exports else stack_latency(compared, bound, exports, renamed)
+    measured = measure_exports(exports, batches, timing, device)
+    compared = measured.comparisons
+    stack = None if "pruned" in exports else stack_latency(compared, bound, exports, renamed, measured.runtime_precisions)
     return Timed(rows=latency_rows(compared, precision, runtime), stack=stack)
 
 
@@ -399,12 +416,14 @@ def stack_latency(
     bound: float,
     variants: Mapping[str, Variant] | None = None,
     renamed: Mapping[Path, Path] | None = None,
+    runtime_precisions: Mapping[str, Mapping[str, int]] | None = None,
 ) -> dict:
     """``{"baseline", "variants", "flops_bound", "batches": {"<b>": {variant: LatencyStats + speedup,
     speedup_iqr, speedup_same_runtime, speedup_same_runtime_iqr}}, "artifacts": {variant: {runtime, artifact, options}}}``
     (OpenVINO's also ``runtime_precisions``: :meth:`Variant.describe`):
     every variant's paired speedup over ONNX Runtime's unpruned fp32 from the same run, and over
-    the same runtime's unpruned variant at the same precision. ``renamed``: see :func:`time_variants`."""
+    the same runtime's unpruned variant at the same precision. ``renamed``: see :func:`time_variants`;
+    ``runtime_precisions``: the timed OpenVINO runners' (:class:`Measured`)."""
     batches = {}
     names: list[str] = []
     for b, c in compared.items():
@@ -424,7 +443,8 @@ def stack_latency(
             }
         batches[str(b)] = rows
     renamed = renamed or {}
-    artifacts = {n: v.describe(renamed.get(v.directory)) for n, v in variants.items()} if variants else None
+    ran = runtime_precisions or {}
+    artifacts = {n: v.describe(renamed.get(v.directory), ran.get(n)) for n, v in variants.items()} if variants else None
     return {"baseline": names[0], "variants": names, "flops_bound": bound, "batches": batches, "artifacts": artifacts}
 
 
