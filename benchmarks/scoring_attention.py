@@ -30,16 +30,11 @@ import onnx
 import onnxruntime as ort
 from onnxscript import ir
 from onnxscript.rewriter import pattern
-from onnxscript.rewriter._ir_utils import get_numpy_value
 
 from colln.app.cli import parse_ints
 from colln.export.artifact import read_export
 from colln.export.ort_graph import (
-    HEAD_MERGE_PERM,
-    HEAD_SPLIT_PERM,
-    KEY_TRANSPOSE_PERM,
     MS_DOMAIN,
-    _ints,
     _PackedAttention,
     for_onnxruntime,
 )
@@ -64,24 +59,12 @@ class ScoredAttention(_PackedAttention):
         self.name = f"{self.name}_scored"
 
     def pattern(self, op, packed, bias, shape, s0, e0, a0, z0, s1, e1, a1, z1, s2, e2, a2, z2, scale, out_shape):
-        source = op.Add(packed, bias) if self._bias else packed
-        heads = op.Transpose(op.Reshape(source, shape, _allow_other_attributes=True), perm=HEAD_SPLIT_PERM)
-        q = op.Squeeze(op.Slice(heads, s0, e0, a0), z0)
-        k = op.Squeeze(op.Slice(heads, s1, e1, a1), z1)
-        v = op.Squeeze(op.Slice(heads, s2, e2, a2), z2)
-        scores = op.MatMul(op.Mul(q, scale), op.Transpose(k, perm=KEY_TRANSPOSE_PERM))
-        probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
-        merged = op.Transpose(op.MatMul(probs, v), perm=HEAD_MERGE_PERM)
-        return op.Reshape(merged, out_shape, _allow_other_attributes=True), probs
+        return self.attention(op, packed, bias, shape, (s0, e0, a0, z0), (s1, e1, a1, z1), (s2, e2, a2, z2), scale, out_shape)
 
     def rewrite(self, op, packed, bias, shape, scale, **_):
-        heads, head_dim = _ints(shape)[3:]
-        sizes = op.initializer(ir.tensor(np.array([heads * head_dim] * 3, dtype=np.int64)), name=f"{packed.name}_mha_sizes")
-        q, k, v = op.Split(packed, sizes, axis=-1, _outputs=[f"{packed.name}_mha_{part}" for part in "qkv"])
-        inputs = [q, k, v, bias] if self._bias else [q, k, v]
+        inputs, attributes = self.fused_inputs(op, packed, bias, shape, scale)
         names = [f"{packed.name}_mha_{part}" for part in ("out", "present_key", "present_value", "qk")]
-        value = float(get_numpy_value(scale).reshape(-1)[0])
-        out, _, _, qk = op.MultiHeadAttention(*inputs, num_heads=heads, scale=value, _domain=MS_DOMAIN, _outputs=names)
+        out, _, _, qk = op.MultiHeadAttention(*inputs, **attributes, _domain=MS_DOMAIN, _outputs=names)
         qk.type = packed.type  # the op's qk type is its own type parameter: ONNX Runtime cannot infer it
         return out, op.Softmax(qk, axis=-1)
 

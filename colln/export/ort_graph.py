@@ -73,15 +73,17 @@ class _PackedAttention(pattern.RewriteRuleClassBase):
         self._bias = bias
 
     def pattern(self, op, packed, bias, shape, s0, e0, a0, z0, s1, e1, a1, z1, s2, e2, a2, z2, scale, out_shape):
+        return self.attention(op, packed, bias, shape, (s0, e0, a0, z0), (s1, e1, a1, z1), (s2, e2, a2, z2), scale, out_shape)[0]
+
+    def attention(self, op, packed, bias, shape, q_slice, k_slice, v_slice, scale, out_shape):
+        """The matched subgraph: its output and its softmax's probabilities (``probs``)."""
         source = op.Add(packed, bias) if self._bias else packed
         heads = op.Transpose(op.Reshape(source, shape, _allow_other_attributes=True), perm=HEAD_SPLIT_PERM)
-        q = op.Squeeze(op.Slice(heads, s0, e0, a0), z0)
-        k = op.Squeeze(op.Slice(heads, s1, e1, a1), z1)
-        v = op.Squeeze(op.Slice(heads, s2, e2, a2), z2)
+        q, k, v = (op.Squeeze(op.Slice(heads, s, e, a), z) for s, e, a, z in (q_slice, k_slice, v_slice))
         scores = op.MatMul(op.Mul(q, scale), op.Transpose(k, perm=KEY_TRANSPOSE_PERM))
         probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
         merged = op.Transpose(op.MatMul(probs, v), perm=HEAD_MERGE_PERM)
-        return op.Reshape(merged, out_shape, _allow_other_attributes=True)
+        return op.Reshape(merged, out_shape, _allow_other_attributes=True), probs
 
     def check(self, context, bias, shape, scale, out_shape, probs, **slices) -> pattern.MatchResult:
         result = pattern.MatchResult()
@@ -104,11 +106,16 @@ class _PackedAttention(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, packed, bias, shape, scale, **_):
+        inputs, attributes = self.fused_inputs(op, packed, bias, shape, scale)
+        return op.MultiHeadAttention(*inputs, **attributes, _domain=MS_DOMAIN)
+
+    def fused_inputs(self, op, packed, bias, shape, scale) -> tuple[list, dict]:
+        """``MultiHeadAttention``'s inputs (q, k, v split from the packed tensor; the bias) and its
+        ``num_heads`` and ``scale``."""
         heads, head_dim = _ints(shape)[3:]
         sizes = op.initializer(ir.tensor(np.array([heads * head_dim] * 3, dtype=np.int64)), name=f"{packed.name}_mha_sizes")
         # Named after the packed tensor (one per attention): the rewriter's own names (val_1, ...) can
         # collide with the exporter's.
         q, k, v = op.Split(packed, sizes, axis=-1, _outputs=[f"{packed.name}_mha_{part}" for part in "qkv"])
         inputs = [q, k, v, bias] if self._bias else [q, k, v]
-        scale = float(get_numpy_value(scale).reshape(-1)[0])
-        return op.MultiHeadAttention(*inputs, num_heads=heads, scale=scale, _domain=MS_DOMAIN)
+        return inputs, {"num_heads": heads, "scale": float(get_numpy_value(scale).reshape(-1)[0])}
